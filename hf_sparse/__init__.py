@@ -1,0 +1,53 @@
+"""hf_sparse: learned (SparseBERT/DAM) and predicted (Sparsefinder) sparse attention for 🤗 Transformers.
+
+Importing the package registers its configs and models with the Auto classes, so
+``AutoModelForMaskedLM.from_pretrained(path)`` works in-process; checkpoints also carry their code
+(``auto_map``) and load elsewhere with ``trust_remote_code=True``.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForMultipleChoice,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+from . import patterns
+from .configuration_sparse_bert import SparseBertConfig
+from .modeling_sparse_bert import (
+    SparseBertForMaskedLM,
+    SparseBertForMultipleChoice,
+    SparseBertForQuestionAnswering,
+    SparseBertForSequenceClassification,
+    SparseBertForTokenClassification,
+    SparseBertModel,
+    SparseBertPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(SparseBertConfig.model_type, SparseBertConfig, exist_ok=True)
+for _auto, _model in (
+    (AutoModel, SparseBertModel),
+    (AutoModelForMaskedLM, SparseBertForMaskedLM),
+    (AutoModelForSequenceClassification, SparseBertForSequenceClassification),
+    (AutoModelForTokenClassification, SparseBertForTokenClassification),
+    (AutoModelForQuestionAnswering, SparseBertForQuestionAnswering),
+    (AutoModelForMultipleChoice, SparseBertForMultipleChoice),
+):
+    _auto.register(SparseBertConfig, _model, exist_ok=True)
+
+__all__ = [
+    "patterns",
+    "SparseBertConfig",
+    "SparseBertModel",
+    "SparseBertPreTrainedModel",
+    "SparseBertForMaskedLM",
+    "SparseBertForSequenceClassification",
+    "SparseBertForTokenClassification",
+    "SparseBertForQuestionAnswering",
+    "SparseBertForMultipleChoice",
+]

@@ -1,0 +1,172 @@
+"""One attention function for every model: which pairs may attend is decided once per forward
+(:func:`build_mask`), then :func:`attend` runs the kernel that was chosen for it.
+
+Kernels
+    ``eager``  matmul + mask + normaliser; the reference, the only one that returns probabilities and the
+               only one for entmax-family normalisers.
+    ``sdpa``   ``torch.nn.functional.scaled_dot_product_attention`` with a boolean mask (dense work).
+    ``flex``   FlexAttention with a ``BlockMask``: skips fully masked tiles (block-sparse work), compiled.
+    ``auto``   picks by what is possible, then by the crossover measured in ``benchmarks/attention_backends.md``.
+
+Every kernel returns exact zeros for a query row with no allowed key (never NaN).
+This module is imported by remote code: torch, entmax and the standard library only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import entmax
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from .patterns import Pattern, block_density, block_mask, dense_mask
+
+ATTENTION_FUNCTIONS = ("softmax", "entmax15", "entmax_bisect", "sparsemax")
+BACKENDS = ("auto", "eager", "sdpa", "flex")
+
+# Crossover measured by scripts/benchmark_attention.py (benchmarks/attention_backends.md): FlexAttention's
+# block-sparse forward beats dense SDPA from this length on, when at most this fraction of tiles is kept.
+FLEX_MIN_LENGTH = {"cpu": 2048, "cuda": 1024}
+FLEX_MAX_BLOCK_DENSITY = 0.35
+FLEX_BLOCK_SIZE = 128
+
+_compiled_flex = None
+
+
+def compiled_flex_attention():
+    """FlexAttention compiled once per process (uncompiled it materialises the full score matrix)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+@dataclass
+class AttentionMask:
+    """Which (query, key) pairs may attend, in the form the chosen kernel wants.
+
+    ``keep`` is a ``(B|1, H|1, Lq, Lk)`` bool tensor for eager/sdpa (``None``: everything allowed);
+    ``block_mask`` is the FlexAttention form (``None`` unless ``backend == "flex"``).
+    """
+
+    backend: str
+    keep: torch.Tensor | None = None
+    block_mask: BlockMask | None = None
+
+
+def check_choice(name: str, value: str, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid values: {', '.join(valid)}")
+    return value
+
+
+def choose_backend(
+    requested: str,
+    *,
+    pattern: Pattern,
+    n: int,
+    device: torch.device,
+    attention_fn: str = "softmax",
+    output_attentions: bool = False,
+    needs_grad: bool = False,
+    dropout: float = 0.0,
+) -> str:
+    """Resolve ``requested`` to a kernel, refusing (not silently replacing) impossible explicit requests."""
+    check_choice("attention_backend", requested, BACKENDS)
+    reasons_not_flex = []
+    if attention_fn != "softmax":
+        reasons_not_flex.append(f"attention_fn={attention_fn!r} is not a softmax")
+    if output_attentions:
+        reasons_not_flex.append("output_attentions=True needs the probabilities")
+    if needs_grad and device.type == "cpu":
+        reasons_not_flex.append("FlexAttention has no backward on CPU")
+    if dropout > 0:
+        reasons_not_flex.append(f"attention dropout {dropout} is active (set attention_probs_dropout_prob=0)")
+
+    if requested == "flex":
+        if reasons_not_flex:
+            raise ValueError("attention_backend='flex' is not possible here: " + "; ".join(reasons_not_flex))
+        return "flex"
+    if requested == "sdpa":
+        if attention_fn != "softmax" or output_attentions:
+            raise ValueError(
+                "attention_backend='sdpa' computes softmax attention without returning probabilities; "
+                f"got attention_fn={attention_fn!r}, output_attentions={output_attentions}. Use 'eager' or 'auto'."
+            )
+        return "sdpa"
+    if requested == "eager":
+        return "eager"
+    # auto
+    if attention_fn != "softmax" or output_attentions:
+        return "eager"
+    if reasons_not_flex or pattern.is_dense or n < FLEX_MIN_LENGTH.get(device.type, FLEX_MIN_LENGTH["cuda"]):
+        return "sdpa"
+    if block_density(pattern, n, FLEX_BLOCK_SIZE) > FLEX_MAX_BLOCK_DENSITY:
+        return "sdpa"
+    return "flex"
+
+
+def build_mask(
+    pattern: Pattern, key_valid: torch.Tensor | None, n: int, device: torch.device, backend: str
+) -> AttentionMask:
+    """Combine the pattern with the padding mask (``key_valid``: ``(B, n)`` bool, True = real token)."""
+    if backend == "flex":
+        return AttentionMask(backend, block_mask=block_mask(pattern, n, device, key_valid, FLEX_BLOCK_SIZE))
+    keep = None if pattern.is_dense else dense_mask(pattern, n, device)[None]
+    if key_valid is not None:
+        pad = key_valid.to(device=device, dtype=torch.bool)[:, None, None, :]
+        keep = pad if keep is None else keep & pad
+    return AttentionMask(backend, keep=keep)
+
+
+def normalize(scores: torch.Tensor, keep: torch.Tensor | None, attention_fn: str, alpha: float) -> torch.Tensor:
+    """Masked softmax / α-entmax over the last dim; exact zeros outside ``keep`` and on rows with no key."""
+    if keep is not None:
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    if attention_fn == "softmax":
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        if attention_fn == "entmax15":
+            probs = entmax.entmax15(scores, dim=-1)
+        elif attention_fn == "sparsemax":
+            probs = entmax.sparsemax(scores, dim=-1)
+        elif attention_fn == "entmax_bisect":
+            probs = entmax.entmax_bisect(scores, alpha=alpha, dim=-1)
+        else:
+            check_choice("attention_fn", attention_fn, ATTENTION_FUNCTIONS)
+    # A fully masked row was normalised over min-valued scores (uniform); zero it. Elsewhere this is a no-op.
+    return probs if keep is None else probs * keep
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: AttentionMask,
+    *,
+    scaling: float,
+    dropout: float = 0.0,
+    attention_fn: str = "softmax",
+    alpha: float = 1.5,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention over ``(B, H, L, D)`` inputs; returns ``(B, L, H, D)`` output and probabilities if asked.
+
+    ``dropout`` is the probability to apply now (0 in eval), as in Transformers' attention functions.
+    """
+    if mask.backend == "eager":
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+        probs = normalize(scores, mask.keep, attention_fn, alpha)
+        out = torch.matmul(F.dropout(probs, p=dropout, training=dropout > 0), value)
+        return out.transpose(1, 2).contiguous(), probs if output_attentions else None
+    if mask.backend == "sdpa":
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.keep, dropout_p=dropout, scale=scaling)
+        if mask.keep is not None:
+            out = out * mask.keep.any(dim=-1, keepdim=True)  # rows with no allowed key: 0, and no NaN gradient
+        return out.transpose(1, 2).contiguous(), None
+    if mask.backend == "flex":
+        out = compiled_flex_attention()(query, key, value, block_mask=mask.block_mask, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    raise ValueError(f"unknown attention backend {mask.backend!r}; valid: eager, sdpa, flex")

@@ -1,0 +1,67 @@
+"""``SparseBertConfig``: every ``BertConfig`` field plus where attention may look and how it normalises.
+
+A stock BERT ``config.json`` loads into it unchanged (the new fields take their dense defaults), so any BERT
+checkpoint becomes a SparseBERT checkpoint by choosing ``attention_pattern`` at load time.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import BertConfig
+
+from .attention import ATTENTION_FUNCTIONS, BACKENDS, check_choice
+from .patterns import parse
+
+
+@strict
+class SparseBertConfig(BertConfig):
+    r"""
+    attention_pattern (`str`, defaults to `"dense"`):
+        Pattern spec applied in every self-attention layer together with the padding mask, e.g.
+        `"window:64+global:1"`, `"bigbird:3,1,2"`, `"no_diagonal"`, `"learned"`; see `hf_sparse.patterns.describe()`.
+    attention_fn (`str`, defaults to `"softmax"`):
+        Normaliser of the attention scores: `softmax`, `entmax15`, `entmax_bisect` (uses `entmax_alpha`), `sparsemax`.
+    entmax_alpha (`float`, defaults to 1.5):
+        α of `entmax_bisect`.
+    attention_backend (`str`, defaults to `"auto"`):
+        Kernel: `eager` (reference, returns probabilities), `sdpa` (dense), `flex` (block-sparse FlexAttention), or
+        `auto` (by length and block density, the crossover measured in `benchmarks/attention_backends.md`).
+        This replaces Transformers' `attn_implementation`, which has no notion of a sparsity pattern.
+    dam (`dict`, *optional*):
+        Differentiable Attention Mask settings (SparseBERT's DAM).
+    sparsefinder (`dict`, *optional*):
+        Sparsefinder predictor settings.
+    """
+
+    model_type = "sparse_bert"
+
+    attention_pattern: str = "dense"
+    attention_fn: str = "softmax"
+    entmax_alpha: float | int = 1.5
+    attention_backend: str = "auto"
+    dam: dict | None = None
+    sparsefinder: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        # A stock BERT config.json carries "model_type": "bert"; keeping it would make AutoConfig map our
+        # saved checkpoints back to BertConfig.
+        kwargs.pop("model_type", None)
+        super().__post_init__(**kwargs)
+        self.check_sparse_attention()
+
+    def check_sparse_attention(self) -> None:
+        """Fail at configuration time with a ``ValueError`` that names the bad value."""
+        parse(self.attention_pattern)
+        check_choice("attention_fn", self.attention_fn, ATTENTION_FUNCTIONS)
+        check_choice("attention_backend", self.attention_backend, BACKENDS)
+        if self.attention_fn == "entmax_bisect" and not self.entmax_alpha > 1:
+            raise ValueError(f"entmax_alpha must be > 1 for entmax_bisect, got {self.entmax_alpha}")
+
+    def validate_sparse_attention(self):
+        """Part of `@strict` validation (run again by ``save_pretrained`` after attribute changes)."""
+        self.check_sparse_attention()
+
+
+SparseBertConfig.register_for_auto_class()
+
+__all__ = ["SparseBertConfig"]

@@ -1,0 +1,591 @@
+"""SparseBERT: BERT whose self-attention only looks where a pattern allows.
+
+The modules mirror Transformers' ``modeling_bert.py`` name for name (``bert.encoder.layer.0.attention.self.query``
+...), so every BERT checkpoint loads with no missing or unexpected keys. The only behavioural difference is in
+:class:`SparseBertSelfAttention`, which hands the pattern ∩ padding mask to :func:`hf_sparse.attention.attend`.
+With ``attention_pattern="dense"`` and ``attention_fn="softmax"`` the outputs equal ``BertModel``'s.
+
+This file is copied next to a saved checkpoint (remote code): it imports only torch, transformers' public
+API and its sibling modules.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+from .attention import AttentionMask, attend, build_mask, choose_backend
+from .configuration_sparse_bert import SparseBertConfig
+from .patterns import Pattern, bind_learned, parse
+
+
+@lru_cache(maxsize=64)
+def _parsed(spec: str) -> Pattern:
+    return parse(spec)
+
+
+class SparseBertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, as in BERT, refusing sequences longer than the positions."""
+
+    def __init__(self, config: SparseBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.position_ids = nn.Buffer(torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False)
+        self.token_type_ids = nn.Buffer(torch.zeros(self.position_ids.size(), dtype=torch.long), persistent=False)
+
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None) -> torch.Tensor:
+        input_shape = input_ids.size() if input_ids is not None else inputs_embeds.size()[:-1]
+        batch_size, seq_length = input_shape
+        max_positions = self.position_embeddings.num_embeddings
+        if position_ids is None:
+            if seq_length > max_positions:
+                raise ValueError(
+                    f"sequence length {seq_length} is longer than max_position_embeddings={max_positions}; "
+                    f"truncate the inputs (e.g. tokenizer(..., truncation=True, max_length={max_positions}))"
+                )
+            position_ids = self.position_ids[:, :seq_length]
+        if token_type_ids is None:
+            token_type_ids = self.token_type_ids[:, :seq_length].expand(batch_size, seq_length)
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        embeddings = inputs_embeds + self.token_type_embeddings(token_type_ids)
+        embeddings = embeddings + self.position_embeddings(position_ids)
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class SparseBertSelfAttention(nn.Module):
+    def __init__(self, config: SparseBertConfig, layer_idx: int | None = None):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({config.hidden_size}) is not a multiple of num_attention_heads "
+                f"({config.num_attention_heads})"
+            )
+        self.config = config
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+        self.scaling = self.attention_head_size**-0.5
+        self.query = nn.Linear(config.hidden_size, self.all_head_size)
+        self.key = nn.Linear(config.hidden_size, self.all_head_size)
+        self.value = nn.Linear(config.hidden_size, self.all_head_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, mask: AttentionMask, output_attentions: bool = False):
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+        query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+        out, probs = attend(
+            query,
+            key,
+            value,
+            mask,
+            scaling=self.scaling,
+            dropout=self.dropout.p if self.training else 0.0,
+            attention_fn=self.config.attention_fn,
+            alpha=self.config.entmax_alpha,
+            output_attentions=output_attentions,
+        )
+        return out.reshape(*hidden_states.shape[:-1], -1), probs
+
+
+class SparseBertSelfOutput(nn.Module):
+    def __init__(self, config: SparseBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class SparseBertAttention(nn.Module):
+    def __init__(self, config: SparseBertConfig, layer_idx: int | None = None):
+        super().__init__()
+        self.self = SparseBertSelfAttention(config, layer_idx=layer_idx)
+        self.output = SparseBertSelfOutput(config)
+
+    def forward(self, hidden_states: torch.Tensor, mask: AttentionMask, output_attentions: bool = False):
+        attention_output, probs = self.self(hidden_states, mask, output_attentions)
+        return self.output(attention_output, hidden_states), probs
+
+
+class SparseBertIntermediate(nn.Module):
+    def __init__(self, config: SparseBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class SparseBertOutput(SparseBertSelfOutput):
+    def __init__(self, config: SparseBertConfig):
+        super().__init__(config)
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+
+
+class SparseBertLayer(nn.Module):
+    def __init__(self, config: SparseBertConfig, layer_idx: int | None = None):
+        super().__init__()
+        self.attention = SparseBertAttention(config, layer_idx=layer_idx)
+        self.intermediate = SparseBertIntermediate(config)
+        self.output = SparseBertOutput(config)
+
+    def forward(self, hidden_states: torch.Tensor, mask: AttentionMask, output_attentions: bool = False):
+        attention_output, probs = self.attention(hidden_states, mask, output_attentions)
+        return self.output(self.intermediate(attention_output), attention_output), probs
+
+
+class SparseBertEncoder(nn.Module):
+    def __init__(self, config: SparseBertConfig):
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList([SparseBertLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False  # switched by PreTrainedModel.gradient_checkpointing_enable()
+
+    def forward(self, hidden_states, mask: AttentionMask, output_attentions=False, output_hidden_states=False):
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layer:
+            if self.gradient_checkpointing and self.training:
+                hidden_states, probs = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, mask, output_attentions
+                )
+            else:
+                hidden_states, probs = layer(hidden_states, mask, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (probs,)
+        return hidden_states, all_hidden_states, all_attentions
+
+
+class SparseBertPooler(nn.Module):
+    def __init__(self, config: SparseBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+class SparseBertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: SparseBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
+
+
+class SparseBertLMPredictionHead(nn.Module):
+    def __init__(self, config: SparseBertConfig):
+        super().__init__()
+        self.transform = SparseBertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))
+
+
+class SparseBertOnlyMLMHead(nn.Module):
+    def __init__(self, config: SparseBertConfig):
+        super().__init__()
+        self.predictions = SparseBertLMPredictionHead(config)
+
+    def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        return self.predictions(sequence_output)
+
+
+class SparseBertPreTrainedModel(PreTrainedModel):
+    config_class = SparseBertConfig
+    base_model_prefix = "bert"  # same as BERT: checkpoints with and without heads load into each other
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SparseBertEmbeddings", "SparseBertLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, SparseBertLMPredictionHead):
+            init.zeros_(module.bias)
+        elif isinstance(module, SparseBertEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+            init.zeros_(module.token_type_ids)
+
+
+def _finish(output, return_dict: bool | None):
+    return output if return_dict is None or return_dict else output.to_tuple()
+
+
+class SparseBertModel(SparseBertPreTrainedModel):
+    """The encoder. ``config.attention_pattern`` is read at every forward, so it can be changed on a loaded model."""
+
+    def __init__(self, config: SparseBertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.config = config
+        self.embeddings = SparseBertEmbeddings(config)
+        self.encoder = SparseBertEncoder(config)
+        self.pooler = SparseBertPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def learned_mask(self) -> torch.Tensor | None:
+        """The frozen DAM mask ``(H, n, n)`` bool, or ``None`` when this model has none."""
+        return None
+
+    def attention_pattern(self) -> Pattern:
+        pattern = _parsed(self.config.attention_pattern)
+        if pattern.needs_learned_mask:
+            pattern = bind_learned(pattern, self.learned_mask())
+        return pattern
+
+    def attention_mask_for(
+        self, attention_mask: torch.Tensor | None, n: int, device: torch.device, output_attentions: bool, needs_grad: bool
+    ) -> AttentionMask:
+        """Pattern ∩ padding, in the form the chosen kernel needs; built once and shared by every layer."""
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must have shape (batch, sequence) with 1 for tokens and 0 for padding; got shape "
+                f"{tuple(attention_mask.shape)}. Attention patterns are set with config.attention_pattern."
+            )
+        if attention_mask is not None and attention_mask.shape[-1] != n:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but the input has {n}")
+        pattern = self.attention_pattern()
+        dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
+        backend = choose_backend(
+            self.config.attention_backend,
+            pattern=pattern,
+            n=n,
+            device=device,
+            attention_fn=self.config.attention_fn,
+            output_attentions=output_attentions,
+            needs_grad=needs_grad,
+            dropout=dropout,
+        )
+        key_valid = attention_mask.bool() if attention_mask is not None else None
+        return build_mask(pattern, key_valid, n, device, backend)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions | tuple:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        needs_grad = torch.is_grad_enabled() and (self.training or embedding_output.requires_grad)
+        mask = self.attention_mask_for(
+            attention_mask, embedding_output.shape[1], embedding_output.device, output_attentions, needs_grad
+        )
+        sequence_output, hidden_states, attentions = self.encoder(
+            embedding_output, mask, output_attentions, output_hidden_states
+        )
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        output = BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+        return _finish(output, return_dict)
+
+
+class SparseBertForMaskedLM(SparseBertPreTrainedModel):
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: SparseBertConfig):
+        super().__init__(config)
+        self.bert = SparseBertModel(config, add_pooling_layer=False)
+        self.cls = SparseBertOnlyMLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ) -> MaskedLMOutput | tuple:
+        outputs = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.cls(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.view(-1))
+        output = MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return _finish(output, return_dict)
+
+
+def _classification_loss(config, logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """BERT's rule: regression for one label, single-label for integer labels, multi-label otherwise."""
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        return MSELoss()(logits.squeeze(), labels.squeeze()) if num_labels == 1 else MSELoss()(logits, labels)
+    if config.problem_type == "single_label_classification":
+        return CrossEntropyLoss()(logits.view(-1, num_labels), labels.view(-1))
+    return BCEWithLogitsLoss()(logits, labels)
+
+
+def _dropout_p(config: SparseBertConfig) -> float:
+    return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+
+
+class SparseBertForSequenceClassification(SparseBertPreTrainedModel):
+    def __init__(self, config: SparseBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = SparseBertModel(config)
+        self.dropout = nn.Dropout(_dropout_p(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ) -> SequenceClassifierOutput | tuple:
+        outputs = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.classifier(self.dropout(outputs.pooler_output))
+        loss = _classification_loss(self.config, logits, labels, self.num_labels) if labels is not None else None
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return _finish(output, return_dict)
+
+
+class SparseBertForMultipleChoice(SparseBertPreTrainedModel):
+    def __init__(self, config: SparseBertConfig):
+        super().__init__(config)
+        self.bert = SparseBertModel(config)
+        self.dropout = nn.Dropout(_dropout_p(config))
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ) -> MultipleChoiceModelOutput | tuple:
+        num_choices = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
+
+        def flat(x):
+            return None if x is None else x.reshape(-1, *x.shape[2:])
+
+        outputs = self.bert(
+            flat(input_ids),
+            attention_mask=flat(attention_mask),
+            token_type_ids=flat(token_type_ids),
+            position_ids=flat(position_ids),
+            inputs_embeds=flat(inputs_embeds),
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, num_choices)
+        loss = CrossEntropyLoss()(logits, labels) if labels is not None else None
+        output = MultipleChoiceModelOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return _finish(output, return_dict)
+
+
+class SparseBertForTokenClassification(SparseBertPreTrainedModel):
+    def __init__(self, config: SparseBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = SparseBertModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(_dropout_p(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ) -> TokenClassifierOutput | tuple:
+        outputs = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
+        output = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return _finish(output, return_dict)
+
+
+class SparseBertForQuestionAnswering(SparseBertPreTrainedModel):
+    def __init__(self, config: SparseBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = SparseBertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ) -> QuestionAnsweringModelOutput | tuple:
+        outputs = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
+        start_logits = start_logits.squeeze(-1).contiguous()
+        end_logits = end_logits.squeeze(-1).contiguous()
+        total_loss = None
+        if start_positions is not None and end_positions is not None:
+            # positions outside the sequence are ignored, as in BERT
+            ignored_index = start_logits.size(1)
+            start_positions = start_positions.view(-1).clamp(0, ignored_index)
+            end_positions = end_positions.view(-1).clamp(0, ignored_index)
+            loss_fct = CrossEntropyLoss(ignore_index=ignored_index)
+            total_loss = (loss_fct(start_logits, start_positions) + loss_fct(end_logits, end_positions)) / 2
+        output = QuestionAnsweringModelOutput(
+            loss=total_loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return _finish(output, return_dict)
+
+
+SparseBertModel.register_for_auto_class("AutoModel")
+SparseBertForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
+SparseBertForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+SparseBertForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
+SparseBertForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
+SparseBertForMultipleChoice.register_for_auto_class("AutoModelForMultipleChoice")
+
+__all__ = [
+    "SparseBertModel",
+    "SparseBertForMaskedLM",
+    "SparseBertForSequenceClassification",
+    "SparseBertForTokenClassification",
+    "SparseBertForQuestionAnswering",
+    "SparseBertForMultipleChoice",
+    "SparseBertPreTrainedModel",
+]
