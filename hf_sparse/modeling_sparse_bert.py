@@ -11,8 +11,6 @@ API and its sibling modules.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
@@ -33,9 +31,14 @@ from .configuration_sparse_bert import SparseBertConfig
 from .patterns import Pattern, bind_learned, parse
 
 
-@lru_cache(maxsize=64)
+_PARSED: dict[str, Pattern] = {}
+
+
 def _parsed(spec: str) -> Pattern:
-    return parse(spec)
+    """Parse once per spec string; a plain dict, which torch.compile traces through."""
+    if spec not in _PARSED:
+        _PARSED[spec] = parse(spec)
+    return _PARSED[spec]
 
 
 class SparseBertEmbeddings(nn.Module):
@@ -249,6 +252,7 @@ class SparseBertModel(SparseBertPreTrainedModel):
 
     def __init__(self, config: SparseBertConfig, add_pooling_layer: bool = True):
         super().__init__(config)
+        config.check_sparse_attention()  # from_pretrained(..., attention_pattern=...) sets fields after validation
         self.config = config
         self.embeddings = SparseBertEmbeddings(config)
         self.encoder = SparseBertEncoder(config)

@@ -1,0 +1,121 @@
+"""Every kernel against a plain float64 reference: masked softmax written out by hand."""
+
+import entmax
+import pytest
+import torch
+from hf_sparse.attention import attend, build_mask, choose_backend, normalize
+from hf_sparse.patterns import dense_mask, parse
+
+
+def reference(q, k, v, keep, fn="softmax"):
+    """float64; rows with no allowed key give 0."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~keep, float("-inf"))
+    empty = ~keep.any(-1, keepdim=True)
+    scores = scores.masked_fill(empty, 0.0)
+    probs = torch.softmax(scores, -1) if fn == "softmax" else entmax.entmax15(scores, dim=-1)
+    probs = probs.masked_fill(empty, 0.0)
+    return (probs @ v).transpose(1, 2), probs
+
+
+def inputs(b, h, n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, n // 2 :] = False
+    if b > 2:
+        valid[2] = False  # a fully padded row: every query has no key
+    return q, k, v, valid
+
+
+SPECS = ["dense", "no_diagonal", "window:3+global:1", "bigbird:2,1,2", "strided:4", "block_local:4&causal"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_dense_kernels_match_float64_reference_with_padding(spec, backend):
+    q, k, v, valid = inputs(3, 2, 19, 8, seed=sum(map(ord, spec)))
+    pattern = parse(spec)
+    keep = dense_mask(pattern, 19)[None] & valid[:, None, None, :]
+    mask = build_mask(pattern, valid, 19, torch.device("cpu"), backend)
+    out, probs = attend(q, k, v, mask, scaling=8**-0.5, output_attentions=True)
+    want, want_probs = reference(q, k, v, keep)
+    assert not torch.isnan(out).any()
+    assert torch.allclose(out.double(), want, atol=1e-5)
+    assert out[2].abs().max() == 0  # fully padded sequence: zeros, not NaN
+    if backend == "eager":
+        assert torch.allclose(probs.double(), want_probs, atol=1e-6)
+        assert (probs[~keep.expand_as(probs)] == 0).all()  # exact zeros outside the pattern
+
+
+@pytest.mark.parametrize("spec", ["window:20+global:1", "bigbird:8,1,4", "no_diagonal"])
+def test_flex_block_sparse_matches_float64_reference_with_padding(spec):
+    n = 256
+    q, k, v, valid = inputs(3, 2, n, 16, seed=1)
+    pattern = parse(spec)
+    keep = dense_mask(pattern, n)[None] & valid[:, None, None, :]
+    mask = build_mask(pattern, valid, n, torch.device("cpu"), "flex")
+    with torch.no_grad():
+        out, probs = attend(q, k, v, mask, scaling=16**-0.5)
+    want, _ = reference(q, k, v, keep)
+    assert probs is None
+    assert not torch.isnan(out).any()
+    assert torch.allclose(out.double(), want, atol=1e-5)
+    assert out[2].abs().max() == 0
+
+
+def test_sdpa_fully_masked_rows_have_finite_gradients():
+    q, k, v, valid = inputs(3, 2, 10, 8, seed=3)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    mask = build_mask(parse("window:1"), valid, 10, torch.device("cpu"), "sdpa")
+    out, _ = attend(q, k, v, mask, scaling=8**-0.5)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_entmax_normaliser_is_sparse_masked_and_matches_entmax15():
+    scores = torch.randn(2, 3, 9, 9, dtype=torch.float64) * 3
+    keep = dense_mask("window:2", 9)[None].expand(2, 1, 9, 9).clone()
+    keep[1, :, 4] = False  # one query with no key at all
+    probs = normalize(scores, keep, "entmax15", 1.5)
+    want = entmax.entmax15(scores.masked_fill(~keep, float("-inf")).masked_fill(~keep.any(-1, True), 0), dim=-1)
+    want = want.masked_fill(~keep.any(-1, True), 0)
+    assert torch.allclose(probs, want, atol=1e-12)
+    assert (probs[~keep.expand_as(probs)] == 0).all()
+    assert probs[1, :, 4].abs().max() == 0
+
+
+def _choose(requested, **kw):
+    args = dict(pattern=parse("window:64"), n=4096, device=torch.device("cpu"))
+    return choose_backend(requested, **{**args, **kw})
+
+
+def test_auto_backend_picks_by_what_is_possible_then_by_measured_crossover():
+    assert _choose("auto") == "flex"  # long, sparse, inference
+    assert _choose("auto", n=256) == "sdpa"  # below the crossover length
+    assert _choose("auto", pattern=parse("dense")) == "sdpa"
+    assert _choose("auto", pattern=parse("window:4000")) == "sdpa"  # too dense for block sparsity to pay
+    assert _choose("auto", needs_grad=True) == "sdpa"  # no flex backward on CPU
+    assert _choose("auto", output_attentions=True) == "eager"
+    assert _choose("auto", attention_fn="entmax15") == "eager"
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(needs_grad=True), "no backward on CPU"),
+        (dict(dropout=0.1), "attention dropout 0.1"),
+        (dict(output_attentions=True), "output_attentions"),
+        (dict(attention_fn="entmax15"), "not a softmax"),
+    ],
+)
+def test_explicit_flex_refuses_what_it_cannot_do(kw, words):
+    with pytest.raises(ValueError, match=words):
+        _choose("flex", **kw)
+
+
+def test_unknown_backend_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown attention_backend 'fast'.*eager, sdpa, flex"):
+        _choose("fast")
