@@ -30,7 +30,6 @@ from .attention import AttentionMask, attend, build_mask, choose_backend
 from .configuration_sparse_bert import SparseBertConfig
 from .patterns import Pattern, bind_learned, parse
 
-
 _PARSED: dict[str, Pattern] = {}
 
 
@@ -138,7 +137,9 @@ class SparseBertIntermediate(nn.Module):
     def __init__(self, config: SparseBertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.intermediate_act_fn = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+        self.intermediate_act_fn = (
+            ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+        )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.intermediate_act_fn(self.dense(hidden_states))
@@ -276,7 +277,12 @@ class SparseBertModel(SparseBertPreTrainedModel):
         return pattern
 
     def attention_mask_for(
-        self, attention_mask: torch.Tensor | None, n: int, device: torch.device, output_attentions: bool, needs_grad: bool
+        self,
+        attention_mask: torch.Tensor | None,
+        n: int,
+        device: torch.device,
+        output_attentions: bool,
+        needs_grad: bool,
     ) -> AttentionMask:
         """Pattern ∩ padding, in the form the chosen kernel needs; built once and shared by every layer."""
         if attention_mask is not None and attention_mask.dim() != 2:

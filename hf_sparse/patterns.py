@@ -16,8 +16,8 @@ This module is imported by remote code, so it depends on torch and the standard 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, or_masks
@@ -255,7 +255,9 @@ def _parse_one(part: str, spec: str) -> Pattern:
     if name == "fixed" and not bad and args[1] > args[0]:
         bad = [args[1]]
     if bad:
-        raise ValueError(f"pattern {part!r} {where} has an out-of-range argument {bad[0]}; {kind.usage}: {kind.meaning}")
+        raise ValueError(
+            f"pattern {part!r} {where} has an out-of-range argument {bad[0]}; {kind.usage}: {kind.meaning}"
+        )
     if name == "learned":
         return Learned()
     return Fixed(name, args)

@@ -3,6 +3,7 @@
 import entmax
 import pytest
 import torch
+
 from hf_sparse.attention import attend, build_mask, choose_backend, normalize
 from hf_sparse.patterns import dense_mask, parse
 

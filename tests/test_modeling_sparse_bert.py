@@ -1,5 +1,15 @@
 import pytest
 import torch
+from transformers import (
+    BertForMaskedLM,
+    BertForMultipleChoice,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    pipeline,
+)
+
 from conftest import random_batch, tiny_bert_config, tiny_kwargs, tiny_tokenizer
 from hf_sparse import (
     SparseBertConfig,
@@ -11,15 +21,6 @@ from hf_sparse import (
     SparseBertModel,
 )
 from test_patterns import EVERY_SPEC
-from transformers import (
-    BertForMaskedLM,
-    BertForMultipleChoice,
-    BertForQuestionAnswering,
-    BertForSequenceClassification,
-    BertForTokenClassification,
-    BertModel,
-    pipeline,
-)
 
 PAIRS = [
     (BertModel, SparseBertModel),

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from hf_sparse import patterns
 from hf_sparse.patterns import PATTERN_KINDS, dense_mask, parse, sparsity
 

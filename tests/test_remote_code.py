@@ -1,0 +1,100 @@
+"""Checkpoints carry their code: they load where hf_sparse cannot be imported at all."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from conftest import random_batch, tiny_kwargs
+from hf_sparse import SparseBertConfig, SparseBertForMaskedLM
+
+# Runs in a fresh interpreter in which `import hf_sparse` fails, from an empty working directory.
+CHILD = textwrap.dedent(
+    """
+    import sys
+    sys.modules["hf_sparse"] = None  # any import of hf_sparse now raises ImportError
+    sys.path = [p for p in sys.path if p not in ("", ".") and "hf_sparse" not in p]
+    import torch
+    from transformers import AutoModelForMaskedLM
+    try:
+        import hf_sparse  # noqa: F401
+        raise SystemExit("hf_sparse is importable in the child")
+    except ImportError:
+        pass
+    ids, mask, where, out = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    model = AutoModelForMaskedLM.from_pretrained(where, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    with torch.no_grad():
+        logits = model(torch.load(ids), attention_mask=torch.load(mask)).logits
+    torch.save({"logits": logits, "class": type(model).__name__, "pattern": model.config.attention_pattern}, out)
+    """
+)
+
+
+def _run_child(tmp_path, where: str, env_extra: dict) -> dict:
+    ids, mask = random_batch()
+    torch.save(ids, tmp_path / "ids.pt")
+    torch.save(mask, tmp_path / "mask.pt")
+    workdir = tmp_path / "empty"
+    workdir.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf_home"), **env_extra)
+    args = [str(tmp_path / "ids.pt"), str(tmp_path / "mask.pt"), where, str(tmp_path / "out.pt")]
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+def _trained_tiny_model() -> SparseBertForMaskedLM:
+    """A few optimizer steps so the weights are not the initialisation."""
+    model = SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs(attention_pattern="window:2+global:1")))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids, mask = random_batch()
+    for _ in range(3):
+        model(ids, attention_mask=mask, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def _local_logits(model):
+    ids, mask = random_batch()
+    with torch.no_grad():
+        return model(ids, attention_mask=mask).logits
+
+
+def test_saved_checkpoint_writes_auto_map_and_copies_its_code(tmp_path):
+    _trained_tiny_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "sparse_bert"
+    assert config["auto_map"]["AutoConfig"] == "configuration_sparse_bert.SparseBertConfig"
+    assert config["auto_map"]["AutoModelForMaskedLM"] == "modeling_sparse_bert.SparseBertForMaskedLM"
+    copied = {p.name for p in tmp_path.glob("*.py")}
+    assert {"configuration_sparse_bert.py", "modeling_sparse_bert.py", "patterns.py", "attention.py"} <= copied
+
+
+def test_remote_code_from_a_local_directory_without_hf_sparse_gives_identical_logits(tmp_path):
+    model = _trained_tiny_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    got = _run_child(tmp_path, str(tmp_path / "ckpt"), {})
+    assert got["class"] == "SparseBertForMaskedLM" and got["pattern"] == "window:2+global:1"
+    assert torch.equal(got["logits"], _local_logits(model))
+
+
+def test_remote_code_from_an_offline_hub_cache_layout(tmp_path):
+    """The files laid out as huggingface_hub caches a download of repo 'org/name', read with HF_HUB_OFFLINE=1."""
+    model = _trained_tiny_model()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    hub_cache = tmp_path / "hub"
+    repo = hub_cache / "models--org--name"
+    snapshot = repo / "snapshots" / commit
+    model.save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    got = _run_child(tmp_path, "org/name", {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)})
+    assert torch.equal(got["logits"], _local_logits(model))
