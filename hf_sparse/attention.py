@@ -48,12 +48,14 @@ class AttentionMask:
     """Which (query, key) pairs may attend, in the form the chosen kernel wants.
 
     ``keep`` is a ``(B|1, H|1, Lq, Lk)`` bool tensor for eager/sdpa (``None``: everything allowed);
-    ``block_mask`` is the FlexAttention form (``None`` unless ``backend == "flex"``).
+    ``block_mask`` is the FlexAttention form (``None`` unless ``backend == "flex"``);
+    ``bias`` is an additive float ``(B|1, H|1, Lq, Lk)`` term on the scores (the DAM search's −c·(1−M), eager only).
     """
 
     backend: str
     keep: torch.Tensor | None = None
     block_mask: BlockMask | None = None
+    bias: torch.Tensor | None = None
 
 
 def check_choice(name: str, value: str, valid: tuple[str, ...]) -> str:
@@ -72,9 +74,20 @@ def choose_backend(
     output_attentions: bool = False,
     needs_grad: bool = False,
     dropout: float = 0.0,
+    soft_mask: bool = False,
 ) -> str:
-    """Resolve ``requested`` to a kernel, refusing (not silently replacing) impossible explicit requests."""
+    """Resolve ``requested`` to a kernel, refusing (not silently replacing) impossible explicit requests.
+
+    ``soft_mask``: an additive, differentiable mask is in play (DAM search), which only the eager kernel takes.
+    """
     check_choice("attention_backend", requested, BACKENDS)
+    if soft_mask:
+        if requested not in ("auto", "eager"):
+            raise ValueError(
+                f"attention_backend={requested!r} cannot train a DAM mask (it needs the additive soft mask of the "
+                "eager kernel); use 'auto' or 'eager' during the search, sparse kernels after freeze_dam()"
+            )
+        return "eager"
     reasons_not_flex = []
     if attention_fn != "softmax":
         reasons_not_flex.append(f"attention_fn={attention_fn!r} is not a softmax")
@@ -158,6 +171,8 @@ def attend(
     """
     if mask.backend == "eager":
         scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+        if mask.bias is not None:
+            scores = scores + mask.bias
         probs = normalize(scores, mask.keep, attention_fn, alpha)
         out = torch.matmul(F.dropout(probs, p=dropout, training=dropout > 0), value)
         return out.transpose(1, 2).contiguous(), probs if output_attentions else None

@@ -10,6 +10,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import BertConfig
 
 from .attention import ATTENTION_FUNCTIONS, BACKENDS, check_choice
+from .dam import resolve_config
 from .patterns import parse
 
 
@@ -28,7 +29,10 @@ class SparseBertConfig(BertConfig):
         `auto` (by length and block density, the crossover measured in `benchmarks/attention_backends.md`).
         This replaces Transformers' `attn_implementation`, which has no notion of a sparsity pattern.
     dam (`dict`, *optional*):
-        Differentiable Attention Mask settings (SparseBERT's DAM).
+        Differentiable Attention Mask settings (SparseBERT's DAM), see `hf_sparse.dam.DAM_DEFAULTS`: `structure`
+        (`offset` | `element` | `block`), `block_size`, `max_length`, `share_across_layers`, `symmetric`,
+        `init_logit`, `temperature`, `penalty` (λ), `penalty_reduction` (`mean` | `sum`), `mask_value` (c), `frozen`.
+        With a dam config, the mask is searched inside `attention_pattern`; `freeze_dam()` ends the search.
     sparsefinder (`dict`, *optional*):
         Sparsefinder predictor settings.
     """
@@ -51,7 +55,15 @@ class SparseBertConfig(BertConfig):
 
     def check_sparse_attention(self) -> None:
         """Fail at configuration time with a ``ValueError`` that names the bad value."""
-        parse(self.attention_pattern)
+        pattern = parse(self.attention_pattern)
+        if self.dam is not None:
+            resolve_config(self.dam, self.num_hidden_layers, self.max_position_embeddings)
+        if pattern.needs_learned_mask and not (self.dam or {}).get("frozen"):
+            raise ValueError(
+                f"attention_pattern {self.attention_pattern!r} uses 'learned', which needs a frozen DAM mask, but "
+                f"dam={self.dam!r}: search a mask with a `dam` config (and DAMCallback), call model.freeze_dam(), "
+                "or load a checkpoint saved after freezing"
+            )
         check_choice("attention_fn", self.attention_fn, ATTENTION_FUNCTIONS)
         check_choice("attention_backend", self.attention_backend, BACKENDS)
         if self.attention_fn == "entmax_bisect" and not self.entmax_alpha > 1:

@@ -11,6 +11,8 @@ API and its sibling modules.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
@@ -28,7 +30,8 @@ from transformers.modeling_outputs import (
 
 from .attention import AttentionMask, attend, build_mask, choose_backend
 from .configuration_sparse_bert import SparseBertConfig
-from .patterns import Pattern, bind_learned, parse
+from .dam import DAMGates
+from .patterns import Intersection, Learned, Pattern, Union, bind_learned, dense_mask, parse
 
 _PARSED: dict[str, Pattern] = {}
 
@@ -38,6 +41,44 @@ def _parsed(spec: str) -> Pattern:
     if spec not in _PARSED:
         _PARSED[spec] = parse(spec)
     return _PARSED[spec]
+
+
+# Outputs: Transformers' dataclasses plus the DAM search's penalty (the un-weighted ‖M‖ term that the loss adds
+# times λ in training) and mask density (kept fraction of valid pairs), so Trainer callbacks can log them.
+@dataclass
+class SparseBertModelOutput(BaseModelOutputWithPoolingAndCrossAttentions):
+    dam_penalty: torch.FloatTensor | None = None
+    dam_density: torch.FloatTensor | None = None
+
+
+@dataclass
+class SparseBertMaskedLMOutput(MaskedLMOutput):
+    dam_penalty: torch.FloatTensor | None = None
+    dam_density: torch.FloatTensor | None = None
+
+
+@dataclass
+class SparseBertSequenceClassifierOutput(SequenceClassifierOutput):
+    dam_penalty: torch.FloatTensor | None = None
+    dam_density: torch.FloatTensor | None = None
+
+
+@dataclass
+class SparseBertMultipleChoiceModelOutput(MultipleChoiceModelOutput):
+    dam_penalty: torch.FloatTensor | None = None
+    dam_density: torch.FloatTensor | None = None
+
+
+@dataclass
+class SparseBertTokenClassifierOutput(TokenClassifierOutput):
+    dam_penalty: torch.FloatTensor | None = None
+    dam_density: torch.FloatTensor | None = None
+
+
+@dataclass
+class SparseBertQuestionAnsweringModelOutput(QuestionAnsweringModelOutput):
+    dam_penalty: torch.FloatTensor | None = None
+    dam_density: torch.FloatTensor | None = None
 
 
 class SparseBertEmbeddings(nn.Module):
@@ -170,10 +211,10 @@ class SparseBertEncoder(nn.Module):
         self.layer = nn.ModuleList([SparseBertLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False  # switched by PreTrainedModel.gradient_checkpointing_enable()
 
-    def forward(self, hidden_states, mask: AttentionMask, output_attentions=False, output_hidden_states=False):
+    def forward(self, hidden_states, masks: list[AttentionMask], output_attentions=False, output_hidden_states=False):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        for layer in self.layer:
+        for layer, mask in zip(self.layer, masks):
             if self.gradient_checkpointing and self.training:
                 hidden_states, probs = self._gradient_checkpointing_func(
                     layer.__call__, hidden_states, mask, output_attentions
@@ -242,6 +283,39 @@ class SparseBertPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SparseBertEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
             init.zeros_(module.token_type_ids)
+        elif isinstance(module, DAMGates):
+            init.copy_(module.logits, module.initial_logits())
+            init.zeros_(module.frozen_mask)
+            init.zeros_(module.is_frozen)
+
+    def freeze_dam(self) -> str:
+        """End the DAM search: store the binary mask (keep iff P(keep) > 0.5) and switch to the ``learned`` pattern.
+
+        The fixed pattern the search ran inside is kept: ``window:64`` becomes ``window:64&learned``.
+        Returns the new ``attention_pattern``; from now on the sparse kernels run the stored mask.
+        """
+        base = self.base_model
+        if base.dam is None:
+            raise ValueError("freeze_dam() needs a model built with a `dam` config; this one has dam=None")
+        if self.config.dam.get("frozen"):
+            raise ValueError("the DAM mask is already frozen (config.dam['frozen'] is True)")
+        base.dam.freeze()
+        pattern = parse(self.config.attention_pattern)
+        if pattern.is_dense:
+            spec = "learned"
+        else:  # (A + B) & learned = A&learned + B&learned: the grammar has no parentheses
+            parts = pattern.parts if type(pattern) is Union else (pattern,)
+            spec = "+".join(f"{part}&learned" for part in parts)
+        self.config.dam = {**self.config.dam, "frozen": True}
+        self.config.attention_pattern = spec
+        return spec
+
+    def _add_dam_penalty(self, loss: torch.Tensor | None, outputs) -> torch.Tensor | None:
+        """Training with a DAM search: task loss + λ·penalty (λ is scheduled by DAMCallback)."""
+        base = self.base_model
+        if loss is None or outputs.dam_penalty is None or not (self.training and base.dam_searching()):
+            return loss
+        return loss + base.dam.penalty_weight * outputs.dam_penalty
 
 
 def _finish(output, return_dict: bool | None):
@@ -258,6 +332,11 @@ class SparseBertModel(SparseBertPreTrainedModel):
         self.embeddings = SparseBertEmbeddings(config)
         self.encoder = SparseBertEncoder(config)
         self.pooler = SparseBertPooler(config) if add_pooling_layer else None
+        self.dam = (
+            DAMGates(config.dam, config.num_attention_heads, config.num_hidden_layers, config.max_position_embeddings)
+            if config.dam is not None
+            else None
+        )
         self.post_init()
 
     def get_input_embeddings(self):
@@ -266,25 +345,56 @@ class SparseBertModel(SparseBertPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def learned_mask(self) -> torch.Tensor | None:
-        """The frozen DAM mask ``(H, n, n)`` bool, or ``None`` when this model has none."""
-        return None
+    def dam_searching(self) -> bool:
+        """True while DAM gates exist and have not been frozen."""
+        return self.dam is not None and not self.config.dam.get("frozen", False)
 
-    def attention_pattern(self) -> Pattern:
-        pattern = _parsed(self.config.attention_pattern)
-        if pattern.needs_learned_mask:
-            pattern = bind_learned(pattern, self.learned_mask())
-        return pattern
+    def layer_patterns(self, n: int, device: torch.device) -> list[Pattern]:
+        """The pattern of each layer at length ``n`` (the same object for layers that share it).
 
-    def attention_mask_for(
+        No DAM: the config's pattern. Frozen DAM: ``learned`` bound to the stored mask. DAM search in eval mode:
+        the config's pattern ∩ the deterministic DAM mask (keep iff P(keep) > 0.5).
+        """
+        base = _parsed(self.config.attention_pattern)
+        layers = self.config.num_hidden_layers
+        if self.dam is None:
+            return [bind_learned(base, None) if base.needs_learned_mask else base] * layers
+        if self.dam_searching():
+            masks = self.dam.deterministic_mask(n).to(device)
+            per_group = [Intersection((base, Learned(m))) for m in masks]
+        else:
+            masks = self.dam.frozen(n).to(device)
+            per_group = [bind_learned(base, m) for m in masks]
+        return [per_group[self.dam.group_of_layer(i)] for i in range(layers)]
+
+    def dam_penalty_and_density(
+        self, gates: torch.Tensor, key_valid: torch.Tensor | None, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penalty and density of a ``(G, H, n, n)`` mask over the valid pairs (not padding, inside the pattern).
+
+        ``mean``: kept fraction of valid pairs (comparable across lengths and batches); ``sum``: the reference's
+        unnormalised L1 over the whole ``(H, n, n)`` mask of every gate group.
+        """
+        allowed = dense_mask(_parsed(self.config.attention_pattern), n, gates.device).float()  # (1, n, n)
+        if key_valid is not None:
+            valid = key_valid.float()
+            allowed = allowed * torch.einsum("bi,bj->ij", valid, valid)  # pairs counted over the batch
+        weighted = (gates * allowed).sum() / (allowed.sum() * gates.shape[0] * gates.shape[1]).clamp_min(1.0)
+        penalty = weighted if self.dam.settings["penalty_reduction"] == "mean" else gates.sum()
+        return penalty, weighted.detach()
+
+    def attention_masks_for(
         self,
         attention_mask: torch.Tensor | None,
         n: int,
         device: torch.device,
         output_attentions: bool,
         needs_grad: bool,
-    ) -> AttentionMask:
-        """Pattern ∩ padding, in the form the chosen kernel needs; built once and shared by every layer."""
+    ) -> tuple[list[AttentionMask], torch.Tensor | None, torch.Tensor | None]:
+        """Pattern ∩ padding (∩ DAM) per layer, in the form the chosen kernel needs, plus the DAM penalty/density.
+
+        Built once per forward; layers that share a pattern share the mask object.
+        """
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 f"attention_mask must have shape (batch, sequence) with 1 for tokens and 0 for padding; got shape "
@@ -292,20 +402,37 @@ class SparseBertModel(SparseBertPreTrainedModel):
             )
         if attention_mask is not None and attention_mask.shape[-1] != n:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but the input has {n}")
-        pattern = self.attention_pattern()
-        dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
-        backend = choose_backend(
-            self.config.attention_backend,
-            pattern=pattern,
+        key_valid = attention_mask.bool() if attention_mask is not None else None
+        choose = dict(
             n=n,
             device=device,
             attention_fn=self.config.attention_fn,
             output_attentions=output_attentions,
             needs_grad=needs_grad,
-            dropout=dropout,
+            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
         )
-        key_valid = attention_mask.bool() if attention_mask is not None else None
-        return build_mask(pattern, key_valid, n, device, backend)
+        if self.dam_searching() and self.training:
+            # The search: a fresh straight-through sample, entering the scores as -c·(1-M) next to the padding.
+            base = _parsed(self.config.attention_pattern)
+            backend = choose_backend(self.config.attention_backend, pattern=base, soft_mask=True, **choose)
+            keep = build_mask(base, key_valid, n, device, backend).keep
+            gates = self.dam.sample(n)
+            c = self.dam.settings["mask_value"]
+            per_group = [AttentionMask(backend, keep=keep, bias=(-c * (1.0 - g))[None]) for g in gates]
+            masks = [per_group[self.dam.group_of_layer(i)] for i in range(self.config.num_hidden_layers)]
+            return masks, *self.dam_penalty_and_density(gates, key_valid, n)
+
+        built: dict[int, AttentionMask] = {}
+        masks = []
+        for pattern in self.layer_patterns(n, device):
+            if id(pattern) not in built:
+                backend = choose_backend(self.config.attention_backend, pattern=pattern, **choose)
+                built[id(pattern)] = build_mask(pattern, key_valid, n, device, backend)
+            masks.append(built[id(pattern)])
+        if self.dam_searching():  # evaluation during the search: report the deterministic mask
+            with torch.no_grad():
+                return masks, *self.dam_penalty_and_density(self.dam.deterministic_mask(n).float(), key_valid, n)
+        return masks, None, None
 
     def forward(
         self,
@@ -317,7 +444,7 @@ class SparseBertModel(SparseBertPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-    ) -> BaseModelOutputWithPoolingAndCrossAttentions | tuple:
+    ) -> SparseBertModelOutput | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
@@ -326,18 +453,20 @@ class SparseBertModel(SparseBertPreTrainedModel):
         )
         embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         needs_grad = torch.is_grad_enabled() and (self.training or embedding_output.requires_grad)
-        mask = self.attention_mask_for(
+        masks, dam_penalty, dam_density = self.attention_masks_for(
             attention_mask, embedding_output.shape[1], embedding_output.device, output_attentions, needs_grad
         )
         sequence_output, hidden_states, attentions = self.encoder(
-            embedding_output, mask, output_attentions, output_hidden_states
+            embedding_output, masks, output_attentions, output_hidden_states
         )
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
-        output = BaseModelOutputWithPoolingAndCrossAttentions(
+        output = SparseBertModelOutput(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,
             hidden_states=hidden_states,
             attentions=attentions,
+            dam_penalty=dam_penalty,
+            dam_density=dam_density,
         )
         return _finish(output, return_dict)
 
@@ -372,7 +501,7 @@ class SparseBertForMaskedLM(SparseBertPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
-    ) -> MaskedLMOutput | tuple:
+    ) -> SparseBertMaskedLMOutput | tuple:
         outputs = self.bert(
             input_ids,
             attention_mask=attention_mask,
@@ -386,8 +515,13 @@ class SparseBertForMaskedLM(SparseBertPreTrainedModel):
         loss = None
         if labels is not None:
             loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.view(-1))
-        output = MaskedLMOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        output = SparseBertMaskedLMOutput(
+            loss=self._add_dam_penalty(loss, outputs),
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            dam_penalty=outputs.dam_penalty,
+            dam_density=outputs.dam_density,
         )
         return _finish(output, return_dict)
 
@@ -432,7 +566,7 @@ class SparseBertForSequenceClassification(SparseBertPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
-    ) -> SequenceClassifierOutput | tuple:
+    ) -> SparseBertSequenceClassifierOutput | tuple:
         outputs = self.bert(
             input_ids,
             attention_mask=attention_mask,
@@ -444,8 +578,13 @@ class SparseBertForSequenceClassification(SparseBertPreTrainedModel):
         )
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = _classification_loss(self.config, logits, labels, self.num_labels) if labels is not None else None
-        output = SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        output = SparseBertSequenceClassifierOutput(
+            loss=self._add_dam_penalty(loss, outputs),
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            dam_penalty=outputs.dam_penalty,
+            dam_density=outputs.dam_density,
         )
         return _finish(output, return_dict)
 
@@ -469,7 +608,7 @@ class SparseBertForMultipleChoice(SparseBertPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
-    ) -> MultipleChoiceModelOutput | tuple:
+    ) -> SparseBertMultipleChoiceModelOutput | tuple:
         num_choices = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
 
         def flat(x):
@@ -486,8 +625,13 @@ class SparseBertForMultipleChoice(SparseBertPreTrainedModel):
         )
         logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, num_choices)
         loss = CrossEntropyLoss()(logits, labels) if labels is not None else None
-        output = MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        output = SparseBertMultipleChoiceModelOutput(
+            loss=self._add_dam_penalty(loss, outputs),
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            dam_penalty=outputs.dam_penalty,
+            dam_density=outputs.dam_density,
         )
         return _finish(output, return_dict)
 
@@ -512,7 +656,7 @@ class SparseBertForTokenClassification(SparseBertPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
-    ) -> TokenClassifierOutput | tuple:
+    ) -> SparseBertTokenClassifierOutput | tuple:
         outputs = self.bert(
             input_ids,
             attention_mask=attention_mask,
@@ -526,8 +670,13 @@ class SparseBertForTokenClassification(SparseBertPreTrainedModel):
         loss = None
         if labels is not None:
             loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
-        output = TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        output = SparseBertTokenClassifierOutput(
+            loss=self._add_dam_penalty(loss, outputs),
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            dam_penalty=outputs.dam_penalty,
+            dam_density=outputs.dam_density,
         )
         return _finish(output, return_dict)
 
@@ -552,7 +701,7 @@ class SparseBertForQuestionAnswering(SparseBertPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
-    ) -> QuestionAnsweringModelOutput | tuple:
+    ) -> SparseBertQuestionAnsweringModelOutput | tuple:
         outputs = self.bert(
             input_ids,
             attention_mask=attention_mask,
@@ -573,12 +722,14 @@ class SparseBertForQuestionAnswering(SparseBertPreTrainedModel):
             end_positions = end_positions.view(-1).clamp(0, ignored_index)
             loss_fct = CrossEntropyLoss(ignore_index=ignored_index)
             total_loss = (loss_fct(start_logits, start_positions) + loss_fct(end_logits, end_positions)) / 2
-        output = QuestionAnsweringModelOutput(
-            loss=total_loss,
+        output = SparseBertQuestionAnsweringModelOutput(
+            loss=self._add_dam_penalty(total_loss, outputs),
             start_logits=start_logits,
             end_logits=end_logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            dam_penalty=outputs.dam_penalty,
+            dam_density=outputs.dam_density,
         )
         return _finish(output, return_dict)
 

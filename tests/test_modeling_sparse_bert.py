@@ -60,7 +60,7 @@ def test_dense_pattern_equals_stock_bert_with_padding(stock_cls, sparse_cls, bac
         assert torch.allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [*EVERY_SPEC, "learned"])
+@pytest.mark.parametrize("spec", EVERY_SPEC)
 def test_stock_checkpoint_loads_for_every_pattern_without_missing_or_unexpected_keys(tmp_path, spec):
     BertForMaskedLM(tiny_bert_config()).save_pretrained(tmp_path)
     model, info = SparseBertForMaskedLM.from_pretrained(tmp_path, attention_pattern=spec, output_loading_info=True)
@@ -187,10 +187,15 @@ def test_sequence_longer_than_positions_is_refused_with_the_limit_named():
         model(torch.ones(1, 65, dtype=torch.long))
 
 
-def test_learned_pattern_without_stored_mask_is_refused_at_forward():
-    model = SparseBertModel(SparseBertConfig(**tiny_kwargs(attention_pattern="learned")))
-    with pytest.raises(ValueError, match="'learned' needs a frozen DAM mask"):
-        model(torch.ones(1, 8, dtype=torch.long))
+def test_learned_pattern_without_a_dam_mask_is_refused_at_configuration():
+    with pytest.raises(ValueError, match="'learned', which needs a frozen DAM mask.*freeze_dam"):
+        SparseBertConfig(**tiny_kwargs(attention_pattern="window:3&learned"))
+
+
+def test_learned_pattern_is_refused_when_loading_a_stock_checkpoint(tmp_path):
+    BertForMaskedLM(tiny_bert_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'learned', which needs a frozen DAM mask"):
+        SparseBertForMaskedLM.from_pretrained(tmp_path, attention_pattern="learned")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,203 @@
+"""Differentiable Attention Mask (DAM, SparseBERT): learn which attention positions to keep.
+
+Every gate has one logit Δα with P(keep) = sigmoid(Δα) (the reference's two-logit Gumbel-softmax is the same
+thing). Structures decide what a gate covers:
+
+* ``offset``  (DAM_s) one gate per head and relative offset: M[h,i,j] = g[h, |i-j|] (or g[h, i-j] when not
+  symmetric), so one set of gates serves every length up to ``max_length``;
+* ``element`` (DAM_u) one gate per head and position pair, optionally symmetric;
+* ``block``   one gate per head and pair of ``block_size`` blocks: the learned mask maps directly onto
+  block-sparse kernels (not in the reference).
+
+Training samples a hard mask with the Gumbel-sigmoid trick and a straight-through gradient, a fresh sample per
+forward shared by the batch; evaluation keeps exactly the gates with P(keep) > 0.5; ``freeze`` stores that
+binary mask compactly in buffers (per offset, per block, or bit-packed per element) so it travels in the state
+dict. Imported by remote code: torch and the standard library only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+STRUCTURES = ("offset", "element", "block")
+PENALTY_REDUCTIONS = ("mean", "sum")
+DAM_DEFAULTS = {
+    "structure": "offset",
+    "block_size": 16,
+    "max_length": None,  # None: the model's max_position_embeddings
+    "share_across_layers": True,  # the reference shares one gate set per head across layers
+    "symmetric": True,
+    "init_logit": 0.0,  # P(keep) = 0.5; the reference adds 1e-3 * randn
+    "init_noise": 1e-3,
+    "temperature": 1.0,
+    "penalty": 1e-3,  # λ
+    "penalty_reduction": "mean",
+    "mask_value": 1e4,  # c in -c·(1-M): the reference adds (1-M)·(-10000) to the scores
+    "hard": True,
+    "frozen": False,
+}
+
+
+def resolve_config(dam: dict, num_hidden_layers: int, max_position_embeddings: int) -> dict:
+    """Fill defaults and refuse unknown keys or values, naming them and what would be valid."""
+    unknown = sorted(set(dam) - set(DAM_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown dam setting(s) {unknown}; valid settings: {sorted(DAM_DEFAULTS)}")
+    cfg = {**DAM_DEFAULTS, **dam}
+    if cfg["structure"] not in STRUCTURES:
+        raise ValueError(f"unknown dam structure {cfg['structure']!r}; valid: {', '.join(STRUCTURES)}")
+    if cfg["penalty_reduction"] not in PENALTY_REDUCTIONS:
+        raise ValueError(f"unknown dam penalty_reduction {cfg['penalty_reduction']!r}; valid: mean, sum")
+    if cfg["max_length"] is None:
+        cfg["max_length"] = max_position_embeddings
+    if not 1 <= cfg["max_length"] <= max_position_embeddings:
+        raise ValueError(
+            f"dam max_length={cfg['max_length']} must be between 1 and max_position_embeddings="
+            f"{max_position_embeddings}"
+        )
+    if cfg["structure"] == "block" and cfg["block_size"] < 1:
+        raise ValueError(f"dam block_size must be >= 1, got {cfg['block_size']}")
+    if not cfg["temperature"] > 0:
+        raise ValueError(f"dam temperature must be > 0, got {cfg['temperature']}")
+    if not cfg["hard"]:
+        raise ValueError("dam hard=False (a soft mask) is not supported: DAM trains a binary mask (hard=True)")
+    return cfg
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    flat = mask.reshape(*mask.shape[:-2], -1).to(torch.uint8)
+    pad = (-flat.shape[-1]) % 8
+    flat = nn.functional.pad(flat, (0, pad)).view(*flat.shape[:-1], -1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=mask.device)
+    return (flat * weights).sum(-1).to(torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    shifts = torch.arange(7, -1, -1, device=packed.device)
+    bits = (packed.unsqueeze(-1).to(torch.int64) >> shifts) & 1
+    return bits.reshape(*packed.shape[:-1], -1)[..., : n * n].reshape(*packed.shape[:-1], n, n).bool()
+
+
+class DAMGates(nn.Module):
+    """Gate logits for every (gate group, head, gate), their sampling, expansion to masks, and freezing.
+
+    A gate group is one set of gates: 1 when shared across layers, else one per layer.
+    """
+
+    def __init__(self, dam: dict, num_heads: int, num_layers: int, max_position_embeddings: int):
+        super().__init__()
+        self.settings = cfg = resolve_config(dam, num_layers, max_position_embeddings)
+        self.num_heads = num_heads
+        self.num_layers = num_layers
+        self.groups = 1 if cfg["share_across_layers"] else num_layers
+        n = self.max_length = cfg["max_length"]
+        if cfg["structure"] == "offset":
+            gate_shape = (n,) if cfg["symmetric"] else (2 * n - 1,)
+        elif cfg["structure"] == "element":
+            gate_shape = (n, n)
+        else:
+            blocks = math.ceil(n / cfg["block_size"])
+            gate_shape = (blocks, blocks)
+        self.logits = nn.Parameter(torch.empty(self.groups, num_heads, *gate_shape))
+        # The frozen binary mask, compact: per offset / per block as bool, per element bit-packed.
+        frozen_shape = (self.groups, num_heads, math.ceil(n * n / 8)) if cfg["structure"] == "element" else None
+        if frozen_shape is None:
+            self.register_buffer("frozen_mask", torch.zeros(self.groups, num_heads, *gate_shape, dtype=torch.bool))
+        else:
+            self.register_buffer("frozen_mask", torch.zeros(frozen_shape, dtype=torch.uint8))
+        # False until freeze() ran (or a frozen checkpoint was loaded): a learned pattern without it is refused.
+        self.register_buffer("is_frozen", torch.zeros((), dtype=torch.bool))
+        # Set by DAMCallback's schedules; start from the config.
+        self.temperature = float(cfg["temperature"])
+        self.penalty_weight = float(cfg["penalty"])
+        self.reset_parameters()
+
+    def initial_logits(self) -> torch.Tensor:
+        """``init_logit`` plus a little noise (so heads break symmetry)."""
+        return torch.randn_like(self.logits) * self.settings["init_noise"] + self.settings["init_logit"]
+
+    @property
+    def _mirrored(self) -> bool:
+        return self.settings["structure"] != "offset" and self.settings["symmetric"]
+
+    def gate_logits(self) -> torch.Tensor:
+        """The logits in use: for symmetric element/block gates the upper triangle, mirrored."""
+        return self._symmetrize(self.logits) if self._mirrored else self.logits
+
+    def reset_parameters(self) -> None:
+        """For a standalone module; inside a model, ``_init_weights`` does this through Transformers' init."""
+        with torch.no_grad():
+            self.logits.copy_(self.initial_logits())
+            self.frozen_mask.zero_()
+            self.is_frozen.zero_()
+
+    @staticmethod
+    def _symmetrize(x: torch.Tensor) -> torch.Tensor:
+        """Mirror the upper triangle (diagonal included) onto the lower one."""
+        upper = torch.triu(x)
+        return upper + torch.triu(x, diagonal=1).transpose(-1, -2)
+
+    def group_of_layer(self, layer: int) -> int:
+        return 0 if self.groups == 1 else layer
+
+    def expand(self, gates: torch.Tensor, n: int) -> torch.Tensor:
+        """Per-gate values ``(G, H, *gate_shape)`` → per-position ``(G, H, n, n)``."""
+        if n > self.max_length:
+            raise ValueError(
+                f"sequence length {n} is longer than the DAM gates cover (dam max_length={self.max_length})"
+            )
+        structure = self.settings["structure"]
+        i = torch.arange(n, device=gates.device)
+        if structure == "offset":
+            offset = (i[:, None] - i[None, :]).abs() if self.settings["symmetric"] else i[:, None] - i[None, :]
+            if not self.settings["symmetric"]:
+                offset = offset + self.max_length - 1
+            return gates[..., offset]
+        if structure == "element":
+            return gates[..., :n, :n]
+        block = i // self.settings["block_size"]
+        return gates[..., block[:, None], block[None, :]]
+
+    def probabilities(self, n: int) -> torch.Tensor:
+        """P(keep) per position, ``(G, H, n, n)``."""
+        return torch.sigmoid(self.expand(self.gate_logits(), n))
+
+    def deterministic_mask(self, n: int) -> torch.Tensor:
+        """Keep iff P(keep) > 0.5 (Δα > 0): the evaluation mask and what ``freeze`` stores. ``(G, H, n, n)`` bool."""
+        return self.expand(self.gate_logits() > 0, n)
+
+    def sample(self, n: int) -> torch.Tensor:
+        """A hard Gumbel-sigmoid sample with straight-through gradient, one draw per gate: ``(G, H, n, n)`` float.
+
+        Forward value is exactly 0/1; the gradient is that of sigmoid((Δα + logistic noise) / τ).
+        """
+        u = torch.rand_like(self.logits).clamp_(1e-6, 1 - 1e-6)
+        noise = torch.log(u) - torch.log1p(-u)  # logistic = difference of two Gumbels
+        if self._mirrored:
+            noise = self._symmetrize(noise)
+        soft = torch.sigmoid((self.gate_logits() + noise) / self.temperature)
+        hard = (soft > 0.5).to(soft.dtype)
+        return self.expand(hard - soft.detach() + soft, n)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Store the deterministic mask in ``frozen_mask`` (compact) and mark the gates frozen."""
+        keep = self.gate_logits() > 0
+        self.frozen_mask.copy_(_pack_bits(keep) if self.settings["structure"] == "element" else keep)
+        self.is_frozen.fill_(True)
+
+    def frozen(self, n: int) -> torch.Tensor:
+        """The stored binary mask at length ``n``: ``(G, H, n, n)`` bool."""
+        if not bool(self.is_frozen):
+            raise ValueError(
+                "attention_pattern 'learned' needs a frozen DAM mask, but this model's is not set: call "
+                "model.freeze_dam() after the DAM search, or load a checkpoint saved after freezing (this one "
+                "lacks the 'dam.frozen_mask' / 'dam.is_frozen' state)"
+            )
+        stored = self.frozen_mask
+        if self.settings["structure"] == "element":
+            stored = _unpack_bits(stored, self.max_length)
+        return self.expand(stored, n)
