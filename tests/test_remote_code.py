@@ -29,7 +29,12 @@ CHILD = textwrap.dedent(
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     with torch.no_grad():
         logits = model(torch.load(ids), attention_mask=torch.load(mask)).logits
-    torch.save({"logits": logits, "class": type(model).__name__, "pattern": model.config.attention_pattern}, out)
+    base = model.base_model
+    frozen = base.dam.frozen(torch.load(ids).shape[1]) if base.dam is not None else None
+    torch.save(
+        {"logits": logits, "class": type(model).__name__, "pattern": model.config.attention_pattern, "mask": frozen},
+        out,
+    )
     """
 )
 
@@ -50,9 +55,10 @@ def _run_child(tmp_path, where: str, env_extra: dict) -> dict:
     return torch.load(tmp_path / "out.pt")
 
 
-def _trained_tiny_model() -> SparseBertForMaskedLM:
+def _trained_tiny_model(**config) -> SparseBertForMaskedLM:
     """A few optimizer steps so the weights are not the initialisation."""
-    model = SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs(attention_pattern="window:2+global:1")))
+    config = {"attention_pattern": "window:2+global:1", **config}
+    model = SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs(**config)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids, mask = random_batch()
     for _ in range(3):
@@ -97,4 +103,16 @@ def test_remote_code_from_an_offline_hub_cache_layout(tmp_path):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     got = _run_child(tmp_path, "org/name", {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)})
+    assert torch.equal(got["logits"], _local_logits(model))
+
+
+def test_frozen_dam_checkpoint_loads_without_hf_sparse_with_the_same_mask_and_logits(tmp_path):
+    dam = {"structure": "element", "share_across_layers": False, "max_length": 32, "init_noise": 1.0}
+    model = _trained_tiny_model(attention_pattern="window:6", dam=dam)
+    assert model.freeze_dam() == "window:6&learned"
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "dam.py").exists()
+    got = _run_child(tmp_path, str(tmp_path / "ckpt"), {})
+    assert got["pattern"] == "window:6&learned"
+    assert torch.equal(got["mask"], model.bert.dam.frozen(20))
     assert torch.equal(got["logits"], _local_logits(model))
