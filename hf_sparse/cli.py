@@ -34,68 +34,42 @@ def cmd_patterns(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     """Masked-LM pre-training of a small SparseBERT on real offline text, end to end through the Hub format."""
     import torch
-    from transformers import (
-        AutoModelForMaskedLM,
-        DataCollatorForLanguageModeling,
-        Trainer,
-        TrainingArguments,
-        pipeline,
-    )
+    from transformers import AutoModelForMaskedLM, pipeline
 
-    from . import SparseBertConfig, SparseBertForMaskedLM
-    from .data import english_sentences, train_wordpiece_tokenizer
+    from . import SparseBertForMaskedLM
     from .evaluation import masked_lm_metrics
+    from .mlm import offline_mlm_corpus, small_bert_config, train_mlm
     from .plotting import plot_patterns
 
     os.makedirs(args.out, exist_ok=True)
-    texts = english_sentences(args.lang, max_sentences=args.train_sentences + args.eval_sentences, seed=args.seed)
-    train_texts, eval_texts = texts[: args.train_sentences], texts[args.train_sentences :]
-    print(f"corpus: {len(train_texts)} training / {len(eval_texts)} held-out English gettext messages")
-    tokenizer = train_wordpiece_tokenizer(train_texts, vocab_size=args.vocab_size)
-    config = SparseBertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=256,
-        max_position_embeddings=args.max_length,
-        attention_pattern=args.pattern,
-        pad_token_id=tokenizer.pad_token_id,
+    corpus = offline_mlm_corpus(
+        args.lang,
+        max_sentences=args.train_sentences + args.eval_sentences,
+        eval_sentences=args.eval_sentences,
+        vocab_size=args.vocab_size,
+        block_size=args.max_length,
+        seed=args.seed,
+    )
+    print(
+        f"corpus: {len(corpus.train)} training / {len(corpus.eval)} held-out blocks of {args.max_length} tokens "
+        f"from {args.train_sentences} + {args.eval_sentences} English gettext messages"
     )
     torch.manual_seed(args.seed)
-    model = SparseBertForMaskedLM(config)
-    train = [tokenizer(t, truncation=True, max_length=args.max_length) for t in train_texts]
-    trainer = Trainer(
-        model=model,
-        args=TrainingArguments(
-            output_dir=os.path.join(args.out, "trainer"),
-            max_steps=args.steps,
-            per_device_train_batch_size=32,
-            learning_rate=1e-3,
-            warmup_steps=args.steps // 10,
-            logging_steps=max(args.steps // 10, 1),
-            save_strategy="no",
-            report_to=[],
-            seed=args.seed,
-            use_cpu=not torch.cuda.is_available(),
-        ),
-        train_dataset=train,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
-    )
-    trainer.train()
-    metrics = masked_lm_metrics(model, tokenizer, eval_texts, max_length=args.max_length)
+    model = SparseBertForMaskedLM(small_bert_config(corpus.tokenizer, args.max_length, attention_pattern=args.pattern))
+    train_mlm(model, corpus, args.out, steps=args.steps, seed=args.seed)
+    metrics = masked_lm_metrics(model, corpus.tokenizer, corpus.eval)
     print(
         f"held-out masked-LM with pattern {args.pattern!r}: accuracy {metrics['accuracy']:.3f}, "
         f"loss {metrics['loss']:.3f}, perplexity {metrics['perplexity']:.1f} ({metrics['masked_tokens']} tokens)"
     )
     model_dir = os.path.join(args.out, "model")
     model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    corpus.tokenizer.save_pretrained(model_dir)
     reloaded = AutoModelForMaskedLM.from_pretrained(model_dir, trust_remote_code=True)
-    again = masked_lm_metrics(reloaded, tokenizer, eval_texts, max_length=args.max_length)
+    again = masked_lm_metrics(reloaded, corpus.tokenizer, corpus.eval)
     print(f"saved to {model_dir}; reloaded with AutoModelForMaskedLM: accuracy {again['accuracy']:.3f} (same masks)")
-    fill = pipeline("fill-mask", model=reloaded, tokenizer=tokenizer)
-    example = f"could not open {tokenizer.mask_token} file"
+    fill = pipeline("fill-mask", model=reloaded, tokenizer=corpus.tokenizer)
+    example = f"could not open {corpus.tokenizer.mask_token} file"
     print(f"fill-mask {example!r}: " + ", ".join(f"{p['token_str']} ({p['score']:.2f})" for p in fill(example)))
     png = os.path.join(args.out, "pattern.png")
     plot_patterns([args.pattern], args.max_length, png, columns=1)

@@ -65,3 +65,19 @@ def train_wordpiece_tokenizer(texts: list[str], vocab_size: int = 2000):
     trainer = BertWordPieceTokenizer(lowercase=True)
     trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False)
     return BertTokenizer(vocab=trainer.get_vocab())
+
+
+def pack_into_blocks(tokenizer, texts: list[str], block_size: int = 128) -> list[dict[str, list[int]]]:
+    """BERT-style pre-training examples: texts tokenized, joined with [SEP], cut into ``[CLS] … [SEP]`` blocks.
+
+    Short UI messages become full-length sequences, so sparse patterns act on real long-range structure.
+    """
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.append(tokenizer.sep_token_id)
+    body = block_size - 2
+    return [
+        {"input_ids": [tokenizer.cls_token_id, *stream[start : start + body], tokenizer.sep_token_id]}
+        for start in range(0, len(stream) - body + 1, body)
+    ]

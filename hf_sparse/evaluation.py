@@ -11,10 +11,11 @@ from transformers import DataCollatorForLanguageModeling
 
 @torch.no_grad()
 def masked_lm_metrics(
-    model, tokenizer, texts: list[str], max_length: int = 64, batch_size: int = 64, seed: int = 0
+    model, tokenizer, texts: list[str] | list[dict], max_length: int = 64, batch_size: int = 64, seed: int = 0
 ) -> dict[str, float]:
-    """Masked-token accuracy, loss and perplexity on ``texts`` with BERT's 15% masking, reproducible from ``seed``.
+    """Masked-token accuracy, loss and perplexity with BERT's 15% masking, reproducible from ``seed``.
 
+    ``texts``: strings (tokenized here, truncated to ``max_length``) or already tokenized examples.
     The same seed masks the same tokens, so two models (say, dense and sparse) are compared on identical inputs.
     """
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, return_tensors="pt")
@@ -29,6 +30,8 @@ def masked_lm_metrics(
             encoded = [tokenizer(t, truncation=True, max_length=max_length) for t in texts[start : start + batch_size]]
             batch = collator(encoded)
             labels = batch.pop("labels")
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            labels = labels.to(model.device)
             logits = model(**batch).logits
             chosen = labels != -100
             loss_sum += torch.nn.functional.cross_entropy(logits[chosen], labels[chosen], reduction="sum").item()

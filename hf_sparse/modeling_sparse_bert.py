@@ -11,7 +11,7 @@ API and its sibling modules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -204,6 +204,10 @@ class SparseBertLayer(nn.Module):
         return self.output(self.intermediate(attention_output), attention_output), probs
 
 
+def _layer_with_bias(layer, hidden_states, bias, mask: AttentionMask, output_attentions):
+    return layer(hidden_states, replace(mask, bias=bias), output_attentions)
+
+
 class SparseBertEncoder(nn.Module):
     def __init__(self, config: SparseBertConfig):
         super().__init__()
@@ -216,8 +220,9 @@ class SparseBertEncoder(nn.Module):
         all_attentions = () if output_attentions else None
         for layer, mask in zip(self.layer, masks):
             if self.gradient_checkpointing and self.training:
+                # The DAM bias goes in as a positional tensor: reentrant checkpointing only differentiates those.
                 hidden_states, probs = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, mask, output_attentions
+                    _layer_with_bias, layer, hidden_states, mask.bias, mask, output_attentions
                 )
             else:
                 hidden_states, probs = layer(hidden_states, mask, output_attentions)
@@ -373,14 +378,15 @@ class SparseBertModel(SparseBertPreTrainedModel):
         """Penalty and density of a ``(G, H, n, n)`` mask over the valid pairs (not padding, inside the pattern).
 
         ``mean``: kept fraction of valid pairs (comparable across lengths and batches); ``sum``: the reference's
-        unnormalised L1 over the whole ``(H, n, n)`` mask of every gate group.
+        unnormalised L1 over the whole ``(H, n, n)`` mask of every gate group (inside the pattern, padding included).
         """
-        allowed = dense_mask(_parsed(self.config.attention_pattern), n, gates.device).float()  # (1, n, n)
+        inside = dense_mask(_parsed(self.config.attention_pattern), n, gates.device).float()  # (1, n, n)
+        allowed = inside
         if key_valid is not None:
             valid = key_valid.float()
-            allowed = allowed * torch.einsum("bi,bj->ij", valid, valid)  # pairs counted over the batch
+            allowed = inside * torch.einsum("bi,bj->ij", valid, valid)  # pairs counted over the batch
         weighted = (gates * allowed).sum() / (allowed.sum() * gates.shape[0] * gates.shape[1]).clamp_min(1.0)
-        penalty = weighted if self.dam.settings["penalty_reduction"] == "mean" else gates.sum()
+        penalty = weighted if self.dam.settings["penalty_reduction"] == "mean" else (gates * inside).sum()
         return penalty, weighted.detach()
 
     def attention_masks_for(

@@ -26,6 +26,21 @@ def test_gradient_reaches_gate_logits_through_the_straight_through_mask():
     assert grad is not None and grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_keeps_the_gate_gradient(reentrant):
+    ids, mask = random_batch()
+    model = dam_model(penalty=0.0).train()
+    torch.manual_seed(1)
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    plain = model.bert.dam.logits.grad.clone()
+    model.zero_grad()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    torch.manual_seed(1)  # the same Gumbel sample
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    assert plain.abs().sum() > 0
+    assert torch.allclose(model.bert.dam.logits.grad, plain, rtol=1e-4, atol=1e-6)
+
+
 def _search(model, steps, lr=0.1):
     ids, mask = random_batch()
     opt = torch.optim.Adam(model.bert.dam.parameters(), lr=lr)

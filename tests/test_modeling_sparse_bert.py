@@ -139,7 +139,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(ids, attention_mask=mask, labels=labels).loss.backward()
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert model.bert.encoder.gradient_checkpointing
     model(ids, attention_mask=mask, labels=labels).loss.backward()
     for a, p in zip(plain, model.parameters()):
