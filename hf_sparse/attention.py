@@ -26,20 +26,27 @@ from .patterns import Pattern, block_density, block_mask, dense_mask
 ATTENTION_FUNCTIONS = ("softmax", "entmax15", "entmax_bisect", "sparsemax")
 BACKENDS = ("auto", "eager", "sdpa", "flex")
 
-# Crossover measured by scripts/benchmark_attention.py (benchmarks/attention_backends.md): FlexAttention's
-# block-sparse forward beats dense SDPA from this length on, when at most this fraction of tiles is kept.
-FLEX_MIN_LENGTH = {"cpu": 2048, "cuda": 1024}
-FLEX_MAX_BLOCK_DENSITY = 0.35
+# Crossover measured by scripts/benchmark_attention.py (benchmarks/attention_backends.md, CPU, 2 cores): the
+# block-sparse FlexAttention forward costs ≈ 1.6-1.9 × block density of a dense SDPA call, so it wins up to a
+# block density of about 0.55; at 0.5 it takes at most 0.8 of dense. Below L = 512 the gain (≤ 0.2 ms per layer)
+# does not pay for a compile. CUDA was not measured here: its entry is a conservative guess.
+FLEX_MIN_LENGTH = {"cpu": 512, "cuda": 1024}
+FLEX_MAX_BLOCK_DENSITY = 0.5
 FLEX_BLOCK_SIZE = 128
 
 _compiled_flex = None
 
 
 def compiled_flex_attention():
-    """FlexAttention compiled once per process (uncompiled it materialises the full score matrix)."""
+    """FlexAttention compiled once per process (uncompiled it materialises the full score matrix).
+
+    Automatic dynamic shapes (not ``dynamic=False``): a second sequence length recompiles once for symbolic
+    lengths; with static shapes every new length recompiles and after 8 dynamo gives up and runs the slow
+    unfused path (measured: ~9x slower than dense SDPA).
+    """
     global _compiled_flex
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
 
 

@@ -27,7 +27,10 @@ def masked_lm_metrics(
     loss_sum = 0.0
     try:
         for start in tqdm(range(0, len(texts), batch_size), desc="masked-LM eval", leave=False):
-            encoded = [tokenizer(t, truncation=True, max_length=max_length) for t in texts[start : start + batch_size]]
+            encoded = [
+                t if isinstance(t, dict) else tokenizer(t, truncation=True, max_length=max_length)
+                for t in texts[start : start + batch_size]
+            ]
             batch = collator(encoded)
             labels = batch.pop("labels")
             batch = {k: v.to(model.device) for k, v in batch.items()}

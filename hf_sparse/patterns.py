@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, or_masks
@@ -139,10 +140,12 @@ def _logsparse(b, h, q, k):
     return (d & (d - 1)) == 0  # true for 0 and every power of two
 
 
+@lru_cache(maxsize=32)
 def random_table(n: int, keys_per_query: int, seed: int = 0) -> torch.Tensor:
     """``(n, n)`` bool table with ``min(R, n)`` distinct random keys per query, reproducible from ``seed``.
 
     The draw depends on ``n``: the same seed at another length gives another (equally random) table.
+    Cached: a model rebuilds its masks every forward, and the draw (an n×n argsort) is the costly part.
     """
     generator = torch.Generator().manual_seed(seed)
     order = torch.rand(n, n, generator=generator).argsort(dim=-1)[:, : min(keys_per_query, n)]

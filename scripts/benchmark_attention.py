@@ -96,7 +96,7 @@ def measure(variants: dict, repeats: int, warmup: int) -> dict[str, float]:
     for fn in variants.values():
         for _ in range(warmup):
             fn()
-    # calls per sample, from the cheapest variant (dense SDPA), so short kernels are not timer noise
+    # calls per sample, so that a dense SDPA sample lasts about MIN_SAMPLE_S (short kernels are not timer noise)
     start = time.perf_counter()
     variants["dense"]()
     inner = max(1, math.ceil(MIN_SAMPLE_S / max(time.perf_counter() - start, 1e-6)))

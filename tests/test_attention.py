@@ -120,3 +120,19 @@ def test_explicit_flex_refuses_what_it_cannot_do(kw, words):
 def test_unknown_backend_names_the_valid_ones():
     with pytest.raises(ValueError, match="unknown attention_backend 'fast'.*eager, sdpa, flex"):
         _choose("fast")
+
+
+def test_flex_stays_compiled_across_many_sequence_lengths():
+    """Static-shape compilation would recompile per length and fall back to the unfused path after 8."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*flex_attention called without torch.compile.*")
+        for n in range(130, 240, 10):  # 11 lengths
+            q, k, v, valid = inputs(2, 2, n, 16, seed=n)
+            pattern = parse("window:9")
+            mask = build_mask(pattern, valid, n, torch.device("cpu"), "flex")
+            with torch.no_grad():
+                out, _ = attend(q, k, v, mask, scaling=16**-0.5)
+            want, _ = reference(q, k, v, dense_mask(pattern, n)[None] & valid[:, None, None, :])
+            assert torch.allclose(out.double(), want, atol=1e-5), n

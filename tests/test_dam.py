@@ -213,9 +213,7 @@ def test_freeze_without_dam_is_refused():
         SparseBertModel(SparseBertConfig(**tiny_kwargs())).freeze_dam()
 
 
-@pytest.mark.parametrize(
-    "kind, at_half", [("constant", 1.0), ("linear", 0.55), ("cosine", 0.55)]
-)
+@pytest.mark.parametrize("kind, at_half", [("constant", 1.0), ("linear", 0.55), ("cosine", 0.55)])
 def test_schedules(kind, at_half):
     assert schedule_value(kind, 1.0, 0.1, 0.0) == 1.0
     assert schedule_value(kind, 1.0, 0.1, 0.5) == pytest.approx(at_half)
@@ -319,6 +317,7 @@ def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(tmp_path):
     with torch.no_grad():
         assert torch.equal(straight(ids, attention_mask=mask).logits, resumed(ids, attention_mask=mask).logits)
     last = [log for log in t2.state.log_history if "dam_temperature" in log][-1]
-    assert last["dam_temperature"] == [log for log in t1.state.log_history if "dam_temperature" in log][-1][
-        "dam_temperature"
-    ]
+    assert (
+        last["dam_temperature"]
+        == [log for log in t1.state.log_history if "dam_temperature" in log][-1]["dam_temperature"]
+    )
