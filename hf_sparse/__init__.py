@@ -11,12 +11,15 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForMultipleChoice,
     AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
 )
 
 from . import patterns
+from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
 from .configuration_sparse_bert import SparseBertConfig
+from .modeling_entmax_marian import EntmaxSparsefinderMarianModel, EntmaxSparsefinderMarianMTModel
 from .modeling_sparse_bert import (
     SparseBertForMaskedLM,
     SparseBertForMultipleChoice,
@@ -30,6 +33,9 @@ from .modeling_sparse_bert import (
 __version__ = "0.1.0"
 
 AutoConfig.register(SparseBertConfig.model_type, SparseBertConfig, exist_ok=True)
+AutoConfig.register(EntmaxSparsefinderMarianConfig.model_type, EntmaxSparsefinderMarianConfig, exist_ok=True)
+AutoModel.register(EntmaxSparsefinderMarianConfig, EntmaxSparsefinderMarianModel, exist_ok=True)
+AutoModelForSeq2SeqLM.register(EntmaxSparsefinderMarianConfig, EntmaxSparsefinderMarianMTModel, exist_ok=True)
 for _auto, _model in (
     (AutoModel, SparseBertModel),
     (AutoModelForMaskedLM, SparseBertForMaskedLM),
@@ -42,6 +48,9 @@ for _auto, _model in (
 
 __all__ = [
     "patterns",
+    "EntmaxSparsefinderMarianConfig",
+    "EntmaxSparsefinderMarianModel",
+    "EntmaxSparsefinderMarianMTModel",
     "SparseBertConfig",
     "SparseBertModel",
     "SparseBertPreTrainedModel",

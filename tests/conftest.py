@@ -42,6 +42,17 @@ def random_batch(batch: int = 3, length: int = 20, seed: int = 0, vocab: int = l
     return ids, mask
 
 
+def premasked_mlm_dataset(n: int = 64, length: int = 16, seed: int = 0):
+    """Masked-LM examples with the masks drawn once here, so the only randomness in training is the model's."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, len(VOCAB), (n, length), generator=g)
+    chosen = torch.rand(n, length, generator=g) < 0.3
+    labels = torch.where(chosen, ids, -100)
+    return Dataset.from_dict({"input_ids": torch.where(chosen, 4, ids).tolist(), "labels": labels.tolist()})
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

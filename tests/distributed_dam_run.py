@@ -6,29 +6,18 @@ Each process trains the same tiny DAM search with Trainer + DAMCallback, then sa
 import sys
 
 import torch
-from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
+from conftest import premasked_mlm_dataset, tiny_kwargs  # this script's folder is on sys.path
 from hf_sparse import SparseBertConfig, SparseBertForMaskedLM
 from hf_sparse.callbacks import DAMCallback
 
 out = sys.argv[1]
 torch.manual_seed(0)
-config = SparseBertConfig(
-    vocab_size=30,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=32,
-    dam={"structure": "offset", "penalty": 0.5, "init_noise": 0.5},
-)
+config = SparseBertConfig(**tiny_kwargs(dam={"structure": "offset", "penalty": 0.5, "init_noise": 0.5}))
 model = SparseBertForMaskedLM(config)
 initial = model.bert.dam.logits.detach().clone()
-g = torch.Generator().manual_seed(0)
-ids = torch.randint(5, 30, (64, 16), generator=g)
-labels = torch.where(torch.rand(64, 16, generator=g) < 0.3, ids, -100)
-data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+data = premasked_mlm_dataset()
 callback = DAMCallback(gate_learning_rate=0.05, density_length=16)
 args = TrainingArguments(
     output_dir=out,

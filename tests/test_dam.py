@@ -3,10 +3,9 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import BertForMaskedLM, Trainer, TrainingArguments
 
-from conftest import random_batch, tiny_kwargs
+from conftest import premasked_mlm_dataset, random_batch, tiny_kwargs
 from hf_sparse import SparseBertConfig, SparseBertForMaskedLM, SparseBertModel
 from hf_sparse.callbacks import DAMCallback, schedule_value
 from hf_sparse.dam import DAMGates, _pack_bits, _unpack_bits
@@ -226,15 +225,6 @@ def test_schedules(kind, at_half):
 # -- Trainer --------------------------------------------------------------------------------------------------
 
 
-def _mlm_data(n=64, length=16, seed=0):
-    """Masked-LM examples with the masks drawn once here, so the only randomness in training is the DAM's."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 24, (n, length), generator=g)
-    chosen = torch.rand(n, length, generator=g) < 0.3
-    labels = torch.where(chosen, ids, -100)
-    return Dataset.from_dict({"input_ids": torch.where(chosen, 4, ids).tolist(), "labels": labels.tolist()})
-
-
 def _trainer(tmp_path, model, callback, steps, **args):
     arguments = TrainingArguments(
         output_dir=str(tmp_path),
@@ -252,7 +242,7 @@ def _trainer(tmp_path, model, callback, steps, **args):
     return Trainer(
         model=model,
         args=arguments,
-        train_dataset=_mlm_data(),
+        train_dataset=premasked_mlm_dataset(),
         callbacks=[callback],
         optimizer_cls_and_kwargs=callback.optimizer_cls_and_kwargs(model, arguments),
     )
@@ -280,7 +270,7 @@ def test_callback_refuses_weight_decayed_gates(tmp_path):
     model = dam_model()
     callback = DAMCallback()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, weight_decay=0.01, report_to=[], use_cpu=True)
-    trainer = Trainer(model=model, args=args, train_dataset=_mlm_data(), callbacks=[callback])
+    trainer = Trainer(model=model, args=args, train_dataset=premasked_mlm_dataset(), callbacks=[callback])
     with pytest.raises(ValueError, match="weight_decay=0.01.*optimizer_cls_and_kwargs"):
         trainer.train()
 

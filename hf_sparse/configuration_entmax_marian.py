@@ -1,0 +1,66 @@
+"""``EntmaxSparsefinderMarianConfig``: every ``MarianConfig`` field plus the normaliser of each attention type
+and the Sparsefinder settings of the decoder self-attention.
+
+A stock Marian ``config.json`` loads into it unchanged; the defaults give α-entmax (α = 1.5) decoder
+self-attention and softmax elsewhere, the setting of Sparsefinder's MT experiments.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import MarianConfig
+
+from .attention import ATTENTION_FUNCTIONS, check_choice
+
+
+@strict
+class EntmaxSparsefinderMarianConfig(MarianConfig):
+    r"""
+    decoder_attention_fn (`str`, defaults to `"entmax15"`):
+        Normaliser of the decoder self-attention: `softmax`, `entmax15`, `entmax_bisect` (uses `entmax_alpha`),
+        `sparsemax`.
+    encoder_attention_fn (`str`, defaults to `"softmax"`):
+        Normaliser of the encoder self-attention.
+    cross_attention_fn (`str`, defaults to `"softmax"`):
+        Normaliser of the decoder's attention over the encoder.
+    entmax_alpha (`float`, defaults to 1.5):
+        α of `entmax_bisect`.
+    sparsefinder (`dict`, *optional*):
+        Sparsefinder predictor settings for the decoder self-attention (see `hf_sparse.sparsefinder`).
+    """
+
+    model_type = "entmax_sparsefinder_marian"
+
+    decoder_attention_fn: str = "entmax15"
+    encoder_attention_fn: str = "softmax"
+    cross_attention_fn: str = "softmax"
+    entmax_alpha: float | int = 1.5
+    sparsefinder: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        kwargs.pop("model_type", None)  # a stock Marian config.json says "marian"
+        super().__post_init__(**kwargs)
+        self.check_attention()
+
+    def check_attention(self) -> None:
+        """Fail at configuration time with a ``ValueError`` that names the bad value."""
+        for name in ("decoder_attention_fn", "encoder_attention_fn", "cross_attention_fn"):
+            check_choice(name, getattr(self, name), ATTENTION_FUNCTIONS)
+        uses_bisect = "entmax_bisect" in (self.decoder_attention_fn, self.encoder_attention_fn, self.cross_attention_fn)
+        if uses_bisect and not self.entmax_alpha > 1:
+            raise ValueError(f"entmax_alpha must be > 1 for entmax_bisect, got {self.entmax_alpha}")
+        if self.sparsefinder is not None and self.decoder_attention_fn == "softmax":
+            raise ValueError(
+                "sparsefinder predicts which pairs α-entmax keeps; with decoder_attention_fn='softmax' every pair is "
+                "kept, so there is nothing to predict. Use decoder_attention_fn='entmax15' (or entmax_bisect, "
+                "sparsemax), or sparsefinder=None"
+            )
+
+    def validate_entmax_attention(self):
+        """Part of `@strict` validation (run again by ``save_pretrained`` after attribute changes)."""
+        self.check_attention()
+
+
+EntmaxSparsefinderMarianConfig.register_for_auto_class()
+
+__all__ = ["EntmaxSparsefinderMarianConfig"]
