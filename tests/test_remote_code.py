@@ -12,47 +12,58 @@ from conftest import random_batch, tiny_kwargs
 from hf_sparse import SparseBertConfig, SparseBertForMaskedLM
 
 # Runs in a fresh interpreter in which `import hf_sparse` fails, from an empty working directory.
+# argv: auto class name, a torch file with the forward inputs, the checkpoint, the output file.
 CHILD = textwrap.dedent(
     """
     import sys
     sys.modules["hf_sparse"] = None  # any import of hf_sparse now raises ImportError
     sys.path = [p for p in sys.path if p not in ("", ".") and "hf_sparse" not in p]
     import torch
-    from transformers import AutoModelForMaskedLM
+    import transformers
     try:
         import hf_sparse  # noqa: F401
         raise SystemExit("hf_sparse is importable in the child")
     except ImportError:
         pass
-    ids, mask, where, out = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-    model = AutoModelForMaskedLM.from_pretrained(where, trust_remote_code=True).eval()
+    auto, inputs, where, out = sys.argv[1], torch.load(sys.argv[2]), sys.argv[3], sys.argv[4]
+    model = getattr(transformers, auto).from_pretrained(where, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    result = {"class": type(model).__name__, "config": model.config.to_dict()}
     with torch.no_grad():
-        logits = model(torch.load(ids), attention_mask=torch.load(mask)).logits
-    base = model.base_model
-    frozen = base.dam.frozen(torch.load(ids).shape[1]) if base.dam is not None else None
-    torch.save(
-        {"logits": logits, "class": type(model).__name__, "pattern": model.config.attention_pattern, "mask": frozen},
-        out,
-    )
+        result["logits"] = model(**inputs).logits
+    dam = getattr(model.base_model, "dam", None)
+    if dam is not None:
+        result["mask"] = dam.frozen(inputs["input_ids"].shape[1])
+    if model.config.is_encoder_decoder:
+        result["generated"] = model.generate(
+            inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=6, num_beams=2
+        )
+    torch.save(result, out)
     """
 )
 
 
-def _run_child(tmp_path, where: str, env_extra: dict) -> dict:
-    ids, mask = random_batch()
-    torch.save(ids, tmp_path / "ids.pt")
-    torch.save(mask, tmp_path / "mask.pt")
+def run_without_hf_sparse(tmp_path, auto: str, inputs: dict, where: str, env_extra: dict | None = None) -> dict:
+    """Load ``where`` with ``transformers.<auto>.from_pretrained(trust_remote_code=True)`` in a child process that
+    cannot import hf_sparse, run ``inputs`` through it, and return what it computed."""
+    torch.save(inputs, tmp_path / "inputs.pt")
     workdir = tmp_path / "empty"
     workdir.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf_home"), **env_extra)
-    args = [str(tmp_path / "ids.pt"), str(tmp_path / "mask.pt"), where, str(tmp_path / "out.pt")]
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf_home"), **(env_extra or {}))
+    args = [auto, str(tmp_path / "inputs.pt"), where, str(tmp_path / "out.pt")]
     done = subprocess.run(
         [sys.executable, "-c", CHILD, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(tmp_path / "out.pt")
+
+
+def _run_child(tmp_path, where: str, env_extra: dict) -> dict:
+    ids, mask = random_batch()
+    return run_without_hf_sparse(
+        tmp_path, "AutoModelForMaskedLM", {"input_ids": ids, "attention_mask": mask}, where, env_extra
+    )
 
 
 def _trained_tiny_model(**config) -> SparseBertForMaskedLM:
@@ -88,7 +99,7 @@ def test_remote_code_from_a_local_directory_without_hf_sparse_gives_identical_lo
     model = _trained_tiny_model()
     model.save_pretrained(tmp_path / "ckpt")
     got = _run_child(tmp_path, str(tmp_path / "ckpt"), {})
-    assert got["class"] == "SparseBertForMaskedLM" and got["pattern"] == "window:2+global:1"
+    assert got["class"] == "SparseBertForMaskedLM" and got["config"]["attention_pattern"] == "window:2+global:1"
     assert torch.equal(got["logits"], _local_logits(model))
 
 
@@ -113,6 +124,29 @@ def test_frozen_dam_checkpoint_loads_without_hf_sparse_with_the_same_mask_and_lo
     model.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "dam.py").exists()
     got = _run_child(tmp_path, str(tmp_path / "ckpt"), {})
-    assert got["pattern"] == "window:6&learned"
+    assert got["config"]["attention_pattern"] == "window:6&learned"
     assert torch.equal(got["mask"], model.bert.dam.frozen(20))
     assert torch.equal(got["logits"], _local_logits(model))
+
+
+def test_entmax_marian_loads_without_hf_sparse_with_identical_logits_and_generations(tmp_path):
+    from test_modeling_entmax_marian import MARIAN, batch
+
+    from hf_sparse import EntmaxSparsefinderMarianConfig, EntmaxSparsefinderMarianMTModel
+
+    torch.manual_seed(0)
+    model = EntmaxSparsefinderMarianMTModel(EntmaxSparsefinderMarianConfig(**MARIAN, entmax_alpha=1.5)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("q_proj.weight"):
+                param.mul_(6.0)  # sparse entmax rows
+    model.save_pretrained(tmp_path / "ckpt")
+    ids, mask, decoder = batch()
+    inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder}
+    got = run_without_hf_sparse(tmp_path, "AutoModelForSeq2SeqLM", inputs, str(tmp_path / "ckpt"))
+    assert got["class"] == "EntmaxSparsefinderMarianMTModel"
+    assert got["config"]["decoder_attention_fn"] == "entmax15"
+    with torch.no_grad():
+        assert torch.equal(got["logits"], model(**inputs).logits)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=2)
+    assert torch.equal(got["generated"], want)
