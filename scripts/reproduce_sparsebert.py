@@ -7,7 +7,7 @@ same batches. A DAM run spends up to half of the steps searching (stopping once 
 sparsity), freezes the mask, and trains the rest with it in a second Trainer run (stage 2: fresh optimizer and
 warm-up, a new pass over the data). Writes a markdown table (default benchmarks/sparsebert_small.md).
 
-    python scripts/reproduce_sparsebert.py                 # the committed table, ~25 minutes on 2 CPU cores
+    python scripts/reproduce_sparsebert.py                 # the committed table, ~20 minutes on 2 CPU cores
     python scripts/reproduce_sparsebert.py --steps 20      # a smoke run
 """
 
@@ -65,7 +65,7 @@ def run_dam(structure, corpus, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps of every run")
+    parser.add_argument("--steps", type=int, default=400, help="training steps of every run")
     parser.add_argument("--block", type=int, default=128, help="sequence length (the paper's 128)")
     parser.add_argument("--target", type=float, default=0.9, help="DAM target sparsity (matched to LogSparse)")
     parser.add_argument("--penalty", type=float, default=1e-4, help="DAM λ on the summed mask (reference form)")
