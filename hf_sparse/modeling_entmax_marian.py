@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface, MarianModel, MarianMTModel
+from transformers import initialization as init
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import AttentionMask, attend
+from .attention import AttentionMask, attend, attend_gathered
 from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
+from .sparsefinder import SparsefinderLayer, predict_pairs, predicts_layer, resolve_config
 
 ATTENTION_NAME = "hf_sparse_entmax"
 
@@ -38,21 +40,50 @@ def entmax_marian_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Transformers attention-function signature; ``attention_mask`` is boolean ``(B, 1, Lq, Lk)`` (True = attend)."""
+    """Transformers attention-function signature; ``attention_mask`` is boolean ``(B, 1, Lq, Lk)`` (True = attend).
+
+    A module with a ``sparsefinder_collector`` (set while fitting) hands it its queries, keys and probabilities.
+    """
     config = module.config
     fn = getattr(config, f"{attention_type(module)}_attention_fn")
     keep = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask == 0
-    return attend(
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    collector = getattr(module, "sparsefinder_collector", None)
+    predictor = getattr(module, "sparsefinder", None)
+    if predictor is not None and collector is None and not module.training and config.sparsefinder.get("enabled"):
+        return predicted_sparse_attention(module, predictor, query, key, value, keep, scaling, fn)
+    out, probs = attend(
         query,
         key,
         value,
         AttentionMask("eager", keep=keep),
-        scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
+        scaling=scaling,
         dropout=dropout,
         attention_fn=fn,
         alpha=config.entmax_alpha,
         output_attentions=True,
     )
+    if collector is not None:  # fitting Sparsefinder: record this layer's queries, keys and entmax support
+        collector(module, query, key, probs, keep)
+    return out, probs
+
+
+def predicted_sparse_attention(module, predictor, query, key, value, keep, scaling, fn):
+    """Entmax over the predicted pairs only (gathered keys per query), for inference with fitted predictors.
+
+    With a cache the queries are the last ``Lq`` positions of the ``Lk`` keys, so each new query is scored only
+    against the cached keys its predictor selects.
+    """
+    if not bool(predictor.fitted):
+        raise ValueError(
+            f"sparsefinder.enabled is set but the predictor of decoder layer {module.layer_idx} is not fitted: run "
+            "hf_sparse.sparsefinder.fit(model, dataloader) first, or load a checkpoint saved after fitting"
+        )
+    lq, lk = query.shape[2], key.shape[2]
+    pairs = predict_pairs(predictor, query, key, module.config.sparsefinder, None, causal=True, query_offset=lk - lq)
+    if keep is not None:
+        pairs = pairs & keep
+    return attend_gathered(query, key, value, pairs, scaling=scaling, attention_fn=fn, alpha=module.config.entmax_alpha)
 
 
 def boolean_mask(*args, **kwargs) -> torch.Tensor:
@@ -66,10 +97,29 @@ AttentionInterface.register(ATTENTION_NAME, entmax_marian_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, boolean_mask)
 
 
-def _use_entmax_attention(model) -> None:
-    # Transformers' attn_implementation ("sdpa", "eager", ...) has no notion of entmax: the config's *_attention_fn
-    # fields decide, through this one registered function.
+def _setup(model) -> None:
+    """Route attention through :func:`entmax_marian_attention` and give decoder self-attention its predictors.
+
+    Transformers' ``attn_implementation`` ("sdpa", "eager", ...) has no notion of entmax: the config's
+    ``*_attention_fn`` fields decide, through the one registered function. Predictors live on the attention modules
+    they serve (``model.decoder.layers.<i>.self_attn.sparsefinder``), so they are in the state dict.
+    """
     model.config._attn_implementation = ATTENTION_NAME
+    if model.config.sparsefinder is None:
+        return
+    settings = resolve_config(model.config.sparsefinder)
+    for i, layer in enumerate(model.get_decoder().layers):
+        if predicts_layer(settings, i):
+            attention = layer.self_attn
+            attention.sparsefinder = SparsefinderLayer(settings, attention.num_heads, attention.head_dim)
+
+
+def _init_sparsefinder(module) -> None:
+    """Fresh predictor state through Transformers' init functions, which leave weights loaded from a checkpoint."""
+    if isinstance(module, SparsefinderLayer):
+        fresh = SparsefinderLayer(module.settings, module.num_heads, module.head_dim)
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            init.copy_(tensor, getattr(fresh, name))
 
 
 class EntmaxSparsefinderMarianModel(MarianModel):
@@ -77,7 +127,20 @@ class EntmaxSparsefinderMarianModel(MarianModel):
 
     def __init__(self, config: EntmaxSparsefinderMarianConfig):
         super().__init__(config)
-        _use_entmax_attention(self)
+        _setup(self)  # predictors initialise themselves; from_pretrained fills missing ones via _init_weights
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        _init_sparsefinder(module)
+
+    def sparsefinder_modules(self) -> dict[int, torch.nn.Module]:
+        """Decoder self-attention modules that carry a predictor (what ``hf_sparse.sparsefinder.fit`` fits)."""
+        return {
+            i: layer.self_attn
+            for i, layer in enumerate(self.get_decoder().layers)
+            if hasattr(layer.self_attn, "sparsefinder")
+        }
 
 
 class EntmaxSparsefinderMarianMTModel(MarianMTModel):
@@ -85,7 +148,20 @@ class EntmaxSparsefinderMarianMTModel(MarianMTModel):
 
     def __init__(self, config: EntmaxSparsefinderMarianConfig):
         super().__init__(config)
-        _use_entmax_attention(self)
+        _setup(self)  # predictors initialise themselves; from_pretrained fills missing ones via _init_weights
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        _init_sparsefinder(module)
+
+    def sparsefinder_modules(self) -> dict[int, torch.nn.Module]:
+        """Decoder self-attention modules that carry a predictor (what ``hf_sparse.sparsefinder.fit`` fits)."""
+        return {
+            i: layer.self_attn
+            for i, layer in enumerate(self.get_decoder().layers)
+            if hasattr(layer.self_attn, "sparsefinder")
+        }
 
 
 EntmaxSparsefinderMarianModel.register_for_auto_class("AutoModel")

@@ -701,3 +701,85 @@ __all__ = [
     "valid_pairs",
     "window_pairs",
 ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fitting a model's predictors
+# --------------------------------------------------------------------------------------------------------------
+
+
+def fit(
+    model: nn.Module,
+    dataloader,
+    epochs: int = 3,
+    lr: float = 1e-3,
+    max_batches: int | None = None,
+    max_sentences: int = 512,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[int, list[float]]:
+    """Fit every predictor of ``model`` on the attention it computes over ``dataloader``; return losses per layer.
+
+    Two passes, as the reference pipeline: (1) run the model (eval mode, no gradients, dense attention) over
+    batches until ``max_sentences`` sentences per layer or ``max_batches`` batches, recording each predicted
+    layer's queries, keys and gold graph (the pairs entmax keeps) on CPU; (2) train the projections with the
+    margin loss for ``epochs`` epochs (Adam, ``lr``, clipping 1.0) and/or fit k-means centroids. Only predictor
+    state changes; the model's own weights are untouched. The model tells which attention modules have
+    predictors through ``model.sparsefinder_modules()`` → ``{layer: attention_module}``; their attention function
+    hands a ``sparsefinder_collector`` its ``(module, query, key, probabilities, allowed_pairs)``.
+    """
+    from tqdm.auto import tqdm  # a dependency of transformers, so remote code has it too
+
+    modules = model.sparsefinder_modules()
+    if not modules:
+        raise ValueError("this model has no Sparsefinder predictors: build it with a `sparsefinder` config")
+    settings = resolve_config(model.config.sparsefinder)
+    collected: dict[int, list[FitBatch]] = {i: [] for i in modules}
+    seen = dict.fromkeys(modules, 0)
+
+    def collector_for(layer: int):
+        def collect(module, query, key, probs, allowed):
+            if seen[layer] >= max_sentences:
+                return
+            b, _, lq, lk = probs.shape
+            valid = allowed if allowed is not None else torch.ones(b, 1, lq, lk, dtype=torch.bool, device=probs.device)
+            gold = (probs > 0) & valid
+            collected[layer].append(FitBatch(query.detach().cpu(), key.detach().cpu(), gold.cpu(), valid.cpu()))
+            seen[layer] += b
+
+        return collect
+
+    was_training = model.training
+    model.eval()
+    for layer, module in modules.items():
+        module.sparsefinder_collector = collector_for(layer)
+    try:
+        with torch.no_grad():
+            bar = tqdm(dataloader, desc="collecting attention", disable=not progress)
+            for step, batch in enumerate(bar):
+                if (max_batches is not None and step >= max_batches) or min(seen.values()) >= max_sentences:
+                    break
+                inputs = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                model(**inputs)
+    finally:
+        for module in modules.values():
+            module.sparsefinder_collector = None
+        model.train(was_training)
+
+    generator = torch.Generator().manual_seed(seed)
+    losses: dict[int, list[float]] = {}
+    method = settings["method"]
+    for layer, module in modules.items():
+        state, batches = module.sparsefinder, collected[layer]
+        if not batches:
+            raise ValueError(f"no attention was collected for layer {layer}: is the dataloader empty?")
+        losses[layer] = []
+        if method in PROJECTED_METHODS:
+            with tqdm(total=epochs * len(batches), desc=f"fitting layer {layer}", disable=not progress) as bar:
+                losses[layer] = fit_projections(
+                    state, batches, settings, epochs, lr=lr, generator=generator, on_step=lambda *_, b=bar: b.update()
+                )
+        if method in CENTROID_METHODS:
+            fit_centroids(state, batches, settings, seed=seed)
+        state.fitted.fill_(True)
+    return losses
