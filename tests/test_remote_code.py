@@ -30,10 +30,17 @@ CHILD = textwrap.dedent(
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     result = {"class": type(model).__name__, "config": model.config.to_dict()}
     with torch.no_grad():
-        result["logits"] = model(**inputs).logits
+        result["logits"] = model(**{k: v for k, v in inputs.items() if k != "probe"}).logits
     dam = getattr(model.base_model, "dam", None)
     if dam is not None:
         result["mask"] = dam.frozen(inputs["input_ids"].shape[1])
+    probe = inputs.pop("probe", None)  # (q, k): predicted pairs of every Sparsefinder predictor on them
+    if probe is not None:
+        module = sys.modules[type(model).__module__]
+        result["pairs"] = {
+            layer: module.predict_pairs(attn.sparsefinder, *probe, model.config.sparsefinder, None, causal=True)
+            for layer, attn in model.sparsefinder_modules().items()
+        }
     if model.config.is_encoder_decoder:
         result["generated"] = model.generate(
             inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=6, num_beams=2
@@ -149,4 +156,28 @@ def test_entmax_marian_loads_without_hf_sparse_with_identical_logits_and_generat
     with torch.no_grad():
         assert torch.equal(got["logits"], model(**inputs).logits)
     want = model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=2)
+    assert torch.equal(got["generated"], want)
+
+
+def test_fitted_sparsefinder_marian_predicts_and_generates_identically_without_hf_sparse(tmp_path):
+    from test_sparsefinder_marian import loader, model_with
+
+    from hf_sparse.sparsefinder import fit, predict_pairs
+
+    model = model_with(threshold=0.7)
+    fit(model, loader(), epochs=3, progress=False)
+    model.config.sparsefinder["enabled"] = True
+    model.save_pretrained(tmp_path / "ckpt")
+    inputs = loader(1)[0]
+    g = torch.Generator().manual_seed(3)
+    probe = (torch.randn(2, 4, 10, 8, generator=g), torch.randn(2, 4, 10, 8, generator=g))
+    got = run_without_hf_sparse(tmp_path, "AutoModelForSeq2SeqLM", {**inputs, "probe": probe}, str(tmp_path / "ckpt"))
+    assert got["config"]["sparsefinder"]["enabled"] is True
+    for layer, attn in model.sparsefinder_modules().items():
+        want = predict_pairs(attn.sparsefinder, *probe, model.config.sparsefinder, None, causal=True)
+        assert torch.equal(got["pairs"][layer], want)
+        assert not want.all()  # a real prediction, not everything
+    with torch.no_grad():
+        assert torch.equal(got["logits"], model(**inputs).logits)
+    want = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=6, num_beams=2)
     assert torch.equal(got["generated"], want)
