@@ -45,3 +45,105 @@ def masked_lm_metrics(
         model.train(was_training)
     loss = loss_sum / max(total, 1)
     return {"accuracy": correct / max(total, 1), "loss": loss, "perplexity": math.exp(loss), "masked_tokens": total}
+
+
+# -- Sparsefinder: how well the predicted graphs cover the pairs entmax keeps ---------------------------------
+
+
+def _layer_metrics(state, batches, settings: dict, causal: bool) -> dict[str, torch.Tensor]:
+    """Per-head metrics of one layer's predictor over collected batches (per sentence, then averaged)."""
+    from .sparsefinder import graph_metrics, predict_pairs
+
+    pooled: dict[str, list[torch.Tensor]] = {}
+    for q, k, gold, valid in batches:
+        valid_keys = valid[:, 0].any(dim=-2)  # a key some query may attend (not padding)
+        pred = predict_pairs(state, q, k, settings, valid_keys, causal=causal) & valid
+        for name, value in graph_metrics(pred, gold, valid, per_sentence=True).items():
+            pooled.setdefault(name, []).append(value)
+    return {name: torch.cat(values).nanmean(0) for name, values in pooled.items()}
+
+
+def _average(per_layer: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
+    names = next(iter(per_layer.values())).keys()
+    return {name: torch.stack([m[name] for m in per_layer.values()]).mean().item() for name in names}
+
+
+def sparsity_recall(
+    model, dataloader, max_batches: int | None = None, max_sentences: int = 512, progress: bool = True
+) -> dict:
+    """Gold sparsity, graph sparsity, recall and exact of the model's own predictors (REFERENCES.md definitions).
+
+    Returns ``{"per_layer": {layer: {metric: (H,) tensor}}, "average": {metric: float}}``; the average is over
+    layers and heads of the per-sentence means.
+    """
+    from .sparsefinder import collect_attention
+
+    collected = collect_attention(model, dataloader, max_batches, max_sentences, progress)
+    settings = model.config.sparsefinder
+    per_layer = {
+        layer: _layer_metrics(module.sparsefinder, collected[layer], settings, getattr(module, "is_causal", False))
+        for layer, module in model.sparsefinder_modules().items()
+    }
+    return {"per_layer": per_layer, "average": _average(per_layer)}
+
+
+def pareto(
+    model,
+    dataloader,
+    sweep: dict[str, list[dict]],
+    csv_path: str | None = None,
+    png_path: str | None = None,
+    max_batches: int | None = None,
+    max_sentences: int = 512,
+    progress: bool = True,
+) -> list[dict]:
+    """Sparsity vs recall of every method in ``sweep`` (method → list of setting overrides), from one collection.
+
+    The projected methods (distance, quantization, clustering) reuse the model's fitted projections; k-means
+    centroids (clustering, routing) are fitted here for each number of clusters. Writes a CSV and a Pareto plot
+    when paths are given. Rows: ``method``, ``setting``, ``graph_sparsity``, ``recall``, ``exact``, ``gold_sparsity``.
+    """
+    from tqdm.auto import tqdm
+
+    from .sparsefinder import (
+        CENTROID_METHODS,
+        PROJECTED_METHODS,
+        SparsefinderLayer,
+        collect_attention,
+        fit_centroids,
+        resolve_config,
+    )
+
+    modules = model.sparsefinder_modules()
+    base = resolve_config(model.config.sparsefinder)
+    if any(m in PROJECTED_METHODS for m in sweep) and not all(bool(m.sparsefinder.fitted) for m in modules.values()):
+        raise ValueError("the projected methods reuse the model's projections: fit the predictors first")
+    collected = collect_attention(model, dataloader, max_batches, max_sentences, progress)
+    rows = []
+    points = [(method, overrides) for method, settings_list in sweep.items() for overrides in settings_list]
+    for method, overrides in tqdm(points, desc="Pareto sweep", disable=not progress):
+        settings = resolve_config({**base, "method": method, **overrides, "layers": None})
+        per_layer = {}
+        for layer, module in modules.items():
+            fitted = module.sparsefinder
+            state = SparsefinderLayer(settings, fitted.num_heads, fitted.head_dim)
+            if method in PROJECTED_METHODS:
+                for own, learned in zip(state.projection_parameters(), fitted.projection_parameters(), strict=True):
+                    own.data.copy_(learned.data)
+            if method in CENTROID_METHODS:
+                fit_centroids(state, collected[layer], settings)
+            per_layer[layer] = _layer_metrics(state, collected[layer], settings, getattr(module, "is_causal", False))
+        setting = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        rows.append({"method": method, "setting": setting, **_average(per_layer)})
+    if csv_path:
+        import csv
+
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    if png_path:
+        from .plotting import plot_pareto
+
+        plot_pareto(rows, png_path)
+    return rows

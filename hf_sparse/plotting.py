@@ -32,3 +32,21 @@ def plot_patterns(specs: list[str | Pattern], n: int, path: str, columns: int = 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_pareto(rows: list[dict], path: str, title: str = "Sparsefinder: predicted-graph sparsity vs recall") -> None:
+    """One line per method through its sweep points (x: graph sparsity, y: recall of the gold graph)."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r["graph_sparsity"], r["recall"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=method)
+    gold = sum(r["gold_sparsity"] for r in rows) / len(rows)
+    ax.axvline(gold, color="grey", linestyle=":", label=f"gold sparsity {gold:.2f}")
+    ax.set_xlabel("graph sparsity (1 - predicted / valid pairs)")
+    ax.set_ylabel("recall (gold pairs predicted)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

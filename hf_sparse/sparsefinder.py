@@ -688,6 +688,8 @@ __all__ = [
     "FitBatch",
     "SparsefinderLayer",
     "build_predictors",
+    "collect_attention",
+    "fit",
     "fit_centroids",
     "fit_projections",
     "gold_graph",
@@ -708,32 +710,25 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------
 
 
-def fit(
+def collect_attention(
     model: nn.Module,
     dataloader,
-    epochs: int = 3,
-    lr: float = 1e-3,
     max_batches: int | None = None,
     max_sentences: int = 512,
-    seed: int = 0,
     progress: bool = True,
-) -> dict[int, list[float]]:
-    """Fit every predictor of ``model`` on the attention it computes over ``dataloader``; return losses per layer.
+) -> dict[int, list[FitBatch]]:
+    """Run ``model`` (eval mode, no gradients, dense attention) and record, for every attention module with a
+    predictor, its queries, keys, gold graph (the pairs entmax keeps) and valid pairs, on CPU.
 
-    Two passes, as the reference pipeline: (1) run the model (eval mode, no gradients, dense attention) over
-    batches until ``max_sentences`` sentences per layer or ``max_batches`` batches, recording each predicted
-    layer's queries, keys and gold graph (the pairs entmax keeps) on CPU; (2) train the projections with the
-    margin loss for ``epochs`` epochs (Adam, ``lr``, clipping 1.0) and/or fit k-means centroids. Only predictor
-    state changes; the model's own weights are untouched. The model tells which attention modules have
-    predictors through ``model.sparsefinder_modules()`` → ``{layer: attention_module}``; their attention function
-    hands a ``sparsefinder_collector`` its ``(module, query, key, probabilities, allowed_pairs)``.
+    Memory-bounded: stops after ``max_sentences`` sentences per layer or ``max_batches`` batches. The model tells
+    which modules have predictors through ``model.sparsefinder_modules()`` → ``{layer: attention_module}``; their
+    attention function hands a ``sparsefinder_collector`` its ``(module, query, key, probabilities, allowed)``.
     """
     from tqdm.auto import tqdm  # a dependency of transformers, so remote code has it too
 
     modules = model.sparsefinder_modules()
     if not modules:
         raise ValueError("this model has no Sparsefinder predictors: build it with a `sparsefinder` config")
-    settings = resolve_config(model.config.sparsefinder)
     collected: dict[int, list[FitBatch]] = {i: [] for i in modules}
     seen = dict.fromkeys(modules, 0)
 
@@ -755,24 +750,45 @@ def fit(
         module.sparsefinder_collector = collector_for(layer)
     try:
         with torch.no_grad():
-            bar = tqdm(dataloader, desc="collecting attention", disable=not progress)
-            for step, batch in enumerate(bar):
+            for step, batch in enumerate(tqdm(dataloader, desc="collecting attention", disable=not progress)):
                 if (max_batches is not None and step >= max_batches) or min(seen.values()) >= max_sentences:
                     break
-                inputs = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-                model(**inputs)
+                model(**{k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
     finally:
         for module in modules.values():
             module.sparsefinder_collector = None
         model.train(was_training)
+    empty = [layer for layer, batches in collected.items() if not batches]
+    if empty:
+        raise ValueError(f"no attention was collected for layers {empty}: is the dataloader empty?")
+    return collected
 
+
+def fit(
+    model: nn.Module,
+    dataloader,
+    epochs: int = 3,
+    lr: float = 1e-3,
+    max_batches: int | None = None,
+    max_sentences: int = 512,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[int, list[float]]:
+    """Fit every predictor of ``model`` on the attention it computes over ``dataloader``; return losses per layer.
+
+    Two passes, as the reference pipeline: (1) :func:`collect_attention`; (2) train the projections with the
+    margin loss for ``epochs`` epochs (Adam, ``lr``, clipping 1.0) and/or fit k-means centroids. Only predictor
+    state changes; the model's own weights are untouched.
+    """
+    from tqdm.auto import tqdm
+
+    collected = collect_attention(model, dataloader, max_batches, max_sentences, progress)
+    settings = resolve_config(model.config.sparsefinder)
     generator = torch.Generator().manual_seed(seed)
     losses: dict[int, list[float]] = {}
     method = settings["method"]
-    for layer, module in modules.items():
+    for layer, module in model.sparsefinder_modules().items():
         state, batches = module.sparsefinder, collected[layer]
-        if not batches:
-            raise ValueError(f"no attention was collected for layer {layer}: is the dataloader empty?")
         losses[layer] = []
         if method in PROJECTED_METHODS:
             with tqdm(total=epochs * len(batches), desc=f"fitting layer {layer}", disable=not progress) as bar:

@@ -11,7 +11,7 @@ from hf_sparse.sparsefinder import fit
 def model_with(**sparsefinder):
     torch.manual_seed(0)
     config = EntmaxSparsefinderMarianConfig(**MARIAN, sparsefinder={"method": "distance", "window": 1, **sparsefinder})
-    return _sharpen(EntmaxSparsefinderMarianMTModel(config)).eval()
+    return _sharpen(EntmaxSparsefinderMarianMTModel(config), factor=60.0).eval()
 
 
 def loader(n=4):
@@ -70,3 +70,54 @@ def test_fit_needs_predictors():
 def test_unknown_method_is_refused_at_configuration():
     with pytest.raises(ValueError, match="unknown sparsefinder method 'magic'"):
         EntmaxSparsefinderMarianConfig(**MARIAN, sparsefinder={"method": "magic"})
+
+
+def test_sparsity_recall_admitting_everything_has_recall_one_and_matches_a_brute_force_count():
+    from hf_sparse.evaluation import sparsity_recall
+    from hf_sparse.sparsefinder import collect_attention
+
+    model = model_with(threshold=1e9)
+    fit(model, loader(2), epochs=1, progress=False)
+    result = sparsity_recall(model, loader(2), progress=False)
+    assert result["average"]["recall"] == 1.0 and result["average"]["graph_sparsity"] == 0.0
+    # gold sparsity by counting, sentence by sentence, head by head
+    collected = collect_attention(model, loader(2), progress=False)
+    dropped = []
+    for layer, batches in collected.items():
+        per_head = []
+        for _, _, gold, valid in batches:
+            for b in range(gold.shape[0]):
+                row = []
+                for h in range(gold.shape[1]):
+                    n_valid = int(valid[b, 0].sum())
+                    row.append(1 - int(gold[b, h].sum()) / n_valid)
+                per_head.append(row)
+        want = torch.tensor(per_head, dtype=torch.float64).mean(0)
+        assert torch.allclose(result["per_layer"][layer]["gold_sparsity"], want)
+        dropped.append(want.max())
+    assert max(dropped) > 0.05  # entmax did drop pairs somewhere
+
+
+def test_pareto_sweeps_every_method_and_writes_csv_and_plot(tmp_path):
+    from hf_sparse.evaluation import pareto
+
+    model = model_with()
+    fit(model, loader(), epochs=2, progress=False)
+    sweep = {
+        "distance": [{"threshold": t} for t in (0.1, 1.0, 1e9)],
+        "quantization": [{"num_buckets": 2}],
+        "clustering": [{"num_clusters": 2}],
+        "window": [{"window": 0}, {"window": 64}],
+        "lsh": [{"num_buckets": 2}],
+        "routing": [{"num_clusters": 2}],
+        "bigbird": [{"random_keys": 1}],
+    }
+    rows = pareto(model, loader(), sweep, tmp_path / "p.csv", tmp_path / "p.png", progress=False)
+    assert [r["method"] for r in rows].count("distance") == 3 and len(rows) == 10
+    by = {(r["method"], r["setting"]): r for r in rows}
+    assert by[("window", "window=64")]["recall"] == 1.0 and by[("distance", "threshold=1000000000.0")]["recall"] == 1.0
+    assert by[("window", "window=0")]["graph_sparsity"] > by[("window", "window=64")]["graph_sparsity"]
+    sparsities = [by[("distance", f"threshold={t}")]["graph_sparsity"] for t in (0.1, 1.0, 1000000000.0)]
+    assert sparsities == sorted(sparsities, reverse=True)
+    assert (tmp_path / "p.csv").read_text().startswith("method,setting,")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
