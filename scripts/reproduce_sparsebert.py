@@ -47,7 +47,14 @@ def fresh_model(corpus, block, seed, **config):
 def run_dam(structure, corpus, args):
     dam = {"structure": structure, "max_length": args.block, "penalty": args.penalty, "penalty_reduction": "sum"}
     model = fresh_model(corpus, args.block, args.seed, dam=dam)
-    search = DAMCallback(gate_learning_rate=args.gate_lr, target_sparsity=args.target, density_length=args.block)
+    search = DAMCallback(
+        penalty=0.0 if args.penalty_schedule == "linear" else args.penalty,
+        final_penalty=args.penalty,
+        penalty_schedule=args.penalty_schedule,
+        gate_learning_rate=args.gate_lr,
+        target_sparsity=args.target,
+        density_length=args.block,
+    )
     trainer = train_mlm(
         model,
         corpus,
@@ -70,6 +77,13 @@ def main():
     parser.add_argument("--target", type=float, default=0.9, help="DAM target sparsity (matched to LogSparse)")
     parser.add_argument("--penalty", type=float, default=1e-4, help="DAM λ on the summed mask (reference form)")
     parser.add_argument("--gate-lr", type=float, default=0.05)
+    parser.add_argument(
+        "--penalty-schedule",
+        choices=["constant", "linear"],
+        default="linear",
+        help="λ constant from the start, or rising linearly from 0 over the search (the model learns first)",
+    )
+    parser.add_argument("--runs", nargs="*", help="only these specs (e.g. dense offset element); default: all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/sparsebert_small.md")
     parser.add_argument("--out-dir", default="outputs/reproduce_sparsebert")
@@ -80,6 +94,7 @@ def main():
     print(f"{len(corpus.train)} training blocks, {len(corpus.eval)} held-out blocks of {args.block} tokens")
     rows = []
     runs = [(name, spec) for name, spec in FIXED] + [("DAM_s (offset)", "offset"), ("DAM_u (element)", "element")]
+    runs = [(name, spec) for name, spec in runs if not args.runs or spec in args.runs]
     for name, spec in runs:
         t0 = time.time()
         if spec in ("offset", "element"):
@@ -99,7 +114,8 @@ def main():
         "# SparseBERT patterns at small scale (masked-LM pre-training from scratch)",
         "",
         f"Command: `python scripts/reproduce_sparsebert.py --steps {args.steps} --target {args.target} "
-        f"--penalty {args.penalty} --gate-lr {args.gate_lr} --seed {args.seed}`",
+        f"--penalty {args.penalty} --penalty-schedule {args.penalty_schedule} --gate-lr {args.gate_lr} "
+        f"--seed {args.seed}" + (f" --runs {' '.join(args.runs)}" if args.runs else "") + "`",
         "",
         f"- Data: English messages of the gettext catalogues on this machine (language 'de' catalogues, read at run "
         f"time), WordPiece vocabulary of {len(corpus.tokenizer)} trained on the training messages, packed into "
@@ -107,8 +123,10 @@ def main():
         "(held-out split by message).",
         "- Model: BERT with 2 layers, 4 heads, hidden 128, FFN 512, no dropout; AdamW lr 1e-3, 10 % warm-up, "
         f"batch 32, {args.steps} steps for every run, same initialisation (seed {args.seed}) and batches.",
-        f"- DAM: gates searched for at most {args.steps // 2} steps (λ = {args.penalty} on the summed hard mask, "
-        f"as the reference; τ = 1; gate lr {args.gate_lr}), stopping at {100 * args.target:.0f} % sparsity, then "
+        f"- DAM: gates searched for at most {args.steps // 2} steps (λ = {args.penalty} on the summed hard mask as "
+        f"the reference, {args.penalty_schedule}"
+        + (" from 0 over the search" if args.penalty_schedule == "linear" else "")
+        + f"; τ = 1; gate lr {args.gate_lr}), stopping at {100 * args.target:.0f} % sparsity, then "
         "frozen (keep iff P(keep) > 0.5) and trained with the frozen mask for the remaining steps.",
         "- Metrics: held-out masked-LM loss and accuracy on the same 15 % masks for every run (seed "
         f"{args.seed}); sparsity = masked fraction of the {args.block}×{args.block} matrix, averaged over heads.",
