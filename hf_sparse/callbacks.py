@@ -198,3 +198,40 @@ class DAMCallback(TrainerCallback):
         base = _unwrap(model)
         if self.freeze_at_end and base.base_model.dam_searching():
             base.freeze_dam()
+
+
+class SparsefinderCallback(TrainerCallback):
+    """Fits a model's Sparsefinder predictors inside a Trainer run: at the end of training, and optionally every
+    ``every_n_evaluations`` evaluations, on ``dataloader`` (batches the model's forward accepts).
+
+    Fitting reads the model's attention and changes only predictor state, never the weights Trainer trains.
+    With several processes, process 0 fits and broadcasts the predictor state, so every rank ends identical.
+    """
+
+    def __init__(self, dataloader, every_n_evaluations: int | None = None, **fit_kwargs):
+        if every_n_evaluations is not None and every_n_evaluations < 1:
+            raise ValueError(f"every_n_evaluations must be None or >= 1, got {every_n_evaluations}")
+        self.dataloader = dataloader
+        self.every_n_evaluations = every_n_evaluations
+        self.fit_kwargs = fit_kwargs
+        self.evaluations = 0
+        self.losses: dict[int, list[float]] = {}
+
+    def _fit(self, args: TrainingArguments, model) -> None:
+        from .sparsefinder import fit
+
+        model = _unwrap(model)
+        if args.process_index == 0:
+            self.losses = fit(model, self.dataloader, progress=not args.disable_tqdm, **self.fit_kwargs)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for module in model.sparsefinder_modules().values():
+                for tensor in [*module.sparsefinder.parameters(), *module.sparsefinder.buffers()]:
+                    torch.distributed.broadcast(tensor.data, src=0)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self.evaluations += 1
+        if self.every_n_evaluations and self.evaluations % self.every_n_evaluations == 0:
+            self._fit(args, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._fit(args, model)

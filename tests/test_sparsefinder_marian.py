@@ -121,3 +121,29 @@ def test_pareto_sweeps_every_method_and_writes_csv_and_plot(tmp_path):
     assert sparsities == sorted(sparsities, reverse=True)
     assert (tmp_path / "p.csv").read_text().startswith("method,setting,")
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_sparsefinder_callback_fits_at_the_end_of_a_trainer_run_without_touching_mt_weights(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from hf_sparse.callbacks import SparsefinderCallback
+
+    model = model_with()
+    ids, mask, decoder = batch(5)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": decoder.tolist()})
+    callback = SparsefinderCallback(loader(2), epochs=2)
+    snapshot = {}
+
+    class Snapshot(TrainerCallback):  # runs first: records the trained weights just before fitting
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            snapshot.update({k: v.clone() for k, v in model.state_dict().items() if "sparsefinder" not in k})
+
+    args = TrainingArguments(
+        str(tmp_path), max_steps=3, per_device_train_batch_size=3, report_to=[], use_cpu=True, save_strategy="no"
+    )
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[Snapshot(), callback]).train()
+    assert all(bool(m.sparsefinder.fitted) for m in model.sparsefinder_modules().values())
+    assert set(callback.losses) == {0, 1} and all(callback.losses.values())
+    after = model.state_dict()
+    assert snapshot and all(torch.equal(v, after[k]) for k, v in snapshot.items())
