@@ -54,6 +54,30 @@ def test_restrictive_prediction_changes_outputs_and_cached_decoding_matches_unca
     assert torch.equal(model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw))
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"method": "distance", "top_k": 2},
+        {"method": "clustering", "num_clusters": 3},
+        {"method": "window", "window": 2},
+        {"method": "lsh", "num_buckets": 4},
+        {"method": "routing", "num_clusters": 3},
+        {"method": "bigbird", "random_keys": 1, "window": 1},
+    ],
+    ids=lambda s: s["method"],
+)
+def test_every_method_decodes_the_same_with_and_without_cache(settings):
+    """Incremental decoding scores each new query only against the cached keys its predictor selects; that must
+    equal predicting on the whole prefix. (Quantization is excluded by design: its buckets are quantiles of the
+    keys present, which grow with the cache.)"""
+    model = model_with(**settings)
+    fit(model, loader(2), epochs=1, progress=False)
+    model.config.sparsefinder["enabled"] = True
+    ids, mask, _ = batch(4)
+    kw = dict(attention_mask=mask, max_new_tokens=7, num_beams=1, do_sample=False)
+    assert torch.equal(model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw))
+
+
 def test_enabled_sparse_execution_refuses_unfitted_predictors():
     model = model_with(enabled=True)
     ids, mask, decoder = batch()
