@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, or_masks
@@ -140,18 +139,25 @@ def _logsparse(b, h, q, k):
     return (d & (d - 1)) == 0  # true for 0 and every power of two
 
 
-@lru_cache(maxsize=32)
+_RANDOM_TABLES: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
 def random_table(n: int, keys_per_query: int, seed: int = 0) -> torch.Tensor:
     """``(n, n)`` bool table with ``min(R, n)`` distinct random keys per query, reproducible from ``seed``.
 
     The draw depends on ``n``: the same seed at another length gives another (equally random) table.
-    Cached: a model rebuilds its masks every forward, and the draw (an n×n argsort) is the costly part.
+    Cached (a plain dict, which torch.compile traces through): a model rebuilds its masks every forward, and the
+    draw (an n×n argsort) is the costly part.
     """
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.rand(n, n, generator=generator).argsort(dim=-1)[:, : min(keys_per_query, n)]
-    table = torch.zeros(n, n, dtype=torch.bool)
-    table.scatter_(1, order, True)
-    return table
+    key = (n, keys_per_query, seed)
+    if key not in _RANDOM_TABLES:
+        if len(_RANDOM_TABLES) >= 64:  # bounded: lengths vary from batch to batch
+            _RANDOM_TABLES.clear()
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.rand(n, n, generator=generator).argsort(dim=-1)[:, : min(keys_per_query, n)]
+        table = torch.zeros(n, n, dtype=torch.bool)
+        _RANDOM_TABLES[key] = table.scatter_(1, order, True)
+    return _RANDOM_TABLES[key]
 
 
 @dataclass(frozen=True)
