@@ -56,13 +56,15 @@ class AttentionMask:
 
     ``keep`` is a ``(B|1, H|1, Lq, Lk)`` bool tensor for eager/sdpa (``None``: everything allowed);
     ``block_mask`` is the FlexAttention form (``None`` unless ``backend == "flex"``);
-    ``bias`` is an additive float ``(B|1, H|1, Lq, Lk)`` term on the scores (the DAM search's −c·(1−M), eager only).
+    ``bias`` is an additive float ``(B|1, H|1, Lq, Lk)`` term on the scores (the DAM search's −c·(1−M), eager only);
+    ``valid_tokens`` is the ``(B, L)`` padding mask itself (True = real token), for predictors and gold graphs.
     """
 
     backend: str
     keep: torch.Tensor | None = None
     block_mask: BlockMask | None = None
     bias: torch.Tensor | None = None
+    valid_tokens: torch.Tensor | None = None
 
 
 def check_choice(name: str, value: str, valid: tuple[str, ...]) -> str:
@@ -132,13 +134,15 @@ def build_mask(
     pattern: Pattern, key_valid: torch.Tensor | None, n: int, device: torch.device, backend: str
 ) -> AttentionMask:
     """Combine the pattern with the padding mask (``key_valid``: ``(B, n)`` bool, True = real token)."""
+    valid = None if key_valid is None else key_valid.to(device=device, dtype=torch.bool)
     if backend == "flex":
-        return AttentionMask(backend, block_mask=block_mask(pattern, n, device, key_valid, FLEX_BLOCK_SIZE))
+        mask = block_mask(pattern, n, device, valid, FLEX_BLOCK_SIZE)
+        return AttentionMask(backend, block_mask=mask, valid_tokens=valid)
     keep = None if pattern.is_dense else dense_mask(pattern, n, device)[None]
-    if key_valid is not None:
-        pad = key_valid.to(device=device, dtype=torch.bool)[:, None, None, :]
+    if valid is not None:
+        pad = valid[:, None, None, :]
         keep = pad if keep is None else keep & pad
-    return AttentionMask(backend, keep=keep)
+    return AttentionMask(backend, keep=keep, valid_tokens=valid)
 
 
 def normalize(scores: torch.Tensor, keep: torch.Tensor | None, attention_fn: str, alpha: float) -> torch.Tensor:

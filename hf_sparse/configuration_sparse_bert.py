@@ -12,6 +12,7 @@ from transformers import BertConfig
 from .attention import ATTENTION_FUNCTIONS, BACKENDS, check_choice
 from .dam import resolve_config
 from .patterns import parse
+from .sparsefinder import resolve_config as resolve_sparsefinder
 
 
 @strict
@@ -34,7 +35,8 @@ class SparseBertConfig(BertConfig):
         `init_logit`, `temperature`, `penalty` (λ), `penalty_reduction` (`mean` | `sum`), `mask_value` (c), `frozen`.
         With a dam config, the mask is searched inside `attention_pattern`; `freeze_dam()` ends the search.
     sparsefinder (`dict`, *optional*):
-        Sparsefinder predictor settings.
+        Sparsefinder predictor settings (see `hf_sparse.sparsefinder.SPARSEFINDER_DEFAULTS`); needs an entmax-family
+        `attention_fn`. `combine` says how predictions meet `attention_pattern`: `intersection` or `union`.
     """
 
     model_type = "sparse_bert"
@@ -58,6 +60,18 @@ class SparseBertConfig(BertConfig):
         pattern = parse(self.attention_pattern)
         if self.dam is not None:
             resolve_config(self.dam, self.num_hidden_layers, self.max_position_embeddings)
+        if self.sparsefinder is not None:
+            layers = resolve_sparsefinder(self.sparsefinder)["layers"] or []
+            if any(layer >= self.num_hidden_layers for layer in layers):
+                raise ValueError(
+                    f"sparsefinder layers {layers} name layers the model does not have (num_hidden_layers="
+                    f"{self.num_hidden_layers})"
+                )
+            if self.attention_fn == "softmax":
+                raise ValueError(
+                    "sparsefinder predicts which pairs α-entmax keeps; with attention_fn='softmax' every pair is kept, "
+                    "so there is nothing to predict. Use attention_fn='entmax15' (or entmax_bisect, sparsemax)"
+                )
         if pattern.needs_learned_mask and not (self.dam or {}).get("frozen"):
             raise ValueError(
                 f"attention_pattern {self.attention_pattern!r} uses 'learned', which needs a frozen DAM mask, but "

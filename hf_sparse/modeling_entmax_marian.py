@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface, MarianModel, MarianMTModel
-from transformers import initialization as init
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import AttentionMask, attend, attend_gathered
 from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
 from .sparsefinder import SparsefinderLayer, predict_pairs, predicts_layer, resolve_config
+from .sparsefinder import initialize as initialize_predictor
 
 ATTENTION_NAME = "hf_sparse_entmax"
 
@@ -114,14 +114,6 @@ def _setup(model) -> None:
             attention.sparsefinder = SparsefinderLayer(settings, attention.num_heads, attention.head_dim)
 
 
-def _init_sparsefinder(module) -> None:
-    """Fresh predictor state through Transformers' init functions, which leave weights loaded from a checkpoint."""
-    if isinstance(module, SparsefinderLayer):
-        fresh = SparsefinderLayer(module.settings, module.num_heads, module.head_dim)
-        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            init.copy_(tensor, getattr(fresh, name))
-
-
 class EntmaxSparsefinderMarianModel(MarianModel):
     config_class = EntmaxSparsefinderMarianConfig
 
@@ -132,7 +124,7 @@ class EntmaxSparsefinderMarianModel(MarianModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        _init_sparsefinder(module)
+        initialize_predictor(module)
 
     def sparsefinder_modules(self) -> dict[int, torch.nn.Module]:
         """Decoder self-attention modules that carry a predictor (what ``hf_sparse.sparsefinder.fit`` fits)."""
@@ -153,7 +145,7 @@ class EntmaxSparsefinderMarianMTModel(MarianMTModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        _init_sparsefinder(module)
+        initialize_predictor(module)
 
     def sparsefinder_modules(self) -> dict[int, torch.nn.Module]:
         """Decoder self-attention modules that carry a predictor (what ``hf_sparse.sparsefinder.fit`` fits)."""

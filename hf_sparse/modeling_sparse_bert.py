@@ -28,10 +28,12 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from .attention import AttentionMask, attend, build_mask, choose_backend
+from .attention import AttentionMask, attend, attend_gathered, build_mask, choose_backend
 from .configuration_sparse_bert import SparseBertConfig
 from .dam import DAMGates
 from .patterns import Intersection, Learned, Pattern, Union, bind_learned, dense_mask, parse
+from .sparsefinder import SparsefinderLayer, predict_pairs, predicts_layer, resolve_config
+from .sparsefinder import initialize as initialize_predictor
 
 _PARSED: dict[str, Pattern] = {}
 
@@ -132,12 +134,21 @@ class SparseBertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
         self.layer_idx = layer_idx
+        if config.sparsefinder is not None and predicts_layer(resolve_config(config.sparsefinder), layer_idx or 0):
+            settings = resolve_config(config.sparsefinder)
+            self.sparsefinder = SparsefinderLayer(settings, self.num_attention_heads, self.attention_head_size)
+        self.sparsefinder_collector = None  # set while Sparsefinder collects this layer's attention
 
     def forward(self, hidden_states: torch.Tensor, mask: AttentionMask, output_attentions: bool = False):
         hidden_shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
         query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
         key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+        predictor = getattr(self, "sparsefinder", None)
+        collector = self.sparsefinder_collector
+        if predictor is not None and collector is None and not self.training and self.config.sparsefinder["enabled"]:
+            out, probs = self.predicted_sparse_attention(predictor, query, key, value, mask, output_attentions)
+            return out.reshape(*hidden_states.shape[:-1], -1), probs
         out, probs = attend(
             query,
             key,
@@ -147,9 +158,37 @@ class SparseBertSelfAttention(nn.Module):
             dropout=self.dropout.p if self.training else 0.0,
             attention_fn=self.config.attention_fn,
             alpha=self.config.entmax_alpha,
-            output_attentions=output_attentions,
+            output_attentions=output_attentions or collector is not None,
         )
-        return out.reshape(*hidden_states.shape[:-1], -1), probs
+        if collector is not None:  # gold graph: kept pairs among valid ones (padding queries excluded)
+            allowed = mask.keep
+            if mask.valid_tokens is not None:
+                allowed = allowed & mask.valid_tokens[:, None, :, None]
+            collector(self, query, key, probs, allowed)
+        return out.reshape(*hidden_states.shape[:-1], -1), probs if output_attentions else None
+
+    def predicted_sparse_attention(self, predictor, query, key, value, mask: AttentionMask, output_attentions: bool):
+        """Attention only on the predicted pairs, combined with the layer's pattern as ``sparsefinder.combine`` says
+        (pattern ∩ predicted, or pattern ∪ predicted); padding keys are never attended."""
+        if not bool(predictor.fitted):
+            raise ValueError(
+                f"sparsefinder.enabled is set but the predictor of layer {self.layer_idx} is not fitted: run "
+                "hf_sparse.sparsefinder.fit(model, dataloader) first, or load a checkpoint saved after fitting"
+            )
+        settings = self.config.sparsefinder
+        pairs = predict_pairs(predictor, query, key, settings, mask.valid_tokens, causal=False)
+        if mask.keep is not None:
+            pairs = pairs & mask.keep if resolve_config(settings)["combine"] == "intersection" else pairs | mask.keep
+        return attend_gathered(
+            query,
+            key,
+            value,
+            pairs,
+            scaling=self.scaling,
+            attention_fn=self.config.attention_fn,
+            alpha=self.config.entmax_alpha,
+            dense_probabilities=output_attentions,
+        )
 
 
 class SparseBertSelfOutput(nn.Module):
@@ -292,6 +331,14 @@ class SparseBertPreTrainedModel(PreTrainedModel):
             init.copy_(module.logits, module.initial_logits())
             init.zeros_(module.frozen_mask)
             init.zeros_(module.is_frozen)
+        initialize_predictor(module)
+
+    def sparsefinder_modules(self) -> dict[int, nn.Module]:
+        """Self-attention modules that carry a Sparsefinder predictor (what ``hf_sparse.sparsefinder.fit`` fits)."""
+        layers = self.base_model.encoder.layer
+        return {
+            i: layer.attention.self for i, layer in enumerate(layers) if hasattr(layer.attention.self, "sparsefinder")
+        }
 
     def freeze_dam(self) -> str:
         """End the DAM search: store the binary mask (keep iff P(keep) > 0.5) and switch to the ``learned`` pattern.

@@ -55,6 +55,7 @@ SPARSEFINDER_DEFAULTS = {
     "num_negatives": None,  # negatives per query in the loss; None: as many as its gold keys (the paper)
     "layers": None,  # layers that get predictors; None: all
     "enabled": False,  # attend only to the predicted pairs at inference
+    "combine": "intersection",  # with a fixed/learned pattern in the same layer: pattern ∩ predicted, or ∪
     "num_hashes": 1,  # lsh: hashing rounds
     "global_tokens": 1,  # bigbird: the first G tokens attend to and are attended by all
     "random_keys": 2,  # bigbird: random keys per query
@@ -93,6 +94,8 @@ def resolve_config(cfg: dict | None) -> dict:
     out = {**SPARSEFINDER_DEFAULTS, **cfg}
     if out["method"] not in METHODS:
         raise ValueError(f"unknown sparsefinder method {out['method']!r}; valid: {', '.join(METHODS)}")
+    if out["combine"] not in ("intersection", "union"):
+        raise ValueError(f"unknown sparsefinder combine {out['combine']!r}; valid: intersection, union")
     for key, low in _INT_AT_LEAST.items():
         if not _is_int(out[key]) or out[key] < low:
             raise ValueError(f"sparsefinder {key} must be an integer >= {low}, got {out[key]!r}")
@@ -257,6 +260,17 @@ class SparsefinderLayer(nn.Module):
     def extra_repr(self) -> str:
         s = self.settings
         return f"method={s['method']}, heads={self.num_heads}, head_dim={self.head_dim}, r={s['projection_dim']}"
+
+
+def initialize(module: nn.Module) -> None:
+    """A model's ``_init_weights`` hook: fresh state for a :class:`SparsefinderLayer` through Transformers' init
+    functions, which leave alone tensors already loaded from a checkpoint."""
+    if isinstance(module, SparsefinderLayer):
+        from transformers import initialization as init
+
+        fresh = SparsefinderLayer(module.settings, module.num_heads, module.head_dim)
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            init.copy_(tensor, getattr(fresh, name))
 
 
 def build_predictors(settings: dict, num_layers: int, num_heads: int, head_dim: int) -> nn.ModuleDict:
@@ -693,6 +707,7 @@ __all__ = [
     "fit_centroids",
     "fit_projections",
     "gold_graph",
+    "initialize",
     "graph_metrics",
     "kmeans",
     "margin_loss",
