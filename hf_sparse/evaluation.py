@@ -50,14 +50,22 @@ def masked_lm_metrics(
 # -- Sparsefinder: how well the predicted graphs cover the pairs entmax keeps ---------------------------------
 
 
-def _layer_metrics(state, batches, settings: dict, causal: bool) -> dict[str, torch.Tensor]:
-    """Per-head metrics of one layer's predictor over collected batches (per sentence, then averaged)."""
+def _layer_metrics(state, batches, settings: dict, causal: bool, pattern=None) -> dict[str, torch.Tensor]:
+    """Per-head metrics of one layer's predictor over collected batches (per sentence, then averaged).
+
+    ``pattern``: a fixed pattern spec the prediction is combined with, as ``settings["combine"]`` says.
+    """
+    from .patterns import dense_mask
     from .sparsefinder import graph_metrics, predict_pairs
 
     pooled: dict[str, list[torch.Tensor]] = {}
     for q, k, gold, valid in batches:
         valid_keys = valid[:, 0].any(dim=-2)  # a key some query may attend (not padding)
-        pred = predict_pairs(state, q, k, settings, valid_keys, causal=causal) & valid
+        pred = predict_pairs(state, q, k, settings, valid_keys, causal=causal)
+        if pattern is not None:
+            fixed = dense_mask(pattern, q.shape[2])[None]
+            pred = pred & fixed if settings["combine"] == "intersection" else pred | fixed
+        pred = pred & valid
         for name, value in graph_metrics(pred, gold, valid, per_sentence=True).items():
             pooled.setdefault(name, []).append(value)
     return {name: torch.cat(values).nanmean(0) for name, values in pooled.items()}
@@ -66,6 +74,21 @@ def _layer_metrics(state, batches, settings: dict, causal: bool) -> dict[str, to
 def _average(per_layer: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
     names = next(iter(per_layer.values())).keys()
     return {name: torch.stack([m[name] for m in per_layer.values()]).mean().item() for name in names}
+
+
+def predictor_like(fitted, settings: dict, batches):
+    """A predictor for ``settings`` (any method) built from a fitted one: same learned projections; k-means centroids
+    (clustering, routing) fitted on ``batches`` (collected attention) for the requested number of clusters."""
+    from .sparsefinder import CENTROID_METHODS, PROJECTED_METHODS, SparsefinderLayer, fit_centroids
+
+    state = SparsefinderLayer(settings, fitted.num_heads, fitted.head_dim).to(fitted.q_weight.device)
+    if settings["method"] in PROJECTED_METHODS:
+        for own, learned in zip(state.projection_parameters(), fitted.projection_parameters(), strict=True):
+            own.data.copy_(learned.data)
+        state.fitted.fill_(True)
+    if settings["method"] in CENTROID_METHODS:
+        fit_centroids(state, batches, settings)
+    return state
 
 
 def sparsity_recall(
@@ -96,21 +119,23 @@ def pareto(
     max_batches: int | None = None,
     max_sentences: int = 512,
     progress: bool = True,
+    pattern: str | None = None,
 ) -> list[dict]:
     """Sparsity vs recall of every method in ``sweep`` (method → list of setting overrides), from one collection.
 
+    ``pattern``: also combine each prediction with this fixed pattern (``combine`` in the settings: intersection
+    or union) before comparing it with the gold graph of the model as it is.
+
     The projected methods (distance, quantization, clustering) reuse the model's fitted projections; k-means
     centroids (clustering, routing) are fitted here for each number of clusters. Writes a CSV and a Pareto plot
-    when paths are given. Rows: ``method``, ``setting``, ``graph_sparsity``, ``recall``, ``exact``, ``gold_sparsity``.
+    when paths are given. Rows: ``method``, ``setting`` (text), ``graph_sparsity``, ``recall``, ``exact``,
+    ``gold_sparsity``, and ``overrides`` (the setting as a dict, not in the CSV).
     """
     from tqdm.auto import tqdm
 
     from .sparsefinder import (
-        CENTROID_METHODS,
         PROJECTED_METHODS,
-        SparsefinderLayer,
         collect_attention,
-        fit_centroids,
         resolve_config,
     )
 
@@ -123,23 +148,23 @@ def pareto(
     points = [(method, overrides) for method, settings_list in sweep.items() for overrides in settings_list]
     for method, overrides in tqdm(points, desc="Pareto sweep", disable=not progress):
         settings = resolve_config({**base, "method": method, **overrides, "layers": None})
-        per_layer = {}
-        for layer, module in modules.items():
-            fitted = module.sparsefinder
-            state = SparsefinderLayer(settings, fitted.num_heads, fitted.head_dim)
-            if method in PROJECTED_METHODS:
-                for own, learned in zip(state.projection_parameters(), fitted.projection_parameters(), strict=True):
-                    own.data.copy_(learned.data)
-            if method in CENTROID_METHODS:
-                fit_centroids(state, collected[layer], settings)
-            per_layer[layer] = _layer_metrics(state, collected[layer], settings, getattr(module, "is_causal", False))
+        per_layer = {
+            layer: _layer_metrics(
+                predictor_like(module.sparsefinder, settings, collected[layer]),
+                collected[layer],
+                settings,
+                getattr(module, "is_causal", False),
+                pattern,
+            )
+            for layer, module in modules.items()
+        }
         setting = ", ".join(f"{k}={v}" for k, v in overrides.items())
-        rows.append({"method": method, "setting": setting, **_average(per_layer)})
+        rows.append({"method": method, "setting": setting, **_average(per_layer), "overrides": dict(overrides)})
     if csv_path:
         import csv
 
         with open(csv_path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(handle, fieldnames=[k for k in rows[0] if k != "overrides"], extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
     if png_path:

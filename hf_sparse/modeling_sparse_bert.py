@@ -146,7 +146,8 @@ class SparseBertSelfAttention(nn.Module):
         value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
         predictor = getattr(self, "sparsefinder", None)
         collector = self.sparsefinder_collector
-        if predictor is not None and collector is None and not self.training and self.config.sparsefinder["enabled"]:
+        enabled = self.config.sparsefinder is not None and self.config.sparsefinder.get("enabled", False)
+        if predictor is not None and collector is None and not self.training and enabled:
             out, probs = self.predicted_sparse_attention(predictor, query, key, value, mask, output_attentions)
             return out.reshape(*hidden_states.shape[:-1], -1), probs
         out, probs = attend(
