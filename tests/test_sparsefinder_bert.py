@@ -145,3 +145,35 @@ def test_unfitted_encoder_predictors_are_refused_when_enabled():
     model = entmax_bert(enabled=True)
     with pytest.raises(ValueError, match="predictor of layer 0 is not fitted"):
         model(*random_batch())
+
+
+def test_stock_bert_checkpoint_fine_tunes_to_entmax_attention_with_trainer(tmp_path):
+    from transformers import BertForMaskedLM, Trainer, TrainingArguments
+
+    from conftest import premasked_mlm_dataset, tiny_bert_config
+
+    BertForMaskedLM(tiny_bert_config()).save_pretrained(tmp_path / "bert")
+    model = SparseBertForMaskedLM.from_pretrained(tmp_path / "bert", attention_fn="entmax15")
+    with torch.no_grad():  # random BERT weights give near-uniform scores; sharpen them so entmax has zeros to show
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.query.weight.mul_(8.0)
+    args = TrainingArguments(
+        str(tmp_path / "run"),
+        max_steps=12,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=premasked_mlm_dataset())
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    ids, mask = random_batch()
+    probs = model.eval()(ids, attention_mask=mask, output_attentions=True).attentions
+    valid = mask.bool()[:, None, None, :].expand_as(probs[0])
+    assert all((p[valid] == 0).any() for p in probs)  # entmax: exact zeros among real tokens
+    assert all(torch.allclose(p.sum(-1), torch.ones(())) for p in probs)
