@@ -156,7 +156,7 @@ def test_stock_bert_checkpoint_fine_tunes_to_entmax_attention_with_trainer(tmp_p
     model = SparseBertForMaskedLM.from_pretrained(tmp_path / "bert", attention_fn="entmax15")
     with torch.no_grad():  # random BERT weights give near-uniform scores; sharpen them so entmax has zeros to show
         for layer in model.bert.encoder.layer:
-            layer.attention.self.query.weight.mul_(8.0)
+            layer.attention.self.query.weight.mul_(200.0)
     args = TrainingArguments(
         str(tmp_path / "run"),
         max_steps=12,
