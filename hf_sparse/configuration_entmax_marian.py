@@ -11,7 +11,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import MarianConfig
 
 from .attention import ATTENTION_FUNCTIONS, check_choice
-from .sparsefinder import resolve_config
+from .sparsefinder import check_model_settings
 
 
 @strict
@@ -51,17 +51,8 @@ class EntmaxSparsefinderMarianConfig(MarianConfig):
         if uses_bisect and not self.entmax_alpha > 1:
             raise ValueError(f"entmax_alpha must be > 1 for entmax_bisect, got {self.entmax_alpha}")
         if self.sparsefinder is not None:
-            layers = resolve_config(self.sparsefinder)["layers"] or []
-            if any(layer >= self.decoder_layers for layer in layers):
-                raise ValueError(
-                    f"sparsefinder layers {layers} name layers the decoder does not have (decoder_layers="
-                    f"{self.decoder_layers})"
-                )
-        if self.sparsefinder is not None and self.decoder_attention_fn == "softmax":
-            raise ValueError(
-                "sparsefinder predicts which pairs α-entmax keeps; with decoder_attention_fn='softmax' every pair is "
-                "kept, so there is nothing to predict. Use decoder_attention_fn='entmax15' (or entmax_bisect, "
-                "sparsemax), or sparsefinder=None"
+            check_model_settings(
+                self.sparsefinder, self.decoder_layers, self.decoder_attention_fn, "decoder_attention_fn"
             )
 
     def validate_entmax_attention(self):

@@ -12,7 +12,7 @@ from transformers import BertConfig
 from .attention import ATTENTION_FUNCTIONS, BACKENDS, check_choice
 from .dam import resolve_config
 from .patterns import parse
-from .sparsefinder import resolve_config as resolve_sparsefinder
+from .sparsefinder import check_model_settings
 
 
 @strict
@@ -61,17 +61,7 @@ class SparseBertConfig(BertConfig):
         if self.dam is not None:
             resolve_config(self.dam, self.num_hidden_layers, self.max_position_embeddings)
         if self.sparsefinder is not None:
-            layers = resolve_sparsefinder(self.sparsefinder)["layers"] or []
-            if any(layer >= self.num_hidden_layers for layer in layers):
-                raise ValueError(
-                    f"sparsefinder layers {layers} name layers the model does not have (num_hidden_layers="
-                    f"{self.num_hidden_layers})"
-                )
-            if self.attention_fn == "softmax":
-                raise ValueError(
-                    "sparsefinder predicts which pairs α-entmax keeps; with attention_fn='softmax' every pair is kept, "
-                    "so there is nothing to predict. Use attention_fn='entmax15' (or entmax_bisect, sparsemax)"
-                )
+            check_model_settings(self.sparsefinder, self.num_hidden_layers, self.attention_fn, "attention_fn")
         if pattern.needs_learned_mask and not (self.dam or {}).get("frozen"):
             raise ValueError(
                 f"attention_pattern {self.attention_pattern!r} uses 'learned', which needs a frozen DAM mask, but "

@@ -114,7 +114,9 @@ def _setup(model) -> None:
             attention.sparsefinder = SparsefinderLayer(settings, attention.num_heads, attention.head_dim)
 
 
-class EntmaxSparsefinderMarianModel(MarianModel):
+class _EntmaxSparsefinderMarian:
+    """What both classes add to Transformers' Marian: entmax attention, predictors, and their initialisation."""
+
     config_class = EntmaxSparsefinderMarianConfig
 
     def __init__(self, config: EntmaxSparsefinderMarianConfig):
@@ -128,32 +130,16 @@ class EntmaxSparsefinderMarianModel(MarianModel):
 
     def sparsefinder_modules(self) -> dict[int, torch.nn.Module]:
         """Decoder self-attention modules that carry a predictor (what ``hf_sparse.sparsefinder.fit`` fits)."""
-        return {
-            i: layer.self_attn
-            for i, layer in enumerate(self.get_decoder().layers)
-            if hasattr(layer.self_attn, "sparsefinder")
-        }
+        layers = self.get_decoder().layers
+        return {i: layer.self_attn for i, layer in enumerate(layers) if hasattr(layer.self_attn, "sparsefinder")}
 
 
-class EntmaxSparsefinderMarianMTModel(MarianMTModel):
-    config_class = EntmaxSparsefinderMarianConfig
+class EntmaxSparsefinderMarianModel(_EntmaxSparsefinderMarian, MarianModel):
+    pass
 
-    def __init__(self, config: EntmaxSparsefinderMarianConfig):
-        super().__init__(config)
-        _setup(self)  # predictors initialise themselves; from_pretrained fills missing ones via _init_weights
 
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        initialize_predictor(module)
-
-    def sparsefinder_modules(self) -> dict[int, torch.nn.Module]:
-        """Decoder self-attention modules that carry a predictor (what ``hf_sparse.sparsefinder.fit`` fits)."""
-        return {
-            i: layer.self_attn
-            for i, layer in enumerate(self.get_decoder().layers)
-            if hasattr(layer.self_attn, "sparsefinder")
-        }
+class EntmaxSparsefinderMarianMTModel(_EntmaxSparsefinderMarian, MarianMTModel):
+    pass
 
 
 EntmaxSparsefinderMarianModel.register_for_auto_class("AutoModel")

@@ -129,6 +129,24 @@ def resolve_config(cfg: dict | None) -> dict:
     return out
 
 
+def check_model_settings(sparsefinder: dict, num_layers: int, attention_fn: str, fn_name: str) -> dict:
+    """What a model config must satisfy to carry predictors; returns the resolved settings.
+
+    ``attention_fn`` (config field ``fn_name``) is the normaliser of the predicted attention: a softmax keeps every
+    pair, so predicting its support is meaningless and refused.
+    """
+    settings = resolve_config(sparsefinder)
+    missing = [layer for layer in settings["layers"] or [] if layer >= num_layers]
+    if missing:
+        raise ValueError(f"sparsefinder layers {missing} do not exist; the attention has layers 0..{num_layers - 1}")
+    if attention_fn == "softmax":
+        raise ValueError(
+            f"sparsefinder predicts which pairs α-entmax keeps; with {fn_name}='softmax' every pair is kept, so there "
+            f"is nothing to predict. Use {fn_name}='entmax15' (or entmax_bisect, sparsemax), or sparsefinder=None"
+        )
+    return settings
+
+
 def predicts_layer(settings: dict, layer: int) -> bool:
     """Whether ``layer`` gets a predictor under ``settings["layers"]`` (None: every layer)."""
     return settings["layers"] is None or layer in settings["layers"]
@@ -702,6 +720,7 @@ __all__ = [
     "FitBatch",
     "SparsefinderLayer",
     "build_predictors",
+    "check_model_settings",
     "collect_attention",
     "fit",
     "fit_centroids",
