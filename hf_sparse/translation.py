@@ -74,20 +74,22 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int = 8000) -> PreTrainedT
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS, unk_token=UNK)
 
 
-def small_marian_config(tokenizer, sparsefinder: dict | None = None, **overrides) -> EntmaxSparsefinderMarianConfig:
-    """A Marian small enough to train on two CPU cores in minutes: 3+3 layers, d_model 256, 4 heads of 64, FFN 1024,
-    shared (tied) embeddings, 64 positions; entmax-1.5 decoder self-attention, softmax encoder and cross attention.
+def small_marian_config(
+    tokenizer, d_model: int = 128, sparsefinder: dict | None = None, **overrides
+) -> EntmaxSparsefinderMarianConfig:
+    """A Marian small enough to train on two CPU cores in minutes: 3+3 layers, 4 heads, FFN ``4 * d_model``, shared
+    (tied) embeddings, 64 positions; entmax-1.5 decoder self-attention, softmax encoder and cross attention.
     """
     settings = dict(
         vocab_size=len(tokenizer),
         decoder_vocab_size=len(tokenizer),
-        d_model=256,
+        d_model=d_model,
         encoder_layers=3,
         decoder_layers=3,
         encoder_attention_heads=4,
         decoder_attention_heads=4,
-        encoder_ffn_dim=1024,
-        decoder_ffn_dim=1024,
+        encoder_ffn_dim=4 * d_model,
+        decoder_ffn_dim=4 * d_model,
         max_position_embeddings=64,
         scale_embedding=True,
         dropout=0.1,
