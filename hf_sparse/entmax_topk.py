@@ -1,38 +1,44 @@
-"""Exact α-entmax over one dim at near-softmax cost: solve on each row's top-k scores, then prove it was enough.
+"""Exact α-entmax along one dim at a fraction of the ``entmax`` package's cost: solve each slice on its top-k.
 
-Attention rows under 1.5-entmax keep a few dozen of their ``L`` keys at most (on random normal logits with
-``L = 2048``: median support 3-21, maximum ≤ 55). The ``entmax`` package sorts or bisects the whole row anyway.
-Here each row works on its ``k + 1`` largest scores only:
+1.5-entmax attention keeps few keys per query (random normal logits, ``L = 2048``: median support 21 at std 1,
+3 at std 4), yet ``entmax.entmax15`` sorts every whole row and ``entmax.entmax_bisect`` bisects over it. Here a
+row of length ``L`` is solved on its ``k + 1`` largest scores only:
 
-1. **Top-(k+1), exactly, without a full-row ``topk``.** The row is cut into ``G = L / c`` strided groups
-   ``{g, g + G, g + 2G, …}``; one vectorised pass takes every group's maximum, the ``k + 1`` groups with the
-   largest maxima are chosen (recursively, the same way) and a plain ``torch.topk`` runs on their ``(k + 1)·c``
-   elements only. The ``k + 1`` largest elements of a row lie in at most ``k + 1`` groups, namely the groups
-   with the ``k + 1`` largest maxima, so the result *is* the row's top-(k+1) (:func:`exact_topk`).
-2. **Threshold on the candidates.** 1.5-entmax: the sort-based closed form of ``entmax.entmax15`` on the ``k``
-   sorted values (``z = (x - max) / 2``, cumulative mean and mean of squares, ``δ = (1 - ss) / ρ``,
-   ``τ_ρ = mean_ρ - sqrt(max(δ_ρ, 0))``, support ``= #{ρ : τ_ρ ≤ z_ρ}``). Any α > 1 (:func:`entmax_alpha`):
-   the bisection of ``entmax.entmax_bisect`` on the ``k`` candidates.
-3. **Certificate.** The threshold ``τ_k`` of the top-k problem is the exact threshold of the full row iff no
-   other element would enter the support, i.e. iff the (k+1)-th largest score is at or below it
-   (``z_{k+1} ≤ τ_k``; bisection form ``(α - 1)·x_{k+1} - τ ≤ 0``). Then every KKT condition of the full
-   problem holds and the output equals the full solution (exact in exact arithmetic; in floating point it is
-   the same sequence of operations as the package's sort, see ``tests/test_entmax_topk.py``).
-4. **Fallback.** Rows failing the certificate are solved again with a larger ``k``: ``τ_k`` is a lower bound
-   of the true threshold (adding elements only raises it), so ``n = #{x > τ_k}`` bounds the support and
-   ``k' = max(2k, n)`` (rounded up to a power of two, rows bucketed by ``k'``) passes; at ``k' ≥ L`` the row is
-   fully sorted and needs no certificate. The loop always ends.
+1. **Top-(k+1) through group maxima** (:func:`_topk`). The row is cut into groups of ``c = 4`` adjacent scores;
+   one vectorised ``max_pool1d`` pass gives the group maxima, the ``k + 1`` groups with the largest maxima are
+   found the same way (recursively, while the row is long), and ``torch.topk`` runs on their ``4(k + 1)``
+   scores only (one 16-byte gather per group). The ``k + 1`` largest scores lie in those groups, so this is the
+   row's exact top-(k+1); per-row ``torch.topk`` work drops from ``L`` to a few times ``k`` scores.
+2. **Threshold on the k largest.** 1.5-entmax: the sort-based closed form of ``entmax.entmax15``, on the ``k``
+   sorted values (``z = (x - max) / 2``; cumulative mean and mean of squares; ``δ = (1 - ss) / ρ``;
+   ``τ_ρ = mean_ρ - sqrt(max(δ_ρ, 0))``; support ``s = #{ρ : τ_ρ ≤ z_ρ}``; ``τ = τ_s``), the same operations
+   in the same order (the tests find float32 and float64 outputs equal to the package's). α-entmax:
+   ``entmax_bisect``'s bisection on the ``k`` values (with the bracket of a ``k``-element problem).
+3. **Certificate.** The top-k solution is the solution of the whole row iff no other score would enter the
+   support: ``z_{k+1} ≤ τ`` (bisection: ``(α - 1)·x_{k+1} - τ_lo ≤ 0``, ``τ_lo`` the bisection's lower end).
+   Then every KKT condition of the full problem holds, so the result is exact, not an approximation.
+4. **Retry.** Rows failing the certificate are solved again with a larger ``k``. The top-k threshold is a lower
+   bound of the row's (adding scores only raises it), so ``n = #{x > τ_k}`` bounds the support and
+   ``k' = max(2k, n)`` (rounded up to a power of two; rows bucketed by ``k'``) passes; ``k' ≥ L`` sorts the
+   whole row, which needs no certificate. The loop always ends; ``k`` only changes the speed.
 
-Outputs are scattered back into zeros (exact zeros off the support). The backward pass uses only the stored
-``k`` slots per row: 1.5-entmax ``dX = dY·s - (Σ dY·s / Σ s)·s`` with ``s = sqrt(p)``, α-entmax the same with
-``s = p^(2-α)``, plus ``entmax_bisect``'s gradient with respect to a tensor ``alpha``.
+**Choice of k** (:func:`estimate_k`): unless given, the exact support sizes of up to 32 evenly spaced rows
+(full sort of those rows only) are measured and ``k`` is their 90 % quantile rounded up to a multiple of 8
+(at least 8): rows with larger supports take the retry path.
 
-Masks: ``keep`` (bool, broadcastable to the scores, False = masked out) sets masked scores to ``-inf`` before the
-top-k; ``-inf`` scores are never in the support and a row with no finite score gives zeros (no NaN, also in the
-backward). float16/bfloat16 scores are selected in their own dtype (the order is the same) and every
-computation on the candidates runs in float32; the result is cast back.
+Rows are processed in chunks of about :data:`CHUNK_ELEMENTS` scores, so every intermediate stays small (no page
+faults on fresh large buffers, which cost more than the arithmetic here). The output is scattered into zeros
+(exact zeros off the support). The backward pass reads only the stored
+``k`` slots per row: 1.5-entmax ``dX = dY·s - (Σ dY·s / Σ s)·s`` with ``s = sqrt(p)``; α-entmax the same with
+``s = p^(2-α)``, and ``entmax_bisect``'s gradient for a tensor ``alpha``.
 
-This module is imported by remote code next to checkpoints: torch and the standard library only.
+Masks: ``keep`` (bool, broadcastable to the scores, False = masked) sets masked scores to ``-inf`` (per chunk)
+before the top-k; ``-inf`` never enters a support and a slice with no finite score gives zeros (no NaN, also in the
+backward). float16/bfloat16 scores are selected in their own dtype (same order), every computation on the
+candidates runs in float32 and the result is cast back.
+
+Remote code (copied next to checkpoints): torch and the standard library only. Data-dependent control flow:
+``torch.compile`` graph-breaks around these functions.
 """
 
 from __future__ import annotations
@@ -43,53 +49,51 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["DEFAULT_K", "entmax15", "entmax_alpha", "initial_k"]
+__all__ = ["entmax15", "entmax_alpha", "estimate_k"]
 
-DEFAULT_K = 32
-"""First guess of the support size (candidates per row, before the (k+1)-th used by the certificate).
-
-Chosen from measured supports: random normal logits, ``L = 2048``, std 1: median 21, 99 % ≤ 38, max 55;
-std 4: max 15; scores captured from a trained entmax BERT: see ``benchmarks/entmax_cpu.md``. A wrong guess
-costs time, never exactness: rows with a larger support are redone (see the module docstring)."""
-
-MIN_GROUP = 4  # smallest group size c; rows shorter than 2·MIN_GROUP·m use plain torch.topk
-MAX_GROUP = 16
+GROUP = 4  # scores per group in _topk
+GROUP_MIN_RATIO = 8  # group only rows at least this many times longer than the number of values wanted
+SAMPLE_ROWS = 32  # rows whose exact support sizes choose k
+SAMPLE_QUANTILE = 0.9
+K_MULTIPLE = 8  # k is rounded up to a multiple of this (and is at least this)
+CHUNK_ELEMENTS = 2**23  # rows are processed in chunks of about this many scores (half that with a mask)
 
 
-def initial_k(length: int, k: int | None = None) -> int:
-    """Candidates per row for the first pass: ``k`` (default :data:`DEFAULT_K`) capped at the row length."""
-    k = DEFAULT_K if k is None else int(k)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    return min(k, length)
+# --------------------------------------------------------------------------------------------------------------
+# Exact top-m of each row through group maxima
+# --------------------------------------------------------------------------------------------------------------
 
 
-def _group_size(length: int, m: int) -> int:
-    """Group size c (a power of two, 1 = no grouping): L / c group maxima, then m·c candidates."""
-    if length < 2 * MIN_GROUP * m:
-        return 1
-    c = 2 ** round(math.log2(math.sqrt(length / m)))
-    return max(MIN_GROUP, min(c, MAX_GROUP))
+_UNIT_DTYPES = {4: torch.complex128, 2: torch.int64}  # element size -> a dtype holding GROUP elements (16 / 8 B)
+
+
+def _as_groups(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` (R, L) viewed as (R, L / GROUP) units of GROUP adjacent elements (one gather moves a whole group)."""
+    unit = _UNIT_DTYPES.get(x.element_size())
+    if unit is None or x.shape[1] % GROUP or x.stride(1) != 1 or x.stride(0) % GROUP or x.storage_offset() % GROUP:
+        return None
+    return x.view(unit)
 
 
 def _topk(x: torch.Tensor, m: int, sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``m`` largest values of each row of a 2-D ``x`` and their column indices (``torch.topk`` values).
+    """The ``m`` largest values of each row of a 2-D ``x`` (the values of ``torch.topk``) and their columns.
 
-    Long rows go through contiguous groups of ``c``: their maxima come from one vectorised ``max_pool1d`` pass,
-    the ``m`` groups with the largest maxima are found the same way (recursively), and ``torch.topk`` runs on
-    their ``m·c`` elements only; the ``m`` largest elements of a row lie in those ``m`` groups. If ``L`` is not a
-    multiple of ``c`` the last group is short: its missing slots read as ``-inf`` with a repeated column index, so
-    they can only be returned when the row has fewer than ``m`` values above ``-inf``. Callers write results
-    with ``scatter_add`` (those slots always carry 0).
+    If ``L`` is not a multiple of :data:`GROUP` the last group is short: its missing slots read ``-inf`` with a
+    repeated column index, so they are returned only when a row has fewer than ``m`` values above ``-inf``.
+    Results are therefore written with ``scatter_add`` (such slots always carry 0).
     """
     rows, length = x.shape
-    c = _group_size(length, m)
-    if c == 1:
+    if length < GROUP_MIN_RATIO * m:
         return torch.topk(x, m, dim=-1, sorted=sorted)
-    group_max = F.max_pool1d(x.unsqueeze(1), c, c, ceil_mode=True).squeeze(1)
+    group_max = F.max_pool1d(x.unsqueeze(1), GROUP, GROUP, ceil_mode=True).squeeze(1)
     _, top_groups = _topk(group_max, m, sorted=False)
-    pos = (top_groups.unsqueeze(-1) * c + torch.arange(c, device=x.device)).view(rows, m * c)
-    if length % c:
+    units = _as_groups(x)
+    if units is not None:  # gather whole groups: m 16-byte (or 8-byte) units per row
+        candidates = units.gather(1, top_groups).view(x.dtype)
+        values, j = torch.topk(candidates, m, dim=-1, sorted=sorted)
+        return values, top_groups.gather(1, j // GROUP) * GROUP + j % GROUP
+    pos = (top_groups.unsqueeze(-1) * GROUP + torch.arange(GROUP, device=x.device)).view(rows, m * GROUP)
+    if length % GROUP:
         outside = pos >= length
         pos = pos.clamp(max=length - 1)
         candidates = x.gather(1, pos).masked_fill(outside, float("-inf"))
@@ -99,20 +103,18 @@ def _topk(x: torch.Tensor, m: int, sorted: bool = True) -> tuple[torch.Tensor, t
     return values, pos.gather(1, j)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Per-candidate solvers. Input: v (r, k) sorted descending (compute dtype, -inf = masked), rest (r,) an upper
-# bound of every other element of the row (None when v is the whole row), aux (alpha rows or None).
-# Output: p (r, k) probabilities on the candidates, ok (r,) certificate, cut (r,) in score units: every element
-# with x <= cut is certainly outside the support of the full row (used to size the retry).
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
+# Solvers on sorted candidates. v: (r, k) sorted descending, compute dtype, -inf = masked. rest: (r,) the
+# (k+1)-th largest score, or None when v is the whole row. Return p (r, k) on the candidates, ok (r,) the
+# certificate, cut (r,) in score units: scores <= cut are certainly outside the row's support (sizes retries).
+# --------------------------------------------------------------------------------------------------------------
 
 
-def _solve15(v, rest, aux):
+def _solve15(v, rest, alpha=None):
     valid = v > float("-inf")
-    vmax = v[:, :1].masked_fill(~valid[:, :1], 0.0)  # fully masked row: any finite value, p is 0 anyway
+    vmax = v[:, :1].masked_fill(~valid[:, :1], 0.0)  # a fully masked row: any finite value, its p is 0
     z = torch.where(valid, (v - vmax) / 2, 0.0)
-    k = v.shape[1]
-    rho = torch.arange(1, k + 1, device=v.device, dtype=v.dtype)
+    rho = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)
     mean = z.cumsum(-1) / rho
     mean_sq = (z**2).cumsum(-1) / rho
     ss = rho * (mean_sq - mean**2)
@@ -121,44 +123,51 @@ def _solve15(v, rest, aux):
     support = ((tau <= z) & valid).sum(-1, keepdim=True)
     tau_star = tau.gather(-1, (support - 1).clamp(min=0))
     p = torch.where(valid, torch.clamp(z - tau_star, min=0) ** 2, 0.0)
-    if rest is None:
-        ok = torch.ones(v.shape[0], dtype=torch.bool, device=v.device)
-    else:
-        ok = ((rest.unsqueeze(-1) - vmax) / 2 <= tau_star).squeeze(-1)
-    return p, ok, (vmax + 2 * tau_star).squeeze(-1)
+    return _finish(v, p, None if rest is None else (rest.unsqueeze(-1) - vmax) / 2 <= tau_star, vmax + 2 * tau_star)
 
 
-def _bisect_solver(n_iter: int, ensure_sum_one: bool, full_length: int):
+def _finish(v, p, ok, cut):
+    """NaN scores (sorted first by topk) make their row NaN on its slots and need no retry."""
+    nan_row = torch.isnan(v[:, :1])
+    p = p.masked_fill(nan_row, float("nan"))
+    ok = torch.ones_like(nan_row) if ok is None else ok | nan_row
+    return p, ok.squeeze(-1), cut.squeeze(-1)
+
+
+def _bisect_solver(n_iter: int, ensure_sum_one: bool, length: int):
     def solve(v, rest, alpha):
-        am1 = alpha - 1  # float or (r, 1)
+        am1 = alpha - 1  # float, or (r, 1)
         valid = v > float("-inf")
         x = torch.where(valid, v * am1, float("-inf"))
         max_val = torch.where(valid[:, :1], v[:, :1] * am1, 0.0)
-        # bracket of entmax_bisect for a problem of d elements: the top-k problem has d = k (the whole row: L)
-        d = v.shape[1] if rest is not None else full_length
+        d = length if rest is None else v.shape[1]  # at most d positive entries: τ <= max - (1/d)^(α-1)
         tau_lo = max_val - 1
-        tau_hi = max_val - (1 / d) ** am1
-        dm = tau_hi - tau_lo
+        dm = (max_val - (1 / d) ** am1) - tau_lo
         p = torch.zeros_like(x)
         for _ in range(n_iter):
             dm = dm / 2
             tau_m = tau_lo + dm
             p = torch.clamp(x - tau_m, min=0) ** (1 / am1)
-            f = p.sum(-1, keepdim=True) - 1
-            tau_lo = torch.where(f >= 0, tau_m, tau_lo)
+            tau_lo = torch.where(p.sum(-1, keepdim=True) >= 1, tau_m, tau_lo)
         if ensure_sum_one:
             p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-        if rest is None:
-            ok = torch.ones(v.shape[0], dtype=torch.bool, device=v.device)
-        else:
-            ok = (rest.unsqueeze(-1) * am1 - tau_lo <= 0).squeeze(-1)
-        return p, ok, (tau_lo / am1).squeeze(-1)
+        return _finish(v, p, None if rest is None else rest.unsqueeze(-1) * am1 - tau_lo <= 0, tau_lo / am1)
 
     return solve
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Driver: first pass, certificate, retries. A segment (rows, idx, p): rows (r,) indices into the (R, L) matrix
+# (None = all rows), idx (r, k) columns, p (r, k). Later segments are added on top of earlier ones (which carry
+# zeros for the rows they hand on).
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _subset(aux, index):
+    return aux[index] if isinstance(aux, torch.Tensor) else aux
+
+
 def _solve_rows(xs, k, solve, aux, rows, segments, compute_dtype):
-    """Solve the rows ``xs`` (r, L); append ``(rows, idx, p)`` segments, later segments override earlier ones."""
     length = xs.shape[1]
     if k >= length:
         values, idx = torch.sort(xs, dim=-1, descending=True)
@@ -173,38 +182,26 @@ def _solve_rows(xs, k, solve, aux, rows, segments, compute_dtype):
         segments.append((rows, idx, p))
         return
     bad = (~ok).nonzero().squeeze(1)
-    p[bad] = 0  # these rows are written (output and gradient) by the retry below
+    p[bad] = 0  # written by the retry
     segments.append((rows, idx, p))
     xb = xs[bad]
-    bound = (xb.to(compute_dtype) > cut[bad].unsqueeze(-1)).sum(-1)  # >= support size (τ_k <= τ)
-    want = torch.maximum(bound, torch.full_like(bound, 2 * k))
-    bucket = torch.where(want >= length, length, 2 ** torch.ceil(torch.log2(want.double())).long())
-    bucket = torch.where(bucket >= length, length, bucket)
-    sub_rows = bad if rows is None else rows[bad]
-    sub_aux = aux[bad] if isinstance(aux, torch.Tensor) else aux
-    for b in torch.unique(bucket).tolist():
-        sel = (bucket == b).nonzero().squeeze(1)
-        _solve_rows(
-            xb[sel],
-            int(b),
-            solve,
-            sub_aux[sel] if isinstance(sub_aux, torch.Tensor) else sub_aux,
-            sub_rows[sel],
-            segments,
-            compute_dtype,
-        )
+    bound = (xb.to(compute_dtype) > cut[bad].unsqueeze(-1)).sum(-1)  # >= support size
+    want = torch.clamp(bound, min=2 * k)
+    k_next = torch.clamp(2 ** torch.ceil(torch.log2(want.double())).long(), max=length)
+    rows_bad = bad if rows is None else rows[bad]
+    aux_bad = _subset(aux, bad)
+    for kb in torch.unique(k_next).tolist():
+        sel = (k_next == kb).nonzero().squeeze(1)
+        _solve_rows(xb[sel], int(kb), solve, _subset(aux_bad, sel), rows_bad[sel], segments, compute_dtype)
 
 
-def _scatter(segments, shape, dtype, device):
-    out = torch.zeros(shape, dtype=dtype, device=device)
+def _write(out, segments):
+    """Add the segments' values into ``out`` (a chunk of rows, already zeroed)."""
     for rows, idx, val in segments:
-        # add, not assign: padding slots repeat a column index with value 0, and rows redone by a later
-        # segment carry zeros in the earlier ones
         if rows is None:
-            out.scatter_add_(1, idx, val.to(dtype))
+            out.scatter_add_(1, idx, val.to(out.dtype))
         else:
-            out.index_put_((rows.unsqueeze(1), idx), val.to(dtype), accumulate=True)
-    return out
+            out.index_put_((rows.unsqueeze(1), idx), val.to(out.dtype), accumulate=True)
 
 
 def _gather(t, rows, idx):
@@ -217,106 +214,151 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _flatten_segments(segments):
-    tensors, has_rows = [], []
-    for rows, idx, val in segments:
-        has_rows.append(rows is not None)
-        tensors.extend([idx, val] if rows is None else [rows, idx, val])
-    return tensors, has_rows
+def _masked(x, keep, rows):
+    """Rows ``rows`` (a slice or an index tensor) of ``x`` with the masked entries set to -inf."""
+    return x[rows] if keep is None else torch.where(keep[rows], x[rows], float("-inf"))
 
 
-def _unflatten_segments(tensors, has_rows):
-    segments, it = [], iter(tensors)
-    for with_rows in has_rows:
-        rows = next(it) if with_rows else None
-        segments.append((rows, next(it), next(it)))
-    return segments
+def _sample_k(x, keep, solve, aux, compute_dtype) -> int:
+    """k from the exact support sizes of evenly spaced rows of ``x`` (R, L): see :func:`estimate_k`."""
+    rows, length = x.shape
+    index = torch.linspace(0, rows - 1, min(rows, SAMPLE_ROWS), device=x.device).round().long().unique()
+    values, _ = torch.sort(_masked(x, keep, index), dim=-1, descending=True)
+    p, _, _ = solve(values.to(compute_dtype), None, _subset(aux, index))
+    support = (p > 0).sum(-1).to(torch.float32)
+    guess = torch.quantile(support, SAMPLE_QUANTILE).item()
+    return min(length, max(K_MULTIPLE, K_MULTIPLE * math.ceil(guess / K_MULTIPLE)))
+
+
+def _chunks(x: torch.Tensor, keep: torch.Tensor | None):
+    """Row ranges of about CHUNK_ELEMENTS elements: intermediates stay small (no page faults, cache-friendly)."""
+    rows, length = x.shape
+    step = max(1, CHUNK_ELEMENTS // (length * (2 if keep is not None else 1)))
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _forward(x, keep, k, solve, aux):
+    """Solve every row of ``x`` (R, L) chunk by chunk; returns the output and, per chunk, its segments."""
+    compute_dtype = _compute_dtype(x.dtype)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    chunks = []
+    for r0, r1 in _chunks(x, keep):
+        segments, rows = [], slice(r0, r1)
+        _solve_rows(_masked(x, keep, rows), k, solve, _subset(aux, rows), None, segments, compute_dtype)
+        out_chunk = out[r0:r1]
+        out_chunk.zero_()
+        _write(out_chunk, segments)
+        chunks.append((r0, r1, segments))
+    return out, chunks
 
 
 class _Entmax15TopK(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, k):
-        compute_dtype = _compute_dtype(x.dtype)
-        segments = []
-        _solve_rows(x, k, _solve15, None, None, segments, compute_dtype)
-        # backward needs s = sqrt(p) on the candidate slots only
-        saved = [(rows, idx, p.sqrt()) for rows, idx, p in segments]
-        tensors, ctx.has_rows = _flatten_segments(saved)
-        ctx.save_for_backward(*tensors)
-        return _scatter(segments, x.shape, x.dtype, x.device)
+    def forward(ctx, x, keep, k):
+        if k is None:
+            k = _sample_k(x, keep, _solve15, None, _compute_dtype(x.dtype))
+        out, chunks = _forward(x, keep, min(k, x.shape[1]), _solve15, None)
+        # backward needs s = sqrt(p) on the stored slots only (intermediates: kept on ctx, not save_for_backward)
+        ctx.chunks = [(r0, r1, [(rows, idx, p.sqrt()) for rows, idx, p in segs]) for r0, r1, segs in chunks]
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        grads = []
-        for rows, idx, s in _unflatten_segments(ctx.saved_tensors, ctx.has_rows):
-            g = _gather(dy, rows, idx).to(s.dtype) * s
-            q = g.sum(-1, keepdim=True) / s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
-            grads.append((rows, idx, g - q * s))
-        return _scatter(grads, dy.shape, dy.dtype, dy.device), None
+        grad = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
+        for r0, r1, segments in ctx.chunks:
+            dy_chunk, grads = dy[r0:r1], []
+            for rows, idx, s in segments:
+                g = _gather(dy_chunk, rows, idx).to(s.dtype) * s
+                q = g.sum(-1, keepdim=True) / s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+                grads.append((rows, idx, g - q * s))
+            grad_chunk = grad[r0:r1]
+            grad_chunk.zero_()
+            _write(grad_chunk, grads)
+        return grad, None, None
 
 
 class _EntmaxAlphaTopK(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, alpha_rows, alpha_float, k, n_iter, ensure_sum_one):
+    def forward(ctx, x, keep, alpha_rows, alpha_float, k, n_iter, ensure_sum_one):
         compute_dtype = _compute_dtype(x.dtype)
         alpha = alpha_float if alpha_rows is None else alpha_rows.to(compute_dtype)
+        if k is None:
+            k = _sample_k(x, keep, _bisect_solver(min(n_iter, 30), False, x.shape[1]), alpha, compute_dtype)
         solve = _bisect_solver(n_iter, ensure_sum_one, x.shape[1])
-        segments = []
-        _solve_rows(x, k, solve, alpha, None, segments, compute_dtype)
-        tensors, ctx.has_rows = _flatten_segments(segments)
+        out, ctx.chunks = _forward(x, keep, min(k, x.shape[1]), solve, alpha)
         ctx.alpha_float = alpha_float
-        ctx.save_for_backward(alpha_rows if alpha_rows is not None else None, *tensors)
-        return _scatter(segments, x.shape, x.dtype, x.device)
+        ctx.save_for_backward(alpha_rows)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        alpha_rows, *tensors = ctx.saved_tensors
-        need_alpha = alpha_rows is not None and ctx.needs_input_grad[1]
-        grads = []
+        (alpha_rows,) = ctx.saved_tensors
+        need_alpha = alpha_rows is not None and ctx.needs_input_grad[2]
         d_alpha = torch.zeros(dy.shape[0], 1, dtype=torch.float64, device=dy.device) if need_alpha else None
-        for rows, idx, p in _unflatten_segments(tensors, ctx.has_rows):
-            if alpha_rows is None:
-                alpha = ctx.alpha_float
-            else:
-                alpha = alpha_rows.to(p.dtype) if rows is None else alpha_rows[rows].to(p.dtype)
-            pos = p > 0
-            gppr = torch.where(pos, p.clamp_min(torch.finfo(p.dtype).tiny) ** (2 - alpha), 0.0)
-            dyk = _gather(dy, rows, idx).to(p.dtype)
-            g = dyk * gppr
-            gppr_sum = gppr.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-            q = g.sum(-1, keepdim=True) / gppr_sum
-            grads.append((rows, idx, g - q * gppr))
-            if need_alpha:
-                s = torch.where(pos, p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)), 0.0)
-                ent = s.sum(-1, keepdim=True)
-                skewed = gppr / gppr_sum
-                da = dyk * (p - skewed) / (alpha - 1) ** 2 - dyk * (s - skewed * ent) / (alpha - 1)
-                da = da.sum(-1, keepdim=True).double()
-                if rows is None:
-                    d_alpha = da
+        grad = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
+        for r0, r1, segments in ctx.chunks:
+            dy_chunk, grads = dy[r0:r1], []
+            d_alpha_chunk = d_alpha[r0:r1] if need_alpha else None
+            for rows, idx, p in segments:
+                tiny = torch.finfo(p.dtype).tiny
+                if alpha_rows is None:
+                    alpha = ctx.alpha_float
                 else:
-                    d_alpha[rows] = da
-        dx = _scatter(grads, dy.shape, dy.dtype, dy.device)
-        return dx, (d_alpha.to(alpha_rows.dtype) if need_alpha else None), None, None, None, None
+                    alpha = alpha_rows[r0:r1] if rows is None else alpha_rows[r0:r1][rows]
+                    alpha = alpha.to(p.dtype)
+                positive = p > 0
+                gppr = torch.where(positive, p.clamp_min(tiny) ** (2 - alpha), 0.0)
+                dyk = _gather(dy_chunk, rows, idx).to(p.dtype)
+                g = dyk * gppr
+                gppr_sum = gppr.sum(-1, keepdim=True).clamp_min(tiny)
+                grads.append((rows, idx, g - g.sum(-1, keepdim=True) / gppr_sum * gppr))
+                if need_alpha:  # entmax_bisect's d/dα; every term is zero off the support
+                    plogp = torch.where(positive, p * torch.log(p.clamp_min(tiny)), 0.0)
+                    skewed = gppr / gppr_sum
+                    da = dyk * (p - skewed) / (alpha - 1) ** 2
+                    da = da - dyk * (plogp - skewed * plogp.sum(-1, keepdim=True)) / (alpha - 1)
+                    da = da.sum(-1, keepdim=True).double()
+                    if rows is None:
+                        d_alpha_chunk.copy_(da)
+                    else:
+                        d_alpha_chunk[rows] = da
+            grad_chunk = grad[r0:r1]
+            grad_chunk.zero_()
+            _write(grad_chunk, grads)
+        d_alpha = d_alpha.to(alpha_rows.dtype) if need_alpha else None
+        return grad, None, d_alpha, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _to_rows(scores: torch.Tensor, dim: int, keep: torch.Tensor | None):
-    """Masked scores with ``dim`` moved last, as a contiguous (rows, L) matrix, and the moved shape."""
+    """``scores`` with ``dim`` last as a contiguous (rows, L) matrix, ``keep`` likewise (or None), the moved
+    shape and the dim. The mask is applied later, chunk by chunk (no masked copy of the whole tensor)."""
+    if scores.dim() == 0:
+        raise ValueError("entmax needs a tensor with at least one dimension")
     dim = dim % scores.dim()
-    x = scores
+    last = dim == scores.dim() - 1
+    x = scores if last else scores.movedim(dim, -1)
+    moved = x.shape
+    rows = math.prod(moved[:-1])
     if keep is not None:
         keep = torch.as_tensor(keep, device=scores.device)
         if keep.dtype != torch.bool:
-            raise TypeError(f"keep must be a bool tensor (True = may attend), got {keep.dtype}")
-        if torch.broadcast_shapes(keep.shape, scores.shape) != scores.shape:
+            raise TypeError(f"keep must be a bool tensor (True = kept), got {keep.dtype}")
+        try:
+            fits = torch.broadcast_shapes(keep.shape, scores.shape) == scores.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(f"keep of shape {tuple(keep.shape)} does not broadcast to scores {tuple(scores.shape)}")
-        x = torch.where(keep, x, float("-inf"))
-    if dim != x.dim() - 1:
-        x = x.movedim(dim, -1)
-    moved = x.shape
-    return x.reshape(-1, moved[-1]).contiguous(), moved, dim
+        keep = keep.expand(scores.shape)
+        keep = (keep if last else keep.movedim(dim, -1)).reshape(rows, moved[-1])
+    return x.reshape(rows, moved[-1]).contiguous(), keep, moved, dim
 
 
 def _from_rows(p: torch.Tensor, moved: torch.Size, dim: int) -> torch.Tensor:
@@ -324,28 +366,44 @@ def _from_rows(p: torch.Tensor, moved: torch.Size, dim: int) -> torch.Tensor:
     return p if dim == p.dim() - 1 else p.movedim(-1, dim)
 
 
+def _check_k(k: int | None) -> int | None:
+    if k is not None and int(k) < 1:
+        raise ValueError(f"k must be a positive int or None, got {k}")
+    return None if k is None else int(k)
+
+
+def _alpha_rows(alpha: torch.Tensor, scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """One α per slice: ``alpha`` broadcast to ``scores.shape`` with size 1 along ``dim``, as a (rows, 1) column."""
+    alpha = alpha.to(device=scores.device)
+    if bool((alpha <= 1).any()):
+        raise ValueError("alpha must be > 1 (alpha = 1 is softmax: use torch.softmax)")
+    ndim, dim = scores.dim(), dim % scores.dim()
+    row_shape = list(scores.shape)
+    row_shape[dim] = 1
+    alpha = alpha.reshape((1,) * (ndim - alpha.dim()) + tuple(alpha.shape)).expand(row_shape)
+    return (alpha if dim == ndim - 1 else alpha.movedim(dim, -1)).reshape(-1, 1)
+
+
 def entmax15(
     scores: torch.Tensor, dim: int = -1, keep: torch.Tensor | None = None, k: int | None = None
 ) -> torch.Tensor:
-    """Exact 1.5-entmax of ``scores`` along ``dim`` (same result as ``entmax.entmax15``), top-k based.
+    """Exact 1.5-entmax of ``scores`` along ``dim``: the result of ``entmax.entmax15``, from each slice's top-k.
 
     Args:
-        scores: float tensor (float16/bfloat16 computed in float32, returned in their dtype).
+        scores: floating tensor; float16/bfloat16 are computed in float32 and returned in their dtype.
         dim: the dimension normalised over.
-        keep: optional bool tensor broadcastable to ``scores``; False entries are masked out (probability 0, zero
-            gradient). A slice with nothing kept gives zeros. ``-inf`` scores count as masked too.
-        k: first guess of the support size per slice (default :data:`DEFAULT_K`); only speed depends on it.
+        keep: optional bool tensor broadcastable to ``scores``; False entries get probability 0 and zero gradient
+            (padding, causal or sparse patterns). A slice with nothing kept is all zeros. ``-inf`` scores count as
+            masked too.
+        k: first guess of the support size per slice; ``None`` measures it on a sample of slices
+            (:func:`estimate_k`). Only the speed depends on it: slices with a larger support are redone.
 
-    Differentiable with respect to ``scores`` (backward on the support only). Not ``torch.compile``-friendly
-    (data-dependent retries): compiled graphs break around it.
+    Differentiable with respect to ``scores``; the backward pass touches only the ``k`` stored slots per slice.
     """
-    if scores.dim() == 0:
-        raise ValueError("entmax15 needs at least one dimension")
-    x, moved, dim = _to_rows(scores, dim, keep)
+    x, keep, moved, dim = _to_rows(scores, dim, keep)
     if x.numel() == 0:
         return _from_rows(x.new_zeros(x.shape), moved, dim)
-    p = _Entmax15TopK.apply(x, initial_k(x.shape[1], k))
-    return _from_rows(p, moved, dim)
+    return _from_rows(_Entmax15TopK.apply(x, keep, _check_k(k)), moved, dim)
 
 
 def entmax_alpha(
@@ -357,40 +415,49 @@ def entmax_alpha(
     n_iter: int = 50,
     ensure_sum_one: bool = True,
 ) -> torch.Tensor:
-    """α-entmax of ``scores`` along ``dim`` by bisection on each slice's top-k: ``entmax.entmax_bisect`` results.
+    """α-entmax of ``scores`` along ``dim`` by bisection on each slice's top-k: ``entmax.entmax_bisect``'s result.
 
     Args:
         scores, dim, keep, k: as in :func:`entmax15`.
-        alpha: α > 1, a float or a tensor broadcastable to ``scores`` with size 1 along ``dim`` (one α per slice,
-            as ``entmax_bisect``); a tensor that requires grad gets ``entmax_bisect``'s gradient.
-        n_iter, ensure_sum_one: as in ``entmax_bisect`` (the bisection runs on the candidates only, its bracket
-            is that of the top-k problem, so in float32 results agree to rounding, ~1e-7).
+        alpha: α > 1; a float, or a tensor broadcastable to ``scores`` with size 1 along ``dim`` (one α per slice,
+            as in ``entmax_bisect``). A tensor that requires grad gets ``entmax_bisect``'s gradient.
+        n_iter, ensure_sum_one: as in ``entmax_bisect``. The bisection runs on the candidates, with the bracket of
+            the k-element problem, so in float32 the result agrees with ``entmax_bisect`` to rounding (~1e-7).
 
-    The support is certified exactly as in :func:`entmax15` (``(α - 1)·x_{k+1} ≤ τ_lo``, where ``τ_lo`` is the
-    bisection's lower end, a lower bound of the top-k threshold). For α = 1.5 prefer :func:`entmax15` (closed form).
+    The support is certified as in :func:`entmax15`: ``(α - 1)·x_{k+1} ≤ τ_lo``, with ``τ_lo`` the bisection's
+    lower end (a lower bound of the top-k threshold). For α = 1.5, :func:`entmax15` is exact and faster.
     """
-    if scores.dim() == 0:
-        raise ValueError("entmax_alpha needs at least one dimension")
-    ndim = scores.dim()
-    dim_pos = dim % ndim
-    alpha_rows, alpha_float = None, None
     if isinstance(alpha, torch.Tensor):
-        alpha = alpha.to(device=scores.device)
-        if bool((alpha <= 1).any()):
-            raise ValueError("alpha must be > 1 (alpha = 1 is softmax: use torch.softmax)")
-        row_shape = list(scores.shape)
-        row_shape[dim_pos] = 1
-        a = alpha.reshape((1,) * (ndim - alpha.dim()) + tuple(alpha.shape)) if alpha.dim() < ndim else alpha
-        a = a.expand(row_shape)
-        if dim_pos != ndim - 1:
-            a = a.movedim(dim_pos, -1)
-        alpha_rows = a.reshape(-1, 1)
+        alpha_rows, alpha_float = _alpha_rows(alpha, scores, dim), None
     else:
-        alpha_float = float(alpha)
+        alpha_rows, alpha_float = None, float(alpha)
         if not alpha_float > 1:
             raise ValueError(f"alpha must be > 1 (alpha = 1 is softmax: use torch.softmax), got {alpha}")
-    x, moved, dim = _to_rows(scores, dim, keep)
+    x, keep, moved, dim = _to_rows(scores, dim, keep)
     if x.numel() == 0:
         return _from_rows(x.new_zeros(x.shape), moved, dim)
-    p = _EntmaxAlphaTopK.apply(x, alpha_rows, alpha_float, initial_k(x.shape[1], k), n_iter, ensure_sum_one)
+    p = _EntmaxAlphaTopK.apply(x, keep, alpha_rows, alpha_float, _check_k(k), n_iter, ensure_sum_one)
     return _from_rows(p, moved, dim)
+
+
+@torch.no_grad()
+def estimate_k(
+    scores: torch.Tensor, alpha: float | torch.Tensor = 1.5, dim: int = -1, keep: torch.Tensor | None = None
+) -> int:
+    """The ``k`` that :func:`entmax15` / :func:`entmax_alpha` choose when ``k=None``.
+
+    Exact support sizes of up to :data:`SAMPLE_ROWS` evenly spaced slices (each fully sorted), their
+    :data:`SAMPLE_QUANTILE` quantile rounded up to a multiple of :data:`K_MULTIPLE` (at least that, at most the
+    slice length). Compute it once (e.g. per layer on a typical batch) and pass ``k=`` to skip the sampling.
+    """
+    x, keep, _, _ = _to_rows(scores.detach(), dim, keep)
+    if x.numel() == 0:
+        return 1
+    compute_dtype = _compute_dtype(x.dtype)
+    if isinstance(alpha, torch.Tensor):
+        solve, aux = _bisect_solver(30, False, x.shape[1]), _alpha_rows(alpha, scores, dim)
+    elif float(alpha) == 1.5:
+        solve, aux = _solve15, None
+    else:
+        solve, aux = _bisect_solver(30, False, x.shape[1]), float(alpha)
+    return _sample_k(x, keep, solve, aux, compute_dtype)
