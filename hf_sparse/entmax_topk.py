@@ -17,10 +17,11 @@ row of length ``L`` is solved on its ``k + 1`` largest scores only:
 3. **Certificate.** The top-k solution is the solution of the whole row iff no other score would enter the
    support: ``z_{k+1} ≤ τ`` (bisection: ``(α - 1)·x_{k+1} - τ_lo ≤ 0``, ``τ_lo`` the bisection's lower end).
    Then every KKT condition of the full problem holds, so the result is exact, not an approximation.
-4. **Retry.** Rows failing the certificate are solved again with a larger ``k``. The top-k threshold is a lower
-   bound of the row's (adding scores only raises it), so ``n = #{x > τ_k}`` bounds the support and
-   ``k' = max(2k, n)`` (rounded up to a power of two; rows bucketed by ``k'``) passes; ``k' ≥ L`` sorts the
-   whole row, which needs no certificate. The loop always ends; ``k`` only changes the speed.
+4. **Retry.** Rows failing the certificate (collected over the whole tensor after the first pass) are solved
+   again with a larger ``k``. The top-k threshold is a lower bound of the row's (adding scores only raises it),
+   so ``n = #{x > τ_k}`` bounds the support and ``k' = max(2k, n)`` (rounded up to a power of two; rows
+   bucketed by ``k'``) passes; ``k' ≥ L`` sorts the whole row, which needs no certificate. The loop always
+   ends; ``k`` only changes the speed.
 
 **Choice of k** (:func:`estimate_k`): unless given, the exact support sizes of up to 32 evenly spaced rows
 (full sort of those rows only) are measured and ``k`` is their 90 % quantile rounded up to a multiple of 8
@@ -57,6 +58,7 @@ SAMPLE_ROWS = 32  # rows whose exact support sizes choose k
 SAMPLE_QUANTILE = 0.9
 K_MULTIPLE = 8  # k is rounded up to a multiple of this (and is at least this)
 CHUNK_ELEMENTS = 2**23  # rows are processed in chunks of about this many scores (half that with a mask)
+MAX_CHUNKS = 8  # ... but in at most this many chunks (each costs a few dozen small ops)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -110,18 +112,40 @@ def _topk(x: torch.Tensor, m: int, sorted: bool = True) -> tuple[torch.Tensor, t
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _special(v) -> bool:
+    """Whether a block of sorted candidates holds -inf (masked) or NaN scores: they need the slow path."""
+    return not bool(torch.isfinite(v[:, [0, -1]]).all())
+
+
 def _solve15(v, rest, alpha=None):
-    valid = v > float("-inf")
-    vmax = v[:, :1].masked_fill(~valid[:, :1], 0.0)  # a fully masked row: any finite value, its p is 0
-    z = torch.where(valid, (v - vmax) / 2, 0.0)
-    rho = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)
+    if _special(v):
+        return _solve15_masked(v, rest)
+    vmax = v[:, :1]
+    z = (v - vmax) / 2
+    tau_star = _tau15(z)
+    p = torch.clamp(z - tau_star, min=0) ** 2
+    ok = None if rest is None else ((rest.unsqueeze(-1) - vmax) / 2 <= tau_star).squeeze(-1)
+    return p, ok, (vmax + 2 * tau_star).squeeze(-1)
+
+
+def _tau15(z, valid=None):
+    """The closed form of entmax.entmax15 (same operations, same order) on sorted ``z``; (r, 1) thresholds."""
+    rho = torch.arange(1, z.shape[1] + 1, device=z.device, dtype=z.dtype)
     mean = z.cumsum(-1) / rho
     mean_sq = (z**2).cumsum(-1) / rho
     ss = rho * (mean_sq - mean**2)
     delta = (1 - ss) / rho
     tau = mean - torch.sqrt(torch.clamp(delta, 0))
-    support = ((tau <= z) & valid).sum(-1, keepdim=True)
-    tau_star = tau.gather(-1, (support - 1).clamp(min=0))
+    support = tau <= z
+    support = (support if valid is None else support & valid).sum(-1, keepdim=True)
+    return tau.gather(-1, (support - 1).clamp(min=0))
+
+
+def _solve15_masked(v, rest):
+    valid = v > float("-inf")
+    vmax = v[:, :1].masked_fill(~valid[:, :1], 0.0)  # a fully masked row: any finite value, its p is 0
+    z = torch.where(valid, (v - vmax) / 2, 0.0)
+    tau_star = _tau15(z, valid)
     p = torch.where(valid, torch.clamp(z - tau_star, min=0) ** 2, 0.0)
     return _finish(v, p, None if rest is None else (rest.unsqueeze(-1) - vmax) / 2 <= tau_star, vmax + 2 * tau_star)
 
@@ -130,16 +154,21 @@ def _finish(v, p, ok, cut):
     """NaN scores (sorted first by topk) make their row NaN on its slots and need no retry."""
     nan_row = torch.isnan(v[:, :1])
     p = p.masked_fill(nan_row, float("nan"))
-    ok = torch.ones_like(nan_row) if ok is None else ok | nan_row
-    return p, ok.squeeze(-1), cut.squeeze(-1)
+    ok = None if ok is None else (ok | nan_row).squeeze(-1)
+    return p, ok, cut.squeeze(-1)
 
 
 def _bisect_solver(n_iter: int, ensure_sum_one: bool, length: int):
     def solve(v, rest, alpha):
         am1 = alpha - 1  # float, or (r, 1)
-        valid = v > float("-inf")
-        x = torch.where(valid, v * am1, float("-inf"))
-        max_val = torch.where(valid[:, :1], v[:, :1] * am1, 0.0)
+        special = _special(v)
+        if special:
+            valid = v > float("-inf")
+            x = torch.where(valid, v * am1, float("-inf"))
+            max_val = torch.where(valid[:, :1], v[:, :1] * am1, 0.0)
+        else:
+            x = v * am1
+            max_val = x[:, :1]
         d = length if rest is None else v.shape[1]  # at most d positive entries: τ <= max - (1/d)^(α-1)
         tau_lo = max_val - 1
         dm = (max_val - (1 / d) ** am1) - tau_lo
@@ -151,7 +180,10 @@ def _bisect_solver(n_iter: int, ensure_sum_one: bool, length: int):
             tau_lo = torch.where(p.sum(-1, keepdim=True) >= 1, tau_m, tau_lo)
         if ensure_sum_one:
             p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-        return _finish(v, p, None if rest is None else rest.unsqueeze(-1) * am1 - tau_lo <= 0, tau_lo / am1)
+        ok = None if rest is None else rest.unsqueeze(-1) * am1 - tau_lo <= 0
+        if special:
+            return _finish(v, p, ok, tau_lo / am1)
+        return p, None if ok is None else ok.squeeze(-1), (tau_lo / am1).squeeze(-1)
 
     return solve
 
@@ -167,32 +199,35 @@ def _subset(aux, index):
     return aux[index] if isinstance(aux, torch.Tensor) else aux
 
 
-def _solve_rows(xs, k, solve, aux, rows, segments, compute_dtype):
+def _pass(xs, k, solve, aux, compute_dtype):
+    """One pass over the rows ``xs`` (r, L) with k candidates: columns, probabilities, and the rows that failed
+    the certificate (None if none) with the k each needs next (a power of two >= max(2k, support bound), <= L)."""
     length = xs.shape[1]
     if k >= length:
         values, idx = torch.sort(xs, dim=-1, descending=True)
         p, _, _ = solve(values.to(compute_dtype), None, aux)
-        segments.append((rows, idx, p))
-        return
+        return idx, p, None, None
     values, idx = _topk(xs, k + 1)
     values = values.to(compute_dtype)
     p, ok, cut = solve(values[:, :k], values[:, k], aux)
     idx = idx[:, :k]
     if bool(ok.all()):
-        segments.append((rows, idx, p))
-        return
+        return idx, p, None, None
     bad = (~ok).nonzero().squeeze(1)
-    p[bad] = 0  # written by the retry
-    segments.append((rows, idx, p))
-    xb = xs[bad]
-    bound = (xb.to(compute_dtype) > cut[bad].unsqueeze(-1)).sum(-1)  # >= support size
-    want = torch.clamp(bound, min=2 * k)
-    k_next = torch.clamp(2 ** torch.ceil(torch.log2(want.double())).long(), max=length)
-    rows_bad = bad if rows is None else rows[bad]
-    aux_bad = _subset(aux, bad)
+    p[bad] = 0  # these rows are written by the retry
+    bound = (xs[bad].to(compute_dtype) > cut[bad].unsqueeze(-1)).sum(-1)  # >= support size, as cut <= τ
+    k_next = 2 ** torch.ceil(torch.log2(torch.clamp(bound, min=2 * k).double())).long()
+    return idx, p, bad, torch.clamp(k_next, max=length)
+
+
+def _retry(x, keep, rows, k_next, solve, aux, segments, compute_dtype):
+    """Solve the rows ``rows`` of ``x`` again, bucketed by the k they need; appends (rows, idx, p) segments."""
     for kb in torch.unique(k_next).tolist():
-        sel = (k_next == kb).nonzero().squeeze(1)
-        _solve_rows(xb[sel], int(kb), solve, _subset(aux_bad, sel), rows_bad[sel], segments, compute_dtype)
+        sel = rows[k_next == kb]
+        idx, p, bad, k_again = _pass(_masked(x, keep, sel), int(kb), solve, _subset(aux, sel), compute_dtype)
+        segments.append((sel, idx, p))
+        if bad is not None:
+            _retry(x, keep, sel[bad], k_again, solve, aux, segments, compute_dtype)
 
 
 def _write(out, segments):
@@ -202,10 +237,6 @@ def _write(out, segments):
             out.scatter_add_(1, idx, val.to(out.dtype))
         else:
             out.index_put_((rows.unsqueeze(1), idx), val.to(out.dtype), accumulate=True)
-
-
-def _gather(t, rows, idx):
-    return t.gather(1, idx) if rows is None else t[rows.unsqueeze(1), idx]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -231,25 +262,58 @@ def _sample_k(x, keep, solve, aux, compute_dtype) -> int:
 
 
 def _chunks(x: torch.Tensor, keep: torch.Tensor | None):
-    """Row ranges of about CHUNK_ELEMENTS elements: intermediates stay small (no page faults, cache-friendly)."""
+    """Row ranges of about CHUNK_ELEMENTS scores (half that with a mask), at most MAX_CHUNKS of them."""
     rows, length = x.shape
-    step = max(1, CHUNK_ELEMENTS // (length * (2 if keep is not None else 1)))
+    step = max(1, CHUNK_ELEMENTS // (length * (2 if keep is not None else 1)), -(-rows // MAX_CHUNKS))
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
 def _forward(x, keep, k, solve, aux):
-    """Solve every row of ``x`` (R, L) chunk by chunk; returns the output and, per chunk, its segments."""
+    """Solve every row of ``x`` (R, L): a first pass chunk by chunk, then one retry over the failed rows of all
+    chunks. Returns the output and the blocks ``(r0, r1, segments)`` for the backward pass; the last block, for
+    the retried rows, has ``r0 = None`` and row indices into the whole matrix."""
     compute_dtype = _compute_dtype(x.dtype)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    chunks = []
+    blocks, failed, needs = [], [], []
     for r0, r1 in _chunks(x, keep):
-        segments, rows = [], slice(r0, r1)
-        _solve_rows(_masked(x, keep, rows), k, solve, _subset(aux, rows), None, segments, compute_dtype)
+        rows = slice(r0, r1)
+        idx, p, bad, k_next = _pass(_masked(x, keep, rows), k, solve, _subset(aux, rows), compute_dtype)
         out_chunk = out[r0:r1]
         out_chunk.zero_()
-        _write(out_chunk, segments)
-        chunks.append((r0, r1, segments))
-    return out, chunks
+        _write(out_chunk, [(None, idx, p)])
+        blocks.append((r0, r1, [(None, idx, p)]))
+        if bad is not None:
+            failed.append(bad + r0)
+            needs.append(k_next)
+    if failed:
+        segments = []
+        _retry(x, keep, torch.cat(failed), torch.cat(needs), solve, aux, segments, compute_dtype)
+        _write(out, segments)
+        blocks.append((None, None, segments))
+    return out, blocks
+
+
+def _backward_blocks(dy, blocks, grad_slots):
+    """dX from the stored slots: ``grad_slots(dy_slots, value_slots, rows_or_slice) -> dx_slots`` per segment."""
+    grad = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
+    for r0, r1, segments in blocks:
+        if r0 is None:  # retried rows: global indices, added on top (their first-pass slots carry zeros)
+            for rows, idx, val in segments:
+                dx = grad_slots(dy[rows.unsqueeze(1), idx].to(val.dtype), val, rows)
+                grad.index_put_((rows.unsqueeze(1), idx), dx.to(grad.dtype), accumulate=True)
+            continue
+        grad_chunk = grad[r0:r1]
+        grad_chunk.zero_()
+        for _, idx, val in segments:
+            dx = grad_slots(dy[r0:r1].gather(1, idx).to(val.dtype), val, slice(r0, r1))
+            grad_chunk.scatter_add_(1, idx, dx.to(grad.dtype))
+    return grad
+
+
+def _grad15(dy, s, rows):
+    """1.5-entmax backward on the slots: dX = dY·s - (Σ dY·s / Σ s)·s with s = sqrt(p) (0 off the support)."""
+    g = dy * s
+    return g - g.sum(-1, keepdim=True) / s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny) * s
 
 
 class _Entmax15TopK(torch.autograd.Function):
@@ -257,25 +321,15 @@ class _Entmax15TopK(torch.autograd.Function):
     def forward(ctx, x, keep, k):
         if k is None:
             k = _sample_k(x, keep, _solve15, None, _compute_dtype(x.dtype))
-        out, chunks = _forward(x, keep, min(k, x.shape[1]), _solve15, None)
+        out, blocks = _forward(x, keep, min(k, x.shape[1]), _solve15, None)
         # backward needs s = sqrt(p) on the stored slots only (intermediates: kept on ctx, not save_for_backward)
-        ctx.chunks = [(r0, r1, [(rows, idx, p.sqrt()) for rows, idx, p in segs]) for r0, r1, segs in chunks]
+        ctx.blocks = [(r0, r1, [(rows, idx, p.sqrt()) for rows, idx, p in segs]) for r0, r1, segs in blocks]
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        grad = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
-        for r0, r1, segments in ctx.chunks:
-            dy_chunk, grads = dy[r0:r1], []
-            for rows, idx, s in segments:
-                g = _gather(dy_chunk, rows, idx).to(s.dtype) * s
-                q = g.sum(-1, keepdim=True) / s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
-                grads.append((rows, idx, g - q * s))
-            grad_chunk = grad[r0:r1]
-            grad_chunk.zero_()
-            _write(grad_chunk, grads)
-        return grad, None, None
+        return _backward_blocks(dy, ctx.blocks, _grad15), None, None
 
 
 class _EntmaxAlphaTopK(torch.autograd.Function):
@@ -286,7 +340,7 @@ class _EntmaxAlphaTopK(torch.autograd.Function):
         if k is None:
             k = _sample_k(x, keep, _bisect_solver(min(n_iter, 30), False, x.shape[1]), alpha, compute_dtype)
         solve = _bisect_solver(n_iter, ensure_sum_one, x.shape[1])
-        out, ctx.chunks = _forward(x, keep, min(k, x.shape[1]), solve, alpha)
+        out, ctx.blocks = _forward(x, keep, min(k, x.shape[1]), solve, alpha)
         ctx.alpha_float = alpha_float
         ctx.save_for_backward(alpha_rows)
         return out
@@ -297,36 +351,24 @@ class _EntmaxAlphaTopK(torch.autograd.Function):
         (alpha_rows,) = ctx.saved_tensors
         need_alpha = alpha_rows is not None and ctx.needs_input_grad[2]
         d_alpha = torch.zeros(dy.shape[0], 1, dtype=torch.float64, device=dy.device) if need_alpha else None
-        grad = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
-        for r0, r1, segments in ctx.chunks:
-            dy_chunk, grads = dy[r0:r1], []
-            d_alpha_chunk = d_alpha[r0:r1] if need_alpha else None
-            for rows, idx, p in segments:
-                tiny = torch.finfo(p.dtype).tiny
-                if alpha_rows is None:
-                    alpha = ctx.alpha_float
-                else:
-                    alpha = alpha_rows[r0:r1] if rows is None else alpha_rows[r0:r1][rows]
-                    alpha = alpha.to(p.dtype)
-                positive = p > 0
-                gppr = torch.where(positive, p.clamp_min(tiny) ** (2 - alpha), 0.0)
-                dyk = _gather(dy_chunk, rows, idx).to(p.dtype)
-                g = dyk * gppr
-                gppr_sum = gppr.sum(-1, keepdim=True).clamp_min(tiny)
-                grads.append((rows, idx, g - g.sum(-1, keepdim=True) / gppr_sum * gppr))
-                if need_alpha:  # entmax_bisect's d/dα; every term is zero off the support
-                    plogp = torch.where(positive, p * torch.log(p.clamp_min(tiny)), 0.0)
-                    skewed = gppr / gppr_sum
-                    da = dyk * (p - skewed) / (alpha - 1) ** 2
-                    da = da - dyk * (plogp - skewed * plogp.sum(-1, keepdim=True)) / (alpha - 1)
-                    da = da.sum(-1, keepdim=True).double()
-                    if rows is None:
-                        d_alpha_chunk.copy_(da)
-                    else:
-                        d_alpha_chunk[rows] = da
-            grad_chunk = grad[r0:r1]
-            grad_chunk.zero_()
-            _write(grad_chunk, grads)
+
+        def grad_slots(dyk, p, rows):
+            """entmax_bisect's backward on the slots (gppr = p^(2-α)), and its d/dα (zero off the support)."""
+            tiny = torch.finfo(p.dtype).tiny
+            alpha = ctx.alpha_float if alpha_rows is None else alpha_rows[rows].to(p.dtype)
+            positive = p > 0
+            gppr = torch.where(positive, p.clamp_min(tiny) ** (2 - alpha), 0.0)
+            g = dyk * gppr
+            gppr_sum = gppr.sum(-1, keepdim=True).clamp_min(tiny)
+            if need_alpha:
+                plogp = torch.where(positive, p * torch.log(p.clamp_min(tiny)), 0.0)
+                skewed = gppr / gppr_sum
+                da = dyk * (p - skewed) / (alpha - 1) ** 2
+                da = da - dyk * (plogp - skewed * plogp.sum(-1, keepdim=True)) / (alpha - 1)
+                d_alpha[rows] += da.sum(-1, keepdim=True).double()  # retried rows: first pass added zeros
+            return g - g.sum(-1, keepdim=True) / gppr_sum * gppr
+
+        grad = _backward_blocks(dy, ctx.blocks, grad_slots)
         d_alpha = d_alpha.to(alpha_rows.dtype) if need_alpha else None
         return grad, None, d_alpha, None, None, None, None
 
