@@ -15,9 +15,9 @@ import torch
 from transformers import AttentionInterface, MarianModel, MarianMTModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import AttentionMask, attend, attend_gathered
+from .attention import AttentionMask, attend
 from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
-from .sparsefinder import SparsefinderLayer, predict_pairs, predicts_layer, resolve_config
+from .sparsefinder import SparsefinderLayer, attend_predicted, predicts_layer, resolve_config
 from .sparsefinder import initialize as initialize_predictor
 
 ATTENTION_NAME = "hf_sparse_entmax"
@@ -51,7 +51,23 @@ def entmax_marian_attention(
     collector = getattr(module, "sparsefinder_collector", None)
     predictor = getattr(module, "sparsefinder", None)
     if predictor is not None and collector is None and not module.training and config.sparsefinder.get("enabled"):
-        return predicted_sparse_attention(module, predictor, query, key, value, keep, scaling, fn)
+        # with a cache the queries are the last Lq of the Lk positions: each new query is scored only against
+        # the cached keys its predictor selects
+        lq, lk = query.shape[2], key.shape[2]
+        return attend_predicted(
+            predictor,
+            query,
+            key,
+            value,
+            config.sparsefinder,
+            where=f"decoder layer {module.layer_idx}",
+            scaling=scaling,
+            attention_fn=fn,
+            alpha=config.entmax_alpha,
+            causal=True,
+            query_offset=lk - lq,
+            allowed=keep,
+        )
     out, probs = attend(
         query,
         key,
@@ -66,24 +82,6 @@ def entmax_marian_attention(
     if collector is not None:  # fitting Sparsefinder: record this layer's queries, keys and entmax support
         collector(module, query, key, probs, keep)
     return out, probs
-
-
-def predicted_sparse_attention(module, predictor, query, key, value, keep, scaling, fn):
-    """Entmax over the predicted pairs only (gathered keys per query), for inference with fitted predictors.
-
-    With a cache the queries are the last ``Lq`` positions of the ``Lk`` keys, so each new query is scored only
-    against the cached keys its predictor selects.
-    """
-    if not bool(predictor.fitted):
-        raise ValueError(
-            f"sparsefinder.enabled is set but the predictor of decoder layer {module.layer_idx} is not fitted: run "
-            "hf_sparse.sparsefinder.fit(model, dataloader) first, or load a checkpoint saved after fitting"
-        )
-    lq, lk = query.shape[2], key.shape[2]
-    pairs = predict_pairs(predictor, query, key, module.config.sparsefinder, None, causal=True, query_offset=lk - lq)
-    if keep is not None:
-        pairs = pairs & keep
-    return attend_gathered(query, key, value, pairs, scaling=scaling, attention_fn=fn, alpha=module.config.entmax_alpha)
 
 
 def boolean_mask(*args, **kwargs) -> torch.Tensor:

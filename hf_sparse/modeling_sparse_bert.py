@@ -28,11 +28,11 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from .attention import AttentionMask, attend, attend_gathered, build_mask, choose_backend
+from .attention import AttentionMask, attend, build_mask, choose_backend
 from .configuration_sparse_bert import SparseBertConfig
 from .dam import DAMGates
 from .patterns import Intersection, Learned, Pattern, Union, bind_learned, dense_mask, parse
-from .sparsefinder import SparsefinderLayer, predict_pairs, predicts_layer, resolve_config
+from .sparsefinder import SparsefinderLayer, attend_predicted, predicts_layer, resolve_config
 from .sparsefinder import initialize as initialize_predictor
 
 _PARSED: dict[str, Pattern] = {}
@@ -134,8 +134,8 @@ class SparseBertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
         self.layer_idx = layer_idx
-        if config.sparsefinder is not None and predicts_layer(resolve_config(config.sparsefinder), layer_idx or 0):
-            settings = resolve_config(config.sparsefinder)
+        settings = None if config.sparsefinder is None else resolve_config(config.sparsefinder)
+        if settings is not None and predicts_layer(settings, layer_idx or 0):
             self.sparsefinder = SparsefinderLayer(settings, self.num_attention_heads, self.attention_head_size)
         self.sparsefinder_collector = None  # set while Sparsefinder collects this layer's attention
 
@@ -148,7 +148,21 @@ class SparseBertSelfAttention(nn.Module):
         collector = self.sparsefinder_collector
         enabled = self.config.sparsefinder is not None and self.config.sparsefinder.get("enabled", False)
         if predictor is not None and collector is None and not self.training and enabled:
-            out, probs = self.predicted_sparse_attention(predictor, query, key, value, mask, output_attentions)
+            # the prediction meets the layer's pattern as sparsefinder.combine says; padding keys never attend
+            out, probs = attend_predicted(
+                predictor,
+                query,
+                key,
+                value,
+                self.config.sparsefinder,
+                where=f"layer {self.layer_idx}",
+                scaling=self.scaling,
+                attention_fn=self.config.attention_fn,
+                alpha=self.config.entmax_alpha,
+                valid_keys=mask.valid_tokens,
+                pattern=mask.keep,
+                dense_probabilities=output_attentions,
+            )
             return out.reshape(*hidden_states.shape[:-1], -1), probs
         out, probs = attend(
             query,
@@ -167,29 +181,6 @@ class SparseBertSelfAttention(nn.Module):
                 allowed = allowed & mask.valid_tokens[:, None, :, None]
             collector(self, query, key, probs, allowed)
         return out.reshape(*hidden_states.shape[:-1], -1), probs if output_attentions else None
-
-    def predicted_sparse_attention(self, predictor, query, key, value, mask: AttentionMask, output_attentions: bool):
-        """Attention only on the predicted pairs, combined with the layer's pattern as ``sparsefinder.combine`` says
-        (pattern ∩ predicted, or pattern ∪ predicted); padding keys are never attended."""
-        if not bool(predictor.fitted):
-            raise ValueError(
-                f"sparsefinder.enabled is set but the predictor of layer {self.layer_idx} is not fitted: run "
-                "hf_sparse.sparsefinder.fit(model, dataloader) first, or load a checkpoint saved after fitting"
-            )
-        settings = self.config.sparsefinder
-        pairs = predict_pairs(predictor, query, key, settings, mask.valid_tokens, causal=False)
-        if mask.keep is not None:
-            pairs = pairs & mask.keep if resolve_config(settings)["combine"] == "intersection" else pairs | mask.keep
-        return attend_gathered(
-            query,
-            key,
-            value,
-            pairs,
-            scaling=self.scaling,
-            attention_fn=self.config.attention_fn,
-            alpha=self.config.entmax_alpha,
-            dense_probabilities=output_attentions,
-        )
 
 
 class SparseBertSelfOutput(nn.Module):

@@ -22,7 +22,7 @@ cache) and a bidirectional encoder. All learned state (projections, centroids, r
 parameters and buffers of :class:`SparsefinderLayer`, so it travels in the state dict and the checkpoint.
 Fitting helpers take already-collected tensors; collecting them from a model is the caller's business.
 
-Imported by remote code: torch and the standard library only.
+Imported by remote code: torch, the standard library and sibling modules only.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from .attention import attend_gathered
 
 METHODS = ("distance", "quantization", "clustering", "window", "lsh", "routing", "bigbird")
 #: methods whose prediction uses the learned projections
@@ -535,6 +537,52 @@ def predict_pairs(
     return (pred & allowed).expand(b, h, lq, lk).contiguous()
 
 
+def attend_predicted(
+    predictor: SparsefinderLayer,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    settings: dict,
+    *,
+    where: str,
+    scaling: float,
+    attention_fn: str,
+    alpha: float,
+    valid_keys: torch.Tensor | None = None,
+    causal: bool = False,
+    query_offset: int = 0,
+    pattern: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+    dense_probabilities: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention on the predicted pairs only (gathered keys per query): the sparse execution of both models.
+
+    ``pattern`` (bool, broadcastable to ``(B, H, Lq, Lk)``) is the layer's own pattern, met as
+    ``settings["combine"]`` says (pattern ∩ predicted, or pattern ∪ predicted); ``allowed`` (e.g. a causal and
+    padding mask) is always intersected. ``where`` names the layer in the error for an unfitted predictor.
+    """
+    if not bool(predictor.fitted):
+        raise ValueError(
+            f"sparsefinder.enabled is set but the predictor of {where} is not fitted: run "
+            "hf_sparse.sparsefinder.fit(model, dataloader) first, or load a checkpoint saved after fitting"
+        )
+    pairs = predict_pairs(predictor, query, key, settings, valid_keys, causal=causal, query_offset=query_offset)
+    if pattern is not None:
+        pairs = pairs & pattern if resolve_config(settings)["combine"] == "intersection" else pairs | pattern
+    if allowed is not None:
+        pairs = pairs & allowed
+    return attend_gathered(
+        query,
+        key,
+        value,
+        pairs,
+        scaling=scaling,
+        attention_fn=attention_fn,
+        alpha=alpha,
+        dense_probabilities=dense_probabilities,
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Fitting
 # --------------------------------------------------------------------------------------------------------------
@@ -719,6 +767,7 @@ __all__ = [
     "SPARSEFINDER_DEFAULTS",
     "FitBatch",
     "SparsefinderLayer",
+    "attend_predicted",
     "build_predictors",
     "check_model_settings",
     "collect_attention",

@@ -36,7 +36,7 @@ CHILD = textwrap.dedent(
         result["mask"] = dam.frozen(inputs["input_ids"].shape[1])
     probe = inputs.pop("probe", None)  # (q, k): predicted pairs of every Sparsefinder predictor on them
     if probe is not None:
-        module = sys.modules[type(model).__module__]
+        module = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".sparsefinder"]  # the copied sibling
         result["pairs"] = {
             layer: module.predict_pairs(attn.sparsefinder, *probe, model.config.sparsefinder, None, causal=True)
             for layer, attn in model.sparsefinder_modules().items()
