@@ -9,18 +9,18 @@ Kernels
     ``auto``   picks by what is possible, then by the crossover measured in ``benchmarks/attention_backends.md``.
 
 Every kernel returns exact zeros for a query row with no allowed key (never NaN).
-This module is imported by remote code: torch, entmax and the standard library only.
+This module is imported by remote code: torch and the standard library only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import entmax
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .entmax_topk import entmax15, entmax_alpha, sparsemax  # `from .x import` form: remote code copies x
 from .patterns import Pattern, block_density, block_mask, dense_mask
 
 ATTENTION_FUNCTIONS = ("softmax", "entmax15", "entmax_bisect", "sparsemax")
@@ -146,22 +146,24 @@ def build_mask(
 
 
 def normalize(scores: torch.Tensor, keep: torch.Tensor | None, attention_fn: str, alpha: float) -> torch.Tensor:
-    """Masked softmax / α-entmax over the last dim; exact zeros outside ``keep`` and on rows with no key."""
-    if keep is not None:
-        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    """Masked softmax / α-entmax over the last dim; exact zeros outside ``keep`` and on rows with no key.
+
+    The entmax family runs :mod:`hf_sparse.entmax_topk`: the ``entmax`` package's exact result (to float rounding),
+    solved on each row's top-k scores instead of a sort / bisection over the whole row.
+    """
     if attention_fn == "softmax":
+        if keep is not None:
+            scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1)
-    else:
-        if attention_fn == "entmax15":
-            probs = entmax.entmax15(scores, dim=-1)
-        elif attention_fn == "sparsemax":
-            probs = entmax.sparsemax(scores, dim=-1)
-        elif attention_fn == "entmax_bisect":
-            probs = entmax.entmax_bisect(scores, alpha=alpha, dim=-1)
-        else:
-            check_choice("attention_fn", attention_fn, ATTENTION_FUNCTIONS)
-    # A fully masked row was normalised over min-valued scores (uniform); zero it. Elsewhere this is a no-op.
-    return probs if keep is None else probs * keep
+        # A fully masked row was normalised over min-valued scores (uniform); zero it. Elsewhere a no-op.
+        return probs if keep is None else probs * keep
+    if attention_fn == "entmax15":
+        return entmax15(scores, keep=keep)
+    if attention_fn == "sparsemax":
+        return sparsemax(scores, keep=keep)
+    if attention_fn == "entmax_bisect":
+        return entmax_alpha(scores, alpha, keep=keep)
+    raise ValueError(f"unknown attention_fn {attention_fn!r}; valid values: {', '.join(ATTENTION_FUNCTIONS)}")
 
 
 def attend(

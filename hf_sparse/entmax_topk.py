@@ -12,7 +12,8 @@ row of length ``L`` is solved on its ``k + 1`` largest scores only:
 2. **Threshold on the k largest.** 1.5-entmax: the sort-based closed form of ``entmax.entmax15``, on the ``k``
    sorted values (``z = (x - max) / 2``; cumulative mean and mean of squares; ``δ = (1 - ss) / ρ``;
    ``τ_ρ = mean_ρ - sqrt(max(δ_ρ, 0))``; support ``s = #{ρ : τ_ρ ≤ z_ρ}``; ``τ = τ_s``), the same operations
-   in the same order (the tests find float32 and float64 outputs equal to the package's). α-entmax:
+   in the same order (the tests find float32 and float64 outputs equal to the package's). Sparsemax (α = 2):
+   ``entmax.sparsemax``'s closed form likewise (``τ = (Σ_{ρ≤s} z_ρ - 1) / s``). α-entmax:
    ``entmax_bisect``'s bisection on the ``k`` values (with the bracket of a ``k``-element problem).
 3. **Certificate.** The top-k solution is the solution of the whole row iff no other score would enter the
    support: ``z_{k+1} ≤ τ`` (bisection: ``(α - 1)·x_{k+1} - τ_lo ≤ 0``, ``τ_lo`` the bisection's lower end).
@@ -30,8 +31,8 @@ row of length ``L`` is solved on its ``k + 1`` largest scores only:
 Rows are processed in chunks of about :data:`CHUNK_ELEMENTS` scores, so every intermediate stays small (no page
 faults on fresh large buffers, which cost more than the arithmetic here). The output is scattered into zeros
 (exact zeros off the support). The backward pass reads only the stored
-``k`` slots per row: 1.5-entmax ``dX = dY·s - (Σ dY·s / Σ s)·s`` with ``s = sqrt(p)``; α-entmax the same with
-``s = p^(2-α)``, and ``entmax_bisect``'s gradient for a tensor ``alpha``.
+``k`` slots per row: 1.5-entmax ``dX = dY·s - (Σ dY·s / Σ s)·s`` with ``s = sqrt(p)``; sparsemax with ``s`` the
+support indicator; α-entmax the same with ``s = p^(2-α)``, and ``entmax_bisect``'s gradient for a tensor ``alpha``.
 
 Masks: ``keep`` (bool, broadcastable to the scores, False = masked) sets masked scores to ``-inf`` (per chunk)
 before the top-k; ``-inf`` never enters a support and a slice with no finite score gives zeros (no NaN, also in the
@@ -50,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["entmax15", "entmax_alpha", "estimate_k"]
+__all__ = ["entmax15", "entmax_alpha", "estimate_k", "sparsemax"]
 
 GROUP = 4  # scores per group in _topk
 GROUP_MIN_RATIO = 8  # group only rows at least this many times longer than the number of values wanted
@@ -139,6 +140,24 @@ def _tau15(z, valid=None):
     support = tau <= z
     support = (support if valid is None else support & valid).sum(-1, keepdim=True)
     return tau.gather(-1, (support - 1).clamp(min=0))
+
+
+def _solve_sparsemax(v, rest, alpha=None):
+    """The closed form of entmax.sparsemax (same operations, same order) on sorted candidates."""
+    special = _special(v)
+    valid = v > float("-inf") if special else None
+    vmax = v[:, :1].masked_fill(~valid[:, :1], 0.0) if special else v[:, :1]
+    z = torch.where(valid, v - vmax, 0.0) if special else v - vmax
+    cumsum = z.cumsum(-1) - 1
+    rho = torch.arange(1, z.shape[1] + 1, device=z.device, dtype=z.dtype)
+    support = rho * z > cumsum
+    size = (support if valid is None else support & valid).sum(-1, keepdim=True)
+    tau = cumsum.gather(-1, (size - 1).clamp(min=0)) / size.clamp(min=1).to(z.dtype)
+    p = torch.clamp(z - tau, min=0)
+    ok = None if rest is None else (rest.unsqueeze(-1) - vmax <= tau)
+    if special:
+        return _finish(v, torch.where(valid, p, 0.0), ok, vmax + tau)
+    return p, None if ok is None else ok.squeeze(-1), (vmax + tau).squeeze(-1)
 
 
 def _solve15_masked(v, rest):
@@ -310,26 +329,36 @@ def _backward_blocks(dy, blocks, grad_slots):
     return grad
 
 
-def _grad15(dy, s, rows):
-    """1.5-entmax backward on the slots: dX = dY·s - (Σ dY·s / Σ s)·s with s = sqrt(p) (0 off the support)."""
+def _grad_closed_form(dy, s, rows):
+    """Closed-form backward on the slots: dX = dY·s - (Σ dY·s / Σ s)·s, with s = 1/g''(p) = sqrt(p) for 1.5-entmax
+    and the support indicator for sparsemax (0 off the support)."""
     g = dy * s
     return g - g.sum(-1, keepdim=True) / s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny) * s
 
 
-class _Entmax15TopK(torch.autograd.Function):
+# closed-form normalisers: solver on sorted candidates, and s = 1/g''(p) for the backward
+_CLOSED_FORMS = {
+    "entmax15": (lambda: _solve15, torch.sqrt),
+    "sparsemax": (lambda: _solve_sparsemax, lambda p: (p > 0).to(p.dtype)),
+}
+
+
+class _ClosedFormTopK(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, keep, k):
+    def forward(ctx, x, keep, k, kind):
+        solver, gppr = _CLOSED_FORMS[kind]
+        solve = solver()
         if k is None:
-            k = _sample_k(x, keep, _solve15, None, _compute_dtype(x.dtype))
-        out, blocks = _forward(x, keep, min(k, x.shape[1]), _solve15, None)
-        # backward needs s = sqrt(p) on the stored slots only (intermediates: kept on ctx, not save_for_backward)
-        ctx.blocks = [(r0, r1, [(rows, idx, p.sqrt()) for rows, idx, p in segs]) for r0, r1, segs in blocks]
+            k = _sample_k(x, keep, solve, None, _compute_dtype(x.dtype))
+        out, blocks = _forward(x, keep, min(k, x.shape[1]), solve, None)
+        # backward needs s = 1/g''(p) on the stored slots only (intermediates: kept on ctx, not save_for_backward)
+        ctx.blocks = [(r0, r1, [(rows, idx, gppr(p)) for rows, idx, p in segs]) for r0, r1, segs in blocks]
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        return _backward_blocks(dy, ctx.blocks, _grad15), None, None
+        return _backward_blocks(dy, ctx.blocks, _grad_closed_form), None, None, None
 
 
 class _EntmaxAlphaTopK(torch.autograd.Function):
@@ -445,7 +474,20 @@ def entmax15(
     x, keep, moved, dim = _to_rows(scores, dim, keep)
     if x.numel() == 0:
         return _from_rows(x.new_zeros(x.shape), moved, dim)
-    return _from_rows(_Entmax15TopK.apply(x, keep, _check_k(k)), moved, dim)
+    return _from_rows(_ClosedFormTopK.apply(x, keep, _check_k(k), "entmax15"), moved, dim)
+
+
+def sparsemax(
+    scores: torch.Tensor, dim: int = -1, keep: torch.Tensor | None = None, k: int | None = None
+) -> torch.Tensor:
+    """Exact sparsemax (2-entmax) of ``scores`` along ``dim``: ``entmax.sparsemax``'s result, from the top-k.
+
+    Same arguments and guarantees as :func:`entmax15`; the certificate is ``x_{k+1} - max ≤ τ``.
+    """
+    x, keep, moved, dim = _to_rows(scores, dim, keep)
+    if x.numel() == 0:
+        return _from_rows(x.new_zeros(x.shape), moved, dim)
+    return _from_rows(_ClosedFormTopK.apply(x, keep, _check_k(k), "sparsemax"), moved, dim)
 
 
 def entmax_alpha(

@@ -76,16 +76,35 @@ def test_sdpa_fully_masked_rows_have_finite_gradients():
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
-def test_entmax_normaliser_is_sparse_masked_and_matches_entmax15():
-    scores = torch.randn(2, 3, 9, 9, dtype=torch.float64) * 3
-    keep = dense_mask("window:2", 9)[None].expand(2, 1, 9, 9).clone()
+PACKAGE = {
+    "entmax15": lambda x: entmax.entmax15(x, dim=-1),
+    "sparsemax": lambda x: entmax.sparsemax(x, dim=-1),
+    "entmax_bisect": lambda x: entmax.entmax_bisect(x, alpha=1.3, dim=-1),
+}
+
+
+@pytest.mark.parametrize("fn", sorted(PACKAGE))
+@pytest.mark.parametrize("n", [9, 300])
+def test_entmax_normalisers_equal_the_entmax_package_with_masks(fn, n):
+    """normalize runs hf_sparse.entmax_topk; the package on -inf-masked scores is the reference (float64 and
+    float32 outputs and gradients), with a sliding window, padding and a query with no key."""
+    g = torch.Generator().manual_seed(n)
+    scores = torch.randn(2, 3, n, n, generator=g, dtype=torch.float64) * 3
+    keep = dense_mask("window:40", n)[None].expand(2, 1, n, n).clone()
+    keep[1, ..., n - n // 3 :] = False  # padding
     keep[1, :, 4] = False  # one query with no key at all
-    probs = normalize(scores, keep, "entmax15", 1.5)
-    want = entmax.entmax15(scores.masked_fill(~keep, float("-inf")).masked_fill(~keep.any(-1, True), 0), dim=-1)
-    want = want.masked_fill(~keep.any(-1, True), 0)
-    assert torch.allclose(probs, want, atol=1e-12)
-    assert (probs[~keep.expand_as(probs)] == 0).all()
-    assert probs[1, :, 4].abs().max() == 0
+    empty = ~keep.any(-1, True)
+    dy = torch.randn(scores.shape, generator=g, dtype=torch.float64)
+    for dtype, atol, gtol in ((torch.float64, 1e-10, 1e-8), (torch.float32, 1e-6, 1e-5)):
+        x, x_ref = (scores.to(dtype).clone().requires_grad_(True) for _ in range(2))
+        probs = normalize(x, keep, fn, 1.3)
+        want = PACKAGE[fn](x_ref.masked_fill(~keep, float("-inf")).masked_fill(empty, 0)).masked_fill(empty, 0)
+        assert (probs - want).abs().max() <= atol
+        assert (probs[~keep.expand_as(probs)] == 0).all() and probs[1, :, 4].abs().max() == 0
+        assert ((probs == 0) & keep).any()  # exact zeros among the allowed keys
+        (probs * dy.to(dtype)).sum().backward()
+        (want * dy.to(dtype)).sum().backward()
+        assert (x.grad - x_ref.grad).abs().max() <= gtol
 
 
 def _choose(requested, **kw):

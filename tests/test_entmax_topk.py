@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_sparse import entmax_topk
-from hf_sparse.entmax_topk import _topk, entmax15, entmax_alpha, estimate_k
+from hf_sparse.entmax_topk import _topk, entmax15, entmax_alpha, estimate_k, sparsemax
 
 LENGTHS = [1, 7, 128, 1000]
 SCALES = [0.1, 1.0, 10.0, 100.0]
@@ -58,6 +58,24 @@ def test_entmax15_equals_package_float64_and_float32(length, scale):
 
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("scale", SCALES)
+def test_sparsemax_equals_package_float64_and_float32(length, scale):
+    x = with_ties(scores((2, 6, length), scale, seed=30))
+    want = entmax.sparsemax(x, dim=-1)
+    got = sparsemax(x)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert (got[want == 0] == 0).all()
+    x32 = x.float()
+    assert (sparsemax(x32) - entmax.sparsemax(x32, dim=-1)).abs().max() <= 1e-6
+    dy = scores((2, 6, length), 1.0, seed=31)
+    g_want = grad_of(lambda t: entmax.sparsemax(t, dim=-1), x, dy)
+    assert torch.allclose(grad_of(sparsemax, x, dy), g_want, rtol=0, atol=1e-10)
+    for k in (1, 3):  # the retry path
+        assert torch.allclose(sparsemax(x, k=k), want, rtol=0, atol=1e-12)
+        assert torch.allclose(grad_of(lambda t, k=k: sparsemax(t, k=k), x, dy), g_want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
 def test_entmax_alpha_equals_entmax_bisect(length, scale, alpha):
     x = with_ties(scores((2, 6, length), scale, seed=2))
@@ -103,6 +121,7 @@ def test_gradcheck_float64():
     x.data[..., 3, :] = scores((2, 9), 1.0, seed=7)
     assert torch.autograd.gradcheck(lambda t: entmax15(t, k=2), (x,), eps=1e-6, atol=1e-6)
     assert torch.autograd.gradcheck(lambda t: entmax_alpha(t, 1.3, k=2), (x,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda t: sparsemax(t, k=2), (x,), eps=1e-6, atol=1e-6)
     alpha = torch.tensor([[1.2], [1.7]], dtype=torch.float64).view(2, 1, 1).expand(2, 4, 1).clone()
     alpha.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t, a: entmax_alpha(t, a, k=3), (x, alpha), eps=1e-6, atol=1e-5)
@@ -145,7 +164,7 @@ def masked_reference(x, keep, fn):
     return out
 
 
-@pytest.mark.parametrize("fn", ["entmax15", "alpha"])
+@pytest.mark.parametrize("fn", ["entmax15", "sparsemax", "alpha"])
 def test_masks_padding_causal_and_fully_masked_rows(fn):
     b, h, n = 3, 2, 40
     x = scores((b, h, n, n), 1.5, seed=13)
@@ -156,6 +175,8 @@ def test_masks_padding_causal_and_fully_masked_rows(fn):
     keep = causal[None, None] & valid[:, None, None, :]
     if fn == "entmax15":
         ours, ref = entmax15, lambda t: entmax.entmax15(t, dim=-1)
+    elif fn == "sparsemax":
+        ours, ref = sparsemax, lambda t: entmax.sparsemax(t, dim=-1)
     else:
         ours, ref = (lambda t, **kw: entmax_alpha(t, 1.3, **kw)), lambda t: entmax.entmax_bisect(t, 1.3, dim=-1)
     for k in (None, 2):
@@ -186,6 +207,7 @@ def test_low_precision_is_computed_in_float32(dtype):
     keep = torch.rand(2, 1, 700, generator=generator(16)) > 0.2
     for ours, ref in (
         (lambda t, **kw: entmax15(t, **kw), lambda t: entmax.entmax15(t, dim=-1)),
+        (lambda t, **kw: sparsemax(t, **kw), lambda t: entmax.sparsemax(t, dim=-1)),
         (lambda t, **kw: entmax_alpha(t, 1.6, **kw), lambda t: entmax.entmax_bisect(t, 1.6, dim=-1)),
     ):
         x_ = x.clone().requires_grad_(True)
