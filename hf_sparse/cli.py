@@ -2,12 +2,19 @@
 
 hf-sparse patterns [SPEC ...] [--n 128] [--png patterns.png]   sparsity table (+ heatmaps) of pattern specs
 hf-sparse demo [--pattern bigbird:3,1,2] [--steps 300]         train, evaluate, save and reload a SparseBERT
+hf-sparse dam [--structure offset] [--target-sparsity 0.9]     learn a DAM mask (SparseBERT), freeze, train on
+hf-sparse sparsefinder [--model DIR] [--method distance]       fit Sparsefinder predictors on an entmax SparseBERT
+hf-sparse card DIR [--metrics metrics.json]                    write the model card of a saved checkpoint
+
+Every command that trains works offline on the English gettext messages of this machine (``hf_sparse.data``), saves
+the model with its tokenizer, ``metrics.json`` and a model card (``README.md``) under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 PAPER_PATTERNS = ["strided:4", "fixed:4,1", "longformer:2,1", "logsparse", "bigbird:2,1,2", "star", "no_diagonal"]
@@ -63,8 +70,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"loss {metrics['loss']:.3f}, perplexity {metrics['perplexity']:.1f} ({metrics['masked_tokens']} tokens)"
     )
     model_dir = os.path.join(args.out, "model")
-    model.save_pretrained(model_dir)
-    corpus.tokenizer.save_pretrained(model_dir)
+    _save_with_card(
+        model,
+        corpus.tokenizer,
+        model_dir,
+        {"held_out_mlm_accuracy": metrics["accuracy"], "held_out_mlm_loss": metrics["loss"]},
+        title=f"Small SparseBERT ({args.pattern})",
+        dataset="English gettext messages (held-out)",
+    )
     reloaded = AutoModelForMaskedLM.from_pretrained(model_dir, trust_remote_code=True)
     again = masked_lm_metrics(reloaded, corpus.tokenizer, corpus.eval)
     print(f"saved to {model_dir}; reloaded with AutoModelForMaskedLM: accuracy {again['accuracy']:.3f} (same masks)")
@@ -74,6 +87,190 @@ def cmd_demo(args: argparse.Namespace) -> None:
     png = os.path.join(args.out, "pattern.png")
     plot_patterns([args.pattern], args.max_length, png, columns=1)
     print(f"pattern heatmap: {png}")
+
+
+def _save_with_card(model, tokenizer, directory: str, metrics: dict, **card_kwargs) -> None:
+    """Checkpoint + tokenizer + metrics.json + README.md (model card) in ``directory``."""
+    import json
+
+    from .cards import write_card
+
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    with open(os.path.join(directory, "metrics.json"), "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    card = write_card(model, directory, repo_id=directory, metrics=metrics, **card_kwargs)
+    print(f"model, tokenizer, metrics.json and model card written to {directory} ({card.name})")
+
+
+def cmd_dam(args: argparse.Namespace) -> None:
+    """SparseBERT's DAM on a small masked-LM: search the mask, freeze it, train on with it, report and save."""
+    import torch
+
+    from . import SparseBertForMaskedLM
+    from .evaluation import masked_lm_metrics
+    from .mlm import offline_mlm_corpus, search_and_train_dam, small_bert_config
+
+    dam = {"structure": args.structure, "max_length": args.max_length, "penalty_reduction": "sum"}
+    if args.structure == "block":
+        dam["block_size"] = args.block_size
+    corpus = offline_mlm_corpus(
+        args.lang, args.max_sentences, args.eval_sentences, args.vocab_size, args.max_length, args.seed
+    )
+    print(f"corpus: {len(corpus.train)} training / {len(corpus.eval)} held-out blocks of {args.max_length} tokens")
+    torch.manual_seed(args.seed)
+    config = small_bert_config(corpus.tokenizer, args.max_length, attention_pattern=args.pattern, dam=dam)
+    model = SparseBertForMaskedLM(config)
+    done = search_and_train_dam(
+        model,
+        corpus,
+        args.out,
+        args.steps,
+        search_steps=args.search_steps,
+        target_sparsity=args.target_sparsity,
+        penalty=args.penalty,
+        gate_learning_rate=args.gate_lr,
+        seed=args.seed,
+    )
+    metrics = masked_lm_metrics(model, corpus.tokenizer, corpus.eval, seed=args.seed)
+    metrics = {
+        "mask_sparsity": done["sparsity"],
+        "held_out_mlm_accuracy": metrics["accuracy"],
+        "held_out_mlm_loss": metrics["loss"],
+        "search_steps": done["search_steps"],
+        "frozen_mask_steps": done["train_steps"],
+    }
+    print(
+        f"DAM ({args.structure}): searched {done['search_steps']} steps, mask sparsity {100 * done['sparsity']:.1f} %, "
+        f"then {done['train_steps']} steps with the frozen mask; held-out masked-LM accuracy "
+        f"{metrics['held_out_mlm_accuracy']:.3f}, loss {metrics['held_out_mlm_loss']:.3f}; "
+        f"pattern now {model.config.attention_pattern!r}"
+    )
+    _save_with_card(
+        model,
+        corpus.tokenizer,
+        os.path.join(args.out, "model"),
+        metrics,
+        title=f"SparseBERT with a learned DAM mask ({args.structure})",
+        dataset="English gettext messages (held-out)",
+    )
+
+
+def cmd_sparsefinder(args: argparse.Namespace) -> None:
+    """Sparsefinder on an entmax SparseBERT: fit the predictors, sweep, pick an operating point, report and save."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from . import SparseBertConfig, SparseBertForMaskedLM
+    from .evaluation import DEFAULT_SWEEP, masked_lm_metrics, operating_point, pareto, predictor_like
+    from .mlm import corpus_for_tokenizer, fixed_mask_batches, offline_mlm_corpus, small_bert_config, train_mlm
+    from .sparsefinder import collect_attention, fit, resolve_config
+
+    os.makedirs(args.out, exist_ok=True)
+    if args.model:
+        source = args.model
+        limit = SparseBertConfig.from_pretrained(source).max_position_embeddings
+        if args.max_length > limit:
+            raise ValueError(f"--max-length {args.max_length} exceeds the model's max_position_embeddings {limit}")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        corpus = corpus_for_tokenizer(
+            tokenizer, args.lang, args.max_sentences, args.eval_sentences, args.max_length, args.seed
+        )
+    else:
+        corpus = offline_mlm_corpus(
+            args.lang, args.max_sentences, args.eval_sentences, args.vocab_size, args.max_length, args.seed
+        )
+        torch.manual_seed(args.seed)
+        softmax = SparseBertForMaskedLM(small_bert_config(corpus.tokenizer, args.max_length))
+        print(f"pre-training a small softmax BERT for {args.pretrain_steps} steps (no --model given)")
+        train_mlm(softmax, corpus, args.out, steps=args.pretrain_steps, seed=args.seed)
+        source = os.path.join(args.out, "softmax")
+        softmax.save_pretrained(source)
+    settings = resolve_config({"method": args.method, "projection_dim": args.projection_dim, "window": args.window})
+    fn = getattr(SparseBertConfig.from_pretrained(source), "attention_fn", "softmax")
+    model = SparseBertForMaskedLM.from_pretrained(
+        source, attention_fn="entmax15" if fn == "softmax" else fn, sparsefinder=settings
+    )
+    if fn == "softmax" and args.entmax_steps:
+        print(f"softmax checkpoint: fine-tuning to 1.5-entmax attention for {args.entmax_steps} steps")
+        train_mlm(model, corpus, args.out, steps=args.entmax_steps, learning_rate=5e-4, seed=args.seed)
+
+    fit_data = fixed_mask_batches(corpus.train[: args.fit_blocks], corpus.tokenizer, seed=args.seed)
+    eval_data = fixed_mask_batches(corpus.eval[: args.eval_blocks], corpus.tokenizer, seed=args.seed + 1)
+    fit(model, fit_data, epochs=args.epochs, max_sentences=args.fit_blocks)
+    png = os.path.join(args.out, "pareto.png")
+    csv = os.path.join(args.out, "pareto.csv")
+    rows = pareto(model, eval_data, {args.method: DEFAULT_SWEEP[args.method]}, csv_path=csv, png_path=png)
+    point = operating_point(rows, args.method, args.recall)
+    chosen = resolve_config({**settings, **point["overrides"]})
+    collected = collect_attention(model, fit_data, max_sentences=args.fit_blocks, progress=False)
+    for layer, module in model.sparsefinder_modules().items():
+        module.sparsefinder = predictor_like(module.sparsefinder, chosen, collected[layer])
+    model.config.sparsefinder = chosen
+    full = masked_lm_metrics(model, corpus.tokenizer, corpus.eval, seed=args.seed)
+    model.config.sparsefinder = {**chosen, "enabled": True}
+    sparse = masked_lm_metrics(model, corpus.tokenizer, corpus.eval, seed=args.seed)
+    metrics = {
+        "gold_sparsity": point["gold_sparsity"],
+        "graph_sparsity": point["graph_sparsity"],
+        "recall": point["recall"],
+        "held_out_mlm_accuracy_full_entmax": full["accuracy"],
+        "held_out_mlm_accuracy_predicted_sparse": sparse["accuracy"],
+    }
+    print(
+        f"{args.method} at {point['setting']} (sparsest with recall >= {args.recall}): graph sparsity "
+        f"{point['graph_sparsity']:.3f} (entmax drops {point['gold_sparsity']:.3f}), recall {point['recall']:.3f}; "
+        f"held-out masked-LM accuracy {full['accuracy']:.3f} full entmax, {sparse['accuracy']:.3f} predicted-sparse"
+    )
+    model_dir = os.path.join(args.out, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    shutil.copy(png, os.path.join(model_dir, "pareto.png"))
+    _save_with_card(
+        model,
+        corpus.tokenizer,
+        model_dir,
+        metrics,
+        title=f"Entmax SparseBERT with Sparsefinder ({args.method})",
+        dataset="English gettext messages (held-out)",
+        plots={f"{args.method}: predicted-graph sparsity vs recall": "pareto.png"},
+    )
+
+
+def cmd_card(args: argparse.Namespace) -> None:
+    """The model card of a saved hf_sparse checkpoint, from its config, state and (optional) metrics."""
+    import json
+
+    from transformers import AutoConfig
+
+    import hf_sparse
+
+    from .cards import write_card
+
+    architectures = AutoConfig.from_pretrained(args.model).architectures or []
+    classes = [getattr(hf_sparse, name) for name in architectures if hasattr(hf_sparse, name)]
+    if not classes:
+        raise ValueError(
+            f"{args.model} holds {architectures or 'no architectures'}, not an hf_sparse model "
+            f"(valid: {', '.join(n for n in hf_sparse.__all__ if n[0].isupper() and not n.endswith('Config'))})"
+        )
+    model = classes[0].from_pretrained(args.model)
+    metrics_path = args.metrics or os.path.join(args.model, "metrics.json")
+    metrics = None
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as handle:
+            metrics = json.load(handle)
+    elif args.metrics:
+        raise ValueError(f"--metrics {args.metrics}: no such file")
+    card = write_card(
+        model,
+        args.out or args.model,
+        repo_id=args.repo_id or args.model,
+        title=args.title,
+        metrics=metrics,
+        dataset=args.dataset,
+        base_model=args.base_model,
+    )
+    print(f"model card written to {card}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,6 +295,54 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/demo")
     p.set_defaults(run=cmd_demo)
+
+    p = commands.add_parser("dam", help="learn a DAM attention mask (SparseBERT) on offline text, freeze, train on")
+    p.add_argument("--structure", default="offset", choices=["offset", "element", "block"])
+    p.add_argument("--block-size", type=int, default=16, help="block structure: tokens per block")
+    p.add_argument("--pattern", default="dense", help="fixed pattern the search runs inside")
+    p.add_argument("--target-sparsity", type=float, default=0.9, help="stop the search at this mask sparsity")
+    p.add_argument("--steps", type=int, default=300, help="search + frozen-mask training steps")
+    p.add_argument("--search-steps", type=int, default=None, help="at most this many search steps (default half)")
+    p.add_argument("--penalty", type=float, default=1e-4, help="final λ on the summed mask (rises from 0)")
+    p.add_argument("--gate-lr", type=float, default=0.05)
+    p.add_argument("--lang", default="de", help="gettext catalogue language whose English messages are the corpus")
+    p.add_argument("--vocab-size", type=int, default=4000)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-sentences", type=int, default=None, help="use only this many messages (default: all)")
+    p.add_argument("--eval-sentences", type=int, default=2000, help="held-out messages")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/dam")
+    p.set_defaults(run=cmd_dam)
+
+    p = commands.add_parser("sparsefinder", help="fit Sparsefinder predictors on an entmax SparseBERT, sweep, save")
+    p.add_argument("--model", help="SparseBERT/BERT masked-LM checkpoint with tokenizer; default: pre-train one")
+    p.add_argument("--method", default="distance", choices=["distance", "quantization", "clustering"])
+    p.add_argument("--projection-dim", type=int, default=4)
+    p.add_argument("--window", type=int, default=1, help="always-attended local window")
+    p.add_argument("--recall", type=float, default=0.9, help="operating point: sparsest sweep point with this recall")
+    p.add_argument("--pretrain-steps", type=int, default=200, help="softmax pre-training when no --model is given")
+    p.add_argument("--entmax-steps", type=int, default=100, help="entmax fine-tuning of a softmax checkpoint")
+    p.add_argument("--epochs", type=int, default=5, help="projection-fitting epochs")
+    p.add_argument("--fit-blocks", type=int, default=64)
+    p.add_argument("--eval-blocks", type=int, default=64)
+    p.add_argument("--lang", default="de")
+    p.add_argument("--vocab-size", type=int, default=4000)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-sentences", type=int, default=None, help="use only this many messages (default: all)")
+    p.add_argument("--eval-sentences", type=int, default=2000, help="held-out messages")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/sparsefinder")
+    p.set_defaults(run=cmd_sparsefinder)
+
+    p = commands.add_parser("card", help="write the model card (README.md) of a saved hf_sparse checkpoint")
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("--metrics", help="JSON file of name -> value (default: metrics.json in the checkpoint, if any)")
+    p.add_argument("--dataset", help="name of the evaluation data, for the card's eval results")
+    p.add_argument("--base-model", help="Hub id of the model this one was trained from")
+    p.add_argument("--repo-id", help="id shown in the loading snippet (default: the directory)")
+    p.add_argument("--title")
+    p.add_argument("--out", help="directory for README.md (default: the checkpoint)")
+    p.set_defaults(run=cmd_card)
 
     args = parser.parse_args(argv)
     try:

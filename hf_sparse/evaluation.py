@@ -110,6 +110,27 @@ def sparsity_recall(
     return {"per_layer": per_layer, "average": _average(per_layer)}
 
 
+# Sweep points of every method (setting overrides), from dense to sparse graphs: what scripts and the CLI sweep.
+DEFAULT_SWEEP = {
+    "distance": [{"threshold": t} for t in (0.5, 1.0, 1.5, 2.0, 3.0)],
+    "quantization": [{"num_buckets": b} for b in (16, 8, 4, 2)],
+    "clustering": [{"num_clusters": c, "top_clusters": 1} for c in (16, 8, 4, 2)],
+    "window": [{"window": w} for w in (2, 8, 16, 32, 64)],
+    "lsh": [{"num_buckets": b} for b in (16, 8, 4, 2)],
+    "routing": [{"num_clusters": c} for c in (16, 8, 4, 2)],
+    "bigbird": [{"window": w, "random_keys": 4} for w in (2, 8, 16, 32)],
+}
+
+
+def operating_point(rows: list[dict], method: str, recall: float) -> dict:
+    """The sparsest sweep row of ``method`` whose recall reaches ``recall`` (else its highest-recall row)."""
+    own = [r for r in rows if r["method"] == method]
+    if not own:
+        raise ValueError(f"no sweep rows for method {method!r}; swept: {sorted({r['method'] for r in rows})}")
+    good = [r for r in own if r["recall"] >= recall]
+    return max(good, key=lambda r: r["graph_sparsity"]) if good else max(own, key=lambda r: r["recall"])
+
+
 def pareto(
     model,
     dataloader,

@@ -43,6 +43,38 @@ def offline_mlm_corpus(
     )
 
 
+def corpus_for_tokenizer(
+    tokenizer,
+    lang: str = "de",
+    max_sentences: int | None = None,
+    eval_sentences: int = 2000,
+    block_size: int = 128,
+    seed: int = 0,
+) -> MLMCorpus:
+    """The same messages and split as :func:`offline_mlm_corpus`, packed with an existing model's ``tokenizer``."""
+    sentences = english_sentences(lang, max_sentences=max_sentences, seed=seed)
+    return MLMCorpus(
+        tokenizer,
+        pack_into_blocks(tokenizer, sentences[eval_sentences:], block_size),
+        pack_into_blocks(tokenizer, sentences[:eval_sentences], block_size),
+    )
+
+
+def fixed_mask_batches(examples: list[dict], tokenizer, size: int = 16, seed: int = 0) -> list[dict]:
+    """Model inputs with BERT's 15 % masking drawn once (from ``seed``), without labels: the batches Sparsefinder
+    fits on and measures, identical on every pass."""
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        batches = [collator(examples[start : start + size]) for start in range(0, len(examples), size)]
+    finally:
+        torch.random.set_rng_state(state)
+    for batch in batches:
+        batch.pop("labels")
+    return batches
+
+
 def small_bert_config(tokenizer, block_size: int = 128, **overrides) -> SparseBertConfig:
     """A BERT small enough to pre-train on two CPU cores in minutes (4 heads of 32, 2 layers)."""
     settings = dict(
@@ -98,3 +130,53 @@ def train_mlm(
     )
     trainer.train()
     return trainer
+
+
+def search_and_train_dam(
+    model,
+    corpus: MLMCorpus,
+    out_dir: str,
+    steps: int,
+    *,
+    search_steps: int | None = None,
+    target_sparsity: float | None = 0.9,
+    penalty: float = 1e-4,
+    penalty_schedule: str = "linear",
+    gate_learning_rate: float = 0.05,
+    seed: int = 0,
+) -> dict:
+    """SparseBERT's DAM as two Trainer runs on a model built with a ``dam`` config.
+
+    1. Search: gates and model train together for at most ``search_steps`` (default ``steps // 2``), λ rising
+       linearly from 0 to ``penalty`` (``penalty_schedule="linear"``, so the model learns before the mask thins) or
+       constant; the search stops once the mask reaches ``target_sparsity``; ``DAMCallback`` freezes the mask.
+    2. The remaining steps train with the frozen mask (fresh optimizer and warm-up).
+
+    Returns ``{"search_steps", "train_steps", "sparsity"}`` (sparsity: masked fraction of the frozen mask at the
+    model's maximum length, averaged over layers and heads).
+    """
+    from .callbacks import DAMCallback
+
+    length = model.config.max_position_embeddings
+    search = DAMCallback(
+        penalty=0.0 if penalty_schedule == "linear" else penalty,
+        final_penalty=penalty,
+        penalty_schedule=penalty_schedule,
+        gate_learning_rate=gate_learning_rate,
+        target_sparsity=target_sparsity,
+        density_length=length,
+    )
+    trainer = train_mlm(
+        model,
+        corpus,
+        out_dir,
+        steps=search_steps if search_steps is not None else steps // 2,
+        seed=seed,
+        callbacks=[search],
+        optimizer_cls_and_kwargs=search.optimizer_cls_and_kwargs,
+    )
+    searched = trainer.state.global_step
+    if steps > searched:
+        train_mlm(model, corpus, out_dir, steps=steps - searched, seed=seed + 1)
+    kept = model.base_model.dam.frozen(length).float().mean().item()
+    return {"search_steps": searched, "train_steps": max(steps - searched, 0), "sparsity": 1.0 - kept}

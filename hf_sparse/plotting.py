@@ -50,3 +50,26 @@ def plot_pareto(rows: list[dict], path: str, title: str = "Sparsefinder: predict
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_layer_masks(model, n: int, path: str) -> None:
+    """The attention mask a SparseBERT runs at length ``n``: one heatmap per layer and head (black = attended).
+
+    Shows what is in the checkpoint: the fixed pattern, a frozen DAM mask (``learned``), or, during a DAM search,
+    the pattern ∩ the current deterministic mask.
+    """
+    patterns = model.base_model.layer_patterns(n, "cpu")
+    heads = model.config.num_attention_heads
+    fig, axes = plt.subplots(len(patterns), heads, figsize=(2.2 * heads, 2.5 * len(patterns)), squeeze=False)
+    for layer, pattern in enumerate(patterns):
+        masks = dense_mask(pattern, n).expand(heads, n, n)
+        for head in range(heads):
+            ax = axes[layer, head]
+            ax.imshow(masks[head].numpy(), cmap="Greys", interpolation="nearest")
+            ax.set_title(f"layer {layer} head {head}\nkept {100 * masks[head].float().mean():.1f}%", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"{model.config.attention_pattern} at n={n} (row: query i, column: key j)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -21,9 +21,8 @@ import torch
 import transformers
 
 from hf_sparse import SparseBertForMaskedLM
-from hf_sparse.callbacks import DAMCallback
 from hf_sparse.evaluation import masked_lm_metrics
-from hf_sparse.mlm import offline_mlm_corpus, small_bert_config, train_mlm
+from hf_sparse.mlm import offline_mlm_corpus, search_and_train_dam, small_bert_config, train_mlm
 from hf_sparse.patterns import sparsity
 
 # (name in the paper, our spec); Longformer's window/global chosen to land on the paper's 88.7 % at n = 128.
@@ -47,27 +46,18 @@ def fresh_model(corpus, block, seed, **config):
 def run_dam(structure, corpus, args):
     dam = {"structure": structure, "max_length": args.block, "penalty": args.penalty, "penalty_reduction": "sum"}
     model = fresh_model(corpus, args.block, args.seed, dam=dam)
-    search = DAMCallback(
-        penalty=0.0 if args.penalty_schedule == "linear" else args.penalty,
-        final_penalty=args.penalty,
-        penalty_schedule=args.penalty_schedule,
-        gate_learning_rate=args.gate_lr,
-        target_sparsity=args.target,
-        density_length=args.block,
-    )
-    trainer = train_mlm(
+    done = search_and_train_dam(
         model,
         corpus,
         args.out_dir,
-        steps=args.steps // 2,
+        args.steps,
+        target_sparsity=args.target,
+        penalty=args.penalty,
+        penalty_schedule=args.penalty_schedule,
+        gate_learning_rate=args.gate_lr,
         seed=args.seed,
-        callbacks=[search],
-        optimizer_cls_and_kwargs=search.optimizer_cls_and_kwargs,
-    )  # DAMCallback freezes the mask at the end of the search
-    searched = trainer.state.global_step
-    train_mlm(model, corpus, args.out_dir, steps=args.steps - searched, seed=args.seed + 1)  # stage 2
-    kept = model.bert.dam.frozen(args.block).float().mean().item()
-    return model, 1.0 - kept, f"search {searched} + frozen {args.steps - searched} steps"
+    )
+    return model, done["sparsity"], f"search {done['search_steps']} + frozen {done['train_steps']} steps"
 
 
 def main():

@@ -25,41 +25,17 @@ import torch
 import transformers
 
 from hf_sparse import SparseBertForMaskedLM
-from hf_sparse.evaluation import masked_lm_metrics, pareto, predictor_like
-from hf_sparse.mlm import offline_mlm_corpus, small_bert_config, train_mlm
+from hf_sparse.evaluation import DEFAULT_SWEEP, masked_lm_metrics, operating_point, pareto, predictor_like
+from hf_sparse.mlm import (
+    corpus_for_tokenizer,
+    fixed_mask_batches,
+    offline_mlm_corpus,
+    small_bert_config,
+    train_mlm,
+)
 from hf_sparse.sparsefinder import collect_attention, fit, resolve_config
 
-SWEEP = {
-    "distance": [{"threshold": t} for t in (0.5, 1.0, 1.5, 2.0, 3.0)],
-    "quantization": [{"num_buckets": b} for b in (16, 8, 4, 2)],
-    "clustering": [{"num_clusters": c, "top_clusters": 1} for c in (16, 8, 4, 2)],
-    "window": [{"window": w} for w in (2, 8, 16, 32, 64)],
-    "lsh": [{"num_buckets": b} for b in (16, 8, 4, 2)],
-    "routing": [{"num_clusters": c} for c in (16, 8, 4, 2)],
-    "bigbird": [{"window": w, "random_keys": 4} for w in (2, 8, 16, 32)],
-}
-QUICK_SWEEP = {method: points[:2] for method, points in SWEEP.items()}
-
-
-def batches(examples, tokenizer, size=16, seed=0):
-    """Fixed-mask MLM batches (the model's forward inputs) for fitting and measuring attention."""
-    from transformers import DataCollatorForLanguageModeling
-
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
-    torch.manual_seed(seed)
-    out = []
-    for start in range(0, len(examples), size):
-        batch = collator(examples[start : start + size])
-        batch.pop("labels")
-        out.append(batch)
-    return out
-
-
-def operating_point(rows, method, recall):
-    """The sparsest sweep point of ``method`` whose recall reaches ``recall`` (else its highest-recall point)."""
-    own = [r for r in rows if r["method"] == method]
-    good = [r for r in own if r["recall"] >= recall]
-    return max(good, key=lambda r: r["graph_sparsity"]) if good else max(own, key=lambda r: r["recall"])
+QUICK_SWEEP = {method: points[:2] for method, points in DEFAULT_SWEEP.items()}
 
 
 def main():
@@ -81,20 +57,15 @@ def main():
     sparsefinder = {"method": "distance", "projection_dim": 4, "window": 1, "threshold": 1.0}
 
     # 1-2. a BERT, then entmax attention with the MLM objective
-    corpus = offline_mlm_corpus(block_size=args.block, seed=args.seed)
     if args.model:
         from transformers import AutoTokenizer
 
-        from hf_sparse.data import english_sentences, pack_into_blocks
-
-        corpus.tokenizer = AutoTokenizer.from_pretrained(args.model)  # the text is re-tokenized with it
-
-        texts = english_sentences(seed=args.seed)
-        corpus.train = pack_into_blocks(corpus.tokenizer, texts[2000:], args.block)
-        corpus.eval = pack_into_blocks(corpus.tokenizer, texts[:2000], args.block)
+        # the text is tokenized with the checkpoint's tokenizer
+        corpus = corpus_for_tokenizer(AutoTokenizer.from_pretrained(args.model), block_size=args.block, seed=args.seed)
         softmax_model = SparseBertForMaskedLM.from_pretrained(args.model)
         origin = f"checkpoint {args.model}"
     else:
+        corpus = offline_mlm_corpus(block_size=args.block, seed=args.seed)
         torch.manual_seed(args.seed)
         softmax_model = SparseBertForMaskedLM(small_bert_config(corpus.tokenizer, args.block))
         train_mlm(softmax_model, corpus, args.out_dir, steps=args.pretrain_steps, seed=args.seed)
@@ -109,12 +80,12 @@ def main():
     print(f"entmax fine-tuned: accuracy {full['accuracy']:.3f} (softmax model {softmax_metrics['accuracy']:.3f})")
 
     # 3. predictors from the model's own attention
-    fit_data = batches(corpus.train[: args.fit_sentences], corpus.tokenizer, seed=args.seed)
-    eval_data = batches(corpus.eval, corpus.tokenizer, seed=args.seed + 1)
+    fit_data = fixed_mask_batches(corpus.train[: args.fit_sentences], corpus.tokenizer, seed=args.seed)
+    eval_data = fixed_mask_batches(corpus.eval, corpus.tokenizer, seed=args.seed + 1)
     fit(model, fit_data, epochs=5, max_sentences=args.fit_sentences)
 
     # 4. sparsity / recall of every method; the learned method combined with a fixed pattern
-    sweep = QUICK_SWEEP if args.quick else SWEEP
+    sweep = QUICK_SWEEP if args.quick else DEFAULT_SWEEP
     png = os.path.splitext(args.out)[0] + "_pareto.png"
     rows = pareto(model, eval_data, sweep, csv_path=os.path.join(args.out_dir, "pareto.csv"), png_path=png)
     combos = []

@@ -1,6 +1,10 @@
-import pytest
+import json
 
-from hf_sparse import cli
+import pytest
+from transformers import AutoModelForMaskedLM, BertForMaskedLM
+
+from conftest import tiny_bert_config, tiny_kwargs
+from hf_sparse import SparseBertConfig, SparseBertForMaskedLM, cli
 from hf_sparse.data import english_sentences, gettext_pairs
 
 
@@ -44,3 +48,60 @@ def test_demo_trains_saves_and_reloads_through_remote_code(tmp_path, capsys):
     assert f"reloaded with AutoModelForMaskedLM: accuracy {first}" in out
     assert (tmp_path / "model" / "modeling_sparse_bert.py").exists()
     assert (tmp_path / "pattern.png").exists()
+
+
+SMALL_CORPUS = ["--max-sentences", "400", "--eval-sentences", "50", "--max-length", "32"]
+
+
+def test_dam_command_searches_freezes_saves_and_the_checkpoint_reloads_through_remote_code(tmp_path, capsys):
+    cli.main(["dam", "--steps", "6", "--search-steps", "3", *SMALL_CORPUS, "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "DAM (offset): searched 3 steps, mask sparsity" in out and "pattern now 'learned'" in out
+    model_dir = tmp_path / "model"
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert f"mask sparsity {100 * metrics['mask_sparsity']:.1f} %" in out
+    assert metrics["search_steps"] == 3 and metrics["frozen_mask_steps"] == 3
+    card = (model_dir / "README.md").read_text()
+    assert "frozen: the learned mask is stored in the checkpoint" in card
+    assert (model_dir / "attention_masks.png").exists()
+    model = AutoModelForMaskedLM.from_pretrained(model_dir, trust_remote_code=True)
+    assert model.config.attention_pattern == "learned"
+    kept = model.base_model.dam.frozen(32).float().mean().item()
+    assert abs((1 - kept) - metrics["mask_sparsity"]) < 1e-6
+
+
+def test_sparsefinder_command_fits_sweeps_and_saves_fitted_predictors_with_a_card(tmp_path, capsys):
+    args = ["sparsefinder", "--pretrain-steps", "3", "--entmax-steps", "2", "--epochs", "1"]
+    cli.main([*args, "--fit-blocks", "8", "--eval-blocks", "8", *SMALL_CORPUS, "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "softmax checkpoint: fine-tuning to 1.5-entmax attention for 2 steps" in out
+    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert f"recall {metrics['recall']:.3f}" in out and 0 <= metrics["graph_sparsity"] <= 1
+    rows = (tmp_path / "pareto.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5 and rows[1].startswith("distance,threshold=0.5")  # the distance sweep
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    assert model.config.attention_fn == "entmax15" and model.config.sparsefinder["enabled"] is True
+    assert all(bool(m.sparsefinder.fitted) for m in model.sparsefinder_modules().values())
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "layers [0, 1] (fitted: [0, 1])" in card and "(pareto.png)" in card
+    assert not (tmp_path / "model" / "attention_masks.png").exists()  # dense pattern: nothing to draw
+
+
+def test_sparsefinder_command_refuses_blocks_longer_than_the_model(tmp_path):
+    SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs(max_position_embeddings=16))).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sparsefinder", "--model", str(tmp_path), "--max-length", "32", "--out", str(tmp_path / "o")])
+    assert "--max-length 32 exceeds the model's max_position_embeddings 16" in str(info.value.code)
+
+
+def test_card_command_writes_a_card_and_refuses_a_checkpoint_that_is_not_ours(tmp_path, capsys):
+    model = SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs(attention_pattern="strided:4")))
+    model.save_pretrained(tmp_path / "ours")
+    (tmp_path / "m.json").write_text(json.dumps({"accuracy": 0.5}))
+    cli.main(["card", str(tmp_path / "ours"), "--metrics", str(tmp_path / "m.json"), "--repo-id", "org/strided"])
+    card = (tmp_path / "ours" / "README.md").read_text()
+    assert "org/strided" in card and "| accuracy | 0.5 |" in card and "`strided:4`" in card
+    BertForMaskedLM(tiny_bert_config()).save_pretrained(tmp_path / "stock")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["card", str(tmp_path / "stock")])
+    assert "holds ['BertForMaskedLM'], not an hf_sparse model" in str(info.value.code)
