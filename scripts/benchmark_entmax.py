@@ -3,8 +3,12 @@
 Inputs are attention-score tensors ``(1, H, L, L)`` in float32:
 
 * random normal logits at several standard deviations (``--stds``), for every ``--lengths``;
-* real scores captured from a small 1.5-entmax ``SparseBertForMaskedLM`` after a short masked-LM training on the
-  offline English corpus (``hf_sparse.data.english_sentences``), unless ``--no-real``.
+* real scores captured from a small 1.5-entmax ``SparseBertForMaskedLM`` trained with masked LM on blocks of
+  ``--train-length`` tokens of the offline English corpus (``hf_sparse.data.english_sentences``) for
+  ``--train-seconds``, unless ``--no-real``; ``--model-dir`` keeps that model for the next run.
+
+The same trained model is also timed whole (forward, and forward + backward of its masked-LM loss) with its
+attention normaliser swapped: the ``entmax`` package, ``hf_sparse`` (what the model runs), and softmax.
 
 For each input the functions are first run once and compared (outputs and gradients against the package; the
 script aborts on a mismatch), then timed interleaved round-robin (``--repeats`` rounds, the package only in the
@@ -51,9 +55,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=1.5, help="α of the entmax_bisect comparison")
     parser.add_argument("--bisect-lengths", type=int, nargs="*", default=[128, 512, 1024])
     parser.add_argument("--no-real", action="store_true", help="skip training a model for real attention scores")
-    parser.add_argument("--train-seconds", type=float, default=120.0, help="time budget of the short training")
-    parser.add_argument("--train-length", type=int, default=512)
-    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--train-seconds", type=float, default=600.0, help="time budget of the training")
+    parser.add_argument("--train-length", type=int, default=1024)
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--model-dir", type=Path, default=None, help="load the trained model from here if saved")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--wait-load", type=float, default=None, help="wait until the 1-min load is below this")
     parser.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for --wait-load at most")
@@ -177,14 +182,29 @@ def measure(label, x, methods, package, args) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_and_capture(args) -> tuple[list[tuple[str, torch.Tensor]], str]:
+def package_normalize(scores, keep, attention_fn, alpha):
+    """``hf_sparse.attention.normalize`` as it was before ``entmax_topk``: the package on masked scores."""
+    if keep is not None:
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    if attention_fn == "entmax15":
+        probs = entmax.entmax15(scores, dim=-1)
+    else:
+        probs = entmax.entmax_bisect(scores, alpha=alpha, dim=-1)
+    return probs if keep is None else probs * keep
+
+
+def train_model(args, corpus):
+    """The 1.5-entmax SparseBERT, trained for ``--train-seconds`` (or loaded from ``--model-dir``); a note."""
     from transformers import DataCollatorForLanguageModeling
 
-    from hf_sparse import SparseBertForMaskedLM, attention
-    from hf_sparse.mlm import offline_mlm_corpus, small_bert_config
+    from hf_sparse import SparseBertForMaskedLM
+    from hf_sparse.mlm import small_bert_config
 
+    saved = args.model_dir is not None and (args.model_dir / "config.json").exists()
+    if saved:
+        model = SparseBertForMaskedLM.from_pretrained(args.model_dir)
+        return model, (args.model_dir / "training.txt").read_text().strip() + f" Loaded from `{args.model_dir}`."
     length = args.train_length
-    corpus = offline_mlm_corpus(block_size=length, vocab_size=4000, seed=args.seed)
     torch.manual_seed(args.seed)
     config = small_bert_config(corpus.tokenizer, block_size=length, attention_fn="entmax15", attention_backend="eager")
     model = SparseBertForMaskedLM(config)
@@ -205,7 +225,26 @@ def train_and_capture(args) -> tuple[list[tuple[str, torch.Tensor]], str]:
         optimizer.zero_grad()
         losses.append(loss.item())
         step += 1
+        if step % 20 == 0:
+            print(f"step {step}: loss {statistics.mean(losses[-20:]):.2f}", flush=True)
     minutes = (time.time() - start) / 60
+    note = (
+        f'2-layer, 4-head, hidden-128 BERT (`small_bert_config`, attention_fn="entmax15", eager), masked-LM on '
+        f"blocks of {length} tokens of the gettext English messages ({len(corpus.train)} blocks), batch "
+        f"{args.train_batch}, AdamW lr 1e-3 ({warmup}-step warm-up): {step} steps "
+        f"({step * args.train_batch / len(corpus.train):.1f} epochs) in {minutes:.1f} min (time budget "
+        f"{args.train_seconds:.0f} s, training on `hf_sparse.entmax_topk`), loss {losses[0]:.2f} → "
+        f"{statistics.mean(losses[-20:]):.2f} (mean of the last 20)."
+    )
+    if args.model_dir is not None:
+        model.save_pretrained(args.model_dir)
+        (args.model_dir / "training.txt").write_text(note)
+    return model, note
+
+
+def capture_scores(model, ids) -> list[torch.Tensor]:
+    """The pre-normalisation attention scores of every layer on ``ids``."""
+    from hf_sparse import attention
 
     captured = []
     original = attention.normalize
@@ -214,27 +253,79 @@ def train_and_capture(args) -> tuple[list[tuple[str, torch.Tensor]], str]:
         captured.append(scores.detach().clone())
         return original(scores, keep, attention_fn, alpha)
 
-    model.eval()
-    sequences = max(1, args.heads // config.num_attention_heads)
     attention.normalize = capture
     try:
         with torch.no_grad():
-            ids = torch.tensor([corpus.eval[i]["input_ids"] for i in range(sequences)])
             model(input_ids=ids)
     finally:
         attention.normalize = original
-    real = [
-        (f"real, layer {i}", scores.reshape(1, -1, length, length).contiguous()) for i, scores in enumerate(captured)
-    ]
-    note = (
-        f'2-layer, 4-head, hidden-128 BERT (`small_bert_config`, attention_fn="entmax15", eager), masked-LM on '
-        f"blocks of {length} tokens of the gettext English messages, batch {args.train_batch}, AdamW lr 1e-3 "
-        f"({warmup}-step warm-up): {step} steps in {minutes:.1f} min (time budget {args.train_seconds:.0f} s), "
-        f"loss {losses[0]:.2f} → {statistics.mean(losses[-5:]):.2f} (mean of the last 5). Scores captured on "
-        f"{sequences} held-out blocks, heads of the {sequences} sequences stacked: shape (1, "
-        f"{sequences * config.num_attention_heads}, {length}, {length}) per layer."
+    return captured
+
+
+def time_model(model, batch, repeats: int, package_repeats: int) -> dict:
+    """Whole-model forward and forward + backward with the normaliser swapped (checked against the package)."""
+    from hf_sparse import attention
+
+    ours = attention.normalize
+    normalizers = {
+        "softmax": lambda scores, keep, fn, alpha: ours(scores, keep, "softmax", alpha),
+        "entmax15": package_normalize,
+        "ours": ours,
+    }
+
+    def forward(name, grad):
+        attention.normalize = normalizers[name]
+        try:
+            with torch.set_grad_enabled(grad):
+                out = model(**batch)
+                if grad:
+                    out.loss.backward()
+                    model.zero_grad(set_to_none=True)
+            return out.logits.detach()
+        finally:
+            attention.normalize = ours
+
+    err = (forward("ours", False) - forward("entmax15", False)).abs().max().item()
+    if err > 1e-4:
+        raise SystemExit(f"model logits differ from the package's by {err:.2e}")
+    times = {(name, mode): [] for name in normalizers for mode in ("fwd", "fwdbwd")}
+    for round_ in range(repeats):
+        for name in normalizers:
+            if name == "entmax15" and round_ >= package_repeats:
+                continue
+            for mode in ("fwd", "fwdbwd"):
+                start = time.perf_counter()
+                forward(name, mode == "fwdbwd")
+                times[(name, mode)].append(time.perf_counter() - start)
+    return {"ms": {key: statistics.median(v) * 1e3 for key, v in times.items()}, "logit_err": err}
+
+
+def real_inputs(args):
+    """Captured per-layer scores (label, (1, H', L, L)), the whole-model timing, and a note."""
+    from transformers import DataCollatorForLanguageModeling
+
+    from hf_sparse.mlm import offline_mlm_corpus
+
+    length = args.train_length
+    corpus = offline_mlm_corpus(block_size=length, vocab_size=4000, seed=args.seed)
+    model, note = train_model(args, corpus)
+    model.eval()
+    heads = model.config.num_attention_heads
+    sequences = max(1, args.heads // heads)
+    ids = torch.tensor([corpus.eval[i]["input_ids"] for i in range(sequences)])
+    captured = capture_scores(model, ids)
+    real = [(f"real, layer {i}", s.reshape(1, -1, length, length).contiguous()) for i, s in enumerate(captured)]
+    torch.manual_seed(args.seed)
+    batch = DataCollatorForLanguageModeling(corpus.tokenizer, mlm_probability=0.15)(
+        [corpus.eval[i] for i in range(sequences)]
     )
-    return real, note
+    timing = time_model(model, batch, args.repeats, args.package_repeats)
+    note += (
+        f" Scores captured on {sequences} held-out blocks, heads of the {sequences} sequences stacked: shape "
+        f"(1, {sequences * heads}, {length}, {length}) per layer. Whole model: the same {sequences} blocks as one "
+        f"batch, masked-LM loss; logits with ours vs the package differ by {timing['logit_err']:.1e}."
+    )
+    return real, timing, note
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,7 +360,7 @@ def main() -> None:
     started = time.time()
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
-    real, real_note = ([], "not run (--no-real)") if args.no_real else train_and_capture(args)
+    real, model_timing, real_note = ([], None, "not run (--no-real)") if args.no_real else real_inputs(args)
 
     rows15, rows_bisect = [], []
     for length in args.lengths:
@@ -323,6 +414,29 @@ def main() -> None:
         *table(rows_bisect, "entmax_bisect"),
         "",
     ]
+    if model_timing is not None:
+        ms = model_timing["ms"]
+        lines += [
+            "## The trained model, whole: its attention normaliser swapped",
+            "",
+            "| normaliser | forward (ms) | forward + backward (ms) |",
+            "|---|---:|---:|",
+            *(
+                f"| {label} | {ms[(name, 'fwd')]:.1f} | {ms[(name, 'fwdbwd')]:.1f} |"
+                for name, label in (
+                    ("softmax", "softmax"),
+                    ("entmax15", "`entmax.entmax15` (the package)"),
+                    ("ours", "`hf_sparse.entmax_topk.entmax15`"),
+                )
+            ),
+            "",
+            f"Speed-up of the whole model vs the package: forward "
+            f"{ms[('entmax15', 'fwd')] / ms[('ours', 'fwd')]:.1f}×, forward + backward "
+            f"{ms[('entmax15', 'fwdbwd')] / ms[('ours', 'fwdbwd')]:.1f}×; ours / softmax "
+            f"{ms[('ours', 'fwd')] / ms[('softmax', 'fwd')]:.2f}× / "
+            f"{ms[('ours', 'fwdbwd')] / ms[('softmax', 'fwdbwd')]:.2f}×.",
+            "",
+        ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines))
     print(f"wrote {args.output}")
