@@ -5,6 +5,7 @@ hf-sparse demo [--pattern bigbird:3,1,2] [--steps 300]         train, evaluate, 
 hf-sparse dam [--structure offset] [--target-sparsity 0.9]     learn a DAM mask (SparseBERT), freeze, train on
 hf-sparse sparsefinder [--model DIR] [--method distance]       fit Sparsefinder predictors on an entmax SparseBERT
 hf-sparse card DIR [--metrics metrics.json]                    write the model card of a saved checkpoint
+hf-sparse benchmark [--patterns SPEC ...] [--lengths N ...]    forward time of sdpa / flex vs dense SDPA (CPU)
 
 Every command that trains works offline on the English gettext messages of this machine (``hf_sparse.data``), saves
 the model with its tokenizer, ``metrics.json`` and a model card (``README.md``) under ``--out``.
@@ -273,6 +274,40 @@ def cmd_card(args: argparse.Namespace) -> None:
     print(f"model card written to {card}")
 
 
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    """Forward time of masked SDPA and FlexAttention against dense SDPA, after checking both against float64."""
+    import torch
+
+    from .benchmarking import TOLERANCE, bench_one
+    from .patterns import parse
+
+    for spec in args.patterns:
+        parse(spec)  # every spec before the first (slow) row: a typo fails at once
+    for name in ("lengths", "heads", "head_dim", "repeats"):
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {values}")
+    torch.manual_seed(0)
+    print(
+        f"forward-only timings on CPU ({torch.get_num_threads()} threads), B=1, H={args.heads}, D={args.head_dim}, "
+        f"float32: ratios to dense SDPA measured side by side in this run (round-robin, medians of {args.repeats} "
+        f"rounds); max |diff| is to a float64 eager reference (must be < {TOLERANCE:g}). These are not the committed "
+        "numbers: scripts/benchmark_attention.py writes those (benchmarks/attention_backends.md)."
+    )
+    print(
+        f"{'pattern':<20} {'L':>6} {'block density':>13} {'dense SDPA (ms)':>15} {'sdpa-masked/dense':>17} "
+        f"{'flex/dense':>10} {'max |diff|':>10}"
+    )
+    for spec in args.patterns:
+        for n in args.lengths:
+            row = bench_one(spec, n, heads=args.heads, head_dim=args.head_dim, repeats=args.repeats)
+            print(
+                f"{spec:<20} {n:>6} {row['block_density']:>13.3f} {row['dense'] * 1e3:>15.2f} {row['sdpa']:>17.2f} "
+                f"{row['flex']:>10.2f} {row['max_diff']:>10.1e}",
+                flush=True,
+            )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hf-sparse", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -343,6 +378,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--title")
     p.add_argument("--out", help="directory for README.md (default: the checkpoint)")
     p.set_defaults(run=cmd_card)
+
+    p = commands.add_parser("benchmark", help="forward time of the sdpa / flex kernels vs dense SDPA, on this CPU")
+    p.add_argument("--patterns", nargs="+", default=["window:64", "bigbird:64,1,3"], metavar="SPEC")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048], metavar="N")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds (medians reported)")
+    p.set_defaults(run=cmd_benchmark)
 
     args = parser.parse_args(argv)
     try:

@@ -10,7 +10,8 @@ For each (pattern, length) it times, interleaved round-robin over ``--repeats`` 
 Before timing, both masked kernels are checked against a float64 eager reference; a mismatch aborts.
 FlexAttention has no backward on CPU, so only the forward pass is timed, under ``torch.no_grad()``.
 Writes a markdown report (default ``benchmarks/attention_backends.md``) used to set ``FLEX_MIN_LENGTH`` and
-``FLEX_MAX_BLOCK_DENSITY`` in ``hf_sparse/attention.py``.
+``FLEX_MAX_BLOCK_DENSITY`` in ``hf_sparse/attention.py``. The checking and timing live in
+``hf_sparse.benchmarking`` (shared with ``hf-sparse benchmark``); this script writes the report.
 
     python scripts/benchmark_attention.py [--repeats N] [--lengths ...] [--patterns ...]
 """
@@ -23,29 +24,26 @@ import math
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import transformers
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs from a checkout without installing the package
 
-from hf_sparse import attention, patterns  # noqa: E402
+from hf_sparse import attention  # noqa: E402
+from hf_sparse.benchmarking import TOLERANCE, bench_one  # noqa: E402
 
 DEFAULT_PATTERNS = ["window:64", "longformer:64,1", "bigbird:64,1,3", "strided:128", "block_local:128", "dense"]
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096]
-TOLERANCE = 1e-4  # max abs difference to the float64 eager reference
-MIN_SAMPLE_S = 0.02  # short calls are repeated within one sample until it lasts about this long
-CPU = torch.device("cpu")
 
 # If dynamo ever gives up compiling (e.g. its recompile limit), flex_attention silently runs unfused and
 # materialises the full score matrix; that would time the wrong kernel, so make it fail instead.
+# (hf_sparse.benchmarking does the same within its functions; this also covers the whole script.)
 warnings.filterwarnings("error", message=".*flex_attention called without torch.compile.*")
 
 
@@ -64,93 +62,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "attention_backends.md")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
-
-
-def reference(q, k, v, pattern, n, scaling):
-    """float64 eager attention, a few heads at a time to bound memory at long lengths."""
-    mask = attention.build_mask(pattern, None, n, CPU, "eager")
-    step = max(1, 2**26 // (n * n))  # about 0.5 GB of float64 scores per chunk
-    outs = [
-        attention.attend(
-            q[:, h : h + step].double(), k[:, h : h + step].double(), v[:, h : h + step].double(), mask, scaling=scaling
-        )[0]
-        for h in range(0, q.shape[1], step)
-    ]
-    return torch.cat(outs, dim=2)  # attend returns (B, L, H, D)
-
-
-def check(name, out, ref, spec, n):
-    diff = (out.double() - ref).abs().max().item()
-    if not diff < TOLERANCE:  # also catches NaN
-        sys.exit(
-            f"ABORT: {name} disagrees with the float64 eager reference for {spec!r} at L={n}: "
-            f"max abs diff {diff:.3e} >= {TOLERANCE}"
-        )
-    return diff
-
-
-def measure(variants: dict, repeats: int, warmup: int) -> dict[str, float]:
-    """Sample the variants round-robin (rotating the order every round); return the median seconds of
-    ``dense`` and, for every other variant, the median over rounds of its time / dense's time in that round.
-    """
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    # calls per sample, so that a dense SDPA sample lasts about MIN_SAMPLE_S (short kernels are not timer noise)
-    start = time.perf_counter()
-    variants["dense"]()
-    inner = max(1, math.ceil(MIN_SAMPLE_S / max(time.perf_counter() - start, 1e-6)))
-    names = list(variants)
-    samples = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            fn = variants[name]
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples[name].append((time.perf_counter() - start) / inner)
-    dense = samples.pop("dense")
-    ratios = {name: statistics.median(t / d for t, d in zip(s, dense)) for name, s in samples.items()}
-    return {"dense": statistics.median(dense), **ratios}
-
-
-def bench_one(spec: str, n: int, args: argparse.Namespace) -> dict:
-    pattern = patterns.parse(spec)
-    shape = (args.batch, args.heads, n, args.head_dim)
-    q, k, v = (torch.randn(shape) for _ in range(3))
-    scaling = args.head_dim**-0.5
-
-    torch._dynamo.reset()  # fresh compile per (pattern, L): realistic first-call cost, no recompile limit
-    sdpa_mask = attention.build_mask(pattern, None, n, CPU, "sdpa")
-    flex_mask = attention.build_mask(pattern, None, n, CPU, "flex")
-    start = time.perf_counter()
-    flex_out = attention.attend(q, k, v, flex_mask, scaling=scaling)[0]
-    first_call = time.perf_counter() - start
-
-    ref = reference(q, k, v, pattern, n, scaling)
-    sdpa_diff = check("sdpa-masked", attention.attend(q, k, v, sdpa_mask, scaling=scaling)[0], ref, spec, n)
-    flex_diff = check("flex", flex_out, ref, spec, n)
-    del ref
-
-    times = measure(
-        {
-            "dense": lambda: F.scaled_dot_product_attention(q, k, v),
-            "sdpa": lambda: attention.attend(q, k, v, sdpa_mask, scaling=scaling),
-            "flex": lambda: attention.attend(q, k, v, flex_mask, scaling=scaling),
-            "flex_mask": lambda: attention.build_mask(pattern, None, n, CPU, "flex"),
-        },
-        args.repeats,
-        args.warmup,
-    )
-    return {
-        "pattern": spec,
-        "L": n,
-        "density": 1.0 - patterns.sparsity(pattern, n),
-        "block_density": patterns.block_density(pattern, n, attention.FLEX_BLOCK_SIZE),
-        "first_call": first_call,
-        "max_diff": max(sdpa_diff, flex_diff),
-        **times,
-    }
 
 
 def table(rows: list[dict]) -> str:
@@ -245,7 +156,15 @@ def main() -> None:
     with torch.no_grad():
         for spec in args.patterns:
             for n in args.lengths:
-                row = bench_one(spec, n, args)
+                row = bench_one(
+                    spec,
+                    n,
+                    batch=args.batch,
+                    heads=args.heads,
+                    head_dim=args.head_dim,
+                    repeats=args.repeats,
+                    warmup=args.warmup,
+                )
                 rows.append(row)
                 print(
                     f"{spec:>16} L={n:<5} dense {row['dense'] * 1e3:8.2f} ms  sdpa/dense {row['sdpa']:5.2f}"

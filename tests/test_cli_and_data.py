@@ -105,3 +105,24 @@ def test_card_command_writes_a_card_and_refuses_a_checkpoint_that_is_not_ours(tm
     with pytest.raises(SystemExit) as info:
         cli.main(["card", str(tmp_path / "stock")])
     assert "holds ['BertForMaskedLM'], not an hf_sparse model" in str(info.value.code)
+
+
+def test_benchmark_command_prints_a_checked_row_per_pattern_and_length(capsys):
+    from hf_sparse.benchmarking import TOLERANCE
+
+    sizes = ["--heads", "2", "--head-dim", "16", "--repeats", "1"]
+    cli.main(["benchmark", "--patterns", "window:8", "--lengths", "128", *sizes])
+    lines = capsys.readouterr().out.splitlines()
+    assert "measured side by side in this run" in lines[0] and "scripts/benchmark_attention.py" in lines[0]
+    rows = [line.split() for line in lines if line.startswith("window:8 ")]
+    assert len(rows) == 1
+    spec, length, block_density, *_ratios, max_diff = rows[0]
+    assert (spec, int(length), float(block_density)) == ("window:8", 128, 1.0)  # one 128-tile
+    assert 0 <= float(max_diff) < TOLERANCE
+
+
+def test_benchmark_command_reports_a_bad_spec_and_exits_nonzero(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["benchmark", "--patterns", "window:8", "windw:3", "--lengths", "128"])
+    assert str(info.value.code).startswith("hf-sparse benchmark: unknown pattern 'windw'")
+    assert "window:8 " not in capsys.readouterr().out  # all specs are checked before the first row is timed
