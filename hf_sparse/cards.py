@@ -60,13 +60,26 @@ def _normaliser(fn: str, alpha: float) -> str:
     return {"softmax": "softmax", "entmax15": "1.5-entmax", "sparsemax": "sparsemax"}.get(fn, f"{alpha:g}-entmax")
 
 
+# the Sparsefinder settings each method reads (besides method, window, combine, layers)
+_METHOD_SETTINGS = {
+    "distance": ("projection_dim", "share_projections", "margin", "threshold", "top_k"),
+    "quantization": ("projection_dim", "share_projections", "margin", "num_buckets", "bucket_size"),
+    "clustering": ("projection_dim", "share_projections", "margin", "num_clusters", "top_clusters"),
+    "window": (),
+    "lsh": ("num_buckets", "num_hashes", "seed"),
+    "routing": ("num_clusters", "top_clusters", "seed"),
+    "bigbird": ("global_tokens", "random_keys", "seed"),
+}
+
+
 def _sparsefinder_lines(model) -> list[str]:
     settings = model.config.sparsefinder
     if not settings:
         return []
     modules = model.sparsefinder_modules()
     fitted = [layer for layer, module in modules.items() if bool(module.sparsefinder.fitted)]
-    shown = {k: v for k, v in settings.items() if k not in ("enabled",)}
+    keys = ("method", "window", "combine", "layers", *_METHOD_SETTINGS.get(settings.get("method"), ()))
+    shown = {k: settings[k] for k in keys if k in settings}
     return [
         "",
         "### Sparsefinder",
@@ -79,21 +92,25 @@ def _sparsefinder_lines(model) -> list[str]:
             "predicted pairs."
         ),
         "",
-        "Settings: " + ", ".join(f"`{k}={v}`" for k, v in sorted(shown.items())) + ".",
+        "Settings: " + ", ".join(f"`{k}={v}`" for k, v in shown.items()) + ".",
     ]
 
 
 def _sparse_bert_lines(model, n: int) -> list[str]:
     config = model.config
-    lines = [
-        f"Normaliser: {_normaliser(config.attention_fn, config.entmax_alpha)}. Pattern: `{config.attention_pattern}`. "
-        f"Sparsity below: fraction of the {n}×{n} attention matrix a layer never computes, averaged over heads.",
-        "",
-        "| layer | pattern | sparsity at n=" + str(n) + " |",
-        "|---:|---|---:|",
-    ]
-    for layer, pattern in enumerate(model.base_model.layer_patterns(n, "cpu")):
-        lines.append(f"| {layer} | `{pattern}` | {100 * sparsity(pattern, n):.1f} % |")
+    normaliser = _normaliser(config.attention_fn, config.entmax_alpha)
+    patterns = model.base_model.layer_patterns(n, "cpu")
+    if all(pattern.is_dense for pattern in patterns):
+        lines = [f"Normaliser: {normaliser}. Pattern: `dense` in every layer (no fixed or learned sparsity)."]
+    else:
+        lines = [
+            f"Normaliser: {normaliser}. Pattern: `{config.attention_pattern}`. Sparsity below: fraction of the "
+            f"{n}×{n} attention matrix a layer never computes, averaged over heads.",
+            "",
+            "| layer | pattern | sparsity at n=" + str(n) + " |",
+            "|---:|---|---:|",
+        ]
+        lines += [f"| {i} | `{p}` | {100 * sparsity(p, n):.1f} % |" for i, p in enumerate(patterns)]
     dam = config.dam
     if dam:
         state = "frozen: the learned mask is stored in the checkpoint" if dam.get("frozen") else "still searching"

@@ -262,14 +262,26 @@ def cmd_card(args: argparse.Namespace) -> None:
             metrics = json.load(handle)
     elif args.metrics:
         raise ValueError(f"--metrics {args.metrics}: no such file")
+    out = args.out or args.model
+    os.makedirs(out, exist_ok=True)
+    plots = {}
+    for image in args.plot or []:
+        if not os.path.isfile(image):
+            raise ValueError(f"--plot {image}: no such file")
+        name = os.path.basename(image)
+        if os.path.abspath(os.path.dirname(image)) != os.path.abspath(out):
+            shutil.copy(image, os.path.join(out, name))
+        plots[os.path.splitext(name)[0].replace("_", " ")] = name
     card = write_card(
         model,
-        args.out or args.model,
+        out,
         repo_id=args.repo_id or args.model,
         title=args.title,
+        description=args.description or "",
         metrics=metrics,
         dataset=args.dataset,
         base_model=args.base_model,
+        plots=plots,
     )
     print(f"model card written to {card}")
 
@@ -376,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base-model", help="Hub id of the model this one was trained from")
     p.add_argument("--repo-id", help="id shown in the loading snippet (default: the directory)")
     p.add_argument("--title")
+    p.add_argument("--description", help="the card's first paragraph (default: names the class and hf_sparse)")
+    p.add_argument("--plot", action="append", help="an image to show in the card (copied next to it); repeatable")
     p.add_argument("--out", help="directory for README.md (default: the checkpoint)")
     p.set_defaults(run=cmd_card)
 

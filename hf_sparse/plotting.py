@@ -60,7 +60,9 @@ def plot_layer_masks(model, n: int, path: str) -> None:
     """
     patterns = model.base_model.layer_patterns(n, "cpu")
     heads = model.config.num_attention_heads
-    fig, axes = plt.subplots(len(patterns), heads, figsize=(2.2 * heads, 2.5 * len(patterns)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(patterns), heads, figsize=(2.2 * heads, 2.8 * len(patterns) + 0.4), squeeze=False, layout="constrained"
+    )
     for layer, pattern in enumerate(patterns):
         masks = dense_mask(pattern, n).expand(heads, n, n)
         for head in range(heads):
@@ -70,6 +72,5 @@ def plot_layer_masks(model, n: int, path: str) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(f"{model.config.attention_pattern} at n={n} (row: query i, column: key j)", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -98,9 +98,17 @@ def test_card_command_writes_a_card_and_refuses_a_checkpoint_that_is_not_ours(tm
     model = SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs(attention_pattern="strided:4")))
     model.save_pretrained(tmp_path / "ours")
     (tmp_path / "m.json").write_text(json.dumps({"accuracy": 0.5}))
-    cli.main(["card", str(tmp_path / "ours"), "--metrics", str(tmp_path / "m.json"), "--repo-id", "org/strided"])
-    card = (tmp_path / "ours" / "README.md").read_text()
+    (tmp_path / "curve.png").write_bytes(b"\x89PNG not really")
+    cli.main(
+        ["card", str(tmp_path / "ours"), "--metrics", str(tmp_path / "m.json"), "--repo-id", "org/strided"]
+        + ["--plot", str(tmp_path / "curve.png"), "--description", "Made by a test.", "--out", str(tmp_path / "c")]
+    )
+    card = (tmp_path / "c" / "README.md").read_text()
     assert "org/strided" in card and "| accuracy | 0.5 |" in card and "`strided:4`" in card
+    assert "Made by a test." in card and "![curve](curve.png)" in card and (tmp_path / "c" / "curve.png").exists()
+    with pytest.raises(SystemExit) as info:
+        cli.main(["card", str(tmp_path / "ours"), "--plot", str(tmp_path / "missing.png")])
+    assert "--plot" in str(info.value.code) and "no such file" in str(info.value.code)
     BertForMaskedLM(tiny_bert_config()).save_pretrained(tmp_path / "stock")
     with pytest.raises(SystemExit) as info:
         cli.main(["card", str(tmp_path / "stock")])
