@@ -320,6 +320,17 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
             )
 
 
+def _corpus_arguments(p: argparse.ArgumentParser, out: str) -> None:
+    """Options of the commands that train on the offline corpus (``mlm.offline_mlm_corpus``) and save under --out."""
+    p.add_argument("--lang", default="de", help="gettext catalogue language whose English messages are the corpus")
+    p.add_argument("--vocab-size", type=int, default=4000)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-sentences", type=int, default=None, help="use only this many messages (default: all)")
+    p.add_argument("--eval-sentences", type=int, default=2000, help="held-out messages")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hf-sparse", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -352,13 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--search-steps", type=int, default=None, help="at most this many search steps (default half)")
     p.add_argument("--penalty", type=float, default=1e-4, help="final λ on the summed mask (rises from 0)")
     p.add_argument("--gate-lr", type=float, default=0.05)
-    p.add_argument("--lang", default="de", help="gettext catalogue language whose English messages are the corpus")
-    p.add_argument("--vocab-size", type=int, default=4000)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--max-sentences", type=int, default=None, help="use only this many messages (default: all)")
-    p.add_argument("--eval-sentences", type=int, default=2000, help="held-out messages")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="outputs/dam")
+    _corpus_arguments(p, out="outputs/dam")
     p.set_defaults(run=cmd_dam)
 
     p = commands.add_parser("sparsefinder", help="fit Sparsefinder predictors on an entmax SparseBERT, sweep, save")
@@ -372,13 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=5, help="projection-fitting epochs")
     p.add_argument("--fit-blocks", type=int, default=64)
     p.add_argument("--eval-blocks", type=int, default=64)
-    p.add_argument("--lang", default="de")
-    p.add_argument("--vocab-size", type=int, default=4000)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--max-sentences", type=int, default=None, help="use only this many messages (default: all)")
-    p.add_argument("--eval-sentences", type=int, default=2000, help="held-out messages")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="outputs/sparsefinder")
+    _corpus_arguments(p, out="outputs/sparsefinder")
     p.set_defaults(run=cmd_sparsefinder)
 
     p = commands.add_parser("card", help="write the model card (README.md) of a saved hf_sparse checkpoint")

@@ -14,6 +14,7 @@ from hf_sparse import (
 )
 from hf_sparse.cards import model_card, write_card
 from hf_sparse.patterns import sparsity
+from test_modeling_entmax_marian import MARIAN
 
 
 def test_sparse_bert_card_has_hub_metadata_layer_sparsities_metrics_and_mask_heatmap(tmp_path):
@@ -48,20 +49,7 @@ def test_frozen_dam_card_reports_the_stored_mask_and_per_layer_sparsity(tmp_path
 
 
 def test_marian_card_names_the_normalisers_and_the_unfitted_predictors():
-    config = EntmaxSparsefinderMarianConfig(
-        vocab_size=20,
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=8,
-        decoder_ffn_dim=8,
-        max_position_embeddings=32,
-        pad_token_id=0,
-        decoder_start_token_id=0,
-        sparsefinder={"method": "quantization", "num_buckets": 3},
-    )
+    config = EntmaxSparsefinderMarianConfig(**MARIAN, sparsefinder={"method": "quantization", "num_buckets": 3})
     card = model_card(EntmaxSparsefinderMarianMTModel(config), repo_id="org/mt")
     assert card.data.pipeline_tag == "translation" and {"entmax", "sparsefinder"} <= set(card.data.tags)
     assert "AutoModelForSeq2SeqLM" in card.text

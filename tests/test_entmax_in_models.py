@@ -17,6 +17,7 @@ from hf_sparse import (
     SparseBertForMaskedLM,
 )
 from hf_sparse import attention as attention_module
+from test_modeling_entmax_marian import MARIAN
 
 PACKAGE = {
     "entmax15": lambda x, alpha: entmax.entmax15(x, dim=-1),
@@ -68,20 +69,7 @@ def test_sparse_bert_entmax_attention_equals_the_package(fn, monkeypatch):
 def test_entmax_marian_every_attention_equals_the_package(monkeypatch):
     torch.manual_seed(0)
     config = EntmaxSparsefinderMarianConfig(
-        vocab_size=25,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=37,
-        decoder_ffn_dim=37,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        decoder_start_token_id=0,
-        eos_token_id=3,
-        dropout=0.0,
-        attention_dropout=0.0,
+        **MARIAN,
         decoder_attention_fn="entmax15",
         encoder_attention_fn="entmax_bisect",
         cross_attention_fn="sparsemax",

@@ -137,9 +137,8 @@ def test_frozen_dam_checkpoint_loads_without_hf_sparse_with_the_same_mask_and_lo
 
 
 def test_entmax_marian_loads_without_hf_sparse_with_identical_logits_and_generations(tmp_path):
-    from test_modeling_entmax_marian import MARIAN, batch
-
     from hf_sparse import EntmaxSparsefinderMarianConfig, EntmaxSparsefinderMarianMTModel
+    from test_modeling_entmax_marian import MARIAN, batch
 
     torch.manual_seed(0)
     model = EntmaxSparsefinderMarianMTModel(EntmaxSparsefinderMarianConfig(**MARIAN, entmax_alpha=1.5)).eval()

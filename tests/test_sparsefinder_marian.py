@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from test_modeling_entmax_marian import MARIAN, _sharpen, batch
 
 from hf_sparse import EntmaxSparsefinderMarianConfig, EntmaxSparsefinderMarianMTModel
 from hf_sparse.sparsefinder import fit
+from test_modeling_entmax_marian import MARIAN, _sharpen, batch
 
 
 def model_with(**sparsefinder):
