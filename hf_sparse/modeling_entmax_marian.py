@@ -80,7 +80,12 @@ def entmax_marian_attention(
         output_attentions=True,
     )
     if collector is not None:  # fitting Sparsefinder: record this layer's queries, keys and entmax support
-        collector(module, query, key, probs, keep)
+        valid = keep
+        if keep is not None and keep.shape[-2] == keep.shape[-1]:
+            # Transformers' decoder mask marks padded keys only; in (causal) self-attention position i is a padded
+            # key iff (i, i) is masked, and then it is no real query either: its row is not part of the graph.
+            valid = keep & keep.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+        collector(module, query, key, probs, valid)
     return out, probs
 
 

@@ -122,6 +122,32 @@ def test_sparsity_recall_admitting_everything_has_recall_one_and_matches_a_brute
     assert max(dropped) > 0.05  # entmax did drop pairs somewhere
 
 
+def test_gold_graphs_leave_out_padded_decoder_queries_and_keys():
+    """decoder_attention_mask pads the targets: their rows and columns are not pairs (as for SparseBERT's padding)."""
+    from hf_sparse.evaluation import sparsity_recall
+    from hf_sparse.sparsefinder import collect_attention
+
+    model = model_with(threshold=1e9)
+    batches = loader(2)
+    for b in batches:
+        real = torch.ones_like(b["decoder_input_ids"])
+        real[1, 6:] = 0
+        real[2, 3:] = 0
+        b["decoder_attention_mask"] = real
+    fit(model, batches, epochs=1, progress=False)
+    collected = collect_attention(model, batches, progress=False)
+    for layer_batches in collected.values():
+        for (_, _, gold, valid), b in zip(layer_batches, batches):
+            real = b["decoder_attention_mask"].bool()
+            length = real.shape[1]
+            want = torch.ones(length, length, dtype=torch.bool).tril() & real[:, None, :, None] & real[:, None, None]
+            assert torch.equal(valid, want)
+            assert not (gold & ~valid).any()
+    # the metrics count real pairs only: admitting everything still has recall 1 and graph sparsity 0
+    result = sparsity_recall(model, batches, progress=False)
+    assert result["average"]["recall"] == 1.0 and result["average"]["graph_sparsity"] == 0.0
+
+
 def test_pareto_sweeps_every_method_and_writes_csv_and_plot(tmp_path):
     from hf_sparse.evaluation import pareto
 
