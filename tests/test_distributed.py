@@ -7,20 +7,24 @@ from pathlib import Path
 import torch
 
 
-def test_dam_search_under_accelerate_launch_two_cpu_processes_keeps_gates_identical(tmp_path):
+def launch_two_processes(script: str, tmp_path: Path, port: int) -> list[dict]:
+    """``accelerate launch --multi_gpu --num_processes 2`` of a child script on CPU (gloo); what each rank saved."""
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    script = Path(__file__).with_name("distributed_dam_run.py")
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
     done = subprocess.run(
-        [*command, str(script), str(tmp_path)],
+        [*command, str(Path(__file__).with_name(script)), str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+def test_dam_search_under_accelerate_launch_two_cpu_processes_keeps_gates_identical(tmp_path):
+    ranks = launch_two_processes("distributed_dam_run.py", tmp_path, port=29517)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["backend"] == "gloo"
     assert ranks[0]["steps"] == ranks[1]["steps"] == 6
@@ -38,19 +42,7 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_sparsefinder_callback_under_accelerate_launch_two_cpu_processes_broadcasts_identical_predictors(tmp_path):
     from hf_sparse.sparsefinder import window_pairs
 
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    script = Path(__file__).with_name("distributed_sparsefinder_run.py")
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531"]
-    done = subprocess.run(
-        [*command, str(script), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = launch_two_processes("distributed_sparsefinder_run.py", tmp_path, port=29531)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["backend"] == "gloo"
     assert ranks[0]["steps"] == ranks[1]["steps"] == 4
