@@ -338,16 +338,15 @@ def _grad_closed_form(dy, s, rows):
 
 # closed-form normalisers: solver on sorted candidates, and s = 1/g''(p) for the backward
 _CLOSED_FORMS = {
-    "entmax15": (lambda: _solve15, torch.sqrt),
-    "sparsemax": (lambda: _solve_sparsemax, lambda p: (p > 0).to(p.dtype)),
+    "entmax15": (_solve15, torch.sqrt),
+    "sparsemax": (_solve_sparsemax, lambda p: (p > 0).to(p.dtype)),
 }
 
 
 class _ClosedFormTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keep, k, kind):
-        solver, gppr = _CLOSED_FORMS[kind]
-        solve = solver()
+        solve, gppr = _CLOSED_FORMS[kind]
         if k is None:
             k = _sample_k(x, keep, solve, None, _compute_dtype(x.dtype))
         out, blocks = _forward(x, keep, min(k, x.shape[1]), solve, None)
