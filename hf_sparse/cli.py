@@ -290,7 +290,7 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     """Forward time of masked SDPA and FlexAttention against dense SDPA, after checking both against float64."""
     import torch
 
-    from .benchmarking import TOLERANCE, bench_one
+    from .benchmarking import TOLERANCE, KernelMismatch, bench_one
     from .patterns import parse
 
     for spec in args.patterns:
@@ -312,7 +312,10 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     )
     for spec in args.patterns:
         for n in args.lengths:
-            row = bench_one(spec, n, heads=args.heads, head_dim=args.head_dim, repeats=args.repeats)
+            try:
+                row = bench_one(spec, n, heads=args.heads, head_dim=args.head_dim, repeats=args.repeats)
+            except KernelMismatch as error:
+                sys.exit(f"hf-sparse benchmark: {error}")
             print(
                 f"{spec:<20} {n:>6} {row['block_density']:>13.3f} {row['dense'] * 1e3:>15.2f} {row['sdpa']:>17.2f} "
                 f"{row['flex']:>10.2f} {row['max_diff']:>10.1e}",

@@ -134,3 +134,13 @@ def test_benchmark_command_reports_a_bad_spec_and_exits_nonzero(capsys):
         cli.main(["benchmark", "--patterns", "window:8", "windw:3", "--lengths", "128"])
     assert str(info.value.code).startswith("hf-sparse benchmark: unknown pattern 'windw'")
     assert "window:8 " not in capsys.readouterr().out  # all specs are checked before the first row is timed
+
+
+def test_benchmark_command_refuses_to_time_a_kernel_that_disagrees_with_the_reference(monkeypatch):
+    from hf_sparse import benchmarking
+
+    monkeypatch.setattr(benchmarking, "TOLERANCE", 0.0)  # no kernel is exact: every check now fails
+    with pytest.raises(SystemExit) as info:
+        cli.main(["benchmark", "--patterns", "window:8", "--lengths", "128", "--heads", "1", "--head-dim", "8"])
+    assert str(info.value.code).startswith("hf-sparse benchmark: ")
+    assert "disagrees with the float64 eager reference for 'window:8' at L=128" in str(info.value.code)
