@@ -165,12 +165,13 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
     from . import SparseBertConfig, SparseBertForMaskedLM
     from .evaluation import DEFAULT_SWEEP, masked_lm_metrics, operating_point, pareto, predictor_like
     from .mlm import corpus_for_tokenizer, fixed_mask_batches, offline_mlm_corpus, small_bert_config, train_mlm
-    from .sparsefinder import collect_attention, fit, resolve_config
+    from .sparsefinder import CENTROID_METHODS, collect_attention, fit, resolve_config
 
     os.makedirs(args.out, exist_ok=True)
     if args.model:
         source = args.model
-        limit = SparseBertConfig.from_pretrained(source).max_position_embeddings
+        source_config = SparseBertConfig.from_pretrained(source)
+        limit = source_config.max_position_embeddings
         if args.max_length > limit:
             raise ValueError(f"--max-length {args.max_length} exceeds the model's max_position_embeddings {limit}")
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -187,8 +188,9 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
         train_mlm(softmax, corpus, args.out, steps=args.pretrain_steps, seed=args.seed)
         source = os.path.join(args.out, "softmax")
         softmax.save_pretrained(source)
+        source_config = softmax.config
     settings = resolve_config({"method": args.method, "projection_dim": args.projection_dim, "window": args.window})
-    fn = getattr(SparseBertConfig.from_pretrained(source), "attention_fn", "softmax")
+    fn = source_config.attention_fn
     model = SparseBertForMaskedLM.from_pretrained(
         source, attention_fn="entmax15" if fn == "softmax" else fn, sparsefinder=settings
     )
@@ -204,9 +206,10 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
     rows = pareto(model, eval_data, {args.method: DEFAULT_SWEEP[args.method]}, csv_path=csv, png_path=png)
     point = operating_point(rows, args.method, args.recall)
     chosen = resolve_config({**settings, **point["overrides"]})
-    collected = collect_attention(model, fit_data, max_sentences=args.fit_blocks, progress=False)
-    for layer, module in model.sparsefinder_modules().items():
-        module.sparsefinder = predictor_like(module.sparsefinder, chosen, collected[layer])
+    if args.method in CENTROID_METHODS:  # k-means centroids for the chosen number of clusters; projections are kept
+        collected = collect_attention(model, fit_data, max_sentences=args.fit_blocks, progress=False)
+        for layer, module in model.sparsefinder_modules().items():
+            module.sparsefinder = predictor_like(module.sparsefinder, chosen, collected[layer])
     model.config.sparsefinder = chosen
     full = masked_lm_metrics(model, corpus.tokenizer, corpus.eval, seed=args.seed)
     model.config.sparsefinder = {**chosen, "enabled": True}
