@@ -151,6 +151,7 @@ def normalize(scores: torch.Tensor, keep: torch.Tensor | None, attention_fn: str
     The entmax family runs :mod:`hf_sparse.entmax_topk`: the ``entmax`` package's exact result (to float rounding),
     solved on each row's top-k scores instead of a sort / bisection over the whole row.
     """
+    check_choice("attention_fn", attention_fn, ATTENTION_FUNCTIONS)
     if attention_fn == "softmax":
         if keep is not None:
             scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
@@ -161,9 +162,7 @@ def normalize(scores: torch.Tensor, keep: torch.Tensor | None, attention_fn: str
         return entmax15(scores, keep=keep)
     if attention_fn == "sparsemax":
         return sparsemax(scores, keep=keep)
-    if attention_fn == "entmax_bisect":
-        return entmax_alpha(scores, alpha, keep=keep)
-    raise ValueError(f"unknown attention_fn {attention_fn!r}; valid values: {', '.join(ATTENTION_FUNCTIONS)}")
+    return entmax_alpha(scores, alpha, keep=keep)  # entmax_bisect
 
 
 def attend(
