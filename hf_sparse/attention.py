@@ -1,11 +1,13 @@
 """One attention function for every model: which pairs may attend is decided once per forward
-(:func:`build_mask`), then :func:`attend` runs the kernel that was chosen for it.
+(:func:`build_mask`, from the pattern's cached block map: no pattern is evaluated again for a length it has seen),
+then :func:`attend` runs the kernel that was chosen for it.
 
 Kernels
-    ``eager``  matmul + mask + normaliser; the reference, the only one that returns probabilities and the
-               only one for entmax-family normalisers.
+    ``eager``  matmul + mask + normaliser; the reference, and the only one that returns probabilities.
     ``sdpa``   ``torch.nn.functional.scaled_dot_product_attention`` with a boolean mask (dense work).
-    ``flex``   FlexAttention with a ``BlockMask``: skips fully masked tiles (block-sparse work), compiled.
+    ``flex``   FlexAttention with a ``BlockMask``: skips fully masked tiles (block-sparse work), compiled; softmax.
+    ``tiles``  block-sparse by gathering each tile row's touched key tiles (:func:`attend_tiles`): every
+               normaliser, autograd, no compiler.
     ``auto``   picks by what is possible, then by the crossover measured in ``benchmarks/attention_backends.md``.
 
 Every kernel returns exact zeros for a query row with no allowed key (never NaN).
@@ -20,34 +22,53 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .block_maps import (
+    TileLayout,
+    cached_block_density,
+    cached_dense_mask,
+    cached_tile_layout,
+    flex_block_mask,
+)
 from .entmax_topk import entmax15, entmax_alpha, sparsemax  # `from .x import` form: remote code copies x
-from .patterns import Pattern, block_density, block_mask, dense_mask
+from .patterns import Pattern
 
 ATTENTION_FUNCTIONS = ("softmax", "entmax15", "entmax_bisect", "sparsemax")
-BACKENDS = ("auto", "eager", "sdpa", "flex")
+BACKENDS = ("auto", "eager", "sdpa", "flex", "tiles")
 
-# Crossover measured by scripts/benchmark_attention.py (benchmarks/attention_backends.md, CPU, 2 cores): the
-# block-sparse FlexAttention forward costs ≈ 1.6-1.9 × block density of a dense SDPA call, so it wins up to a
-# block density of about 0.55; at 0.5 it takes at most 0.8 of dense. Below L = 512 the gain (≤ 0.2 ms per layer)
-# does not pay for a compile. CUDA was not measured here: its entry is a conservative guess.
-FLEX_MIN_LENGTH = {"cpu": 512, "cuda": 1024}
-FLEX_MAX_BLOCK_DENSITY = 0.5
+# When a block-sparse kernel pays, measured by scripts/benchmark_attention.py (benchmarks/attention_backends.md,
+# CPU, 2 cores, B=1, H=12, D=64). CPU: the tiles kernel beats dense SDPA from L = 2048 at block density <= 0.3
+# (window:64: 0.68 of dense at 2048, 0.21 at 8192); it beats the eager dense entmax from L = 1024 at block
+# density <= 0.5. CUDA was not measured here: its entries are conservative guesses, and FlexAttention runs there.
+BLOCK_SPARSE_MIN_LENGTH = {"cpu": {"softmax": 2048, "entmax": 1024}, "cuda": {"softmax": 1024, "entmax": 1024}}
+BLOCK_SPARSE_MAX_DENSITY = {"softmax": 0.3, "entmax": 0.5}
 FLEX_BLOCK_SIZE = 128
 
-_compiled_flex = None
+# Compilations FlexAttention may accumulate before dynamo gives up on it and runs it unfused (which materialises the
+# whole score matrix, 2-9x slower than dense). On CUDA they are bounded by the two tile-lookup mask_mods of
+# hf_sparse.block_maps and a few shape generalisations; on CPU there is one per (pattern, length), see
+# compiled_flex_attention. Dynamo's default of 8 would be reached by a CPU process that sees nine.
+FLEX_RECOMPILE_LIMIT = 256
+
+_compiled_flex: dict[bool, object] = {}
 
 
-def compiled_flex_attention():
+def compiled_flex_attention(device_type: str = "cuda"):
     """FlexAttention compiled once per process (uncompiled it materialises the full score matrix).
 
-    Automatic dynamic shapes (not ``dynamic=False``): a second sequence length recompiles once for symbolic
-    lengths; with static shapes every new length recompiles and after 8 dynamo gives up and runs the slow
-    unfused path (measured: ~9x slower than dense SDPA).
+    CUDA: automatic dynamic shapes, so a second sequence length recompiles once for symbolic lengths, and every
+    pattern reaches the kernel as data through the same tile-lookup ``mask_mod``
+    (:func:`hf_sparse.block_maps.tile_lookup_in_kernel`).
+
+    CPU: static shapes, one compilation per pattern and length. Under symbolic lengths Inductor's C++
+    FlexAttention template (torch 2.13) emits C++ that does not compile for many ``mask_mod``s (``causal``,
+    ``no_diagonal``, ``logsparse`` once another pattern compiled first; see ``tile_lookup_in_kernel``), so on CPU
+    ``attention_backend="auto"`` runs the ``tiles`` kernel, which needs no compiler, and ``flex`` is there for
+    an explicit request.
     """
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex
+    dynamic = device_type != "cpu"
+    if dynamic not in _compiled_flex:
+        _compiled_flex[dynamic] = torch.compile(flex_attention, dynamic=None if dynamic else False)
+    return _compiled_flex[dynamic]
 
 
 @dataclass
@@ -57,7 +78,9 @@ class AttentionMask:
     ``keep`` is a ``(B|1, H|1, Lq, Lk)`` bool tensor for eager/sdpa (``None``: everything allowed);
     ``block_mask`` is the FlexAttention form (``None`` unless ``backend == "flex"``);
     ``bias`` is an additive float ``(B|1, H|1, Lq, Lk)`` term on the scores (the DAM search's −c·(1−M), eager only);
-    ``valid_tokens`` is the ``(B, L)`` padding mask itself (True = real token), for predictors and gold graphs.
+    ``valid_tokens`` is the ``(B, L)`` padding mask itself (True = real token), for predictors and gold graphs;
+    ``has_key`` is ``keep.any(-1, keepdim=True)``, computed once for every layer that shares the mask (SDPA zeroes
+    the rows without a key with it); ``layout`` the pattern's touched tiles for the ``tiles`` kernel.
     """
 
     backend: str
@@ -65,6 +88,8 @@ class AttentionMask:
     block_mask: BlockMask | None = None
     bias: torch.Tensor | None = None
     valid_tokens: torch.Tensor | None = None
+    has_key: torch.Tensor | None = None
+    layout: TileLayout | None = None
 
 
 def check_choice(name: str, value: str, valid: tuple[str, ...]) -> str:
@@ -88,6 +113,10 @@ def choose_backend(
     """Resolve ``requested`` to a kernel, refusing (not silently replacing) impossible explicit requests.
 
     ``soft_mask``: an additive, differentiable mask is in play (DAM search), which only the eager kernel takes.
+    ``auto``: eager when probabilities are asked for; a block-sparse kernel (FlexAttention on CUDA for softmax,
+    ``tiles`` otherwise) when the sequence is long and the pattern block-sparse enough to pay (measured
+    crossover above; the density comes from the pattern's block map on the CPU, cached, so no device is read);
+    else SDPA for softmax, eager for the entmax family.
     """
     check_choice("attention_backend", requested, BACKENDS)
     if soft_mask:
@@ -99,11 +128,11 @@ def choose_backend(
         return "eager"
     reasons_not_flex = []
     if attention_fn != "softmax":
-        reasons_not_flex.append(f"attention_fn={attention_fn!r} is not a softmax")
+        reasons_not_flex.append(f"attention_fn={attention_fn!r} is not a softmax (the tiles kernel runs it)")
     if output_attentions:
         reasons_not_flex.append("output_attentions=True needs the probabilities")
     if needs_grad and device.type == "cpu":
-        reasons_not_flex.append("FlexAttention has no backward on CPU")
+        reasons_not_flex.append("FlexAttention has no backward on CPU (the tiles kernel has)")
     if dropout > 0:
         reasons_not_flex.append(f"attention dropout {dropout} is active (set attention_probs_dropout_prob=0)")
 
@@ -111,6 +140,13 @@ def choose_backend(
         if reasons_not_flex:
             raise ValueError("attention_backend='flex' is not possible here: " + "; ".join(reasons_not_flex))
         return "flex"
+    if requested == "tiles":
+        if output_attentions:
+            raise ValueError(
+                "attention_backend='tiles' does not return probabilities (output_attentions=True); use 'eager' or "
+                "'auto'"
+            )
+        return "tiles"
     if requested == "sdpa":
         if attention_fn != "softmax" or output_attentions:
             raise ValueError(
@@ -121,28 +157,36 @@ def choose_backend(
     if requested == "eager":
         return "eager"
     # auto
-    if attention_fn != "softmax" or output_attentions:
+    family = "softmax" if attention_fn == "softmax" else "entmax"
+    dense_kernel = "sdpa" if family == "softmax" else "eager"
+    if output_attentions:
         return "eager"
-    if reasons_not_flex or pattern.is_dense or n < FLEX_MIN_LENGTH.get(device.type, FLEX_MIN_LENGTH["cuda"]):
-        return "sdpa"
-    if block_density(pattern, n, FLEX_BLOCK_SIZE) > FLEX_MAX_BLOCK_DENSITY:
-        return "sdpa"
-    return "flex"
+    if pattern.is_dense or n < BLOCK_SPARSE_MIN_LENGTH.get(device.type, BLOCK_SPARSE_MIN_LENGTH["cuda"])[family]:
+        return dense_kernel
+    if cached_block_density(pattern, n, "cpu", FLEX_BLOCK_SIZE) > BLOCK_SPARSE_MAX_DENSITY[family]:
+        return dense_kernel
+    return "flex" if device.type == "cuda" and not reasons_not_flex else "tiles"
 
 
 def build_mask(
     pattern: Pattern, key_valid: torch.Tensor | None, n: int, device: torch.device, backend: str
 ) -> AttentionMask:
-    """Combine the pattern with the padding mask (``key_valid``: ``(B, n)`` bool, True = real token)."""
+    """Combine the pattern with the padding mask (``key_valid``: ``(B, n)`` bool, True = real token).
+
+    The pattern's part comes from the cache (:mod:`hf_sparse.block_maps`); only the padding is new per batch.
+    """
     valid = None if key_valid is None else key_valid.to(device=device, dtype=torch.bool)
+    if backend == "tiles":
+        return AttentionMask(backend, layout=cached_tile_layout(pattern, n, device), valid_tokens=valid)
     if backend == "flex":
-        mask = block_mask(pattern, n, device, valid, FLEX_BLOCK_SIZE)
+        mask = flex_block_mask(pattern, n, device, valid, FLEX_BLOCK_SIZE)
         return AttentionMask(backend, block_mask=mask, valid_tokens=valid)
-    keep = None if pattern.is_dense else dense_mask(pattern, n, device)[None]
+    keep = None if pattern.is_dense else cached_dense_mask(pattern, n, device)[None]
     if valid is not None:
         pad = valid[:, None, None, :]
         keep = pad if keep is None else keep & pad
-    return AttentionMask(backend, keep=keep, valid_tokens=valid)
+    has_key = None if keep is None else keep.any(dim=-1, keepdim=True)
+    return AttentionMask(backend, keep=keep, valid_tokens=valid, has_key=has_key)
 
 
 def normalize(scores: torch.Tensor, keep: torch.Tensor | None, attention_fn: str, alpha: float) -> torch.Tensor:
@@ -190,13 +234,104 @@ def attend(
         return out.transpose(1, 2).contiguous(), probs if output_attentions else None
     if mask.backend == "sdpa":
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.keep, dropout_p=dropout, scale=scaling)
-        if mask.keep is not None:
-            out = out * mask.keep.any(dim=-1, keepdim=True)  # rows with no allowed key: 0, and no NaN gradient
+        if mask.keep is not None:  # rows with no allowed key: 0, and no NaN gradient
+            out = out * (mask.has_key if mask.has_key is not None else mask.keep.any(dim=-1, keepdim=True))
         return out.transpose(1, 2).contiguous(), None
     if mask.backend == "flex":
-        out = compiled_flex_attention()(query, key, value, block_mask=mask.block_mask, scale=scaling)
+        with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
+            out = compiled_flex_attention(query.device.type)(
+                query, key, value, block_mask=mask.block_mask, scale=scaling
+            )
+        return out.transpose(1, 2).contiguous(), None
+    if mask.backend == "tiles":
+        out = attend_tiles(
+            query, key, value, mask.layout, mask.valid_tokens, scaling, dropout, attention_fn, alpha
+        )
         return out.transpose(1, 2).contiguous(), None
     raise ValueError(f"unknown attention backend {mask.backend!r}; valid: eager, sdpa, flex")
+
+
+_TILE_SCORES_PER_STEP = 1 << 25  # scores (floats) computed at once by attend_tiles: 128 MB in float32
+
+
+def attend_tiles(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: TileLayout,
+    valid_keys: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    attention_fn: str = "softmax",
+    alpha: float = 1.5,
+) -> torch.Tensor:
+    """Block-sparse attention by gathering: each tile row of queries scores only the key tiles it touches.
+
+    Plain tensor operations, so it runs every normaliser (softmax through SDPA, the entmax family through
+    :func:`normalize`), trains (autograd), and needs no compilation. Per group of tile rows of similar width the
+    touched key and value tiles are gathered, scored, masked by the tiles' contents and the padding, normalised
+    over the row and mixed, a few tile rows at a time to bound memory. The result equals dense masked attention
+    (keys outside the touched tiles have probability 0 either way). ``(B, H, L, D)`` inputs → ``(B, H, L, Dv)``.
+    """
+    b, h, n, d = query.shape
+    blk, nb, dv = layout.block, layout.blocks, value.shape[-1]
+    pad = nb * blk - n
+
+    def tiled(x):  # (B, H, n, D) → (B, H, blocks, blk, D)
+        return F.pad(x, (0, 0, 0, pad)).view(b, h, nb, blk, x.shape[-1])
+
+    q, k, v = tiled(query), tiled(key), tiled(value)
+    valid = None
+    if valid_keys is not None:
+        valid = F.pad(valid_keys.to(device=query.device, dtype=torch.bool), (0, pad)).view(b, nb, blk)
+    parts, order = [], []
+    for group in layout.groups:
+        order.append(group.rows)
+        if group.slots is None:
+            parts.append(query.new_zeros(b, h, len(group.rows), blk, dv))
+            continue
+        step = max(1, _TILE_SCORES_PER_STEP // max(1, b * h * blk * group.width * blk))
+        for start in range(0, len(group.rows), step):
+            sl = slice(start, start + step)
+            parts.append(
+                _attend_tile_rows(
+                    q[:, :, group.rows[sl]], k, v, valid, group.columns[:, sl], group.slots[:, sl], layout.bits,
+                    scaling, dropout, attention_fn, alpha,
+                )
+            )
+    out = torch.cat(parts, dim=2)
+    out = out.index_select(2, torch.argsort(torch.cat(order)))
+    return out.reshape(b, h, nb * blk, dv)[:, :, :n]
+
+
+def _attend_tile_rows(q, k, v, valid, columns, slots, bits, scaling, dropout, attention_fn, alpha):
+    """``q`` ``(B, H, r, blk, D)`` tile rows against their key tiles ``columns`` ``(H|1, r, K)``."""
+    b, h, r, blk, d = q.shape
+    width = columns.shape[-1]
+    if columns.shape[0] > 1:  # a pattern that differs between heads
+        heads = torch.arange(h, device=q.device).view(h, 1, 1)
+        keys, values = k[:, heads, columns], v[:, heads, columns]  # (B, H, r, K, blk, D)
+    else:
+        keys, values = k[:, :, columns[0]], v[:, :, columns[0]]
+    keys, values = keys.reshape(b, h, r, width * blk, d), values.reshape(b, h, r, width * blk, v.shape[-1])
+    keep = bits[slots.clamp(min=0)] & (slots >= 0)[..., None, None]  # (H|1, r, K, blk, blk), query-major
+    keep = keep.transpose(2, 3).reshape(1, -1, r, blk, width * blk)
+    if valid is not None:
+        gathered = valid[:, columns[0]] if columns.shape[0] == 1 else valid[:, columns]  # (B, [H,] r, K, blk)
+        keep = keep & gathered.reshape(b, -1, r, 1, width * blk)
+    if attention_fn == "softmax":  # as 4-D inputs, which SDPA's fused CPU kernel takes (5-D runs its math path)
+        keep = keep.expand(b, h, r, blk, width * blk)
+        out = F.scaled_dot_product_attention(
+            q.reshape(b, h * r, blk, d),
+            keys.reshape(b, h * r, width * blk, d),
+            values.reshape(b, h * r, width * blk, -1),
+            attn_mask=keep.reshape(b, h * r, blk, width * blk),
+            dropout_p=dropout,
+            scale=scaling,
+        ).view(b, h, r, blk, -1)
+        return out * keep.any(dim=-1, keepdim=True)  # a query with no allowed key: 0, and no NaN gradient
+    probs = normalize(torch.matmul(q, keys.transpose(-1, -2)) * scaling, keep, attention_fn, alpha)
+    return torch.matmul(F.dropout(probs, p=dropout, training=dropout > 0), values)
 
 
 def attend_gathered(

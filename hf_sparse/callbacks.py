@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .dam import DAMGates
-from .patterns import bind_learned, dense_mask, parse
+from .patterns import dense_mask, parse, without_learned
 
 SCHEDULES = ("constant", "linear", "cosine")
 # Trainer.get_decay_parameter_names' rule (transformers 5): these names get no weight decay.
@@ -152,8 +152,7 @@ class DAMCallback(TrainerCallback):
         gates = dam_gates(model)
         n = self.density_length or gates.max_length
         with torch.no_grad():
-            everything = torch.ones(gates.num_heads, n, n, dtype=torch.bool)
-            inside = dense_mask(bind_learned(parse(base.config.attention_pattern), everything), n).float()
+            inside = dense_mask(without_learned(parse(base.config.attention_pattern)), n).float()
             mask = gates.deterministic_mask(n) if base.dam_searching() else gates.frozen(n)
             inside = inside.to(mask.device)
             return (mask.float() * inside).sum(dim=(-1, -2)) / inside.sum(dim=(-1, -2)).clamp_min(1.0)

@@ -110,6 +110,10 @@ class DAMGates(nn.Module):
             self.register_buffer("frozen_mask", torch.zeros(frozen_shape, dtype=torch.uint8))
         # False until freeze() ran (or a frozen checkpoint was loaded): a learned pattern without it is refused.
         self.register_buffer("is_frozen", torch.zeros((), dtype=torch.bool))
+        # The stored mask unpacked to (G, H, max_length, max_length) bool, once per stored state and device (see
+        # frozen_masks): not saved, rebuilt after freeze(), loading or a move.
+        self.register_buffer("unpacked", None, persistent=False)
+        self._unpacked_from: tuple | None = None
         # Set by DAMCallback's schedules; start from the config.
         self.temperature = float(cfg["temperature"])
         self.penalty_weight = float(cfg["penalty"])
@@ -189,15 +193,35 @@ class DAMGates(nn.Module):
         self.frozen_mask.copy_(_pack_bits(keep) if self.settings["structure"] == "element" else keep)
         self.is_frozen.fill_(True)
 
+    def _stored_state(self) -> tuple:
+        """Identity and version of the stored mask: changes when it is frozen, loaded, moved or reset."""
+        return tuple((t.data_ptr(), t._version, str(t.device)) for t in (self.frozen_mask, self.is_frozen))
+
+    def frozen_masks(self) -> torch.Tensor:
+        """The stored binary mask at full size, ``(G, H, max_length, max_length)`` bool.
+
+        Unpacked once per stored state (after ``freeze``, after loading, after a move to another device) into the
+        non-persistent ``unpacked`` buffer, so a forward pays a slice, not an unpacking. The same tensor object is
+        returned every time, which keeps the masks built from it cached.
+        """
+        if self._unpacked_from != self._stored_state():
+            if not bool(self.is_frozen):
+                raise ValueError(
+                    "attention_pattern 'learned' needs a frozen DAM mask, but this model's is not set: call "
+                    "model.freeze_dam() after the DAM search, or load a checkpoint saved after freezing (this one "
+                    "lacks the 'dam.frozen_mask' / 'dam.is_frozen' state)"
+                )
+            stored = self.frozen_mask
+            if self.settings["structure"] == "element":
+                stored = _unpack_bits(stored, self.max_length)
+            self.unpacked = self.expand(stored, self.max_length).bool()
+            self._unpacked_from = self._stored_state()
+        return self.unpacked
+
     def frozen(self, n: int) -> torch.Tensor:
-        """The stored binary mask at length ``n``: ``(G, H, n, n)`` bool."""
-        if not bool(self.is_frozen):
+        """The stored binary mask at length ``n``: ``(G, H, n, n)`` bool (a view of :meth:`frozen_masks`)."""
+        if n > self.max_length:
             raise ValueError(
-                "attention_pattern 'learned' needs a frozen DAM mask, but this model's is not set: call "
-                "model.freeze_dam() after the DAM search, or load a checkpoint saved after freezing (this one "
-                "lacks the 'dam.frozen_mask' / 'dam.is_frozen' state)"
+                f"sequence length {n} is longer than the DAM gates cover (dam max_length={self.max_length})"
             )
-        stored = self.frozen_mask
-        if self.settings["structure"] == "element":
-            stored = _unpack_bits(stored, self.max_length)
-        return self.expand(stored, n)
+        return self.frozen_masks()[..., :n, :n]

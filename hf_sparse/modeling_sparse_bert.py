@@ -29,9 +29,10 @@ from transformers.modeling_outputs import (
 )
 
 from .attention import AttentionMask, attend, build_mask, choose_backend
+from .block_maps import cached_dense_mask
 from .configuration_sparse_bert import SparseBertConfig
 from .dam import DAMGates
-from .patterns import Intersection, Learned, Pattern, Union, bind_learned, dense_mask, parse
+from .patterns import Intersection, Learned, Pattern, Union, bind_learned, parse
 from .sparsefinder import SparsefinderLayer, attend_predicted, predicts_layer, resolve_config
 from .sparsefinder import initialize as initialize_predictor
 
@@ -396,8 +397,9 @@ class SparseBertModel(SparseBertPreTrainedModel):
     def layer_patterns(self, n: int, device: torch.device) -> list[Pattern]:
         """The pattern of each layer at length ``n`` (the same object for layers that share it).
 
-        No DAM: the config's pattern. Frozen DAM: ``learned`` bound to the stored mask. DAM search in eval mode:
-        the config's pattern ∩ the deterministic DAM mask (keep iff P(keep) > 0.5).
+        No DAM: the config's pattern. Frozen DAM: ``learned`` bound to the stored mask (unpacked once; its masks
+        are cached). DAM search in eval mode: the config's pattern ∩ the deterministic DAM mask (keep iff
+        P(keep) > 0.5), which changes every step and is not cached.
         """
         base = _parsed(self.config.attention_pattern)
         layers = self.config.num_hidden_layers
@@ -405,9 +407,13 @@ class SparseBertModel(SparseBertPreTrainedModel):
             return [bind_learned(base, None) if base.needs_learned_mask else base] * layers
         if self.dam_searching():
             masks = self.dam.deterministic_mask(n).to(device)
-            per_group = [Intersection((base, Learned(m))) for m in masks]
+            per_group = [Intersection((base, Learned(m, cache=False))) for m in masks]
         else:
-            masks = self.dam.frozen(n).to(device)
+            if n > self.dam.max_length:
+                raise ValueError(
+                    f"sequence length {n} is longer than the DAM gates cover (dam max_length={self.dam.max_length})"
+                )
+            masks = self.dam.frozen_masks().to(device)  # (G, H, max_length, max_length), the same tensor each call
             per_group = [bind_learned(base, m) for m in masks]
         return [per_group[self.dam.group_of_layer(i)] for i in range(layers)]
 
@@ -419,7 +425,7 @@ class SparseBertModel(SparseBertPreTrainedModel):
         ``mean``: kept fraction of valid pairs (comparable across lengths and batches); ``sum``: the reference's
         unnormalised L1 over the whole ``(H, n, n)`` mask of every gate group (inside the pattern, padding included).
         """
-        inside = dense_mask(_parsed(self.config.attention_pattern), n, gates.device).float()  # (1, n, n)
+        inside = cached_dense_mask(_parsed(self.config.attention_pattern), n, gates.device).float()  # (1, n, n)
         allowed = inside
         if key_valid is not None:
             valid = key_valid.float()
@@ -428,6 +434,7 @@ class SparseBertModel(SparseBertPreTrainedModel):
         penalty = weighted if self.dam.settings["penalty_reduction"] == "mean" else (gates * inside).sum()
         return penalty, weighted.detach()
 
+    @torch.compiler.disable  # cache lookups and mask building: plain Python, kept out of compiled graphs
     def attention_masks_for(
         self,
         attention_mask: torch.Tensor | None,

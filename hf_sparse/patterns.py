@@ -1,17 +1,24 @@
 """Attention patterns as data: parse a spec string into a pattern, then ask it for a mask.
 
-A pattern is a small pure function ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (FlexAttention's
-convention). Written with tensor operations only, the same function serves three consumers:
+The registry :data:`PATTERN_KINDS` holds everything about a kind in one entry: how it is written (its usage string
+gives the argument count), the least valid value of each argument, and what it keeps, either as a function of the
+offset ``i - j`` alone (``window``, ``strided``, ...) or as a ``mask_mod`` plus its *tiles*, i.e. which
+``block x block`` tiles of the attention matrix it can touch and which it fills completely, computed from
+O((n / block)²) work. Composite kinds (``star``, ``longformer``, ``bigbird``) are written in the other kinds.
 
-* FlexAttention evaluates it (under ``vmap``) to build a ``BlockMask`` for block-sparse kernels;
-* :func:`dense_mask` evaluates it on broadcast index grids to get an ``(H, n, n)`` boolean mask for the
-  eager and SDPA kernels;
-* :func:`sparsity` counts what it removes.
+A parsed pattern answers three questions, and the block-sparse machinery in :mod:`hf_sparse.block_maps` does the
+rest (one cached, exact tile map per pattern and length, from which the FlexAttention ``BlockMask``, the dense
+boolean mask and the sparsity figures all derive, without evaluating the pattern on the whole ``n x n`` grid):
 
-Specs (definitions follow SparseBERT's table, see REFERENCES.md) are combined with ``+`` (union) and
-``&`` (intersection, binds tighter): ``"window:64&learned+global:1"`` is ``(window ∩ learned) ∪ global``.
+* ``mask_mod(n, device)``: the pure function ``(b, h, q_idx, kv_idx) -> bool`` (FlexAttention's convention);
+* ``offsets(d)``: the kept offsets ``d = i - j``, for patterns that depend on nothing else (``offset_only``);
+* ``tiles(grid)``: ``(touched, full)`` tile maps, exact for every kind on its own and conservative (never wrong
+  about what a tile may hold) for mixed unions and intersections; :mod:`hf_sparse.block_maps` makes them exact.
 
-This module is imported by remote code, so it depends on torch and the standard library only.
+Specs (definitions follow SparseBERT's table) are combined with ``+`` (union) and ``&`` (intersection, binds
+tighter): ``"window:64&learned+global:1"`` is ``(window ∩ learned) ∪ global``.
+
+This module is imported by remote code, so it depends on torch, the standard library and siblings only.
 """
 
 from __future__ import annotations
@@ -20,37 +27,186 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, or_masks
+from torch.nn.attention.flex_attention import BlockMask, and_masks, or_masks
+
+from .block_maps import TileGrid, cached, cached_block_map, cached_dense_mask, flex_block_mask, tiles_from_mask
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Tiles = tuple[torch.Tensor, torch.Tensor]  # (touched, full), bool, broadcastable to (H, blocks, blocks)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiles of the kinds that are not a function of the offset alone
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _offset_tiles(keep_offset: Callable[[torch.Tensor], torch.Tensor], grid: TileGrid) -> Tiles:
+    """Tiles of a pattern that depends on ``d = i - j`` only: a tile spans every offset between
+    ``q_lo - k_hi`` and ``q_hi - k_lo``, so a prefix sum over the ``2n - 1`` offsets answers each tile in O(1)."""
+    n = grid.n
+    kept = keep_offset(torch.arange(-(n - 1), n, device=grid.device))
+    kept = kept.expand(*kept.shape[:-1], 2 * n - 1) if kept.dim() else kept.expand(2 * n - 1)
+    prefix = torch.nn.functional.pad(kept.long().cumsum(-1), (1, 0))  # prefix[..., i] = kept[..., :i].sum()
+    lo = grid.q_lo[:, None] - grid.k_hi[None, :] + (n - 1)  # index of the smallest offset in each tile
+    hi = grid.q_hi[:, None] - grid.k_lo[None, :] + (n - 1)
+    count = prefix[..., hi + 1] - prefix[..., lo]
+    touched = count > 0
+    return touched, count == (hi - lo + 1)
+
+
+def _global_tiles(a: tuple[int, ...], grid: TileGrid) -> Tiles:
+    g = a[0]
+    touched = (grid.q_lo[:, None] < g) | (grid.k_lo[None, :] < g)
+    return touched, (grid.q_hi[:, None] < g) | (grid.k_hi[None, :] < g)
+
+
+def _block_local_tiles(a: tuple[int, ...], grid: TileGrid) -> Tiles:
+    s = a[0]
+    q_first, q_last = grid.q_lo // s, grid.q_hi // s  # the pattern's blocks a tile row spans
+    k_first, k_last = grid.k_lo // s, grid.k_hi // s
+    touched = (q_first[:, None] <= k_last[None, :]) & (k_first[None, :] <= q_last[:, None])
+    one_block = (q_first == q_last)[:, None] & (k_first == k_last)[None, :] & (q_first[:, None] == k_first[None, :])
+    return touched, one_block
+
+
+def _column_tiles(column_kept: torch.Tensor, grid: TileGrid) -> Tiles:
+    """Tiles of a pattern that keeps whole key columns (``column_kept``: ``(n,)`` bool)."""
+    prefix = torch.nn.functional.pad(column_kept.long().cumsum(0), (1, 0))
+    count = prefix[grid.k_hi + 1] - prefix[grid.k_lo]
+    width = grid.k_hi - grid.k_lo + 1
+    rows = torch.ones_like(grid.q_lo, dtype=torch.bool)[:, None]
+    return rows & (count > 0)[None, :], rows & (count == width)[None, :]
+
+
+def _fixed_tiles(a: tuple[int, ...], grid: TileGrid) -> Tiles:
+    """``fixed:L,C`` = ``block_local:L`` ∪ the summary columns ``j mod L >= L - C``."""
+    block, columns = (
+        _block_local_tiles(a[:1], grid),
+        _column_tiles(torch.remainder(torch.arange(grid.n, device=grid.device), a[0]) >= a[0] - a[1], grid),
+    )
+    return union_tiles([block, columns])
+
+
+def _random_tiles(a: tuple[int, ...], grid: TileGrid) -> Tiles:
+    keys = random_keys(grid.n, a[0], a[1] if len(a) > 1 else 0, grid.device)  # (n, R)
+    rows = torch.arange(grid.n, device=grid.device)[:, None].expand_as(keys) // grid.block
+    counts = torch.zeros(grid.blocks, grid.blocks, dtype=torch.long, device=grid.device)
+    counts.index_put_((rows.reshape(-1), (keys // grid.block).reshape(-1)), torch.ones_like(rows.reshape(-1)), True)
+    return counts > 0, counts == grid.tile_sizes()
+
+
+def union_tiles(parts: list[Tiles]) -> Tiles:
+    """A tile is touched if any part touches it; it is surely full if any part fills it (maybe full otherwise)."""
+    touched = torch.stack(torch.broadcast_tensors(*(t for t, _ in parts))).any(0)
+    return touched, torch.stack(torch.broadcast_tensors(*(f for _, f in parts))).any(0)
+
+
+def intersection_tiles(parts: list[Tiles]) -> Tiles:
+    """A tile is full if every part fills it; it may be touched only if every part touches it."""
+    touched = torch.stack(torch.broadcast_tensors(*(t for t, _ in parts))).all(0)
+    return touched, torch.stack(torch.broadcast_tensors(*(f for _, f in parts))).all(0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _logsparse(d: torch.Tensor) -> torch.Tensor:
+    d = d.abs()
+    return (d & (d - 1)) == 0  # true for 0 and every power of two
 
 
 @dataclass(frozen=True)
-class _Kind:
-    """One registry entry: how to write it, what it means, and how many integer arguments it takes."""
+class Kind:
+    """One registry entry: how it is written and what it keeps.
+
+    ``usage`` is the spec's grammar (``"random:R[,SEED]"``: one required and one optional argument); ``minimum``
+    the least valid value of each argument; ``check`` a further rule on the arguments (the bad value and why,
+    or ``None``).
+    What the kind keeps is given by exactly one of: ``offsets(args, d)`` (kept offsets ``d = i - j``),
+    ``mask_mod(args, n, device)`` with ``tiles(args, grid)``, or ``spec(args)`` (a composite written in other
+    kinds).
+    """
 
     usage: str
     meaning: str
-    min_args: int
-    max_args: int
+    minimum: tuple[int, ...] = ()
+    check: Callable[[tuple[int, ...]], str | None] | None = None
+    offsets: Callable[[tuple[int, ...], torch.Tensor], torch.Tensor] | None = None
+    mask_mod: Callable[[tuple[int, ...], int, torch.device | str], MaskMod] | None = None
+    tiles: Callable[[tuple[int, ...], TileGrid], Tiles] | None = None
+    spec: Callable[[tuple[int, ...]], str] | None = None
+
+    @property
+    def arity(self) -> tuple[int, int]:
+        """(fewest, most) arguments, read off the usage string."""
+        _, _, args = self.usage.partition(":")
+        required, _, optional = args.partition("[")
+        low = len([a for a in required.split(",") if a])
+        return low, low + len([a for a in optional.strip("]").split(",") if a])
 
 
-PATTERN_KINDS: dict[str, _Kind] = {
-    "dense": _Kind("dense", "every pair", 0, 0),
-    "no_diagonal": _Kind("no_diagonal", "every pair except a token with itself (i != j)", 0, 0),
-    "window": _Kind("window:W", "|i-j| <= W", 1, 1),
-    "global": _Kind("global:G", "the first G tokens attend to and are attended by all", 1, 1),
-    "strided": _Kind("strided:L", "|i-j| <= L or (i-j) mod L == 0", 1, 1),
-    "fixed": _Kind("fixed:L,C", "same block of L (i//L == j//L) or j mod L >= L-C", 2, 2),
-    "logsparse": _Kind("logsparse", "|i-j| in {0, 1, 2, 4, 8, ...}", 0, 0),
-    "dilated": _Kind("dilated:W,D", "|i-j| <= W*D and (i-j) mod D == 0", 2, 2),
-    "random": _Kind("random:R[,SEED]", "R random keys per query, drawn with SEED (default 0)", 1, 2),
-    "block_local": _Kind("block_local:B", "same block of B tokens (i//B == j//B)", 1, 1),
-    "star": _Kind("star", "|i-j| <= 1, plus the first token global", 0, 0),
-    "longformer": _Kind("longformer:W,G", "window:W + global:G", 2, 2),
-    "bigbird": _Kind("bigbird:W,G,R", "window:W + global:G + random:R", 3, 3),
-    "causal": _Kind("causal", "j <= i", 0, 0),
-    "learned": _Kind("learned", "the frozen DAM mask stored in the checkpoint", 0, 0),
+PATTERN_KINDS: dict[str, Kind] = {
+    "dense": Kind("dense", "every pair", offsets=lambda a, d: torch.ones((), dtype=torch.bool, device=d.device)),
+    "no_diagonal": Kind("no_diagonal", "every pair except a token with itself (i != j)", offsets=lambda a, d: d != 0),
+    "window": Kind("window:W", "|i-j| <= W", (0,), offsets=lambda a, d: d.abs() <= a[0]),
+    "global": Kind(
+        "global:G",
+        "the first G tokens attend to and are attended by all",
+        (0,),
+        mask_mod=lambda a, n, device: lambda b, h, q, k: (q < a[0]) | (k < a[0]),
+        tiles=_global_tiles,
+    ),
+    "strided": Kind(
+        "strided:L",
+        "|i-j| <= L or (i-j) mod L == 0",
+        (1,),
+        offsets=lambda a, d: (d.abs() <= a[0]) | (torch.remainder(d, a[0]) == 0),
+    ),
+    "fixed": Kind(
+        "fixed:L,C",
+        "same block of L (i//L == j//L) or j mod L >= L-C",
+        (1, 0),
+        check=lambda a: f"{a[1]} (C must be at most L={a[0]})" if a[1] > a[0] else None,
+        mask_mod=lambda a, n, device: (
+            lambda b, h, q, k: (q // a[0] == k // a[0]) | (torch.remainder(k, a[0]) >= a[0] - a[1])
+        ),
+        tiles=_fixed_tiles,
+    ),
+    "logsparse": Kind("logsparse", "|i-j| in {0, 1, 2, 4, 8, ...}", offsets=lambda a, d: _logsparse(d)),
+    "dilated": Kind(
+        "dilated:W,D",
+        "|i-j| <= W*D and (i-j) mod D == 0",
+        (0, 1),
+        offsets=lambda a, d: (d.abs() <= a[0] * a[1]) & (torch.remainder(d, a[1]) == 0),
+    ),
+    "random": Kind(
+        "random:R[,SEED]",
+        "R random keys per query, drawn with SEED (default 0)",
+        (0, 0),
+        mask_mod=lambda a, n, device: _random_mask_mod(
+            random_keys(n, a[0], a[1] if len(a) > 1 else 0, device)
+        ),
+        tiles=_random_tiles,
+    ),
+    "block_local": Kind(
+        "block_local:B",
+        "same block of B tokens (i//B == j//B)",
+        (1,),
+        mask_mod=lambda a, n, device: lambda b, h, q, k: q // a[0] == k // a[0],
+        tiles=_block_local_tiles,
+    ),
+    "star": Kind("star", "|i-j| <= 1, plus the first token global", spec=lambda a: "window:1+global:1"),
+    "longformer": Kind("longformer:W,G", "window:W + global:G", (0, 0), spec=lambda a: f"window:{a[0]}+global:{a[1]}"),
+    "bigbird": Kind(
+        "bigbird:W,G,R",
+        "window:W + global:G + random:R",
+        (0, 0, 0),
+        spec=lambda a: f"window:{a[0]}+global:{a[1]}+random:{a[2]}",
+    ),
+    "causal": Kind("causal", "j <= i", offsets=lambda a, d: d >= 0),
+    "learned": Kind("learned", "the frozen DAM mask stored in the checkpoint"),
 }
 
 
@@ -60,14 +216,70 @@ def describe() -> str:
     return "\n".join(rows) + "\n  combine with '+' (union) and '&' (intersection), e.g. 'window:64+global:1'"
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Random keys: drawn once per (length, R, seed), kept compact
+# --------------------------------------------------------------------------------------------------------------
+
+
+def random_keys(n: int, keys_per_query: int, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(n, min(R, n))`` distinct random key positions per query, reproducible from ``seed``.
+
+    Each query row is a uniform draw without replacement (the first ``R`` of an ``argsort`` of uniform noise),
+    drawn in row chunks so that no ``n x n`` float tensor exists at once; the same seed at another length gives
+    another (equally random) draw. Cached in the bounded mask cache.
+    """
+
+    def draw() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        r = min(keys_per_query, n)
+        step = max(1, 2**22 // max(n, 1))
+        rows = [torch.rand(min(step, n - i), n, generator=generator).argsort(-1)[:, :r] for i in range(0, n, step)]
+        keys = torch.cat(rows) if rows else torch.zeros(0, r, dtype=torch.long)
+        return keys.to(device)
+
+    return cached(("random_keys", n, keys_per_query, seed, str(torch.device(device))), draw)
+
+
+def _random_mask_mod(keys: torch.Tensor) -> MaskMod:
+    """Query ``q`` keeps key ``k`` iff ``k`` is one of its drawn keys (``keys``: ``(n, R)``)."""
+    return lambda b, h, q, k: (keys[q] == k.unsqueeze(-1)).any(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Patterns
+# --------------------------------------------------------------------------------------------------------------
+
+
 class Pattern:
-    """Base class: a pattern knows its spec and produces a ``mask_mod`` for a sequence length."""
+    """Base class: a pattern knows its spec, its ``mask_mod`` and its tiles for a sequence length."""
 
     #: number of heads the pattern distinguishes (``None``: the same mask for every head)
     num_heads: int | None = None
 
     def mask_mod(self, n: int, device: torch.device | str = "cpu") -> MaskMod:
         raise NotImplementedError
+
+    @property
+    def offset_only(self) -> bool:
+        """True when what the pattern keeps depends on the offset ``i - j`` alone (see :meth:`offsets`)."""
+        return False
+
+    def offsets(self, d: torch.Tensor) -> torch.Tensor:
+        """Kept offsets ``d = i - j`` (bool, broadcastable to ``d``), for an :attr:`offset_only` pattern."""
+        raise NotImplementedError(f"pattern {self} does not depend on the offset alone")
+
+    def tiles(self, grid: TileGrid) -> Tiles:
+        raise NotImplementedError
+
+    def cache_key(self) -> tuple:
+        """What determines the pattern's masks (with the length and device): its spec, and for a learned part the
+        identity and version of the mask tensor it is bound to."""
+        return (str(self),)
+
+    @property
+    def cacheable(self) -> bool:
+        """False for a pattern bound to a mask that changes at every step (the DAM search's): never cached."""
+        return True
 
     @property
     def needs_learned_mask(self) -> bool:
@@ -96,75 +308,55 @@ class Fixed(Pattern):
         return self.name + (":" + ",".join(map(str, self.args)) if self.args else "")
 
     @property
+    def kind(self) -> Kind:
+        return PATTERN_KINDS[self.name]
+
+    @property
+    def expanded(self) -> Pattern | None:
+        """The pattern a composite kind stands for (``star`` → ``window:1+global:1``), else ``None``."""
+        return parse(self.kind.spec(self.args)) if self.kind.spec is not None else None
+
+    @property
     def is_dense(self) -> bool:
         return self.name == "dense"
 
+    @property
+    def offset_only(self) -> bool:
+        return self.expanded.offset_only if self.expanded is not None else self.kind.offsets is not None
+
+    def offsets(self, d: torch.Tensor) -> torch.Tensor:
+        return self.expanded.offsets(d) if self.expanded is not None else self.kind.offsets(self.args, d)
+
     def mask_mod(self, n: int, device: torch.device | str = "cpu") -> MaskMod:
-        a = self.args
-        name = self.name
-        if name == "dense":
-            return lambda b, h, q, k: q >= 0
-        if name == "no_diagonal":
-            return lambda b, h, q, k: q != k
-        if name == "window":
-            return lambda b, h, q, k: (q - k).abs() <= a[0]
-        if name == "global":
-            return lambda b, h, q, k: (q < a[0]) | (k < a[0])
-        if name == "strided":
-            return lambda b, h, q, k: ((q - k).abs() <= a[0]) | (torch.remainder(q - k, a[0]) == 0)
-        if name == "fixed":
-            return lambda b, h, q, k: (q // a[0] == k // a[0]) | (torch.remainder(k, a[0]) >= a[0] - a[1])
-        if name == "logsparse":
-            return _logsparse
-        if name == "dilated":
-            return lambda b, h, q, k: ((q - k).abs() <= a[0] * a[1]) & (torch.remainder(q - k, a[1]) == 0)
-        if name == "random":
-            table = random_table(n, a[0], a[1] if len(a) > 1 else 0).to(device)
-            return lambda b, h, q, k: table[q, k]
-        if name == "block_local":
-            return lambda b, h, q, k: q // a[0] == k // a[0]
-        if name == "star":
-            return lambda b, h, q, k: ((q - k).abs() <= 1) | (q == 0) | (k == 0)
-        if name == "longformer":
-            return parse(f"window:{a[0]}+global:{a[1]}").mask_mod(n, device)
-        if name == "bigbird":
-            return parse(f"window:{a[0]}+global:{a[1]}+random:{a[2]}").mask_mod(n, device)
-        if name == "causal":
-            return lambda b, h, q, k: k <= q
-        raise AssertionError(f"unhandled pattern {name!r}")  # parse() only builds registered names
+        kind, a = self.kind, self.args
+        if self.expanded is not None:
+            return self.expanded.mask_mod(n, device)
+        if kind.offsets is not None:
+            return lambda b, h, q, k: kind.offsets(a, q - k)
+        return kind.mask_mod(a, n, device)
 
-
-def _logsparse(b, h, q, k):
-    d = (q - k).abs()
-    return (d & (d - 1)) == 0  # true for 0 and every power of two
-
-
-_RANDOM_TABLES: dict[tuple[int, int, int], torch.Tensor] = {}
-
-
-def random_table(n: int, keys_per_query: int, seed: int = 0) -> torch.Tensor:
-    """``(n, n)`` bool table with ``min(R, n)`` distinct random keys per query, reproducible from ``seed``.
-
-    The draw depends on ``n``: the same seed at another length gives another (equally random) table.
-    Cached (a plain dict, which torch.compile traces through): a model rebuilds its masks every forward, and the
-    draw (an n×n argsort) is the costly part.
-    """
-    key = (n, keys_per_query, seed)
-    if key not in _RANDOM_TABLES:
-        if len(_RANDOM_TABLES) >= 64:  # bounded: lengths vary from batch to batch
-            _RANDOM_TABLES.clear()
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.rand(n, n, generator=generator).argsort(dim=-1)[:, : min(keys_per_query, n)]
-        table = torch.zeros(n, n, dtype=torch.bool)
-        _RANDOM_TABLES[key] = table.scatter_(1, order, True)
-    return _RANDOM_TABLES[key]
+    def tiles(self, grid: TileGrid) -> Tiles:
+        if self.expanded is not None:
+            return self.expanded.tiles(grid)
+        if self.kind.offsets is not None:
+            return _offset_tiles(self.offsets, grid)
+        return self.kind.tiles(self.args, grid)
 
 
 @dataclass(frozen=True)
 class Learned(Pattern):
-    """A frozen DAM mask: ``mask`` is a bool tensor ``(H, n_max, n_max)``; ``None`` until one is bound."""
+    """A frozen DAM mask: ``mask`` is a bool tensor ``(H, n_max, n_max)``; ``None`` until one is bound.
+
+    ``cacheable=False`` for a mask that lives one step (the DAM search's evaluation mask): caching it would only
+    fill the cache with masks never seen again.
+    """
 
     mask: torch.Tensor | None = field(default=None, compare=False)
+    cache: bool = field(default=True, compare=False)
+
+    @property
+    def cacheable(self) -> bool:
+        return self.cache
 
     def __str__(self) -> str:
         return "learned"
@@ -177,16 +369,26 @@ class Learned(Pattern):
     def num_heads(self) -> int | None:  # type: ignore[override]
         return None if self.mask is None else self.mask.shape[0]
 
-    def mask_mod(self, n: int, device: torch.device | str = "cpu") -> MaskMod:
+    def cache_key(self) -> tuple:
+        m = self._bound()
+        return ("learned", m.data_ptr(), tuple(m.shape), tuple(m.stride()), m._version, str(m.device))
+
+    def _bound(self, n: int | None = None) -> torch.Tensor:
         if self.mask is None:
             raise ValueError(
                 "attention_pattern 'learned' needs a frozen DAM mask, but none is stored: train with a `dam` "
                 "config and call model.freeze_dam(), or load a checkpoint that was saved after freezing"
             )
-        if n > self.mask.shape[-1]:
+        if n is not None and n > self.mask.shape[-1]:
             raise ValueError(f"the learned mask covers {self.mask.shape[-1]} positions; got a sequence of {n}")
-        table = self.mask[:, :n, :n].to(device=device, dtype=torch.bool)
+        return self.mask
+
+    def mask_mod(self, n: int, device: torch.device | str = "cpu") -> MaskMod:
+        table = self._bound(n).to(device=device, dtype=torch.bool)
         return lambda b, h, q, k: table[h, q, k]
+
+    def tiles(self, grid: TileGrid) -> Tiles:
+        return tiles_from_mask(self._bound(grid.n)[:, : grid.n, : grid.n].to(grid.device, torch.bool), grid)
 
 
 @dataclass(frozen=True)
@@ -208,8 +410,27 @@ class Union(Pattern):
     def num_heads(self) -> int | None:  # type: ignore[override]
         return max((p.num_heads for p in self.parts if p.num_heads), default=None)
 
+    def cache_key(self) -> tuple:
+        return (type(self).__name__, *(p.cache_key() for p in self.parts))
+
+    @property
+    def cacheable(self) -> bool:
+        return all(p.cacheable for p in self.parts)
+
+    @property
+    def offset_only(self) -> bool:
+        return all(p.offset_only for p in self.parts)
+
+    def offsets(self, d: torch.Tensor) -> torch.Tensor:
+        return torch.stack(torch.broadcast_tensors(d, *(p.offsets(d) for p in self.parts))[1:]).any(0)
+
     def mask_mod(self, n: int, device: torch.device | str = "cpu") -> MaskMod:
         return or_masks(*(p.mask_mod(n, device) for p in self.parts))
+
+    def tiles(self, grid: TileGrid) -> Tiles:
+        if self.offset_only:  # exact, where combining the parts' tiles is only conservative
+            return _offset_tiles(self.offsets, grid)
+        return union_tiles([p.tiles(grid) for p in self.parts])
 
 
 @dataclass(frozen=True)
@@ -221,8 +442,21 @@ class Intersection(Union):
     def is_dense(self) -> bool:
         return all(p.is_dense for p in self.parts)
 
+    def offsets(self, d: torch.Tensor) -> torch.Tensor:
+        return torch.stack(torch.broadcast_tensors(d, *(p.offsets(d) for p in self.parts))[1:]).all(0)
+
     def mask_mod(self, n: int, device: torch.device | str = "cpu") -> MaskMod:
         return and_masks(*(p.mask_mod(n, device) for p in self.parts))
+
+    def tiles(self, grid: TileGrid) -> Tiles:
+        if self.offset_only:
+            return _offset_tiles(self.offsets, grid)
+        return intersection_tiles([p.tiles(grid) for p in self.parts])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------------------
 
 
 def parse(spec: str | Pattern) -> Pattern:
@@ -241,6 +475,10 @@ def parse(spec: str | Pattern) -> Pattern:
     return unions[0] if len(unions) == 1 else Union(tuple(unions))
 
 
+#: the largest argument a pattern takes: positions are indexed with int64, and no model is longer than this
+MAX_ARGUMENT = 2**31 - 1
+
+
 def _parse_one(part: str, spec: str) -> Pattern:
     part = part.strip()
     name, _, arg_text = part.partition(":")
@@ -250,8 +488,9 @@ def _parse_one(part: str, spec: str) -> Pattern:
         raise ValueError(f"unknown pattern {name!r} {where}. Valid patterns:\n{describe()}")
     kind = PATTERN_KINDS[name]
     texts = [t.strip() for t in arg_text.split(",")] if arg_text.strip() else []
-    if not kind.min_args <= len(texts) <= kind.max_args:
-        count = str(kind.min_args) if kind.min_args == kind.max_args else f"{kind.min_args} to {kind.max_args}"
+    low, high = kind.arity
+    if not low <= len(texts) <= high:
+        count = str(low) if low == high else f"{low} to {high}"
         raise ValueError(f"pattern {part!r} {where} takes {count} argument(s); write it as {kind.usage!r}")
     try:
         args = tuple(int(t) for t in texts)
@@ -259,13 +498,16 @@ def _parse_one(part: str, spec: str) -> Pattern:
         raise ValueError(
             f"pattern {part!r} {where} has a non-integer argument; write it as {kind.usage!r} with whole numbers"
         ) from None
-    positive = {"strided": (0,), "fixed": (0,), "dilated": (1,), "block_local": (0,)}.get(name, ())
-    bad = [x for i, x in enumerate(args) if x < (1 if i in positive else 0)]
-    if name == "fixed" and not bad and args[1] > args[0]:
-        bad = [args[1]]
+    bad = [x for x, least in zip(args, kind.minimum) if not least <= x <= MAX_ARGUMENT]
     if bad:
         raise ValueError(
-            f"pattern {part!r} {where} has an out-of-range argument {bad[0]}; {kind.usage}: {kind.meaning}"
+            f"pattern {part!r} {where} has an out-of-range argument {bad[0]}; {kind.usage}: {kind.meaning} "
+            f"(arguments from {kind.minimum} up to {MAX_ARGUMENT})"
+        )
+    problem = kind.check(args) if kind.check is not None else None
+    if problem:
+        raise ValueError(
+            f"pattern {part!r} {where} has an out-of-range argument {problem}; {kind.usage}: {kind.meaning}"
         )
     if name == "learned":
         return Learned()
@@ -281,18 +523,26 @@ def bind_learned(pattern: Pattern, mask: torch.Tensor | None) -> Pattern:
     return pattern
 
 
-def _index_grids(n: int, num_heads: int | None, device: torch.device | str):
-    heads = torch.arange(num_heads or 1, device=device).view(-1, 1, 1)
-    q = torch.arange(n, device=device).view(1, -1, 1)
-    k = torch.arange(n, device=device).view(1, 1, -1)
-    return torch.zeros((), dtype=torch.long, device=device), heads, q, k
+def without_learned(pattern: Pattern) -> Pattern:
+    """``pattern`` with every ``learned`` part keeping every pair: the fixed pattern a DAM mask lives inside."""
+    if isinstance(pattern, Learned):
+        return Fixed("dense")
+    if isinstance(pattern, Union):  # Intersection too
+        return type(pattern)(tuple(without_learned(p) for p in pattern.parts))
+    return pattern
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Masks (all derived from the pattern's cached block map, see hf_sparse.block_maps)
+# --------------------------------------------------------------------------------------------------------------
 
 
 def dense_mask(pattern: str | Pattern, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean keep-mask of shape ``(H, n, n)``; ``H`` is 1 unless the pattern differs between heads."""
-    pattern = parse(pattern)
-    b, h, q, k = _index_grids(n, pattern.num_heads, device)
-    return pattern.mask_mod(n, device)(b, h, q, k).expand(h.shape[0], n, n)
+    """Boolean keep-mask of shape ``(H, n, n)``; ``H`` is 1 unless the pattern differs between heads.
+
+    A fresh tensor (the cached one stays untouched); models use the cached mask directly.
+    """
+    return cached_dense_mask(parse(pattern), n, device).clone()
 
 
 def block_mask(
@@ -303,26 +553,14 @@ def block_mask(
     block_size: int = 128,
 ) -> BlockMask:
     """FlexAttention ``BlockMask`` of the pattern, intersected with ``key_valid`` (``(B, n)`` bool) if given."""
-    pattern = parse(pattern)
-    mod = pattern.mask_mod(n, device)
-    batch = None
-    if key_valid is not None:
-        valid = key_valid.to(device=device, dtype=torch.bool)
-        mod = and_masks(mod, lambda b, h, q, k: valid[b, k])
-        batch = valid.shape[0]
-    return create_block_mask(mod, batch, pattern.num_heads, n, n, device=device, BLOCK_SIZE=block_size)
+    return flex_block_mask(parse(pattern), n, device, key_valid, block_size)
 
 
 def sparsity(pattern: str | Pattern, n: int) -> float:
     """Fraction of the ``n x n`` attention matrix the pattern removes (averaged over heads)."""
-    return 1.0 - dense_mask(pattern, n).float().mean().item()
+    return 1.0 - cached_block_map(parse(pattern), n, "cpu").density()
 
 
 def block_density(pattern: str | Pattern, n: int, block_size: int = 128) -> float:
     """Fraction of ``block_size`` tiles with at least one kept pair: the work a block-sparse kernel does."""
-    mask = dense_mask(pattern, n)
-    blocks = -(-n // block_size)
-    padded = torch.zeros(mask.shape[0], blocks * block_size, blocks * block_size, dtype=torch.bool)
-    padded[:, :n, :n] = mask
-    tiles = padded.view(mask.shape[0], blocks, block_size, blocks, block_size).any(dim=(2, 4))
-    return tiles.float().mean().item()
+    return cached_block_map(parse(pattern), n, "cpu", block_size).block_density()

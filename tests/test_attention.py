@@ -106,13 +106,16 @@ def _choose(requested, **kw):
 
 
 def test_auto_backend_picks_by_what_is_possible_then_by_measured_crossover():
-    assert _choose("auto") == "flex"  # long, sparse, inference
+    assert _choose("auto") == "tiles"  # long and block-sparse, on CPU: no compiler needed
+    assert _choose("auto", needs_grad=True) == "tiles"  # it trains
+    assert _choose("auto", attention_fn="entmax15") == "tiles"  # and runs entmax
     assert _choose("auto", n=256) == "sdpa"  # below the crossover length
+    assert _choose("auto", n=256, attention_fn="entmax15") == "eager"
     assert _choose("auto", pattern=parse("dense")) == "sdpa"
     assert _choose("auto", pattern=parse("window:4000")) == "sdpa"  # too dense for block sparsity to pay
-    assert _choose("auto", needs_grad=True) == "sdpa"  # no flex backward on CPU
     assert _choose("auto", output_attentions=True) == "eager"
-    assert _choose("auto", attention_fn="entmax15") == "eager"
+    assert _choose("auto", device=torch.device("cuda")) == "flex"  # FlexAttention where it compiles as data
+    assert _choose("auto", device=torch.device("cuda"), attention_fn="entmax15") == "tiles"
 
 
 @pytest.mark.parametrize(
@@ -130,8 +133,13 @@ def test_explicit_flex_refuses_what_it_cannot_do(kw, words):
 
 
 def test_unknown_backend_names_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown attention_backend 'fast'.*eager, sdpa, flex"):
+    with pytest.raises(ValueError, match="unknown attention_backend 'fast'.*eager, sdpa, flex, tiles"):
         _choose("fast")
+
+
+def test_explicit_tiles_refuses_to_return_probabilities():
+    with pytest.raises(ValueError, match="'tiles' does not return probabilities"):
+        _choose("tiles", output_attentions=True)
 
 
 def test_flex_stays_compiled_across_many_sequence_lengths():
@@ -167,3 +175,43 @@ def test_gathered_attention_equals_dense_attention_masked_to_the_same_pairs(fn):
     assert torch.allclose(probs, want_probs, atol=1e-10)
     assert out[0, 4, 1].abs().max() == 0
     assert attend_gathered(q, k, v, pairs, scaling=1.0)[1] is None
+
+
+@pytest.mark.parametrize("fn", ["softmax", "entmax15", "sparsemax"])
+@pytest.mark.parametrize("spec", ["window:20+global:1", "bigbird:8,1,4", "block_local:64&causal", "no_diagonal"])
+def test_tiles_kernel_matches_float64_reference_with_padding(spec, fn):
+    n = 300
+    q, k, v, valid = inputs(3, 2, n, 16, seed=2)
+    q, k, v = q * 3, k * 3, v  # sharper scores: entmax keeps few keys, exact zeros inside the tiles
+    pattern = parse(spec)
+    keep = dense_mask(pattern, n)[None] & valid[:, None, None, :]
+    mask = build_mask(pattern, valid, n, torch.device("cpu"), "tiles")
+    out, _ = attend(q, k, v, mask, scaling=16**-0.5, attention_fn=fn)
+    want = attend(
+        q.double(), k.double(), v.double(), AttentionMask("eager", keep=keep), scaling=16**-0.5, attention_fn=fn
+    )[0]
+    assert not torch.isnan(out).any()
+    assert (out.double() - want).abs().max() < 5e-5  # float32 on scores up to ~50
+    assert out[2].abs().max() == 0  # fully padded sequence: zeros
+
+
+def test_tiles_kernel_runs_a_per_head_learned_mask_and_its_gradients_equal_eager():
+    from hf_sparse.patterns import bind_learned
+
+    n, heads = 260, 3
+    g = torch.Generator().manual_seed(4)
+    learned = torch.rand(heads, 300, 300, generator=g) < 0.05
+    pattern = bind_learned(parse("learned+window:2"), learned)
+    q, k, v = (torch.randn(2, heads, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[0, 200:] = False
+    grads = {}
+    for backend in ("tiles", "eager"):
+        for fn in ("softmax", "entmax15"):
+            out, _ = attend(
+                q, k, v, build_mask(pattern, valid, n, torch.device("cpu"), backend), scaling=0.3, attention_fn=fn
+            )
+            grads[backend, fn] = (out, *torch.autograd.grad(out.pow(2).sum(), (q, k, v)))
+    for fn in ("softmax", "entmax15"):
+        for got, want in zip(grads["tiles", fn], grads["eager", fn]):
+            assert (got - want).abs().max() < 1e-10
