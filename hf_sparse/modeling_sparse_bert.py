@@ -438,6 +438,7 @@ class SparseBertModel(SparseBertPreTrainedModel):
     def attention_masks_for(
         self,
         attention_mask: torch.Tensor | None,
+        batch: int,
         n: int,
         device: torch.device,
         output_attentions: bool,
@@ -454,6 +455,11 @@ class SparseBertModel(SparseBertPreTrainedModel):
             )
         if attention_mask is not None and attention_mask.shape[-1] != n:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but the input has {n}")
+        if attention_mask is not None and attention_mask.shape[0] != batch:
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[0]} rows but the batch has {batch}: give one row of "
+                "padding per sequence (a single row is not broadcast, as in BertModel)"
+            )
         key_valid = attention_mask.bool() if attention_mask is not None else None
         choose = dict(
             n=n,
@@ -506,7 +512,7 @@ class SparseBertModel(SparseBertPreTrainedModel):
         embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         needs_grad = torch.is_grad_enabled() and (self.training or embedding_output.requires_grad)
         masks, dam_penalty, dam_density = self.attention_masks_for(
-            attention_mask, embedding_output.shape[1], embedding_output.device, output_attentions, needs_grad
+            attention_mask, *embedding_output.shape[:2], embedding_output.device, output_attentions, needs_grad
         )
         sequence_output, hidden_states, attentions = self.encoder(
             embedding_output, masks, output_attentions, output_hidden_states

@@ -176,6 +176,33 @@ def test_frozen_mask_round_trips_through_save_and_load(tmp_path):
         assert torch.equal(reloaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
 
 
+@pytest.mark.parametrize("structure", ["offset", "element", "block"])
+def test_a_frozen_mask_is_unpacked_once_and_its_masks_are_built_once(structure):
+    """A forward pays a slice of the unpacked mask and cache hits: no unpacking, no mask built again; a length-16
+    input reads a 16 x 16 view of it. Every kernel gives the same model outputs with it."""
+    from hf_sparse.block_maps import CACHE
+
+    model = dam_model(SparseBertModel, structure=structure, init_noise=1.0, max_length=32, block_size=4).eval()
+    model.freeze_dam()
+    ids, mask = random_batch()
+    dam = model.dam
+    outputs = {}
+    with torch.no_grad():
+        for backend in ("eager", "sdpa", "tiles", "flex"):
+            model.config.attention_backend = backend
+            outputs[backend] = model(ids, attention_mask=mask).last_hidden_state
+            unpacked, builds = dam.unpacked, CACHE.builds
+            outputs[backend] = model(ids, attention_mask=mask).last_hidden_state
+            assert dam.unpacked is unpacked and CACHE.builds == builds, backend
+    for backend, out in outputs.items():
+        assert torch.allclose(out, outputs["eager"], atol=1e-5), backend
+    short = dam.frozen(16)
+    assert short.shape[-1] == 16 and short.data_ptr() == dam.unpacked.data_ptr()
+    with torch.no_grad():
+        dam.frozen_mask.logical_not_() if structure != "element" else dam.frozen_mask.bitwise_not_()
+    assert torch.equal(dam.frozen(16), ~short)  # changed in place: unpacked again, not served stale
+
+
 def test_frozen_config_whose_checkpoint_lacks_the_mask_is_refused(tmp_path):
     BertForMaskedLM(tiny_kwargs_config := __import__("conftest").tiny_bert_config()).save_pretrained(tmp_path)
     del tiny_kwargs_config

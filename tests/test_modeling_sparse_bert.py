@@ -41,7 +41,7 @@ def _pair(stock_cls, sparse_cls, **overrides):
 
 
 @pytest.mark.parametrize("stock_cls, sparse_cls", PAIRS, ids=[p[1].__name__ for p in PAIRS])
-@pytest.mark.parametrize("backend", ["auto", "eager", "sdpa"])
+@pytest.mark.parametrize("backend", ["auto", "eager", "sdpa", "tiles"])
 def test_dense_pattern_equals_stock_bert_with_padding(stock_cls, sparse_cls, backend):
     stock, sparse = _pair(stock_cls, sparse_cls, num_labels=2 if stock_cls is BertForQuestionAnswering else 3)
     sparse.config.attention_backend = backend
@@ -96,6 +96,30 @@ def test_no_diagonal_gives_exact_zero_self_attention_in_every_layer_and_head(bac
         valid_pair = (mask[:, None, :, None] * mask[:, None, None, :]).bool() & ~torch.eye(20, dtype=torch.bool)
         assert (probs[valid_pair.expand_as(probs)] > 0).all()
         assert torch.allclose(probs.sum(-1)[mask.bool()[:, None].expand(-1, 4, -1)], torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("attention_fn", ["softmax", "entmax15"])
+def test_every_kernel_gives_the_eager_outputs_and_gradients_for_a_sparse_pattern_with_padding(attention_fn):
+    ids, mask = random_batch()
+    config = SparseBertConfig(**tiny_kwargs(attention_pattern="window:3+global:1", attention_fn=attention_fn))
+    model = SparseBertForMaskedLM(config).train()
+    model.config.attention_probs_dropout_prob = model.config.hidden_dropout_prob = 0.0
+    backends = ["eager", "tiles"] + (["sdpa"] if attention_fn == "softmax" else [])
+    results = {}
+    for backend in backends:
+        model.config.attention_backend = backend
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        results[backend] = (out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    if attention_fn == "softmax":  # flex: inference only on CPU
+        model.eval().config.attention_backend = "flex"
+        with torch.no_grad():
+            results["flex"] = (model(ids, attention_mask=mask).logits, results["eager"][1])
+    for backend, (logits, grads) in results.items():
+        assert torch.allclose(logits, results["eager"][0], atol=1e-5), backend
+        for got, want in zip(grads, results["eager"][1]):
+            assert torch.allclose(got, want, atol=1e-5), backend
 
 
 def test_pattern_applies_in_every_layer_with_padding():
@@ -234,3 +258,10 @@ def test_mask_of_wrong_shape_is_refused():
         model(ids, attention_mask=mask[:, :19])
     with pytest.raises(ValueError, match="shape \\(batch, sequence\\)"):
         model(ids, attention_mask=mask[:, None, None, :])
+
+
+def test_a_one_row_attention_mask_is_not_broadcast_over_a_larger_batch():
+    model = SparseBertModel(SparseBertConfig(**tiny_kwargs(attention_pattern="window:2"))).eval()
+    ids, mask = random_batch()
+    with pytest.raises(ValueError, match="attention_mask has 1 rows but the batch has 2"):
+        model(ids[:2], attention_mask=mask[:1])
