@@ -80,7 +80,8 @@ class AttentionMask:
     ``bias`` is an additive float ``(B|1, H|1, Lq, Lk)`` term on the scores (the DAM search's −c·(1−M), eager only);
     ``valid_tokens`` is the ``(B, L)`` padding mask itself (True = real token), for predictors and gold graphs;
     ``has_key`` is ``keep.any(-1, keepdim=True)``, computed once for every layer that shares the mask (SDPA zeroes
-    the rows without a key with it); ``layout`` the pattern's touched tiles for the ``tiles`` kernel.
+    the rows without a key with it); ``layout`` the pattern's touched tiles for the ``tiles`` kernel; ``pattern``
+    the pattern itself (what predicted-sparse attention meets its prediction with).
     """
 
     backend: str
@@ -90,6 +91,7 @@ class AttentionMask:
     valid_tokens: torch.Tensor | None = None
     has_key: torch.Tensor | None = None
     layout: TileLayout | None = None
+    pattern: Pattern | None = None
 
 
 def check_choice(name: str, value: str, valid: tuple[str, ...]) -> str:
@@ -177,16 +179,17 @@ def build_mask(
     """
     valid = None if key_valid is None else key_valid.to(device=device, dtype=torch.bool)
     if backend == "tiles":
-        return AttentionMask(backend, layout=cached_tile_layout(pattern, n, device), valid_tokens=valid)
+        layout = cached_tile_layout(pattern, n, device)
+        return AttentionMask(backend, layout=layout, valid_tokens=valid, pattern=pattern)
     if backend == "flex":
         mask = flex_block_mask(pattern, n, device, valid, FLEX_BLOCK_SIZE)
-        return AttentionMask(backend, block_mask=mask, valid_tokens=valid)
+        return AttentionMask(backend, block_mask=mask, valid_tokens=valid, pattern=pattern)
     keep = None if pattern.is_dense else cached_dense_mask(pattern, n, device)[None]
     if valid is not None:
         pad = valid[:, None, None, :]
         keep = pad if keep is None else keep & pad
     has_key = None if keep is None else keep.any(dim=-1, keepdim=True)
-    return AttentionMask(backend, keep=keep, valid_tokens=valid, has_key=has_key)
+    return AttentionMask(backend, keep=keep, valid_tokens=valid, has_key=has_key, pattern=pattern)
 
 
 def normalize(scores: torch.Tensor, keep: torch.Tensor | None, attention_fn: str, alpha: float) -> torch.Tensor:

@@ -189,12 +189,17 @@ class BlockMap:
 
     def dense(self) -> torch.Tensor:
         """The ``(H, n, n)`` bool mask, assembled one tile row at a time (no index grids)."""
+        return self.rows(0, self.n)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the mask, ``(H, stop - start, n)`` bool, from the tiles they cross."""
         h, nb, b, n = self.heads, self.blocks, self.block, self.n
-        out = torch.empty(h, n, n, dtype=torch.bool, device=self.device)
-        for r in range(nb):
-            rows = min(b, n - r * b)
+        out = torch.empty(h, stop - start, n, dtype=torch.bool, device=self.device)
+        for r in range(start // b, math.ceil(stop / b)):
+            lo, hi = max(start, r * b), min(stop, (r + 1) * b, n)
             tiles = self.bits[self.tile_id[:, r].long()]  # (H, blocks, b, b)
-            out[:, r * b : r * b + rows] = tiles.transpose(1, 2).reshape(h, b, nb * b)[:, :rows, :n]
+            rows = tiles.transpose(1, 2).reshape(h, b, nb * b)
+            out[:, lo - start : hi - start] = rows[:, lo - r * b : hi - r * b, :n]
         return out
 
     def kept_pairs(self) -> int:

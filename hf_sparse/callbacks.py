@@ -217,7 +217,7 @@ class SparsefinderCallback(TrainerCallback):
         self.losses: dict[int, list[float]] = {}
 
     def _fit(self, args: TrainingArguments, model) -> None:
-        from .sparsefinder import fit
+        from .sparsefinder_fit import fit
 
         model = _unwrap(model)
         if args.process_index == 0:

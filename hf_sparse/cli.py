@@ -165,7 +165,8 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
     from . import SparseBertConfig, SparseBertForMaskedLM
     from .evaluation import DEFAULT_SWEEP, masked_lm_metrics, operating_point, pareto, predictor_like
     from .mlm import corpus_for_tokenizer, fixed_mask_batches, offline_mlm_corpus, small_bert_config, train_mlm
-    from .sparsefinder import CENTROID_METHODS, collect_attention, fit, resolve_config
+    from .sparsefinder import CENTROID_METHODS, resolve_config
+    from .sparsefinder_fit import collect_attention, fit
 
     os.makedirs(args.out, exist_ok=True)
     if args.model:

@@ -56,7 +56,8 @@ def _layer_metrics(state, batches, settings: dict, causal: bool, pattern=None) -
     ``pattern``: a fixed pattern spec the prediction is combined with, as ``settings["combine"]`` says.
     """
     from .patterns import dense_mask
-    from .sparsefinder import graph_metrics, predict_pairs
+    from .sparsefinder import predict_pairs
+    from .sparsefinder_fit import graph_metrics
 
     pooled: dict[str, list[torch.Tensor]] = {}
     for q, k, gold, valid in batches:
@@ -79,7 +80,8 @@ def _average(per_layer: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
 def predictor_like(fitted, settings: dict, batches):
     """A predictor for ``settings`` (any method) built from a fitted one: same learned projections; k-means centroids
     (clustering, routing) fitted on ``batches`` (collected attention) for the requested number of clusters."""
-    from .sparsefinder import CENTROID_METHODS, PROJECTED_METHODS, SparsefinderLayer, fit_centroids
+    from .sparsefinder import CENTROID_METHODS, PROJECTED_METHODS, SparsefinderLayer
+    from .sparsefinder_fit import fit_centroids
 
     state = SparsefinderLayer(settings, fitted.num_heads, fitted.head_dim).to(fitted.q_weight.device)
     if settings["method"] in PROJECTED_METHODS:
@@ -99,7 +101,7 @@ def sparsity_recall(
     Returns ``{"per_layer": {layer: {metric: (H,) tensor}}, "average": {metric: float}}``; the average is over
     layers and heads of the per-sentence means.
     """
-    from .sparsefinder import collect_attention
+    from .sparsefinder_fit import collect_attention
 
     collected = collect_attention(model, dataloader, max_batches, max_sentences, progress)
     settings = model.config.sparsefinder

@@ -15,9 +15,9 @@ import torch
 from transformers import AttentionInterface, MarianModel, MarianMTModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import AttentionMask, attend
+from .attention import AttentionMask
 from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
-from .sparsefinder import SparsefinderLayer, attend_predicted, predicts_layer, resolve_config
+from .sparsefinder import SparsefinderLayer, attend_layer, predicts_layer, resolve_config
 from .sparsefinder import initialize as initialize_predictor
 
 ATTENTION_NAME = "hf_sparse_entmax"
@@ -42,51 +42,32 @@ def entmax_marian_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Transformers attention-function signature; ``attention_mask`` is boolean ``(B, 1, Lq, Lk)`` (True = attend).
 
-    A module with a ``sparsefinder_collector`` (set while fitting) hands it its queries, keys and probabilities.
+    The normaliser is the config's for this attention type; the rest (predicted-sparse decoding, collecting the
+    gold graph while fitting) is :func:`hf_sparse.sparsefinder.attend_layer`, as in SparseBERT.
     """
     config = module.config
-    fn = getattr(config, f"{attention_type(module)}_attention_fn")
     keep = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask == 0
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    collector = getattr(module, "sparsefinder_collector", None)
-    predictor = getattr(module, "sparsefinder", None)
-    if predictor is not None and collector is None and not module.training and config.sparsefinder.get("enabled"):
-        # with a cache the queries are the last Lq of the Lk positions: each new query is scored only against
-        # the cached keys its predictor selects
-        lq, lk = query.shape[2], key.shape[2]
-        return attend_predicted(
-            predictor,
-            query,
-            key,
-            value,
-            config.sparsefinder,
-            where=f"decoder layer {module.layer_idx}",
-            scaling=scaling,
-            attention_fn=fn,
-            alpha=config.entmax_alpha,
-            causal=True,
-            query_offset=lk - lq,
-            allowed=keep,
-        )
-    out, probs = attend(
+    valid_queries = None
+    if keep is not None and keep.shape[-2] == keep.shape[-1]:
+        # Transformers' decoder mask marks padded keys only; in (causal) self-attention position i is a padded key
+        # iff (i, i) is masked, and then it is no real query either: its row is not part of the gold graph.
+        valid_queries = keep.diagonal(dim1=-2, dim2=-1).any(1)
+    kind = attention_type(module)
+    return attend_layer(
+        module,
         query,
         key,
         value,
         AttentionMask("eager", keep=keep),
-        scaling=scaling,
-        dropout=dropout,
-        attention_fn=fn,
+        where=f"{kind} layer {module.layer_idx}",
+        scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
+        attention_fn=getattr(config, f"{kind}_attention_fn"),
         alpha=config.entmax_alpha,
+        dropout=dropout,
         output_attentions=True,
+        causal=kind == "decoder",
+        valid_queries=valid_queries,
     )
-    if collector is not None:  # fitting Sparsefinder: record this layer's queries, keys and entmax support
-        valid = keep
-        if keep is not None and keep.shape[-2] == keep.shape[-1]:
-            # Transformers' decoder mask marks padded keys only; in (causal) self-attention position i is a padded
-            # key iff (i, i) is masked, and then it is no real query either: its row is not part of the graph.
-            valid = keep & keep.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
-        collector(module, query, key, probs, valid)
-    return out, probs
 
 
 def boolean_mask(*args, **kwargs) -> torch.Tensor:
@@ -132,7 +113,7 @@ class _EntmaxSparsefinderMarian:
         initialize_predictor(module)
 
     def sparsefinder_modules(self) -> dict[int, torch.nn.Module]:
-        """Decoder self-attention modules that carry a predictor (what ``hf_sparse.sparsefinder.fit`` fits)."""
+        """Decoder self-attention modules that carry a predictor (what ``hf_sparse.sparsefinder_fit.fit`` fits)."""
         layers = self.get_decoder().layers
         return {i: layer.self_attn for i, layer in enumerate(layers) if hasattr(layer.self_attn, "sparsefinder")}
 

@@ -28,12 +28,12 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from .attention import AttentionMask, attend, build_mask, choose_backend
+from .attention import AttentionMask, build_mask, choose_backend
 from .block_maps import cached_dense_mask
 from .configuration_sparse_bert import SparseBertConfig
 from .dam import DAMGates
 from .patterns import Intersection, Learned, Pattern, Union, bind_learned, parse
-from .sparsefinder import SparsefinderLayer, attend_predicted, predicts_layer, resolve_config
+from .sparsefinder import SparsefinderLayer, attend_layer, predicts_layer, resolve_config
 from .sparsefinder import initialize as initialize_predictor
 
 _PARSED: dict[str, Pattern] = {}
@@ -145,43 +145,21 @@ class SparseBertSelfAttention(nn.Module):
         query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
         key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
-        predictor = getattr(self, "sparsefinder", None)
-        collector = self.sparsefinder_collector
-        enabled = self.config.sparsefinder is not None and self.config.sparsefinder.get("enabled", False)
-        if predictor is not None and collector is None and not self.training and enabled:
-            # the prediction meets the layer's pattern as sparsefinder.combine says; padding keys never attend
-            out, probs = attend_predicted(
-                predictor,
-                query,
-                key,
-                value,
-                self.config.sparsefinder,
-                where=f"layer {self.layer_idx}",
-                scaling=self.scaling,
-                attention_fn=self.config.attention_fn,
-                alpha=self.config.entmax_alpha,
-                valid_keys=mask.valid_tokens,
-                pattern=mask.keep,
-                dense_probabilities=output_attentions,
-            )
-            return out.reshape(*hidden_states.shape[:-1], -1), probs
-        out, probs = attend(
+        out, probs = attend_layer(
+            self,
             query,
             key,
             value,
             mask,
+            where=f"layer {self.layer_idx}",
             scaling=self.scaling,
-            dropout=self.dropout.p if self.training else 0.0,
             attention_fn=self.config.attention_fn,
             alpha=self.config.entmax_alpha,
-            output_attentions=output_attentions or collector is not None,
+            dropout=self.dropout.p if self.training else 0.0,
+            output_attentions=output_attentions,
+            valid_queries=mask.valid_tokens,
         )
-        if collector is not None:  # gold graph: kept pairs among valid ones (padding queries excluded)
-            allowed = mask.keep
-            if mask.valid_tokens is not None:
-                allowed = allowed & mask.valid_tokens[:, None, :, None]
-            collector(self, query, key, probs, allowed)
-        return out.reshape(*hidden_states.shape[:-1], -1), probs if output_attentions else None
+        return out.reshape(*hidden_states.shape[:-1], -1), probs
 
 
 class SparseBertSelfOutput(nn.Module):
@@ -327,7 +305,7 @@ class SparseBertPreTrainedModel(PreTrainedModel):
         initialize_predictor(module)
 
     def sparsefinder_modules(self) -> dict[int, nn.Module]:
-        """Self-attention modules that carry a Sparsefinder predictor (what ``hf_sparse.sparsefinder.fit`` fits)."""
+        """Self-attention modules that carry a Sparsefinder predictor (what ``hf_sparse.sparsefinder_fit.fit`` fits)."""
         layers = self.base_model.encoder.layer
         return {
             i: layer.attention.self for i, layer in enumerate(layers) if hasattr(layer.attention.self, "sparsefinder")
@@ -461,11 +439,12 @@ class SparseBertModel(SparseBertPreTrainedModel):
                 "padding per sequence (a single row is not broadcast, as in BertModel)"
             )
         key_valid = attention_mask.bool() if attention_mask is not None else None
+        collecting = any(layer.attention.self.sparsefinder_collector is not None for layer in self.encoder.layer)
         choose = dict(
             n=n,
             device=device,
             attention_fn=self.config.attention_fn,
-            output_attentions=output_attentions,
+            output_attentions=output_attentions or collecting,  # Sparsefinder's collector reads the probabilities
             needs_grad=needs_grad,
             dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
         )

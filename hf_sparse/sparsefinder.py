@@ -20,21 +20,23 @@ Everything works on one layer's tensors of shape ``(B, H, L, d)`` and takes ``ca
 so the same code serves a causal decoder (with ``query_offset`` for incremental decoding, where the keys are the
 cache) and a bidirectional encoder. All learned state (projections, centroids, rotations, ``fitted``) lives in
 parameters and buffers of :class:`SparsefinderLayer`, so it travels in the state dict and the checkpoint.
-Fitting helpers take already-collected tensors; collecting them from a model is the caller's business.
 
-Imported by remote code: torch, the standard library and sibling modules only.
+This module is what runs in the forward: the settings, the predictor state, the prediction (a block of queries
+at a time, :class:`Prediction`) and the predicted-sparse attention (:func:`attend_predicted`). It is imported by
+remote code: torch, the standard library and sibling modules only. Gold graphs, the projection loss, k-means,
+fitting and graph metrics are the training side, :mod:`hf_sparse.sparsefinder_fit`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .attention import attend_gathered
+from .attention import AttentionMask, attend, normalize
+from .block_maps import cached_block_map
 
 METHODS = ("distance", "quantization", "clustering", "window", "lsh", "routing", "bigbird")
 #: methods whose prediction uses the learned projections
@@ -196,19 +198,6 @@ def valid_pairs(
     return pairs
 
 
-def gold_graph(
-    probs: torch.Tensor,
-    valid_keys: torch.Tensor | None,
-    causal: bool,
-    valid_queries: torch.Tensor | None = None,
-    query_offset: int = 0,
-) -> torch.Tensor:
-    """Pairs entmax keeps: ``probs > 0`` ``(B, H, Lq, Lk)`` restricted to :func:`valid_pairs`. Bool, same shape."""
-    _, _, lq, lk = probs.shape
-    valid = valid_pairs(valid_keys, lq, lk, causal, valid_queries, query_offset, probs.device)
-    return (probs > 0) & valid
-
-
 def window_pairs(num_queries: int, num_keys: int, window: int, query_offset: int = 0, device=None) -> torch.Tensor:
     """Bool ``(Lq, Lk)``: ``|i - j| <= window`` in absolute positions."""
     qpos, kpos = _positions(num_queries, num_keys, query_offset, device)
@@ -264,6 +253,13 @@ class SparsefinderLayer(nn.Module):
                 self.centroids.zero_()
             self.fitted.fill_(self.settings["method"] not in PROJECTED_METHODS + CENTROID_METHODS)
 
+    def is_fitted(self) -> bool:
+        """``fitted`` as a Python bool, read from the device once per value of the buffer, not every forward."""
+        state = (self.fitted.data_ptr(), self.fitted._version)
+        if getattr(self, "_fitted_read", (None,))[0] != state:
+            self._fitted_read = (state, bool(self.fitted))
+        return self._fitted_read[1]
+
     def projection_parameters(self) -> list[nn.Parameter]:
         """The trainable projection weights and biases (the keys' only when not shared)."""
         names = ["q_weight", "q_bias"] + ([] if self.settings["share_projections"] else ["k_weight", "k_bias"])
@@ -293,22 +289,6 @@ def initialize(module: nn.Module) -> None:
             init.copy_(tensor, getattr(fresh, name))
 
 
-def build_predictors(settings: dict, num_layers: int, num_heads: int, head_dim: int) -> nn.ModuleDict:
-    """One :class:`SparsefinderLayer` per predicted layer, keyed by the layer index as a string."""
-    cfg = resolve_config(settings)
-    too_deep = [x for x in cfg["layers"] or () if x >= num_layers]
-    if too_deep:
-        raise ValueError(f"sparsefinder layers {too_deep} do not exist; the model has layers 0..{num_layers - 1}")
-    return nn.ModuleDict(
-        {str(i): SparsefinderLayer(cfg, num_heads, head_dim) for i in range(num_layers) if predicts_layer(cfg, i)}
-    )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Projection loss
-# --------------------------------------------------------------------------------------------------------------
-
-
 def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``||a_i - b_j||²`` for ``(..., Lq, D)`` and ``(..., Lk, D)`` → ``(..., Lq, Lk)``.
 
@@ -316,72 +296,6 @@ def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     sq = a.pow(2).sum(-1).unsqueeze(-1) + b.pow(2).sum(-1).unsqueeze(-2) - 2 * a @ b.transpose(-1, -2)
     return sq.clamp_min(0)
-
-
-def sample_negatives(
-    gold: torch.Tensor,
-    valid: torch.Tensor,
-    window: int,
-    num_negatives: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Random negative keys per query, bool ``(B, H, Lq, Lk)``.
-
-    Candidates are valid keys that are neither gold nor inside the window. Each query gets ``num_negatives``
-    of them (None: as many as its gold keys outside the window), uniformly without replacement, or all
-    candidates when there are fewer.
-    """
-    b, h, lq, lk = gold.shape
-    inside = window_pairs(lq, lk, window, device=gold.device)
-    candidates = valid & ~gold & ~inside
-    if num_negatives is None:
-        need = (gold & valid & ~inside).sum(-1, keepdim=True)
-    else:
-        need = torch.full((1, 1, 1, 1), num_negatives, device=gold.device)
-    device = generator.device if generator is not None else gold.device
-    scores = torch.rand((b, h, lq, lk), generator=generator, device=device).to(gold.device)
-    scores = scores.masked_fill(~candidates, float("inf"))
-    rank = scores.argsort(-1).argsort(-1)  # candidates first, in random order
-    return candidates & (rank < need)
-
-
-def margin_loss(
-    q_proj: torch.Tensor,
-    k_proj: torch.Tensor,
-    gold: torch.Tensor,
-    valid: torch.Tensor,
-    window: int,
-    margin: float = 1.0,
-    num_negatives: int | None = None,
-    generator: torch.Generator | None = None,
-    negatives: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Sparsefinder's projection loss (REFERENCES.md), a scalar.
-
-    Per query ``i`` with gold keys ``P(i)`` and random negative keys ``N(i)`` (:func:`sample_negatives`, or
-    ``negatives`` given), both leaving out keys inside the window ``|i - j| <= window``::
-
-        relu(margin + Σ_{j∈P(i)} ||q'_i - k'_j||² - Σ_{j∈N(i)} ||q'_i - k'_j||²)
-
-    ``valid`` ``(B, 1|H, Lq, Lk)`` are the valid pairs (:func:`valid_pairs`); queries with no valid pair are
-    padding and masked. Averaged over the valid queries of each sentence and head, then over heads and sentences.
-    A query with no gold key outside the window contributes ``margin`` (a constant, no gradient), as in the
-    reference code.
-    """
-    valid = valid.expand_as(gold)
-    if negatives is None:
-        negatives = sample_negatives(gold, valid, window, num_negatives, generator)
-    inside = window_pairs(gold.shape[-2], gold.shape[-1], window, device=gold.device)
-    positives = gold & valid & ~inside
-    sq = _squared_distances(q_proj, k_proj)
-    zero = sq.new_zeros(())
-    pos = torch.where(positives, sq, zero).sum(-1)
-    neg = torch.where(negatives & valid, sq, zero).sum(-1)
-    per_query = torch.relu(margin + pos - neg)  # (B, H, Lq)
-    real = valid.any(-1)
-    count = real.sum(-1)  # (B, H)
-    per_head = torch.where(real, per_query, zero).sum(-1) / count.clamp_min(1)
-    return per_head[count > 0].mean() if bool((count > 0).any()) else per_head.sum() * 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -400,10 +314,11 @@ def _share_cluster(q_members: torch.Tensor, k_members: torch.Tensor) -> torch.Te
     return (q_members.float() @ k_members.float().transpose(-1, -2)) > 0
 
 
-def _quantization_pairs(
+def _quantization_buckets(
     q_proj: torch.Tensor, k_proj: torch.Tensor, valid_keys: torch.Tensor | None, settings: dict
-) -> torch.Tensor:
-    """Equal-size buckets of the sorted valid keys per dimension; queries placed by the key bucket boundaries."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Equal-size buckets of the sorted valid keys per dimension (keys sorted once per dimension); queries placed
+    by the key bucket boundaries. Returns the query and key buckets, ``(B, H, Lq, r)`` and ``(B, H, Lk, r)``."""
     b, h, lk, r = k_proj.shape
     keys_valid = (
         torch.ones(b, lk, dtype=torch.bool, device=k_proj.device)
@@ -427,8 +342,11 @@ def _quantization_pairs(
     in_range = bound_rank < n_valid.view(b, 1, 1, 1)
     bounds = sorted_x.gather(2, bound_rank.clamp_max(lk - 1).expand(b, h, num_bounds, r))
     bounds = bounds.masked_fill(~in_range, float("inf"))  # (B, H, M, r)
-    q_bucket = (q_proj.unsqueeze(-2) >= bounds.unsqueeze(2)).sum(-2)  # (B, H, Lq, r)
-    return (q_bucket.unsqueeze(-2) == k_bucket.unsqueeze(-3)).any(-1)
+    # bucket of a query = how many lower bounds lie at or below it (bounds ascend; out-of-range ones are inf)
+    q_bucket = torch.searchsorted(
+        bounds.transpose(-1, -2).contiguous(), q_proj.transpose(-1, -2).contiguous().to(bounds.dtype), right=True
+    ).transpose(-1, -2)  # (B, H, Lq, r)
+    return q_bucket, k_bucket
 
 
 def _lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -477,7 +395,95 @@ def _require(layer_state: SparsefinderLayer, name: str, shape: tuple, method: st
     return state
 
 
-@torch.no_grad()
+class Prediction:
+    """A layer's predicted pairs for one forward, produced a block of queries at a time.
+
+    What a method needs from the whole sequence (projections, key buckets with keys sorted once per dimension,
+    cluster memberships, hashes) is computed once at construction; :meth:`rows` then gives the pairs of queries
+    ``start:stop`` as bool ``(B, H, stop - start, Lk)``, so no ``(B, H, Lq, Lk)`` tensor (nor a float distance or
+    sort index of that size) needs to exist. Query ``i`` sits at absolute position ``query_offset + i``
+    (incremental decoding: ``Lq = 1`` and the keys are the cache). Every method's pairs are united with the window
+    ``|i - j| <= window`` and restricted to :func:`valid_pairs`.
+    """
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        layer_state: SparsefinderLayer,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        settings: dict,
+        valid_keys: torch.Tensor | None,
+        causal: bool,
+        query_offset: int = 0,
+        valid_queries: torch.Tensor | None = None,
+    ):
+        self.cfg = cfg = resolve_config(settings)
+        self.method = method = cfg["method"]
+        self.batch, self.heads, self.num_queries, _ = q.shape
+        self.num_keys, self.device = k.shape[2], q.device
+        self.valid_keys, self.valid_queries = valid_keys, valid_queries
+        self.causal, self.query_offset = causal, query_offset
+        h, top = self.heads, cfg["top_clusters"]
+        if method in PROJECTED_METHODS:
+            q_proj, k_proj = layer_state.project(q, k)
+            if method == "distance":
+                self.features = (q_proj, k_proj)
+            elif method == "quantization":
+                self.features = _quantization_buckets(q_proj, k_proj, valid_keys, cfg)
+            else:
+                centroids = _require(layer_state, "centroids", (h, cfg["num_clusters"], cfg["projection_dim"]), method)
+                self.features = (_nearest_clusters(q_proj, centroids, top), _nearest_clusters(k_proj, centroids, top))
+        elif method == "routing":
+            centroids = _require(layer_state, "centroids", (h, cfg["num_clusters"], q.shape[-1]), method)
+            qn = nn.functional.normalize(q.to(centroids.dtype), dim=-1)
+            kn = nn.functional.normalize(k.to(centroids.dtype), dim=-1)
+            self.features = (_nearest_clusters(qn, centroids, top), _nearest_clusters(kn, centroids, top))
+        elif method == "lsh":
+            shape = (h, cfg["num_hashes"], q.shape[-1], cfg["num_buckets"] // 2)
+            rotations = _require(layer_state, "rotations", shape, method)
+            self.features = (_lsh_buckets(q, rotations), _lsh_buckets(k, rotations))
+        else:  # window, bigbird: positions only
+            self.features = ()
+
+    @torch.no_grad()
+    def rows(self, start: int, stop: int, pattern: torch.Tensor | None = None, union: bool = False) -> torch.Tensor:
+        """Predicted pairs of queries ``start:stop``: bool ``(B, H, stop - start, Lk)``.
+
+        ``pattern`` (bool, broadcastable) is a fixed pattern for these rows, met by intersection or ``union``
+        before the pairs are restricted to valid ones (so a union never brings back a padding key).
+        """
+        cfg, method = self.cfg, self.method
+        c, lk, offset = stop - start, self.num_keys, self.query_offset + start
+        valid_queries = None if self.valid_queries is None else self.valid_queries[..., start:stop]
+        allowed = valid_pairs(self.valid_keys, c, lk, self.causal, valid_queries, offset, self.device)
+        pred = window_pairs(c, lk, cfg["window"], offset, self.device).view(1, 1, c, lk)
+        if method == "distance":
+            q_proj, k_proj = self.features
+            dist = _squared_distances(q_proj[:, :, start:stop], k_proj)
+            if cfg["top_k"] is None:
+                pred = pred | (dist <= float(cfg["threshold"]) ** 2)
+            else:
+                dist = dist.masked_fill(~allowed, float("inf"))
+                idx = dist.topk(min(cfg["top_k"], lk), dim=-1, largest=False).indices
+                pred = pred | torch.zeros_like(dist, dtype=torch.bool).scatter_(-1, idx, True)
+        elif method == "quantization":
+            q_bucket, k_bucket = self.features
+            pred = pred | (q_bucket[:, :, start:stop].unsqueeze(-2) == k_bucket.unsqueeze(-3)).any(-1)
+        elif method in ("clustering", "routing"):
+            q_members, k_members = self.features
+            pred = pred | _share_cluster(q_members[:, :, start:stop], k_members)
+        elif method == "lsh":
+            q_buckets, k_buckets = self.features
+            pred = pred | (q_buckets[..., start:stop].unsqueeze(-1) == k_buckets.unsqueeze(-2)).any(2)
+        elif method == "bigbird":
+            qpos, kpos = _positions(c, lk, offset, self.device)
+            pred = pred | _bigbird_pairs(allowed.expand(self.batch, 1, c, lk), qpos, kpos, cfg)
+        if pattern is not None:
+            pred = pred | pattern if union else pred & pattern
+        return (pred & allowed).expand(self.batch, self.heads, c, lk)
+
+
 def predict_pairs(
     layer_state: SparsefinderLayer,
     q: torch.Tensor,
@@ -488,53 +494,25 @@ def predict_pairs(
     query_offset: int = 0,
     valid_queries: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Predicted pairs, bool ``(B, H, Lq, Lk)``, for queries ``q`` ``(B, H, Lq, d)`` and keys ``k`` ``(B, H, Lk, d)``.
-
-    ``settings`` (resolved here) choose the method; ``layer_state`` holds what it learned. Query ``i`` is at
-    absolute position ``query_offset + i`` (incremental decoding: ``Lq = 1`` and the keys are the cache). The
-    method's pairs are united with the window ``|i - j| <= window`` and restricted to :func:`valid_pairs`.
+    """Predicted pairs, bool ``(B, H, Lq, Lk)``, for queries ``q`` ``(B, H, Lq, d)`` and keys ``k`` ``(B, H, Lk, d)``
+    (see :class:`Prediction`; this whole tensor is for metrics and fitting, the forward never builds it).
     """
-    cfg = resolve_config(settings)
-    method = cfg["method"]
-    b, h, lq, _ = q.shape
-    lk = k.shape[2]
-    device = q.device
-    allowed = valid_pairs(valid_keys, lq, lk, causal, valid_queries, query_offset, device)
-    qpos, kpos = _positions(lq, lk, query_offset, device)
-    pred = window_pairs(lq, lk, cfg["window"], query_offset, device).view(1, 1, lq, lk)
-    if method in PROJECTED_METHODS:
-        q_proj, k_proj = layer_state.project(q, k)
-        if method == "distance":
-            dist = _squared_distances(q_proj, k_proj)
-            if cfg["top_k"] is None:
-                pred = pred | (dist <= float(cfg["threshold"]) ** 2)
-            else:
-                dist = dist.masked_fill(~allowed, float("inf"))
-                idx = dist.topk(min(cfg["top_k"], lk), dim=-1, largest=False).indices
-                pred = pred | torch.zeros_like(dist, dtype=torch.bool).scatter_(-1, idx, True)
-        elif method == "quantization":
-            pred = pred | _quantization_pairs(q_proj, k_proj, valid_keys, cfg)
-        else:
-            shape = (h, cfg["num_clusters"], cfg["projection_dim"])
-            centroids = _require(layer_state, "centroids", shape, method)
-            top = cfg["top_clusters"]
-            pred = pred | _share_cluster(
-                _nearest_clusters(q_proj, centroids, top), _nearest_clusters(k_proj, centroids, top)
-            )
-    elif method == "routing":
-        centroids = _require(layer_state, "centroids", (h, cfg["num_clusters"], q.shape[-1]), method)
-        qn = nn.functional.normalize(q.to(centroids.dtype), dim=-1)
-        kn = nn.functional.normalize(k.to(centroids.dtype), dim=-1)
-        top = cfg["top_clusters"]
-        pred = pred | _share_cluster(_nearest_clusters(qn, centroids, top), _nearest_clusters(kn, centroids, top))
-    elif method == "lsh":
-        shape = (h, cfg["num_hashes"], q.shape[-1], cfg["num_buckets"] // 2)
-        rotations = _require(layer_state, "rotations", shape, method)
-        qb, kb = _lsh_buckets(q, rotations), _lsh_buckets(k, rotations)
-        pred = pred | (qb.unsqueeze(-1) == kb.unsqueeze(-2)).any(2)
-    elif method == "bigbird":
-        pred = pred | _bigbird_pairs(allowed.expand(b, 1, lq, lk), qpos, kpos, cfg)
-    return (pred & allowed).expand(b, h, lq, lk).contiguous()
+    prediction = Prediction(layer_state, q, k, settings, valid_keys, causal, query_offset, valid_queries)
+    lq = q.shape[2]
+    chunks = [prediction.rows(s, min(s + QUERY_BLOCK, lq)) for s in range(0, lq, QUERY_BLOCK)]
+    return torch.cat(chunks, dim=2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Predicted-sparse attention
+# --------------------------------------------------------------------------------------------------------------
+
+QUERY_BLOCK = 128  # queries predicted and attended at once
+KEY_BLOCK = 64  # keys per tile of the predicted-sparse execution
+# A block of queries whose predicted pairs touch at most this fraction of the key tiles is computed on those tiles
+# only (gathered); a denser one on all keys with the prediction as mask. Measured by
+# scripts/benchmark_model_masks.py (benchmarks/model_masks_cpu.md).
+PREDICTED_MAX_TILE_DENSITY = 0.5
 
 
 def attend_predicted(
@@ -549,336 +527,194 @@ def attend_predicted(
     attention_fn: str,
     alpha: float,
     valid_keys: torch.Tensor | None = None,
+    valid_queries: torch.Tensor | None = None,
     causal: bool = False,
     query_offset: int = 0,
-    pattern: torch.Tensor | None = None,
+    pattern_rows: Callable[[int, int], torch.Tensor] | None = None,
     allowed: torch.Tensor | None = None,
     dense_probabilities: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention on the predicted pairs only (gathered keys per query): the sparse execution of both models.
+    """Attention on the predicted pairs only: the sparse execution of both models.
 
-    ``pattern`` (bool, broadcastable to ``(B, H, Lq, Lk)``) is the layer's own pattern, met as
-    ``settings["combine"]`` says (pattern ∩ predicted, or pattern ∪ predicted); ``allowed`` (e.g. a causal and
-    padding mask) is always intersected. ``where`` names the layer in the error for an unfitted predictor.
+    Per block of :data:`QUERY_BLOCK` queries, the prediction (:class:`Prediction`) decides which key tiles of
+    :data:`KEY_BLOCK` keys hold a predicted pair. A block that touches few tiles scores only those (gathered per
+    batch row and head); a block that touches many scores every key with the prediction as mask. Either way the
+    result equals dense attention with every unpredicted pair masked out, and no ``(B, H, Lq, Lk)`` tensor exists
+    unless ``dense_probabilities`` asks for the probabilities. The tile counts of all blocks are read from the
+    device once per call (they size the gathers).
+
+    ``pattern_rows(start, stop)`` gives the layer's own pattern for those queries (bool, broadcastable to
+    ``(B, H, stop - start, Lk)``), met as ``settings["combine"]`` says (pattern ∩ predicted, or pattern ∪
+    predicted); ``allowed`` (``(B|1, H|1, Lq, Lk)``, e.g. a causal and padding mask) is always intersected.
+    ``where`` names the layer in the error for an unfitted predictor.
     """
-    if not bool(predictor.fitted):
+    if not predictor.is_fitted():
         raise ValueError(
             f"sparsefinder.enabled is set but the predictor of {where} is not fitted: run "
-            "hf_sparse.sparsefinder.fit(model, dataloader) first, or load a checkpoint saved after fitting"
+            "hf_sparse.sparsefinder_fit.fit(model, dataloader) first, or load a checkpoint saved after fitting"
         )
-    pairs = predict_pairs(predictor, query, key, settings, valid_keys, causal=causal, query_offset=query_offset)
-    if pattern is not None:
-        pairs = pairs & pattern if resolve_config(settings)["combine"] == "intersection" else pairs | pattern
-    if allowed is not None:
-        pairs = pairs & allowed
-    return attend_gathered(
+    b, h, lq, _ = query.shape
+    lk = key.shape[2]
+    prediction = Prediction(predictor, query, key, settings, valid_keys, causal, query_offset, valid_queries)
+    union = resolve_config(settings)["combine"] == "union"
+    blocks = range(0, lq, QUERY_BLOCK)
+
+    def pairs_of(start: int) -> torch.Tensor:
+        stop = min(start + QUERY_BLOCK, lq)
+        pattern = None if pattern_rows is None else pattern_rows(start, stop)
+        pairs = prediction.rows(start, stop, pattern, union)
+        if allowed is not None:
+            pairs = pairs & allowed[:, :, start:stop]
+        return pairs
+
+    tiles = math.ceil(lk / KEY_BLOCK)
+    pad = tiles * KEY_BLOCK - lk
+    touched = [nn.functional.pad(pairs_of(s), (0, pad)).view(b, h, -1, tiles, KEY_BLOCK).any(-1).any(2) for s in blocks]
+    widths = torch.stack([t.sum(-1).amax() for t in touched]).tolist()  # the one device read
+    k_tiles = nn.functional.pad(key, (0, 0, 0, pad)).view(b, h, tiles, KEY_BLOCK, key.shape[-1])
+    v_tiles = nn.functional.pad(value, (0, 0, 0, pad)).view(b, h, tiles, KEY_BLOCK, value.shape[-1])
+    outs, probabilities = [], []
+    for start, width, hit in zip(blocks, widths, touched):
+        q = query[:, :, start : start + QUERY_BLOCK]
+        pairs = pairs_of(start)
+        if width == 0:  # no query of the block has a predicted key
+            outs.append(q.new_zeros(*q.shape[:3], value.shape[-1]))
+            if dense_probabilities:
+                probabilities.append(q.new_zeros(pairs.shape))
+        elif width <= PREDICTED_MAX_TILE_DENSITY * tiles:  # gather the touched key tiles of each batch row and head
+            columns = torch.argsort(hit.to(torch.int8), dim=-1, descending=True, stable=True)[..., :width]
+            index = columns[..., None, None]
+            keys = k_tiles.gather(2, index.expand(-1, -1, -1, KEY_BLOCK, k_tiles.shape[-1])).flatten(2, 3)
+            values = v_tiles.gather(2, index.expand(-1, -1, -1, KEY_BLOCK, v_tiles.shape[-1])).flatten(2, 3)
+            tiled = nn.functional.pad(pairs, (0, pad)).view(b, h, pairs.shape[2], tiles, KEY_BLOCK)
+            keep = tiled.gather(3, columns[:, :, None, :, None].expand(-1, -1, pairs.shape[2], -1, KEY_BLOCK))
+            probs = normalize(torch.matmul(q, keys.transpose(-1, -2)) * scaling, keep.flatten(3), attention_fn, alpha)
+            outs.append(torch.matmul(probs, values))
+            if dense_probabilities:
+                spread = probs.new_zeros(b, h, pairs.shape[2], tiles, KEY_BLOCK)
+                spread.scatter_(3, columns[:, :, None, :, None].expand_as(keep), probs.view_as(keep))
+                probabilities.append(spread.flatten(3)[..., :lk])
+        else:  # every key, the prediction as mask
+            probs = normalize(torch.matmul(q, key.transpose(-1, -2)) * scaling, pairs, attention_fn, alpha)
+            outs.append(torch.matmul(probs, value))
+            if dense_probabilities:
+                probabilities.append(probs)
+    out = torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+    return out, torch.cat(probabilities, dim=2) if dense_probabilities else None
+
+
+def attend_layer(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: AttentionMask,
+    *,
+    where: str,
+    scaling: float,
+    attention_fn: str,
+    alpha: float,
+    dropout: float = 0.0,
+    output_attentions: bool = False,
+    causal: bool = False,
+    valid_queries: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention of one layer in either model: what Sparsefinder does to it, in one place.
+
+    * predictor enabled (``config.sparsefinder["enabled"]``, eval mode, not collecting): attention on the
+      predicted pairs only (:func:`attend_predicted`), met with the layer's pattern ``mask.pattern`` (SparseBERT's)
+      as ``combine`` says and restricted to the real keys ``mask.valid_tokens``, or, without a pattern, to
+      ``mask.keep`` (Marian's causal and padding mask);
+    * otherwise the kernel ``mask`` was built for (:func:`hf_sparse.attention.attend`); while ``fit`` collects
+      (``module.sparsefinder_collector``), the collector gets the queries, keys, probabilities and the valid pairs:
+      ``mask.keep`` restricted to the real queries ``valid_queries`` ``(B, Lq)``.
+
+    The queries are the last ``Lq`` of the ``Lk`` positions (a decoder's cache holds the others).
+    """
+    predictor = getattr(module, "sparsefinder", None)
+    collector = getattr(module, "sparsefinder_collector", None)
+    settings = module.config.sparsefinder
+    if predictor is not None and collector is None and not module.training and settings.get("enabled"):
+        lq, lk, pattern = query.shape[2], key.shape[2], mask.pattern
+        pattern_rows = None
+        if pattern is not None and not pattern.is_dense:
+            block_map = cached_block_map(pattern, lk, query.device)
+            pattern_rows = lambda start, stop: block_map.rows(start, stop)[None]  # noqa: E731
+        return attend_predicted(
+            predictor,
+            query,
+            key,
+            value,
+            settings,
+            where=where,
+            scaling=scaling,
+            attention_fn=attention_fn,
+            alpha=alpha,
+            valid_keys=mask.valid_tokens,
+            causal=causal,
+            query_offset=lk - lq,
+            pattern_rows=pattern_rows,
+            allowed=mask.keep if pattern is None else None,
+            dense_probabilities=output_attentions,
+        )
+    out, probs = attend(
         query,
         key,
         value,
-        pairs,
+        mask,
         scaling=scaling,
+        dropout=dropout,
         attention_fn=attention_fn,
         alpha=alpha,
-        dense_probabilities=dense_probabilities,
+        output_attentions=output_attentions or collector is not None,
     )
+    if collector is not None:
+        allowed = mask.keep
+        if valid_queries is not None:
+            real = valid_queries.to(torch.bool)[:, None, :, None]
+            allowed = real if allowed is None else allowed & real
+        collector(module, query, key, probs, allowed)
+    return out, probs if output_attentions else None
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Fitting
-# --------------------------------------------------------------------------------------------------------------
+def __getattr__(name: str):
+    """The training-side names once lived here (``from hf_sparse.sparsefinder import fit``): still found, from
+    :mod:`hf_sparse.sparsefinder_fit`, which remote code neither copies nor needs."""
+    if name not in _TRAINING_SIDE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(__name__ + "_fit"), name)
 
 
-class FitBatch(NamedTuple):
-    """Collected tensors of one batch for one layer: ``q``/``k`` ``(B, H, L, d)``, ``gold`` ``(B, H, L, L)``
-    bool (:func:`gold_graph`), ``valid`` ``(B, 1|H, L, L)`` bool (:func:`valid_pairs`)."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    gold: torch.Tensor
-    valid: torch.Tensor
-
-
-def fit_projections(
-    layer_state: SparsefinderLayer,
-    batches: Sequence[FitBatch | tuple],
-    settings: dict,
-    epochs: int,
-    lr: float = 1e-3,
-    clip: float = 1.0,
-    generator: torch.Generator | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    """Train the projections with :func:`margin_loss` (Adam, gradient-norm clipping); return per-step losses.
-
-    ``batches`` is a sequence (re-read every epoch) of :class:`FitBatch`. ``generator`` draws the negatives.
-    ``on_step(step, loss)`` is called after every step (e.g. to advance a progress bar). Sets ``fitted`` for
-    the projection methods.
-    """
-    cfg = resolve_config(settings)
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    params = layer_state.projection_parameters()
-    optimizer = torch.optim.Adam(params, lr=lr)
-    losses: list[float] = []
-    was_training = layer_state.training
-    layer_state.train()
-    with torch.enable_grad():
-        for _ in range(epochs):
-            for batch in batches:
-                q, k, gold, valid = (t.to(layer_state.q_weight.device) for t in batch)
-                q_proj, k_proj = layer_state.project(q.detach(), k.detach())
-                loss = margin_loss(
-                    q_proj, k_proj, gold, valid, cfg["window"], cfg["margin"], cfg["num_negatives"], generator
-                )
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, clip)
-                optimizer.step()
-                losses.append(loss.item())
-                if on_step is not None:
-                    on_step(len(losses), losses[-1])
-    layer_state.train(was_training)
-    if cfg["method"] in ("distance", "quantization"):
-        layer_state.fitted.fill_(True)
-    return losses
-
-
-def kmeans(
-    x: torch.Tensor, num_clusters: int, iterations: int = 50, seed: int = 0, spherical: bool = False
-) -> tuple[torch.Tensor, list[float]]:
-    """Plain Lloyd k-means per head on ``x`` ``(H, N, D)``: centroids ``(H, C, D)`` and the inertia per iteration.
-
-    Initialised with ``C`` distinct points per head drawn with ``seed``; an empty cluster keeps its centroid.
-    ``spherical``: points and centroids are unit vectors (Routing Transformer).
-    """
-    h, n, dim = x.shape
-    if n == 0:
-        raise ValueError("k-means got no points: every collected token was padding")
-    if spherical:
-        x = nn.functional.normalize(x, dim=-1)
-    g = torch.Generator().manual_seed(seed)
-    if n >= num_clusters:
-        init = torch.stack([torch.randperm(n, generator=g)[:num_clusters] for _ in range(h)])
-    else:
-        init = torch.randint(0, n, (h, num_clusters), generator=g)
-    centroids = x.gather(1, init.to(x.device).unsqueeze(-1).expand(h, num_clusters, dim))
-    inertia: list[float] = []
-    assign = None
-    for _ in range(iterations):
-        dist = _squared_distances(x, centroids)
-        best, new_assign = dist.min(-1)
-        inertia.append(best.mean().item())
-        if assign is not None and torch.equal(new_assign, assign):
-            break
-        assign = new_assign
-        sums = torch.zeros_like(centroids).scatter_add_(1, assign.unsqueeze(-1).expand(h, n, dim), x)
-        counts = torch.zeros(h, num_clusters, device=x.device, dtype=x.dtype).scatter_add_(
-            1, assign, torch.ones_like(assign, dtype=x.dtype)
-        )
-        updated = sums / counts.clamp_min(1).unsqueeze(-1)
-        centroids = torch.where(counts.unsqueeze(-1) > 0, updated, centroids)
-        if spherical:
-            centroids = nn.functional.normalize(centroids, dim=-1)
-    return centroids, inertia
-
-
-@torch.no_grad()
-def fit_centroids(
-    layer_state: SparsefinderLayer,
-    batches: Sequence[FitBatch | tuple],
-    settings: dict,
-    iterations: int = 50,
-    seed: int | None = None,
-) -> list[float]:
-    """k-means centroids for ``clustering`` (on projected q and k) or ``routing`` (unit raw q and k).
-
-    Uses every valid query and key of ``batches`` (:class:`FitBatch`; ``gold`` unused), pooled per head; for
-    ``clustering``, fit the projections first. ``seed`` defaults to ``settings["seed"]``. Returns the inertia
-    (mean squared distance to the nearest centroid) per iteration and sets ``fitted``.
-    """
-    cfg = resolve_config(settings)
-    method = cfg["method"]
-    if method not in CENTROID_METHODS:
-        raise ValueError(f"fit_centroids is for methods {', '.join(CENTROID_METHODS)}; got method {method!r}")
-    points = []
-    for batch in batches:
-        q, k, _, valid = (t.to(layer_state.fitted.device) for t in batch)
-        if method == "clustering":
-            q, k = layer_state.project(q, k)
-        q_mask, k_mask = valid.any(-1).any(1), valid.any(-2).any(1)  # (B, L): valid in some head
-        points += [q.transpose(0, 1)[:, q_mask], k.transpose(0, 1)[:, k_mask]]
-    x = torch.cat(points, dim=1).float()
-    shape = (layer_state.num_heads, cfg["num_clusters"], x.shape[-1])
-    target = _require(layer_state, "centroids", shape, method)
-    centroids, inertia = kmeans(
-        x, cfg["num_clusters"], iterations, cfg["seed"] if seed is None else seed, spherical=method == "routing"
-    )
-    target.copy_(centroids)
-    layer_state.fitted.fill_(True)
-    return inertia
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------------------------
-
-
-def graph_metrics(
-    pred: torch.Tensor, gold: torch.Tensor, valid_pairs: torch.Tensor, per_sentence: bool = False
-) -> dict[str, torch.Tensor]:
-    """Sparsity and recall of a predicted graph against the gold graph, per head ``(H,)``.
-
-    For each sentence ``b`` and head ``h``, counting only valid pairs (``valid_pairs`` broadcastable to
-    ``(B, H, Lq, Lk)``):
-
-    * ``gold_sparsity``  = 1 - |gold| / |valid|
-    * ``graph_sparsity`` = 1 - |pred| / |valid|
-    * ``recall``         = |pred ∩ gold| / |gold|   (1 when the sentence has no gold pair)
-    * ``exact``          = fraction of valid queries (rows with a valid pair) whose every gold key is predicted
-      (a query with no gold key counts as exact)
-
-    then the plain mean over sentences (as the paper: per sentence, then averaged), skipping sentences with no
-    valid pair. ``per_sentence=True`` returns the ``(B, H)`` values instead, NaN for sentences with no valid pair,
-    so that callers can pool batches and take ``nanmean(0)``.
-    """
-    valid = valid_pairs.bool().expand_as(pred)
-    pred, gold = pred.bool() & valid, gold.bool() & valid
-    n_valid = valid.sum((-1, -2)).double()
-    n_gold = gold.sum((-1, -2)).double()
-    hits = (pred & gold).sum((-1, -2)).double()
-    queries = valid.any(-1)
-    exact_queries = queries & ~(gold & ~pred).any(-1)
-    has_pairs = n_valid > 0
-    nan = torch.full_like(n_valid, float("nan"))
-    values = {
-        "gold_sparsity": 1 - n_gold / n_valid.clamp_min(1),
-        "graph_sparsity": 1 - pred.sum((-1, -2)).double() / n_valid.clamp_min(1),
-        "recall": torch.where(n_gold > 0, hits / n_gold.clamp_min(1), torch.ones_like(hits)),
-        "exact": exact_queries.sum(-1).double() / queries.sum(-1).clamp_min(1).double(),
-    }
-    values = {name: torch.where(has_pairs, v, nan) for name, v in values.items()}
-    if per_sentence:
-        return values
-    return {name: v.nanmean(0) for name, v in values.items()}
-
-
-__all__ = [
-    "METHODS",
-    "SPARSEFINDER_DEFAULTS",
+_TRAINING_SIDE = (
     "FitBatch",
-    "SparsefinderLayer",
-    "attend_predicted",
     "build_predictors",
-    "check_model_settings",
     "collect_attention",
     "fit",
     "fit_centroids",
     "fit_projections",
     "gold_graph",
-    "initialize",
     "graph_metrics",
     "kmeans",
     "margin_loss",
+    "sample_negatives",
+)
+
+__all__ = [
+    "CENTROID_METHODS",
+    "METHODS",
+    "PROJECTED_METHODS",
+    "SPARSEFINDER_DEFAULTS",
+    "Prediction",
+    "SparsefinderLayer",
+    "attend_layer",
+    "attend_predicted",
+    "check_model_settings",
+    "initialize",
     "predict_pairs",
     "predicts_layer",
     "resolve_config",
-    "sample_negatives",
     "valid_pairs",
     "window_pairs",
 ]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Fitting a model's predictors
-# --------------------------------------------------------------------------------------------------------------
-
-
-def collect_attention(
-    model: nn.Module,
-    dataloader,
-    max_batches: int | None = None,
-    max_sentences: int = 512,
-    progress: bool = True,
-) -> dict[int, list[FitBatch]]:
-    """Run ``model`` (eval mode, no gradients, dense attention) and record, for every attention module with a
-    predictor, its queries, keys, gold graph (the pairs entmax keeps) and valid pairs, on CPU.
-
-    Memory-bounded: stops after ``max_sentences`` sentences per layer or ``max_batches`` batches. The model tells
-    which modules have predictors through ``model.sparsefinder_modules()`` → ``{layer: attention_module}``; their
-    attention function hands a ``sparsefinder_collector`` its ``(module, query, key, probabilities, allowed)``.
-    """
-    from tqdm.auto import tqdm  # a dependency of transformers, so remote code has it too
-
-    modules = model.sparsefinder_modules()
-    if not modules:
-        raise ValueError("this model has no Sparsefinder predictors: build it with a `sparsefinder` config")
-    collected: dict[int, list[FitBatch]] = {i: [] for i in modules}
-    seen = dict.fromkeys(modules, 0)
-
-    def collector_for(layer: int):
-        def collect(module, query, key, probs, allowed):
-            if seen[layer] >= max_sentences:
-                return
-            b, _, lq, lk = probs.shape
-            valid = allowed if allowed is not None else torch.ones(b, 1, lq, lk, dtype=torch.bool, device=probs.device)
-            gold = (probs > 0) & valid
-            collected[layer].append(FitBatch(query.detach().cpu(), key.detach().cpu(), gold.cpu(), valid.cpu()))
-            seen[layer] += b
-
-        return collect
-
-    was_training = model.training
-    model.eval()
-    for layer, module in modules.items():
-        module.sparsefinder_collector = collector_for(layer)
-    try:
-        with torch.no_grad():
-            for step, batch in enumerate(tqdm(dataloader, desc="collecting attention", disable=not progress)):
-                if (max_batches is not None and step >= max_batches) or min(seen.values()) >= max_sentences:
-                    break
-                model(**{k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
-    finally:
-        for module in modules.values():
-            module.sparsefinder_collector = None
-        model.train(was_training)
-    empty = [layer for layer, batches in collected.items() if not batches]
-    if empty:
-        raise ValueError(f"no attention was collected for layers {empty}: is the dataloader empty?")
-    return collected
-
-
-def fit(
-    model: nn.Module,
-    dataloader,
-    epochs: int = 3,
-    lr: float = 1e-3,
-    max_batches: int | None = None,
-    max_sentences: int = 512,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[int, list[float]]:
-    """Fit every predictor of ``model`` on the attention it computes over ``dataloader``; return losses per layer.
-
-    Two passes, as the reference pipeline: (1) :func:`collect_attention`; (2) train the projections with the
-    margin loss for ``epochs`` epochs (Adam, ``lr``, clipping 1.0) and/or fit k-means centroids. Only predictor
-    state changes; the model's own weights are untouched.
-    """
-    from tqdm.auto import tqdm
-
-    collected = collect_attention(model, dataloader, max_batches, max_sentences, progress)
-    settings = resolve_config(model.config.sparsefinder)
-    generator = torch.Generator().manual_seed(seed)
-    losses: dict[int, list[float]] = {}
-    method = settings["method"]
-    for layer, module in model.sparsefinder_modules().items():
-        state, batches = module.sparsefinder, collected[layer]
-        losses[layer] = []
-        if method in PROJECTED_METHODS:
-            with tqdm(total=epochs * len(batches), desc=f"fitting layer {layer}", disable=not progress) as bar:
-                losses[layer] = fit_projections(
-                    state, batches, settings, epochs, lr=lr, generator=generator, on_step=lambda *_, b=bar: b.update()
-                )
-        if method in CENTROID_METHODS:
-            fit_centroids(state, batches, settings, seed=seed)
-        state.fitted.fill_(True)
-    return losses

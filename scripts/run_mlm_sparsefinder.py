@@ -4,7 +4,7 @@ predicted, every method side by side, then used for predicted-sparse attention.
 1. A BERT: ``--model PATH`` (any local BERT / SparseBERT MLM checkpoint with its tokenizer), or, by default, a
    small one pre-trained here with softmax attention on the offline corpus (English gettext messages).
 2. Fine-tuned to α-entmax attention (α = 1.5) with the MLM objective (Trainer).
-3. Sparsefinder predictors fitted on the model's own attention (``hf_sparse.sparsefinder.fit``).
+3. Sparsefinder predictors fitted on the model's own attention (``hf_sparse.sparsefinder_fit.fit``).
 4. Sparsity/recall of every method over a sweep (CSV + Pareto PNG), and of the learned method combined with a
    fixed local pattern (pattern ∩ predicted, pattern ∪ predicted).
 5. Held-out MLM accuracy and perplexity with full entmax and with predicted-sparse attention at each method's
@@ -33,7 +33,8 @@ from hf_sparse.mlm import (
     small_bert_config,
     train_mlm,
 )
-from hf_sparse.sparsefinder import collect_attention, fit, resolve_config
+from hf_sparse.sparsefinder import resolve_config
+from hf_sparse.sparsefinder_fit import collect_attention, fit
 
 QUICK_SWEEP = {method: points[:2] for method, points in DEFAULT_SWEEP.items()}
 

@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer, 
 
 from hf_sparse import EntmaxSparsefinderMarianMTModel
 from hf_sparse.evaluation import pareto, sparsity_recall
-from hf_sparse.sparsefinder import fit
+from hf_sparse.sparsefinder_fit import fit
 from hf_sparse.translation import (
     bleu_chrf,
     encode_pairs,

@@ -7,8 +7,14 @@ from entmax import entmax15
 from hf_sparse.sparsefinder import (
     METHODS,
     SPARSEFINDER_DEFAULTS,
-    FitBatch,
     SparsefinderLayer,
+    predict_pairs,
+    resolve_config,
+    valid_pairs,
+    window_pairs,
+)
+from hf_sparse.sparsefinder_fit import (
+    FitBatch,
     build_predictors,
     fit_centroids,
     fit_projections,
@@ -16,11 +22,7 @@ from hf_sparse.sparsefinder import (
     graph_metrics,
     kmeans,
     margin_loss,
-    predict_pairs,
-    resolve_config,
     sample_negatives,
-    valid_pairs,
-    window_pairs,
 )
 
 B, H, L, D = 2, 2, 10, 8
@@ -486,3 +488,95 @@ def test_state_round_trips_through_the_state_dict(settings):
     for causal in (False, True):
         expected = predict_pairs(layer, q, k, settings, keys, causal)
         assert torch.equal(predict_pairs(fresh, q, k, settings, keys, causal), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# predicted-sparse execution
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _dense_on_pairs(q, k, v, pairs, fn):
+    from hf_sparse.attention import AttentionMask, attend
+
+    return attend(q, k, v, AttentionMask("eager", keep=pairs), scaling=0.5, attention_fn=fn, output_attentions=True)
+
+
+@pytest.mark.parametrize("fn", ["entmax15", "sparsemax", "softmax"])
+@pytest.mark.parametrize("settings", [RESTRICTIVE["distance"], RESTRICTIVE["quantization"], {"method": "window"}])
+@pytest.mark.parametrize("causal", [False, True])
+def test_predicted_attention_equals_dense_attention_on_the_predicted_pairs(settings, causal, fn):
+    """Blocks of queries on gathered key tiles (sparse predictions) and on every key (dense ones), with padding,
+    at a length that spans several query blocks and key tiles, in float64."""
+    from hf_sparse import sparsefinder
+
+    n = 300
+    g = _generator(5)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64) * 2 for _ in range(3))
+    valid_keys = torch.arange(n)[None] < torch.tensor([[n], [211]])
+    layer = _layer(settings, q.float(), k.float(), valid_pairs(valid_keys, n, n, causal))
+    layer.fitted.fill_(True)
+    layer.double()
+    pairs = predict_pairs(layer, q, k, settings, valid_keys, causal)
+    for tile_density in (0.0, 1.0):  # every block on all keys, then every block on its gathered tiles
+        old, sparsefinder.PREDICTED_MAX_TILE_DENSITY = sparsefinder.PREDICTED_MAX_TILE_DENSITY, tile_density
+        try:
+            out, probs = sparsefinder.attend_predicted(
+                layer,
+                q,
+                k,
+                v,
+                settings,
+                where="test",
+                scaling=0.5,
+                attention_fn=fn,
+                alpha=1.5,
+                valid_keys=valid_keys,
+                causal=causal,
+                dense_probabilities=True,
+            )
+        finally:
+            sparsefinder.PREDICTED_MAX_TILE_DENSITY = old
+        want, want_probs = _dense_on_pairs(q, k, v, pairs, fn)
+        assert (out - want).abs().max() < 1e-10, tile_density
+        assert (probs - want_probs).abs().max() < 1e-10
+        assert (probs[~pairs] == 0).all()
+
+
+def test_predicted_attention_builds_nothing_of_size_batch_heads_length_squared():
+    from test_block_maps import _LargestAllocation
+
+    from hf_sparse.sparsefinder import attend_predicted
+
+    n = 1024
+    q, k = _qk(seed=1, b=1, h=4, n=n, d=16)
+    v = torch.randn_like(q)
+    for settings in (RESTRICTIVE["distance"], RESTRICTIVE["quantization"], RESTRICTIVE["clustering"]):
+        layer = _layer(settings, q, k, valid_pairs(None, n, n, False))
+        layer.fitted.fill_(True)
+        with _LargestAllocation() as seen, torch.no_grad():
+            attend_predicted(layer, q, k, v, settings, where="t", scaling=0.25, attention_fn="entmax15", alpha=1.5)
+        assert seen.largest <= 4 * n * n // 4, f"{settings['method']}: {seen.largest} elements (B·H·L² = {4 * n * n})"
+
+
+def test_fitted_flag_is_read_from_the_device_once_per_value():
+    layer = SparsefinderLayer({"method": "distance"}, 2, 4)
+    assert not layer.is_fitted()
+    layer.fitted.fill_(True)
+    assert layer.is_fitted()  # a changed buffer is read again
+    calls = []
+    original = torch.Tensor.__bool__
+    torch.Tensor.__bool__ = lambda self: calls.append(1) or original(self)
+    try:
+        for _ in range(3):
+            assert layer.is_fitted()
+    finally:
+        torch.Tensor.__bool__ = original
+    assert calls == []
+
+
+def test_training_side_names_are_still_found_in_the_forward_module():
+    from hf_sparse import sparsefinder, sparsefinder_fit
+
+    assert sparsefinder.fit is sparsefinder_fit.fit and sparsefinder.graph_metrics is sparsefinder_fit.graph_metrics
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        sparsefinder.nothing  # noqa: B018

@@ -8,7 +8,8 @@ from hf_sparse import SparseBertConfig, SparseBertForMaskedLM
 from hf_sparse.attention import AttentionMask, attend, build_mask
 from hf_sparse.evaluation import sparsity_recall
 from hf_sparse.patterns import dense_mask, parse
-from hf_sparse.sparsefinder import fit, predict_pairs
+from hf_sparse.sparsefinder import predict_pairs
+from hf_sparse.sparsefinder_fit import fit
 
 METHOD_SETTINGS = [
     {"method": "distance", "threshold": 0.8},
@@ -108,6 +109,21 @@ def test_prediction_combines_with_a_fixed_pattern(combine):
     # union reaches beyond the pattern, intersection never does
     beyond = (probs > 0) & ~pattern
     assert beyond.any() == (combine == "union")
+
+
+@pytest.mark.parametrize("pattern", ["dense", "window:2+global:1"])
+def test_a_union_with_the_pattern_is_the_same_with_or_without_an_all_ones_attention_mask(pattern):
+    """The padding mask is never taken for the pattern: with every token real, passing it changes nothing."""
+    model = entmax_bert(pattern=pattern, combine="union", method="window", window=1)
+    fit(model, loader(1), epochs=1, progress=False)
+    model.config.sparsefinder["enabled"] = True
+    ids, _ = random_batch(seed=4)
+    with torch.no_grad():
+        without = model(ids, output_attentions=True)
+        ones = model(ids, attention_mask=torch.ones_like(ids), output_attentions=True)
+    assert torch.equal(without.logits, ones.logits)
+    for a, b in zip(without.attentions, ones.attentions):
+        assert torch.equal(a > 0, b > 0)
 
 
 def test_fitted_encoder_predictors_round_trip_through_remote_code(tmp_path):

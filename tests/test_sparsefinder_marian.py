@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_sparse import EntmaxSparsefinderMarianConfig, EntmaxSparsefinderMarianMTModel
-from hf_sparse.sparsefinder import fit
+from hf_sparse.sparsefinder_fit import fit
 from test_modeling_entmax_marian import MARIAN, _sharpen, batch
 
 
@@ -98,7 +98,7 @@ def test_unknown_method_is_refused_at_configuration():
 
 def test_sparsity_recall_admitting_everything_has_recall_one_and_matches_a_brute_force_count():
     from hf_sparse.evaluation import sparsity_recall
-    from hf_sparse.sparsefinder import collect_attention
+    from hf_sparse.sparsefinder_fit import collect_attention
 
     model = model_with(threshold=1e9)
     fit(model, loader(2), epochs=1, progress=False)
@@ -125,7 +125,7 @@ def test_sparsity_recall_admitting_everything_has_recall_one_and_matches_a_brute
 def test_gold_graphs_leave_out_padded_decoder_queries_and_keys():
     """decoder_attention_mask pads the targets: their rows and columns are not pairs (as for SparseBERT's padding)."""
     from hf_sparse.evaluation import sparsity_recall
-    from hf_sparse.sparsefinder import collect_attention
+    from hf_sparse.sparsefinder_fit import collect_attention
 
     model = model_with(threshold=1e9)
     batches = loader(2)
