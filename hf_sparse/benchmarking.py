@@ -1,13 +1,16 @@
-"""Forward-pass timing of the attention kernels in :mod:`hf_sparse.attention` against dense SDPA, on CPU.
+"""Forward-pass timing of the attention kernels in :mod:`hf_sparse.attention` against dense SDPA, on CPU, for
+the kernel alone and for a whole SparseBERT layer with the model's own mask building.
 
 This is the measuring core shared by ``scripts/benchmark_attention.py`` (which writes the committed report
-``benchmarks/attention_backends.md`` behind ``FLEX_MIN_LENGTH`` and ``FLEX_MAX_BLOCK_DENSITY``) and by the
-``hf-sparse benchmark`` command. It lives in the package because scripts are not installed with it; report
-writing stays in the script. Not imported by modeling code.
+``benchmarks/attention_backends.md`` behind ``BLOCK_SPARSE_MIN_LENGTH`` and ``BLOCK_SPARSE_MAX_DENSITY``),
+``scripts/benchmark_model_masks.py`` (``benchmarks/model_masks_cpu.md``) and the ``hf-sparse benchmark`` command.
+It lives in the package because scripts are not installed with it; report writing stays in the scripts. Not
+imported by modeling code.
 
 :func:`bench_one` checks the masked kernels against a float64 eager reference (:func:`reference`,
-:func:`check`), then times dense SDPA, masked SDPA, compiled FlexAttention and the ``BlockMask`` build
-interleaved round-robin (:func:`measure`). FlexAttention has no backward on CPU: only the forward is timed.
+:func:`check`), then times dense SDPA, masked SDPA, compiled FlexAttention, the tiles kernel and the mask builds
+interleaved round-robin (:func:`measure`). :func:`bench_layer` does the same for one BERT layer, mask building
+included, so that per-forward work outside the kernel shows. FlexAttention has no backward on CPU: forward only.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import attention, patterns
+from . import attention, block_maps, patterns
 
 TOLERANCE = 1e-4  # max abs difference to the float64 eager reference
 MIN_SAMPLE_S = 0.02  # short calls are repeated within one sample until it lasts about this long
@@ -96,13 +99,23 @@ def measure(variants: dict, repeats: int, warmup: int) -> dict[str, float]:
 
 
 def bench_one(
-    spec: str, n: int, *, batch: int = 1, heads: int = 12, head_dim: int = 64, repeats: int = 15, warmup: int = 1
+    spec: str,
+    n: int,
+    *,
+    batch: int = 1,
+    heads: int = 12,
+    head_dim: int = 64,
+    repeats: int = 15,
+    warmup: int = 1,
+    entmax: bool = False,
 ) -> dict:
     """Check, then time one (pattern, length) on CPU with float32 ``(batch, heads, n, head_dim)`` inputs.
 
-    Returns the pattern, ``L``, element and block density, the flex first call (compile + run) in seconds, the
-    larger max abs diff of the two masked kernels to the reference, ``dense`` (median seconds) and the ratios
-    ``sdpa``, ``flex``, ``flex_mask`` to dense (see :func:`measure`).
+    Returns the pattern, ``L``, element and block density, the flex first call (compile + run) and the block map
+    build (once per pattern and length) in seconds, the largest max abs diff of the masked kernels to the
+    reference, ``dense`` (median seconds) and the ratios ``sdpa``, ``flex``, ``tiles`` and ``flex_mask`` (the
+    per-forward ``BlockMask`` lookup, from the cache) to dense (see :func:`measure`). With ``entmax`` also
+    ``eager_entmax`` and ``tiles_entmax`` (entmax15 on the eager and the tiles kernel) to dense SDPA.
     """
     pattern = patterns.parse(spec)
     shape = (batch, heads, n, head_dim)
@@ -111,8 +124,12 @@ def bench_one(
 
     with torch.no_grad(), _flex_must_compile():
         torch._dynamo.reset()  # fresh compile per (pattern, L): realistic first-call cost, no recompile limit
+        start = time.perf_counter()
+        block_maps.build_block_map(pattern, n, CPU)
+        map_build = time.perf_counter() - start  # once per (pattern, length), then cached
         sdpa_mask = attention.build_mask(pattern, None, n, CPU, "sdpa")
         flex_mask = attention.build_mask(pattern, None, n, CPU, "flex")
+        tiles_mask = attention.build_mask(pattern, None, n, CPU, "tiles")
         start = time.perf_counter()
         flex_out = attention.attend(q, k, v, flex_mask, scaling=scaling)[0]
         first_call = time.perf_counter() - start
@@ -120,24 +137,128 @@ def bench_one(
         ref = reference(q, k, v, pattern, n, scaling)
         sdpa_diff = check("sdpa-masked", attention.attend(q, k, v, sdpa_mask, scaling=scaling)[0], ref, spec, n)
         flex_diff = check("flex", flex_out, ref, spec, n)
+        tiles_diff = check("tiles", attention.attend(q, k, v, tiles_mask, scaling=scaling)[0], ref, spec, n)
         del ref
 
-        times = measure(
-            {
-                "dense": lambda: F.scaled_dot_product_attention(q, k, v),
-                "sdpa": lambda: attention.attend(q, k, v, sdpa_mask, scaling=scaling),
-                "flex": lambda: attention.attend(q, k, v, flex_mask, scaling=scaling),
-                "flex_mask": lambda: attention.build_mask(pattern, None, n, CPU, "flex"),
-            },
-            repeats,
-            warmup,
-        )
+        variants = {
+            "dense": lambda: F.scaled_dot_product_attention(q, k, v),
+            "sdpa": lambda: attention.attend(q, k, v, sdpa_mask, scaling=scaling),
+            "flex": lambda: attention.attend(q, k, v, flex_mask, scaling=scaling),
+            "tiles": lambda: attention.attend(q, k, v, tiles_mask, scaling=scaling),
+            "flex_mask": lambda: attention.build_mask(pattern, None, n, CPU, "flex"),
+        }
+        if entmax:
+            eager_mask = attention.build_mask(pattern, None, n, CPU, "eager")
+            variants["eager_entmax"] = lambda: attention.attend(
+                q, k, v, eager_mask, scaling=scaling, attention_fn="entmax15"
+            )
+            variants["tiles_entmax"] = lambda: attention.attend(
+                q, k, v, tiles_mask, scaling=scaling, attention_fn="entmax15"
+            )
+        times = measure(variants, repeats, warmup)
     return {
         "pattern": spec,
         "L": n,
         "density": 1.0 - patterns.sparsity(pattern, n),
         "block_density": patterns.block_density(pattern, n, attention.FLEX_BLOCK_SIZE),
         "first_call": first_call,
-        "max_diff": max(sdpa_diff, flex_diff),
+        "map_build": map_build,
+        "max_diff": max(sdpa_diff, flex_diff, tiles_diff),
         **times,
     }
+
+
+def machine() -> str:
+    """CPU model, core count and torch's thread count, for benchmark reports."""
+    import os
+    from pathlib import Path
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch.get_num_threads() = {torch.get_num_threads()}"
+
+
+def bert_layer(spec: str, n: int, backend: str, *, hidden: int = 768, heads: int = 12, attention_fn: str = "softmax"):
+    """A one-layer BERT-base-sized SparseBERT (eval mode, no dropout) and its layer forward *with* the model's mask
+    building (``attention_masks_for``: cache lookups, padding), as a model forward runs it."""
+    from .configuration_sparse_bert import SparseBertConfig
+    from .modeling_sparse_bert import SparseBertModel
+
+    config = SparseBertConfig(
+        vocab_size=8,
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=n,
+        attention_pattern=spec,
+        attention_backend=backend,
+        attention_fn=attention_fn,
+        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=0.0,
+    )
+    model = SparseBertModel(config, add_pooling_layer=False).eval()
+    layer = model.encoder.layer[0]
+
+    def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, length = hidden_states.shape[:2]
+        needs_grad = torch.is_grad_enabled() and hidden_states.requires_grad
+        masks, _, _ = model.attention_masks_for(attention_mask, b, length, hidden_states.device, False, needs_grad)
+        return layer(hidden_states, masks[0])[0]
+
+    return model, forward
+
+
+def bench_layer(
+    spec: str, n: int, backends: tuple[str, ...] = ("flex", "tiles"), *, batch: int = 1, repeats: int = 7
+) -> dict:
+    """One BERT-base layer at length ``n``: the pattern on each of ``backends`` against the dense SDPA layer,
+    forward only, mask building included; checked first against the eager layer (float32, max abs diff).
+
+    Also times the bare kernels (dense SDPA; each backend with its mask prebuilt) so that the model's own overhead
+    shows: ``overhead_<backend>`` = layer time / (dense layer - dense kernel + bare kernel).
+    """
+    torch.manual_seed(0)
+    x = torch.randn(batch, n, 768)
+    dense_model, dense_forward = bert_layer("dense", n, "sdpa")
+    layers = {"dense_layer": lambda: dense_forward(x)}
+    diffs = {}
+    with torch.no_grad(), _flex_must_compile():
+        eager_model, eager_forward = bert_layer(spec, n, "eager")
+        eager_model.load_state_dict(dense_model.state_dict())
+        want = eager_forward(x)
+        for backend in backends:
+            model, forward = bert_layer(spec, n, backend)
+            model.load_state_dict(dense_model.state_dict())
+            diffs[backend] = (forward(x) - want).abs().max().item()
+            layers[f"layer_{backend}"] = lambda forward=forward: forward(x)
+        del want
+        attention_module = dense_model.encoder.layer[0].attention.self
+        q, k, v = (
+            proj(x).view(batch, n, 12, 64).transpose(1, 2)
+            for proj in (attention_module.query, attention_module.key, attention_module.value)
+        )
+        pattern = patterns.parse(spec)
+        kernels = {"kernel_dense": lambda: F.scaled_dot_product_attention(q, k, v)}
+        for backend in backends:
+            mask = attention.build_mask(pattern, None, n, CPU, backend)
+            kernels[f"kernel_{backend}"] = lambda mask=mask: attention.attend(q, k, v, mask, scaling=0.125)
+        variants = {**layers, **kernels}
+        variants["dense"] = variants.pop("dense_layer")  # measure() takes ratios to the entry named "dense"
+        times = measure(variants, repeats, warmup=1)
+    dense_layer = times["dense"]
+    absolute = {name: ratio * dense_layer for name, ratio in times.items() if name != "dense"}
+    row = {"pattern": spec, "L": n, "batch": batch, "dense_layer": dense_layer, "max_diff": max(diffs.values())}
+    for backend in backends:
+        row[f"layer_{backend}"] = times[f"layer_{backend}"]  # ratio to the dense layer
+        row[f"kernel_{backend}"] = times[f"kernel_{backend}"] / times["kernel_dense"]
+        row[f"overhead_{backend}"] = absolute[f"layer_{backend}"] / (
+            dense_layer - absolute["kernel_dense"] + absolute[f"kernel_{backend}"]
+        )
+    return row

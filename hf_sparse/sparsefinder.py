@@ -427,7 +427,15 @@ class Prediction:
         h, top = self.heads, cfg["top_clusters"]
         if method in PROJECTED_METHODS:
             q_proj, k_proj = layer_state.project(q, k)
-            if method == "distance":
+            if method == "distance" and cfg["top_k"] is None:
+                # ||q' - k'||² <= t²  ⟺  [q', 1] · [2k', -|k'|²] >= |q'|² - t²: one small matmul and one comparison
+                # per pair instead of forming the distances
+                ones = torch.ones_like(q_proj[..., :1])
+                q_aug = torch.cat([q_proj, ones], -1)
+                k_aug = torch.cat([2 * k_proj, -k_proj.pow(2).sum(-1, keepdim=True)], -1)
+                bound = q_proj.pow(2).sum(-1, keepdim=True) - float(cfg["threshold"]) ** 2
+                self.features = (q_aug, k_aug, bound)
+            elif method == "distance":
                 self.features = (q_proj, k_proj)
             elif method == "quantization":
                 self.features = _quantization_buckets(q_proj, k_proj, valid_keys, cfg)
@@ -458,15 +466,14 @@ class Prediction:
         valid_queries = None if self.valid_queries is None else self.valid_queries[..., start:stop]
         allowed = valid_pairs(self.valid_keys, c, lk, self.causal, valid_queries, offset, self.device)
         pred = window_pairs(c, lk, cfg["window"], offset, self.device).view(1, 1, c, lk)
-        if method == "distance":
+        if method == "distance" and cfg["top_k"] is None:
+            q_aug, k_aug, bound = self.features
+            pred = pred | (torch.matmul(q_aug[:, :, start:stop], k_aug.transpose(-1, -2)) >= bound[:, :, start:stop])
+        elif method == "distance":
             q_proj, k_proj = self.features
-            dist = _squared_distances(q_proj[:, :, start:stop], k_proj)
-            if cfg["top_k"] is None:
-                pred = pred | (dist <= float(cfg["threshold"]) ** 2)
-            else:
-                dist = dist.masked_fill(~allowed, float("inf"))
-                idx = dist.topk(min(cfg["top_k"], lk), dim=-1, largest=False).indices
-                pred = pred | torch.zeros_like(dist, dtype=torch.bool).scatter_(-1, idx, True)
+            dist = _squared_distances(q_proj[:, :, start:stop], k_proj).masked_fill(~allowed, float("inf"))
+            idx = dist.topk(min(cfg["top_k"], lk), dim=-1, largest=False).indices
+            pred = pred | torch.zeros_like(dist, dtype=torch.bool).scatter_(-1, idx, True)
         elif method == "quantization":
             q_bucket, k_bucket = self.features
             pred = pred | (q_bucket[:, :, start:stop].unsqueeze(-2) == k_bucket.unsqueeze(-3)).any(-1)
@@ -481,7 +488,9 @@ class Prediction:
             pred = pred | _bigbird_pairs(allowed.expand(self.batch, 1, c, lk), qpos, kpos, cfg)
         if pattern is not None:
             pred = pred | pattern if union else pred & pattern
-        return (pred & allowed).expand(self.batch, self.heads, c, lk)
+        if self.valid_keys is not None or valid_queries is not None or self.causal:  # else every pair is valid
+            pred = pred & allowed
+        return pred.expand(self.batch, self.heads, c, lk)
 
 
 def predict_pairs(
@@ -509,10 +518,26 @@ def predict_pairs(
 
 QUERY_BLOCK = 128  # queries predicted and attended at once
 KEY_BLOCK = 64  # keys per tile of the predicted-sparse execution
-# A block of queries whose predicted pairs touch at most this fraction of the key tiles is computed on those tiles
-# only (gathered); a denser one on all keys with the prediction as mask. Measured by
-# scripts/benchmark_model_masks.py (benchmarks/model_masks_cpu.md).
+# How a block of queries is computed, by how its prediction looks (scripts/benchmark_model_masks.py,
+# benchmarks/model_masks_cpu.md): a key gathered for one query costs about GATHER_COST keys scored in a gathered
+# tile (memory traffic against a dense matmul), so each query's own keys are gathered when the most any query has,
+# times GATHER_COST, is fewer than the keys of the touched tiles; else the touched tiles are gathered if they are
+# at most PREDICTED_MAX_TILE_DENSITY of all; else every key is scored, with the prediction as mask.
+GATHER_COST = 8
 PREDICTED_MAX_TILE_DENSITY = 0.5
+
+
+def _kept_keys(pairs: torch.Tensor, counts: torch.Tensor, most: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's kept keys, ``(B, H, c, most)`` positions (padded with 0) and whether each slot is real: from
+    the nonzero entries of ``pairs`` (one pass), not a sort or top-k over every key."""
+    rows, keys = pairs.flatten(0, 2).nonzero().unbind(-1)  # row-major: each row's keys in order
+    starts = counts.flatten().cumsum(0) - counts.flatten()
+    slots = torch.arange(len(rows), device=pairs.device) - starts[rows]
+    index = torch.zeros(counts.numel(), most, dtype=torch.long, device=pairs.device)
+    keep = torch.zeros(counts.numel(), most, dtype=torch.bool, device=pairs.device)
+    index[rows, slots] = keys
+    keep[rows, slots] = True
+    return index.view(*counts.shape, most), keep.view(*counts.shape, most)
 
 
 def attend_predicted(
@@ -536,12 +561,13 @@ def attend_predicted(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention on the predicted pairs only: the sparse execution of both models.
 
-    Per block of :data:`QUERY_BLOCK` queries, the prediction (:class:`Prediction`) decides which key tiles of
-    :data:`KEY_BLOCK` keys hold a predicted pair. A block that touches few tiles scores only those (gathered per
-    batch row and head); a block that touches many scores every key with the prediction as mask. Either way the
-    result equals dense attention with every unpredicted pair masked out, and no ``(B, H, Lq, Lk)`` tensor exists
-    unless ``dense_probabilities`` asks for the probabilities. The tile counts of all blocks are read from the
-    device once per call (they size the gathers).
+    Per block of :data:`QUERY_BLOCK` queries, the shape of the prediction (:class:`Prediction`) picks the
+    computation: thin predictions gather each query's own predicted keys; predictions that touch few key tiles of
+    :data:`KEY_BLOCK` keys gather those tiles (per batch row and head); dense ones score every key with the
+    prediction as mask (thresholds above). Either way the result equals dense attention with every unpredicted
+    pair masked out, and no ``(B, H, Lq, Lk)`` tensor exists unless ``dense_probabilities`` asks for the
+    probabilities. Each block's gather sizes are two numbers read from the device (one small read per
+    :data:`QUERY_BLOCK` queries: free on CPU; on CUDA, where such reads stall, a fused kernel is the way).
 
     ``pattern_rows(start, stop)`` gives the layer's own pattern for those queries (bool, broadcastable to
     ``(B, H, stop - start, Lk)``), met as ``settings["combine"]`` says (pattern ∩ predicted, or pattern ∪
@@ -569,36 +595,48 @@ def attend_predicted(
 
     tiles = math.ceil(lk / KEY_BLOCK)
     pad = tiles * KEY_BLOCK - lk
-    touched = [nn.functional.pad(pairs_of(s), (0, pad)).view(b, h, -1, tiles, KEY_BLOCK).any(-1).any(2) for s in blocks]
-    widths = torch.stack([t.sum(-1).amax() for t in touched]).tolist()  # the one device read
     k_tiles = nn.functional.pad(key, (0, 0, 0, pad)).view(b, h, tiles, KEY_BLOCK, key.shape[-1])
     v_tiles = nn.functional.pad(value, (0, 0, 0, pad)).view(b, h, tiles, KEY_BLOCK, value.shape[-1])
     outs, probabilities = [], []
-    for start, width, hit in zip(blocks, widths, touched):
+    for start in blocks:
         q = query[:, :, start : start + QUERY_BLOCK]
         pairs = pairs_of(start)
-        if width == 0:  # no query of the block has a predicted key
-            outs.append(q.new_zeros(*q.shape[:3], value.shape[-1]))
-            if dense_probabilities:
-                probabilities.append(q.new_zeros(pairs.shape))
-        elif width <= PREDICTED_MAX_TILE_DENSITY * tiles:  # gather the touched key tiles of each batch row and head
+        c = pairs.shape[2]
+        counts = pairs.sum(-1)  # (B, H, c)
+        keys_hit = pairs.any(2)  # (B, H, Lk)
+        hit = (nn.functional.pad(keys_hit, (0, pad)) if pad else keys_hit).view(b, h, tiles, KEY_BLOCK).any(-1)
+        # most key tiles any (batch row, head) touches, most keys any query has: they size the gathers
+        width, most = torch.stack([hit.sum(-1).amax(), counts.amax()]).tolist()
+        if most == 0:  # no query of the block has a predicted key
+            out, dense = q.new_zeros(*q.shape[:3], value.shape[-1]), q.new_zeros(pairs.shape)
+        elif most * GATHER_COST <= min(width, PREDICTED_MAX_TILE_DENSITY * tiles) * KEY_BLOCK:
+            # thin predictions: each query's own keys, gathered
+            index, keep = _kept_keys(pairs, counts, most)  # (B, H, c, K)
+            flat = index.flatten(2, 3)[..., None]
+            keys = key.gather(2, flat.expand(-1, -1, -1, key.shape[-1])).view(b, h, c, most, -1)
+            values = value.gather(2, flat.expand(-1, -1, -1, value.shape[-1])).view(b, h, c, most, -1)
+            probs = normalize(torch.einsum("bhqd,bhqkd->bhqk", q, keys) * scaling, keep, attention_fn, alpha)
+            out = torch.einsum("bhqk,bhqkd->bhqd", probs, values)
+            dense = probs.new_zeros(pairs.shape).scatter_add_(-1, index, probs) if dense_probabilities else None
+        elif width <= PREDICTED_MAX_TILE_DENSITY * tiles:  # the touched key tiles of each batch row and head
             columns = torch.argsort(hit.to(torch.int8), dim=-1, descending=True, stable=True)[..., :width]
             index = columns[..., None, None]
             keys = k_tiles.gather(2, index.expand(-1, -1, -1, KEY_BLOCK, k_tiles.shape[-1])).flatten(2, 3)
             values = v_tiles.gather(2, index.expand(-1, -1, -1, KEY_BLOCK, v_tiles.shape[-1])).flatten(2, 3)
-            tiled = nn.functional.pad(pairs, (0, pad)).view(b, h, pairs.shape[2], tiles, KEY_BLOCK)
-            keep = tiled.gather(3, columns[:, :, None, :, None].expand(-1, -1, pairs.shape[2], -1, KEY_BLOCK))
+            tiled = nn.functional.pad(pairs, (0, pad)).view(b, h, c, tiles, KEY_BLOCK)
+            slots = columns[:, :, None, :, None].expand(-1, -1, c, -1, KEY_BLOCK)
+            keep = tiled.gather(3, slots)
             probs = normalize(torch.matmul(q, keys.transpose(-1, -2)) * scaling, keep.flatten(3), attention_fn, alpha)
-            outs.append(torch.matmul(probs, values))
+            out = torch.matmul(probs, values)
             if dense_probabilities:
-                spread = probs.new_zeros(b, h, pairs.shape[2], tiles, KEY_BLOCK)
-                spread.scatter_(3, columns[:, :, None, :, None].expand_as(keep), probs.view_as(keep))
-                probabilities.append(spread.flatten(3)[..., :lk])
+                whole = probs.new_zeros(b, h, c, tiles, KEY_BLOCK).scatter_(3, slots, probs.view_as(slots))
+                dense = whole.flatten(3)[..., :lk]
         else:  # every key, the prediction as mask
             probs = normalize(torch.matmul(q, key.transpose(-1, -2)) * scaling, pairs, attention_fn, alpha)
-            outs.append(torch.matmul(probs, value))
-            if dense_probabilities:
-                probabilities.append(probs)
+            out, dense = torch.matmul(probs, value), probs
+        outs.append(out)
+        if dense_probabilities:
+            probabilities.append(dense)
     out = torch.cat(outs, dim=2).transpose(1, 2).contiguous()
     return out, torch.cat(probabilities, dim=2) if dense_probabilities else None
 

@@ -5,12 +5,14 @@ For each (pattern, length) it times, interleaved round-robin over ``--repeats`` 
 * dense SDPA without a mask (the baseline): ``F.scaled_dot_product_attention(q, k, v)``;
 * SDPA with the pattern's boolean mask (backend ``sdpa``);
 * compiled FlexAttention with a block-sparse ``BlockMask`` (backend ``flex``);
-* building that ``BlockMask`` (``create_block_mask``), paid once per model forward and shared by all layers.
+* the tiles kernel (backend ``tiles``: the touched key tiles gathered per tile row, no compiler);
+* the per-forward ``BlockMask`` lookup (from the cache of block maps);
+* entmax15 on the eager kernel and on the tiles kernel.
 
-Before timing, both masked kernels are checked against a float64 eager reference; a mismatch aborts.
+Before timing, the masked kernels are checked against a float64 eager reference; a mismatch aborts.
 FlexAttention has no backward on CPU, so only the forward pass is timed, under ``torch.no_grad()``.
-Writes a markdown report (default ``benchmarks/attention_backends.md``) used to set ``FLEX_MIN_LENGTH`` and
-``FLEX_MAX_BLOCK_DENSITY`` in ``hf_sparse/attention.py``. The checking and timing live in
+Writes a markdown report (default ``benchmarks/attention_backends.md``) used to set ``BLOCK_SPARSE_MIN_LENGTH``
+and ``BLOCK_SPARSE_MAX_DENSITY`` in ``hf_sparse/attention.py``. The checking and timing live in
 ``hf_sparse.benchmarking`` (shared with ``hf-sparse benchmark``); this script writes the report.
 
     python scripts/benchmark_attention.py [--repeats N] [--lengths ...] [--patterns ...]
@@ -36,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs from a checkout without installing the package
 
 from hf_sparse import attention  # noqa: E402
-from hf_sparse.benchmarking import TOLERANCE, bench_one  # noqa: E402
+from hf_sparse.benchmarking import TOLERANCE, bench_one, machine  # noqa: E402
 
 DEFAULT_PATTERNS = ["window:64", "longformer:64,1", "bigbird:64,1,3", "strided:128", "block_local:128", "dense"]
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096]
@@ -56,9 +58,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--patterns", nargs="+", default=DEFAULT_PATTERNS)
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds (medians reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
-    parser.add_argument(
-        "--layers", type=int, default=12, help="layers sharing one mask build (for the amortised crossover)"
-    )
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "attention_backends.md")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -67,22 +66,24 @@ def parse_args() -> argparse.Namespace:
 def table(rows: list[dict]) -> str:
     lines = [
         "| pattern | L | element density | block density | dense SDPA (ms) | sdpa-masked / dense | flex / dense "
-        "| flex mask build / dense | flex speedup over dense | flex first call (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tiles / dense | block mask lookup / dense | block map build, once (ms) | flex first call (s) "
+        "| eager entmax15 / dense | tiles entmax15 / eager entmax15 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| `{r['pattern']}` | {r['L']} | {r['density']:.3f} | {r['block_density']:.3f} | {r['dense'] * 1e3:.2f} "
-            f"| {r['sdpa']:.2f} | {r['flex']:.2f} | {r['flex_mask']:.2f} | {1 / r['flex']:.2f}x "
-            f"| {r['first_call']:.1f} |"
+            f"| {r['sdpa']:.2f} | {r['flex']:.2f} | {r['tiles']:.2f} | {r['flex_mask']:.3f} "
+            f"| {r['map_build'] * 1e3:.1f} | {r['first_call']:.1f} | {r['eager_entmax']:.2f} "
+            f"| {r['tiles_entmax'] / r['eager_entmax']:.2f} |"
         )
     return "\n".join(lines)
 
 
 def crossover(rows: list[dict], ratio) -> tuple[int, float, float, float] | None:
-    """The widest rule "L >= L_min and block density <= d_max" under which flex won every measured row.
+    """The widest rule "L >= L_min and block density <= d_max" under which a kernel won every measured row.
 
-    ``ratio(row)`` is flex's cost relative to dense SDPA (a loss is >= 1). For each candidate L_min the rule
+    ``ratio(row)`` is the kernel's cost relative to its dense rival (a loss is >= 1). For each candidate L_min the rule
     extends up to the sparsest loss at L >= L_min; the candidate covering the most rows wins (ties: smaller
     L_min). Returns (smallest covered L, densest covered block density, sparsest loss beyond it or inf,
     worst covered ratio), or None if flex won nowhere.
@@ -105,11 +106,11 @@ def crossover(rows: list[dict], ratio) -> tuple[int, float, float, float] | None
     )
 
 
-def crossover_text(rows: list[dict], layers: int) -> str:
-    def sentence(ratio, what):
+def crossover_text(rows: list[dict]) -> str:
+    def sentence(ratio, kernel, rival, what):
         found = crossover(rows, ratio)
         if found is None:
-            return f"{what}: flex never beat dense SDPA."
+            return f"{what}: {kernel} never beat {rival}."
         n_min, d_max, d_lose, worst = found
         lost = (
             "it never lost there"
@@ -117,34 +118,26 @@ def crossover_text(rows: list[dict], layers: int) -> str:
             else f"the sparsest pattern it lost with at those lengths had block density {d_lose:.3f}"
         )
         return (
-            f"{what}: flex beat dense SDPA at every measured length **L >= {n_min}** for block density "
+            f"{what}: {kernel} beat {rival} at every measured length **L >= {n_min}** for block density "
             f"**<= {d_max:.3f}** (closest call: ratio {worst:.2f}); {lost}."
         )
 
-    kernel = sentence(lambda r: r["flex"], "Kernel alone (flex / dense < 1)")
-    amortised = sentence(
-        lambda r: r["flex"] + r["flex_mask"] / layers,
-        f"Paying one mask build per forward shared by {layers} layers ((flex + build / {layers}) / dense < 1)",
-    )
+    lines = [
+        sentence(lambda r: r["flex"], "flex", "dense SDPA", "FlexAttention, softmax (flex / dense < 1)"),
+        sentence(lambda r: r["tiles"], "tiles", "dense SDPA", "Tiles kernel, softmax (tiles / dense < 1)"),
+        sentence(
+            lambda r: r["tiles_entmax"] / r["eager_entmax"],
+            "tiles",
+            "the eager kernel",
+            "Tiles kernel, entmax15 (tiles entmax15 / eager entmax15 < 1)",
+        ),
+    ]
     return (
-        f"{kernel}\n\n{amortised}\n\n"
-        "Derived from the table above (medians of per-round ratios). The block-density threshold lies between "
-        "the densest covered and the sparsest losing pattern, which these patterns do not resolve further; "
-        "below the smallest covered L no pattern here is sparse enough at tile level to tell. "
-        "The one-off compile (first call) is excluded."
+        "\n\n".join(lines) + "\n\nDerived from the table above (medians of per-round ratios). The block-density "
+        "threshold lies between the densest covered and the sparsest losing pattern, which these patterns do not "
+        "resolve further; below the smallest covered L no pattern here is sparse enough at tile level to tell. The "
+        "one-off compile (first call) and block map build are excluded: both happen once per pattern and length."
     )
-
-
-def machine() -> str:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch.get_num_threads() = {torch.get_num_threads()}"
 
 
 def main() -> None:
@@ -164,11 +157,13 @@ def main() -> None:
                     head_dim=args.head_dim,
                     repeats=args.repeats,
                     warmup=args.warmup,
+                    entmax=True,
                 )
                 rows.append(row)
                 print(
                     f"{spec:>16} L={n:<5} dense {row['dense'] * 1e3:8.2f} ms  sdpa/dense {row['sdpa']:5.2f}"
-                    f"  flex/dense {row['flex']:5.2f}  build/dense {row['flex_mask']:5.2f}"
+                    f"  flex/dense {row['flex']:5.2f}  tiles/dense {row['tiles']:5.2f}"
+                    f"  eager entmax/dense {row['eager_entmax']:5.2f}  tiles entmax/dense {row['tiles_entmax']:5.2f}"
                     f"  first call {row['first_call']:5.1f} s  max diff {row['max_diff']:.1e}",
                     flush=True,
                 )
@@ -189,24 +184,27 @@ Command (from the repository root): `{command}`
   in the same round), the dense SDPA column the median of its own times. Total runtime {total / 60:.1f} min
 - Load average (1/5/15 min) before / after: {load} (this run's own threads count; other processes on
   these cores slow everything unevenly: the dense SDPA column, identical work at a given L, shows how much)
-- Checked first: sdpa-masked and flex agree with a float64 eager reference (max abs diff < {TOLERANCE:g};
-  largest seen {max(r["max_diff"] for r in rows):.1e})
+- Checked first: sdpa-masked, flex and tiles agree with a float64 eager reference (max abs diff <
+  {TOLERANCE:g}; largest seen {max(r["max_diff"] for r in rows):.1e})
 
 Ratios are to dense SDPA without a mask (`F.scaled_dot_product_attention(q, k, v)`); below 1 is faster than dense.
-*flex mask build* is `create_block_mask` (via `build_mask(..., "flex")`), paid once per model forward and shared
-by all layers. *flex first call* is the compile (after `torch._dynamo.reset()`) plus the first run, excluded
-from the ratios; it is a few seconds cold and much less when Inductor's on-disk cache already holds the kernel.
-Element density is 1 - sparsity; block density is the fraction of {bs}x{bs} tiles FlexAttention computes.
+*Block mask lookup* is what a model forward pays for its `BlockMask` once the pattern's block map is cached
+(`build_mask(..., "flex")`); *block map build* is the one-off work per pattern and length (exact tiles from the
+pattern's analytic tile map, its `mask_mod` evaluated only on undecided tiles). *flex first call* is the compile
+(after `torch._dynamo.reset()`; on CPU one per pattern and length, static shapes) plus the first run, excluded
+from the ratios. *tiles* is the block-sparse kernel by gathering (no compiler). The entmax15 columns compare
+the tiles kernel with the eager kernel (the only other way to run entmax with a pattern). Element density is
+1 - sparsity; block density is the fraction of {bs}x{bs} tiles a block-sparse kernel computes.
 
 {table(rows)}
 
 ## Crossover
 
-{crossover_text(rows, args.layers)}
+{crossover_text(rows)}
 """
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)
-    print(f"\n{table(rows)}\n\n{crossover_text(rows, args.layers)}\n\nwrote {args.output} in {total / 60:.1f} min")
+    print(f"\n{table(rows)}\n\n{crossover_text(rows)}\n\nwrote {args.output} in {total / 60:.1f} min")
 
 
 if __name__ == "__main__":
