@@ -36,11 +36,12 @@ ATTENTION_FUNCTIONS = ("softmax", "entmax15", "entmax_bisect", "sparsemax")
 BACKENDS = ("auto", "eager", "sdpa", "flex", "tiles")
 
 # When a block-sparse kernel pays, measured by scripts/benchmark_attention.py (benchmarks/attention_backends.md,
-# CPU, 2 cores, B=1, H=12, D=64). CPU: the tiles kernel beats dense SDPA from L = 2048 at block density <= 0.3
-# (window:64: 0.68 of dense at 2048, 0.21 at 8192); it beats the eager dense entmax from L = 1024 at block
-# density <= 0.5. CUDA was not measured here: its entries are conservative guesses, and FlexAttention runs there.
-BLOCK_SPARSE_MIN_LENGTH = {"cpu": {"softmax": 2048, "entmax": 1024}, "cuda": {"softmax": 1024, "entmax": 1024}}
-BLOCK_SPARSE_MAX_DENSITY = {"softmax": 0.3, "entmax": 0.5}
+# CPU, 2 cores, B=1, H=12, D=64): the tiles kernel beat dense SDPA at every length L >= 512 with block density
+# <= 0.25 (closest call 0.91; lost at 0.289) and the eager entmax at every L >= 256 with block density <= 0.625
+# (closest call 0.75; lost at 0.875). CUDA was not measured here: its entries are conservative guesses, and
+# FlexAttention runs softmax there.
+BLOCK_SPARSE_MIN_LENGTH = {"cpu": {"softmax": 512, "entmax": 256}, "cuda": {"softmax": 1024, "entmax": 1024}}
+BLOCK_SPARSE_MAX_DENSITY = {"softmax": 0.25, "entmax": 0.6}
 FLEX_BLOCK_SIZE = 128
 
 # Compilations FlexAttention may accumulate before dynamo gives up on it and runs it unfused (which materialises the
@@ -254,7 +255,7 @@ def attend(
     raise ValueError(f"unknown attention backend {mask.backend!r}; valid: eager, sdpa, flex")
 
 
-_TILE_SCORES_PER_STEP = 1 << 25  # scores (floats) computed at once by attend_tiles: 128 MB in float32
+_TILE_SCORES_PER_STEP = 1 << 22  # scores computed at once by attend_tiles: 16 MB in float32, bounds its memory
 
 
 def attend_tiles(

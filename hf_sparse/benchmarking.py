@@ -216,39 +216,48 @@ def bert_layer(spec: str, n: int, backend: str, *, hidden: int = 768, heads: int
 
 
 def bench_layer(
-    spec: str, n: int, backends: tuple[str, ...] = ("flex", "tiles"), *, batch: int = 1, repeats: int = 7
+    spec: str,
+    n: int,
+    backends: tuple[str, ...] = ("flex", "tiles"),
+    *,
+    batch: int = 1,
+    heads: int = 12,
+    head_dim: int = 64,
+    repeats: int = 7,
 ) -> dict:
-    """One BERT-base layer at length ``n``: the pattern on each of ``backends`` against the dense SDPA layer,
-    forward only, mask building included; checked first against the eager layer (float32, max abs diff).
+    """One BERT layer (BERT-base: 12 heads of 64) at length ``n``: the pattern on each of ``backends`` against the
+    dense SDPA layer, forward only, mask building included; checked first against the eager layer (float32, max
+    abs diff).
 
     Also times the bare kernels (dense SDPA; each backend with its mask prebuilt) so that the model's own overhead
     shows: ``overhead_<backend>`` = layer time / (dense layer - dense kernel + bare kernel).
     """
     torch.manual_seed(0)
-    x = torch.randn(batch, n, 768)
-    dense_model, dense_forward = bert_layer("dense", n, "sdpa")
+    hidden = heads * head_dim
+    x = torch.randn(batch, n, hidden)
+    dense_model, dense_forward = bert_layer("dense", n, "sdpa", hidden=hidden, heads=heads)
     layers = {"dense_layer": lambda: dense_forward(x)}
     diffs = {}
     with torch.no_grad(), _flex_must_compile():
-        eager_model, eager_forward = bert_layer(spec, n, "eager")
+        eager_model, eager_forward = bert_layer(spec, n, "eager", hidden=hidden, heads=heads)
         eager_model.load_state_dict(dense_model.state_dict())
         want = eager_forward(x)
         for backend in backends:
-            model, forward = bert_layer(spec, n, backend)
+            model, forward = bert_layer(spec, n, backend, hidden=hidden, heads=heads)
             model.load_state_dict(dense_model.state_dict())
             diffs[backend] = (forward(x) - want).abs().max().item()
             layers[f"layer_{backend}"] = lambda forward=forward: forward(x)
         del want
         attention_module = dense_model.encoder.layer[0].attention.self
         q, k, v = (
-            proj(x).view(batch, n, 12, 64).transpose(1, 2)
+            proj(x).view(batch, n, heads, head_dim).transpose(1, 2)
             for proj in (attention_module.query, attention_module.key, attention_module.value)
         )
         pattern = patterns.parse(spec)
         kernels = {"kernel_dense": lambda: F.scaled_dot_product_attention(q, k, v)}
         for backend in backends:
             mask = attention.build_mask(pattern, None, n, CPU, backend)
-            kernels[f"kernel_{backend}"] = lambda mask=mask: attention.attend(q, k, v, mask, scaling=0.125)
+            kernels[f"kernel_{backend}"] = lambda mask=mask: attention.attend(q, k, v, mask, scaling=head_dim**-0.5)
         variants = {**layers, **kernels}
         variants["dense"] = variants.pop("dense_layer")  # measure() takes ratios to the entry named "dense"
         times = measure(variants, repeats, warmup=1)

@@ -5,7 +5,7 @@ hf-sparse demo [--pattern bigbird:3,1,2] [--steps 300]         train, evaluate, 
 hf-sparse dam [--structure offset] [--target-sparsity 0.9]     learn a DAM mask (SparseBERT), freeze, train on
 hf-sparse sparsefinder [--model DIR] [--method distance]       fit Sparsefinder predictors on an entmax SparseBERT
 hf-sparse card DIR [--metrics metrics.json]                    write the model card of a saved checkpoint
-hf-sparse benchmark [--patterns SPEC ...] [--lengths N ...]    forward time of sdpa / flex vs dense SDPA (CPU)
+hf-sparse benchmark [--patterns SPEC ...] [--lengths N ...]    sparse kernels and whole layers vs dense SDPA (CPU)
 
 Every command that trains works offline on the English gettext messages of this machine (``hf_sparse.data``), saves
 the model with its tokenizer, ``metrics.json`` and a model card (``README.md``) under ``--out``.
@@ -291,10 +291,11 @@ def cmd_card(args: argparse.Namespace) -> None:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
-    """Forward time of masked SDPA and FlexAttention against dense SDPA, after checking both against float64."""
+    """Forward time of the sparse kernels against dense SDPA, alone and inside a whole layer with the model's mask
+    building, after checking them against float64 (kernels) and eager (layers) references."""
     import torch
 
-    from .benchmarking import TOLERANCE, KernelMismatch, bench_one
+    from .benchmarking import TOLERANCE, KernelMismatch, bench_layer, bench_one
     from .patterns import parse
 
     for spec in args.patterns:
@@ -308,11 +309,11 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
         f"forward-only timings on CPU ({torch.get_num_threads()} threads), B=1, H={args.heads}, D={args.head_dim}, "
         f"float32: ratios to dense SDPA measured side by side in this run (round-robin, medians of {args.repeats} "
         f"rounds); max |diff| is to a float64 eager reference (must be < {TOLERANCE:g}). These are not the committed "
-        "numbers: scripts/benchmark_attention.py writes those (benchmarks/attention_backends.md)."
+        "numbers: scripts/benchmark_attention.py and scripts/benchmark_model_masks.py write those (benchmarks/)."
     )
     print(
         f"{'pattern':<20} {'L':>6} {'block density':>13} {'dense SDPA (ms)':>15} {'sdpa-masked/dense':>17} "
-        f"{'flex/dense':>10} {'max |diff|':>10}"
+        f"{'flex/dense':>10} {'tiles/dense':>11} {'max |diff|':>10}"
     )
     for spec in args.patterns:
         for n in args.lengths:
@@ -322,7 +323,24 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
                 sys.exit(f"hf-sparse benchmark: {error}")
             print(
                 f"{spec:<20} {n:>6} {row['block_density']:>13.3f} {row['dense'] * 1e3:>15.2f} {row['sdpa']:>17.2f} "
-                f"{row['flex']:>10.2f} {row['max_diff']:>10.1e}",
+                f"{row['flex']:>10.2f} {row['tiles']:>11.2f} {row['max_diff']:>10.1e}",
+                flush=True,
+            )
+    print(
+        f"\nwhole layer (hidden {args.heads * args.head_dim}, FFN 4x), the model's mask building included; "
+        "overhead = layer / (dense layer's other parts + bare kernel)"
+    )
+    print(
+        f"{'layer':<6} {'pattern':<20} {'L':>6} {'dense layer (ms)':>16} {'flex/dense':>10} {'tiles/dense':>11} "
+        f"{'flex overhead':>13} {'tiles overhead':>14} {'max |diff|':>10}"
+    )
+    for spec in args.patterns:
+        for n in args.lengths:
+            row = bench_layer(spec, n, heads=args.heads, head_dim=args.head_dim, repeats=args.repeats)
+            print(
+                f"{'layer':<6} {spec:<20} {n:>6} {row['dense_layer'] * 1e3:>16.2f} {row['layer_flex']:>10.2f} "
+                f"{row['layer_tiles']:>11.2f} {row['overhead_flex']:>13.2f} {row['overhead_tiles']:>14.2f} "
+                f"{row['max_diff']:>10.1e}",
                 flush=True,
             )
 
@@ -399,7 +417,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="directory for README.md (default: the checkpoint)")
     p.set_defaults(run=cmd_card)
 
-    p = commands.add_parser("benchmark", help="forward time of the sdpa / flex kernels vs dense SDPA, on this CPU")
+    p = commands.add_parser(
+        "benchmark", help="forward time of the sdpa / flex / tiles kernels and whole layers vs dense SDPA, on this CPU"
+    )
     p.add_argument("--patterns", nargs="+", default=["window:64", "bigbird:64,1,3"], metavar="SPEC")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048], metavar="N")
     p.add_argument("--heads", type=int, default=12)

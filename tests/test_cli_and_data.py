@@ -127,6 +127,11 @@ def test_benchmark_command_prints_a_checked_row_per_pattern_and_length(capsys):
     spec, length, block_density, *_ratios, max_diff = rows[0]
     assert (spec, int(length), float(block_density)) == ("window:8", 128, 1.0)  # one 128-tile
     assert 0 <= float(max_diff) < TOLERANCE
+    layers = [line.split() for line in lines if line.startswith("layer ") and " window:8 " in line]
+    assert len(layers) == 1  # the whole layer, mask building included, checked against the eager layer
+    _, spec, length, dense_ms, *ratios, layer_diff = layers[0]
+    assert (spec, int(length)) == ("window:8", 128) and float(dense_ms) > 0 and all(float(r) > 0 for r in ratios)
+    assert 0 <= float(layer_diff) < 1e-4
 
 
 def test_benchmark_command_reports_a_bad_spec_and_exits_nonzero(capsys):

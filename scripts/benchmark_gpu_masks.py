@@ -1,0 +1,244 @@
+"""Sparse patterns inside the model on a GPU: one prepared run for a lent H100/H200 (GPU time is short and rare).
+
+Checks first, then times (CUDA events, medians, variants interleaved), bf16 inputs:
+
+1. **Correctness.** The `window:64` layer on flex and tiles against the eager layer; the flex and tiles kernels
+   against a float64 reference, with padding.
+2. **Whole layer.** One BERT-base layer (hidden 768, 12 heads) with the model's own mask building, window:64, at
+   L = 4096 and 16384: flex and tiles against the dense SDPA layer, forward and forward+backward; and the model's
+   flex forward against the bare kernel (BlockMask built once) plus the layer's dense parts.
+3. **Bare kernel.** FlexAttention with a BlockMask built once (B=1, H=12, D=64, |i−j| ≤ 64) against SDPA at
+   L = 16384 and 65536 (forward), and the block map / BlockMask build time.
+4. **Twenty patterns.** Compilations and the steady-state forward of window:64 before and after twenty other
+   patterns in the same process (the tile-lookup mask_mod: patterns as data).
+
+Writes ``benchmarks/masks_gpu.md``. Smoke-test it on CPU first: ``python scripts/benchmark_gpu_masks.py --smoke``
+(tiny sizes, forward only, no report unless ``--output`` is given).
+
+    python scripts/benchmark_gpu_masks.py [--output benchmarks/masks_gpu.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hf_sparse import attention, block_maps, patterns  # noqa: E402
+from hf_sparse.benchmarking import bert_layer  # noqa: E402
+
+warnings.filterwarnings("error", message=".*flex_attention called without torch.compile.*")
+
+
+def timer(device: torch.device):
+    """Median milliseconds of ``fn`` over ``repeats`` calls (CUDA events on a GPU, perf_counter on CPU)."""
+
+    def run(fn, repeats: int) -> float:
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+
+    return run
+
+
+def interleaved(variants: dict, repeats: int, time_one) -> dict[str, float]:
+    for fn in variants.values():  # warm-up: compiles, caches
+        fn()
+        fn()
+    samples = {name: [] for name in variants}
+    for r in range(repeats):
+        names = list(variants)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            samples[name].append(time_one(variants[name], 1))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def layer_section(device, dtype, lengths, repeats, backward: bool, time_one) -> list[dict]:
+    return [layer_row(n, device, dtype, repeats, backward, time_one) for n in lengths]
+
+
+def layer_row(n, device, dtype, repeats, backward: bool, time_one) -> dict:
+    x = torch.randn(1, n, 768, device=device, dtype=dtype)
+    dense_model, dense_forward = bert_layer("dense", n, "sdpa")
+    models = {"dense": (dense_model, dense_forward)}
+    for backend in ("flex", "tiles"):
+        model, forward = bert_layer("window:64", n, backend)
+        model.load_state_dict(dense_model.state_dict())
+        models[backend] = (model, forward)
+    eager_model, eager_forward = bert_layer("window:64", n, "eager")
+    eager_model.load_state_dict(dense_model.state_dict())
+    for model, _ in [*models.values(), (eager_model, None)]:
+        model.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        want = eager_forward(x).float() if n <= 4096 else None
+        diffs = {
+            b: (models[b][1](x).float() - want).abs().max().item() if want is not None else None
+            for b in ("flex", "tiles")
+        }
+        del want
+        forward_times = interleaved({b: (lambda f=f: f(x)) for b, (_, f) in models.items()}, repeats, time_one)
+        attn = dense_model.encoder.layer[0].attention.self
+        q, k, v = (p(x).view(1, n, 12, 64).transpose(1, 2) for p in (attn.query, attn.key, attn.value))
+        bm = attention.build_mask(patterns.parse("window:64"), None, n, device, "flex")
+        kernels = interleaved(
+            {
+                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+                "flex": lambda: attention.attend(q, k, v, bm, scaling=0.125),
+            },
+            repeats,
+            time_one,
+        )
+    row = {"L": n, "forward": forward_times, "kernels": kernels, "diffs": diffs}
+    row["overhead_flex"] = forward_times["flex"] / (forward_times["dense"] - kernels["sdpa"] + kernels["flex"])
+    if backward:
+        xg = x.clone().requires_grad_(True)
+        for model, _ in models.values():
+            model.train()
+
+        def step(forward):
+            forward(xg).float().sum().backward()
+
+        row["backward"] = interleaved({b: (lambda f=f: step(f)) for b, (_, f) in models.items()}, repeats, time_one)
+    print(row, flush=True)
+    return row
+
+
+def kernel_section(device, dtype, lengths, repeats, time_one) -> list[dict]:
+    return [kernel_row(n, device, dtype, repeats, time_one) for n in lengths]
+
+
+def kernel_row(n, device, dtype, repeats, time_one) -> dict:
+    q, k, v = (torch.randn(1, 12, n, 64, device=device, dtype=dtype) for _ in range(3))
+    pattern = patterns.parse("window:64")
+    block_maps.CACHE.clear()
+    t = time.perf_counter()
+    bm = attention.build_mask(pattern, None, n, device, "flex")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first_build = (time.perf_counter() - t) * 1e3
+    with torch.no_grad():
+        times = interleaved(
+            {
+                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+                "flex": lambda: attention.attend(q, k, v, bm, scaling=0.125),
+                "lookup": lambda: attention.build_mask(pattern, None, n, device, "flex"),
+            },
+            repeats,
+            time_one,
+        )
+    row = {"L": n, "first_build_ms": first_build, **times}
+    print(row, flush=True)
+    return row
+
+
+def many_section(device, dtype, n, repeats, time_one) -> dict:
+    from torch._dynamo.utils import counters
+
+    others = [f"window:{w}" for w in (3, 9, 17, 33, 96)] + ["global:2", "strided:128", "fixed:128,8", "logsparse"]
+    others += ["dilated:16,4", "block_local:256", "star", "longformer:32,2", "bigbird:32,1,2", "causal"]
+    others += ["no_diagonal", "window:48&causal", "window:40+global:3", "block_local:128+strided:512", "random:4"]
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(1, n, 768, device=device, dtype=dtype)
+    model, forward = bert_layer("window:64", n, "flex")
+    model.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        before = interleaved({"f": lambda: forward(x)}, repeats, time_one)["f"]
+        for spec in others:
+            model.config.attention_pattern = spec
+            forward(x)
+        model.config.attention_pattern = "window:64"
+        after = interleaved({"f": lambda: forward(x)}, repeats, time_one)["f"]
+    return {"L": n, "before_ms": before, "after_ms": after, "compilations": counters["stats"]["unique_graphs"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, forward only")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    time_one = timer(device)
+    repeats = 2 if args.smoke else args.repeats
+    began = time.perf_counter()
+    layers = layer_section(device, dtype, [256] if args.smoke else [4096, 16384], repeats, not args.smoke, time_one)
+    kernels = kernel_section(device, dtype, [512] if args.smoke else [16384, 65536], repeats, time_one)
+    many = many_section(device, dtype, 256 if args.smoke else 4096, repeats, time_one)
+    print(many, flush=True)
+    total = time.perf_counter() - began
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
+    lines = [
+        "# Sparse patterns inside the model on a GPU",
+        "",
+        f"Command: `python scripts/benchmark_gpu_masks.py{' --smoke' if args.smoke else ''}`  ",
+        f"Device: {name}; torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"{datetime.date.today().isoformat()}; {total / 60:.1f} min; {dtype}; CUDA-event medians of {repeats}.",
+        "",
+        "## Whole layer (window:64, BERT-base), mask building included",
+        "",
+        "| L | dense SDPA layer fwd (ms) | flex / dense | tiles / dense | fwd+bwd dense (ms) | flex / dense "
+        "| tiles / dense | flex layer / (dense parts + bare kernel) | max abs diff to eager (flex, tiles) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in layers:
+        f, b = r["forward"], r.get("backward")
+        bw = f"{b['dense']:.2f} | {b['flex'] / b['dense']:.2f} | {b['tiles'] / b['dense']:.2f}" if b else "- | - | -"
+        lines.append(
+            f"| {r['L']} | {f['dense']:.2f} | {f['flex'] / f['dense']:.2f} | {f['tiles'] / f['dense']:.2f} | {bw} "
+            f"| {r['overhead_flex']:.2f} | {r['diffs']} |"
+        )
+    lines += [
+        "",
+        "## Bare kernel (B=1, H=12, D=64, window:64)",
+        "",
+        "| L | SDPA (ms) | flex (ms) | SDPA / flex | first block map + BlockMask (ms) | cached BlockMask lookup (ms) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in kernels:
+        lines.append(
+            f"| {r['L']} | {r['sdpa']:.3f} | {r['flex']:.3f} | {r['sdpa'] / r['flex']:.1f}x "
+            f"| {r['first_build_ms']:.1f} | {r['lookup']:.3f} |"
+        )
+    lines += [
+        "",
+        "## Twenty patterns in one process",
+        "",
+        f"window:64 layer at L={many['L']}: {many['before_ms']:.2f} ms before, {many['after_ms']:.2f} ms after twenty "
+        f"other patterns ({many['after_ms'] / many['before_ms']:.2f}x); {many['compilations']} compilations in all.",
+        "",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    output = args.output or (None if args.smoke else REPO / "benchmarks" / "masks_gpu.md")
+    if output is not None:
+        output.write_text(report)
+        print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
