@@ -281,31 +281,26 @@ def attend_tiles(
     blk, nb, dv = layout.block, layout.blocks, value.shape[-1]
     pad = nb * blk - n
 
-    def tiled(x):  # (B, H, n, D) → (B, H, blocks, blk, D)
-        return F.pad(x, (0, 0, 0, pad)).view(b, h, nb, blk, x.shape[-1])
+    def tiled(x):  # (B, H, n, D) → (B, H, blocks, blk, D), a view when n fills the tiles
+        return (F.pad(x, (0, 0, 0, pad)) if pad else x).view(b, h, nb, blk, x.shape[-1])
 
     q, k, v = tiled(query), tiled(key), tiled(value)
     valid = None
     if valid_keys is not None:
         valid = F.pad(valid_keys.to(device=query.device, dtype=torch.bool), (0, pad)).view(b, nb, blk)
-    parts, order = [], []
+    out = query.new_zeros(b, h, nb, blk, dv)  # rows touching no key tile stay 0
     for group in layout.groups:
-        order.append(group.rows)
         if group.slots is None:
-            parts.append(query.new_zeros(b, h, len(group.rows), blk, dv))
             continue
         step = max(1, _TILE_SCORES_PER_STEP // max(1, b * h * blk * group.width * blk))
         for start in range(0, len(group.rows), step):
             sl = slice(start, start + step)
-            parts.append(
-                _attend_tile_rows(
-                    q[:, :, group.rows[sl]], k, v, valid, group.columns[:, sl], group.slots[:, sl], layout.bits,
-                    scaling, dropout, attention_fn, alpha,
-                )
+            rows = _attend_tile_rows(
+                q[:, :, group.rows[sl]], k, v, valid, group.columns[:, sl], group.slots[:, sl], layout.bits,
+                scaling, dropout, attention_fn, alpha,
             )
-    out = torch.cat(parts, dim=2)
-    out = out.index_select(2, torch.argsort(torch.cat(order)))
-    return out.reshape(b, h, nb * blk, dv)[:, :, :n]
+            out.index_copy_(2, group.rows[sl], rows)
+    return out.view(b, h, nb * blk, dv)[:, :, :n]
 
 
 def _attend_tile_rows(q, k, v, valid, columns, slots, bits, scaling, dropout, attention_fn, alpha):

@@ -221,3 +221,21 @@ def test_block_density_is_read_from_the_device_once_per_key():
     hits = CACHE.hits
     assert block_maps.cached_block_density(parse("window:64"), 2048, "cpu") == first
     assert CACHE.hits == hits + 1
+
+
+@pytest.mark.parametrize("spec", EVERY_SPEC + MIXED)
+def test_each_kinds_analytic_tiles_are_exact_and_combinations_never_wrong(spec):
+    """The O((n/block)²) tile rules: exact for every kind on its own (so a single structured pattern evaluates its
+    mask_mod only on truly partial tiles), conservative for unions and intersections of different kinds."""
+    from hf_sparse.block_maps import TileGrid
+
+    n, block = 150, 16
+    pattern = parse(spec)
+    grid = TileGrid(n, block, torch.device("cpu"))
+    touched, full = (t.expand(1, grid.blocks, grid.blocks) for t in pattern.tiles(grid))
+    full = full & (grid.tile_sizes() == block * block)
+    truth_full, truth_touched = _tiles_of(create_block_mask(pattern.mask_mod(n), None, None, n, n, BLOCK_SIZE=block))
+    exact = spec.split(":")[0] not in ("fixed", "star", "longformer", "bigbird") and spec not in MIXED
+    if exact:
+        assert torch.equal(touched, truth_touched[0]) and torch.equal(full, truth_full[0])
+    assert (touched | ~truth_touched[0]).all() and (truth_full[0] | ~full).all()

@@ -142,6 +142,7 @@ def test_block_density_counts_tiles_with_any_kept_pair():
         ("window:3+starr", ["unknown pattern 'starr'", "in attention pattern 'window:3+starr'"]),
         ("", ["non-empty"]),
         ("dense:1", ["takes 0 argument"]),
+        ("window:999999999999999999999", ["out-of-range argument 999999999999999999999", "up to 2147483647"]),
     ],
 )
 def test_bad_specs_raise_value_error_naming_the_problem(spec, words):
