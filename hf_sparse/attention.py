@@ -37,11 +37,11 @@ BACKENDS = ("auto", "eager", "sdpa", "flex", "tiles")
 
 # When a block-sparse kernel pays, measured by scripts/benchmark_attention.py (benchmarks/attention_backends.md,
 # CPU, 2 cores, B=1, H=12, D=64): the tiles kernel beat dense SDPA at every length L >= 512 with block density
-# <= 0.25 (closest call 0.91; lost at 0.289) and the eager entmax at every L >= 256 with block density <= 0.625
-# (closest call 0.75; lost at 0.875). CUDA was not measured here: its entries are conservative guesses, and
+# <= 0.289 (closest call 0.91; lost at 0.344) and the eager entmax at every L >= 256 with block density <= 0.625
+# (closest call 0.82; lost at 0.875). CUDA was not measured here: its entries are conservative guesses, and
 # FlexAttention runs softmax there.
 BLOCK_SPARSE_MIN_LENGTH = {"cpu": {"softmax": 512, "entmax": 256}, "cuda": {"softmax": 1024, "entmax": 1024}}
-BLOCK_SPARSE_MAX_DENSITY = {"softmax": 0.25, "entmax": 0.6}
+BLOCK_SPARSE_MAX_DENSITY = {"softmax": 0.28, "entmax": 0.6}
 FLEX_BLOCK_SIZE = 128
 
 # Compilations FlexAttention may accumulate before dynamo gives up on it and runs it unfused (which materialises the

@@ -64,9 +64,10 @@ def entmax_marian_attention(
         attention_fn=getattr(config, f"{kind}_attention_fn"),
         alpha=config.entmax_alpha,
         dropout=dropout,
-        output_attentions=True,
+        output_attentions=True,  # Transformers keeps the weights only when asked; the function cannot tell
         causal=kind == "decoder",
         valid_queries=valid_queries,
+        predicted_probabilities=False,  # so predicted-sparse decoding never builds an Lq x Lk tensor for them
     )
 
 

@@ -656,8 +656,12 @@ def attend_layer(
     output_attentions: bool = False,
     causal: bool = False,
     valid_queries: torch.Tensor | None = None,
+    predicted_probabilities: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The attention of one layer in either model: what Sparsefinder does to it, in one place.
+
+    ``predicted_probabilities`` (default: ``output_attentions``): whether predicted-sparse attention returns its
+    probabilities, scattered into ``(B, H, Lq, Lk)``: the one ``Lq x Lk`` tensor it can build.
 
     * predictor enabled (``config.sparsefinder["enabled"]``, eval mode, not collecting): attention on the
       predicted pairs only (:func:`attend_predicted`), met with the layer's pattern ``mask.pattern`` (SparseBERT's)
@@ -693,7 +697,7 @@ def attend_layer(
             query_offset=lk - lq,
             pattern_rows=pattern_rows,
             allowed=mask.keep if pattern is None else None,
-            dense_probabilities=output_attentions,
+            dense_probabilities=output_attentions if predicted_probabilities is None else predicted_probabilities,
         )
     out, probs = attend(
         query,
