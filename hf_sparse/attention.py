@@ -331,38 +331,3 @@ def _attend_tile_rows(q, k, v, valid, columns, slots, bits, scaling, dropout, at
         return out * keep.any(dim=-1, keepdim=True)  # a query with no allowed key: 0, and no NaN gradient
     probs = normalize(torch.matmul(q, keys.transpose(-1, -2)) * scaling, keep, attention_fn, alpha)
     return torch.matmul(F.dropout(probs, p=dropout, training=dropout > 0), values)
-
-
-def attend_gathered(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    pairs: torch.Tensor,
-    *,
-    scaling: float,
-    attention_fn: str = "entmax15",
-    alpha: float = 1.5,
-    dense_probabilities: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention computed only on predicted ``pairs`` (bool ``(B, H, Lq, Lk)``): no ``Lq x Lk`` score matrix.
-
-    Each query gathers its predicted keys, padded to the largest count ``K`` in the batch, scores those, normalises
-    over them (padding slots masked) and mixes the matching values. The result equals dense attention with every
-    other pair masked out; a query with no predicted key gets zeros. Returns the ``(B, Lq, H, D)`` output and, only
-    if ``dense_probabilities``, the ``(B, H, Lq, Lk)`` probabilities scattered back (else ``None``).
-    """
-    count = int(pairs.sum(-1).max().item()) if pairs.numel() else 0
-    b, h, lq, d = query.shape
-    if count == 0:
-        return query.new_zeros(b, lq, h, value.shape[-1]), query.new_zeros(pairs.shape) if dense_probabilities else None
-    # indices of the kept keys first (stable: in key order), then padding slots
-    order = torch.argsort((~pairs).to(torch.int8), dim=-1, stable=True)[..., :count]  # (B, H, Lq, K)
-    slot_valid = torch.gather(pairs, -1, order)
-    flat = order.reshape(b, h, lq * count, 1)
-    keys = torch.gather(key, 2, flat.expand(-1, -1, -1, d)).view(b, h, lq, count, d)
-    values = torch.gather(value, 2, flat.expand(-1, -1, -1, value.shape[-1])).view(b, h, lq, count, -1)
-    scores = torch.einsum("bhqd,bhqkd->bhqk", query, keys) * scaling
-    probs = normalize(scores, slot_valid, attention_fn, alpha)
-    out = torch.einsum("bhqk,bhqkd->bhqd", probs, values)
-    dense = probs.new_zeros(pairs.shape).scatter_add_(-1, order, probs) if dense_probabilities else None
-    return out.transpose(1, 2).contiguous(), dense

@@ -9,15 +9,16 @@ row instead of 268 million pairs. Identical tiles are stored once.
 
 Everything else derives from it, without evaluating the pattern again:
 
-* the FlexAttention ``BlockMask`` (:meth:`BlockMap.block_mask`), whose ``mask_mod`` looks the partial tiles up in
-  cached tensors. Every pattern thus reaches the compiled kernel as *data* through one and the same function, so
-  twenty patterns in one process compile as one (a pattern's own ``mask_mod`` would be new code to dynamo each
-  time, and from the ninth it stops compiling and runs the slow unfused path). Padding is applied per batch on
-  the cached structure (key blocks with no valid key are skipped, partly padded ones become partial);
+* the FlexAttention ``BlockMask`` (:meth:`BlockMap.block_mask`). On CUDA its ``mask_mod`` looks the partial tiles
+  up in cached tensors, so every pattern reaches the compiled kernel as *data* through one and the same function
+  and twenty patterns in one process compile as one (a pattern's own ``mask_mod`` is new code to dynamo each
+  time); on CPU see :func:`tile_lookup_in_kernel`. Padding is applied per batch on the cached structure (key
+  blocks with no valid key are skipped, partly padded ones become partial);
+* the gather layout of the ``tiles`` kernel (:meth:`BlockMap.tile_layout`);
 * the dense boolean mask for the eager and SDPA kernels (:meth:`BlockMap.dense`), copied tile row by tile row;
 * the sparsity and block-density figures (:meth:`BlockMap.density`, :meth:`BlockMap.block_density`).
 
-One bounded LRU cache (:data:`CACHE`) holds block maps, dense masks, block masks and random-key draws, keyed by
+One bounded LRU cache (:data:`CACHE`) holds all of these and random-key draws, keyed by
 what determines them (the pattern's spec, or the identity and version of a learned mask tensor; the length; the
 device), never by a pattern object. Imported by remote code: torch and the standard library only.
 """
@@ -39,7 +40,7 @@ DEFAULT_BLOCK_SIZE = 128  # FlexAttention's tile
 def device_key(device: torch.device | str) -> str:
     """``"cuda"`` and ``"cuda:0"`` are the same device to the cache."""
     device = torch.device(device)
-    if device.type != "cpu" and device.index is None and device.type == "cuda" and torch.cuda.is_available():
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     return str(device)
 

@@ -158,25 +158,6 @@ def test_flex_stays_compiled_across_many_sequence_lengths():
             assert torch.allclose(out.double(), want, atol=1e-5), n
 
 
-@pytest.mark.parametrize("fn", ["entmax15", "softmax", "sparsemax"])
-def test_gathered_attention_equals_dense_attention_masked_to_the_same_pairs(fn):
-    from hf_sparse.attention import attend_gathered
-
-    g = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(2, 3, 13, 8, generator=g, dtype=torch.float64) * 2 for _ in range(3))
-    pairs = torch.rand(2, 3, 13, 13, generator=g) < 0.3
-    pairs[0, 1, 4] = False  # a query with no predicted key
-    pairs[1, 2, 7] = True  # and one with every key
-    out, probs = attend_gathered(q, k, v, pairs, scaling=8**-0.5, attention_fn=fn, dense_probabilities=True)
-    want, want_probs = attend(
-        q, k, v, AttentionMask("eager", keep=pairs), scaling=8**-0.5, attention_fn=fn, output_attentions=True
-    )
-    assert torch.allclose(out, want, atol=1e-10)
-    assert torch.allclose(probs, want_probs, atol=1e-10)
-    assert out[0, 4, 1].abs().max() == 0
-    assert attend_gathered(q, k, v, pairs, scaling=1.0)[1] is None
-
-
 @pytest.mark.parametrize("fn", ["softmax", "entmax15", "sparsemax"])
 @pytest.mark.parametrize("spec", ["window:20+global:1", "bigbird:8,1,4", "block_local:64&causal", "no_diagonal"])
 def test_tiles_kernel_matches_float64_reference_with_padding(spec, fn):
