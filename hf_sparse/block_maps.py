@@ -71,11 +71,13 @@ class MaskCache:
 
     def __init__(self, max_entries: int = 256, max_bytes: int = 1 << 30):
         self.max_entries, self.max_bytes = max_entries, max_bytes
-        self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple[Any, int, tuple]] = OrderedDict()
         self.bytes = 0
         self.hits = self.builds = 0
 
-    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+    def get(self, key: tuple, build: Callable[[], Any], anchors: tuple = ()) -> Any:
+        """``anchors``: objects the key names by address (a learned mask tensor): kept alive with the entry, so
+        that no other tensor can take their address and be served this entry."""
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
@@ -83,11 +85,11 @@ class MaskCache:
             return entry[0]
         value = build()
         self.builds += 1
-        size = _nbytes(value)
-        self._entries[key] = (value, size)
+        size = _nbytes(value) + sum(_nbytes(a) for a in anchors)  # an anchor shared by entries counts in each
+        self._entries[key] = (value, size, anchors)
         self.bytes += size
         while len(self._entries) > 1 and (len(self._entries) > self.max_entries or self.bytes > self.max_bytes):
-            _, (_, dropped) = self._entries.popitem(last=False)
+            _, (_, dropped, _) = self._entries.popitem(last=False)
             self.bytes -= dropped
         return value
 
@@ -102,9 +104,14 @@ class MaskCache:
 CACHE = MaskCache()
 
 
-def cached(key: tuple, build: Callable[[], Any], cacheable: bool = True) -> Any:
+def cached(key: tuple, build: Callable[[], Any], cacheable: bool = True, anchors: tuple = ()) -> Any:
     """``build()`` once per ``key`` while it stays in :data:`CACHE` (every time if not ``cacheable``)."""
-    return CACHE.get(key, build) if cacheable else build()
+    return CACHE.get(key, build, anchors) if cacheable else build()
+
+
+def _cached_for(pattern, what: str, n: int, device, block: int, build: Callable[[], Any]) -> Any:
+    """:func:`cached` under the pattern's key, anchoring the tensors that key names by address."""
+    return cached(_key(what, pattern, n, device, block), build, pattern.cacheable, pattern.anchors())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -435,28 +442,20 @@ def _key(what: str, pattern, n: int, device, block: int) -> tuple:
 
 def cached_block_map(pattern, n: int, device: torch.device | str = "cpu", block: int = DEFAULT_BLOCK_SIZE):
     """:func:`build_block_map`, once per (pattern, length, block size, device) while cached."""
-    return cached(
-        _key("block_map", pattern, n, device, block),
-        lambda: build_block_map(pattern, n, device, block),
-        pattern.cacheable,
-    )
+    return _cached_for(pattern, "block_map", n, device, block, lambda: build_block_map(pattern, n, device, block))
 
 
 def cached_dense_mask(pattern, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The pattern's ``(H, n, n)`` bool mask, shared: never modify it in place."""
-    return cached(
-        _key("dense", pattern, n, device, DEFAULT_BLOCK_SIZE),
-        lambda: cached_block_map(pattern, n, device).dense(),
-        pattern.cacheable,
+    return _cached_for(
+        pattern, "dense", n, device, DEFAULT_BLOCK_SIZE, lambda: cached_block_map(pattern, n, device).dense()
     )
 
 
 def cached_block_density(pattern, n: int, device: torch.device | str = "cpu", block: int = DEFAULT_BLOCK_SIZE):
     """:meth:`BlockMap.block_density` as a plain float, read from the device once per key (no sync afterwards)."""
-    return cached(
-        _key("block_density", pattern, n, device, block),
-        lambda: cached_block_map(pattern, n, device, block).block_density(),
-        pattern.cacheable,
+    return _cached_for(
+        pattern, "block_density", n, device, block, lambda: cached_block_map(pattern, n, device, block).block_density()
     )
 
 
@@ -487,14 +486,12 @@ def flex_block_mask(
         return block_map.block_mask(valid, own)
 
     if key_valid is None:
-        return cached(_key("block_mask", pattern, n, device, block), build, pattern.cacheable)
+        return _cached_for(pattern, "block_mask", n, device, block, build)
     return build(key_valid)
 
 
 def cached_tile_layout(pattern, n: int, device: torch.device | str = "cpu", block: int = DEFAULT_BLOCK_SIZE):
     """The pattern's :class:`TileLayout`, shared."""
-    return cached(
-        _key("tile_layout", pattern, n, device, block),
-        lambda: cached_block_map(pattern, n, device, block).tile_layout(),
-        pattern.cacheable,
+    return _cached_for(
+        pattern, "tile_layout", n, device, block, lambda: cached_block_map(pattern, n, device, block).tile_layout()
     )

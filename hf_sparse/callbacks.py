@@ -13,6 +13,7 @@ import math
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .checks import check_int, check_number
 from .dam import DAMGates
 from .patterns import dense_mask, parse, without_learned
 
@@ -77,8 +78,20 @@ class DAMCallback(TrainerCallback):
     ):
         for kind in (temperature_schedule, penalty_schedule):
             schedule_value(kind, 1.0, 1.0, 0.0)  # validates the name
-        if target_sparsity is not None and not 0.0 < target_sparsity < 1.0:
-            raise ValueError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
+        for name, value in (("temperature", temperature), ("final_temperature", final_temperature)):
+            if value is not None:  # τ = 0 divides the gate logits by zero: NaN gradients
+                check_number(f"DAMCallback {name}", value, above=0, why="τ of the Gumbel-sigmoid")
+        for name, value in (("penalty", penalty), ("final_penalty", final_penalty)):
+            if value is not None:
+                check_number(f"DAMCallback {name}", value, at_least=0, why="λ of the L1 penalty")
+        if gate_learning_rate is not None:  # 0 would silently fall back to the run's learning rate
+            check_number("DAMCallback gate_learning_rate", gate_learning_rate, above=0, why="None: the run's")
+        if target_sparsity is not None:
+            check_number("DAMCallback target_sparsity", target_sparsity, above=0)
+            if not target_sparsity < 1.0:
+                raise ValueError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
+        if density_length is not None:
+            check_int("DAMCallback density_length", density_length, at_least=1)
         self.temperature = (temperature, final_temperature, temperature_schedule)
         self.penalty = (penalty, final_penalty, penalty_schedule)
         self.gate_learning_rate = gate_learning_rate
@@ -89,6 +102,10 @@ class DAMCallback(TrainerCallback):
         self._config_values: tuple[float, float] | None = None
 
     # -- optimizer ---------------------------------------------------------------------------------------------
+    def gate_lr(self, args: TrainingArguments) -> float:
+        """The gates' learning rate: ``gate_learning_rate``, or the run's when it is None."""
+        return args.learning_rate if self.gate_learning_rate is None else self.gate_learning_rate
+
     def optimizer_cls_and_kwargs(self, model, args: TrainingArguments):
         """For ``Trainer(optimizer_cls_and_kwargs=...)``: AdamW with the gate logits in their own group.
 
@@ -103,7 +120,7 @@ class DAMCallback(TrainerCallback):
         groups = [
             {"params": [p for n, p in others if n in decay], "weight_decay": args.weight_decay},
             {"params": [p for n, p in others if n not in decay], "weight_decay": 0.0},
-            {"params": [gates], "weight_decay": 0.0, "lr": self.gate_learning_rate or args.learning_rate},
+            {"params": [gates], "weight_decay": 0.0, "lr": self.gate_lr(args)},
         ]
         kwargs = {
             "params": groups,
@@ -118,7 +135,7 @@ class DAMCallback(TrainerCallback):
             if any(p is gates.logits for p in group["params"]):
                 decay = group.get("weight_decay", 0.0)
                 lr = group.get("initial_lr", group["lr"])
-                wanted_lr = self.gate_learning_rate or args.learning_rate
+                wanted_lr = self.gate_lr(args)
                 if decay != 0.0 or not math.isclose(lr, wanted_lr):
                     raise ValueError(
                         f"the DAM gate logits are in an optimizer group with weight_decay={decay}, lr={lr}; they "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import MarianConfig
 
-from .attention import ATTENTION_FUNCTIONS, check_choice
+from .attention import ATTENTION_FUNCTIONS, check_choice, check_entmax_alpha
 from .sparsefinder import check_model_settings
 
 
@@ -48,8 +48,7 @@ class EntmaxSparsefinderMarianConfig(MarianConfig):
         for name in ("decoder_attention_fn", "encoder_attention_fn", "cross_attention_fn"):
             check_choice(name, getattr(self, name), ATTENTION_FUNCTIONS)
         uses_bisect = "entmax_bisect" in (self.decoder_attention_fn, self.encoder_attention_fn, self.cross_attention_fn)
-        if uses_bisect and not self.entmax_alpha > 1:
-            raise ValueError(f"entmax_alpha must be > 1 for entmax_bisect, got {self.entmax_alpha}")
+        check_entmax_alpha(self.entmax_alpha, used=uses_bisect)
         if self.sparsefinder is not None:
             check_model_settings(
                 self.sparsefinder, self.decoder_layers, self.decoder_attention_fn, "decoder_attention_fn"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig
 
-from .attention import ATTENTION_FUNCTIONS, BACKENDS, check_choice
+from .attention import ATTENTION_FUNCTIONS, BACKENDS, check_choice, check_entmax_alpha
 from .dam import resolve_config
 from .patterns import parse
 from .sparsefinder import check_model_settings
@@ -70,8 +70,7 @@ class SparseBertConfig(BertConfig):
             )
         check_choice("attention_fn", self.attention_fn, ATTENTION_FUNCTIONS)
         check_choice("attention_backend", self.attention_backend, BACKENDS)
-        if self.attention_fn == "entmax_bisect" and not self.entmax_alpha > 1:
-            raise ValueError(f"entmax_alpha must be > 1 for entmax_bisect, got {self.entmax_alpha}")
+        check_entmax_alpha(self.entmax_alpha, used=self.attention_fn == "entmax_bisect")
 
     def validate_sparse_attention(self):
         """Part of `@strict` validation (run again by ``save_pretrained`` after attribute changes)."""

@@ -22,6 +22,8 @@ import math
 import torch
 from torch import nn
 
+from .checks import check_bool, check_choice, check_int, check_number, check_settings_dict
+
 STRUCTURES = ("offset", "element", "block")
 PENALTY_REDUCTIONS = ("mean", "sum")
 DAM_DEFAULTS = {
@@ -43,25 +45,30 @@ DAM_DEFAULTS = {
 
 def resolve_config(dam: dict, num_hidden_layers: int, max_position_embeddings: int) -> dict:
     """Fill defaults and refuse unknown keys or values, naming them and what would be valid."""
+    check_settings_dict("dam", dam, "{'structure': 'offset', 'penalty': 1e-3}")
     unknown = sorted(set(dam) - set(DAM_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown dam setting(s) {unknown}; valid settings: {sorted(DAM_DEFAULTS)}")
     cfg = {**DAM_DEFAULTS, **dam}
-    if cfg["structure"] not in STRUCTURES:
-        raise ValueError(f"unknown dam structure {cfg['structure']!r}; valid: {', '.join(STRUCTURES)}")
-    if cfg["penalty_reduction"] not in PENALTY_REDUCTIONS:
-        raise ValueError(f"unknown dam penalty_reduction {cfg['penalty_reduction']!r}; valid: mean, sum")
+    check_choice("dam structure", cfg["structure"], STRUCTURES)
+    check_choice("dam penalty_reduction", cfg["penalty_reduction"], PENALTY_REDUCTIONS)
     if cfg["max_length"] is None:
         cfg["max_length"] = max_position_embeddings
-    if not 1 <= cfg["max_length"] <= max_position_embeddings:
-        raise ValueError(
-            f"dam max_length={cfg['max_length']} must be between 1 and max_position_embeddings="
-            f"{max_position_embeddings}"
-        )
-    if cfg["structure"] == "block" and cfg["block_size"] < 1:
-        raise ValueError(f"dam block_size must be >= 1, got {cfg['block_size']}")
-    if not cfg["temperature"] > 0:
-        raise ValueError(f"dam temperature must be > 0, got {cfg['temperature']}")
+    if isinstance(cfg["max_length"], int) and not isinstance(cfg["max_length"], bool):
+        if not 1 <= cfg["max_length"] <= max_position_embeddings:
+            raise ValueError(
+                f"dam max_length={cfg['max_length']} must be between 1 and max_position_embeddings="
+                f"{max_position_embeddings}"
+            )
+    check_int("dam max_length", cfg["max_length"], at_least=1, at_most=max_position_embeddings)
+    check_int("dam block_size", cfg["block_size"], at_least=1)
+    for key in ("share_across_layers", "symmetric", "hard", "frozen"):
+        check_bool(f"dam {key}", cfg[key])
+    check_number("dam init_logit", cfg["init_logit"])
+    check_number("dam init_noise", cfg["init_noise"], at_least=0)
+    check_number("dam temperature", cfg["temperature"], above=0, why="τ of the Gumbel-sigmoid")
+    check_number("dam penalty", cfg["penalty"], at_least=0, why="λ of the L1 penalty")
+    check_number("dam mask_value", cfg["mask_value"], above=0, why="c in the -c·(1-M) added to dropped scores")
     if not cfg["hard"]:
         raise ValueError("dam hard=False (a soft mask) is not supported: DAM trains a binary mask (hard=True)")
     return cfg

@@ -411,6 +411,8 @@ def _to_rows(scores: torch.Tensor, dim: int, keep: torch.Tensor | None):
     shape and the dim. The mask is applied later, chunk by chunk (no masked copy of the whole tensor)."""
     if scores.dim() == 0:
         raise ValueError("entmax needs a tensor with at least one dimension")
+    if not -scores.dim() <= dim < scores.dim():
+        raise ValueError(f"dim={dim} is out of range for scores with {scores.dim()} dimensions")
     dim = dim % scores.dim()
     last = dim == scores.dim() - 1
     x = scores if last else scores.movedim(dim, -1)
@@ -445,8 +447,8 @@ def _check_k(k: int | None) -> int | None:
 def _alpha_rows(alpha: torch.Tensor, scores: torch.Tensor, dim: int) -> torch.Tensor:
     """One α per slice: ``alpha`` broadcast to ``scores.shape`` with size 1 along ``dim``, as a (rows, 1) column."""
     alpha = alpha.to(device=scores.device)
-    if bool((alpha <= 1).any()):
-        raise ValueError("alpha must be > 1 (alpha = 1 is softmax: use torch.softmax)")
+    if bool((alpha <= 1).any() | ~torch.isfinite(alpha).all()):
+        raise ValueError("alpha must be finite and > 1 (alpha = 1 is softmax: use torch.softmax)")
     ndim, dim = scores.dim(), dim % scores.dim()
     row_shape = list(scores.shape)
     row_shape[dim] = 1
@@ -514,8 +516,10 @@ def entmax_alpha(
         alpha_rows, alpha_float = _alpha_rows(alpha, scores, dim), None
     else:
         alpha_rows, alpha_float = None, float(alpha)
-        if not alpha_float > 1:
-            raise ValueError(f"alpha must be > 1 (alpha = 1 is softmax: use torch.softmax), got {alpha}")
+        if not 1 < alpha_float < math.inf:
+            raise ValueError(f"alpha must be a finite number > 1 (1 is softmax: use torch.softmax), got {alpha}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"n_iter must be a whole number >= 1 (bisection steps), got {n_iter!r}")
     x, keep, moved, dim = _to_rows(scores, dim, keep)
     if x.numel() == 0:
         return _from_rows(x.new_zeros(x.shape), moved, dim)

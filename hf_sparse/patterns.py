@@ -281,6 +281,10 @@ class Pattern:
         """False for a pattern bound to a mask that changes at every step (the DAM search's): never cached."""
         return True
 
+    def anchors(self) -> tuple:
+        """Tensors :meth:`cache_key` names by address; a cache entry keeps them alive (no address reuse)."""
+        return ()
+
     @property
     def needs_learned_mask(self) -> bool:
         return False
@@ -373,6 +377,9 @@ class Learned(Pattern):
         m = self._bound()
         return ("learned", m.data_ptr(), tuple(m.shape), tuple(m.stride()), m._version, str(m.device))
 
+    def anchors(self) -> tuple:
+        return (self._bound(),)
+
     def _bound(self, n: int | None = None) -> torch.Tensor:
         if self.mask is None:
             raise ValueError(
@@ -416,6 +423,9 @@ class Union(Pattern):
     @property
     def cacheable(self) -> bool:
         return all(p.cacheable for p in self.parts)
+
+    def anchors(self) -> tuple:
+        return tuple(a for p in self.parts for a in p.anchors())
 
     @property
     def offset_only(self) -> bool:

@@ -37,6 +37,7 @@ from torch import nn
 
 from .attention import AttentionMask, attend, normalize
 from .block_maps import cached_block_map
+from .checks import check_settings_dict
 
 METHODS = ("distance", "quantization", "clustering", "window", "lsh", "routing", "bigbird")
 #: methods whose prediction uses the learned projections
@@ -84,7 +85,7 @@ def _is_int(x) -> bool:
 
 def resolve_config(cfg: dict | None) -> dict:
     """Fill defaults and refuse unknown keys or bad values, naming them and what would be valid."""
-    cfg = dict(cfg or {})
+    cfg = dict(check_settings_dict("sparsefinder", cfg or {}, "{'method': 'distance', 'threshold': 1.0}"))
     unknown = sorted(set(cfg) - set(SPARSEFINDER_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown sparsefinder setting(s) {unknown}; valid settings: {sorted(SPARSEFINDER_DEFAULTS)}")

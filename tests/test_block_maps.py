@@ -135,6 +135,24 @@ def test_a_learned_mask_changed_in_place_is_not_served_from_the_cache():
     assert patterns.dense_mask(bind_learned(parse("learned"), mask), 30)[:, 3, 4].all()
 
 
+def test_a_cached_learned_mask_is_kept_alive_so_no_other_tensor_can_take_its_address():
+    """The key names a learned mask by address and version; were the mask freed, a new tensor at the same address
+    (same shape, version 0) would be served the old mask. The entry holds it instead."""
+    import gc
+    import weakref
+
+    CACHE.clear()
+    mask = torch.rand(2, 40, 40) > 0.5
+    alive = weakref.ref(mask)
+    patterns.dense_mask(bind_learned(parse("learned"), mask), 30)
+    del mask
+    gc.collect()
+    assert alive() is not None
+    CACHE.clear()
+    gc.collect()
+    assert alive() is None
+
+
 def test_the_cache_is_bounded_by_entries_and_bytes_and_drops_the_least_recently_used():
     cache = MaskCache(max_entries=3, max_bytes=1000)
     for i in range(3):

@@ -130,7 +130,7 @@ def test_cached_generation_equals_generation_without_cache(beams):
         (dict(decoder_attention_fn="relu"), "unknown decoder_attention_fn 'relu'"),
         (dict(cross_attention_fn="max"), "unknown cross_attention_fn 'max'"),
         (dict(decoder_attention_fn="softmax", sparsefinder={"method": "distance"}), "nothing to predict"),
-        (dict(decoder_attention_fn="entmax_bisect", entmax_alpha=1.0), "entmax_alpha must be > 1"),
+        (dict(decoder_attention_fn="entmax_bisect", entmax_alpha=1.0), "entmax_alpha must be a finite number >= 1.001"),
     ],
 )
 def test_bad_attention_settings_are_refused(kwargs, words):
