@@ -39,7 +39,12 @@ class EntmaxSparsefinderMarianConfig(MarianConfig):
     sparsefinder: dict | None = None
 
     def __post_init__(self, **kwargs):
-        kwargs.pop("model_type", None)  # a stock Marian config.json says "marian"
+        source = kwargs.pop("model_type", None)  # a stock Marian config.json says "marian"
+        if source not in (None, "marian", self.model_type):
+            raise ValueError(
+                f"this config is of model_type {source!r}: the entmax Marian loads Marian checkpoints (model_type "
+                f"'marian' or {self.model_type!r}), whose weight names it shares"
+            )
         super().__post_init__(**kwargs)
         self.check_attention()
 

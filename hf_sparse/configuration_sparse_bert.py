@@ -51,7 +51,12 @@ class SparseBertConfig(BertConfig):
     def __post_init__(self, **kwargs):
         # A stock BERT config.json carries "model_type": "bert"; keeping it would make AutoConfig map our
         # saved checkpoints back to BertConfig.
-        kwargs.pop("model_type", None)
+        source = kwargs.pop("model_type", None)
+        if source not in (None, "bert", self.model_type):
+            raise ValueError(
+                f"this config is of model_type {source!r}: SparseBERT loads BERT checkpoints (model_type 'bert' or "
+                f"{self.model_type!r}), whose weight names it shares"
+            )
         super().__post_init__(**kwargs)
         self.check_sparse_attention()
 

@@ -232,3 +232,22 @@ class DAMGates(nn.Module):
                 f"sequence length {n} is longer than the DAM gates cover (dam max_length={self.max_length})"
             )
         return self.frozen_masks()[..., :n, :n]
+
+
+def check_loaded_dam(model: nn.Module, missing_keys) -> None:
+    """After ``from_pretrained``: a model whose config says the DAM mask is frozen must have loaded it.
+
+    Without the stored mask (``dam.frozen_mask``, ``dam.is_frozen``) a frozen model would run with an all-zero or
+    fresh mask; Transformers only lists such keys in its load report. Missing gate logits are fine while the
+    search has not run (they start from ``init_logit``).
+    """
+    dam = model.config.dam or {}
+    lost = sorted(
+        k for k in missing_keys if k.rsplit(".", 2)[-2:-1] == ["dam"] and k.endswith(("frozen_mask", "is_frozen"))
+    )
+    if dam.get("frozen") and lost:
+        raise ValueError(
+            f"this checkpoint's config says its DAM mask is frozen (dam.frozen=True, attention_pattern "
+            f"{model.config.attention_pattern!r}) but its weights lack {lost}: the learned mask is lost. Load the "
+            "checkpoint that was saved after freeze_dam(), or set dam.frozen=False and search the mask again"
+        )

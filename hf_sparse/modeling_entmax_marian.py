@@ -17,7 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import AttentionMask
 from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
-from .sparsefinder import SparsefinderLayer, attend_layer, predicts_layer, resolve_config
+from .sparsefinder import SparsefinderLayer, attend_layer, check_loaded_predictors, predicts_layer, resolve_config
 from .sparsefinder import initialize as initialize_predictor
 
 ATTENTION_NAME = "hf_sparse_entmax"
@@ -107,6 +107,32 @@ class _EntmaxSparsefinderMarian:
     def __init__(self, config: EntmaxSparsefinderMarianConfig):
         super().__init__(config)
         _setup(self)  # predictors initialise themselves; from_pretrained fills missing ones via _init_weights
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Transformers' loading, then a refusal of a checkpoint that lost its fitted predictors (see
+        :func:`hf_sparse.sparsefinder.check_loaded_predictors`)."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        check_loaded_predictors(model, info["missing_keys"], info["unexpected_keys"])
+        return (model, info) if wants_info else model
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """Only this model's own attention function: Transformers' ``sdpa`` or ``eager`` would silently make it a
+        softmax model and bypass Sparsefinder."""
+        requested = (
+            attn_implementation.get("", ATTENTION_NAME)
+            if isinstance(attn_implementation, dict)
+            else (attn_implementation)
+        )
+        if requested != ATTENTION_NAME:
+            raise ValueError(
+                f"{type(self).__name__} computes attention with its own function ({ATTENTION_NAME!r}), which runs "
+                "config.encoder_attention_fn / decoder_attention_fn / cross_attention_fn and Sparsefinder; "
+                f"attn_implementation={requested!r} would run softmax instead. Change those config fields "
+                "(e.g. decoder_attention_fn='softmax') to change the normaliser"
+            )
+        return super().set_attn_implementation(attn_implementation, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -31,9 +31,9 @@ from transformers.modeling_outputs import (
 from .attention import AttentionMask, build_mask, choose_backend
 from .block_maps import cached_dense_mask
 from .configuration_sparse_bert import SparseBertConfig
-from .dam import DAMGates
+from .dam import DAMGates, check_loaded_dam
 from .patterns import Intersection, Learned, Pattern, Union, bind_learned, parse
-from .sparsefinder import SparsefinderLayer, attend_layer, predicts_layer, resolve_config
+from .sparsefinder import SparsefinderLayer, attend_layer, check_loaded_predictors, predicts_layer, resolve_config
 from .sparsefinder import initialize as initialize_predictor
 
 _PARSED: dict[str, Pattern] = {}
@@ -290,6 +290,24 @@ class SparseBertPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["SparseBertEmbeddings", "SparseBertLayer"]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Transformers' loading, then a refusal of a checkpoint that lost learned state (a frozen DAM mask,
+        fitted predictors): it would run with fresh, meaningless state, which Transformers only reports."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        check_loaded_dam(model, info["missing_keys"])
+        check_loaded_predictors(model, info["missing_keys"], info["unexpected_keys"])
+        return (model, info) if wants_info else model
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """Refused: Transformers' attention implementations know no sparsity pattern; ``attention_backend`` in the
+        config chooses the kernel (eager, sdpa, flex, tiles, auto)."""
+        raise ValueError(
+            f"{type(self).__name__} does not use Transformers' attn_implementation (asked: {attn_implementation!r}): "
+            "set config.attention_backend instead ('auto', 'eager', 'sdpa', 'flex', 'tiles')"
+        )
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -484,6 +502,13 @@ class SparseBertModel(SparseBertPreTrainedModel):
     ) -> SparseBertModelOutput | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape)
+        if len(shape) < 2 or shape[0] < 1 or shape[1] < 1:
+            name = "input_ids" if input_ids is not None else "inputs_embeds"
+            raise ValueError(
+                f"{name} has shape {shape}: the model needs a batch of at least one sequence of at least one token "
+                "(batch, sequence_length[, hidden])"
+            )
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states

@@ -720,6 +720,36 @@ def attend_layer(
     return out, probs if output_attentions else None
 
 
+def check_loaded_predictors(model: nn.Module, missing_keys, unexpected_keys) -> None:
+    """After ``from_pretrained``: predictor state is loaded whole or not at all, and never for predictors the config
+    has no place for.
+
+    A layer's predictor with some tensors missing (a truncated or hand-edited checkpoint) would predict with a
+    random projection; with ``enabled`` set, every predictor must come from the checkpoint. Missing predictors are
+    fine otherwise (a stock checkpoint gets fresh, unfitted predictors to fit).
+    """
+    settings = getattr(model.config, "sparsefinder", None) or {}
+    unexpected = sorted(k for k in unexpected_keys if ".sparsefinder." in k)
+    if unexpected:
+        raise ValueError(
+            f"the checkpoint holds Sparsefinder state this model's config has no place for: {unexpected[:6]}"
+            f"{' ...' if len(unexpected) > 6 else ''}; load it with the sparsefinder config it was saved with "
+            f"(this one: {settings or None})"
+        )
+    missing = set(missing_keys)
+    for name, module in model.named_modules():
+        if not isinstance(module, SparsefinderLayer):
+            continue
+        keys = {f"{name}.{key}" for key in module.state_dict()}
+        lost = sorted(keys & missing)
+        if lost and (len(lost) < len(keys) or settings.get("enabled")):
+            why = "sparsefinder.enabled is set" if len(lost) == len(keys) else "the rest of it is there"
+            raise ValueError(
+                f"the checkpoint lacks predictor state {lost} of {name} ({why}): the predictor would run with "
+                "fresh, unfitted state. Load a complete checkpoint, or refit with hf_sparse.sparsefinder_fit.fit"
+            )
+
+
 def __getattr__(name: str):
     """The training-side names once lived here (``from hf_sparse.sparsefinder import fit``): still found, from
     :mod:`hf_sparse.sparsefinder_fit`, which remote code neither copies nor needs."""
@@ -753,6 +783,7 @@ __all__ = [
     "SparsefinderLayer",
     "attend_layer",
     "attend_predicted",
+    "check_loaded_predictors",
     "check_model_settings",
     "initialize",
     "predict_pairs",

@@ -203,14 +203,26 @@ def test_a_frozen_mask_is_unpacked_once_and_its_masks_are_built_once(structure):
     assert torch.equal(dam.frozen(16), ~short)  # changed in place: unpacked again, not served stale
 
 
-def test_frozen_config_whose_checkpoint_lacks_the_mask_is_refused(tmp_path):
-    BertForMaskedLM(tiny_kwargs_config := __import__("conftest").tiny_bert_config()).save_pretrained(tmp_path)
-    del tiny_kwargs_config
-    model = SparseBertForMaskedLM.from_pretrained(
-        tmp_path, attention_pattern="learned", dam={"structure": "offset", "max_length": 32, "frozen": True}
-    )
-    with pytest.raises(ValueError, match="lacks the 'dam.frozen_mask'"):
-        model(torch.ones(1, 8, dtype=torch.long))
+def test_frozen_config_whose_checkpoint_lacks_the_mask_is_refused_at_load(tmp_path):
+    BertForMaskedLM(__import__("conftest").tiny_bert_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"lack \['bert.dam.frozen_mask', 'bert.dam.is_frozen'\]"):
+        SparseBertForMaskedLM.from_pretrained(
+            tmp_path, attention_pattern="learned", dam={"structure": "offset", "max_length": 32, "frozen": True}
+        )
+
+
+def test_a_frozen_checkpoint_that_lost_only_its_mask_is_refused_at_load(tmp_path):
+    """The mask alone deleted (is_frozen still there) used to load and run with an all-zero mask."""
+    from safetensors.torch import load_file, save_file
+
+    model = dam_model(structure="offset", init_noise=1.0)
+    model.freeze_dam()
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["bert.dam.frozen_mask"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"says its DAM mask is frozen.*lack \['bert.dam.frozen_mask'\]"):
+        SparseBertForMaskedLM.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize(
