@@ -15,7 +15,6 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .checks import check_int, check_number
 from .dam import DAMGates
-from .patterns import dense_mask, parse, without_learned
 
 SCHEDULES = ("constant", "linear", "cosine")
 # Trainer.get_decay_parameter_names' rule (transformers 5): these names get no weight decay.
@@ -55,7 +54,8 @@ class DAMCallback(TrainerCallback):
             the dam config's, the reference's constant 1.0) to ``final_temperature`` (constant, linear or cosine).
         penalty, final_penalty, penalty_schedule: λ, likewise (default: the dam config's ``penalty``).
         gate_learning_rate: learning rate of the gate logits' own optimizer group (default: the run's).
-        target_sparsity: stop training once the deterministic mask removes at least this fraction of pairs.
+        target_sparsity: stop training once the model drops at least this fraction of all pairs (pattern ∩ the
+            deterministic DAM mask; ``SparseBertModel.dam_density``), the pattern's own drops included.
         density_length: sequence length at which densities are logged and the target is checked (default: the
             dam ``max_length``); set it to the training length when gates beyond it never see data.
         freeze_at_end: call ``model.freeze_dam()`` when training ends (stage 2 then uses the frozen mask).
@@ -162,17 +162,11 @@ class DAMCallback(TrainerCallback):
         gates.temperature, gates.penalty_weight = self.values_at(state, gates)
         return gates
 
-    def density(self, model) -> torch.Tensor:
-        """Kept fraction of pattern-allowed pairs per (gate group, head): the deterministic mask while searching,
-        the stored one once frozen."""
+    def density(self, model, inside_pattern: bool = False) -> torch.Tensor:
+        """What the model keeps per (gate group, head) at ``density_length``: ``SparseBertModel.dam_density``
+        (the deterministic mask while searching, the stored one once frozen)."""
         base = _unwrap(model).base_model
-        gates = dam_gates(model)
-        n = self.density_length or gates.max_length
-        with torch.no_grad():
-            inside = dense_mask(without_learned(parse(base.config.attention_pattern)), n).float()
-            mask = gates.deterministic_mask(n) if base.dam_searching() else gates.frozen(n)
-            inside = inside.to(mask.device)
-            return (mask.float() * inside).sum(dim=(-1, -2)) / inside.sum(dim=(-1, -2)).clamp_min(1.0)
+        return base.dam_density(self.density_length or dam_gates(model).max_length, inside_pattern)
 
     # -- events ------------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -201,6 +195,7 @@ class DAMCallback(TrainerCallback):
             "dam_temperature": gates.temperature,
             "dam_lambda": gates.penalty_weight,
             "dam_density": round(per_head.mean().item(), 5),
+            "dam_density_inside_pattern": round(self.density(model, inside_pattern=True).mean().item(), 5),
         }
         if self.log_heads:
             for g, row in enumerate(per_head.tolist()):

@@ -77,7 +77,7 @@ def _sparsefinder_lines(model) -> list[str]:
     if not settings:
         return []
     modules = model.sparsefinder_modules()
-    fitted = [layer for layer, module in modules.items() if bool(module.sparsefinder.fitted)]
+    fitted = [layer for layer, module in modules.items() if module.sparsefinder.is_fitted()]
     keys = ("method", "window", "combine", "layers", *_METHOD_SETTINGS.get(settings.get("method"), ()))
     shown = {k: settings[k] for k in keys if k in settings}
     return [

@@ -152,8 +152,8 @@ def search_and_train_dam(
        constant; the search stops once the mask reaches ``target_sparsity``; ``DAMCallback`` freezes the mask.
     2. The remaining steps train with the frozen mask (fresh optimizer and warm-up).
 
-    Returns ``{"search_steps", "train_steps", "sparsity"}`` (sparsity: masked fraction of the frozen mask at the
-    model's maximum length, averaged over layers and heads).
+    Returns ``{"search_steps", "train_steps", "sparsity"}`` (sparsity: the fraction of all pairs the frozen model
+    drops at ``length``, pattern ∩ mask, averaged over gate groups and heads: ``1 - dam_density``).
     """
     from .callbacks import DAMCallback
 
@@ -178,5 +178,5 @@ def search_and_train_dam(
     searched = trainer.state.global_step
     if steps > searched:
         train_mlm(model, corpus, out_dir, steps=steps - searched, seed=seed + 1)
-    kept = model.base_model.dam.frozen(length).float().mean().item()
+    kept = model.base_model.dam_density(length).mean().item()  # pattern ∩ frozen mask, of all pairs
     return {"search_steps": searched, "train_steps": max(steps - searched, 0), "sparsity": 1.0 - kept}

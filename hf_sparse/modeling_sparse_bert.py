@@ -32,7 +32,7 @@ from .attention import AttentionMask, build_mask, choose_backend
 from .block_maps import cached_dense_mask
 from .configuration_sparse_bert import SparseBertConfig
 from .dam import DAMGates, check_loaded_dam
-from .patterns import Intersection, Learned, Pattern, Union, bind_learned, parse
+from .patterns import Intersection, Learned, Pattern, Union, bind_learned, parse, without_learned
 from .sparsefinder import SparsefinderLayer, attend_layer, check_loaded_predictors, predicts_layer, resolve_config
 from .sparsefinder import initialize as initialize_predictor
 
@@ -416,19 +416,44 @@ class SparseBertModel(SparseBertPreTrainedModel):
     def dam_penalty_and_density(
         self, gates: torch.Tensor, key_valid: torch.Tensor | None, n: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Penalty and density of a ``(G, H, n, n)`` mask over the valid pairs (not padding, inside the pattern).
+        """Penalty and density of a ``(G, H, n, n)`` mask within the config's pattern, over this batch.
 
-        ``mean``: kept fraction of valid pairs (comparable across lengths and batches); ``sum``: the reference's
-        unnormalised L1 over the whole ``(H, n, n)`` mask of every gate group (inside the pattern, padding included).
+        Density: the kept fraction of the valid (non-padding) pairs, pattern ∩ mask, as :meth:`dam_density`
+        defines it. Penalty ``mean``: the mask's mean over the valid pairs inside the pattern (what the gates
+        decide; comparable across lengths and batches); ``sum``: the reference's unnormalised L1 over the whole
+        ``(H, n, n)`` mask of every gate group (inside the pattern, padding included).
         """
         inside = cached_dense_mask(_parsed(self.config.attention_pattern), n, gates.device).float()  # (1, n, n)
+        valid_pairs = torch.ones((), device=gates.device) * n * n
         allowed = inside
         if key_valid is not None:
             valid = key_valid.float()
-            allowed = inside * torch.einsum("bi,bj->ij", valid, valid)  # pairs counted over the batch
-        weighted = (gates * allowed).sum() / (allowed.sum() * gates.shape[0] * gates.shape[1]).clamp_min(1.0)
-        penalty = weighted if self.dam.settings["penalty_reduction"] == "mean" else (gates * inside).sum()
-        return penalty, weighted.detach()
+            pairs = torch.einsum("bi,bj->ij", valid, valid)  # pairs counted over the batch
+            allowed, valid_pairs = inside * pairs, pairs.sum()
+        kept = (gates * allowed).sum()
+        groups_heads = gates.shape[0] * gates.shape[1]
+        mean = kept / (allowed.sum() * groups_heads).clamp_min(1.0)
+        penalty = mean if self.dam.settings["penalty_reduction"] == "mean" else (gates * inside).sum()
+        return penalty, (kept / (valid_pairs * groups_heads).clamp_min(1.0)).detach()
+
+    @torch.no_grad()
+    def dam_density(self, n: int | None = None, inside_pattern: bool = False) -> torch.Tensor:
+        """What the model keeps under DAM, per (gate group, head): the kept fraction of all ``n x n`` pairs under
+        the config's pattern ∩ the DAM mask (the deterministic mask while searching, the stored one once frozen).
+
+        DAM sparsity is ``1 - dam_density()`` wherever it is reported or targeted (``DAMCallback``'s logs and
+        ``target_sparsity``, ``hf-sparse dam``, model cards); it counts the pairs the pattern drops as well.
+        ``inside_pattern=True``: the kept fraction of the pattern's own pairs instead, what the gates decide.
+        """
+        if self.dam is None:
+            raise ValueError("dam_density() needs a model built with a `dam` config; this one has dam=None")
+        n = n or self.dam.max_length
+        mask = self.dam.deterministic_mask(n) if self.dam_searching() else self.dam.frozen(n)
+        pattern = without_learned(_parsed(self.config.attention_pattern))
+        inside = cached_dense_mask(pattern, n, mask.device)
+        kept = (mask & inside).sum(dim=(-1, -2)).double()
+        total = inside.sum(dim=(-1, -2)).double().clamp_min(1.0) if inside_pattern else torch.tensor(n * n)
+        return (kept / total).float()
 
     @torch.compiler.disable  # cache lookups and mask building: plain Python, kept out of compiled graphs
     def attention_masks_for(

@@ -71,7 +71,10 @@ def test_penalty_is_mean_over_valid_pairs_or_reference_sum():
     ids, mask = random_batch()
     gates = torch.ones(1, 4, 20, 20)
     penalty, density = model.dam_penalty_and_density(gates, mask.bool(), 20)
-    assert penalty.item() == pytest.approx(1.0) and density.item() == pytest.approx(1.0)
+    in_window = sum((dense_mask("window:3", 20)[0] & (m.bool()[:, None] & m.bool()[None])).sum() for m in mask)
+    all_valid = sum(m.sum() ** 2 for m in mask)
+    assert penalty.item() == pytest.approx(1.0)  # the gates keep every pair they decide
+    assert density.item() == pytest.approx(in_window.item() / all_valid.item())  # the model keeps the window
     gates[:, :, 0, 0] = 0  # one pair of 4 heads dropped; valid in 3 batch rows
     penalty, _ = model.dam_penalty_and_density(gates, mask.bool(), 20)
     valid_pairs = sum((dense_mask("window:3", 20)[0] & (m.bool()[:, None] & m.bool()[None])).sum() for m in mask)
@@ -79,6 +82,19 @@ def test_penalty_is_mean_over_valid_pairs_or_reference_sum():
     summed = dam_model(SparseBertModel, penalty_reduction="sum").train()
     penalty, _ = summed.dam_penalty_and_density(gates, mask.bool(), 20)
     assert penalty.item() == 4 * 20 * 20 - 4  # the reference: ‖M‖₁ over the full (H, n, n) mask
+
+
+@pytest.mark.parametrize("structure", ["offset", "element"])
+def test_dam_density_is_what_the_frozen_model_keeps_of_all_pairs_and_inside_the_pattern(structure):
+    """One definition: the reported density is the fraction of pairs that get attention in the frozen model."""
+    model = dam_model(SparseBertModel, pattern="window:4", structure=structure, init_noise=1.0).eval()
+    model.freeze_dam()
+    n = 20
+    probs = model(torch.ones(1, n, dtype=torch.long), output_attentions=True).attentions[0][0]  # (H, n, n)
+    attended = (probs > 0).float().mean(dim=(-1, -2))  # softmax: every kept pair gets > 0
+    assert torch.allclose(model.dam_density(n)[0], attended)
+    window = dense_mask("window:4", n)[0]
+    assert torch.allclose(model.dam_density(n, inside_pattern=True)[0], (probs > 0).sum((-1, -2)) / window.sum())
 
 
 def test_eval_is_deterministic_train_samples_and_freeze_equals_the_eval_mask():
