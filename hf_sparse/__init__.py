@@ -46,7 +46,21 @@ for _auto, _model in (
 ):
     _auto.register(SparseBertConfig, _model, exist_ok=True)
 
+
+
+def __getattr__(name: str):
+    """``from hf_sparse import DAMCallback, SparsefinderCallback``: the Trainer callbacks, imported on first use
+    (they pull in Transformers' Trainer, which plain model loading does not need)."""
+    if name in ("DAMCallback", "SparsefinderCallback"):
+        from . import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "DAMCallback",
+    "SparsefinderCallback",
     "patterns",
     "EntmaxSparsefinderMarianConfig",
     "EntmaxSparsefinderMarianModel",
