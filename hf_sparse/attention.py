@@ -31,7 +31,7 @@ from .block_maps import (
 )
 from .checks import check_choice, check_number
 from .entmax_topk import entmax15, entmax_alpha, sparsemax  # `from .x import` form: remote code copies x
-from .patterns import Pattern
+from .patterns import Pattern, bind_rows, rows_mask
 
 ATTENTION_FUNCTIONS = ("softmax", "entmax15", "entmax_bisect", "sparsemax")
 BACKENDS = ("auto", "eager", "sdpa", "flex", "tiles")
@@ -122,10 +122,13 @@ def choose_backend(
     needs_grad: bool = False,
     dropout: float = 0.0,
     soft_mask: bool = False,
+    per_row: bool = False,
 ) -> str:
     """Resolve ``requested`` to a kernel, refusing (not silently replacing) impossible explicit requests.
 
     ``soft_mask``: an additive, differentiable mask is in play (DAM search), which only the eager kernel takes.
+    ``per_row``: the pattern draws random keys per sequence (padding given: :func:`hf_sparse.patterns.bind_rows`),
+    a mask per batch that only the dense kernels take.
     ``auto``: eager when probabilities are asked for; a block-sparse kernel (FlexAttention on CUDA for softmax,
     ``tiles`` otherwise) when the sequence is long and the pattern block-sparse enough to pay (measured
     crossover above; the density comes from the pattern's block map on the CPU, cached, so no device is read);
@@ -149,6 +152,12 @@ def choose_backend(
     if dropout > 0:
         reasons_not_flex.append(f"attention dropout {dropout} is active (set attention_probs_dropout_prob=0)")
 
+    if per_row and requested in ("flex", "tiles"):
+        raise ValueError(
+            f"attention_backend={requested!r} is not possible here: pattern {str(pattern)!r} draws its random keys "
+            "among each sequence's own tokens (so they do not depend on the batch's padding), a mask per batch "
+            "that only 'eager' and 'sdpa' take; use one of them or 'auto'"
+        )
     if requested == "flex":
         if reasons_not_flex:
             raise ValueError("attention_backend='flex' is not possible here: " + "; ".join(reasons_not_flex))
@@ -174,7 +183,8 @@ def choose_backend(
     dense_kernel = "sdpa" if family == "softmax" else "eager"
     if output_attentions:
         return "eager"
-    if pattern.is_dense or n < BLOCK_SPARSE_MIN_LENGTH.get(device.type, BLOCK_SPARSE_MIN_LENGTH["cuda"])[family]:
+    min_length = BLOCK_SPARSE_MIN_LENGTH.get(device.type, BLOCK_SPARSE_MIN_LENGTH["cuda"])[family]
+    if per_row or pattern.is_dense or n < min_length:
         return dense_kernel
     if cached_block_density(pattern, n, "cpu", FLEX_BLOCK_SIZE) > BLOCK_SPARSE_MAX_DENSITY[family]:
         return dense_kernel
@@ -189,6 +199,14 @@ def build_mask(
     The pattern's part comes from the cache (:mod:`hf_sparse.block_maps`); only the padding is new per batch.
     """
     valid = None if key_valid is None else key_valid.to(device=device, dtype=torch.bool)
+    if valid is not None and pattern.has_random:  # random keys among each row's own tokens: a mask per batch
+        if backend in ("flex", "tiles"):
+            raise ValueError(f"pattern {str(pattern)!r} with padding runs on 'eager' or 'sdpa', not {backend!r}")
+        bound = bind_rows(pattern, valid)
+        keep = rows_mask(bound, n, device, valid.shape[0]) & valid[:, None, None, :]
+        return AttentionMask(
+            backend, keep=keep, valid_tokens=valid, has_key=keep.any(dim=-1, keepdim=True), pattern=bound
+        )
     if backend == "tiles":
         layout = cached_tile_layout(pattern, n, device)
         return AttentionMask(backend, layout=layout, valid_tokens=valid, pattern=pattern)

@@ -491,6 +491,9 @@ def sparsemax(
     return _from_rows(_ClosedFormTopK.apply(x, keep, _check_k(k), "sparsemax"), moved, dim)
 
 
+ALPHA_MAX = 1e6  # measured: float32 bisection returns all zeros from α = 1e7 (float64 still exact)
+
+
 def entmax_alpha(
     scores: torch.Tensor,
     alpha: float | torch.Tensor = 1.5,
@@ -516,8 +519,11 @@ def entmax_alpha(
         alpha_rows, alpha_float = _alpha_rows(alpha, scores, dim), None
     else:
         alpha_rows, alpha_float = None, float(alpha)
-        if not 1 < alpha_float < math.inf:
-            raise ValueError(f"alpha must be a finite number > 1 (1 is softmax: use torch.softmax), got {alpha}")
+        if not 1 < alpha_float <= ALPHA_MAX:
+            raise ValueError(
+                f"alpha must be > 1 and <= {ALPHA_MAX:g}, got {alpha} (1 is softmax: use torch.softmax; beyond "
+                f"{ALPHA_MAX:g} float32 bisection collapses, and the result is argmax to float precision anyway)"
+            )
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
         raise ValueError(f"n_iter must be a whole number >= 1 (bisection steps), got {n_iter!r}")
     x, keep, moved, dim = _to_rows(scores, dim, keep)

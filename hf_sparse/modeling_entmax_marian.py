@@ -43,7 +43,9 @@ def entmax_marian_attention(
     """Transformers attention-function signature; ``attention_mask`` is boolean ``(B, 1, Lq, Lk)`` (True = attend).
 
     The normaliser is the config's for this attention type; the rest (predicted-sparse decoding, collecting the
-    gold graph while fitting) is :func:`hf_sparse.sparsefinder.attend_layer`, as in SparseBERT.
+    gold graph while fitting) is :func:`hf_sparse.sparsefinder.attend_layer`, as in SparseBERT. Like Marian's
+    eager attention it always returns the probabilities (predicted-sparse ones scattered to ``(B, H, Lq, Lk)``:
+    one query per step when decoding with a cache), since Transformers keeps them only when asked.
     """
     config = module.config
     keep = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask == 0
@@ -67,7 +69,6 @@ def entmax_marian_attention(
         output_attentions=True,  # Transformers keeps the weights only when asked; the function cannot tell
         causal=kind == "decoder",
         valid_queries=valid_queries,
-        predicted_probabilities=False,  # so predicted-sparse decoding never builds an Lq x Lk tensor for them
     )
 
 

@@ -506,7 +506,8 @@ class SparseBertModel(SparseBertPreTrainedModel):
         masks = []
         for pattern in self.layer_patterns(n, device):
             if id(pattern) not in built:
-                backend = choose_backend(self.config.attention_backend, pattern=pattern, **choose)
+                per_row = key_valid is not None and pattern.has_random
+                backend = choose_backend(self.config.attention_backend, pattern=pattern, per_row=per_row, **choose)
                 built[id(pattern)] = build_mask(pattern, key_valid, n, device, backend)
             masks.append(built[id(pattern)])
         if self.dam_searching():  # evaluation during the search: report the deterministic mask

@@ -217,25 +217,54 @@ def describe() -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Random keys: drawn once per (length, R, seed), kept compact
+# Random keys: per (seed, query position), among the sequence's own tokens
 # --------------------------------------------------------------------------------------------------------------
 
 
-def random_keys(n: int, keys_per_query: int, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(n, min(R, n))`` distinct random key positions per query, reproducible from ``seed``.
+def hash_uniform(a: torch.Tensor, b: torch.Tensor, seed: int) -> torch.Tensor:
+    """A reproducible pseudo-random number in [0, 1) per pair of integers ``(a, b)`` (broadcast), from ``seed``:
+    no generator state, so the number for a pair never depends on what else is drawn."""
+    mask = 0xFFFFFFFF
+    x = ((a * 73856093) ^ (b * 19349663) ^ ((seed + 1) * 83492791)) & mask
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & mask
+    x = (x >> 16) ^ x
+    return x.double() / float(1 << 32)
 
-    Each query row is a uniform draw without replacement (the first ``R`` of an ``argsort`` of uniform noise),
-    drawn in row chunks so that no ``n x n`` float tensor exists at once; the same seed at another length gives
-    another (equally random) draw. Cached in the bounded mask cache.
+
+def draw_random_keys(
+    lengths: torch.Tensor, n: int, keys_per_query: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``R`` distinct keys among ``lengths[b]`` for each of ``n`` queries of each row: ``(B, n, R)`` indices into
+    the row's real tokens, and which slots hold a key (all but where the row has fewer than ``R`` tokens).
+
+    Floyd's sampling, each step's uniform number a hash of (seed, query position, step): a query's keys depend on
+    the seed, its position and the length of its own sequence, never on how far the batch is padded.
     """
+    r = keys_per_query
+    device = lengths.device
+    ell = lengths.view(-1, 1).long()  # (B, 1)
+    uniform = hash_uniform(torch.arange(n, device=device)[:, None], torch.arange(r, device=device)[None], seed)
+    chosen = torch.zeros(ell.shape[0], n, r, dtype=torch.long, device=device)
+    for step in range(r):
+        top = ell - r + step  # draw from [0, top]; Floyd takes ``top`` itself if the draw was taken before
+        pick = torch.floor(uniform[:, step][None] * (top + 1).clamp(min=1)).long()
+        if step:
+            pick = torch.where((chosen[..., :step] == pick[..., None]).any(-1), top.expand_as(pick), pick)
+        chosen[..., step] = pick
+    slots = torch.arange(r, device=device).view(1, 1, r)
+    short = ell.view(-1, 1, 1) < r  # fewer tokens than R: every token
+    chosen = torch.where(short, slots.expand_as(chosen), chosen)
+    return chosen, (~short | (slots < ell.view(-1, 1, 1))).expand_as(chosen)
+
+
+def random_keys(n: int, keys_per_query: int, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(n, min(R, n))`` distinct random key positions per query of an unpadded length-``n`` sequence
+    (:func:`draw_random_keys`), cached in the bounded mask cache."""
 
     def draw() -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        r = min(keys_per_query, n)
-        step = max(1, 2**22 // max(n, 1))
-        rows = [torch.rand(min(step, n - i), n, generator=generator).argsort(-1)[:, :r] for i in range(0, n, step)]
-        keys = torch.cat(rows) if rows else torch.zeros(0, r, dtype=torch.long)
-        return keys.to(device)
+        keys, _ = draw_random_keys(torch.tensor([n], device=device), n, keys_per_query, seed)
+        return keys[0, :, : min(keys_per_query, n)]
 
     return cached(("random_keys", n, keys_per_query, seed, str(torch.device(device))), draw)
 
@@ -286,6 +315,16 @@ class Pattern:
         return ()
 
     @property
+    def has_random(self) -> bool:
+        """True when a part draws random keys, which depend on each sequence's own length (:func:`bind_rows`)."""
+        return False
+
+    @property
+    def per_row(self) -> bool:
+        """True for a pattern bound to a batch's rows (:func:`bind_rows`): evaluated per batch, never cached."""
+        return False
+
+    @property
     def needs_learned_mask(self) -> bool:
         return False
 
@@ -323,6 +362,10 @@ class Fixed(Pattern):
     @property
     def is_dense(self) -> bool:
         return self.name == "dense"
+
+    @property
+    def has_random(self) -> bool:
+        return self.name == "random" or (self.expanded is not None and self.expanded.has_random)
 
     @property
     def offset_only(self) -> bool:
@@ -399,6 +442,34 @@ class Learned(Pattern):
 
 
 @dataclass(frozen=True)
+class RowRandom(Pattern):
+    """``random:R[,SEED]`` drawn for the rows of one batch (:func:`bind_rows`): ``keys`` ``(B, n, R)`` key
+    positions, ``slots`` which of them hold a key."""
+
+    spec: str
+    keys: torch.Tensor = field(compare=False)
+    slots: torch.Tensor = field(compare=False)
+
+    def __str__(self) -> str:
+        return self.spec
+
+    @property
+    def per_row(self) -> bool:
+        return True
+
+    @property
+    def cacheable(self) -> bool:
+        return False
+
+    def mask_mod(self, n: int, device: torch.device | str = "cpu") -> MaskMod:
+        keys, slots = self.keys.to(device), self.slots.to(device)
+        return lambda b, h, q, k: ((keys[b, q] == k.unsqueeze(-1)) & slots[b, q]).any(-1)
+
+    def tiles(self, grid: TileGrid) -> Tiles:
+        raise ValueError(f"pattern {self.spec!r} bound to a batch's rows has no tile map: it runs on eager or sdpa")
+
+
+@dataclass(frozen=True)
 class Union(Pattern):
     parts: tuple[Pattern, ...]
 
@@ -423,6 +494,14 @@ class Union(Pattern):
     @property
     def cacheable(self) -> bool:
         return all(p.cacheable for p in self.parts)
+
+    @property
+    def has_random(self) -> bool:
+        return any(p.has_random for p in self.parts)
+
+    @property
+    def per_row(self) -> bool:
+        return any(p.per_row for p in self.parts)
 
     def anchors(self) -> tuple:
         return tuple(a for p in self.parts for a in p.anchors())
@@ -531,6 +610,37 @@ def bind_learned(pattern: Pattern, mask: torch.Tensor | None) -> Pattern:
     if isinstance(pattern, Union):  # Intersection too
         return type(pattern)(tuple(bind_learned(p, mask) for p in pattern.parts))
     return pattern
+
+
+def bind_rows(pattern: Pattern, key_valid: torch.Tensor) -> Pattern:
+    """``pattern`` with every random part drawn for the rows of a batch: query ``i`` of row ``b`` gets ``R`` keys
+    among that row's real tokens (``key_valid`` ``(B, n)`` bool), so a sentence attends to the same keys however
+    far its batch is padded."""
+    if isinstance(pattern, Fixed) and pattern.name == "random":
+        valid = key_valid.to(torch.bool)
+        r, seed = pattern.args[0], pattern.args[1] if len(pattern.args) > 1 else 0
+        chosen, slots = draw_random_keys(valid.sum(-1), valid.shape[-1], r, seed)
+        positions = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)  # real tokens first, in order
+        keys = positions.gather(1, chosen.clamp(max=valid.shape[-1] - 1).flatten(1)).view_as(chosen)
+        return RowRandom(str(pattern), keys, slots)  # (slots past a short row's tokens hold no key)
+    if isinstance(pattern, Fixed) and pattern.expanded is not None:
+        return bind_rows(pattern.expanded, key_valid)
+    if isinstance(pattern, Union):  # Intersection too
+        return type(pattern)(tuple(bind_rows(p, key_valid) for p in pattern.parts))
+    return pattern
+
+
+def rows_mask(
+    pattern: Pattern, n: int, device: torch.device | str, batch: int, start: int = 0, stop: int | None = None
+) -> torch.Tensor:
+    """Rows ``start:stop`` of a batch-bound pattern's mask, ``(B, H|1, stop - start, n)`` bool, evaluated directly
+    (a pattern bound to one batch is never cached)."""
+    stop = n if stop is None else stop
+    h = torch.arange(pattern.num_heads or 1, device=device).view(1, -1, 1, 1)
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    q = torch.arange(start, stop, device=device).view(1, 1, -1, 1)
+    k = torch.arange(n, device=device).view(1, 1, 1, -1)
+    return pattern.mask_mod(n, device)(b, h, q, k).expand(batch, h.shape[1], stop - start, n)
 
 
 def without_learned(pattern: Pattern) -> Pattern:

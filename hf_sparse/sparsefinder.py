@@ -38,6 +38,7 @@ from torch import nn
 from .attention import AttentionMask, attend, normalize
 from .block_maps import cached_block_map
 from .checks import check_settings_dict
+from .patterns import hash_uniform, rows_mask
 
 METHODS = ("distance", "quantization", "clustering", "window", "lsh", "routing", "bigbird")
 #: methods whose prediction uses the learned projections
@@ -358,16 +359,6 @@ def _lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     return torch.cat([rotated, -rotated], dim=-1).argmax(-1)
 
 
-def _hash_uniform(qpos: torch.Tensor, kpos: torch.Tensor, seed: int) -> torch.Tensor:
-    """A reproducible pseudo-random number in [0, 1) per (query position, key position), independent of length."""
-    mask = 0xFFFFFFFF
-    x = ((qpos * 73856093) ^ (kpos * 19349663) ^ ((seed + 1) * 83492791)) & mask
-    for _ in range(2):
-        x = (((x >> 16) ^ x) * 0x45D9F3B) & mask
-    x = (x >> 16) ^ x
-    return x.double() / float(1 << 32)
-
-
 def _bigbird_pairs(allowed: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor, settings: dict) -> torch.Tensor:
     """Global tokens plus ``random_keys`` random allowed keys per query (the window is added by the caller).
 
@@ -378,7 +369,7 @@ def _bigbird_pairs(allowed: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor
     pairs = ((qpos < g) | (kpos < g)).view(1, 1, *allowed.shape[-2:])
     r = min(settings["random_keys"], allowed.shape[-1])
     if r > 0:
-        scores = _hash_uniform(qpos, kpos, settings["seed"]).expand_as(allowed)
+        scores = hash_uniform(qpos, kpos, settings["seed"]).expand_as(allowed)
         scores = scores.masked_fill(~allowed, -1.0)
         idx = scores.topk(r, dim=-1).indices
         pairs = pairs | torch.zeros(allowed.shape, dtype=torch.bool, device=allowed.device).scatter_(-1, idx, True)
@@ -680,7 +671,10 @@ def attend_layer(
     if predictor is not None and collector is None and not module.training and settings.get("enabled"):
         lq, lk, pattern = query.shape[2], key.shape[2], mask.pattern
         pattern_rows = None
-        if pattern is not None and not pattern.is_dense:
+        if pattern is not None and pattern.per_row:  # random keys drawn for this batch's rows
+            batch, device = query.shape[0], query.device
+            pattern_rows = lambda start, stop: rows_mask(pattern, lk, device, batch, start, stop)  # noqa: E731
+        elif pattern is not None and not pattern.is_dense:
             block_map = cached_block_map(pattern, lk, query.device)
             pattern_rows = lambda start, stop: block_map.rows(start, stop)[None]  # noqa: E731
         return attend_predicted(

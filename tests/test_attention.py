@@ -34,12 +34,21 @@ def inputs(b, h, n, d, seed):
 SPECS = ["dense", "no_diagonal", "window:3+global:1", "bigbird:2,1,2", "strided:4", "block_local:4&causal"]
 
 
+def pattern_with_padding(pattern, n, valid):
+    """The reference mask: the pattern (random keys drawn among each row's own tokens) ∩ the real keys."""
+    from hf_sparse.patterns import bind_rows, rows_mask
+
+    if pattern.has_random:
+        return rows_mask(bind_rows(pattern, valid), n, "cpu", valid.shape[0]) & valid[:, None, None, :]
+    return dense_mask(pattern, n)[None] & valid[:, None, None, :]
+
+
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_dense_kernels_match_float64_reference_with_padding(spec, backend):
     q, k, v, valid = inputs(3, 2, 19, 8, seed=sum(map(ord, spec)))
     pattern = parse(spec)
-    keep = dense_mask(pattern, 19)[None] & valid[:, None, None, :]
+    keep = pattern_with_padding(pattern, 19, valid)
     mask = build_mask(pattern, valid, 19, torch.device("cpu"), backend)
     out, probs = attend(q, k, v, mask, scaling=8**-0.5, output_attentions=True)
     want, want_probs = reference(q, k, v, keep)
@@ -51,7 +60,7 @@ def test_dense_kernels_match_float64_reference_with_padding(spec, backend):
         assert (probs[~keep.expand_as(probs)] == 0).all()  # exact zeros outside the pattern
 
 
-@pytest.mark.parametrize("spec", ["window:20+global:1", "bigbird:8,1,4", "no_diagonal"])
+@pytest.mark.parametrize("spec", ["window:20+global:1", "strided:16", "no_diagonal"])
 def test_flex_block_sparse_matches_float64_reference_with_padding(spec):
     n = 256
     q, k, v, valid = inputs(3, 2, n, 16, seed=1)
@@ -159,7 +168,7 @@ def test_flex_stays_compiled_across_many_sequence_lengths():
 
 
 @pytest.mark.parametrize("fn", ["softmax", "entmax15", "sparsemax"])
-@pytest.mark.parametrize("spec", ["window:20+global:1", "bigbird:8,1,4", "block_local:64&causal", "no_diagonal"])
+@pytest.mark.parametrize("spec", ["window:20+global:1", "strided:16", "block_local:64&causal", "no_diagonal"])
 def test_tiles_kernel_matches_float64_reference_with_padding(spec, fn):
     n = 300
     q, k, v, valid = inputs(3, 2, n, 16, seed=2)
@@ -196,3 +205,31 @@ def test_tiles_kernel_runs_a_per_head_learned_mask_and_its_gradients_equal_eager
     for fn in ("softmax", "entmax15"):
         for got, want in zip(grads["tiles", fn], grads["eager", fn]):
             assert (got - want).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("spec", ["random:3", "bigbird:2,1,2", "random:2,5&window:6"])
+def test_random_keys_are_the_same_for_a_sentence_however_its_batch_is_padded(spec):
+    """A query's random keys are drawn among its own sequence's tokens, per (seed, position): the same sentence
+    gives the same output padded to 12 or to 30 tokens, or alone."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=g) for _ in range(3))
+    outs, keeps = [], []
+    for padded in (12, 30):
+        pad = padded - 12
+        qp, kp, vp = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        valid = torch.arange(padded)[None] < 12
+        mask = build_mask(parse(spec), valid, padded, torch.device("cpu"), "eager")
+        outs.append(attend(qp, kp, vp, mask, scaling=0.3)[0][:, :12])
+        keep = mask.keep[0, 0, :12, :12]
+        keeps.append(keep)
+        assert not mask.keep[0, 0, :12, 12:].any()  # never a padding key
+    assert torch.equal(keeps[0], keeps[1])
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)  # (was 0.04 apart when the draw followed the padding)
+    if spec == "random:3":
+        assert (keep.sum(-1) == 3).all()  # exactly R keys per query, among the real ones
+
+
+def test_random_patterns_with_padding_are_refused_on_block_sparse_kernels():
+    with pytest.raises(ValueError, match="draws its random keys among each sequence's own tokens"):
+        _choose("tiles", pattern=parse("bigbird:64,1,3"), per_row=True)
+    assert _choose("auto", pattern=parse("bigbird:64,1,3"), per_row=True) == "sdpa"

@@ -51,6 +51,16 @@ def ids(b=2, n=20):
     return random_batch()[0][:b, :n]
 
 
+def predicted_marian_attentions():
+    from test_modeling_entmax_marian import batch
+
+    model = EntmaxSparsefinderMarianMTModel(marian(sparsefinder={"method": "window", "window": 2, "enabled": True}))
+    ids, mask, decoder = batch()
+    return model.eval()(
+        input_ids=ids, attention_mask=mask, decoder_input_ids=decoder, output_attentions=True
+    ).decoder_attentions
+
+
 def saved_frozen_dam(tmp, edit):
     model = SparseBertForMaskedLM(bert(dam={"structure": "offset", "max_length": 32, "init_noise": 1.0}))
     model.freeze_dam()
@@ -238,6 +248,14 @@ ROWS = [
         result=lambda out: out.shape == (2, 1, 32) and bool(torch.isfinite(out).all()),
     ),
     Row(
+        "random:3 on one-token rows (documented: the row's only token)",
+        lambda t: bert_model(attention_pattern="random:3", attention_backend="eager")(
+            torch.ones(2, 1, dtype=torch.long), attention_mask=torch.ones(2, 1), output_attentions=True
+        ).attentions[0],
+        None,
+        result=lambda probs: bool((probs == 1).all()),
+    ),
+    Row(
         "all padding (documented: finite outputs)",
         lambda t: bert_model(attention_pattern="window:2")(ids(), attention_mask=torch.zeros(2, 20)).last_hidden_state,
         None,
@@ -249,7 +267,14 @@ ROWS = [
         ValueError,
         "dim=5 is out of range for scores with 2 dimensions",
     ),
-    Row("entmax alpha inf", lambda t: entmax_alpha(torch.randn(2, 3), math.inf), ValueError, "finite number > 1"),
+    Row("entmax alpha inf", lambda t: entmax_alpha(torch.randn(2, 3), math.inf), ValueError, "alpha must be > 1"),
+    Row("entmax alpha 1e9", lambda t: entmax_alpha(torch.randn(2, 3), 1e9), ValueError, "<= 1e+06"),
+    Row(
+        "Marian predicted decoding with output_attentions (documented: the probabilities, scattered)",
+        lambda t: predicted_marian_attentions(),
+        None,
+        result=lambda attentions: len(attentions) == 2 and all(a.shape[-2:] == (9, 9) for a in attentions),
+    ),
     Row("entmax n_iter 0", lambda t: entmax_alpha(torch.randn(2, 3), 1.3, n_iter=0), ValueError, "n_iter must be"),
     Row(
         "entmax keep not bool",
