@@ -345,13 +345,47 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
             )
 
 
+def _whole(least: int):
+    """argparse type: a whole number >= ``least``, checked before any work starts."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {least}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {least}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """argparse type: a finite number in the interval given (open ends where said)."""
+    interval = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}") from None
+        inside = (value > low if low_open else value >= low) and (
+            high is None or (value < high if high_open else value <= high)
+        )
+        if not (inside and value == value and value not in (float("inf"), float("-inf"))):
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _corpus_arguments(p: argparse.ArgumentParser, out: str) -> None:
     """Options of the commands that train on the offline corpus (``mlm.offline_mlm_corpus``) and save under --out."""
     p.add_argument("--lang", default="de", help="gettext catalogue language whose English messages are the corpus")
-    p.add_argument("--vocab-size", type=int, default=4000)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--max-sentences", type=int, default=None, help="use only this many messages (default: all)")
-    p.add_argument("--eval-sentences", type=int, default=2000, help="held-out messages")
+    p.add_argument("--vocab-size", type=_whole(1), default=4000)
+    p.add_argument("--max-length", type=_whole(1), default=128)
+    p.add_argument("--max-sentences", type=_whole(1), default=None, help="use only this many messages (default: all)")
+    p.add_argument("--eval-sentences", type=_whole(1), default=2000, help="held-out messages")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=out)
 
@@ -362,46 +396,55 @@ def main(argv: list[str] | None = None) -> None:
 
     p = commands.add_parser("patterns", help="sparsity of pattern specs, optionally as heatmaps")
     p.add_argument("specs", nargs="*", help="pattern specs (default: the SparseBERT paper's patterns)")
-    p.add_argument("--n", type=int, default=128, help="sequence length")
+    p.add_argument("--n", type=_whole(1), default=128, help="sequence length")
     p.add_argument("--png", help="write heatmaps to this PNG")
     p.add_argument("--list", action="store_true", help="list every valid spec")
     p.set_defaults(run=cmd_patterns)
 
     p = commands.add_parser("demo", help="train a small SparseBERT on offline text, evaluate, save, reload")
     p.add_argument("--pattern", default="bigbird:3,1,2")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=_whole(1), default=300)
     p.add_argument("--lang", default="de", help="gettext catalogue language whose English messages are the corpus")
-    p.add_argument("--train-sentences", type=int, default=8000)
-    p.add_argument("--eval-sentences", type=int, default=1000)
-    p.add_argument("--vocab-size", type=int, default=2000)
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--train-sentences", type=_whole(1), default=8000)
+    p.add_argument("--eval-sentences", type=_whole(1), default=1000)
+    p.add_argument("--vocab-size", type=_whole(1), default=2000)
+    p.add_argument("--max-length", type=_whole(1), default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/demo")
     p.set_defaults(run=cmd_demo)
 
     p = commands.add_parser("dam", help="learn a DAM attention mask (SparseBERT) on offline text, freeze, train on")
     p.add_argument("--structure", default="offset", choices=["offset", "element", "block"])
-    p.add_argument("--block-size", type=int, default=16, help="block structure: tokens per block")
+    p.add_argument("--block-size", type=_whole(1), default=16, help="block structure: tokens per block")
     p.add_argument("--pattern", default="dense", help="fixed pattern the search runs inside")
-    p.add_argument("--target-sparsity", type=float, default=0.9, help="stop the search at this mask sparsity")
-    p.add_argument("--steps", type=int, default=300, help="search + frozen-mask training steps")
-    p.add_argument("--search-steps", type=int, default=None, help="at most this many search steps (default half)")
-    p.add_argument("--penalty", type=float, default=1e-4, help="final λ on the summed mask (rises from 0)")
-    p.add_argument("--gate-lr", type=float, default=0.05)
+    p.add_argument(
+        "--target-sparsity", type=_number(0, 1, True, True), default=0.9, help="stop the search at this mask sparsity"
+    )
+    p.add_argument("--steps", type=_whole(1), default=300, help="search + frozen-mask training steps")
+    p.add_argument("--search-steps", type=_whole(1), default=None, help="at most this many search steps (default half)")
+    p.add_argument("--penalty", type=_number(0), default=1e-4, help="final λ on the summed mask (rises from 0)")
+    p.add_argument("--gate-lr", type=_number(0, low_open=True), default=0.05)
     _corpus_arguments(p, out="outputs/dam")
     p.set_defaults(run=cmd_dam)
 
     p = commands.add_parser("sparsefinder", help="fit Sparsefinder predictors on an entmax SparseBERT, sweep, save")
     p.add_argument("--model", help="SparseBERT/BERT masked-LM checkpoint with tokenizer; default: pre-train one")
     p.add_argument("--method", default="distance", choices=["distance", "quantization", "clustering"])
-    p.add_argument("--projection-dim", type=int, default=4)
-    p.add_argument("--window", type=int, default=1, help="always-attended local window")
-    p.add_argument("--recall", type=float, default=0.9, help="operating point: sparsest sweep point with this recall")
-    p.add_argument("--pretrain-steps", type=int, default=200, help="softmax pre-training when no --model is given")
-    p.add_argument("--entmax-steps", type=int, default=100, help="entmax fine-tuning of a softmax checkpoint")
-    p.add_argument("--epochs", type=int, default=5, help="projection-fitting epochs")
-    p.add_argument("--fit-blocks", type=int, default=64)
-    p.add_argument("--eval-blocks", type=int, default=64)
+    p.add_argument("--projection-dim", type=_whole(1), default=4)
+    p.add_argument("--window", type=_whole(0), default=1, help="always-attended local window")
+    p.add_argument(
+        "--recall",
+        type=_number(0, 1, low_open=True),
+        default=0.9,
+        help="operating point: sparsest sweep point with this recall",
+    )
+    p.add_argument(
+        "--pretrain-steps", type=_whole(1), default=200, help="softmax pre-training when no --model is given"
+    )
+    p.add_argument("--entmax-steps", type=_whole(1), default=100, help="entmax fine-tuning of a softmax checkpoint")
+    p.add_argument("--epochs", type=_whole(1), default=5, help="projection-fitting epochs")
+    p.add_argument("--fit-blocks", type=_whole(1), default=64)
+    p.add_argument("--eval-blocks", type=_whole(1), default=64)
     _corpus_arguments(p, out="outputs/sparsefinder")
     p.set_defaults(run=cmd_sparsefinder)
 

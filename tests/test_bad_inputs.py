@@ -393,3 +393,23 @@ def test_bad_input(row, tmp_path):
             row.action(tmp_path)
     message = str(info.value.code) if isinstance(info.value, SystemExit) else str(info.value)
     assert row.fragment in message, f"{row.name}: {message}"
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["dam", "--steps", "-5"], "argument --steps: must be a whole number >= 1, got '-5'"),
+        (["dam", "--steps", "0"], "argument --steps: must be a whole number >= 1, got '0'"),
+        (["dam", "--target-sparsity", "1.5"], "argument --target-sparsity: must be a number in (0, 1)"),
+        (["dam", "--gate-lr", "0"], "argument --gate-lr: must be a number in (0, inf]"),
+        (["sparsefinder", "--recall", "2"], "argument --recall: must be a number in (0, 1], got '2'"),
+        (["sparsefinder", "--window", "-1"], "argument --window: must be a whole number >= 0"),
+        (["patterns", "--n", "0"], "argument --n: must be a whole number >= 1, got '0'"),
+        (["demo", "--max-length", "x"], "argument --max-length: must be a whole number >= 1, got 'x'"),
+    ],
+)
+def test_cli_numbers_are_checked_before_any_work(argv, words, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert words in capsys.readouterr().err
