@@ -19,6 +19,7 @@ from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     MaskedLMOutput,
@@ -202,20 +203,28 @@ class SparseBertOutput(SparseBertSelfOutput):
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
 
 
-class SparseBertLayer(nn.Module):
+class SparseBertLayer(GradientCheckpointingLayer):
+    """One encoder layer; Transformers' ``gradient_checkpointing_enable()`` checkpoints it like its own layers."""
+
     def __init__(self, config: SparseBertConfig, layer_idx: int | None = None):
         super().__init__()
         self.attention = SparseBertAttention(config, layer_idx=layer_idx)
         self.intermediate = SparseBertIntermediate(config)
         self.output = SparseBertOutput(config)
 
-    def forward(self, hidden_states: torch.Tensor, mask: AttentionMask, output_attentions: bool = False):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        mask: AttentionMask,
+        bias: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ):
+        """``bias`` is ``mask.bias`` (the DAM search's −c·(1−M)) passed as a positional tensor of its own: reentrant
+        checkpointing differentiates only those, and the gates learn through it."""
+        if bias is not None:
+            mask = replace(mask, bias=bias)
         attention_output, probs = self.attention(hidden_states, mask, output_attentions)
         return self.output(self.intermediate(attention_output), attention_output), probs
-
-
-def _layer_with_bias(layer, hidden_states, bias, mask: AttentionMask, output_attentions):
-    return layer(hidden_states, replace(mask, bias=bias), output_attentions)
 
 
 class SparseBertEncoder(nn.Module):
@@ -223,19 +232,12 @@ class SparseBertEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.layer = nn.ModuleList([SparseBertLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)])
-        self.gradient_checkpointing = False  # switched by PreTrainedModel.gradient_checkpointing_enable()
 
     def forward(self, hidden_states, masks: list[AttentionMask], output_attentions=False, output_hidden_states=False):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer, mask in zip(self.layer, masks):
-            if self.gradient_checkpointing and self.training:
-                # The DAM bias goes in as a positional tensor: reentrant checkpointing only differentiates those.
-                hidden_states, probs = self._gradient_checkpointing_func(
-                    _layer_with_bias, layer, hidden_states, mask.bias, mask, output_attentions
-                )
-            else:
-                hidden_states, probs = layer(hidden_states, mask, output_attentions)
+            hidden_states, probs = layer(hidden_states, mask, mask.bias, output_attentions)  # all positional
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:

@@ -157,15 +157,24 @@ def test_output_attentions_and_hidden_states_flags_and_tuple_return():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
+    """Through Transformers' own machinery (the layers are GradientCheckpointingLayers): the backward pass
+    recomputes each layer's attention (run twice) and the gradients are those of the plain run."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     ids, mask = random_batch()
     labels = ids.clone()
     model = SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs(attention_pattern="window:3"))).train()
+    runs = []
+    model.bert.encoder.layer[0].attention.register_forward_hook(lambda *_: runs.append(1))
     model(ids, attention_mask=mask, labels=labels).loss.backward()
     plain = [p.grad.clone() for p in model.parameters()]
+    assert len(runs) == 1
     model.zero_grad()
     model.activation_checkpointing_enable()
-    assert model.bert.encoder.gradient_checkpointing
+    layers = model.bert.encoder.layer
+    assert all(isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing for layer in layers)
     model(ids, attention_mask=mask, labels=labels).loss.backward()
+    assert len(runs) == 3  # once in the forward, once more when the backward recomputes it
     for a, p in zip(plain, model.parameters()):
         assert torch.allclose(a, p.grad, atol=1e-6)
 
