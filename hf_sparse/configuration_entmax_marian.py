@@ -38,6 +38,15 @@ class EntmaxSparsefinderMarianConfig(MarianConfig):
     entmax_alpha: float | int = 1.5
     sparsefinder: dict | None = None
 
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        """A stock ``marian`` config.json is ours to read (same fields): said so here, so that Transformers does not
+        warn that its model type is "not supported"."""
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == "marian":
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
     def __post_init__(self, **kwargs):
         source = kwargs.pop("model_type", None)  # a stock Marian config.json says "marian"
         if source not in (None, "marian", self.model_type):

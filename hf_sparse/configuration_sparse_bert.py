@@ -48,6 +48,15 @@ class SparseBertConfig(BertConfig):
     dam: dict | None = None
     sparsefinder: dict | None = None
 
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        """A stock ``bert`` config.json is ours to read (same fields): said so here, so that Transformers does not
+        warn that its model type is "not supported"."""
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == "bert":
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
     def __post_init__(self, **kwargs):
         # A stock BERT config.json carries "model_type": "bert"; keeping it would make AutoConfig map our
         # saved checkpoints back to BertConfig.

@@ -136,3 +136,14 @@ def test_cached_generation_equals_generation_without_cache(beams):
 def test_bad_attention_settings_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
         EntmaxSparsefinderMarianConfig(**{**MARIAN, **kwargs})
+
+
+def test_a_stock_marian_checkpoint_loads_without_the_model_type_warning(tmp_path):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    MarianMTModel(MarianConfig(**MARIAN)).save_pretrained(tmp_path)
+    with CaptureLogger(logging.get_logger("transformers.configuration_utils")) as captured:
+        model = EntmaxSparsefinderMarianMTModel.from_pretrained(tmp_path)
+    assert model.config.model_type == "entmax_sparsefinder_marian"
+    assert "to instantiate a model of type" not in captured.out

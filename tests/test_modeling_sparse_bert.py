@@ -274,3 +274,15 @@ def test_a_one_row_attention_mask_is_not_broadcast_over_a_larger_batch():
     ids, mask = random_batch()
     with pytest.raises(ValueError, match="attention_mask has 1 rows but the batch has 2"):
         model(ids[:2], attention_mask=mask[:1])
+
+
+def test_a_stock_bert_checkpoint_loads_without_the_model_type_warning(tmp_path):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    BertForMaskedLM(tiny_bert_config()).save_pretrained(tmp_path)
+    logger = logging.get_logger("transformers.configuration_utils")
+    with CaptureLogger(logger) as captured:
+        model = SparseBertForMaskedLM.from_pretrained(tmp_path)
+    assert model.config.model_type == "sparse_bert"
+    assert "to instantiate a model of type" not in captured.out
