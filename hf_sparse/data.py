@@ -1,8 +1,13 @@
-"""Offline real text: the gettext catalogues every Debian/Ubuntu machine carries.
+"""Text for the commands: the user's own data through `datasets`, or, offline by default, the gettext catalogues
+every Debian/Ubuntu machine carries.
 
 ``/usr/share/locale/<lang>/LC_MESSAGES/*.mo`` hold tens of thousands of real English UI messages with their
 translations. They are read at run time (never copied into this repository) and give demos and tests a real,
-offline corpus: English sentences for masked language modelling, English→<lang> pairs for translation.
+offline corpus: English sentences for masked language modelling, English→<lang> pairs for translation. The
+folder can be pointed elsewhere (``locale_dir``, ``--locale-dir``) for machines that keep catalogues elsewhere.
+
+Whatever the source, a command receives a ``datasets.DatasetDict`` with ``train`` and ``validation`` splits
+(:func:`load_text_dataset`), and tokenises it with ``Dataset.map`` (batched; cached on disk for file-backed data).
 """
 
 from __future__ import annotations
@@ -50,9 +55,11 @@ def gettext_pairs(
     return items[:max_pairs] if max_pairs else items
 
 
-def english_sentences(lang: str = "de", max_sentences: int | None = None, seed: int = 0) -> list[str]:
+def english_sentences(
+    lang: str = "de", max_sentences: int | None = None, seed: int = 0, locale_dir: str = LOCALE_DIR
+) -> list[str]:
     """The English side of :func:`gettext_pairs`, shuffled with ``seed``."""
-    sentences = [source for source, _ in gettext_pairs(lang)]
+    sentences = [source for source, _ in gettext_pairs(lang, locale_dir)]
     random.Random(seed).shuffle(sentences)
     return sentences[:max_sentences] if max_sentences else sentences
 
@@ -67,17 +74,137 @@ def train_wordpiece_tokenizer(texts: list[str], vocab_size: int = 2000):
     return BertTokenizer(vocab=trainer.get_vocab())
 
 
-def pack_into_blocks(tokenizer, texts: list[str], block_size: int = 128) -> list[dict[str, list[int]]]:
-    """BERT-style pre-training examples: texts tokenized, joined with [SEP], cut into ``[CLS] … [SEP]`` blocks.
+def english_corpus(
+    lang: str = "de",
+    max_sentences: int | None = None,
+    validation_sentences: int = 2000,
+    seed: int = 0,
+    locale_dir: str = LOCALE_DIR,
+):
+    """The offline default corpus as a ``DatasetDict``: shuffled English messages (column ``text``), the first
+    ``validation_sentences`` held out as ``validation`` (a split by message, so no held-out text is trained on)."""
+    from datasets import Dataset, DatasetDict
+
+    sentences = english_sentences(lang, max_sentences=max_sentences, seed=seed, locale_dir=locale_dir)
+    if len(sentences) <= validation_sentences:
+        raise ValueError(
+            f"{len(sentences)} messages cannot hold out {validation_sentences} for validation: lower the held-out "
+            "count or use more messages"
+        )
+    return DatasetDict(
+        train=Dataset.from_dict({"text": sentences[validation_sentences:]}),
+        validation=Dataset.from_dict({"text": sentences[:validation_sentences]}),
+    )
+
+
+DATA_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _builder_for(path: str) -> str:
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in DATA_FILE_BUILDERS:
+        raise ValueError(
+            f"data file {path!r}: unknown extension {extension or '(none)'!r}; valid: {', '.join(DATA_FILE_BUILDERS)}"
+        )
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path!r} does not exist")
+    return DATA_FILE_BUILDERS[extension]
+
+
+def load_text_dataset(
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    *,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    split: str = "train",
+    validation_split: str | None = None,
+    validation_size: float | int = 0.1,
+    columns: tuple[str, ...] = ("text",),
+    max_train: int | None = None,
+    max_validation: int | None = None,
+    seed: int = 0,
+):
+    """The user's data as a ``DatasetDict`` with ``train`` and ``validation`` splits holding ``columns``.
+
+    Sources, as in Transformers' example scripts: ``train_file``/``validation_file`` (txt: one text per line in
+    column ``text``; json/jsonl/csv/parquet), or ``dataset``: a folder written by ``save_to_disk``, a local
+    dataset folder or script, or a Hub dataset name (with ``dataset_config``; the Hub is reached only if the
+    dataset is not cached). ``split`` is read for training; ``validation_split`` (or ``validation_file``) for
+    validation, else ``validation_size`` (a fraction or a count) of the training split is held out with ``seed``.
+    Missing columns are an error that lists the columns present.
+    """
+    import datasets
+
+    if (dataset is None) == (train_file is None):
+        raise ValueError("give exactly one data source: a dataset (name or local path) or a train file")
+    if train_file is not None:
+        builder = _builder_for(train_file)
+        files = {"train": train_file}
+        if validation_file is not None:
+            if _builder_for(validation_file) != builder:
+                raise ValueError(f"train file {train_file!r} and validation file {validation_file!r} differ in type")
+            files["validation"] = validation_file
+        loaded = datasets.load_dataset(builder, data_files=files)
+        train = loaded["train"]
+        validation = loaded["validation"] if validation_file is not None else None
+    else:
+        if validation_file is not None:
+            raise ValueError("a validation file goes with a train file; with a dataset, name its validation split")
+        saved = os.path.isdir(dataset) and any(
+            os.path.exists(os.path.join(dataset, name)) for name in ("dataset_dict.json", "state.json")
+        )
+        loaded = datasets.load_from_disk(dataset) if saved else datasets.load_dataset(dataset, dataset_config)
+        if isinstance(loaded, datasets.Dataset):
+            loaded = datasets.DatasetDict(train=loaded)
+        for wanted in (split, validation_split):
+            if wanted is not None and wanted not in loaded:
+                raise ValueError(f"dataset {dataset!r} has no split {wanted!r}; splits: {', '.join(loaded)}")
+        train = loaded[split]
+        validation = loaded[validation_split] if validation_split is not None else None
+    if validation is None:
+        if not (0 < validation_size < 1 or (isinstance(validation_size, int) and 0 < validation_size < len(train))):
+            raise ValueError(
+                f"validation_size {validation_size!r}: a fraction in (0, 1) or a count below the {len(train)} "
+                "training examples"
+            )
+        parts = train.train_test_split(test_size=validation_size, seed=seed)
+        train, validation = parts["train"], parts["test"]
+    for name, part in (("train", train), ("validation", validation)):
+        missing = [column for column in columns if column not in part.column_names]
+        if missing:
+            raise ValueError(
+                f"{name} data has no column {', '.join(map(repr, missing))}; columns present: "
+                f"{', '.join(part.column_names)} (choose them with the column options)"
+            )
+    if max_train is not None:
+        train = train.select(range(min(max_train, len(train))))
+    if max_validation is not None:
+        validation = validation.select(range(min(max_validation, len(validation))))
+    return datasets.DatasetDict(train=train, validation=validation)
+
+
+def pack_into_blocks(dataset, tokenizer, text_column: str = "text", block_size: int = 128):
+    """BERT-style pre-training examples from a ``Dataset`` of texts: tokenised, joined with [SEP], cut into
+    ``[CLS] … [SEP]`` blocks (``Dataset.map``, batched; the tail of each 1,000-text batch that does not fill a block
+    is dropped, as in Transformers' ``run_mlm.py``).
 
     Short UI messages become full-length sequences, so sparse patterns act on real long-range structure.
     """
-    stream: list[int] = []
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        stream.append(tokenizer.sep_token_id)
     body = block_size - 2
-    return [
-        {"input_ids": [tokenizer.cls_token_id, *stream[start : start + body], tokenizer.sep_token_id]}
-        for start in range(0, len(stream) - body + 1, body)
-    ]
+    if body < 1:
+        raise ValueError(f"block_size {block_size} leaves no room between [CLS] and [SEP]: use at least 3")
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+
+    def pack(batch: dict) -> dict:
+        stream: list[int] = []
+        for text, ids in zip(batch[text_column], tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]):
+            if text and ids:
+                stream.extend(ids)
+                stream.append(sep)
+        starts = range(0, len(stream) - body + 1, body)
+        return {"input_ids": [[cls, *stream[start : start + body], sep] for start in starts]}
+
+    return dataset.map(
+        pack, batched=True, batch_size=1000, remove_columns=dataset.column_names, desc=f"packing {block_size}-blocks"
+    )

@@ -15,9 +15,11 @@ def masked_lm_metrics(
 ) -> dict[str, float]:
     """Masked-token accuracy, loss and perplexity with BERT's 15% masking, reproducible from ``seed``.
 
-    ``texts``: strings (tokenized here, truncated to ``max_length``) or already tokenized examples.
+    ``texts``: strings (tokenized here, truncated to ``max_length``) or already tokenized examples (a list or a
+    ``datasets.Dataset``).
     The same seed masks the same tokens, so two models (say, dense and sparse) are compared on identical inputs.
     """
+    texts = list(texts)  # a Dataset iterates as example dicts
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, return_tensors="pt")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -1,8 +1,9 @@
 """Small masked-LM pre-training on the offline corpus: the experiment behind ``hf-sparse demo`` and the
 SparseBERT scripts (importance analysis, reproduction table), written once.
 
-A run is: the English gettext messages → a WordPiece tokenizer trained on them → BERT-style packed blocks →
-a small SparseBERT → ``Trainer`` with BERT's 15% masking → held-out masked-LM metrics on fixed masks.
+A run is: texts (the user's ``datasets`` data, or by default the English gettext messages) → a WordPiece tokenizer
+trained on them (or the model's own) → BERT-style packed blocks → a SparseBERT → ``Trainer`` with BERT's 15%
+masking → held-out masked-LM metrics on fixed masks.
 """
 
 from __future__ import annotations
@@ -14,14 +15,41 @@ import torch
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
 from .configuration_sparse_bert import SparseBertConfig
-from .data import english_sentences, pack_into_blocks, train_wordpiece_tokenizer
+from .data import LOCALE_DIR, english_corpus, pack_into_blocks, train_wordpiece_tokenizer
 
 
 @dataclass
 class MLMCorpus:
+    """Packed ``[CLS] … [SEP]`` blocks (``datasets.Dataset`` with ``input_ids``) and the tokenizer that made them."""
+
     tokenizer: object
-    train: list[dict]
-    eval: list[dict]
+    train: object
+    eval: object
+
+
+def mlm_corpus(
+    data, tokenizer=None, *, text_column: str = "text", vocab_size: int = 4000, block_size: int = 128
+) -> MLMCorpus:
+    """Blocks of ``block_size`` tokens from a ``DatasetDict`` with ``train`` and ``validation`` texts.
+
+    ``tokenizer``: the model's own; ``None`` trains a WordPiece vocabulary of ``vocab_size`` on the training texts
+    only (nothing held out leaks into it). Fails, naming the sizes, when a split is too short to fill one block.
+    """
+    if tokenizer is None:
+        tokenizer = train_wordpiece_tokenizer(list(data["train"][text_column]), vocab_size=vocab_size)
+    corpus = MLMCorpus(
+        tokenizer,
+        pack_into_blocks(data["train"], tokenizer, text_column, block_size),
+        pack_into_blocks(data["validation"], tokenizer, text_column, block_size),
+    )
+    splits = (("training", corpus.train, data["train"]), ("held-out", corpus.eval, data["validation"]))
+    for name, blocks, texts in splits:
+        if len(blocks) == 0:
+            raise ValueError(
+                f"the {len(texts)} {name} texts do not fill one block of {block_size} tokens: use more text or a "
+                "smaller max length"
+            )
+    return corpus
 
 
 def offline_mlm_corpus(
@@ -31,16 +59,11 @@ def offline_mlm_corpus(
     vocab_size: int = 4000,
     block_size: int = 128,
     seed: int = 0,
+    locale_dir: str = LOCALE_DIR,
 ) -> MLMCorpus:
-    """Held-out split by message (not by block), tokenizer trained on the training messages only."""
-    sentences = english_sentences(lang, max_sentences=max_sentences, seed=seed)
-    train_texts, eval_texts = sentences[eval_sentences:], sentences[:eval_sentences]
-    tokenizer = train_wordpiece_tokenizer(train_texts, vocab_size=vocab_size)
-    return MLMCorpus(
-        tokenizer,
-        pack_into_blocks(tokenizer, train_texts, block_size),
-        pack_into_blocks(tokenizer, eval_texts, block_size),
-    )
+    """The offline default: English gettext messages split by message, tokenizer trained on the training ones."""
+    data = english_corpus(lang, max_sentences, eval_sentences, seed, locale_dir)
+    return mlm_corpus(data, vocab_size=vocab_size, block_size=block_size)
 
 
 def corpus_for_tokenizer(
@@ -50,19 +73,17 @@ def corpus_for_tokenizer(
     eval_sentences: int = 2000,
     block_size: int = 128,
     seed: int = 0,
+    locale_dir: str = LOCALE_DIR,
 ) -> MLMCorpus:
     """The same messages and split as :func:`offline_mlm_corpus`, packed with an existing model's ``tokenizer``."""
-    sentences = english_sentences(lang, max_sentences=max_sentences, seed=seed)
-    return MLMCorpus(
-        tokenizer,
-        pack_into_blocks(tokenizer, sentences[eval_sentences:], block_size),
-        pack_into_blocks(tokenizer, sentences[:eval_sentences], block_size),
-    )
+    data = english_corpus(lang, max_sentences, eval_sentences, seed, locale_dir)
+    return mlm_corpus(data, tokenizer, block_size=block_size)
 
 
 def fixed_mask_batches(examples: list[dict], tokenizer, size: int = 16, seed: int = 0) -> list[dict]:
     """Model inputs with BERT's 15 % masking drawn once (from ``seed``), without labels: the batches Sparsefinder
     fits on and measures, identical on every pass."""
+    examples = list(examples)  # a Dataset (or its .select) iterates as example dicts
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -143,6 +164,8 @@ def search_and_train_dam(
     penalty: float = 1e-4,
     penalty_schedule: str = "linear",
     gate_learning_rate: float = 0.05,
+    learning_rate: float = 1e-3,
+    batch_size: int = 32,
     seed: int = 0,
 ) -> dict:
     """SparseBERT's DAM as two Trainer runs on a model built with a ``dam`` config.
@@ -171,12 +194,22 @@ def search_and_train_dam(
         corpus,
         out_dir,
         steps=search_steps if search_steps is not None else steps // 2,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
         seed=seed,
         callbacks=[search],
         optimizer_cls_and_kwargs=search.optimizer_cls_and_kwargs,
     )
     searched = trainer.state.global_step
     if steps > searched:
-        train_mlm(model, corpus, out_dir, steps=steps - searched, seed=seed + 1)
+        train_mlm(
+            model,
+            corpus,
+            out_dir,
+            steps=steps - searched,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            seed=seed + 1,
+        )
     kept = model.base_model.dam_density(length).mean().item()  # pattern ∩ frozen mask, of all pairs
     return {"search_steps": searched, "train_steps": max(steps - searched, 0), "sparsity": 1.0 - kept}

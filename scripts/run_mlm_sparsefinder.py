@@ -81,7 +81,8 @@ def main():
     print(f"entmax fine-tuned: accuracy {full['accuracy']:.3f} (softmax model {softmax_metrics['accuracy']:.3f})")
 
     # 3. predictors from the model's own attention
-    fit_data = fixed_mask_batches(corpus.train[: args.fit_sentences], corpus.tokenizer, seed=args.seed)
+    fit_blocks = corpus.train.select(range(min(args.fit_sentences, len(corpus.train))))
+    fit_data = fixed_mask_batches(fit_blocks, corpus.tokenizer, seed=args.seed)
     eval_data = fixed_mask_batches(corpus.eval, corpus.tokenizer, seed=args.seed + 1)
     fit(model, fit_data, epochs=5, max_sentences=args.fit_sentences)
 

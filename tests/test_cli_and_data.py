@@ -1,11 +1,16 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
+import hf_sparse_cli
 from conftest import tiny_bert_config, tiny_kwargs
 from hf_sparse import SparseBertConfig, SparseBertForMaskedLM, cli
-from hf_sparse.data import english_sentences, gettext_pairs
+from hf_sparse.data import english_corpus, english_sentences, gettext_pairs, load_text_dataset
+from hf_sparse.mlm import mlm_corpus
 
 
 def test_gettext_pairs_are_real_english_to_german_messages():
@@ -91,7 +96,8 @@ def test_sparsefinder_command_refuses_blocks_longer_than_the_model(tmp_path):
     SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs(max_position_embeddings=16))).save_pretrained(tmp_path)
     with pytest.raises(SystemExit) as info:
         cli.main(["sparsefinder", "--model", str(tmp_path), "--max-length", "32", "--out", str(tmp_path / "o")])
-    assert "--max-length 32 exceeds the model's max_position_embeddings 16" in str(info.value.code)
+    assert f"--max-length 32 exceeds {tmp_path}'s max_position_embeddings 16" in str(info.value.code)
+    assert not (tmp_path / "o").exists()  # the failed run leaves no empty output folder
 
 
 def test_card_command_writes_a_card_and_refuses_a_checkpoint_that_is_not_ours(tmp_path, capsys):
@@ -149,3 +155,162 @@ def test_benchmark_command_refuses_to_time_a_kernel_that_disagrees_with_the_refe
         cli.main(["benchmark", "--patterns", "window:8", "--lengths", "128", "--heads", "1", "--head-dim", "8"])
     assert str(info.value.code).startswith("hf-sparse benchmark: ")
     assert "disagrees with the float64 eager reference for 'window:8' at L=128" in str(info.value.code)
+
+
+# -- the user's own data through `datasets` ------------------------------------------------------------------
+
+
+def _messages(n: int, seed: int = 3) -> list[str]:
+    return english_sentences("de", n, seed=seed)
+
+
+@pytest.mark.parametrize("kind", ["txt", "csv", "json", "parquet"])
+def test_a_train_file_of_each_type_loads_with_a_held_out_split(tmp_path, kind):
+    import datasets
+
+    texts = _messages(200)
+    path = tmp_path / f"train.{kind}"
+    if kind == "txt":
+        path.write_text("\n".join(texts) + "\n")
+    else:
+        frame = datasets.Dataset.from_dict({"text": texts, "n": list(range(200))})
+        getattr(frame, {"csv": "to_csv", "json": "to_json", "parquet": "to_parquet"}[kind])(str(path))
+    data = load_text_dataset(train_file=str(path), validation_size=0.25, seed=1)
+    assert (len(data["train"]), len(data["validation"])) == (150, 50)
+    assert sorted([*data["train"]["text"], *data["validation"]["text"]]) == sorted(texts)  # a split, nothing lost
+
+
+def test_a_saved_dataset_with_its_own_splits_and_column_names_loads(tmp_path):
+    import datasets
+
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"body": _messages(60)}),
+        dev=datasets.Dataset.from_dict({"body": _messages(20, seed=4)}),
+    ).save_to_disk(str(tmp_path / "saved"))
+    data = load_text_dataset(str(tmp_path / "saved"), validation_split="dev", columns=("body",))
+    assert list(data["validation"]["body"]) == _messages(20, seed=4) and len(data["train"]) == 60
+    with pytest.raises(ValueError, match="has no split 'test'; splits: train, dev"):
+        load_text_dataset(str(tmp_path / "saved"), validation_split="test", columns=("body",))
+    with pytest.raises(ValueError, match="no column 'text'; columns present: body"):
+        load_text_dataset(str(tmp_path / "saved"), validation_split="dev")
+
+
+def test_bad_data_sources_are_named(tmp_path):
+    with pytest.raises(ValueError, match="exactly one data source"):
+        load_text_dataset()
+    (tmp_path / "a.xlsx").write_text("x")
+    with pytest.raises(ValueError, match="unknown extension '.xlsx'; valid: .txt, .json"):
+        load_text_dataset(train_file=str(tmp_path / "a.xlsx"))
+
+
+def test_packed_blocks_hold_every_text_in_order_between_cls_and_sep():
+    data = english_corpus("de", max_sentences=300, validation_sentences=50, seed=0)
+    corpus = mlm_corpus(data, vocab_size=500, block_size=24)
+    tok = corpus.tokenizer
+    blocks = corpus.train["input_ids"]
+    assert all(len(b) == 24 and b[0] == tok.cls_token_id and b[-1] == tok.sep_token_id for b in blocks)
+    stream = [i for b in blocks for i in b[1:-1]]
+    first = tok(data["train"]["text"][0], add_special_tokens=False)["input_ids"]
+    assert stream[: len(first) + 1] == [*first, tok.sep_token_id]  # the first message, then its separator
+    with pytest.raises(ValueError, match="do not fill one block of 4096 tokens"):
+        mlm_corpus(data, tok, block_size=4096)
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+
+
+def test_help_and_argument_errors_answer_without_loading_torch():
+    code = (
+        "import sys, hf_sparse_cli\n"
+        "for argv in (['--help'], ['demo', '--help'], ['demo', '--steps', '-1']):\n"
+        "    try:\n"
+        "        hf_sparse_cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False False"
+    assert "hf-sparse demo: argument --steps: must be a whole number >= 1, got '-1'" in done.stderr
+
+
+def test_every_option_of_every_command_has_a_sentence_and_every_command_an_example():
+    parser = hf_sparse_cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(commands) >= {"patterns", "demo", "dam", "finetune", "sparsefinder", "card", "benchmark"}
+    for name, command in commands.items():
+        assert command.epilog.startswith("examples:\n  hf-sparse " + name), name
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings}"
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["demo", "--dataset", "d", "--train-file", "f.txt"], "give --dataset or --train-file, not both"),
+        (["dam", "--validation-file", "v.txt"], "--validation-file goes with --train-file"),
+        (["demo", "--train-file", "missing.txt"], "--train-file missing.txt: no such file"),
+        (["demo", "--push-to-hub"], "--push-to-hub needs --hub-model-id"),
+        (["demo", "--hub-model-id", "a/b/c"], "--hub-model-id a/b/c: a repository id is NAME or ORG/NAME"),
+        (["demo", "--model", "not a/valid id"], "not a checkpoint directory, nor a Hub model id"),
+    ],
+)
+def test_training_commands_check_sources_and_hub_options_before_any_work(argv, words, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--output-dir", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1  # one line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_empty_output_dir_is_refused_unless_overwrite(tmp_path, capsys):
+    (tmp_path / "kept.txt").write_text("earlier work")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", "--steps", "1", "--output-dir", str(tmp_path)])
+    assert info.value.code == 2 and "is not empty: choose another one, or pass --overwrite" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["kept.txt"]
+
+
+def test_a_missing_column_fails_in_one_line_and_leaves_no_empty_output_folder(tmp_path):
+    (tmp_path / "t.csv").write_text("body\nhello there\nsecond line\n")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", "--train-file", str(tmp_path / "t.csv"), "--output-dir", str(tmp_path / "out")])
+    assert str(info.value.code).startswith("hf-sparse demo: train data has no column 'text'; columns present: body")
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_trains_on_a_user_text_file_and_dam_on_a_user_checkpoint(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("\n".join(_messages(400)) + "\n")
+    small = ["--steps", "2", "--batch-size", "4", "--max-length", "32", "--vocab-size", "300"]
+    cli.main(["demo", "--train-file", str(tmp_path / "notes.txt"), *small, "--output-dir", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert "data: 360 training / 40 validation examples" in out
+    card = (tmp_path / "a" / "model" / "README.md").read_text()
+    assert "notes.txt (held-out)" in card
+    # the saved model (with its tokenizer) is a --model for the next command: DAM with the user's checkpoint
+    model_dir = str(tmp_path / "a" / "model")
+    cli.main(
+        ["dam", "--model", model_dir, "--train-file", str(tmp_path / "notes.txt"), "--steps", "2"]
+        + ["--search-steps", "1", "--max-length", "32", "--batch-size", "4", "--output-dir", str(tmp_path / "b")]
+    )
+    assert "pattern now 'learned'" in capsys.readouterr().out
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "b" / "model", trust_remote_code=True)
+    first = AutoModelForMaskedLM.from_pretrained(model_dir, trust_remote_code=True)
+    assert reloaded.config.vocab_size == first.config.vocab_size  # the user's model and tokenizer, not a new one
+
+
+def test_a_checkpoint_without_a_masked_lm_head_is_said_in_plain_words(tmp_path, capsys):
+    from transformers import BertModel
+
+    from hf_sparse.data import train_wordpiece_tokenizer
+
+    tokenizer = train_wordpiece_tokenizer(_messages(300), vocab_size=200)
+    BertModel(tiny_bert_config(vocab_size=len(tokenizer), max_position_embeddings=32)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    (tmp_path / "notes.txt").write_text("\n".join(_messages(200)) + "\n")
+    cli.main(
+        ["demo", "--model", str(tmp_path / "m"), "--train-file", str(tmp_path / "notes.txt"), "--steps", "1"]
+        + ["--max-length", "32", "--batch-size", "4", "--output-dir", str(tmp_path / "out")]
+    )
+    assert "has no masked-LM head; a new one (" in capsys.readouterr().out

