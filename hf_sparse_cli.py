@@ -315,6 +315,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if args.hub_model_id and not REPO_ID.match(args.hub_model_id):
         parser.error(f"--hub-model-id {args.hub_model_id}: a repository id is NAME or ORG/NAME")
     out = args.output_dir
+    if int(os.environ.get("RANK", "0")) > 0:  # under `accelerate launch` the main process alone judges the folder
+        return
     if os.path.isfile(out):
         parser.error(f"--output-dir {out}: is a file")
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:

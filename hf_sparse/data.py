@@ -65,13 +65,26 @@ def english_sentences(
 
 
 def train_wordpiece_tokenizer(texts: list[str], vocab_size: int = 2000):
-    """A BERT tokenizer trained on ``texts`` (no download): WordPiece vocabulary from the `tokenizers` library."""
+    """A BERT tokenizer trained on ``texts`` (no download): WordPiece vocabulary from the `tokenizers` library.
+
+    The trainer breaks frequency ties differently in each process, so under ``accelerate launch`` the main process
+    trains and every process builds its tokenizer from that one vocabulary (else the models' embedding sizes differ).
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertTokenizer
 
-    trainer = BertWordPieceTokenizer(lowercase=True)
-    trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False)
-    return BertTokenizer(vocab=trainer.get_vocab())
+    state = PartialState(cpu=not torch.cuda.is_available())  # as TrainingArguments(use_cpu=...) will set it up
+    vocab = None
+    if state.is_main_process:
+        trainer = BertWordPieceTokenizer(lowercase=True)
+        trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False)
+        vocab = trainer.get_vocab()
+    if state.num_processes > 1:
+        vocab = broadcast_object_list([vocab], from_process=0)[0]
+    return BertTokenizer(vocab=vocab)
 
 
 def english_corpus(

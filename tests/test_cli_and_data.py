@@ -314,3 +314,23 @@ def test_a_checkpoint_without_a_masked_lm_head_is_said_in_plain_words(tmp_path, 
         + ["--max-length", "32", "--batch-size", "4", "--output-dir", str(tmp_path / "out")]
     )
     assert "has no masked-LM head; a new one (" in capsys.readouterr().out
+
+
+def test_the_dam_command_runs_unchanged_under_accelerate_launch_with_two_processes(tmp_path):
+    from test_distributed import launch_command
+
+    out = tmp_path / "out"
+    argv = ["-m", "hf_sparse_cli", "dam", "--steps", "4", "--search-steps", "2", "--max-sentences", "300"]
+    argv += ["--eval-sentences", "40", "--max-length", "32", "--batch-size", "4", "--output-dir", str(out)]
+    done = subprocess.run(
+        [*launch_command(29547), *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("model, tokenizer, metrics.json and model card written to") == 1  # main process only
+    assert done.stdout.count("pattern now 'learned'") == 2  # both processes trained and froze the same mask
+    model = AutoModelForMaskedLM.from_pretrained(out / "model", trust_remote_code=True)
+    assert model.config.attention_pattern == "learned"

@@ -7,13 +7,17 @@ from pathlib import Path
 import torch
 
 
-def launch_two_processes(script: str, tmp_path: Path, port: int) -> list[dict]:
-    """``accelerate launch --multi_gpu --num_processes 2`` of a child script on CPU (gloo); what each rank saved."""
+def launch_command(port: int) -> list[str]:
+    """``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo), up to the script to run."""
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    return command + ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+
+
+def launch_two_processes(script: str, tmp_path: Path, port: int) -> list[dict]:
+    """A child script launched on two CPU processes (:func:`launch_command`); what each rank saved."""
     done = subprocess.run(
-        [*command, str(Path(__file__).with_name(script)), str(tmp_path)],
+        [*launch_command(port), str(Path(__file__).with_name(script)), str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
