@@ -1,5 +1,5 @@
 """Small English→<lang> translation on the offline gettext corpus: the pieces of
-``scripts/run_translation_sparsefinder.py`` (corpus, tokenizer, model config, batches, decoding, BLEU/chrF).
+:mod:`hf_sparse.translation_sparsefinder` (corpus, tokenizer, model config, batches, decoding, BLEU/chrF).
 
 A run is: real UI-message pairs from the machine's gettext catalogues (:func:`hf_sparse.data.gettext_pairs`) →
 one joint SentencePiece-style BPE tokenizer (`tokenizers`, no download) → a small entmax Marian trained with

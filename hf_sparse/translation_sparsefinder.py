@@ -495,6 +495,7 @@ def run_translation_sparsefinder(
         "dev_gold_sparsity": dev["gold_sparsity"],
         "dev_graph_sparsity": dev["graph_sparsity"],
         "dev_recall": dev["recall"],
+        "dev_exact": dev["exact"],
         "test_gold_sparsity": test["gold_sparsity"],
         "test_graph_sparsity": test["graph_sparsity"],
         "test_recall": test["recall"],
