@@ -1,0 +1,353 @@
+"""Exact α-entmax attention in fused Triton kernels: FlashAttention's memory and tile skipping, entmax's result.
+
+``entmax_attention(q, k, v)`` returns ``entmax(q kᵀ · scale, masked) v`` for ``(B, H, L, D)`` inputs, equal to
+:mod:`hf_sparse.entmax_topk` (and the ``entmax`` package) on the dense masked scores, without ever building the
+``Lq x Lk`` score matrix. Every query row ``i`` has a threshold ``τ_i``; its probabilities are
+``p_ij = [(α-1)(s_ij - m_i) - τ_i]₊^{1/(α-1)}`` (``m_i`` the row's largest score), so once ``τ`` is known the
+output is one flash-style pass, and a tile whose largest score is below every row's threshold is skipped.
+
+1. **Threshold pass** (``threshold_kernel``): one sweep over the row's key tiles keeps its ``KC`` largest scores
+   (a tile's sorted top ``KC`` merged into the running candidates: the elementwise max of a descending and an
+   ascending sorted run is the top half of their union) and the largest score it left out, ``rest``. On the
+   candidates: 1.5-entmax and sparsemax by the closed forms of ``entmax.entmax15`` / ``entmax.sparsemax`` (the
+   same operations as :mod:`hf_sparse.entmax_topk`), general α by ``entmax_bisect``'s bisection. The certificate
+   of :mod:`hf_sparse.entmax_topk` applies unchanged: if ``(α-1)(rest - m) <= τ`` no other key enters the
+   support, so the candidates' τ is the row's τ, exactly. The sweep also records each tile's largest score.
+2. **Fallback** (``fallback_kernel``, only query tiles holding a row that failed the certificate do any work):
+   bisection of ``Σ_j p_ij(τ) = 1`` over all the row's keys, tile by tile, then for the closed forms τ again in
+   closed form from the support found (``Σ x``, ``Σ x²`` over it): exact to float rounding whatever the support.
+3. **Output pass** (``forward_kernel``): ``O = Σ p v`` over the tiles that can hold a nonzero ``p`` (allowed by
+   causality, padding and the block mask, and with a tile maximum above the threshold of some row).
+4. **Backward** (``backward_dq_kernel``, ``backward_dkdv_kernel``): scores recomputed tile by tile as in
+   FlashAttention; entmax's Jacobian over the support, ``dS = g ⊙ (dP - c)`` with ``g = p^{2-α}`` and
+   ``c_i = Σ_j g_ij dP_ij / Σ_j g_ij = dO_i · (Σ_j g_ij v_j) / Σ_j g_ij``, where ``Σ g v`` and ``Σ g`` were
+   accumulated by the output pass (O(L·D) memory, no extra sweep).
+
+Masks: ``causal`` (queries are the last ``Lq`` of ``Lk`` positions, as in a decoder with a cache),
+``key_lengths`` (padding), ``block_mask`` (allowed tiles: patterns, frozen DAM block masks, Sparsefinder's
+predicted blocks; disallowed tiles are never read) and ``keep`` (an element mask read only inside allowed tiles,
+for patterns whose tiles are partly allowed). A row with no allowed key is zero, with zero gradients.
+
+Scores, thresholds and accumulators are float32 (float64 for float64 inputs); bfloat16/float16 inputs go through
+the tensor cores as FlashAttention does (``p`` rounded to the input dtype for ``p v``). On CUDA the kernels are
+compiled; on CPU they run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before the first call), which
+is how the tests run them. Remote code: torch and the standard library at import; triton on first use only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+
+from .entmax_topk import ALPHA_MAX
+
+__all__ = ["entmax_attention", "unavailable_reasons"]
+
+MASK_BLOCK = 128  # default tile of block_mask: the tile of hf_sparse.block_maps and FlexAttention
+# Kernel tiles (rows x keys) and candidates per row. Interpreter: small tiles, so that tests at small L cross tiles,
+# merge candidates and take the fallback.
+GPU_BLOCKS = (64, 64, 32)
+INTERPRETER_BLOCKS = (16, 16, 8)
+FALLBACK_ITERATIONS = {torch.float64: 60}  # bisection passes over the keys for rows that fail the certificate
+FALLBACK_ITERATIONS_DEFAULT = 32  # float32 accumulation: the bracket (< 1) shrinks below float32 resolution
+
+_kernels = None
+
+
+def unavailable_reasons(device: torch.device | str) -> list[str]:
+    """Why the fused kernel cannot run on ``device`` here (empty list: it can)."""
+    device = torch.device(device)
+    reasons = []
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        reasons.append("triton is not installed (pip install triton)")
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
+            reasons.append("on CPU the fused kernel runs only under Triton's interpreter (TRITON_INTERPRET=1, slow)")
+        elif _kernels is not None and not _kernels[1]:
+            reasons.append("the kernels were loaded for the GPU before TRITON_INTERPRET=1 was set")
+    elif device.type != "cuda":
+        reasons.append(f"device {device.type!r} is neither CUDA nor the CPU interpreter")
+    return reasons
+
+
+def _load_kernels():
+    """The kernel module, imported on first use (``@triton.jit`` reads TRITON_INTERPRET when it is applied)."""
+    global _kernels
+    if _kernels is None:
+        from . import entmax_triton_kernels as kernels
+
+        _kernels = (kernels, os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True"))
+    return _kernels[0]
+
+
+def _kind(alpha) -> int:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a number in (1, {ALPHA_MAX:g}], got {alpha!r}")
+    if not 1 < alpha <= ALPHA_MAX:
+        raise ValueError(
+            f"alpha must be > 1 and <= {ALPHA_MAX:g}, got {alpha} (1 is softmax: use scaled_dot_product_attention)"
+        )
+    return 0 if alpha == 1.5 else 1 if alpha == 2 else 2
+
+
+def _broadcast_strides(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride()))
+
+
+def _check_inputs(q, k, v, key_lengths, block_mask, keep, mask_block):
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a (batch, heads, length, dim) tensor, got {shape}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if not q.dtype == k.dtype == v.dtype or not q.device == k.device == v.device:
+        raise ValueError(
+            f"query, key, value must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+            f"{q.device}/{k.device}/{v.device}"
+        )
+    b, h, lq, d = q.shape
+    if k.shape[:2] != (b, h) or v.shape[:2] != (b, h) or k.shape[3] != d or v.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"shapes do not fit: query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)} (need "
+            "query (B, H, Lq, D), key (B, H, Lk, D), value (B, H, Lk, Dv))"
+        )
+    lk = k.shape[2]
+    if key_lengths is not None:
+        if not isinstance(key_lengths, torch.Tensor) or key_lengths.shape != (b,) or key_lengths.is_floating_point():
+            got = tuple(key_lengths.shape) if isinstance(key_lengths, torch.Tensor) else type(key_lengths).__name__
+            raise ValueError(f"key_lengths must be an integer tensor of shape ({b},) (keys per sequence), got {got}")
+    if isinstance(mask_block, bool) or not isinstance(mask_block, int) or mask_block < 16 or mask_block % 16:
+        raise ValueError(f"mask_block must be a multiple of 16 (the block mask's tile), got {mask_block!r}")
+    if block_mask is not None:
+        want = (math.ceil(lq / mask_block), math.ceil(lk / mask_block))
+        if (
+            not isinstance(block_mask, torch.Tensor)
+            or block_mask.dtype != torch.bool
+            or block_mask.dim() != 4
+            or block_mask.shape[0] not in (1, b)
+            or block_mask.shape[1] not in (1, h)
+            or tuple(block_mask.shape[2:]) != want
+        ):
+            got = (block_mask.dtype, tuple(block_mask.shape)) if isinstance(block_mask, torch.Tensor) else block_mask
+            raise ValueError(
+                f"block_mask must be a bool tensor of shape ({b} or 1, {h} or 1, {want[0]}, {want[1]}) (tiles of "
+                f"{mask_block}x{mask_block}, True = allowed), got {got}"
+            )
+    if keep is not None:
+        if (
+            not isinstance(keep, torch.Tensor)
+            or keep.dtype != torch.bool
+            or keep.dim() != 4
+            or keep.shape[0] not in (1, b)
+            or keep.shape[1] not in (1, h)
+            or tuple(keep.shape[2:]) != (lq, lk)
+        ):
+            got = (keep.dtype, tuple(keep.shape)) if isinstance(keep, torch.Tensor) else keep
+            raise ValueError(
+                f"keep must be a bool tensor of shape ({b} or 1, {h} or 1, {lq}, {lk}) (True = allowed), got {got}"
+            )
+
+
+class _EntmaxAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_lengths, block_mask, keep, cfg):
+        kernels = _load_kernels()
+        b, h, lq, d = q.shape
+        lk, dv = k.shape[2], v.shape[3]
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        bm, bn, kc = cfg["blocks"]
+        n_qb, n_kb = math.ceil(lq / bm), max(1, math.ceil(lk / bn))
+        o = q.new_empty(b, h, lq, dv)
+        stats = dict(dtype=acc, device=q.device)
+        m = torch.empty(b * h, lq, **stats)
+        tau = torch.empty(b * h, lq, **stats)
+        lsum = torch.empty(b * h, lq, **stats)
+        fail = torch.empty(b * h, lq, dtype=torch.int8, device=q.device)
+        tilemax = torch.full((b * h, n_qb, n_kb), float("-inf"), **stats)
+        need_g = cfg["need_g"]
+        g = torch.empty(b * h, lq, dv, **stats) if need_g else lsum
+        gsum = torch.empty(b * h, lq, **stats) if need_g else lsum
+        ctx.common = common = _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_kb)
+        ctx.cfg = cfg
+        if o.numel() == 0:
+            ctx.save_for_backward(q, k, v, m, tau, lsum, g, gsum, tilemax)
+            return o
+        grid = (n_qb, b * h)
+        am1 = cfg["alpha"] - 1
+        with _on(q.device):
+            kernels.threshold_kernel[grid](
+                q, k, *common["masks"], m, tau, fail, tilemax, *common["qk_strides"], *common["mask_strides"],
+                h, lq, lk, d, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, (1 / kc) ** am1,
+                KC=kc, N_ITER=cfg["n_iter"], **common["meta"],
+            )
+            kernels.fallback_kernel[grid](
+                q, k, *common["masks"], m, tau, fail, *common["qk_strides"], *common["mask_strides"],
+                h, lq, lk, d, common["offset"], cfg["scale"], am1, 1 / am1, (1 / max(lk, 1)) ** am1,
+                N_ITER=FALLBACK_ITERATIONS.get(q.dtype, FALLBACK_ITERATIONS_DEFAULT), **common["meta"],
+            )
+            kernels.forward_kernel[grid](
+                q, k, v, *common["masks"], m, tau, tilemax, o, lsum, g, gsum,
+                *common["qk_strides"], *v.stride(), *o.stride(), *common["mask_strides"],
+                h, lq, lk, d, dv, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, 2 - cfg["alpha"],
+                NEED_G=need_g, BDV=common["bdv"], **common["meta"],
+            )
+        ctx.save_for_backward(q, k, v, m, tau, lsum, g, gsum, tilemax)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, m, tau, lsum, g, gsum, tilemax = ctx.saved_tensors
+        if q.numel() == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
+        kernels = _load_kernels()
+        cfg, common = ctx.cfg, ctx.common
+        b, h, lq, d = q.shape
+        lk, dv = k.shape[2], v.shape[3]
+        do = do.contiguous()
+        # c_i = Σ_j g_ij dP_ij / Σ_j g_ij = dO_i · (Σ_j g_ij v_j) / Σ_j g_ij (0 for a row with no key)
+        c = (do.reshape(b * h, lq, dv).to(g.dtype) * g).sum(-1) / torch.where(gsum > 0, gsum, 1)
+        dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        am1 = cfg["alpha"] - 1
+        n_qb, n_kb = common["n_qb"], common["n_kb"]
+        args = (
+            *common["qk_strides"], *v.stride(), *do.stride(), *common["mask_strides"],
+            h, lq, lk, d, dv, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, 2 - cfg["alpha"],
+        )
+        with _on(q.device):
+            kernels.backward_dq_kernel[(n_qb, b * h)](
+                q, k, v, do, dq, *common["masks"], m, tau, lsum, c, tilemax, *args,
+                BDV=common["bdv"], **common["meta"],
+            )
+            if lk:
+                kernels.backward_dkdv_kernel[(math.ceil(lk / cfg["blocks"][1]), b * h)](
+                    q, k, v, do, dk, dvv, *common["masks"], m, tau, lsum, c, tilemax, *args,
+                    BDV=common["bdv"], **common["meta"],
+                )
+        return dq, dk, dvv, None, None, None, None
+
+
+def _on(device: torch.device):
+    """Launch on the inputs' GPU (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_kb) -> dict:
+    """What every kernel launch shares: mask pointers (a placeholder when absent) with broadcast strides, q/k
+    strides, the causal offset and the compile-time constants."""
+    placeholder = q
+    klen = key_lengths.to(device=q.device, dtype=torch.int32) if key_lengths is not None else placeholder
+    bmask = block_mask.to(q.device).view(torch.uint8) if block_mask is not None else placeholder
+    keep_u8 = keep.to(q.device).view(torch.uint8) if keep is not None else placeholder
+    bms = _broadcast_strides(bmask) if block_mask is not None else (0, 0, 0, 0)
+    kps = _broadcast_strides(keep_u8) if keep is not None else (0, 0, 0, 0)
+    bm, bn, _ = cfg["blocks"]
+    return dict(
+        masks=(klen, bmask, keep_u8),
+        qk_strides=(*q.stride(), *k.stride()),
+        mask_strides=(*bms, *kps),
+        offset=k.shape[2] - q.shape[2],
+        n_qb=n_qb,
+        n_kb=n_kb,
+        bdv=max(16, triton_next_power_of_2(v.shape[3])),
+        meta=dict(
+            ACC=_tl_dtype(acc),
+            PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+            KIND=cfg["kind"],
+            BM=bm,
+            BN=bn,
+            BD=max(16, triton_next_power_of_2(q.shape[3])),
+            TQ=cfg["mask_block"],
+            TK=cfg["mask_block"],
+            CAUSAL=cfg["causal"],
+            HAS_KLEN=key_lengths is not None,
+            HAS_BMASK=block_mask is not None,
+            HAS_KEEP=keep is not None,
+        ),
+    )
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def entmax_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    alpha: float = 1.5,
+    scaling: float | None = None,
+    causal: bool = False,
+    key_lengths: torch.Tensor | None = None,
+    block_mask: torch.Tensor | None = None,
+    mask_block: int = MASK_BLOCK,
+    keep: torch.Tensor | None = None,
+    n_iter: int = 50,
+    blocks: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """Exact α-entmax attention ``entmax(q kᵀ · scaling) v`` over ``(B, H, L, D)`` inputs → ``(B, H, Lq, Dv)``.
+
+    Args:
+        query, key, value: ``(B, H, Lq, D)``, ``(B, H, Lk, D)``, ``(B, H, Lk, Dv)``; float32, bfloat16, float16
+            (float64 too, for tests); CUDA, or CPU under ``TRITON_INTERPRET=1``.
+        alpha: 1.5 (closed form), 2 (sparsemax, closed form) or any α in (1, 1e6] (bisection, as
+            ``entmax_bisect`` with ``n_iter`` steps and ``ensure_sum_one``).
+        scaling: multiplies the scores; default ``D ** -0.5``.
+        causal: query ``i`` attends to keys ``j <= i + Lk - Lq`` (the queries are the last ``Lq`` positions).
+        key_lengths: ``(B,)`` integers: keys at or after ``key_lengths[b]`` are padding (values clamped to
+            ``[0, Lk]``, no host sync).
+        block_mask: ``(B|1, H|1, ceil(Lq/mask_block), ceil(Lk/mask_block))`` bool, True = the tile may attend;
+            other tiles are never read.
+        keep: ``(B|1, H|1, Lq, Lk)`` bool element mask, read only inside allowed tiles (partly allowed tiles of a
+            pattern).
+        blocks: ``(rows, keys, candidates)`` per kernel tile, powers of two, ``rows, keys >= 16``, ``candidates <=
+            keys`` and tiles dividing ``mask_block``; only the speed depends on them.
+
+    Rows with no allowed key give zeros (and zero gradients). Differentiable in query, key and value.
+    """
+    _check_inputs(query, key, value, key_lengths, block_mask, keep, mask_block)
+    kind = _kind(alpha)
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"n_iter must be a whole number >= 1 (bisection steps), got {n_iter!r}")
+    reasons = unavailable_reasons(query.device)
+    if reasons:
+        raise RuntimeError("the fused entmax attention kernel cannot run here: " + "; ".join(reasons))
+    interpreted = _load_kernels() is not None and _kernels[1]
+    if blocks is None:
+        blocks = INTERPRETER_BLOCKS if interpreted else GPU_BLOCKS
+        blocks = (min(blocks[0], mask_block), min(blocks[1], mask_block), min(blocks[2], blocks[1], mask_block))
+    bm, bn, kc = blocks
+    pow2 = all(x > 0 and x & (x - 1) == 0 for x in blocks)
+    if not pow2 or bm < 16 or bn < 16 or kc > bn or mask_block % bm or mask_block % bn:
+        raise ValueError(
+            f"blocks={blocks!r}: need powers of two (rows, keys, candidates) with rows, keys >= 16, candidates <= "
+            f"keys, and rows and keys dividing mask_block={mask_block}"
+        )
+    need_g = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    cfg = dict(
+        alpha=float(alpha),
+        kind=kind,
+        scale=float(query.shape[-1] ** -0.5 if scaling is None else scaling),
+        causal=bool(causal),
+        mask_block=mask_block,
+        n_iter=n_iter,
+        blocks=(bm, bn, kc),
+        need_g=need_g,
+    )
+    q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
+    if interpreted and q.dtype == torch.bfloat16:
+        # Triton 3.9's interpreter multiplies bfloat16 operands of tl.dot as raw integers: compute in float32 there
+        return _EntmaxAttention.apply(q.float(), k.float(), v.float(), key_lengths, block_mask, keep, cfg).to(q.dtype)
+    return _EntmaxAttention.apply(q, k, v, key_lengths, block_mask, keep, cfg)

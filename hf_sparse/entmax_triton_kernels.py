@@ -1,0 +1,496 @@
+"""Triton kernels of :mod:`hf_sparse.entmax_triton` (read that module's docstring first).
+
+Imported lazily, on first use, by :mod:`hf_sparse.entmax_triton` only: ``@triton.jit`` decides at definition
+time whether a kernel is compiled for the GPU or run by Triton's CPU interpreter (``TRITON_INTERPRET=1``), so the
+kernels are defined when the first call needs them, not when the models are imported.
+
+Scale conventions shared by every kernel (one query row, its allowed keys' scores ``s``):
+``m`` is the row's largest allowed score, ``x = (α - 1)(s - m)`` (``x <= 0``), and the row's threshold ``τ`` lives
+on the ``x`` scale: ``p̃ = [x - τ]₊^{1/(α-1)}``. 1.5-entmax: ``x = (s - m)/2``, ``p̃ = [x - τ]₊²``, which is the
+``z`` of ``entmax.entmax15`` (the same operations); sparsemax: ``x = s - m``, ``p̃ = [x - τ]₊``. General α: ``p =
+p̃ / l`` with ``l = Σ p̃`` (``entmax_bisect``'s ``ensure_sum_one``); the closed forms use ``p = p̃``. A row with no
+allowed key stores ``m = 0, τ = +inf``: every ``p̃`` is 0.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the caller (entmax_triton.unavailable_reasons) checks first; never imported without triton
+    raise
+
+NEG_INF = float("-inf")
+
+# KIND: 0 = 1.5-entmax (closed form), 1 = sparsemax (closed form), 2 = general α (bisection)
+
+
+@triton.jit
+def _key_limit(KLEN, b, Lk, HAS_KLEN: tl.constexpr):
+    """Keys at or beyond this index are padding for batch row ``b``."""
+    if HAS_KLEN:
+        return tl.minimum(tl.load(KLEN + b).to(tl.int32), Lk)
+    return Lk
+
+
+@triton.jit
+def _tile_allowed(
+    BMASK, bmask_off, s_bq, s_bk, start_m, start_n, klen, OFF,
+    BM: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, CAUSAL: tl.constexpr, HAS_BMASK: tl.constexpr,
+):
+    """Whether the (BM x BN) tile at (start_m, start_n) can hold an allowed pair (a scalar)."""
+    ok = start_n < klen
+    if CAUSAL:
+        ok = ok & (start_n <= start_m + BM - 1 + OFF)
+    if HAS_BMASK:
+        ok = ok & (tl.load(BMASK + bmask_off + (start_m // TQ) * s_bq + (start_n // TK) * s_bk) != 0)
+    return ok
+
+
+@triton.jit
+def _scores(
+    q, k, KEEP, keep_off, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
+    ACC: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr,
+):
+    """Scaled scores of one tile (``k``: its keys, loaded), -inf where the pair is not allowed (padding,
+    causality, ``keep``)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
+    ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < klen)
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + OFF)
+    if HAS_KEEP:
+        kept = tl.load(KEEP + keep_off + offs_m[:, None] * s_eq + offs_n[None, :] * s_ek, mask=ok, other=0)
+        ok = ok & (kept != 0)
+    return tl.where(ok, s, NEG_INF)
+
+
+@triton.jit
+def _unnormalised(x, tau, inv_am1, KIND: tl.constexpr):
+    """p̃ = [x - τ]₊^{1/(α-1)} for a tile ``x`` (BM, BN) and row thresholds ``tau`` (BM,)."""
+    d = x - tau[:, None]
+    if KIND == 0:
+        d = tl.maximum(d, 0.0)
+        return d * d
+    elif KIND == 1:
+        return tl.maximum(d, 0.0)
+    else:
+        pos = d > 0
+        return tl.where(pos, tl.exp2(tl.log2(tl.where(pos, d, 1.0)) * inv_am1), 0.0)
+
+
+@triton.jit
+def _gppr(x, tau, p, two_minus_alpha, KIND: tl.constexpr):
+    """g = p^{2-α} of the normalised p (1.5: sqrt(p) = [x - τ]₊; sparsemax: the support indicator)."""
+    d = x - tau[:, None]
+    if KIND == 0:
+        return tl.maximum(d, 0.0)
+    elif KIND == 1:
+        return tl.where(d > 0, 1.0, 0.0)
+    else:
+        pos = p > 0
+        return tl.where(pos, tl.exp2(tl.log2(tl.where(pos, p, 1.0)) * two_minus_alpha), 0.0)
+
+
+@triton.jit
+def _load_rows(Q, q_off, s_qm, s_qd, offs_m, offs_d, Lq, D):
+    return tl.load(
+        Q + q_off + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D),
+        other=0.0,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pass 1: each row's threshold from its top-KC candidates, with the certificate
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def threshold_kernel(
+    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
+    s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
+    H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket,
+    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+):
+    """Top-KC scores per row, tile by tile, and the largest score left out (``rest``); then the closed form /
+    bisection on the candidates and the certificate ``(α-1)(rest - m) <= τ``. Also writes each tile's largest
+    allowed score (what the later passes skip tiles by)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BM
+    offs_m = start_m + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
+    klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
+    hi = klen
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BM + OFF)
+    buf = tl.full((BM, KC), NEG_INF, ACC)  # the row's KC largest scores so far, in no order
+    kth = tl.full((BM,), NEG_INF, ACC)  # the smallest of them
+    rest = tl.full((BM,), NEG_INF, ACC)  # the largest score not among them
+    cols = tl.arange(0, BN)
+    slots = tl.arange(0, KC)
+    for start_n in range(0, hi, BN):
+        if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK, CAUSAL,
+                         HAS_BMASK):
+            offs_n = start_n + cols
+            k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+            left = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC,
+                           PREC, CAUSAL, HAS_KEEP)
+            best = tl.max(left, 1)
+            tl.store(TILEMAX + (bh * n_qb + pid_m) * n_kb + start_n // BN, tl.max(best, 0))
+            # insert the tile's scores above kth, largest first, each replacing the current smallest candidate;
+            # as many rounds as the most any row takes (at most KC; after the first tiles usually 0-2)
+            while tl.max((best > kth).to(tl.int32), 0) > 0:
+                take = best > kth
+                rest = tl.where(take, tl.maximum(rest, kth), rest)  # the evicted candidate
+                out = (slots[None, :] == tl.argmin(buf, 1)[:, None]) & take[:, None]
+                buf = tl.where(out, best[:, None], buf)
+                used = (cols[None, :] == tl.argmax(left, 1)[:, None]) & take[:, None]
+                left = tl.where(used, NEG_INF, left)
+                kth = tl.min(buf, 1)
+                best = tl.max(left, 1)
+            rest = tl.maximum(rest, best)  # the tile's scores left out
+    m = tl.max(buf, 1)
+    empty = m == NEG_INF
+    m = tl.where(empty, 0.0, m)
+    valid = buf > NEG_INF
+    # rank of each candidate in descending order (ties by slot): the closed forms' cumulative sums without a sort
+    ahead = (buf[:, None, :] > buf[:, :, None]) | (
+        (buf[:, None, :] == buf[:, :, None]) & (slots[None, None, :] <= slots[None, :, None])
+    )
+    rho = tl.sum(ahead.to(ACC), 2)
+    if KIND == 0:
+        z = tl.where(valid, (buf - m[:, None]) / 2, 0.0)
+        mean = tl.sum(tl.where(ahead, z[:, None, :], 0.0), 2) / rho
+        mean_sq = tl.sum(tl.where(ahead, (z * z)[:, None, :], 0.0), 2) / rho
+        ss = rho * (mean_sq - mean * mean)
+        delta = (1 - ss) / rho
+        tau_rho = mean - tl.sqrt(tl.maximum(delta, 0.0))
+        size = tl.sum(((tau_rho <= z) & valid).to(ACC), 1)
+        tau = tl.sum(tl.where(rho == size[:, None], tau_rho, 0.0), 1)
+        ok = (rest - m) / 2 <= tau
+    elif KIND == 1:
+        z = tl.where(valid, buf - m[:, None], 0.0)
+        cs = tl.sum(tl.where(ahead, z[:, None, :], 0.0), 2) - 1
+        size = tl.sum(((rho * z > cs) & valid).to(ACC), 1)
+        tau = tl.sum(tl.where(rho == size[:, None], cs, 0.0), 1) / tl.maximum(size, 1.0)
+        ok = rest - m <= tau
+    else:  # entmax_bisect on the KC candidates, with the bracket of a KC-element problem
+        x = tl.where(valid, (buf - m[:, None]) * am1, NEG_INF)
+        lo = tl.full((BM,), -1.0, ACC)
+        dm = tl.full((BM,), 1.0 - bracket, ACC)  # bracket = (1/KC)^(α-1): at most KC positive entries
+        mid = lo
+        for _ in range(N_ITER):
+            dm = dm / 2
+            mid = lo + dm
+            total = tl.sum(_unnormalised(x, mid, inv_am1, KIND), 1)
+            lo = tl.where(total >= 1, mid, lo)
+        ok = (rest - m) * am1 - lo <= 0
+        tau = mid
+    tau = tl.where(empty, float("inf"), tau)
+    ok = ok | empty
+    row_ok = offs_m < Lq
+    tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
+    tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
+    tl.store(FAIL + bh * Lq + offs_m, (~ok).to(tl.int8), mask=row_ok)
+
+
+@triton.jit
+def fallback_kernel(
+    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
+    s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
+    H, Lq, Lk, D, OFF, scale, am1, inv_am1, bracket,
+    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+):
+    """Rows whose support outgrew the candidates: bisection of Σ p̃(τ) = 1 over all their keys, block by block
+    (``N_ITER`` passes), then for the closed forms one more pass that recomputes τ exactly from the support found
+    (``Σ x`` and ``Σ x²`` over it). Query blocks with no failed row return at once."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BM
+    offs_m = start_m + tl.arange(0, BM)
+    row_ok = offs_m < Lq
+    fail = tl.load(FAIL + bh * Lq + offs_m, mask=row_ok, other=0) != 0
+    if tl.sum(fail.to(tl.int32), 0) > 0:
+        offs_d = tl.arange(0, BD)
+        q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
+        m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
+        klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
+        hi = klen
+        if CAUSAL:
+            hi = tl.minimum(hi, start_m + BM + OFF)
+        cols = tl.arange(0, BN)
+        lo = tl.full((BM,), -1.0, ACC)
+        dm = tl.full((BM,), 1.0 - bracket, ACC)  # τ <= -(1/Lk)^(α-1): at most Lk positive entries
+        mid = lo
+        for _ in range(N_ITER):
+            dm = dm / 2
+            mid = lo + dm
+            total = tl.zeros((BM,), ACC)
+            for start_n in range(0, hi, BN):
+                if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK,
+                                 CAUSAL, HAS_BMASK):
+                    offs_n = start_n + cols
+                    k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+                    s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
+                                ACC, PREC, CAUSAL, HAS_KEEP)
+                    x = (s - m[:, None]) * am1
+                    total += tl.sum(_unnormalised(x, mid, inv_am1, KIND), 1)
+            lo = tl.where(total >= 1, mid, lo)
+        tau = mid
+        if KIND != 2:  # the support {x > lo} (lo <= τ) gives τ in closed form
+            n = tl.zeros((BM,), ACC)
+            s1 = tl.zeros((BM,), ACC)
+            s2 = tl.zeros((BM,), ACC)
+            for start_n in range(0, hi, BN):
+                if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK,
+                                 CAUSAL, HAS_BMASK):
+                    offs_n = start_n + cols
+                    k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+                    s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
+                                ACC, PREC, CAUSAL, HAS_KEEP)
+                    x = (s - m[:, None]) * am1
+                    inside = x > lo[:, None]
+                    n += tl.sum(inside.to(ACC), 1)
+                    s1 += tl.sum(tl.where(inside, x, 0.0), 1)
+                    s2 += tl.sum(tl.where(inside, x * x, 0.0), 1)
+            n = tl.maximum(n, 1.0)
+            if KIND == 0:
+                mean = s1 / n
+                delta = (1 - n * (s2 / n - mean * mean)) / n
+                tau = mean - tl.sqrt(tl.maximum(delta, 0.0))
+            else:
+                tau = (s1 - 1) / n
+        tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok & fail)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pass 2: output (and what the backward needs), skipping tiles with no score above the threshold
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_needed(TILEMAX, tile, m, tau, am1):
+    """Whether any row of the tile has a score above its threshold: ``max_r (α-1)(tilemax - m_r) - τ_r > 0``
+    (the same monotone operations as the per-score test, so a skipped tile holds only zeros)."""
+    tmax = tl.load(TILEMAX + tile)
+    return tl.max((tmax - m) * am1 - tau, 0) > 0
+
+
+@triton.jit
+def forward_kernel(
+    Q, K, V, KLEN, BMASK, KEEP, M, TAU, TILEMAX, OUT, LSUM, G, GSUM,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
+    s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
+    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha,
+    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, NEED_G: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+):
+    """O = Σ p v flash-style. With ``NEED_G`` also Σ g̃ v and Σ g̃ (g̃ = p̃^{2-α}), from which the backward's
+    per-row constant ``Σ g dP / Σ g = dO · (Σ g̃ v) / Σ g̃`` follows without another pass over the keys."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BM
+    offs_m = start_m + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    row_ok = offs_m < Lq
+    q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
+    m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+    klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
+    hi = klen
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BM + OFF)
+    cols = tl.arange(0, BN)
+    acc = tl.zeros((BM, BDV), ACC)
+    lsum = tl.zeros((BM,), ACC)
+    gacc = tl.zeros((BM, BDV), ACC)
+    gsum = tl.zeros((BM,), ACC)
+    for start_n in range(0, hi, BN):
+        if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK, CAUSAL,
+                         HAS_BMASK):
+            if _tile_needed(TILEMAX, (bh * n_qb + pid_m) * n_kb + start_n // BN, m, tau, am1):
+                offs_n = start_n + cols
+                k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+                s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC,
+                            PREC, CAUSAL, HAS_KEEP)
+                x = (s - m[:, None]) * am1
+                p = _unnormalised(x, tau, inv_am1, KIND)
+                v = tl.load(
+                    V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
+                    mask=(offs_n[:, None] < klen) & (offs_dv[None, :] < DV),
+                    other=0.0,
+                )
+                acc += tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+                lsum += tl.sum(p, 1)
+                if NEED_G:
+                    g = _gppr(x, tau, p, two_minus_alpha, KIND)
+                    gacc += tl.dot(g.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+                    gsum += tl.sum(g, 1)
+    if KIND == 2:
+        acc = acc / tl.where(lsum > 0, lsum, 1.0)[:, None]
+    out_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
+    tl.store(
+        OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_dv[None, :] * s_od,
+        acc.to(OUT.dtype.element_ty),
+        mask=out_mask,
+    )
+    tl.store(LSUM + bh * Lq + offs_m, lsum, mask=row_ok)
+    if NEED_G:
+        tl.store(G + (bh * Lq + offs_m[:, None]) * DV + offs_dv[None, :], gacc, mask=out_mask)
+        tl.store(GSUM + bh * Lq + offs_m, gsum, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backward: dS = g ⊙ (dP - c) with c = Σ g dP / Σ g per row; dQ by query blocks, dK and dV by key blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND: tl.constexpr):
+    """Normalised p and g = p^{2-α} of a recomputed tile."""
+    x = (s - m[:, None]) * am1
+    p = _unnormalised(x, tau, inv_am1, KIND)
+    if KIND == 2:
+        p = p / tl.where(lsum > 0, lsum, 1.0)[:, None]
+    return p, _gppr(x, tau, p, two_minus_alpha, KIND)
+
+
+@triton.jit
+def backward_dq_kernel(
+    Q, K, V, DO, DQ, KLEN, BMASK, KEEP, M, TAU, LSUM, C, TILEMAX,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
+    s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
+    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha,
+    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+):
+    """dQ = scale · Σ_j dS_ij k_j for one block of queries (dO and dQ share q's (B, H, L, D) strides)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BM
+    offs_m = start_m + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    row_ok = offs_m < Lq
+    q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
+    do = _load_rows(DO, b * s_ob + h * s_oh, s_om, s_od, offs_m, offs_dv, Lq, DV)
+    m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+    lsum = tl.load(LSUM + bh * Lq + offs_m, mask=row_ok, other=1.0)
+    c = tl.load(C + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
+    hi = klen
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BM + OFF)
+    cols = tl.arange(0, BN)
+    dq = tl.zeros((BM, BD), ACC)
+    for start_n in range(0, hi, BN):
+        if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK, CAUSAL,
+                         HAS_BMASK):
+            if _tile_needed(TILEMAX, (bh * n_qb + pid_m) * n_kb + start_n // BN, m, tau, am1):
+                offs_n = start_n + cols
+                k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+                s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC,
+                            PREC, CAUSAL, HAS_KEEP)
+                p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
+                v = tl.load(
+                    V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
+                    mask=(offs_n[:, None] < klen) & (offs_dv[None, :] < DV),
+                    other=0.0,
+                )
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+                ds = g * (dp - c[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
+    tl.store(
+        DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d[None, :] < D),
+    )
+
+
+@triton.jit
+def backward_dkdv_kernel(
+    Q, K, V, DO, DK, DV_OUT, KLEN, BMASK, KEEP, M, TAU, LSUM, C, TILEMAX,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
+    s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
+    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha,
+    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+):
+    """dK = scale · Σ_i dS_ij q_i and dV = Σ_i p_ij dO_i for one block of keys (dK, dV share k's, v's strides)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_n = pid_n * BN
+    offs_n = start_n + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
+    dk = tl.zeros((BN, BD), ACC)
+    dv = tl.zeros((BN, BDV), ACC)
+    if start_n < klen:
+        k = tl.load(
+            K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
+            mask=(offs_n[:, None] < klen) & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
+            mask=(offs_n[:, None] < klen) & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
+        lo = 0
+        if CAUSAL:
+            lo = tl.maximum(start_n - OFF, 0) // BM * BM
+        rows = tl.arange(0, BM)
+        for start_m in range(lo, Lq, BM):
+            if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK,
+                             CAUSAL, HAS_BMASK):
+                offs_m = start_m + rows
+                row_ok = offs_m < Lq
+                m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
+                tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+                if _tile_needed(TILEMAX, (bh * n_qb + start_m // BM) * n_kb + pid_n, m, tau, am1):
+                    q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
+                    do = _load_rows(DO, b * s_ob + h * s_oh, s_om, s_od, offs_m, offs_dv, Lq, DV)
+                    lsum = tl.load(LSUM + bh * Lq + offs_m, mask=row_ok, other=1.0)
+                    c = tl.load(C + bh * Lq + offs_m, mask=row_ok, other=0.0)
+                    s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
+                                ACC, PREC, CAUSAL, HAS_KEEP)
+                    p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
+                    dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+                    ds = g * (dp - c[:, None])
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)
+    key_ok = offs_n < Lk
+    tl.store(
+        DK + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
+        (dk * scale).to(DK.dtype.element_ty),
+        mask=key_ok[:, None] & (offs_d[None, :] < D),
+    )
+    tl.store(
+        DV_OUT + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
+        dv.to(DV_OUT.dtype.element_ty),
+        mask=key_ok[:, None] & (offs_dv[None, :] < DV),
+    )

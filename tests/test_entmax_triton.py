@@ -1,0 +1,194 @@
+"""The fused entmax attention kernel (hf_sparse.entmax_triton) against dense float64 entmax attention.
+
+Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is first
+used; it only changes how Triton kernels run, which nothing else in this CPU test suite does). The interpreter is
+slow, so sizes are small, with kernel tiles of 16 so that every input crosses several tiles, and tests choose
+few candidates per row where the certificate must fail (the fallback path).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton", reason="the fused kernel needs triton (a dev dependency)")
+
+from hf_sparse.entmax_topk import entmax15, entmax_alpha, sparsemax  # noqa: E402
+from hf_sparse.entmax_triton import entmax_attention, unavailable_reasons  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TILE = 16
+
+
+def dense_allowed(b, h, lq, lk, causal=False, key_lengths=None, block_mask=None, keep=None, mask_block=TILE):
+    """The (B, H, Lq, Lk) pairs the kernel may attend, built the obvious way."""
+    allowed = torch.ones(b, h, lq, lk, dtype=torch.bool)
+    if causal:
+        allowed &= torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+    if key_lengths is not None:
+        allowed &= (torch.arange(lk)[None, :] < key_lengths.cpu()[:, None])[:, None, None, :]
+    if block_mask is not None:
+        tiles = block_mask.cpu().repeat_interleave(mask_block, 2).repeat_interleave(mask_block, 3)
+        allowed &= tiles[:, :, :lq, :lk]
+    if keep is not None:
+        allowed &= keep.cpu()
+    return allowed
+
+
+def reference(q, k, v, alpha, allowed, scaling=None):
+    """float64 matmul + mask + entmax_topk (pinned to the entmax package by tests/test_entmax_topk.py)."""
+    q, k, v = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
+    if alpha == 1.5:
+        p = entmax15(scores, keep=allowed)
+    elif alpha == 2:
+        p = sparsemax(scores, keep=allowed)
+    else:
+        p = entmax_alpha(scores, alpha, keep=allowed)
+    return p @ v, p, (q, k, v)
+
+
+def inputs(b, h, lq, lk, d, dtype=torch.float64, spread=1.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda n: (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) * spread)  # noqa: E731
+    return [t.to(DEVICE, dtype).requires_grad_() for t in (make(lq), make(lk), make(lk))]
+
+
+def check_against_reference(q, k, v, alpha, allowed, tol, **kwargs):
+    out = entmax_attention(q, k, v, alpha=alpha, **kwargs)
+    ref, p_ref, leaves = reference(q, k, v, alpha, allowed, kwargs.get("scaling"))
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(out))
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(out.cpu().double(), ref.detach(), atol=tol, rtol=tol)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got.cpu().double(), want, atol=tol * 10, rtol=tol * 10, msg=f"d{name}")
+    return p_ref
+
+
+def probabilities(q, k, alpha, **kwargs):
+    """The kernel's probability matrix: attention over the identity as values gives p itself."""
+    b, h, lk = k.shape[0], k.shape[1], k.shape[2]
+    eye = torch.eye(lk, dtype=q.dtype, device=q.device).expand(b, h, lk, lk)
+    with torch.no_grad():
+        return entmax_attention(q, k, eye, alpha=alpha, **kwargs).cpu().double()
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+@pytest.mark.parametrize("causal", [False, True])
+def test_outputs_gradients_and_support_equal_dense_float64_entmax(alpha, causal):
+    b, h, lq, lk, d = 2, 1, 20 if causal else 32, 40, 16
+    q, k, v = inputs(b, h, lq, lk, d, seed=int(alpha * 10) + causal)
+    key_lengths = torch.tensor([lk, 27], device=DEVICE)  # padding: the second sequence has 27 real keys
+    allowed = dense_allowed(b, h, lq, lk, causal, key_lengths)
+    kwargs = dict(causal=causal, key_lengths=key_lengths, blocks=(16, 16, 16))  # 16 candidates: few rows fail
+    p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, **kwargs)
+    p = probabilities(q, k, alpha, **kwargs)
+    assert torch.equal(p > 0, p_ref > 0)
+    torch.testing.assert_close(p, p_ref.detach(), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+def test_rows_past_their_candidates_take_the_exact_fallback(alpha):
+    """Two candidates per row: nearly every row fails the certificate and is solved over all its keys."""
+    q, k, v = inputs(1, 1, 16, 48, 16, spread=0.8, seed=7)
+    allowed = dense_allowed(1, 1, 16, 48)
+    p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, blocks=(16, 16, 2))
+    assert ((p_ref > 0).sum(-1) > 2).float().mean() > 0.5  # the supports really are larger than the candidates
+    assert torch.equal(probabilities(q, k, alpha, blocks=(16, 16, 2)) > 0, p_ref > 0)
+
+
+def test_block_mask_keep_and_rows_without_keys_give_zeros_and_finite_gradients():
+    b, h, lq, lk, d = 2, 2, 40, 44, 16
+    q, k, v = inputs(b, h, lq, lk, d, seed=3)
+    g = torch.Generator().manual_seed(4)
+    block_mask = torch.rand(1, h, 3, 3, generator=g) < 0.6
+    block_mask[0, 0, 1] = False  # queries 16..31 of head 0: no allowed tile
+    block_mask[0, 1, 0] = True
+    keep = torch.rand(b, 1, lq, lk, generator=g) < 0.7
+    keep[1, 0, 5] = False  # one query with no allowed key inside allowed tiles
+    key_lengths = torch.tensor([lk, 0], device=DEVICE)  # the second sequence: no key at all
+    allowed = dense_allowed(b, h, lq, lk, False, key_lengths, block_mask, keep)
+    assert not allowed[0, 0, 16:32].any() and not allowed[1].any()
+    kwargs = dict(key_lengths=key_lengths, block_mask=block_mask.to(DEVICE), keep=keep.to(DEVICE), mask_block=TILE)
+    check_against_reference(q, k, v, 1.5, allowed, 1e-9, **kwargs)
+    out = entmax_attention(q, k, v, **kwargs)
+    assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu()))
+    assert torch.equal(out[0, 0, 16:32].cpu(), torch.zeros(16, d, dtype=out.dtype))
+
+
+def test_float32_and_bfloat16_inputs_match_float64_entmax_within_their_precision():
+    q, k, v = inputs(1, 2, 32, 40, 16, seed=11)
+    allowed = dense_allowed(1, 2, 32, 40, causal=True)
+    ref, p_ref, _ = reference(q, k, v, 1.5, allowed)
+    q32, k32, v32 = (t.detach().float() for t in (q, k, v))
+    out = entmax_attention(q32, k32, v32, causal=True)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu().double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    p = probabilities(q32, k32, 1.5, causal=True)
+    assert torch.equal(p > 0, p_ref > 0)  # the same support as exact entmax
+    assert (p - p_ref).abs().max() < 1e-5
+    bf = [t.detach().bfloat16() for t in (q, k, v)]
+    out_bf = entmax_attention(*bf, causal=True)
+    assert out_bf.dtype == torch.bfloat16
+    ref_bf, _, _ = reference(*bf, 1.5, allowed)  # the same rounded inputs
+    torch.testing.assert_close(out_bf.cpu().double(), ref_bf.detach(), atol=3e-2, rtol=3e-2)
+
+
+def test_explicit_scaling_and_value_dim_other_than_key_dim():
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(1, 1, n, 16, generator=g, dtype=torch.float64).to(DEVICE) for n in (17, 33))
+    v = torch.randn(1, 1, 33, 24, generator=g, dtype=torch.float64).to(DEVICE)
+    for t in (q, k, v):
+        t.requires_grad_()
+    check_against_reference(q, k, v, 2.0, dense_allowed(1, 1, 17, 33), 1e-9, scaling=0.7)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(key=torch.zeros(1, 2, 8, 4)), "shapes do not fit"),
+        (dict(query=torch.zeros(2, 8, 16)), "query must be a"),
+        (dict(value=torch.zeros(1, 2, 8, 16, dtype=torch.float16)), "share dtype"),
+        (dict(query=torch.zeros(1, 2, 8, 16, dtype=torch.int64)), "float32, float16"),
+        (dict(alpha=1.0), "alpha must be > 1"),
+        (dict(alpha="1.5"), "alpha must be a number"),
+        (dict(block_mask=torch.ones(1, 2, 2, 1, dtype=torch.bool)), "block_mask must be a bool tensor of shape"),
+        (dict(block_mask=torch.ones(1, 2, 1, 1)), "block_mask must be a bool tensor"),
+        (dict(keep=torch.ones(1, 2, 8, 9, dtype=torch.bool)), "keep must be a bool tensor of shape"),
+        (dict(key_lengths=torch.tensor([1.0])), "key_lengths must be an integer tensor"),
+        (dict(mask_block=12), "mask_block must be a multiple of 16"),
+        (dict(blocks=(16, 16, 32)), "blocks="),
+        (dict(n_iter=0), "n_iter must be"),
+    ],
+)
+def test_bad_input_is_refused_naming_the_value(change, message):
+    args = dict(query=torch.zeros(1, 2, 8, 16), key=torch.zeros(1, 2, 8, 16), value=torch.zeros(1, 2, 8, 16))
+    args.update(change)
+    q, k, v = (args.pop(n).to(DEVICE) for n in ("query", "key", "value"))
+    with pytest.raises(ValueError, match=message):
+        entmax_attention(q, k, v, **args)
+
+
+def test_cpu_without_the_interpreter_is_refused_with_the_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reasons = unavailable_reasons("cpu")
+    assert reasons and "TRITON_INTERPRET" in reasons[0]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert unavailable_reasons(DEVICE) == []
+
+
+def test_empty_inputs():
+    q, k, v = inputs(1, 2, 0, 8, 16)
+    assert entmax_attention(q, k, v).shape == (1, 2, 0, 16)
+    q, k, v = inputs(1, 2, 5, 0, 16)
+    out = entmax_attention(q, k, v)
+    assert out.shape == (1, 2, 5, 16) and not out.any()
+    assert math.isfinite(float(torch.autograd.grad(out.sum(), q)[0].abs().sum()))
