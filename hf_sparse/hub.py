@@ -17,6 +17,9 @@ from pathlib import Path
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 
+from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
+from .configuration_sparse_bert import SparseBertConfig
+
 # a file a weights loader reads: one safetensors file, a sharded index, or a PyTorch pickle
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
@@ -31,16 +34,16 @@ def check_checkpoint(directory: str | os.PathLike) -> list[str]:
     module they import relatively (``from .x import y``) present as ``.py``; weights; the images the card shows.
     Files and folders whose name starts with ``.`` (caches, ``.git``) are not uploaded.
     """
-    from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
-    from .configuration_sparse_bert import SparseBertConfig
-
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such checkpoint folder")
     config_path = root / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{root} is not a saved checkpoint: no config.json (write one with model.save_pretrained)")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error}); save the model again") from None
     ours = (SparseBertConfig.model_type, EntmaxSparsefinderMarianConfig.model_type)
     if config.get("model_type") not in ours:
         raise ValueError(
@@ -82,7 +85,7 @@ def push_checkpoint(
     revision: str | None = None,
     commit_message: str = "Upload hf_sparse checkpoint",
     private: bool = False,
-    token: str | None = None,
+    token: str | bool | None = None,
 ) -> CommitInfo:
     """Upload a saved checkpoint folder to ``repo_id`` as one commit; returns the ``CommitInfo`` (``.oid`` is the
     commit id to pin with ``from_pretrained(repo_id, revision=...)``, ``.commit_url`` where to see it).
@@ -90,6 +93,11 @@ def push_checkpoint(
     The repo is created if missing (``private`` applies then only), as is the branch ``revision`` (from ``main``).
     Files not in the folder stay in the repo. The Hub is ``HF_ENDPOINT`` (default huggingface.co); ``token``
     defaults to the saved login.
+
+    Example (after ``hf auth login``)::
+
+        commit = push_checkpoint("runs/dam/model", "me/sparsebert-dam")
+        print(commit.commit_url)  # later: from_pretrained("me/sparsebert-dam", revision=commit.oid, ...)
     """
     root = Path(directory)
     files = check_checkpoint(root)

@@ -226,7 +226,12 @@ BUILDERS = {
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    with HubServer(tmp_path_factory.mktemp("hub")) as server:
+    """The server, and this process's huggingface_hub online for it even where HF_HUB_OFFLINE=1 guards the suite
+    against the real Hub (the in-process checks pass ``endpoint=`` explicitly)."""
+    from huggingface_hub import constants
+
+    with HubServer(tmp_path_factory.mktemp("hub")) as server, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_OFFLINE", False)
         yield server
 
 
@@ -417,13 +422,14 @@ def _stock_bert(folder):
     "change, words",
     [
         (lambda f: (f / "config.json").unlink(), "is not a saved checkpoint: no config.json"),
+        (lambda f: (f / "config.json").write_text("{"), "config.json is not valid JSON"),
         (_stock_bert, "is not an hf_sparse checkpoint: model_type 'bert'"),
         (_without_auto_map, "config.json has no auto_map: the modeling code would not travel"),
         (lambda f: (f / "patterns.py").unlink(), "lacks patterns.py, which the remote code imports"),
         (lambda f: (f / "model.safetensors").unlink(), "holds no weights"),
         (lambda f: (f / "README.md").write_text("![masks](masks.png)"), "shows masks.png, which is not in"),
     ],
-    ids=["no-config", "stock-bert", "no-auto-map", "missing-code", "no-weights", "missing-image"],
+    ids=["no-config", "bad-json", "stock-bert", "no-auto-map", "missing-code", "no-weights", "missing-image"],
 )
 def test_push_checkpoint_refuses_a_folder_that_would_not_load(saved, tmp_path, change, words):
     folder = _broken(saved, tmp_path, change)
