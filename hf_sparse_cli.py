@@ -240,22 +240,44 @@ def build_parser() -> argparse.ArgumentParser:
     _model_option(p, "checkpoint with tokenizer (default: train a small one first)")
     p.add_argument("--method", default="distance", choices=["distance", "quantization", "clustering"], help="predictor")
     p.add_argument("--projection-dim", type=_whole(1), default=4, help="predictor projection size r")
-    p.add_argument("--window", type=_whole(0), default=1, help="always-attended local window")
+    p.add_argument("--window", type=_whole(0), help="always-attended local window (default: mlm 1, translation 3)")
     p.add_argument(
-        "--recall", type=_number(0, 1, low_open=True), default=0.9, help="operating point: sparsest with this recall"
+        "--recall",
+        type=_number(0, 1, low_open=True),
+        help="operating point: the sparsest setting with this recall (default: mlm 0.9, translation 0.95)",
     )
-    p.add_argument("--pretrain-steps", type=_whole(1), default=200, help="mlm: softmax pre-training without --model")
-    p.add_argument("--entmax-steps", type=_whole(1), default=100, help="mlm: entmax fine-tuning of a softmax model")
     p.add_argument("--epochs", type=_whole(1), default=5, help="projection-fitting epochs")
-    p.add_argument("--fit-blocks", type=_whole(1), default=64, help="sequences the predictors are fitted on")
-    p.add_argument("--eval-blocks", type=_whole(1), default=64, help="sequences the sweep is measured on")
-    p.add_argument("--vocab-size", type=_whole(8), default=4000, help="new model: tokenizer vocabulary size")
-    p.add_argument("--max-sentences", type=_whole(1), default=None, help="built-in corpus: at most this many messages")
-    p.add_argument("--eval-sentences", type=_whole(1), default=2000, help="built-in corpus: held-out messages")
-    _data_options(
-        p, {"text": "text", "source": "source", "target": "target"}, "gettext messages (English, or English→--lang)"
+    p.add_argument("--vocab-size", type=_whole(8), help="new model: tokenizer size (mlm 4000, translation 8000)")
+    g = p.add_argument_group("mlm task")
+    g.add_argument("--pretrain-steps", type=_whole(1), default=200, help="softmax pre-training without --model")
+    g.add_argument("--entmax-steps", type=_whole(1), default=100, help="entmax fine-tuning of a softmax model")
+    g.add_argument("--fit-blocks", type=_whole(1), default=64, help="sequences the predictors are fitted on")
+    g.add_argument("--eval-blocks", type=_whole(1), default=64, help="sequences the sweep is measured on")
+    g.add_argument("--max-sentences", type=_whole(1), default=None, help="built-in corpus: at most this many messages")
+    g.add_argument("--eval-sentences", type=_whole(1), default=2000, help="built-in corpus: held-out messages")
+    g = p.add_argument_group("translation task")
+    g.add_argument(
+        "--steps", type=_whole(0), default=2000, help="MT training steps (0 with --model: fit the predictors only)"
     )
-    _training_options(p, steps=2000, batch=32, lr=1e-3, length=128)
+    g.add_argument("--d-model", type=_whole(4), help="new model: width (default 128; 3+3 layers, 4 heads)")
+    g.add_argument("--fit-sentences", type=_whole(1), default=500, help="training pairs the predictors are fitted on")
+    g.add_argument("--dev-size", type=_whole(1), default=500, help="held-out pairs for the sweep and operating point")
+    g.add_argument("--test-size", type=_whole(1), default=500, help="held-out pairs for BLEU/chrF and test recall")
+    g.add_argument("--num-beams", type=_whole(1), default=1, help="beam size of the test translations")
+    _data_options(
+        p,
+        {"text": "text", "source": "source", "target": "target"},
+        "gettext messages (mlm: English; translation: English→--lang; dataset splits train/validation[/test])",
+    )
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=_whole(1), help="examples per step and process (mlm 32, translation 64)")
+    g.add_argument(
+        "--learning-rate",
+        type=_number(0, low_open=True),
+        help="peak learning rate (default: mlm 1e-3; translation 1e-3 new, 5e-5 fine-tuning)",
+    )
+    g.add_argument("--max-length", type=_whole(3), help="tokens per sequence (default: mlm 128, translation 64)")
+    g.add_argument("--seed", type=int, default=0, help="seed of data order, masking and initialisation")
     _output_options(p, "outputs/sparsefinder")
 
     p = _command(

@@ -45,7 +45,7 @@ def cmd_patterns(args: argparse.Namespace) -> None:
 
 
 def _text_data(args: argparse.Namespace, columns: tuple[str, ...], default):
-    """The user's data (``--dataset``/``--train-file``) as train/validation splits, else ``default()``; and its name."""
+    """The user's data (``--dataset``/``--train-file``) as train/validation splits, else ``default()``."""
     from .data import load_text_dataset
 
     if not (args.dataset or args.train_file):
@@ -111,8 +111,8 @@ def _save_with_card(model, tokenizer, directory: str, metrics: dict, args=None, 
         if args is not None and args.push_to_hub:
             from .hub import push_checkpoint
 
-            url = push_checkpoint(directory, args.hub_model_id)
-            print(f"pushed to the Hub: {url}")
+            commit = push_checkpoint(directory, args.hub_model_id)
+            print(f"pushed to {commit.repo_url} (commit {commit.oid})")
     state.wait_for_everyone()
 
 
@@ -261,6 +261,7 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
     """Sparsefinder: fit the predictors, sweep, pick an operating point, report and save (MLM or translation)."""
     if args.task == "translation":
         return _sparsefinder_translation(args)
+    _defaults(args, window=1, recall=0.9, vocab_size=4000, batch_size=32, learning_rate=1e-3, max_length=128)
     import torch
 
     from . import SparseBertConfig, SparseBertForMaskedLM
@@ -361,8 +362,54 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
     )
 
 
+def _defaults(args: argparse.Namespace, **values) -> None:
+    """Fill the options whose default depends on the task (left None by the grammar)."""
+    for name, value in values.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def _sparsefinder_translation(args: argparse.Namespace) -> None:
-    raise NotImplementedError  # wired to hf_sparse.translation_sparsefinder
+    """Sparsefinder on an entmax Marian's decoder self-attention (``hf_sparse.translation_sparsefinder``)."""
+    from .translation_sparsefinder import run_translation_sparsefinder
+
+    _defaults(args, window=3, recall=0.95, batch_size=64, max_length=64)
+    if args.model and args.vocab_size is not None:
+        raise ValueError("--vocab-size is for a new model; --model brings its own tokenizer")
+    pairs = None
+    if args.dataset or args.train_file:
+        pairs = _text_data(args, (args.source_column, args.target_column), default=None)
+    run = run_translation_sparsefinder(
+        model=args.model,
+        pairs=pairs,
+        lang=args.lang,
+        source_column=args.source_column,
+        target_column=args.target_column,
+        dataset_name=_data_name(args, None) if pairs is not None else None,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        vocab_size=args.vocab_size,
+        d_model=args.d_model,
+        max_length=args.max_length,
+        method=args.method,
+        projection_dim=args.projection_dim,
+        window=args.window,
+        target_recall=args.recall,
+        fit_sentences=args.fit_sentences,
+        fit_epochs=args.epochs,
+        dev_size=args.dev_size,
+        test_size=args.test_size,
+        num_beams=args.num_beams,
+        seed=args.seed,
+        output_dir=args.output_dir,
+        repo_id=args.hub_model_id,
+    )
+    if args.push_to_hub:
+        from .hub import push_checkpoint
+
+        commit = push_checkpoint(run.model_dir, args.hub_model_id)
+        print(f"pushed to {commit.repo_url} (commit {commit.oid})")
 
 
 def cmd_card(args: argparse.Namespace) -> None:

@@ -334,3 +334,22 @@ def test_the_dam_command_runs_unchanged_under_accelerate_launch_with_two_process
     assert done.stdout.count("pattern now 'learned'") == 2  # both processes trained and froze the same mask
     model = AutoModelForMaskedLM.from_pretrained(out / "model", trust_remote_code=True)
     assert model.config.attention_pattern == "learned"
+
+
+def test_sparsefinder_translation_fits_an_entmax_marian_from_a_user_csv(tmp_path, capsys):
+    from transformers import AutoModelForSeq2SeqLM
+
+    pairs = [(s, t) for s, t in gettext_pairs("de") if 3 <= len(s.split()) <= 8][:300]
+    lines = ["source,target", *(f'"{s.replace(chr(34), "")}","{t.replace(chr(34), "")}"' for s, t in pairs)]
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    cli.main(
+        ["sparsefinder", "--task", "translation", "--train-file", str(tmp_path / "pairs.csv"), "--steps", "4"]
+        + ["--d-model", "32", "--vocab-size", "300", "--dev-size", "12", "--test-size", "12", "--fit-sentences", "24"]
+        + ["--epochs", "1", "--validation-size", "0.1", "--batch-size", "8", "--output-dir", str(tmp_path / "out")]
+    )
+    out = capsys.readouterr().out
+    assert "data: 270 training / 30 validation examples" in out and "operating point distance" in out
+    metrics = json.loads((tmp_path / "out" / "model" / "metrics.json").read_text())
+    assert metrics["target_recall"] == 0.95 and metrics["train_pairs"] == 270  # the translation defaults
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out" / "model", trust_remote_code=True)
+    assert model.config.sparsefinder["window"] == 3 and model.config.sparsefinder["enabled"] is True

@@ -437,3 +437,46 @@ def test_push_checkpoint_refuses_a_folder_that_would_not_load(saved, tmp_path, c
         push_checkpoint(folder, "user/never", token=False)  # refused before any request: no server here
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
         push_checkpoint(tmp_path / "absent", "user/never")
+
+
+# ---- the command line's --push-to-hub ---------------------------------------------------------------------------
+
+LOGITS = textwrap.dedent(
+    """
+    import sys
+    sys.modules["hf_sparse"] = None  # the repo's own code must serve the model
+    sys.path = [p for p in sys.path if p not in ("", ".") and "hf_sparse" not in p]
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+    batch = tokenizer(["could not open the file", "no such file"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.save(model(**batch).logits, sys.argv[2])
+    """
+)
+
+
+def test_the_dam_command_pushes_its_checkpoint_and_it_loads_back_by_repo_id(hub, tmp_path):
+    import shutil
+
+    env = client_env(hub, tmp_path / "home")
+    command = shutil.which("hf-sparse", path=os.path.dirname(sys.executable))
+    argv = ["dam", "--steps", "2", "--search-steps", "1", "--max-sentences", "300", "--eval-sentences", "40"]
+    argv += ["--max-length", "32", "--batch-size", "4", "--output-dir", str(tmp_path / "out")]
+    done = subprocess.run(
+        [command, *argv, "--push-to-hub", "--hub-model-id", "user/cli-dam"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"pushed to {hub.endpoint}/user/cli-dam (commit " in done.stdout
+    folder = tmp_path / "out" / "model"
+    assert sorted(HfApi(endpoint=hub.endpoint, token=False).list_repo_files("user/cli-dam")) == check_checkpoint(folder)
+    run_client(LOGITS, ["user/cli-dam", tmp_path / "remote.pt"], env, tmp_path)
+    run_client(LOGITS, [folder, tmp_path / "local.pt"], env, tmp_path)
+    assert torch.equal(torch.load(tmp_path / "remote.pt"), torch.load(tmp_path / "local.pt"))
