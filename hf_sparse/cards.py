@@ -238,3 +238,21 @@ def write_card(model, directory: str | os.PathLike, *, plot_masks: bool = True, 
     path = directory / "README.md"
     model_card(model, plots=plots, **card_kwargs).save(path)
     return path
+
+
+def save_with_card(
+    model, tokenizer, directory: str | os.PathLike, metrics: dict, *, card_metrics: dict | None = None, **card_kwargs
+) -> Path:
+    """What every command leaves behind: the checkpoint (weights, config with ``auto_map``, the remote code), its
+    tokenizer, ``metrics.json`` and the model card (``card_metrics``, default ``metrics``, as its results); returns
+    the card. The folder is what :func:`hf_sparse.hub.push_checkpoint` uploads."""
+    import json
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    with open(directory / "metrics.json", "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    card_kwargs.setdefault("repo_id", str(directory))
+    return write_card(model, directory, metrics=metrics if card_metrics is None else card_metrics, **card_kwargs)

@@ -91,22 +91,16 @@ def _pretrained_masked_lm(args: argparse.Namespace, **settings):
 
 
 def _save_with_card(model, tokenizer, directory: str, metrics: dict, args=None, **card_kwargs) -> None:
-    """Checkpoint + tokenizer + metrics.json + README.md (model card) in ``directory``; uploaded with
-    ``--push-to-hub``. Only the main process writes when several run (``accelerate launch``)."""
-    import json
-
+    """:func:`hf_sparse.cards.save_with_card`, uploaded with ``--push-to-hub``. Only the main process writes when
+    several run (``accelerate launch``)."""
     from accelerate import PartialState
 
-    from .cards import write_card
+    from .cards import save_with_card
 
     state = PartialState()
     if state.is_main_process:
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-        with open(os.path.join(directory, "metrics.json"), "w") as handle:
-            json.dump(metrics, handle, indent=2)
         repo_id = args.hub_model_id if args is not None and args.hub_model_id else directory
-        card = write_card(model, directory, repo_id=repo_id, metrics=metrics, **card_kwargs)
+        card = save_with_card(model, tokenizer, directory, metrics, repo_id=repo_id, **card_kwargs)
         print(f"model, tokenizer, metrics.json and model card written to {directory} ({card.name})")
         if args is not None and args.push_to_hub:
             from .hub import push_checkpoint

@@ -26,7 +26,6 @@ Not imported by modeling code (remote code never needs it).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import time
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import check_int, check_number
 from .translation import (
     ParallelCorpus,
     bleu_chrf,
@@ -83,19 +83,6 @@ class TranslationSparsefinderRun:
     translations: dict = field(default_factory=dict)  # "full entmax" / "predicted sparse" -> test translations
     seconds: dict = field(default_factory=dict)  # stage -> wall-clock seconds
     settings: dict = field(default_factory=dict)  # the run's arguments, defaults resolved (learning rate, sizes, ...)
-
-
-def _check_int(name: str, value, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
-
-
-def _check_number(name: str, value, low: float, high: float | None = None, low_open: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
-    if not ok:
-        where = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
-        raise ValueError(f"{name} must be a number in {where}, got {value!r}")
 
 
 def _marian_source(model: str) -> dict:
@@ -222,10 +209,10 @@ def _checked(
         ("test_size", test_size, 1),
         ("num_beams", num_beams, 1),
     ):
-        _check_int(name, value, least)
-    _check_number("target_recall", target_recall, 0.0, 1.0)
+        check_int(name, value, at_least=least)
+    check_number("target_recall", target_recall, above=0.0, at_most=1.0)
     if learning_rate is not None:
-        _check_number("learning_rate", learning_rate, 0.0)
+        check_number("learning_rate", learning_rate, above=0.0)
     if model is not None:
         given = [n for n, v in (("vocab_size", vocab_size), ("d_model", d_model)) if v is not None]
         if given:
@@ -238,8 +225,8 @@ def _checked(
         raise ValueError("steps=0 without a model: a new model must be trained (steps >= 1), or give model=...")
     vocab_size = 8000 if vocab_size is None else vocab_size
     d_model = 128 if d_model is None else d_model
-    _check_int("vocab_size", vocab_size, 8)
-    _check_int("d_model", d_model, 4)
+    check_int("vocab_size", vocab_size, at_least=8)
+    check_int("d_model", d_model, at_least=4)
     if d_model % 4:
         raise ValueError(f"d_model must be a multiple of the 4 attention heads, got {d_model}")
     learning_rate = NEW_MODEL_LEARNING_RATE if learning_rate is None else learning_rate
@@ -548,13 +535,9 @@ def save_with_card(
 
     The card's results leave out ``target_recall`` (a setting, said in the description, not a measurement).
     """
-    from .cards import write_card
+    from .cards import save_with_card
 
     os.makedirs(model_dir, exist_ok=True)
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    with open(os.path.join(model_dir, "metrics.json"), "w") as handle:
-        json.dump(metrics, handle, indent=2)
     shutil.copy(pareto_png, os.path.join(model_dir, "pareto.png"))
     method, setting = metrics["method"], metrics["operating_point"]
     reached = "reaches" if metrics["target_recall_reached"] else "misses (no sweep setting reached it)"
@@ -569,13 +552,15 @@ def save_with_card(
         f"{metrics['test_bleu_predicted_sparse']:.2f} attending only to the predicted pairs."
     )
     hub_id = source if source and not os.path.isdir(source) else None
-    write_card(
+    save_with_card(
         model,
+        tokenizer,
         model_dir,
+        metrics,
         repo_id=repo_id or model_dir,
         title=f"Entmax Marian with Sparsefinder ({method})",
         description=description,
-        metrics={k: v for k, v in metrics.items() if k != "target_recall"},
+        card_metrics={k: v for k, v in metrics.items() if k != "target_recall"},
         dataset=dataset_name,
         base_model=hub_id,
         plots={"predicted-graph sparsity vs recall of every swept method (dev pairs)": "pareto.png"},
