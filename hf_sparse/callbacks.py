@@ -60,6 +60,9 @@ class DAMCallback(TrainerCallback):
             dam ``max_length``); set it to the training length when gates beyond it never see data.
         freeze_at_end: call ``model.freeze_dam()`` when training ends (stage 2 then uses the frozen mask).
         log_heads: also log the density of every (gate group, head).
+
+    Next to Trainer's ``loss`` (the optimised task loss + λ·penalty), every log holds its two parts,
+    ``dam_task_loss`` and ``dam_penalty_loss`` (λ·penalty), averaged over the same steps.
     """
 
     def __init__(
@@ -100,6 +103,9 @@ class DAMCallback(TrainerCallback):
         self.freeze_at_end = freeze_at_end
         self.log_heads = log_heads
         self._config_values: tuple[float, float] | None = None
+        self._hook = None
+        self._loss_parts = None  # (task loss, λ·penalty) summed over the training forwards since the last log
+        self._forwards = 0
 
     # -- optimizer ---------------------------------------------------------------------------------------------
     def gate_lr(self, args: TrainingArguments) -> float:
@@ -168,6 +174,33 @@ class DAMCallback(TrainerCallback):
         base = _unwrap(model).base_model
         return base.dam_density(self.density_length or dam_gates(model).max_length, inside_pattern)
 
+    # -- the logged loss, in its two parts ----------------------------------------------------------------------
+    def _record_loss_parts(self, module, args, output) -> None:
+        """Forward hook: the optimised loss of a training forward is task loss + λ·penalty; keep both parts.
+
+        Trainer logs only their sum, which rises while λ ramps up even as the task loss falls; ``on_log`` adds
+        the two parts, averaged over the same forwards as Trainer's ``loss``, so they add up to it.
+        """
+        loss, penalty = getattr(output, "loss", None), getattr(output, "dam_penalty", None)
+        if not module.training or loss is None or penalty is None or not module.base_model.dam_searching():
+            return
+        weighted = dam_gates(module).penalty_weight * penalty.detach().float()
+        parts = torch.stack([loss.detach().float() - weighted, weighted])
+        self._loss_parts = parts if self._loss_parts is None else self._loss_parts + parts
+        self._forwards += 1
+
+    def _mean_loss_parts(self) -> tuple[float, float] | None:
+        """Task loss and λ·penalty averaged over the forwards since the last call (over every process)."""
+        parts = self._loss_parts
+        if parts is None:
+            return None
+        totals = torch.cat([parts, parts.new_tensor([self._forwards])])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)  # Trainer's logged loss is the mean over processes too
+        self._loss_parts, self._forwards = None, 0
+        task, weighted = (totals[:2] / totals[2]).tolist()
+        return task, weighted
+
     # -- events ------------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not _unwrap(model).base_model.dam_searching():
@@ -178,6 +211,8 @@ class DAMCallback(TrainerCallback):
         gates = self._apply(state, model)
         if optimizer is not None:
             self._check_optimizer(optimizer, gates, args)
+        if self._hook is None:
+            self._hook = _unwrap(model).register_forward_hook(self._record_loss_parts)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._apply(state, model)
@@ -191,7 +226,11 @@ class DAMCallback(TrainerCallback):
             return
         gates = dam_gates(model)
         per_head = self.density(model)
-        extra = {
+        extra = {}
+        parts = self._mean_loss_parts() if "loss" in logs else None  # a training-loss log (not eval, not summary)
+        if parts is not None:
+            extra.update({"dam_task_loss": parts[0], "dam_penalty_loss": parts[1]})
+        extra |= {
             "dam_temperature": gates.temperature,
             "dam_lambda": gates.penalty_weight,
             "dam_density": round(per_head.mean().item(), 5),
@@ -206,6 +245,9 @@ class DAMCallback(TrainerCallback):
             state.log_history[-1].update(extra)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook, self._loss_parts, self._forwards = None, None, 0
         base = _unwrap(model)
         if self.freeze_at_end and base.base_model.dam_searching():
             base.freeze_dam()
