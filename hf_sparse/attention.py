@@ -8,7 +8,11 @@ Kernels
     ``flex``   FlexAttention with a ``BlockMask``: skips fully masked tiles (block-sparse work), compiled; softmax.
     ``tiles``  block-sparse by gathering each tile row's touched key tiles (:func:`attend_tiles`): every
                normaliser, autograd, no compiler.
-    ``auto``   picks by what is possible, then by the crossover measured in ``benchmarks/attention_backends.md``.
+    ``fused``  the entmax family in fused Triton kernels (:mod:`hf_sparse.entmax_triton`): exact, never builds
+               the score matrix, skips the pattern's empty tiles and the tiles entmax gives zero; CUDA (on CPU
+               only under Triton's interpreter, for tests).
+    ``auto``   picks by what is possible, then by the crossover measured in ``benchmarks/attention_backends.md``;
+               on CUDA the entmax family runs ``fused``.
 
 Every kernel returns exact zeros for a query row with no allowed key (never NaN).
 This module is imported by remote code: torch and the standard library only.
@@ -25,16 +29,19 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from .block_maps import (
     TileLayout,
     cached_block_density,
+    cached_block_map,
     cached_dense_mask,
     cached_tile_layout,
     flex_block_mask,
 )
 from .checks import check_choice, check_number
 from .entmax_topk import entmax15, entmax_alpha, sparsemax  # `from .x import` form: remote code copies x
+from .entmax_triton import entmax_attention, unavailable_reasons
 from .patterns import Pattern, bind_rows, rows_mask
 
 ATTENTION_FUNCTIONS = ("softmax", "entmax15", "entmax_bisect", "sparsemax")
-BACKENDS = ("auto", "eager", "sdpa", "flex", "tiles")
+BACKENDS = ("auto", "eager", "sdpa", "flex", "tiles", "fused")
+FUSED_ALPHA = {"entmax15": 1.5, "sparsemax": 2.0}  # entmax_bisect: the config's alpha
 
 # When a block-sparse kernel pays, measured by scripts/benchmark_attention.py (benchmarks/attention_backends.md,
 # CPU, 2 cores, B=1, H=12, D=64): the tiles kernel beat dense SDPA at every length L >= 512 with block density
@@ -82,8 +89,9 @@ class AttentionMask:
     ``bias`` is an additive float ``(B|1, H|1, Lq, Lk)`` term on the scores (the DAM search's −c·(1−M), eager only);
     ``valid_tokens`` is the ``(B, L)`` padding mask itself (True = real token), for predictors and gold graphs;
     ``has_key`` is ``keep.any(-1, keepdim=True)``, computed once for every layer that shares the mask (SDPA zeroes
-    the rows without a key with it); ``layout`` the pattern's touched tiles for the ``tiles`` kernel; ``pattern``
-    the pattern itself (what predicted-sparse attention meets its prediction with).
+    the rows without a key with it); ``layout`` the pattern's touched tiles for the ``tiles`` kernel; ``tiles``
+    the same as a ``(1, H|1, n/128, n/128)`` bool block mask for the ``fused`` kernel (``keep`` holds the pairs
+    inside them); ``pattern`` the pattern itself (what predicted-sparse attention meets its prediction with).
     """
 
     backend: str
@@ -93,6 +101,7 @@ class AttentionMask:
     valid_tokens: torch.Tensor | None = None
     has_key: torch.Tensor | None = None
     layout: TileLayout | None = None
+    tiles: torch.Tensor | None = None
     pattern: Pattern | None = None
 
 
@@ -129,7 +138,8 @@ def choose_backend(
     ``soft_mask``: an additive, differentiable mask is in play (DAM search), which only the eager kernel takes.
     ``per_row``: the pattern draws random keys per sequence (padding given: :func:`hf_sparse.patterns.bind_rows`),
     a mask per batch that only the dense kernels take.
-    ``auto``: eager when probabilities are asked for; a block-sparse kernel (FlexAttention on CUDA for softmax,
+    ``auto``: eager when probabilities are asked for; on CUDA the ``fused`` kernel for the entmax family (it skips
+    the pattern's empty tiles itself); a block-sparse kernel (FlexAttention on CUDA for softmax,
     ``tiles`` otherwise) when the sequence is long and the pattern block-sparse enough to pay (measured
     crossover above; the density comes from the pattern's block map on the CPU, cached, so no device is read);
     else SDPA for softmax, eager for the entmax family.
@@ -151,6 +161,10 @@ def choose_backend(
         reasons_not_flex.append("FlexAttention has no backward on CPU (the tiles kernel has)")
     if dropout > 0:
         reasons_not_flex.append(f"attention dropout {dropout} is active (set attention_probs_dropout_prob=0)")
+    reasons_not_fused = [r for r in reasons_not_flex if not r.startswith(("attention_fn", "FlexAttention"))]
+    if attention_fn == "softmax":
+        reasons_not_fused.append("attention_fn='softmax' is not an entmax ('sdpa' and 'flex' fuse softmax)")
+    reasons_not_fused += unavailable_reasons(device)
 
     if per_row and requested in ("flex", "tiles"):
         raise ValueError(
@@ -158,6 +172,10 @@ def choose_backend(
             "among each sequence's own tokens (so they do not depend on the batch's padding), a mask per batch "
             "that only 'eager' and 'sdpa' take; use one of them or 'auto'"
         )
+    if requested == "fused":
+        if reasons_not_fused:
+            raise ValueError("attention_backend='fused' is not possible here: " + "; ".join(reasons_not_fused))
+        return "fused"
     if requested == "flex":
         if reasons_not_flex:
             raise ValueError("attention_backend='flex' is not possible here: " + "; ".join(reasons_not_flex))
@@ -183,6 +201,8 @@ def choose_backend(
     dense_kernel = "sdpa" if family == "softmax" else "eager"
     if output_attentions:
         return "eager"
+    if family == "entmax" and device.type == "cuda" and not reasons_not_fused:
+        return "fused"
     min_length = BLOCK_SPARSE_MIN_LENGTH.get(device.type, BLOCK_SPARSE_MIN_LENGTH["cuda"])[family]
     if per_row or pattern.is_dense or n < min_length:
         return dense_kernel
@@ -207,6 +227,13 @@ def build_mask(
         return AttentionMask(
             backend, keep=keep, valid_tokens=valid, has_key=keep.any(dim=-1, keepdim=True), pattern=bound
         )
+    if backend == "fused":  # the dense mask (padding and the pattern's pairs) plus the pattern's tiles to skip
+        eager = build_mask(pattern, key_valid, n, device, "eager")
+        tiles = None
+        if not pattern.is_dense:
+            block_map = cached_block_map(pattern, n, device, FLEX_BLOCK_SIZE)
+            tiles = (block_map.full | block_map.partial)[None]
+        return AttentionMask(backend, keep=eager.keep, valid_tokens=valid, tiles=tiles, pattern=pattern)
     if backend == "tiles":
         layout = cached_tile_layout(pattern, n, device)
         return AttentionMask(backend, layout=layout, valid_tokens=valid, pattern=pattern)
@@ -275,12 +302,27 @@ def attend(
                 query, key, value, block_mask=mask.block_mask, scale=scaling
             )
         return out.transpose(1, 2).contiguous(), None
+    if mask.backend == "fused":
+        keep = mask.keep
+        if keep is not None:
+            keep = keep.expand(keep.shape[0], keep.shape[1], query.shape[2], key.shape[2])
+        out = entmax_attention(
+            query,
+            key,
+            value,
+            alpha=FUSED_ALPHA.get(attention_fn, alpha),
+            scaling=scaling,
+            block_mask=mask.tiles,
+            mask_block=FLEX_BLOCK_SIZE,
+            keep=keep,
+        )
+        return out.transpose(1, 2).contiguous(), None
     if mask.backend == "tiles":
         out = attend_tiles(
             query, key, value, mask.layout, mask.valid_tokens, scaling, dropout, attention_fn, alpha
         )
         return out.transpose(1, 2).contiguous(), None
-    raise ValueError(f"unknown attention backend {mask.backend!r}; valid: eager, sdpa, flex")
+    raise ValueError(f"unknown attention backend {mask.backend!r}; valid: eager, sdpa, flex, tiles, fused")
 
 
 _TILE_SCORES_PER_STEP = 1 << 22  # scores computed at once by attend_tiles: 16 MB in float32, bounds its memory

@@ -14,8 +14,10 @@ output is one flash-style pass, and a tile whose largest score is below every ro
    of :mod:`hf_sparse.entmax_topk` applies unchanged: if ``(α-1)(rest - m) <= τ`` no other key enters the
    support, so the candidates' τ is the row's τ, exactly. The sweep also records each tile's largest score.
 2. **Fallback** (``fallback_kernel``, only query tiles holding a row that failed the certificate do any work):
-   bisection of ``Σ_j p_ij(τ) = 1`` over all the row's keys, tile by tile, then for the closed forms τ again in
-   closed form from the support found (``Σ x``, ``Σ x²`` over it): exact to float rounding whatever the support.
+   Newton's method on ``Σ_j p̃_ij(τ) = 1`` over all the row's keys, a sweep over the key tiles per step,
+   started from the candidates' τ (a lower bound: more scores only raise it; ``f`` is convex for α <= 2, so the
+   steps approach the root from the left; bisection for α > 2), then for the closed forms τ again in closed form
+   from the support found (``Σ x``, ``Σ x²`` over it): exact to float rounding whatever the support.
 3. **Output pass** (``forward_kernel``): ``O = Σ p v`` over the tiles that can hold a nonzero ``p`` (allowed by
    causality, padding and the block mask, and with a tile maximum above the threshold of some row).
 4. **Backward** (``backward_dq_kernel``, ``backward_dkdv_kernel``): scores recomputed tile by tile as in
@@ -37,8 +39,10 @@ is how the tests run them. Remote code: torch and the standard library at import
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
+import types
 
 import torch
 
@@ -47,24 +51,32 @@ from .entmax_topk import ALPHA_MAX
 __all__ = ["entmax_attention", "unavailable_reasons"]
 
 MASK_BLOCK = 128  # default tile of block_mask: the tile of hf_sparse.block_maps and FlexAttention
-# Kernel tiles (rows x keys) and candidates per row. Interpreter: small tiles, so that tests at small L cross tiles,
-# merge candidates and take the fallback.
+# Kernel tiles (rows x keys) and candidates per row. Interpreter: small tiles, so that tests at small L cross tiles.
 GPU_BLOCKS = (64, 64, 32)
-INTERPRETER_BLOCKS = (16, 16, 8)
-FALLBACK_ITERATIONS = {torch.float64: 60}  # bisection passes over the keys for rows that fail the certificate
-FALLBACK_ITERATIONS_DEFAULT = 32  # float32 accumulation: the bracket (< 1) shrinks below float32 resolution
+INTERPRETER_BLOCKS = (16, 16, 16)
+# Rows that fail the certificate: at most this many passes over their keys (Newton for α <= 2, where a few do;
+# bisection for α > 2, halving a bracket narrower than 1 below the accumulator's resolution), and Newton stops at
+# steps below this tolerance, relative to |τ|.
+FALLBACK_ITERATIONS = {False: {torch.float32: 30, torch.float64: 50}, True: {torch.float32: 32, torch.float64: 60}}
+FALLBACK_TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-14}
 
 _kernels = None
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    """Checked once: the attention dispatch asks every forward."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def unavailable_reasons(device: torch.device | str) -> list[str]:
     """Why the fused kernel cannot run on ``device`` here (empty list: it can)."""
     device = torch.device(device)
-    reasons = []
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        reasons.append("triton is not installed (pip install triton)")
+    reasons = [] if _triton_installed() else ["triton is not installed (pip install triton)"]
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
             reasons.append("on CPU the fused kernel runs only under Triton's interpreter (TRITON_INTERPRET=1, slow)")
@@ -79,8 +91,22 @@ def _load_kernels():
     """The kernel module, imported on first use (``@triton.jit`` reads TRITON_INTERPRET when it is applied)."""
     global _kernels
     if _kernels is None:
-        from . import entmax_triton_kernels as kernels
+        # `from .x import` form: Transformers copies x next to a checkpoint's remote code
+        from .entmax_triton_kernels import (
+            backward_dkdv_kernel,
+            backward_dq_kernel,
+            fallback_kernel,
+            forward_kernel,
+            threshold_kernel,
+        )
 
+        kernels = types.SimpleNamespace(
+            threshold_kernel=threshold_kernel,
+            fallback_kernel=fallback_kernel,
+            forward_kernel=forward_kernel,
+            backward_dq_kernel=backward_dq_kernel,
+            backward_dkdv_kernel=backward_dkdv_kernel,
+        )
         _kernels = (kernels, os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True"))
     return _kernels[0]
 
@@ -189,7 +215,8 @@ class _EntmaxAttention(torch.autograd.Function):
             kernels.fallback_kernel[grid](
                 q, k, *common["masks"], m, tau, fail, *common["qk_strides"], *common["mask_strides"],
                 h, lq, lk, d, common["offset"], cfg["scale"], am1, 1 / am1, (1 / max(lk, 1)) ** am1,
-                N_ITER=FALLBACK_ITERATIONS.get(q.dtype, FALLBACK_ITERATIONS_DEFAULT), **common["meta"],
+                FALLBACK_TOLERANCE[acc], N_ITER=FALLBACK_ITERATIONS[cfg["alpha"] > 2][acc],
+                BISECT=cfg["alpha"] > 2, **common["meta"],
             )
             kernels.forward_kernel[grid](
                 q, k, v, *common["masks"], m, tau, tilemax, o, lsum, g, gsum,

@@ -14,10 +14,10 @@ allowed key stores ``m = 0, τ = +inf``: every ``p̃`` is 0.
 
 from __future__ import annotations
 
-try:
+try:  # Transformers' remote-code check skips imports inside try: triton is needed only when a kernel runs
     import triton
     import triton.language as tl
-except ImportError:  # the caller (entmax_triton.unavailable_reasons) checks first; never imported without triton
+except ImportError:  # entmax_triton.unavailable_reasons says so before anything imports this module
     raise
 
 NEG_INF = float("-inf")
@@ -206,14 +206,20 @@ def fallback_kernel(
     Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
-    H, Lq, Lk, D, OFF, scale, am1, inv_am1, bracket,
-    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
+    H, Lq, Lk, D, OFF, scale, am1, inv_am1, bracket, tol,
+    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr, BISECT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
-    """Rows whose support outgrew the candidates: bisection of Σ p̃(τ) = 1 over all their keys, block by block
-    (``N_ITER`` passes), then for the closed forms one more pass that recomputes τ exactly from the support found
-    (``Σ x`` and ``Σ x²`` over it). Query blocks with no failed row return at once."""
+    """Rows whose support outgrew the candidates: solve ``f(τ) = Σ_j [x_j - τ]₊^{1/(α-1)} = 1`` over all their
+    keys, a pass over the key tiles per step; query blocks with no failed row return at once.
+
+    α <= 2: Newton's method from the candidates' threshold, which is a lower bound of the row's (more scores only
+    raise it). ``f`` is convex and decreasing there, so from the left every step stays left of the root and the
+    steps shrink monotonically (sparsemax: Michelot's algorithm, finite); at most ``N_ITER`` steps, until a step is
+    below ``tol`` relative. α > 2 (``BISECT``): ``f`` is concave; bisection, ``N_ITER`` halvings of the bracket
+    ``[-1, -(1/Lk)^(α-1)]``. The closed forms then take τ from the support found (``Σ x``, ``Σ x²`` over it),
+    which is exact whenever that support is."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -231,25 +237,55 @@ def fallback_kernel(
         if CAUSAL:
             hi = tl.minimum(hi, start_m + BM + OFF)
         cols = tl.arange(0, BN)
-        lo = tl.full((BM,), -1.0, ACC)
-        dm = tl.full((BM,), 1.0 - bracket, ACC)  # τ <= -(1/Lk)^(α-1): at most Lk positive entries
-        mid = lo
-        for _ in range(N_ITER):
-            dm = dm / 2
-            mid = lo + dm
-            total = tl.zeros((BM,), ACC)
-            for start_n in range(0, hi, BN):
-                if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK,
-                                 CAUSAL, HAS_BMASK):
-                    offs_n = start_n + cols
-                    k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-                    s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
-                                ACC, PREC, CAUSAL, HAS_KEEP)
-                    x = (s - m[:, None]) * am1
-                    total += tl.sum(_unnormalised(x, mid, inv_am1, KIND), 1)
-            lo = tl.where(total >= 1, mid, lo)
-        tau = mid
-        if KIND != 2:  # the support {x > lo} (lo <= τ) gives τ in closed form
+        if BISECT:
+            lo = tl.full((BM,), -1.0, ACC)
+            dm = tl.full((BM,), 1.0 - bracket, ACC)  # τ <= -(1/Lk)^(α-1): at most Lk positive entries
+            tau = lo
+            for _ in range(N_ITER):
+                dm = dm / 2
+                tau = lo + dm
+                total = tl.zeros((BM,), ACC)
+                for start_n in range(0, hi, BN):
+                    if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ,
+                                     TK, CAUSAL, HAS_BMASK):
+                        offs_n = start_n + cols
+                        k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+                        s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF,
+                                    scale, ACC, PREC, CAUSAL, HAS_KEEP)
+                        total += tl.sum(_unnormalised((s - m[:, None]) * am1, tau, inv_am1, KIND), 1)
+                lo = tl.where(total >= 1, tau, lo)
+        else:
+            tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=0.0)
+            active = fail
+            steps = 0
+            while (tl.max(active.to(tl.int32), 0) > 0) & (steps < N_ITER):
+                f = tl.zeros((BM,), ACC)
+                slope = tl.zeros((BM,), ACC)  # -f'(τ)
+                for start_n in range(0, hi, BN):
+                    if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ,
+                                     TK, CAUSAL, HAS_BMASK):
+                        offs_n = start_n + cols
+                        k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+                        s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF,
+                                    scale, ACC, PREC, CAUSAL, HAS_KEEP)
+                        d = (s - m[:, None]) * am1 - tau[:, None]
+                        pos = d > 0
+                        if KIND == 0:
+                            d = tl.where(pos, d, 0.0)
+                            f += tl.sum(d * d, 1)
+                            slope += tl.sum(2 * d, 1)
+                        elif KIND == 1:
+                            f += tl.sum(tl.where(pos, d, 0.0), 1)
+                            slope += tl.sum(pos.to(ACC), 1)
+                        else:
+                            power = tl.where(pos, tl.exp2(tl.log2(tl.where(pos, d, 1.0)) * inv_am1), 0.0)
+                            f += tl.sum(power, 1)
+                            slope += tl.sum(tl.where(pos, power / tl.where(pos, d, 1.0), 0.0), 1) * inv_am1
+                step = tl.where(active & (slope > 0), (f - 1) / tl.where(slope > 0, slope, 1.0), 0.0)
+                tau = tau + step
+                active = active & (tl.abs(step) > tol * tl.maximum(tl.abs(tau), 1.0))
+                steps += 1
+        if KIND != 2:  # the support {x > τ} gives τ in closed form
             n = tl.zeros((BM,), ACC)
             s1 = tl.zeros((BM,), ACC)
             s2 = tl.zeros((BM,), ACC)
@@ -261,7 +297,7 @@ def fallback_kernel(
                     s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
                                 ACC, PREC, CAUSAL, HAS_KEEP)
                     x = (s - m[:, None]) * am1
-                    inside = x > lo[:, None]
+                    inside = x > tau[:, None]
                     n += tl.sum(inside.to(ACC), 1)
                     s1 += tl.sum(tl.where(inside, x, 0.0), 1)
                     s2 += tl.sum(tl.where(inside, x * x, 0.0), 1)

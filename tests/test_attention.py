@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hf_sparse.attention import AttentionMask, attend, build_mask, choose_backend, normalize
+from hf_sparse.entmax_triton import unavailable_reasons
 from hf_sparse.patterns import dense_mask, parse
 from test_entmax_in_models import PACKAGE, package_normalize
 
@@ -124,7 +125,8 @@ def test_auto_backend_picks_by_what_is_possible_then_by_measured_crossover():
     assert _choose("auto", pattern=parse("window:4000")) == "sdpa"  # too dense for block sparsity to pay
     assert _choose("auto", output_attentions=True) == "eager"
     assert _choose("auto", device=torch.device("cuda")) == "flex"  # FlexAttention where it compiles as data
-    assert _choose("auto", device=torch.device("cuda"), attention_fn="entmax15") == "tiles"
+    fused = "tiles" if unavailable_reasons("cuda") else "fused"  # the fused entmax kernel where triton is installed
+    assert _choose("auto", device=torch.device("cuda"), attention_fn="entmax15") == fused
 
 
 @pytest.mark.parametrize(

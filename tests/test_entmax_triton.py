@@ -95,10 +95,11 @@ def test_outputs_gradients_and_support_equal_dense_float64_entmax(alpha, causal)
     torch.testing.assert_close(p, p_ref.detach(), atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3, 2.5])
 def test_rows_past_their_candidates_take_the_exact_fallback(alpha):
-    """Two candidates per row: nearly every row fails the certificate and is solved over all its keys."""
-    q, k, v = inputs(1, 1, 16, 48, 16, spread=0.8, seed=7)
+    """Two candidates per row: nearly every row fails the certificate and is solved over all its keys (Newton
+    from the candidates' threshold for α <= 2, bisection beyond)."""
+    q, k, v = inputs(1, 1, 16, 48, 16, spread=0.5, seed=7)
     allowed = dense_allowed(1, 1, 16, 48)
     p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, blocks=(16, 16, 2))
     assert ((p_ref > 0).sum(-1) > 2).float().mean() > 0.5  # the supports really are larger than the candidates
@@ -192,3 +193,57 @@ def test_empty_inputs():
     out = entmax_attention(q, k, v)
     assert out.shape == (1, 2, 5, 16) and not out.any()
     assert math.isfinite(float(torch.autograd.grad(out.sum(), q)[0].abs().sum()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dispatch: attention_backend="fused" in the models, and what "auto" picks
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn, pattern", [("entmax15", "window:6+global:1"), ("entmax_bisect", "dense")])
+def test_sparse_bert_on_the_fused_backend_equals_eager(fn, pattern):
+    from conftest import random_batch, tiny_kwargs
+    from hf_sparse import SparseBertConfig, SparseBertForMaskedLM
+
+    torch.manual_seed(0)
+    kwargs = tiny_kwargs(attention_fn=fn, entmax_alpha=1.3, attention_pattern=pattern, num_attention_heads=2)
+    model = SparseBertForMaskedLM(SparseBertConfig(**kwargs)).double().to(DEVICE).train()
+    with torch.no_grad():  # sharper scores: sparse rows at random initialisation
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.query.weight.mul_(8.0)
+    ids, mask = random_batch(batch=2, length=24)
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    results = {}
+    for backend in ("eager", "fused"):
+        model.config.attention_backend = backend
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        (logits * torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype, device=DEVICE)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[backend] = logits.detach(), grads
+    (eager, eager_grads), (fused, fused_grads) = results["eager"], results["fused"]
+    torch.testing.assert_close(fused, eager, atol=1e-10, rtol=0)
+    assert fused_grads.keys() == eager_grads.keys() and len(fused_grads) > 10
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], atol=1e-9, rtol=0, msg=name)
+
+
+def test_auto_picks_fused_for_entmax_on_cuda_only_and_explicit_requests_name_what_blocks_them(monkeypatch):
+    from hf_sparse.attention import choose_backend
+    from hf_sparse.patterns import parse
+
+    dense, cuda, cpu = parse("dense"), torch.device("cuda"), torch.device("cpu")
+    for fn in ("entmax15", "sparsemax", "entmax_bisect"):
+        assert choose_backend("auto", pattern=dense, n=512, device=cuda, attention_fn=fn) == "fused"
+        assert choose_backend("auto", pattern=dense, n=512, device=cpu, attention_fn=fn) == "eager"  # interpreter on
+    assert choose_backend("auto", pattern=dense, n=512, device=cuda, attention_fn="softmax") == "sdpa"
+    assert choose_backend("auto", pattern=dense, n=512, device=cuda, attention_fn="entmax15", dropout=0.1) == "eager"
+    probs = dict(pattern=dense, n=512, device=cuda, attention_fn="entmax15", output_attentions=True)
+    assert choose_backend("auto", **probs) == "eager"
+    with pytest.raises(ValueError, match="output_attentions=True needs the probabilities"):
+        choose_backend("fused", **probs)
+    with pytest.raises(ValueError, match="'softmax' is not an entmax"):
+        choose_backend("fused", pattern=dense, n=512, device=cuda, attention_fn="softmax")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="fused' is not possible here: .*TRITON_INTERPRET"):
+        choose_backend("fused", pattern=dense, n=512, device=cpu, attention_fn="entmax15")
