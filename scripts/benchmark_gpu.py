@@ -1,0 +1,307 @@
+"""Exact entmax attention on a GPU (issue 12): one prepared run for a lent H100/H200 (GPU time is short and rare).
+
+Checks first, then times (CUDA events, medians), B=1, 16 heads, head dim 64:
+
+1. **Correctness** at L = 1024: the fused kernel (:mod:`hf_sparse.entmax_triton`) against matmul + ``entmax_topk``
+   + matmul, causal and not: float32 inputs (outputs and gradients, and the probability rows themselves through
+   identity values: same support, largest difference), and bfloat16 inputs (against the same reference on the
+   rounded inputs).
+2. **Row-wise entmax**, float32 scores (1, 16, L, L), forward: softmax, ``entmax_topk.entmax15``, the ``entmax``
+   package.
+3. **Attention op**, bfloat16 q, k, v, L in {1024, 4096, 8192, 16384}, causal and not, forward and
+   forward+backward: SDPA (softmax, the speed of light), FlexAttention (softmax, compiled), the fused entmax kernel,
+   matmul + ``entmax_topk`` + matmul, matmul + the ``entmax`` package + matmul. Ratios to SDPA from the same run.
+   Dense paths are skipped where their L x L tensors would not fit, with the reason in the table.
+
+Writes ``benchmarks/gpu.md`` (``--output``). Smoke-test it on CPU first (tiny sizes, Triton's interpreter, no
+report unless ``--output`` is given):
+
+    python scripts/benchmark_gpu.py --smoke
+    python scripts/benchmark_gpu.py --output benchmarks/gpu.md      # on the GPU, about 5 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first used
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+try:
+    import hf_sparse  # noqa: F401
+except Exception as exc:  # another transformers on a GPU image: the two modules timed here need torch alone
+    import types
+
+    print(f"note: import hf_sparse failed ({exc!r}); loading its torch-only modules directly", flush=True)
+    package = types.ModuleType("hf_sparse")
+    package.__path__ = [str(REPO / "hf_sparse")]
+    sys.modules["hf_sparse"] = package
+
+from hf_sparse.entmax_topk import entmax15  # noqa: E402
+from hf_sparse.entmax_triton import entmax_attention  # noqa: E402
+
+try:
+    import entmax as entmax_package
+except ImportError:  # a benchmark-only dependency (the dev extra has it)
+    entmax_package = None
+
+COMMAND = "python scripts/benchmark_gpu.py --output benchmarks/gpu.md"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, budget_s: float = 0.4, max_repeats: int = 10) -> float:
+    """Median ms of ``fn`` after one warm-up call (compilation); as many repeats as fit ``budget_s``."""
+    fn()
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    first = time.perf_counter() - t
+    repeats = max(1, min(max_repeats, int(budget_s / max(first, 1e-6))))
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def forward_backward(fn, grad):
+    fn().backward(grad)
+
+
+def causal_keep(n, device):
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
+def dense_entmax_attention(q, k, v, causal, normaliser):
+    """matmul + mask + normaliser + matmul, scores in float32 (the dense reference paths)."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    keep = causal_keep(q.shape[2], q.device) if causal else None
+    if normaliser == "topk":
+        p = entmax15(scores, keep=keep)
+    else:
+        if keep is not None:
+            scores = scores.masked_fill(~keep, float("-inf"))
+        p = entmax_package.entmax15(scores, dim=-1)
+    return (p @ v.float()).to(q.dtype)
+
+
+def correctness(n, heads, dim, device, lines):
+    """Fused kernel vs matmul + entmax_topk + matmul: float32 (support too) and bfloat16."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    base = [torch.randn(1, heads, n, dim, generator=g) for _ in range(3)]
+    for causal in (False, True):
+        q, k, v = (t.to(device).requires_grad_() for t in base)
+        out = entmax_attention(q, k, v, causal=causal)
+        ref = dense_entmax_attention(q, k, v, causal, "topk")
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        want = torch.autograd.grad(ref, (q, k, v), grad)
+        eye = torch.eye(n, device=device)
+        with torch.no_grad():  # the probabilities: identity values, 64 columns a call
+            chunks = [eye[:, c : c + 64].expand(1, heads, n, -1) for c in range(0, n, 64)]
+            p = torch.cat([entmax_attention(q, k, chunk, causal=causal) for chunk in chunks], -1)
+            scores = (q @ k.transpose(-1, -2)) * dim**-0.5
+            p_ref = entmax15(scores, keep=causal_keep(n, device) if causal else None)
+        differ = int(((p > 0) != (p_ref > 0)).sum())
+        grads = ", ".join(f"d{name} {float((a - b).abs().max()):.1e}" for name, a, b in zip("qkv", got, want))
+        lines.append(
+            f"- float32, {'causal' if causal else 'non-causal'}, L={n}: output max |diff| "
+            f"{float((out - ref).abs().max()):.1e}, {grads}; probabilities max |diff| "
+            f"{float((p - p_ref).abs().max()):.1e}, support differs in {differ} of {p.numel()} pairs "
+            f"(support size median {int((p_ref > 0).sum(-1).median())}, max {int((p_ref > 0).sum(-1).max())})"
+        )
+        qb, kb, vb = (t.detach().bfloat16() for t in base)
+        qb, kb, vb = (t.to(device) for t in (qb, kb, vb))
+        with torch.no_grad():
+            out_b = entmax_attention(qb, kb, vb, causal=causal).float()
+            ref_b = dense_entmax_attention(qb.float(), kb.float(), vb.float(), causal, "topk")
+        lines.append(
+            f"- bfloat16 inputs, {'causal' if causal else 'non-causal'}: output max |diff| "
+            f"{float((out_b - ref_b).abs().max()):.1e} against float32 math on the same rounded inputs"
+        )
+    return lines
+
+
+def fits(n, heads, device, factor: float) -> bool:
+    """Whether ``factor`` float32 (1, heads, L, L) tensors fit in half the free GPU memory."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info()
+    return factor * heads * n * n * 4 < free / 2
+
+
+def rowwise(lengths, heads, device, rows):
+    for n in lengths:
+        if not fits(n, heads, device, 4):
+            rows.append(f"| {n} | skipped: (1, {heads}, L, L) scores do not fit | | |")
+            continue
+        x = torch.randn(1, heads, n, n, device=device)
+        soft = time_ms(partial(torch.softmax, x, -1), device)
+        ours = time_ms(partial(entmax15, x), device)
+        if entmax_package is None:
+            package = "not installed"
+        elif n > 8192:
+            package = "skipped: sorts every row (> 1 s)"
+        else:
+            package = f"{time_ms(partial(entmax_package.entmax15, x, dim=-1), device):.2f}"
+        rows.append(f"| {n} | {soft:.2f} | {ours:.2f} | {package} |")
+        del x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def attention_op(lengths, heads, dim, device, rows, flex):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for n in lengths:
+        for causal in (False, True):
+            q, k, v = (torch.randn(1, heads, n, dim, device=device, dtype=dtype, requires_grad=True) for _ in "qkv")
+            grad = torch.randn_like(q)
+            methods = {
+                "sdpa": partial(F.scaled_dot_product_attention, q, k, v, is_causal=causal),
+                "flex": partial(flex, q, k, v, causal) if flex is not None else None,
+                "fused": partial(entmax_attention, q, k, v, causal=causal),
+                "topk": partial(dense_entmax_attention, q, k, v, causal, "topk"),
+                "package": partial(dense_entmax_attention, q, k, v, causal, "package"),
+            }
+            for backward in (False, True):
+                cells, sdpa_ms = [], None
+                for name, fn in methods.items():
+                    why = None
+                    if fn is None:
+                        why = "not run here"
+                    elif name in ("topk", "package") and not fits(n, heads, device, 8 if backward else 4):
+                        why = "L x L tensors do not fit"
+                    elif name == "package" and entmax_package is None:
+                        why = "not installed"
+                    elif name == "package" and (n > 8192 or (causal and n > 4096)):
+                        why = "too slow (sorts every row)"
+                    elif name == "flex" and backward and device.type == "cpu":
+                        why = "no CPU backward"
+                    if why:
+                        cells.append(why)
+                        continue
+                    call = partial(forward_backward, fn, grad) if backward else fn
+                    if backward:
+                        ms = time_ms(call, device)
+                    else:
+                        with torch.no_grad():
+                            ms = time_ms(call, device)
+                    sdpa_ms = ms if name == "sdpa" else sdpa_ms
+                    cells.append(f"{ms:.2f} ({ms / sdpa_ms:.1f}x)" if sdpa_ms else f"{ms:.2f}")
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                kind = "fwd+bwd" if backward else "fwd"
+                rows.append(f"| {n} | {'causal' if causal else 'non-causal'} | {kind} | " + " | ".join(cells) + " |")
+                print(rows[-1], flush=True)
+    return rows
+
+
+def make_flex(device):
+    """Compiled FlexAttention, softmax (the block-sparse softmax baseline); causal through a BlockMask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
+    masks = {}
+
+    def run(q, k, v, causal):
+        mask = None
+        if causal:
+            key = q.shape[2]
+            if key not in masks:
+                masks[key] = create_block_mask(
+                    lambda b, h, qi, ki: qi >= ki, None, None, key, key, device=str(device)
+                )
+            mask = masks[key]
+        return compiled(q, k, v, block_mask=mask)
+
+    return run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, Triton's interpreter")
+    parser.add_argument("--output", help="write the report here (markdown)")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: run with --smoke on a CPU")
+    heads, dim = (2, 16) if args.smoke else (16, 64)
+    lengths = [32, 48] if args.smoke else [1024, 4096, 8192, 16384]
+    started = time.perf_counter()
+    checks = correctness(40 if args.smoke else 1024, heads, dim, device, [])
+    print("\n".join(checks), flush=True)
+    row_rows = rowwise(lengths, heads, device, [])
+    flex = make_flex(device) if device.type == "cuda" else None
+    op_rows = attention_op(lengths, heads, dim, device, [], flex)
+    import triton
+
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
+    report = [
+        "# Exact entmax attention on a GPU",
+        "",
+        f"`{COMMAND}` on {machine}, {datetime.date.today()}: torch {torch.__version__}, triton {triton.__version__},"
+        f" entmax {getattr(entmax_package, '__version__', 'absent')}, Python {platform.python_version()}; "
+        f"B=1, {heads} heads, head dim {dim}; one run, medians of up to 10 timed calls (CUDA events) after a warm-up."
+        f" Whole run {time.perf_counter() - started:.0f} s.",
+        "",
+        "## Correctness (fused kernel against matmul + `entmax_topk` + matmul)",
+        "",
+        *checks,
+        "",
+        "## Row-wise entmax15, float32 scores (1, H, L, L), forward, ms",
+        "",
+        "| L | softmax | `entmax_topk.entmax15` | `entmax` package |",
+        "|---|---:|---:|---:|",
+        *row_rows,
+        "",
+        "## Attention q, k, v -> output, bfloat16, ms (ratio to SDPA in the same row)",
+        "",
+        "SDPA and FlexAttention compute softmax attention (the target to be compared with); the other three compute"
+        " exact 1.5-entmax attention: the fused kernel, matmul + `entmax_topk` + matmul, and matmul + the `entmax`"
+        " package + matmul (scores in float32).",
+        "",
+        "| L | mask | pass | SDPA | FlexAttention | fused entmax | matmul + entmax_topk | matmul + entmax package |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+        *op_rows,
+        "",
+    ]
+    text = "\n".join(report)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
