@@ -20,7 +20,7 @@ try:  # Transformers' remote-code check skips imports inside try: triton is need
 except ImportError:  # entmax_triton.unavailable_reasons says so before anything imports this module
     raise
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read
 
 # KIND: 0 = 1.5-entmax (closed form), 1 = sparsemax (closed form), 2 = general α (bisection)
 
