@@ -223,13 +223,18 @@ def write_card(model, directory: str | os.PathLike, *, plot_masks: bool = True, 
     """Write ``README.md`` (and, for a SparseBERT, ``attention_masks.png``) into ``directory``; returns the card.
 
     ``card_kwargs`` go to :func:`model_card`; the mask heatmap (drawn unless every layer is dense) is added to its
-    ``plots``. ``n`` (the length of the sparsity table and heatmap) defaults to ``min(128, max positions)``.
+    ``plots``. ``n`` (the length of the sparsity table and heatmap) defaults to ``min(128, max positions)``, and
+    to at most the DAM gates' ``max_length``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     plots = dict(card_kwargs.pop("plots", None) or {})
     sparse_bert = hasattr(model.base_model, "layer_patterns")
-    n = card_kwargs["n"] = card_kwargs.get("n") or min(128, model.config.max_position_embeddings)
+    longest = model.config.max_position_embeddings
+    dam = getattr(model.config, "dam", None)
+    if dam:  # DAM gates (and a frozen mask) cover only dam max_length positions
+        longest = min(longest, dam.get("max_length") or longest)
+    n = card_kwargs["n"] = card_kwargs.get("n") or min(128, longest)
     if plot_masks and sparse_bert and not all(p.is_dense for p in model.base_model.layer_patterns(n, "cpu")):
         from .plotting import plot_layer_masks
 

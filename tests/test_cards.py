@@ -48,6 +48,14 @@ def test_frozen_dam_card_reports_the_stored_mask_and_per_layer_sparsity(tmp_path
     assert "sparsebert-dam" in ModelCard.load(tmp_path / "README.md").data.tags
 
 
+def test_a_dam_shorter_than_the_positions_gets_its_card_at_the_length_its_gates_cover(tmp_path):
+    dam = {"structure": "offset", "max_length": 24}
+    model = SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs(dam=dam, max_position_embeddings=64)))
+    model.freeze_dam()
+    text = ModelCard.load(write_card(model, tmp_path)).text  # n = 64 would be refused by the gates
+    assert "at n=24" in text and (tmp_path / "attention_masks.png").exists()
+
+
 def test_marian_card_names_the_normalisers_and_the_unfitted_predictors():
     config = EntmaxSparsefinderMarianConfig(**MARIAN, sparsefinder={"method": "quantization", "num_buckets": 3})
     card = model_card(EntmaxSparsefinderMarianMTModel(config), repo_id="org/mt")
