@@ -57,6 +57,7 @@ INTERPRETER_BLOCKS = (16, 16, 16)
 # Rows that fail the certificate: at most this many passes over their keys (Newton for α <= 2, where a few do;
 # bisection for α > 2, halving a bracket narrower than 1 below the accumulator's resolution), and Newton stops at
 # steps below this tolerance, relative to |τ|.
+SORT_ABOVE = 4  # a key tile bringing more new candidates than this to some row is merged by sorting
 FALLBACK_ITERATIONS = {False: {torch.float32: 30, torch.float64: 50}, True: {torch.float32: 32, torch.float64: 60}}
 FALLBACK_TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-14}
 
@@ -210,7 +211,7 @@ class _EntmaxAttention(torch.autograd.Function):
             kernels.threshold_kernel[grid](
                 q, k, *common["masks"], m, tau, fail, tilemax, *common["qk_strides"], *common["mask_strides"],
                 h, lq, lk, d, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, (1 / kc) ** am1,
-                KC=kc, N_ITER=cfg["n_iter"], **common["meta"],
+                KC=kc, N_ITER=cfg["n_iter"], SORT_ABOVE=SORT_ABOVE, **common["meta"],
             )
             kernels.fallback_kernel[grid](
                 q, k, *common["masks"], m, tau, fail, *common["qk_strides"], *common["mask_strides"],

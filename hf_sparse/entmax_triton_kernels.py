@@ -111,11 +111,13 @@ def threshold_kernel(
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket,
-    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr, SORT_ABOVE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
-    """Top-KC scores per row, tile by tile, and the largest score left out (``rest``); then the closed form /
+    """Top-KC scores per row, tile by tile (a tile with more than ``SORT_ABOVE`` newcomers in some row is merged by
+    sorting, else its newcomers are inserted one round each), and the largest score left out (``rest``); then the
+    closed form /
     bisection on the candidates and the certificate ``(α-1)(rest - m) <= τ``. Also writes each tile's largest
     allowed score (what the later passes skip tiles by)."""
     pid_m = tl.program_id(0)
@@ -144,18 +146,30 @@ def threshold_kernel(
                            PREC, CAUSAL, HAS_KEEP)
             best = tl.max(left, 1)
             tl.store(TILEMAX + (bh * n_qb + pid_m) * n_kb + start_n // BN, tl.max(best, 0))
-            # insert the tile's scores above kth, largest first, each replacing the current smallest candidate;
-            # as many rounds as the most any row takes (at most KC; after the first tiles usually 0-2)
-            while tl.max((best > kth).to(tl.int32), 0) > 0:
-                take = best > kth
-                rest = tl.where(take, tl.maximum(rest, kth), rest)  # the evicted candidate
-                out = (slots[None, :] == tl.argmin(buf, 1)[:, None]) & take[:, None]
-                buf = tl.where(out, best[:, None], buf)
-                used = (cols[None, :] == tl.argmax(left, 1)[:, None]) & take[:, None]
-                left = tl.where(used, NEG_INF, left)
+            newcomers = tl.max(tl.sum((left > kth[:, None]).to(tl.int32), 1), 0)
+            if newcomers > SORT_ABOVE:
+                # many (the first tiles): merge sorted runs. The tile's top KC, ascending, against the candidates,
+                # descending: their elementwise max is the top KC of the union (a bitonic merge step), the min
+                # holds the ones pushed out.
+                ascending = tl.sort(left, 1)
+                top = tl.max(tl.reshape(ascending, (BM, BN // KC, KC)), 1)  # the last KC (chunks are ascending)
+                below = tl.max(tl.where(cols[None, :] < BN - KC, ascending, NEG_INF), 1)
+                descending = tl.sort(buf, 1, descending=True)
+                rest = tl.maximum(rest, tl.maximum(below, tl.max(tl.minimum(descending, top), 1)))
+                buf = tl.maximum(descending, top)
                 kth = tl.min(buf, 1)
-                best = tl.max(left, 1)
-            rest = tl.maximum(rest, best)  # the tile's scores left out
+            else:
+                # few: insert them largest first, each replacing the current smallest candidate
+                while tl.max((best > kth).to(tl.int32), 0) > 0:
+                    take = best > kth
+                    rest = tl.where(take, tl.maximum(rest, kth), rest)  # the evicted candidate
+                    out = (slots[None, :] == tl.argmin(buf, 1)[:, None]) & take[:, None]
+                    buf = tl.where(out, best[:, None], buf)
+                    used = (cols[None, :] == tl.argmax(left, 1)[:, None]) & take[:, None]
+                    left = tl.where(used, NEG_INF, left)
+                    kth = tl.min(buf, 1)
+                    best = tl.max(left, 1)
+                rest = tl.maximum(rest, best)  # the tile's scores left out
     m = tl.max(buf, 1)
     empty = m == NEG_INF
     m = tl.where(empty, 0.0, m)
@@ -257,10 +271,15 @@ def fallback_kernel(
         else:
             tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=0.0)
             active = fail
+            solved = ~fail  # rows whose τ is the closed form on their exact support
             steps = 0
             while (tl.max(active.to(tl.int32), 0) > 0) & (steps < N_ITER):
                 f = tl.zeros((BM,), ACC)
                 slope = tl.zeros((BM,), ACC)  # -f'(τ)
+                n = tl.zeros((BM,), ACC)
+                s1 = tl.zeros((BM,), ACC)
+                s2 = tl.zeros((BM,), ACC)
+                smallest = tl.full((BM,), float("inf"), ACC)
                 for start_n in range(0, hi, BN):
                     if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ,
                                      TK, CAUSAL, HAS_BMASK):
@@ -268,8 +287,14 @@ def fallback_kernel(
                         k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
                         s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF,
                                     scale, ACC, PREC, CAUSAL, HAS_KEEP)
-                        d = (s - m[:, None]) * am1 - tau[:, None]
+                        x = (s - m[:, None]) * am1
+                        d = x - tau[:, None]
                         pos = d > 0
+                        if KIND != 2:
+                            n += tl.sum(pos.to(ACC), 1)
+                            s1 += tl.sum(tl.where(pos, x, 0.0), 1)
+                            s2 += tl.sum(tl.where(pos, x * x, 0.0), 1)
+                            smallest = tl.minimum(smallest, tl.min(tl.where(pos, x, float("inf")), 1))
                         if KIND == 0:
                             d = tl.where(pos, d, 0.0)
                             f += tl.sum(d * d, 1)
@@ -281,34 +306,50 @@ def fallback_kernel(
                             power = tl.where(pos, tl.exp2(tl.log2(tl.where(pos, d, 1.0)) * inv_am1), 0.0)
                             f += tl.sum(power, 1)
                             slope += tl.sum(tl.where(pos, power / tl.where(pos, d, 1.0), 0.0), 1) * inv_am1
+                if KIND != 2:
+                    # S = {x > τ} holds the support (τ <= the row's); τ_S, the closed form on S, is the row's τ
+                    # exactly when S = {x > τ_S}, i.e. when S's smallest score is above it: then stop
+                    closed = _closed_form(n, s1, s2, KIND)
+                    exact = active & (smallest > closed)
+                    tau = tl.where(exact, closed, tau)
+                    solved = solved | exact
+                    active = active & ~exact
                 step = tl.where(active & (slope > 0), (f - 1) / tl.where(slope > 0, slope, 1.0), 0.0)
                 tau = tau + step
                 active = active & (tl.abs(step) > tol * tl.maximum(tl.abs(tau), 1.0))
                 steps += 1
-        if KIND != 2:  # the support {x > τ} gives τ in closed form
-            n = tl.zeros((BM,), ACC)
-            s1 = tl.zeros((BM,), ACC)
-            s2 = tl.zeros((BM,), ACC)
-            for start_n in range(0, hi, BN):
-                if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK,
-                                 CAUSAL, HAS_BMASK):
-                    offs_n = start_n + cols
-                    k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-                    s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
-                                ACC, PREC, CAUSAL, HAS_KEEP)
-                    x = (s - m[:, None]) * am1
-                    inside = x > tau[:, None]
-                    n += tl.sum(inside.to(ACC), 1)
-                    s1 += tl.sum(tl.where(inside, x, 0.0), 1)
-                    s2 += tl.sum(tl.where(inside, x * x, 0.0), 1)
-            n = tl.maximum(n, 1.0)
-            if KIND == 0:
-                mean = s1 / n
-                delta = (1 - n * (s2 / n - mean * mean)) / n
-                tau = mean - tl.sqrt(tl.maximum(delta, 0.0))
-            else:
-                tau = (s1 - 1) / n
+        if KIND != 2:  # (never BISECT: that is α > 2)
+            if tl.max((~solved).to(tl.int32), 0) > 0:  # Newton stopped short: τ from the support {x > τ}
+                n = tl.zeros((BM,), ACC)
+                s1 = tl.zeros((BM,), ACC)
+                s2 = tl.zeros((BM,), ACC)
+                for start_n in range(0, hi, BN):
+                    if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK,
+                                     CAUSAL, HAS_BMASK):
+                        offs_n = start_n + cols
+                        k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+                        s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
+                                    ACC, PREC, CAUSAL, HAS_KEEP)
+                        x = (s - m[:, None]) * am1
+                        inside = x > tau[:, None]
+                        n += tl.sum(inside.to(ACC), 1)
+                        s1 += tl.sum(tl.where(inside, x, 0.0), 1)
+                        s2 += tl.sum(tl.where(inside, x * x, 0.0), 1)
+                tau = tl.where(solved, tau, _closed_form(n, s1, s2, KIND))
         tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok & fail)
+
+
+@triton.jit
+def _closed_form(n, s1, s2, KIND: tl.constexpr):
+    """τ of the closed forms on a set of ``n`` scores with sums ``s1`` (x) and ``s2`` (x²): 1.5-entmax
+    ``mean - sqrt((1 - ss) / n)``, sparsemax ``(s1 - 1) / n``."""
+    n = tl.maximum(n, 1.0)
+    if KIND == 0:
+        mean = s1 / n
+        delta = (1 - n * (s2 / n - mean * mean)) / n
+        return mean - tl.sqrt(tl.maximum(delta, 0.0))
+    else:
+        return (s1 - 1) / n
 
 
 # --------------------------------------------------------------------------------------------------------------
