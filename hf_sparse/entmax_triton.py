@@ -58,6 +58,7 @@ INTERPRETER_BLOCKS = (16, 16, 16)
 # bisection for α > 2, halving a bracket narrower than 1 below the accumulator's resolution), and Newton stops at
 # steps below this tolerance, relative to |τ|.
 SORT_ABOVE = 4  # a key tile bringing more new candidates than this to some row is merged by sorting
+INTERPRETER_SORT_ABOVE = 16  # the interpreter sorts slowly (0.2 s a call): there only when a test asks for it
 FALLBACK_ITERATIONS = {False: {torch.float32: 30, torch.float64: 50}, True: {torch.float32: 32, torch.float64: 60}}
 FALLBACK_TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-14}
 
@@ -211,7 +212,7 @@ class _EntmaxAttention(torch.autograd.Function):
             kernels.threshold_kernel[grid](
                 q, k, *common["masks"], m, tau, fail, tilemax, *common["qk_strides"], *common["mask_strides"],
                 h, lq, lk, d, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, (1 / kc) ** am1,
-                KC=kc, N_ITER=cfg["n_iter"], SORT_ABOVE=SORT_ABOVE, **common["meta"],
+                KC=kc, N_ITER=cfg["n_iter"], SORT_ABOVE=cfg["sort_above"], **common["meta"],
             )
             kernels.fallback_kernel[grid](
                 q, k, *common["masks"], m, tau, fail, *common["qk_strides"], *common["mask_strides"],
@@ -373,6 +374,7 @@ def entmax_attention(
         n_iter=n_iter,
         blocks=(bm, bn, kc),
         need_g=need_g,
+        sort_above=INTERPRETER_SORT_ABOVE if interpreted else SORT_ABOVE,
     )
     q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
     if interpreted and q.dtype == torch.bfloat16:

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton", reason="the fused kernel needs triton (a dev dependency)")
 
+from hf_sparse import entmax_triton  # noqa: E402
 from hf_sparse.entmax_topk import entmax15, entmax_alpha, sparsemax  # noqa: E402
 from hf_sparse.entmax_triton import entmax_attention, unavailable_reasons  # noqa: E402
 
@@ -96,9 +97,11 @@ def test_outputs_gradients_and_support_equal_dense_float64_entmax(alpha, causal)
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3, 2.5])
-def test_rows_past_their_candidates_take_the_exact_fallback(alpha):
+def test_rows_past_their_candidates_take_the_exact_fallback(alpha, monkeypatch):
     """Two candidates per row: nearly every row fails the certificate and is solved over all its keys (Newton
-    from the candidates' threshold for α <= 2, bisection beyond)."""
+    from the candidates' threshold for α <= 2, bisection beyond). Tiles with many new candidates are merged by
+    sorting here, as on the GPU."""
+    monkeypatch.setattr(entmax_triton, "INTERPRETER_SORT_ABOVE", 4)
     q, k, v = inputs(1, 1, 16, 48, 16, spread=0.5, seed=7)
     allowed = dense_allowed(1, 1, 16, 48)
     p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, blocks=(16, 16, 2))
@@ -125,7 +128,8 @@ def test_block_mask_keep_and_rows_without_keys_give_zeros_and_finite_gradients()
     assert torch.equal(out[0, 0, 16:32].cpu(), torch.zeros(16, d, dtype=out.dtype))
 
 
-def test_float32_and_bfloat16_inputs_match_float64_entmax_within_their_precision():
+def test_float32_and_bfloat16_inputs_match_float64_entmax_within_their_precision(monkeypatch):
+    monkeypatch.setattr(entmax_triton, "INTERPRETER_SORT_ABOVE", 4)  # candidates merged by sorting, as on the GPU
     q, k, v = inputs(1, 2, 32, 40, 16, seed=11)
     allowed = dense_allowed(1, 2, 32, 40, causal=True)
     ref, p_ref, _ = reference(q, k, v, 1.5, allowed)
@@ -206,7 +210,9 @@ def test_sparse_bert_on_the_fused_backend_equals_eager(fn, pattern):
     from hf_sparse import SparseBertConfig, SparseBertForMaskedLM
 
     torch.manual_seed(0)
-    kwargs = tiny_kwargs(attention_fn=fn, entmax_alpha=1.3, attention_pattern=pattern, num_attention_heads=2)
+    kwargs = tiny_kwargs(
+        attention_fn=fn, entmax_alpha=1.3, attention_pattern=pattern, num_attention_heads=2, num_hidden_layers=1
+    )
     model = SparseBertForMaskedLM(SparseBertConfig(**kwargs)).double().to(DEVICE).train()
     with torch.no_grad():  # sharper scores: sparse rows at random initialisation
         for layer in model.bert.encoder.layer:
@@ -223,7 +229,7 @@ def test_sparse_bert_on_the_fused_backend_equals_eager(fn, pattern):
         results[backend] = logits.detach(), grads
     (eager, eager_grads), (fused, fused_grads) = results["eager"], results["fused"]
     torch.testing.assert_close(fused, eager, atol=1e-10, rtol=0)
-    assert fused_grads.keys() == eager_grads.keys() and len(fused_grads) > 10
+    assert fused_grads.keys() == eager_grads.keys() and len(fused_grads) > 8
     for name, grad in fused_grads.items():
         torch.testing.assert_close(grad, eager_grads[name], atol=1e-9, rtol=0, msg=name)
 
