@@ -7,17 +7,19 @@
 output is one flash-style pass, and a tile whose largest score is below every row's threshold is skipped.
 
 1. **Threshold pass** (``threshold_kernel``): one sweep over the row's key tiles keeps its ``KC`` largest scores
-   (a tile's sorted top ``KC`` merged into the running candidates: the elementwise max of a descending and an
-   ascending sorted run is the top half of their union) and the largest score it left out, ``rest``. On the
-   candidates: 1.5-entmax and sparsemax by the closed forms of ``entmax.entmax15`` / ``entmax.sparsemax`` (the
-   same operations as :mod:`hf_sparse.entmax_topk`), general α by ``entmax_bisect``'s bisection. The certificate
+   and the largest score it left out, ``rest``. A tile whose scores above the current ``KC``-th are few inserts
+   them one round each; one with many (the first tiles) is merged by sorting (the elementwise max of a descending
+   and an ascending sorted run is the top half of their union). On the candidates: 1.5-entmax and sparsemax by the
+   closed forms of ``entmax.entmax15`` / ``entmax.sparsemax`` (cumulative sums by rank, no sort), general α by
+   ``entmax_bisect``'s bisection. The certificate
    of :mod:`hf_sparse.entmax_topk` applies unchanged: if ``(α-1)(rest - m) <= τ`` no other key enters the
    support, so the candidates' τ is the row's τ, exactly. The sweep also records each tile's largest score.
 2. **Fallback** (``fallback_kernel``, only query tiles holding a row that failed the certificate do any work):
    Newton's method on ``Σ_j p̃_ij(τ) = 1`` over all the row's keys, a sweep over the key tiles per step,
    started from the candidates' τ (a lower bound: more scores only raise it; ``f`` is convex for α <= 2, so the
-   steps approach the root from the left; bisection for α > 2), then for the closed forms τ again in closed form
-   from the support found (``Σ x``, ``Σ x²`` over it): exact to float rounding whatever the support.
+   steps approach the root from the left; bisection for α > 2). The closed forms stop as soon as the closed form on
+   ``S = {x > τ}`` (``Σ x``, ``Σ x²`` over it) keeps all of ``S`` in its support: then it is the row's τ, exactly,
+   whatever the support's size.
 3. **Output pass** (``forward_kernel``): ``O = Σ p v`` over the tiles that can hold a nonzero ``p`` (allowed by
    causality, padding and the block mask, and with a tile maximum above the threshold of some row).
 4. **Backward** (``backward_dq_kernel``, ``backward_dkdv_kernel``): scores recomputed tile by tile as in
