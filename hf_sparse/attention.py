@@ -91,7 +91,9 @@ class AttentionMask:
     ``has_key`` is ``keep.any(-1, keepdim=True)``, computed once for every layer that shares the mask (SDPA zeroes
     the rows without a key with it); ``layout`` the pattern's touched tiles for the ``tiles`` kernel; ``tiles``
     the same as a ``(1, H|1, n/128, n/128)`` bool block mask for the ``fused`` kernel (``keep`` holds the pairs
-    inside them); ``pattern`` the pattern itself (what predicted-sparse attention meets its prediction with).
+    inside them); ``pattern`` the pattern itself (what predicted-sparse attention meets its prediction with);
+    ``causal``: the queries are the last ``Lq`` of the ``Lk`` positions and ``keep`` already excludes every later key
+    (a decoder's mask, KV cache included), so the ``fused`` kernel may skip the tiles above that diagonal unread.
     """
 
     backend: str
@@ -103,6 +105,7 @@ class AttentionMask:
     layout: TileLayout | None = None
     tiles: torch.Tensor | None = None
     pattern: Pattern | None = None
+    causal: bool = False
 
 
 # α of entmax_bisect that float32 bisection solves to ~1e-5 of float64 (measured: 1e-5 at α = 1.001, 4.5e-3 at
@@ -160,7 +163,10 @@ def choose_backend(
     if needs_grad and device.type == "cpu":
         reasons_not_flex.append("FlexAttention has no backward on CPU (the tiles kernel has)")
     if dropout > 0:
-        reasons_not_flex.append(f"attention dropout {dropout} is active (set attention_probs_dropout_prob=0)")
+        reasons_not_flex.append(
+            f"attention dropout {dropout} is active (set the config's attention dropout to 0: "
+            "attention_probs_dropout_prob in BERT, attention_dropout in Marian)"
+        )
     reasons_not_fused = [r for r in reasons_not_flex if not r.startswith(("attention_fn", "FlexAttention"))]
     if attention_fn == "softmax":
         reasons_not_fused.append("attention_fn='softmax' is not an entmax ('sdpa' and 'flex' fuse softmax)")
@@ -209,6 +215,21 @@ def choose_backend(
     if cached_block_density(pattern, n, "cpu", FLEX_BLOCK_SIZE) > BLOCK_SPARSE_MAX_DENSITY[family]:
         return dense_kernel
     return "flex" if device.type == "cuda" and not reasons_not_flex else "tiles"
+
+
+def attention_backends_used(model: torch.nn.Module) -> dict[str, str]:
+    """The kernel each attention module of ``model`` ran in its latest forward, by module name.
+
+    ``eager``, ``sdpa``, ``flex``, ``tiles``, ``fused``, or ``sparsefinder`` (attention on a predictor's pairs);
+    modules that have not run yet are absent. :func:`hf_sparse.sparsefinder.attend_layer` records the name on the
+    module as a plain Python string when it dispatches: no device is read, so looking costs nothing per forward.
+    With KV-cache decoding the record is the last step's (prefill and steps can differ: a step is one query).
+    """
+    return {
+        name: module.attention_backend_used
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "attention_backend_used", None), str)
+    }
 
 
 def build_mask(
@@ -312,6 +333,7 @@ def attend(
             value,
             alpha=FUSED_ALPHA.get(attention_fn, alpha),
             scaling=scaling,
+            causal=mask.causal,
             block_mask=mask.tiles,
             mask_block=FLEX_BLOCK_SIZE,
             keep=keep,

@@ -13,6 +13,11 @@ from transformers import MarianConfig
 from .attention import ATTENTION_FUNCTIONS, check_choice, check_entmax_alpha
 from .sparsefinder import check_model_settings
 
+FUNCTION_FIELDS = ("encoder_attention_fn", "decoder_attention_fn", "cross_attention_fn")
+# Kernels the Marian attention function runs: one dense mask per call from Transformers (padding, causality,
+# KV cache), no pattern, so no block-sparse kernel ('flex', 'tiles') applies.
+BACKENDS = ("auto", "eager", "sdpa", "fused")
+
 
 @strict
 class EntmaxSparsefinderMarianConfig(MarianConfig):
@@ -26,6 +31,12 @@ class EntmaxSparsefinderMarianConfig(MarianConfig):
         Normaliser of the decoder's attention over the encoder.
     entmax_alpha (`float`, defaults to 1.5):
         α of `entmax_bisect`.
+    attention_backend (`str`, defaults to `"auto"`):
+        Kernel of every attention type: `auto` (on CUDA the fused Triton kernel for the entmax family, SDPA for
+        softmax; on the CPU eager entmax (exact top-k) and SDPA; eager wherever probabilities are asked for),
+        `eager` (reference, returns probabilities), `fused` (every normaliser must be of the entmax family) or
+        `sdpa` (every normaliser must be `softmax`). Predicted-sparse Sparsefinder decoding runs its own kernel.
+        This replaces Transformers' `attn_implementation`, which has no notion of entmax.
     sparsefinder (`dict`, *optional*):
         Sparsefinder predictor settings for the decoder self-attention (see `hf_sparse.sparsefinder`).
     """
@@ -36,6 +47,7 @@ class EntmaxSparsefinderMarianConfig(MarianConfig):
     encoder_attention_fn: str = "softmax"
     cross_attention_fn: str = "softmax"
     entmax_alpha: float | int = 1.5
+    attention_backend: str = "auto"
     sparsefinder: dict | None = None
 
     @classmethod
@@ -59,10 +71,23 @@ class EntmaxSparsefinderMarianConfig(MarianConfig):
 
     def check_attention(self) -> None:
         """Fail at configuration time with a ``ValueError`` that names the bad value."""
-        for name in ("decoder_attention_fn", "encoder_attention_fn", "cross_attention_fn"):
+        for name in FUNCTION_FIELDS:
             check_choice(name, getattr(self, name), ATTENTION_FUNCTIONS)
-        uses_bisect = "entmax_bisect" in (self.decoder_attention_fn, self.encoder_attention_fn, self.cross_attention_fn)
-        check_entmax_alpha(self.entmax_alpha, used=uses_bisect)
+        functions = {name: getattr(self, name) for name in FUNCTION_FIELDS}
+        check_entmax_alpha(self.entmax_alpha, used="entmax_bisect" in functions.values())
+        check_choice("attention_backend", self.attention_backend, BACKENDS)
+        # An explicit kernel serves every attention type, so it must fit every normaliser (never substituted)
+        misfits = {
+            "fused": {name: fn for name, fn in functions.items() if fn == "softmax"},
+            "sdpa": {name: fn for name, fn in functions.items() if fn != "softmax"},
+        }.get(self.attention_backend)
+        if misfits:
+            runs = "the entmax family" if self.attention_backend == "fused" else "softmax"
+            raise ValueError(
+                f"attention_backend={self.attention_backend!r} runs {runs} only, but "
+                + ", ".join(f"{name}={fn!r}" for name, fn in misfits.items())
+                + ": use 'auto' (per attention type: fused entmax on CUDA, SDPA for softmax) or 'eager'"
+            )
         if self.sparsefinder is not None:
             check_model_settings(
                 self.sparsefinder, self.decoder_layers, self.decoder_attention_fn, "decoder_attention_fn"

@@ -26,8 +26,12 @@ class SparseBertConfig(BertConfig):
     entmax_alpha (`float`, defaults to 1.5):
         α of `entmax_bisect`.
     attention_backend (`str`, defaults to `"auto"`):
-        Kernel: `eager` (reference, returns probabilities), `sdpa` (dense), `flex` (block-sparse FlexAttention), or
-        `auto` (by length and block density, the crossover measured in `benchmarks/attention_backends.md`).
+        Kernel: `eager` (reference, returns probabilities), `sdpa` (dense softmax), `flex` (block-sparse
+        FlexAttention, softmax), `tiles` (block-sparse by gathering the pattern's tiles, every normaliser, no
+        compiler), `fused` (the entmax family in fused Triton kernels: exact, skips empty tiles; CUDA), or `auto`
+        (fused for the entmax family on CUDA; otherwise by length and block density, the crossover measured in
+        `benchmarks/attention_backends.md`; eager when probabilities are asked for). After a forward,
+        `model.attention_backends_used()` says which kernel each layer ran.
         This replaces Transformers' `attn_implementation`, which has no notion of a sparsity pattern.
     dam (`dict`, *optional*):
         Differentiable Attention Mask settings (SparseBERT's DAM), see `hf_sparse.dam.DAM_DEFAULTS`: `structure`

@@ -6,6 +6,14 @@ generation, caches and beam search. What changes is the attention function, plug
 of each attention type from the config (encoder self, decoder self = causal, decoder cross) and runs
 :func:`hf_sparse.attention.attend`. With all three set to ``softmax`` the outputs equal ``MarianMTModel``'s.
 
+The kernel is chosen per call by :func:`hf_sparse.attention.choose_backend` from ``config.attention_backend``, as in
+SparseBERT: by default the fused Triton kernel for the entmax family on CUDA (encoder, decoder self-attention with
+its KV cache, cross attention), SDPA for softmax, the exact eager entmax on the CPU, and eager wherever the
+probabilities are asked for (``output_attentions``, Sparsefinder's fitting). The fused kernel takes Transformers'
+boolean mask as its element mask (padding, causality, cache offsets: exact whatever their layout) and, in the
+decoder, ``causal=True`` to skip the tiles above the diagonal unread. ``model.attention_backends_used()`` tells which
+kernel each attention module ran.
+
 This file is copied next to saved checkpoints (remote code): torch, transformers' public API and siblings only.
 """
 
@@ -15,12 +23,14 @@ import torch
 from transformers import AttentionInterface, MarianModel, MarianMTModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import AttentionMask
+from .attention import AttentionMask, attention_backends_used, choose_backend
 from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
+from .patterns import parse
 from .sparsefinder import SparsefinderLayer, attend_layer, check_loaded_predictors, predicts_layer, resolve_config
 from .sparsefinder import initialize as initialize_predictor
 
 ATTENTION_NAME = "hf_sparse_entmax"
+_DENSE = parse("dense")  # Marian attends to what Transformers' mask allows: no pattern
 
 
 def attention_type(module) -> str:
@@ -42,31 +52,44 @@ def entmax_marian_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Transformers attention-function signature; ``attention_mask`` is boolean ``(B, 1, Lq, Lk)`` (True = attend).
 
-    The normaliser is the config's for this attention type; the rest (predicted-sparse decoding, collecting the
-    gold graph while fitting) is :func:`hf_sparse.sparsefinder.attend_layer`, as in SparseBERT. Like Marian's
-    eager attention it always returns the probabilities (predicted-sparse ones scattered to ``(B, H, Lq, Lk)``:
-    one query per step when decoding with a cache), since Transformers keeps them only when asked.
+    The normaliser is the config's for this attention type, the kernel ``choose_backend``'s for it; the rest
+    (predicted-sparse decoding, collecting the gold graph while fitting) is
+    :func:`hf_sparse.sparsefinder.attend_layer`, as in SparseBERT. The probabilities are returned only when
+    ``output_attentions`` asks for them (the keyword Transformers passes down, else the config's default, which is
+    what Transformers records by), so that the kernels that never build them can run.
     """
     config = module.config
+    kind = attention_type(module)
+    attention_fn = getattr(config, f"{kind}_attention_fn")
+    output_attentions = bool(kwargs.get("output_attentions", getattr(config, "output_attentions", False)))
+    backend = choose_backend(
+        config.attention_backend,
+        pattern=_DENSE,
+        n=key.shape[2],
+        device=query.device,
+        attention_fn=attention_fn,
+        # Sparsefinder's collector reads the probabilities
+        output_attentions=output_attentions or getattr(module, "sparsefinder_collector", None) is not None,
+        dropout=dropout,
+    )
     keep = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask == 0
     valid_queries = None
     if keep is not None and keep.shape[-2] == keep.shape[-1]:
         # Transformers' decoder mask marks padded keys only; in (causal) self-attention position i is a padded key
         # iff (i, i) is masked, and then it is no real query either: its row is not part of the gold graph.
         valid_queries = keep.diagonal(dim1=-2, dim2=-1).any(1)
-    kind = attention_type(module)
     return attend_layer(
         module,
         query,
         key,
         value,
-        AttentionMask("eager", keep=keep),
+        AttentionMask(backend, keep=keep, causal=kind == "decoder"),
         where=f"{kind} layer {module.layer_idx}",
         scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
-        attention_fn=getattr(config, f"{kind}_attention_fn"),
+        attention_fn=attention_fn,
         alpha=config.entmax_alpha,
         dropout=dropout,
-        output_attentions=True,  # Transformers keeps the weights only when asked; the function cannot tell
+        output_attentions=output_attentions,
         causal=kind == "decoder",
         valid_queries=valid_queries,
     )
@@ -139,6 +162,13 @@ class _EntmaxSparsefinderMarian:
     def _init_weights(self, module):
         super()._init_weights(module)
         initialize_predictor(module)
+
+    def attention_backends_used(self) -> dict[str, str]:
+        """The kernel each attention module ran in the latest forward (``generate``: the latest step), by module
+        name, e.g. ``{"model.decoder.layers.0.self_attn": "fused", ...}``: ``eager``, ``sdpa``, ``fused`` or
+        ``sparsefinder`` (predicted pairs). Recorded as plain strings while dispatching, so asking costs no
+        device sync; see ``config.attention_backend`` for how the choice is made."""
+        return attention_backends_used(self)
 
     def sparsefinder_modules(self) -> dict[int, torch.nn.Module]:
         """Decoder self-attention modules that carry a predictor (what ``hf_sparse.sparsefinder_fit.fit`` fits)."""

@@ -31,7 +31,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from .attention import AttentionMask, build_mask, choose_backend
+from .attention import AttentionMask, attention_backends_used, build_mask, choose_backend
 from .block_maps import cached_dense_mask
 from .configuration_sparse_bert import SparseBertConfig
 from .dam import DAMGates, check_loaded_dam
@@ -371,10 +371,10 @@ class SparseBertPreTrainedModel(PreTrainedModel):
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """Refused: Transformers' attention implementations know no sparsity pattern; ``attention_backend`` in the
-        config chooses the kernel (eager, sdpa, flex, tiles, auto)."""
+        config chooses the kernel (eager, sdpa, flex, tiles, fused, auto)."""
         raise ValueError(
             f"{type(self).__name__} does not use Transformers' attn_implementation (asked: {attn_implementation!r}): "
-            "set config.attention_backend instead ('auto', 'eager', 'sdpa', 'flex', 'tiles')"
+            "set config.attention_backend instead ('auto', 'eager', 'sdpa', 'flex', 'tiles', 'fused')"
         )
 
     @torch.no_grad()
@@ -390,6 +390,13 @@ class SparseBertPreTrainedModel(PreTrainedModel):
             init.zeros_(module.frozen_mask)
             init.zeros_(module.is_frozen)
         initialize_predictor(module)
+
+    def attention_backends_used(self) -> dict[str, str]:
+        """The kernel each self-attention module ran in the latest forward, by module name, e.g.
+        ``{"bert.encoder.layer.0.attention.self": "fused", ...}``: ``eager``, ``sdpa``, ``flex``, ``tiles``,
+        ``fused`` or ``sparsefinder`` (predicted pairs). Recorded as plain strings while dispatching, so asking costs
+        no device sync; ``config.attention_backend`` says how the choice is made."""
+        return attention_backends_used(self)
 
     def sparsefinder_modules(self) -> dict[int, nn.Module]:
         """Self-attention modules that carry a Sparsefinder predictor (what ``hf_sparse.sparsefinder_fit.fit`` fits)."""

@@ -663,12 +663,15 @@ def attend_layer(
       (``module.sparsefinder_collector``), the collector gets the queries, keys, probabilities and the valid pairs:
       ``mask.keep`` restricted to the real queries ``valid_queries`` ``(B, Lq)``.
 
-    The queries are the last ``Lq`` of the ``Lk`` positions (a decoder's cache holds the others).
+    The queries are the last ``Lq`` of the ``Lk`` positions (a decoder's cache holds the others). The kernel that
+    ran (``mask.backend`` or ``"sparsefinder"``) is left on ``module.attention_backend_used`` (see
+    :func:`hf_sparse.attention.attention_backends_used`).
     """
     predictor = getattr(module, "sparsefinder", None)
     collector = getattr(module, "sparsefinder_collector", None)
     settings = module.config.sparsefinder
     if predictor is not None and collector is None and not module.training and settings.get("enabled"):
+        module.attention_backend_used = "sparsefinder"  # read by hf_sparse.attention.attention_backends_used
         lq, lk, pattern = query.shape[2], key.shape[2], mask.pattern
         pattern_rows = None
         if pattern is not None and pattern.per_row:  # random keys drawn for this batch's rows
@@ -694,6 +697,7 @@ def attend_layer(
             allowed=mask.keep if pattern is None else None,
             dense_probabilities=output_attentions if predicted_probabilities is None else predicted_probabilities,
         )
+    module.attention_backend_used = mask.backend
     out, probs = attend(
         query,
         key,
