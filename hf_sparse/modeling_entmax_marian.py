@@ -49,7 +49,7 @@ def entmax_marian_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Transformers attention-function signature; ``attention_mask`` is boolean ``(B, 1, Lq, Lk)`` (True = attend).
 
     The normaliser is the config's for this attention type, the kernel ``choose_backend``'s for it; the rest
