@@ -215,6 +215,7 @@ def _save(model, tokenizer, directory: str, metrics: dict, title: str, dataset: 
     with open(os.path.join(directory, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=2)
     hub_id = None if os.path.isdir(base_model) else base_model  # a local folder is no Hub base model
+    metrics = {k: v for k, v in metrics.items() if k != "seconds"}  # a run time is no eval result for the card
     write_card(
         model, directory, repo_id=directory, metrics=metrics, title=title, dataset=dataset, base_model=hub_id, n=n
     )
