@@ -207,9 +207,14 @@ def evaluate_classifier(model, tokenized_split, tokenizer, batch_size: int = 64)
 
 
 def _save(model, tokenizer, directory: str, metrics: dict, title: str, dataset: str, base_model: str, n: int) -> None:
-    """Checkpoint, tokenizer, ``metrics.json`` and model card (as every ``hf-sparse`` command saves)."""
+    """Checkpoint, tokenizer, ``metrics.json`` and model card (as every ``hf-sparse`` command saves); under
+    ``accelerate launch`` only the main process writes."""
+    from accelerate import PartialState
+
     from .cards import write_card
 
+    if not PartialState().is_main_process:
+        return
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     with open(os.path.join(directory, "metrics.json"), "w") as handle:
@@ -348,9 +353,12 @@ def run_finetune(
             n=max_length,
         )
         print(format_table([row]))
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "results.json"), "w") as handle:
-        json.dump(rows, handle, indent=2)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "results.json"), "w") as handle:
+            json.dump(rows, handle, indent=2)
     print("\n" + format_table(rows))
     return rows
 
