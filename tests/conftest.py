@@ -1,8 +1,16 @@
 """Shared tiny builders: every test model is made from a config here, nothing is downloaded."""
 
+import os
+
 import pytest
 import torch
 from transformers import BertConfig, BertTokenizer
+
+if not torch.cuda.is_available():
+    # The fused Triton kernels run on CPU only under Triton's interpreter, which `@triton.jit` reads when a function
+    # is decorated, triton.language's own helpers included. FlexAttention imports triton.language as soon as
+    # hf_sparse.attention is imported, so the switch is set here, before any test module is collected.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 WORDS = "the a cat dog sat ran on mat good bad great awful movie film was is very not and it".split()
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
