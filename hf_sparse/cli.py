@@ -70,9 +70,9 @@ def _data_name(args: argparse.Namespace, default: str) -> str:
 
 
 def _pretrained_masked_lm(args: argparse.Namespace, **settings):
-    """``--model`` as a SparseBertForMaskedLM with ``settings``, and its tokenizer; a missing masked-LM head (a
-    checkpoint saved as a bare ``BertModel``, like sentence encoders) is said in plain words, since it starts
-    untrained."""
+    """``--model`` as a SparseBertForMaskedLM with ``settings``, and its tokenizer. A checkpoint without a masked-LM
+    head (one saved as a bare ``BertModel``, like sentence encoders) gets a new one, which the model's loading
+    report says in one line."""
     from transformers import AutoTokenizer
 
     from . import SparseBertConfig, SparseBertForMaskedLM
@@ -80,14 +80,7 @@ def _pretrained_masked_lm(args: argparse.Namespace, **settings):
     limit = SparseBertConfig.from_pretrained(args.model).max_position_embeddings
     if args.max_length > limit:
         raise ValueError(f"--max-length {args.max_length} exceeds {args.model}'s max_position_embeddings {limit}")
-    model, info = SparseBertForMaskedLM.from_pretrained(args.model, output_loading_info=True, **settings)
-    new_head = [key for key in info["missing_keys"] if key.startswith("cls.")]
-    if new_head:
-        print(
-            f"note: {args.model} has no masked-LM head; a new one ({len(new_head)} tensors) is trained from scratch, "
-            "so masked-LM accuracy starts near zero and needs steps to recover"
-        )
-    return model, AutoTokenizer.from_pretrained(args.model)
+    return SparseBertForMaskedLM.from_pretrained(args.model, **settings), AutoTokenizer.from_pretrained(args.model)
 
 
 def _save_with_card(model, tokenizer, directory: str, metrics: dict, args=None, **card_kwargs) -> None:
@@ -248,7 +241,53 @@ def cmd_dam(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     """The SparseBERT paper's experiment: a pretrained BERT fine-tuned for classification, dense vs pattern vs DAM."""
-    raise NotImplementedError  # wired to hf_sparse.finetune
+    from .data import gettext_domain_task
+    from .finetune import default_model, format_table, run_finetune
+    from .patterns import parse
+
+    if "pattern" in args.runs:
+        parse(args.pattern)  # a typo fails before the data is read
+    model = args.model or default_model()
+    columns = (args.text_column, args.label_column)
+    data = _text_data(
+        args,
+        columns,
+        lambda: gettext_domain_task(
+            args.lang, args.locale_dir, num_labels=args.num_labels, max_per_label=args.max_per_label, seed=args.seed
+        ),
+    )
+    name = _data_name(args, f"gettext catalogues ({args.lang})") + ", validation split"
+    rows = run_finetune(
+        model,
+        data,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        runs=tuple(dict.fromkeys(args.runs)),
+        pattern=args.pattern,
+        dam_structure=args.structure,
+        target_sparsity=args.target_sparsity,
+        penalty=args.penalty,
+        gate_learning_rate=args.gate_lr,
+        search_fraction=args.search_fraction,
+        epochs=args.epochs,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        max_length=args.max_length,
+        seed=args.seed,
+        output_dir=args.output_dir,
+        dataset_name=name,
+    )
+    print(format_table(rows))
+    if args.push_to_hub:  # one repository per run: <id>-dense, <id>-pattern, <id>-dam
+        from accelerate import PartialState
+
+        from .hub import push_checkpoint
+
+        if PartialState().is_main_process:
+            for row in rows:
+                commit = push_checkpoint(os.path.join(args.output_dir, row["run"]), f"{args.hub_model_id}-{row['run']}")
+                print(f"pushed {row['run']} to {commit.repo_url} (commit {commit.oid})")
 
 
 def cmd_sparsefinder(args: argparse.Namespace) -> None:

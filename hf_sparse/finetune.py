@@ -207,22 +207,25 @@ def evaluate_classifier(model, tokenized_split, tokenizer, batch_size: int = 64)
 
 
 def _save(model, tokenizer, directory: str, metrics: dict, title: str, dataset: str, base_model: str, n: int) -> None:
-    """Checkpoint, tokenizer, ``metrics.json`` and model card (as every ``hf-sparse`` command saves); under
-    ``accelerate launch`` only the main process writes."""
+    """:func:`hf_sparse.cards.save_with_card`, as every ``hf-sparse`` command saves; under ``accelerate launch``
+    only the main process writes."""
     from accelerate import PartialState
 
-    from .cards import write_card
+    from .cards import save_with_card
 
     if not PartialState().is_main_process:
         return
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    with open(os.path.join(directory, "metrics.json"), "w") as handle:
-        json.dump(metrics, handle, indent=2)
     hub_id = None if os.path.isdir(base_model) else base_model  # a local folder is no Hub base model
-    metrics = {k: v for k, v in metrics.items() if k != "seconds"}  # a run time is no eval result for the card
-    write_card(
-        model, directory, repo_id=directory, metrics=metrics, title=title, dataset=dataset, base_model=hub_id, n=n
+    save_with_card(
+        model,
+        tokenizer,
+        directory,
+        metrics,
+        card_metrics={k: v for k, v in metrics.items() if k != "seconds"},  # a run time is no eval result
+        title=title,
+        dataset=dataset,
+        base_model=hub_id,
+        n=n,
     )
 
 

@@ -300,7 +300,7 @@ def test_demo_trains_on_a_user_text_file_and_dam_on_a_user_checkpoint(tmp_path, 
     assert reloaded.config.vocab_size == first.config.vocab_size  # the user's model and tokenizer, not a new one
 
 
-def test_a_checkpoint_without_a_masked_lm_head_is_said_in_plain_words(tmp_path, capsys):
+def test_a_checkpoint_without_a_masked_lm_head_is_said_in_plain_words(tmp_path, caplog):
     from transformers import BertModel
 
     from hf_sparse.data import train_wordpiece_tokenizer
@@ -313,7 +313,8 @@ def test_a_checkpoint_without_a_masked_lm_head_is_said_in_plain_words(tmp_path, 
         ["demo", "--model", str(tmp_path / "m"), "--train-file", str(tmp_path / "notes.txt"), "--steps", "1"]
         + ["--max-length", "32", "--batch-size", "4", "--output-dir", str(tmp_path / "out")]
     )
-    assert "has no masked-LM head; a new one (" in capsys.readouterr().out
+    said = "masked-LM head cls.predictions (5 tensors): the checkpoint has none, so it starts untrained"
+    assert caplog.text.count(said) == 1  # once, in plain words
 
 
 def test_the_dam_command_runs_unchanged_under_accelerate_launch_with_two_processes(tmp_path):
@@ -353,3 +354,29 @@ def test_sparsefinder_translation_fits_an_entmax_marian_from_a_user_csv(tmp_path
     assert metrics["target_recall"] == 0.95 and metrics["train_pairs"] == 270  # the translation defaults
     model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out" / "model", trust_remote_code=True)
     assert model.config.sparsefinder["window"] == 3 and model.config.sparsefinder["enabled"] is True
+
+
+def test_finetune_compares_dense_and_dam_on_minilm_and_takes_a_user_csv(tmp_path, capsys):
+    small = ["--steps", "2", "--batch-size", "8", "--max-length", "16"]
+    cli.main(
+        ["finetune", "--runs", "dense", "dam", "--num-labels", "2", "--max-per-label", "24", *small]
+        + ["--output-dir", str(tmp_path / "builtin")]
+    )
+    out = capsys.readouterr().out
+    assert "| run | attention | attention sparsity | accuracy | macro-F1 |" in out
+    results = json.loads((tmp_path / "builtin" / "results.json").read_text())
+    assert [row["run"] for row in results] == ["dense", "dam"]
+    assert all(0 <= row["accuracy"] <= 1 for row in results)
+    config = json.loads((tmp_path / "builtin" / "dam" / "config.json").read_text())
+    assert "learned" in config["attention_pattern"]
+    # your own data: a CSV with text and string labels in columns of your naming
+    pairs = gettext_pairs("de")[:60]
+    rows = ["body,topic", *(f'"{s.replace(chr(34), "")}",{"short" if len(s) < 30 else "long"}' for s, _ in pairs)]
+    (tmp_path / "mine.csv").write_text("\n".join(rows) + "\n")
+    cli.main(
+        ["finetune", "--runs", "dense", "--train-file", str(tmp_path / "mine.csv"), "--text-column", "body"]
+        + ["--label-column", "topic", *small, "--output-dir", str(tmp_path / "mine")]
+    )
+    assert "data: 54 training / 6 validation examples" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "mine" / "dense" / "config.json").read_text())
+    assert set(saved["id2label"].values()) == {"short", "long"}
