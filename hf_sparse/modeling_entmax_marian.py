@@ -25,6 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import AttentionMask, attention_backends_used, choose_backend
 from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
+from .loading import ReportsNewWeights
 from .patterns import parse
 from .sparsefinder import SparsefinderLayer, attend_layer, check_loaded_predictors, predicts_layer, resolve_config
 from .sparsefinder import initialize as initialize_predictor
@@ -123,7 +124,7 @@ def _setup(model) -> None:
             attention.sparsefinder = SparsefinderLayer(settings, attention.num_heads, attention.head_dim)
 
 
-class _EntmaxSparsefinderMarian:
+class _EntmaxSparsefinderMarian(ReportsNewWeights):
     """What both classes add to Transformers' Marian: entmax attention, predictors, and their initialisation."""
 
     config_class = EntmaxSparsefinderMarianConfig
@@ -133,13 +134,9 @@ class _EntmaxSparsefinderMarian:
         _setup(self)  # predictors initialise themselves; from_pretrained fills missing ones via _init_weights
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """Transformers' loading, then a refusal of a checkpoint that lost its fitted predictors (see
-        :func:`hf_sparse.sparsefinder.check_loaded_predictors`)."""
-        wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        check_loaded_predictors(model, info["missing_keys"], info["unexpected_keys"])
-        return (model, info) if wants_info else model
+    def check_loaded_state(cls, model, missing_keys: set[str], unexpected_keys) -> None:
+        """Fitted predictors the checkpoint lost: refused (:func:`hf_sparse.sparsefinder.check_loaded_predictors`)."""
+        check_loaded_predictors(model, missing_keys, unexpected_keys)
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """Only this model's own attention function: Transformers' ``sdpa`` or ``eager`` would silently make it a

@@ -12,7 +12,6 @@ API and its sibling modules.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,46 +34,13 @@ from .attention import AttentionMask, attention_backends_used, build_mask, choos
 from .block_maps import cached_dense_mask
 from .configuration_sparse_bert import SparseBertConfig
 from .dam import DAMGates, check_loaded_dam
+from .loading import UNUSED_PRETRAINING, ReportsNewWeights
 from .patterns import Intersection, Learned, Pattern, Union, bind_learned, parse, without_learned
 from .sparsefinder import SparsefinderLayer, attend_layer, check_loaded_predictors, predicts_layer, resolve_config
 from .sparsefinder import initialize as initialize_predictor
 
 _PARSED: dict[str, Pattern] = {}
 logger = logging.getLogger(__name__)
-
-# Weights a stock BERT checkpoint lacks by design, with what they are in plain words. Transformers' load report
-# skips them (``_keys_to_ignore_on_load_missing``); ``from_pretrained`` says once, in one line, which were new.
-EXPECTED_NEW = (
-    (r"^(classifier|qa_outputs)\.", "task head {names}", "trained from scratch, as expected for a new task"),
-    (r"^cls\.predictions\.", "masked-LM head cls.predictions", "the checkpoint has none, so it starts untrained"),
-    (r"(^|\.)pooler\.", "pooler", "the checkpoint has none, trained from scratch"),
-    (r"(^|\.)dam\.", "DAM gates", "the mask search starts from dam init_logit (run it with DAMCallback)"),
-    (
-        r"\.sparsefinder\.",
-        "Sparsefinder predictors of {layers}",
-        "not fitted yet (fit them, e.g. SparsefinderCallback)",
-    ),
-)
-# Pre-training parts of a checkpoint that a model without them leaves unused, as BERT's own heads always have.
-UNUSED_PRETRAINING = (r"(^|\.)pooler\.", r"^cls\.")
-
-
-def report_new_weights(model: nn.Module, missing_keys) -> str | None:
-    """One warning line naming the expected new weights among ``missing_keys`` (grouped, with tensor counts);
-    keys outside :data:`EXPECTED_NEW` were already listed by Transformers' own load report."""
-    parts = []
-    for pattern, what, why in EXPECTED_NEW:
-        keys = sorted(k for k in missing_keys if re.search(pattern, k))
-        if keys:
-            names = ", ".join(sorted({k.split(".")[0] for k in keys}))
-            layers = sorted({int(m.group(1)) for k in keys if (m := re.search(r"layer\.(\d+)\.", k))})
-            layers = f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}" if layers else "the model"
-            parts.append(f"{what.format(names=names, layers=layers)} ({len(keys)} tensors): {why}")
-    if not parts:
-        return None
-    line = f"{type(model).__name__}: new weights, not in the checkpoint (expected): " + "; ".join(parts)
-    logger.warning(line)
-    return line
 
 
 def _parsed(spec: str) -> Pattern:
@@ -323,51 +289,19 @@ class SparseBertOnlyMLMHead(nn.Module):
         return self.predictions(sequence_output)
 
 
-class SparseBertPreTrainedModel(PreTrainedModel):
+class SparseBertPreTrainedModel(ReportsNewWeights, PreTrainedModel):
     config_class = SparseBertConfig
     base_model_prefix = "bert"  # same as BERT: checkpoints with and without heads load into each other
     supports_gradient_checkpointing = True
     _no_split_modules = ["SparseBertEmbeddings", "SparseBertLayer"]
-    _keys_to_ignore_on_load_missing = [pattern for pattern, _, _ in EXPECTED_NEW]
     _keys_to_ignore_on_load_unexpected = list(UNUSED_PRETRAINING)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """Transformers' loading, then a refusal of a checkpoint that lost learned state (a frozen DAM mask,
-        fitted predictors): it would run with fresh, meaningless state, which Transformers only reports.
-
-        Expected new weights (a task head, DAM gates, Sparsefinder predictors on a stock checkpoint) are said once
-        in one plain line instead of Transformers' MISSING table; ``output_loading_info=True`` returns them in
-        ``missing_keys`` all the same (every weight the checkpoint did not provide).
-        """
-        wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        missing = model.__dict__.pop("_loaded_missing", None)  # set by tie_weights during loading
-        info["missing_keys"] = set(info["missing_keys"]) if missing is None else missing
-        check_loaded_dam(model, info["missing_keys"])
-        check_loaded_predictors(model, info["missing_keys"], info["unexpected_keys"])
-        report_new_weights(model, info["missing_keys"])
-        return (model, info) if wants_info else model
-
-    def tie_weights(self, missing_keys: set[str] | None = None, recompute_mapping: bool = True):
-        """Transformers' tying, with two additions while ``from_pretrained`` loads (``missing_keys`` given):
-
-        * a tied pair the checkpoint lacks entirely (the masked-LM head's ``cls.predictions.bias`` and
-          ``decoder.bias`` in a checkpoint without that head, e.g. a sentence encoder) is tied like any pair, with
-          no "checkpoint seem corrupted" warning: the head is simply new, and reported as such;
-        * the keys still missing after tying are kept for ``from_pretrained`` (its plain-words note and its
-          checks of learned state), before Transformers drops the expected new ones from its report.
-        """
-        if missing_keys is None:
-            return super().tie_weights(missing_keys, recompute_mapping)
-        tied = getattr(self, "all_tied_weights_keys", None) or {}
-        absent = {source for target, source in tied.items() if target in missing_keys and source in missing_keys}
-        missing_keys -= absent  # Transformers' own set, changed in place as its tying does
-        try:
-            super().tie_weights(missing_keys, recompute_mapping)
-        finally:
-            missing_keys |= absent
-        self._loaded_missing = set(missing_keys)
+    def check_loaded_state(cls, model, missing_keys: set[str], unexpected_keys) -> None:
+        """A frozen DAM mask or fitted predictors the checkpoint lost: refused (they would run fresh and
+        meaningless, which Transformers only reports)."""
+        check_loaded_dam(model, missing_keys)
+        check_loaded_predictors(model, missing_keys, unexpected_keys)
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """Refused: Transformers' attention implementations know no sparsity pattern; ``attention_backend`` in the

@@ -59,12 +59,12 @@ def test_compute_metrics_gives_accuracy_and_macro_f1_by_their_definitions():
 
 
 def _load_messages(caplog, load) -> tuple[str, list[str], object]:
-    """What a load logs: every warning (Transformers' own included), and those of our modeling module."""
+    """What a load logs: every warning (Transformers' own included), and our loading report's."""
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         result = load()
     printed = "\n".join(r.getMessage() for r in caplog.records)
-    ours = [r.getMessage() for r in caplog.records if r.name.endswith("modeling_sparse_bert")]
+    ours = [r.getMessage() for r in caplog.records if r.name.endswith("hf_sparse.loading")]
     return printed, ours, result
 
 

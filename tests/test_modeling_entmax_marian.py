@@ -147,3 +147,26 @@ def test_a_stock_marian_checkpoint_loads_without_the_model_type_warning(tmp_path
         model = EntmaxSparsefinderMarianMTModel.from_pretrained(tmp_path)
     assert model.config.model_type == "entmax_sparsefinder_marian"
     assert "to instantiate a model of type" not in captured.out
+
+
+def test_a_stock_marian_with_new_predictors_says_so_once_in_plain_words_and_no_missing_table(tmp_path, caplog):
+    import logging
+
+    MarianMTModel(MarianConfig(**MARIAN)).save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        MarianMTModel.from_pretrained(tmp_path, decoder_layers=3)  # a stock class with a missing layer: its table
+    assert "MISSING" in caplog.text  # the capture sees Transformers' report (so its absence below means something)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        model, info = EntmaxSparsefinderMarianMTModel.from_pretrained(
+            tmp_path, sparsefinder={"method": "distance", "projection_dim": 2}, output_loading_info=True
+        )
+    ours = [r.getMessage() for r in caplog.records if r.name == "hf_sparse.loading"]
+    assert "MISSING" not in caplog.text and "LOAD REPORT" not in caplog.text
+    layers = ", ".join(str(i) for i in model.sparsefinder_modules())
+    assert ours == [
+        "EntmaxSparsefinderMarianMTModel: new weights, not in the checkpoint (expected): Sparsefinder predictors of "
+        f"layers {layers} ({5 * len(model.sparsefinder_modules())} tensors): not fitted yet (fit them, e.g. "
+        "SparsefinderCallback)"
+    ]
+    assert {k for k in info["missing_keys"] if ".sparsefinder." in k}  # still listed when asked
