@@ -21,6 +21,8 @@ import sys
 PAPER_PATTERNS = ["strided:4", "fixed:4,1", "longformer:2,1", "logsparse", "bigbird:2,1,2", "star", "no_diagonal"]
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 TRAINING_COMMANDS = ("demo", "dam", "finetune", "sparsefinder")
+# what AutoTokenizer finds in a saved folder (fast, WordPiece, SentencePiece, BPE): a training command needs one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "source.spm", "vocab.json")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -347,6 +349,11 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"--model {args.model}: not a checkpoint directory, nor a Hub model id (ORG/NAME)")
     elif args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
         parser.error(f"--model {args.model}: the directory holds no config.json (not a saved checkpoint)")
+    elif args.model and not any(os.path.isfile(os.path.join(args.model, name)) for name in TOKENIZER_FILES):
+        parser.error(
+            f"--model {args.model}: no tokenizer next to the weights (none of {', '.join(TOKENIZER_FILES)}); "
+            "save it there with tokenizer.save_pretrained(directory)"
+        )
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push-to-hub needs --hub-model-id ORG/NAME (the repository to create or update)")
     if args.hub_model_id and not REPO_ID.match(args.hub_model_id):

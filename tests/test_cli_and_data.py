@@ -264,6 +264,15 @@ def test_training_commands_check_sources_and_hub_options_before_any_work(argv, w
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_folder_without_config_or_tokenizer_is_named_before_any_work(tmp_path, capsys):
+    SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs())).save_pretrained(tmp_path / "weights_only")
+    (tmp_path / "empty").mkdir()
+    for folder, words in (("empty", "holds no config.json"), ("weights_only", "no tokenizer next to the weights")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["dam", "--model", str(tmp_path / folder), "--output-dir", str(tmp_path / "out")])
+        assert info.value.code == 2 and words in capsys.readouterr().err
+
+
 def test_a_non_empty_output_dir_is_refused_unless_overwrite(tmp_path, capsys):
     (tmp_path / "kept.txt").write_text("earlier work")
     with pytest.raises(SystemExit) as info:
