@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
 import hf_sparse_cli
-from conftest import tiny_bert_config, tiny_kwargs
+from conftest import tiny_bert_config, tiny_kwargs, tiny_tokenizer
 from hf_sparse import SparseBertConfig, SparseBertForMaskedLM, cli
 from hf_sparse.data import english_corpus, english_sentences, gettext_pairs, load_text_dataset
 from hf_sparse.mlm import mlm_corpus
@@ -94,6 +94,7 @@ def test_sparsefinder_command_fits_sweeps_and_saves_fitted_predictors_with_a_car
 
 def test_sparsefinder_command_refuses_blocks_longer_than_the_model(tmp_path):
     SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs(max_position_embeddings=16))).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(SystemExit) as info:
         cli.main(["sparsefinder", "--model", str(tmp_path), "--max-length", "32", "--out", str(tmp_path / "o")])
     assert f"--max-length 32 exceeds {tmp_path}'s max_position_embeddings 16" in str(info.value.code)
