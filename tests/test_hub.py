@@ -480,3 +480,25 @@ def test_the_dam_command_pushes_its_checkpoint_and_it_loads_back_by_repo_id(hub,
     run_client(LOGITS, ["user/cli-dam", tmp_path / "remote.pt"], env, tmp_path)
     run_client(LOGITS, [folder, tmp_path / "local.pt"], env, tmp_path)
     assert torch.equal(torch.load(tmp_path / "remote.pt"), torch.load(tmp_path / "local.pt"))
+
+
+def test_the_finetune_command_pushes_one_repository_per_run(hub, tmp_path):
+    import shutil
+
+    env = client_env(hub, tmp_path / "home")
+    command = shutil.which("hf-sparse", path=os.path.dirname(sys.executable))
+    argv = ["finetune", "--runs", "dense", "pattern", "--num-labels", "2", "--max-per-label", "16", "--steps", "1"]
+    argv += ["--batch-size", "8", "--max-length", "16", "--output-dir", str(tmp_path / "out")]
+    done = subprocess.run(
+        [command, *argv, "--push-to-hub", "--hub-model-id", "user/ft"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    api = HfApi(endpoint=hub.endpoint, token=False)
+    for run in ("dense", "pattern"):
+        assert f"pushed {run} to {hub.endpoint}/user/ft-{run} (commit " in done.stdout
+        assert sorted(api.list_repo_files(f"user/ft-{run}")) == check_checkpoint(tmp_path / "out" / run)
