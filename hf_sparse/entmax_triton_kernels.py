@@ -408,11 +408,7 @@ def forward_kernel(
                             PREC, CAUSAL, HAS_KEEP)
                 x = (s - m[:, None]) * am1
                 p = _unnormalised(x, tau, inv_am1, KIND)
-                v = tl.load(
-                    V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
-                    mask=(offs_n[:, None] < klen) & (offs_dv[None, :] < DV),
-                    other=0.0,
-                )
+                v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
                 acc += tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
                 lsum += tl.sum(p, 1)
                 if NEED_G:
@@ -489,11 +485,7 @@ def backward_dq_kernel(
                 s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC,
                             PREC, CAUSAL, HAS_KEEP)
                 p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
-                v = tl.load(
-                    V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
-                    mask=(offs_n[:, None] < klen) & (offs_dv[None, :] < DV),
-                    other=0.0,
-                )
+                v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
                 ds = g * (dp - c[:, None])
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
@@ -527,16 +519,8 @@ def backward_dkdv_kernel(
     dk = tl.zeros((BN, BD), ACC)
     dv = tl.zeros((BN, BDV), ACC)
     if start_n < klen:
-        k = tl.load(
-            K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
-            mask=(offs_n[:, None] < klen) & (offs_d[None, :] < D),
-            other=0.0,
-        )
-        v = tl.load(
-            V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
-            mask=(offs_n[:, None] < klen) & (offs_dv[None, :] < DV),
-            other=0.0,
-        )
+        k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+        v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
         lo = 0
         if CAUSAL:
             lo = tl.maximum(start_n - OFF, 0) // BM * BM
