@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import re
 import shutil
@@ -377,10 +378,25 @@ def _prune_empty(path: str) -> None:
     shutil.rmtree(path)
 
 
+def show_progress() -> None:
+    """hf_sparse's library modules report progress through ``logging`` (no prints); a command shows it on stdout,
+    one plain line per message. Idempotent: one handler, pointed at the current stdout."""
+    logger = logging.getLogger("hf_sparse")
+    logger.setLevel(logging.INFO)
+    handler = next((h for h in logger.handlers if getattr(h, "hf_sparse_cli", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler()
+        handler.hf_sparse_cli = True
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    handler.stream = sys.stdout  # assigned, not setStream: that would flush a stdout that may be closed by now
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
+    show_progress()
     created = getattr(args, "output_dir", None)
     created = created if created and not os.path.exists(created) else None
     run = getattr(importlib.import_module("hf_sparse.cli"), args.command_function)

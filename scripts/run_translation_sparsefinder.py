@@ -36,6 +36,7 @@ import torch
 import transformers
 
 from hf_sparse.translation_sparsefinder import FITTED_METHODS, run_translation_sparsefinder
+from hf_sparse_cli import show_progress
 
 TOKENIZER_NOTE = (
     "one joint, cased SentencePiece-style BPE (`tokenizers`; chosen over the lowercasing BERT WordPiece so that "
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main():
     parser = build_parser()
     args = parser.parse_args()
+    show_progress()  # the run's progress lines (hf_sparse logs them) on stdout, as the hf-sparse command shows them
     try:
         run = run_translation_sparsefinder(
             model=args.model,
