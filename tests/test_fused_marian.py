@@ -20,30 +20,18 @@ pytest.importorskip("triton", reason="the fused kernel needs triton (a dev depen
 from transformers import DynamicCache, EncoderDecoderCache  # noqa: E402
 
 from hf_sparse import EntmaxSparsefinderMarianConfig, EntmaxSparsefinderMarianMTModel  # noqa: E402
+from test_modeling_entmax_marian import MARIAN, PAD  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PAD, VOCAB = 0, 25
-TINY = dict(
-    vocab_size=VOCAB,
-    d_model=32,
-    encoder_layers=1,
-    decoder_layers=1,
-    encoder_attention_heads=2,
-    decoder_attention_heads=2,
-    encoder_ffn_dim=37,
-    decoder_ffn_dim=37,
-    max_position_embeddings=64,
-    pad_token_id=PAD,
-    decoder_start_token_id=PAD,
-    eos_token_id=3,
-    forced_eos_token_id=None,
-    dropout=0.0,
-    attention_dropout=0.0,
-)
+# test_modeling_entmax_marian's tiny Marian, one layer and two heads each side (the interpreter is slow)
+TINY = {**MARIAN, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2}
 # Every attention type on an entmax-family normaliser, one of each kind of solver (closed forms, bisection)
 ENTMAX = dict(encoder_attention_fn="entmax15", decoder_attention_fn="entmax_bisect", cross_attention_fn="sparsemax")
-ATTENTION_MODULES = ("model.encoder.layers.0.self_attn", "model.decoder.layers.0.self_attn",
-                     "model.decoder.layers.0.encoder_attn")
+ATTENTION_MODULES = (
+    "model.encoder.layers.0.self_attn",
+    "model.decoder.layers.0.self_attn",
+    "model.decoder.layers.0.encoder_attn",
+)
 
 
 def tiny_marian(**overrides) -> EntmaxSparsefinderMarianMTModel:
@@ -60,7 +48,7 @@ def tiny_marian(**overrides) -> EntmaxSparsefinderMarianMTModel:
 def ragged(batch: int, length: int, seed: int, pad_from: tuple[int, ...]):
     """Random ids, row r padded from position pad_from[r] on."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, VOCAB, (batch, length), generator=g)
+    ids = torch.randint(5, MARIAN["vocab_size"], (batch, length), generator=g)
     mask = torch.ones_like(ids)
     for row, start in enumerate(pad_from):
         mask[row, start:] = 0
@@ -85,7 +73,7 @@ def test_fused_marian_equals_eager_logits_and_gradients_with_padding():
     def forward_backward(model):
         model.zero_grad()
         out = model(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt, decoder_attention_mask=tgt_mask)
-        weights = torch.linspace(-1, 1, VOCAB, dtype=out.logits.dtype, device=DEVICE)
+        weights = torch.linspace(-1, 1, MARIAN["vocab_size"], dtype=out.logits.dtype, device=DEVICE)
         (out.logits * weights).sum().backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if "_proj" in name}
         return out.logits.detach(), grads, model.attention_backends_used()
@@ -121,8 +109,13 @@ def test_fused_decoding_with_a_kv_cache_equals_eager():
 
     def greedy(model):
         out = model.generate(
-            src, attention_mask=src_mask, max_new_tokens=5, do_sample=False, num_beams=1,
-            output_scores=True, return_dict_in_generate=True,
+            src,
+            attention_mask=src_mask,
+            max_new_tokens=5,
+            do_sample=False,
+            num_beams=1,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
         return out.sequences, torch.stack(out.scores), model.attention_backends_used()
 
@@ -134,8 +127,9 @@ def test_fused_decoding_with_a_kv_cache_equals_eager():
 
 
 def test_fused_request_returns_probabilities_only_through_eager_and_auto_keeps_the_cpu_paths():
-    model = tiny_marian(decoder_attention_fn="entmax15", encoder_attention_fn="softmax",
-                        cross_attention_fn="softmax").eval()
+    model = tiny_marian(
+        decoder_attention_fn="entmax15", encoder_attention_fn="softmax", cross_attention_fn="softmax"
+    ).eval()
     src, src_mask = ragged(2, 9, seed=4, pad_from=(9, 6))
     tgt, _ = ragged(2, 5, seed=5, pad_from=())
     with torch.no_grad():
@@ -168,8 +162,10 @@ def test_explicit_fused_on_cpu_without_the_interpreter_is_refused_with_the_reaso
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(attention_backend="fused", cross_attention_fn="softmax"),
-         "'fused' runs the entmax family only, but cross_attention_fn='softmax'"),
+        (
+            dict(attention_backend="fused", cross_attention_fn="softmax"),
+            "'fused' runs the entmax family only, but cross_attention_fn='softmax'",
+        ),
         (dict(attention_backend="sdpa"), "'sdpa' runs softmax only, but encoder_attention_fn='entmax15'"),
         (dict(attention_backend="tiles"), "unknown attention_backend 'tiles'; valid values: auto, eager, sdpa, fused"),
         (dict(attention_backend="fused", attention_dropout=0.1), None),  # refused at run time, in training only

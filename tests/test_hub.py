@@ -458,23 +458,22 @@ LOGITS = textwrap.dedent(
 )
 
 
-def test_the_dam_command_pushes_its_checkpoint_and_it_loads_back_by_repo_id(hub, tmp_path):
+def run_command(argv: list[str], env: dict, cwd) -> str:
+    """The installed ``hf-sparse`` command with the server as the Hub; what it printed."""
     import shutil
 
-    env = client_env(hub, tmp_path / "home")
     command = shutil.which("hf-sparse", path=os.path.dirname(sys.executable))
+    done = subprocess.run([command, *argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def test_the_dam_command_pushes_its_checkpoint_and_it_loads_back_by_repo_id(hub, tmp_path):
+    env = client_env(hub, tmp_path / "home")
     argv = ["dam", "--steps", "2", "--search-steps", "1", "--max-sentences", "300", "--eval-sentences", "40"]
     argv += ["--max-length", "32", "--batch-size", "4", "--output-dir", str(tmp_path / "out")]
-    done = subprocess.run(
-        [command, *argv, "--push-to-hub", "--hub-model-id", "user/cli-dam"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert f"pushed to {hub.endpoint}/user/cli-dam (commit " in done.stdout
+    stdout = run_command([*argv, "--push-to-hub", "--hub-model-id", "user/cli-dam"], env, tmp_path)
+    assert f"pushed to {hub.endpoint}/user/cli-dam (commit " in stdout
     folder = tmp_path / "out" / "model"
     assert sorted(HfApi(endpoint=hub.endpoint, token=False).list_repo_files("user/cli-dam")) == check_checkpoint(folder)
     run_client(LOGITS, ["user/cli-dam", tmp_path / "remote.pt"], env, tmp_path)
@@ -483,22 +482,11 @@ def test_the_dam_command_pushes_its_checkpoint_and_it_loads_back_by_repo_id(hub,
 
 
 def test_the_finetune_command_pushes_one_repository_per_run(hub, tmp_path):
-    import shutil
-
     env = client_env(hub, tmp_path / "home")
-    command = shutil.which("hf-sparse", path=os.path.dirname(sys.executable))
     argv = ["finetune", "--runs", "dense", "pattern", "--num-labels", "2", "--max-per-label", "16", "--steps", "1"]
     argv += ["--batch-size", "8", "--max-length", "16", "--output-dir", str(tmp_path / "out")]
-    done = subprocess.run(
-        [command, *argv, "--push-to-hub", "--hub-model-id", "user/ft"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    stdout = run_command([*argv, "--push-to-hub", "--hub-model-id", "user/ft"], env, tmp_path)
     api = HfApi(endpoint=hub.endpoint, token=False)
     for run in ("dense", "pattern"):
-        assert f"pushed {run} to {hub.endpoint}/user/ft-{run} (commit " in done.stdout
+        assert f"pushed {run} to {hub.endpoint}/user/ft-{run} (commit " in stdout
         assert sorted(api.list_repo_files(f"user/ft-{run}")) == check_checkpoint(tmp_path / "out" / run)
