@@ -98,6 +98,25 @@ def measure(variants: dict, repeats: int, warmup: int) -> dict[str, float]:
     return {"dense": statistics.median(dense), **ratios}
 
 
+def median_ms(fn, repeats: int, device: torch.device) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn``: CUDA events on a GPU (the device's own time for the
+    call, synchronised after each), ``perf_counter`` on CPU."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def bench_one(
     spec: str,
     n: int,

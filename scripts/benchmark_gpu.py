@@ -26,7 +26,6 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
 from functools import partial
@@ -51,6 +50,7 @@ except Exception as exc:  # another transformers on a GPU image: the two modules
     package.__path__ = [str(REPO / "hf_sparse")]
     sys.modules["hf_sparse"] = package
 
+from hf_sparse.benchmarking import median_ms  # noqa: E402
 from hf_sparse.entmax_topk import entmax15  # noqa: E402
 from hf_sparse.entmax_triton import entmax_attention  # noqa: E402
 
@@ -76,20 +76,7 @@ def time_ms(fn, device, budget_s: float = 0.4, max_repeats: int = 10) -> float:
     sync(device)
     first = time.perf_counter() - t
     repeats = max(1, min(max_repeats, int(budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, repeats, device)
 
 
 def forward_backward(fn, grad):
@@ -237,9 +224,7 @@ def make_flex(device):
         if causal:
             key = q.shape[2]
             if key not in masks:
-                masks[key] = create_block_mask(
-                    lambda b, h, qi, ki: qi >= ki, None, None, key, key, device=str(device)
-                )
+                masks[key] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, key, key, device=str(device))
             mask = masks[key]
         return compiled(q, k, v, block_mask=mask)
 

@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,31 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_sparse import attention, block_maps, patterns  # noqa: E402
-from hf_sparse.benchmarking import bert_layer  # noqa: E402
+from hf_sparse.benchmarking import bert_layer, median_ms  # noqa: E402
 
 warnings.filterwarnings("error", message=".*flex_attention called without torch.compile.*")
-
-
-def timer(device: torch.device):
-    """Median milliseconds of ``fn`` over ``repeats`` calls (CUDA events on a GPU, perf_counter on CPU)."""
-
-    def run(fn, repeats: int) -> float:
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
-
-    return run
 
 
 def interleaved(variants: dict, repeats: int, time_one) -> dict[str, float]:
@@ -183,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    time_one = timer(device)
+    time_one = partial(median_ms, device=device)
     repeats = 2 if args.smoke else args.repeats
     began = time.perf_counter()
     layers = layer_section(device, dtype, [256] if args.smoke else [4096, 16384], repeats, not args.smoke, time_one)
