@@ -12,6 +12,12 @@ Checks first, then times (CUDA events, medians), B=1, 16 heads, head dim 64:
    forward+backward: SDPA (softmax, the speed of light), FlexAttention (softmax, compiled), the fused entmax kernel,
    matmul + ``entmax_topk`` + matmul, matmul + the ``entmax`` package + matmul. Ratios to SDPA from the same run.
    Dense paths are skipped where their L x L tensors would not fit, with the reason in the table.
+4. **Whole models** (:func:`whole_models`): an entmax SparseBERT training step at L = 4096 and an entmax Marian's
+   ``generate``, each against the same model with softmax attention (targets: at most 1.5x).
+5. **Long sequences** (:func:`long_sequence`): the fused kernel at L = 32768 and 65536 with its peak memory (the
+   O(L·d) target: an L x L float32 score matrix at 65536 would be 256 GiB).
+
+``--sections`` reruns some parts only (e.g. ``--sections models,long`` after a run cut short).
 
 Writes ``benchmarks/gpu.md`` (``--output``). Smoke-test it on CPU first (tiny sizes, Triton's interpreter, no
 report unless ``--output`` is given):
@@ -23,6 +29,7 @@ report unless ``--output`` is given):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -60,6 +67,7 @@ except ImportError:  # a benchmark-only dependency (the dev extra has it)
     entmax_package = None
 
 COMMAND = "python scripts/benchmark_gpu.py --output benchmarks/gpu.md"
+SECTIONS = ("correctness", "rowwise", "op", "models", "long")
 
 
 def sync(device):
@@ -212,6 +220,145 @@ def attention_op(lengths, heads, dim, device, rows, flex):
     return rows
 
 
+def whole_models(device, smoke, lines):
+    """Issue 12's model targets, each model against the same model with softmax attention (its default kernel):
+
+    - SparseBERT, 2 layers, hidden 768, 12 heads, L = 4096, batch 1: one training step (forward, MLM loss,
+      backward), float32 and bfloat16 autocast; entmax15 on the fused kernel (``auto`` on CUDA) and on ``eager``
+      (matmul + ``entmax_topk`` + matmul).
+    - entmax Marian, 6 + 6 layers, d_model 512, 8 heads: ``generate`` of 16 sequences x 64 new tokens from 64-token
+      sources (greedy, ``min_new_tokens`` = 64 so every run decodes the same count), entmax15 in every attention.
+    """
+    try:
+        from hf_sparse import (
+            EntmaxSparsefinderMarianConfig,
+            EntmaxSparsefinderMarianMTModel,
+            SparseBertConfig,
+            SparseBertForMaskedLM,
+        )
+    except ImportError as exc:
+        return lines + [f"- skipped: hf_sparse does not import here ({exc!r})"]
+    length, layers, hidden, heads = (64, 2, 32, 2) if smoke else (4096, 2, 768, 12)
+    ids = torch.randint(5, 1000, (1, length), device=device)
+    labels = ids.clone()
+
+    def step(model, autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    results = {}
+    for fn, backend in (("softmax", "auto"), ("entmax15", "auto"), ("entmax15", "eager")):
+        config = SparseBertConfig(
+            vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=4 * hidden, max_position_embeddings=length, attention_fn=fn, attention_backend=backend,
+        )
+        torch.manual_seed(0)
+        model = SparseBertForMaskedLM(config).to(device).train()
+        for autocast in (False, True):
+            if autocast and device.type == "cpu":
+                continue
+            ms = time_ms(partial(step, model, autocast), device, budget_s=1.0)
+            kernel = sorted(set(model.attention_backends_used().values()))
+            results[fn, backend, autocast] = (ms, "/".join(kernel))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    lines += [
+        f"SparseBERT training step ({layers} layers, hidden {hidden}, {heads} heads, L={length}, batch 1), ms:",
+        "",
+        "| precision | softmax | entmax15 (auto) | entmax15 (eager) | auto / softmax |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for autocast in (False, True):
+        if ("softmax", "auto", autocast) not in results:
+            continue
+        cells = [results[key][0] for key in (("softmax", "auto", autocast), ("entmax15", "auto", autocast),
+                                             ("entmax15", "eager", autocast))]
+        names = [results[key][1] for key in (("softmax", "auto", autocast), ("entmax15", "auto", autocast),
+                                             ("entmax15", "eager", autocast))]
+        lines.append(
+            f"| {'bfloat16 autocast' if autocast else 'float32'} | "
+            + " | ".join(f"{ms:.1f} ({name})" for ms, name in zip(cells, names))
+            + f" | {cells[1] / cells[0]:.2f}x |"
+        )
+    lines.append("")
+
+    d_model, marian_layers, marian_heads, batch, new_tokens = (32, 1, 2, 2, 8) if smoke else (512, 6, 8, 16, 64)
+    source = torch.randint(5, 1000, (batch, 64 if not smoke else 12), device=device)
+    timings = {}
+    for label, fn in (("softmax", "softmax"), ("entmax15", "entmax15")):
+        for backend in ("auto", "eager") if fn != "softmax" else ("auto",):
+            config = EntmaxSparsefinderMarianConfig(
+                vocab_size=1000, d_model=d_model, encoder_layers=marian_layers, decoder_layers=marian_layers,
+                encoder_attention_heads=marian_heads, decoder_attention_heads=marian_heads,
+                encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model, max_position_embeddings=256,
+                pad_token_id=0, decoder_start_token_id=0, eos_token_id=1, forced_eos_token_id=None,
+                encoder_attention_fn=fn, decoder_attention_fn=fn, cross_attention_fn=fn, attention_backend=backend,
+            )
+            torch.manual_seed(0)
+            model = EntmaxSparsefinderMarianMTModel(config).to(device).eval()
+            generate = partial(
+                model.generate, input_ids=source, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, num_beams=1,
+            )
+            with torch.no_grad():
+                ms = time_ms(generate, device, budget_s=3.0, max_repeats=3)
+            kernel = "/".join(sorted(set(model.attention_backends_used().values())))
+            timings[label, backend] = (ms, kernel)
+            del model
+    soft = timings["softmax", "auto"][0]
+    lines += [
+        f"Entmax Marian generate ({marian_layers}+{marian_layers} layers, d_model {d_model}, {batch} sequences x "
+        f"{new_tokens} new tokens, greedy, float32), ms (ratio to softmax):",
+        "",
+        "| softmax | entmax15 (auto) | entmax15 (eager) |",
+        "|---:|---:|---:|",
+        "| " + " | ".join(
+            f"{timings[key][0]:.0f} ({timings[key][1]}, {timings[key][0] / soft:.2f}x)"
+            for key in (("softmax", "auto"), ("entmax15", "auto"), ("entmax15", "eager"))
+        ) + " |",
+        "",
+    ]
+    return lines
+
+
+def long_sequence(device, smoke, lines):
+    """Memory O(L·d): the fused kernel at L = 65536 (16 heads, d 64, bfloat16), forward and forward+backward,
+    with the peak memory allocated (an L x L float32 score matrix alone would be 256 GiB)."""
+    heads, dim = (2, 16) if smoke else (16, 64)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    for n in ((64,) if smoke else (32768, 65536)):
+        for causal in (False, True):
+            q, k, v = (torch.randn(1, heads, n, dim, device=device, dtype=dtype, requires_grad=True) for _ in "qkv")
+            grad = torch.randn_like(q)
+            cells = []
+            for backward in (False, True):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                fn = partial(entmax_attention, q, k, v, causal=causal)
+                if backward:
+                    ms = time_ms(partial(forward_backward, fn, grad), device, budget_s=2.0, max_repeats=3)
+                else:
+                    with torch.no_grad():
+                        ms = time_ms(fn, device, budget_s=2.0, max_repeats=3)
+                sdpa = partial(F.scaled_dot_product_attention, q, k, v, is_causal=causal)
+                with torch.no_grad() if not backward else contextlib.nullcontext():
+                    ref = time_ms(partial(forward_backward, sdpa, grad) if backward else sdpa, device,
+                                  budget_s=1.0, max_repeats=3)
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else float("nan")
+                cells.append(f"{ms:.0f} ms ({ms / ref:.1f}x SDPA), peak +{peak:.0f} MiB")
+            lines.append(f"| {n} | {'causal' if causal else 'non-causal'} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+            del q, k, v, grad
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return lines
+
+
 def make_flex(device):
     """Compiled FlexAttention, softmax (the block-sparse softmax baseline); causal through a BlockMask."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -235,6 +382,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, Triton's interpreter")
     parser.add_argument("--output", help="write the report here (markdown)")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated parts to run (default: {','.join(SECTIONS)})"
+    )
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -242,11 +392,18 @@ def main(argv=None) -> int:
     heads, dim = (2, 16) if args.smoke else (16, 64)
     lengths = [32, 48] if args.smoke else [1024, 4096, 8192, 16384]
     started = time.perf_counter()
-    checks = correctness(40 if args.smoke else 1024, heads, dim, device, [])
+    run = set(args.sections.split(","))
+    unknown = run - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown --sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    checks = correctness(40 if args.smoke else 1024, heads, dim, device, []) if "correctness" in run else []
     print("\n".join(checks), flush=True)
-    row_rows = rowwise(lengths, heads, device, [])
+    row_rows = rowwise(lengths, heads, device, []) if "rowwise" in run else []
     flex = make_flex(device) if device.type == "cuda" else None
-    op_rows = attention_op(lengths, heads, dim, device, [], flex)
+    op_rows = attention_op(lengths, heads, dim, device, [], flex) if "op" in run else []
+    model_lines = whole_models(device, args.smoke, []) if "models" in run else []
+    print("\n".join(model_lines), flush=True)
+    long_rows = long_sequence(device, args.smoke, []) if "long" in run else []
     import triton
 
     machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
@@ -277,6 +434,17 @@ def main(argv=None) -> int:
         "| L | mask | pass | SDPA | FlexAttention | fused entmax | matmul + entmax_topk | matmul + entmax package |",
         "|---|---|---|---:|---:|---:|---:|---:|",
         *op_rows,
+        "",
+        "## Whole models, entmax against the same model with softmax",
+        "",
+        *model_lines,
+        "## Long sequences: the fused kernel where L x L tensors cannot exist (bfloat16, 16 heads, head dim 64)",
+        "",
+        "Peak: memory allocated during the calls beyond q, k, v (and their gradients) already held.",
+        "",
+        "| L | mask | fwd | fwd+bwd |",
+        "|---|---|---|---|",
+        *long_rows,
         "",
     ]
     text = "\n".join(report)
