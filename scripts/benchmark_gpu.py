@@ -17,6 +17,9 @@ Checks first, then times (CUDA events, medians), B=1, 16 heads, head dim 64:
 5. **Long sequences** (:func:`long_sequence`): the fused kernel at L = 32768 and 65536 with its peak memory (the
    O(L·d) target: an L x L float32 score matrix at 65536 would be 256 GiB).
 
+6. **Profile** (:func:`kernel_profile`): per-kernel time of the fused kernel at L = 8192 for several tile choices
+   (what ``GPU_BLOCKS`` should be, and what the threshold pass costs against the output pass).
+
 ``--sections`` reruns some parts only (e.g. ``--sections models,long`` after a run cut short).
 
 Writes ``benchmarks/gpu.md`` (``--output``). Smoke-test it on CPU first (tiny sizes, Triton's interpreter, no
@@ -67,7 +70,7 @@ except ImportError:  # a benchmark-only dependency (the dev extra has it)
     entmax_package = None
 
 COMMAND = "python scripts/benchmark_gpu.py --output benchmarks/gpu.md"
-SECTIONS = ("correctness", "rowwise", "op", "models", "long")
+SECTIONS = ("correctness", "rowwise", "op", "models", "long", "profile")
 
 
 def sync(device):
@@ -359,6 +362,46 @@ def long_sequence(device, smoke, lines):
     return lines
 
 
+def kernel_profile(device, smoke, lines):
+    """Where the fused kernel's time goes, and which tiles pay: per-kernel GPU time (torch.profiler) of one forward
+    and one forward+backward at L = 8192 for each ``blocks`` choice (rows, keys, candidates per row); the default
+    is ``entmax_triton.GPU_BLOCKS``. A choice that does not compile or run says why in its row."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hf_sparse.entmax_triton import GPU_BLOCKS
+
+    n, heads, dim = (48, 2, 16) if smoke else (8192, 16, 64)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    choices = [(16, 16, 16)] if smoke else [GPU_BLOCKS, (64, 64, 64), (128, 64, 32), (64, 128, 64)]
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, dim, generator=g).to(device, dtype).requires_grad_() for _ in "qkv")
+    grad = torch.randn_like(q)
+    for causal in (False, True):
+        for blocks in choices:
+            fn = partial(entmax_attention, q, k, v, causal=causal, blocks=blocks)
+            try:
+                with torch.no_grad():
+                    fwd = time_ms(fn, device)
+                both = time_ms(partial(forward_backward, fn, grad), device)
+                with profile(activities=[activity]) as prof:
+                    forward_backward(fn, grad)
+                    sync(device)
+            except Exception as exc:  # a tile choice the compiler or the GPU refuses: say so, go on
+                lines.append(f"| {'causal' if causal else 'non-causal'} | {blocks} | failed: {exc!r:.120} | | |")
+                continue
+            per = {}
+            for event in prof.key_averages():
+                name = event.key
+                if name.endswith("_kernel") and not name.startswith("aten"):
+                    total = getattr(event, "device_time_total", 0) or getattr(event, "cpu_time_total", 0)
+                    per[name] = total / 1000
+            split = ", ".join(f"{name.removesuffix('_kernel')} {ms:.2f}" for name, ms in sorted(per.items()))
+            lines.append(f"| {'causal' if causal else 'non-causal'} | {blocks} | {fwd:.2f} | {both:.2f} | {split} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def make_flex(device):
     """Compiled FlexAttention, softmax (the block-sparse softmax baseline); causal through a BlockMask."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -404,6 +447,7 @@ def main(argv=None) -> int:
     model_lines = whole_models(device, args.smoke, []) if "models" in run else []
     print("\n".join(model_lines), flush=True)
     long_rows = long_sequence(device, args.smoke, []) if "long" in run else []
+    profile_rows = kernel_profile(device, args.smoke, []) if "profile" in run else []
     import triton
 
     machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
@@ -445,6 +489,15 @@ def main(argv=None) -> int:
         "| L | mask | fwd | fwd+bwd |",
         "|---|---|---|---|",
         *long_rows,
+        "",
+        "## Where the fused kernel's time goes, by tile choice (L=8192, bfloat16, ms)",
+        "",
+        "`blocks` = (query rows, keys, candidates per row) of a kernel tile; per-kernel times are one forward+backward"
+        " under torch.profiler.",
+        "",
+        "| mask | blocks | fwd | fwd+bwd | per kernel (fwd+bwd) |",
+        "|---|---|---:|---:|---|",
+        *profile_rows,
         "",
     ]
     text = "\n".join(report)
