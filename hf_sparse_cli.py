@@ -93,8 +93,9 @@ def _model_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--model", help=f"{what}: a local checkpoint directory or a Hub model id")
 
 
-def _data_options(p: argparse.ArgumentParser, columns: dict[str, str], default_source: str) -> None:
-    """--dataset/--train-file and friends: the user's data through `datasets` (``hf_sparse.data.load_text_dataset``)."""
+def _data_options(p: argparse.ArgumentParser, columns: dict[str, str], default_source: str):
+    """--dataset/--train-file and friends: the user's data through `datasets` (``hf_sparse.data.load_text_dataset``).
+    Returns the group, for a command's own data options."""
     g = p.add_argument_group(
         "data", f"your data through `datasets`; without --dataset or --train-file: {default_source}"
     )
@@ -117,6 +118,7 @@ def _data_options(p: argparse.ArgumentParser, columns: dict[str, str], default_s
         g.add_argument(f"--{name}-column", default=default, help=f"column holding the {name}")
     g.add_argument("--lang", default="de", help="built-in corpus: gettext catalogue language to read")
     g.add_argument("--locale-dir", default="/usr/share/locale", help="built-in corpus: folder of gettext catalogues")
+    return g
 
 
 def _training_options(p: argparse.ArgumentParser, steps: int, batch: int, lr: float, length: int) -> None:
@@ -252,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--task translation: an entmax Marian's decoder self-attention (trained from scratch without --model).",
         "  hf-sparse sparsefinder --method distance --recall 0.9\n"
         "  hf-sparse sparsefinder --task translation --steps 500\n"
+        "  hf-sparse sparsefinder --task translation --dataset wmt/wmt16 --dataset-config de-en --validation-split "
+        "validation --source-lang de --target-lang en\n"
         "  hf-sparse sparsefinder --model ./my-bert-mlm --train-file notes.txt",
     )
     p.add_argument("--task", default="mlm", choices=["mlm", "translation"], help="which model's attention")
@@ -282,11 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dev-size", type=_whole(1), default=500, help="held-out pairs for the sweep and operating point")
     g.add_argument("--test-size", type=_whole(1), default=500, help="held-out pairs for BLEU/chrF and test recall")
     g.add_argument("--num-beams", type=_whole(1), default=1, help="beam size of the test translations")
-    _data_options(
+    g = _data_options(
         p,
-        {"text": "text", "source": "source", "target": "target"},
+        {"text": "text"},
         "gettext messages (mlm: English; translation: English→--lang; dataset splits train/validation[/test])",
     )
+    # translation pairs: two plain columns, or Hugging Face's translation format (as Transformers' run_translation.py)
+    g.add_argument("--source-column", help="translation: column holding the source texts (default: source)")
+    g.add_argument("--target-column", help="translation: column holding the target texts (default: target)")
+    g.add_argument(
+        "--source-lang",
+        help="translation, Hugging Face's format (wmt16, opus_books, ...): the source language's code in the "
+        "'translation' column of {language: text} dicts; with --target-lang, instead of --source/--target-column",
+    )
+    g.add_argument("--target-lang", help="translation, Hugging Face's format: the target language's code")
+    g.add_argument(
+        "--test-split",
+        help="translation: split of --dataset holding the test pairs (default: 'test' if the dataset has one, "
+        "else the validation pairs after the first --dev-size)",
+    )
+    g.add_argument("--test-file", help="translation: test pairs file of the same type as --train-file")
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=_whole(1), help="examples per step and process (mlm 32, translation 64)")
     g.add_argument(
@@ -341,8 +360,10 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--validation-file goes with --train-file (with --dataset, use --validation-split)")
     if args.validation_split and not args.dataset:
         parser.error("--validation-split names a split of --dataset; give --dataset too")
-    for option in ("train_file", "validation_file"):
-        path = getattr(args, option)
+    if args.command == "sparsefinder":
+        _check_translation_data(parser, args)
+    for option in ("train_file", "validation_file", "test_file"):
+        path = getattr(args, option, None)
         if path and not os.path.isfile(path):
             parser.error(f"--{option.replace('_', '-')} {path}: no such file")
     if args.model and not os.path.isdir(args.model):
@@ -366,6 +387,37 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--output-dir {out}: is a file")
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         parser.error(f"--output-dir {out} is not empty: choose another one, or pass --overwrite to write into it")
+
+
+def _check_translation_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Where the translation pairs come from: two plain columns or two languages of the 'translation' column, never
+    both (which one was meant is not ours to guess); the test options name a split or file of the user's data."""
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in ("source_column", "target_column", "source_lang", "target_lang", "test_split", "test_file")
+        if getattr(args, name) is not None
+    ]
+    if args.task != "translation":
+        if given:
+            parser.error(f"{given[0]} is for --task translation (the mlm task reads --text-column)")
+        return
+    languages = (args.source_lang, args.target_lang)
+    if any(languages):
+        if not all(languages):
+            parser.error("--source-lang and --target-lang go together: the two languages of the 'translation' column")
+        if args.source_column or args.target_column:
+            parser.error(
+                "--source-lang/--target-lang with --source-column/--target-column is ambiguous: give the two plain "
+                "text columns or the two languages of the 'translation' column ({language: text} dicts), not both"
+            )
+        if args.source_lang == args.target_lang:
+            parser.error(f"--source-lang and --target-lang are both {args.source_lang!r}: translation needs two")
+    if given and not (args.dataset or args.train_file):
+        parser.error(f"{given[0]} reads --dataset or --train-file; without them the pairs are English→--lang gettext")
+    if args.test_split is not None and not args.dataset:
+        parser.error("--test-split names a split of --dataset; give --dataset too (with --train-file, --test-file)")
+    if args.test_file is not None and not args.train_file:
+        parser.error("--test-file goes with --train-file (with --dataset, use --test-split)")
 
 
 def _prune_empty(path: str) -> None:

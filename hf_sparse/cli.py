@@ -44,8 +44,9 @@ def cmd_patterns(args: argparse.Namespace) -> None:
         print("\nvalid specs:\n" + describe())
 
 
-def _text_data(args: argparse.Namespace, columns: tuple[str, ...], default):
-    """The user's data (``--dataset``/``--train-file``) as train/validation splits, else ``default()``."""
+def _text_data(args: argparse.Namespace, columns: tuple[str, ...], default, **test):
+    """The user's data (``--dataset``/``--train-file``) as train/validation splits (and ``test``, given the
+    ``test`` options of ``load_text_dataset``), else ``default()``."""
     from .data import load_text_dataset
 
     if not (args.dataset or args.train_file):
@@ -60,8 +61,10 @@ def _text_data(args: argparse.Namespace, columns: tuple[str, ...], default):
         validation_size=args.validation_size,
         columns=columns,
         seed=args.seed,
+        **test,
     )
-    print(f"data: {len(data['train'])} training / {len(data['validation'])} validation examples")
+    counts = " / ".join(f"{len(part)} {'training' if name == 'train' else name}" for name, part in data.items())
+    print(f"data: {counts} examples")
     return data
 
 
@@ -404,20 +407,28 @@ def _defaults(args: argparse.Namespace, **values) -> None:
 
 def _sparsefinder_translation(args: argparse.Namespace) -> None:
     """Sparsefinder on an entmax Marian's decoder self-attention (``hf_sparse.translation_sparsefinder``)."""
-    from .translation_sparsefinder import run_translation_sparsefinder
+    from .translation_sparsefinder import TRANSLATION_COLUMN, run_translation_sparsefinder
 
     _defaults(args, window=3, recall=0.95, batch_size=64, max_length=64)
     if args.model and args.vocab_size is not None:
         raise ValueError("--vocab-size is for a new model; --model brings its own tokenizer")
     pairs = None
     if args.dataset or args.train_file:
-        pairs = _text_data(args, (args.source_column, args.target_column), default=None)
+        if args.source_lang:  # Hugging Face's translation format: one column of {language: text} dicts
+            columns = (TRANSLATION_COLUMN,)
+        else:
+            columns = (args.source_column or "source", args.target_column or "target")
+        # the dataset's own test split when it has one (named --test-split, else "test"), as published results use
+        test = {"test_split": args.test_split or "test", "test_split_optional": args.test_split is None}
+        pairs = _text_data(args, columns, default=None, test_file=args.test_file, **test)  # the run logs its use
     run = run_translation_sparsefinder(
         model=args.model,
         pairs=pairs,
         lang=args.lang,
         source_column=args.source_column,
         target_column=args.target_column,
+        source_lang=args.source_lang,
+        target_lang=args.target_lang,
         dataset_name=_data_name(args, None) if pairs is not None else None,
         steps=args.steps,
         batch_size=args.batch_size,

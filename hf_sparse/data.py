@@ -7,7 +7,8 @@ offline corpus: English sentences for masked language modelling, English→<lang
 folder can be pointed elsewhere (``locale_dir``, ``--locale-dir``) for machines that keep catalogues elsewhere.
 
 Whatever the source, a command receives a ``datasets.DatasetDict`` with ``train`` and ``validation`` splits
-(:func:`load_text_dataset`), and tokenises it with ``Dataset.map`` (batched; cached on disk for file-backed data).
+(:func:`load_text_dataset`; translation also keeps the data's own ``test`` split), and tokenises it with
+``Dataset.map`` (batched; cached on disk for file-backed data).
 """
 
 from __future__ import annotations
@@ -130,51 +131,73 @@ def load_text_dataset(
     *,
     train_file: str | None = None,
     validation_file: str | None = None,
+    test_file: str | None = None,
     split: str = "train",
     validation_split: str | None = None,
+    test_split: str | None = None,
+    test_split_optional: bool = False,
     validation_size: float | int = 0.1,
     columns: tuple[str, ...] = ("text",),
     max_train: int | None = None,
     max_validation: int | None = None,
     seed: int = 0,
 ):
-    """The user's data as a ``DatasetDict`` with ``train`` and ``validation`` splits holding ``columns``.
+    """The user's data as a ``DatasetDict`` with ``train`` and ``validation`` splits (and ``test`` when asked for)
+    holding ``columns``.
 
-    Sources, as in Transformers' example scripts: ``train_file``/``validation_file`` (txt: one text per line in
-    column ``text``; json/jsonl/csv/parquet), or ``dataset``: a folder written by ``save_to_disk``, a local
-    dataset folder or script, or a Hub dataset name (with ``dataset_config``; the Hub is reached only if the
+    Sources, as in Transformers' example scripts: ``train_file``/``validation_file``/``test_file`` (txt: one text
+    per line in column ``text``; json/jsonl/csv/parquet), or ``dataset``: a folder written by ``save_to_disk``, a
+    local dataset folder or script, or a Hub dataset name (with ``dataset_config``; the Hub is reached only if the
     dataset is not cached). ``split`` is read for training; ``validation_split`` (or ``validation_file``) for
     validation, else ``validation_size`` (a fraction or a count) of the training split is held out with ``seed``.
-    Missing columns are an error that lists the columns present.
+
+    ``test_split`` (or ``test_file``) is returned as ``test``: translation measures its final numbers on the
+    dataset's own test pairs, as published results do, rather than on pairs carved out of validation. A named
+    split the dataset lacks is an error, unless ``test_split_optional`` (how the translation command reads the
+    default ``"test"``): then no ``test`` is returned. Without these, no ``test`` is returned (the other commands
+    see train and validation only). Missing columns are an error that lists the columns present.
     """
     import datasets
 
     if (dataset is None) == (train_file is None):
         raise ValueError("give exactly one data source: a dataset (name or local path) or a train file")
+    test = None
     if train_file is not None:
+        if test_split is not None and not test_split_optional:
+            raise ValueError(f"test split {test_split!r} is a split of a dataset; with a train file, give a test file")
         builder = _builder_for(train_file)
         files = {"train": train_file}
-        if validation_file is not None:
-            if _builder_for(validation_file) != builder:
-                raise ValueError(f"train file {train_file!r} and validation file {validation_file!r} differ in type")
-            files["validation"] = validation_file
+        for name, path in (("validation", validation_file), ("test", test_file)):
+            if path is not None:
+                if _builder_for(path) != builder:
+                    raise ValueError(f"train file {train_file!r} and {name} file {path!r} differ in type")
+                files[name] = path
         loaded = datasets.load_dataset(builder, data_files=files)
         train = loaded["train"]
         validation = loaded["validation"] if validation_file is not None else None
+        test = loaded["test"] if test_file is not None else None
     else:
-        if validation_file is not None:
-            raise ValueError("a validation file goes with a train file; with a dataset, name its validation split")
+        if validation_file is not None or test_file is not None:
+            raise ValueError("validation and test files go with a train file; with a dataset, name its splits")
         saved = os.path.isdir(dataset) and any(
             os.path.exists(os.path.join(dataset, name)) for name in ("dataset_dict.json", "state.json")
         )
         loaded = datasets.load_from_disk(dataset) if saved else datasets.load_dataset(dataset, dataset_config)
         if isinstance(loaded, datasets.Dataset):
             loaded = datasets.DatasetDict(train=loaded)
-        for wanted in (split, validation_split):
+        if test_split_optional and test_split not in loaded:
+            test_split = None
+        for wanted in (split, validation_split, test_split):
             if wanted is not None and wanted not in loaded:
                 raise ValueError(f"dataset {dataset!r} has no split {wanted!r}; splits: {', '.join(loaded)}")
+        if test_split is not None and test_split in (split, validation_split):
+            raise ValueError(
+                f"test split {test_split!r} is also the {'training' if test_split == split else 'validation'} split: "
+                "test pairs must be held out from both"
+            )
         train = loaded[split]
         validation = loaded[validation_split] if validation_split is not None else None
+        test = loaded[test_split] if test_split is not None else None
     if validation is None:
         if not (0 < validation_size < 1 or (isinstance(validation_size, int) and 0 < validation_size < len(train))):
             raise ValueError(
@@ -183,7 +206,8 @@ def load_text_dataset(
             )
         parts = train.train_test_split(test_size=validation_size, seed=seed)
         train, validation = parts["train"], parts["test"]
-    for name, part in (("train", train), ("validation", validation)):
+    splits = {"train": train, "validation": validation, **({"test": test} if test is not None else {})}
+    for name, part in splits.items():
         missing = [column for column in columns if column not in part.column_names]
         if missing:
             raise ValueError(
@@ -191,10 +215,10 @@ def load_text_dataset(
                 f"{', '.join(part.column_names)} (choose them with the column options)"
             )
     if max_train is not None:
-        train = train.select(range(min(max_train, len(train))))
+        splits["train"] = train.select(range(min(max_train, len(train))))
     if max_validation is not None:
-        validation = validation.select(range(min(max_validation, len(validation))))
-    return datasets.DatasetDict(train=train, validation=validation)
+        splits["validation"] = validation.select(range(min(max_validation, len(validation))))
+    return datasets.DatasetDict(splits)
 
 
 def pack_into_blocks(dataset, tokenizer, text_column: str = "text", block_size: int = 128):

@@ -6,7 +6,8 @@ A run is a short story:
 1. **Data**: (source, target) pairs split into train / dev / test: the gettext catalogues of this machine
    (:func:`hf_sparse.translation.gettext_parallel_corpus`), a :class:`~hf_sparse.translation.ParallelCorpus`, or a
    ``datasets.DatasetDict`` with ``train`` and ``validation`` (and optionally ``test``) splits holding a source and
-   a target text column.
+   a target text column, or Hugging Face's translation format: one ``translation`` column of ``{language: text}``
+   dicts (wmt16, opus_books, Transformers' ``run_translation.py``), read with ``source_lang`` / ``target_lang``.
 2. **Model**: a small entmax Marian trained from scratch with a new joint BPE tokenizer, or a Marian / entmax-Marian
    checkpoint (local directory or Hub id, with its tokenizer) fine-tuned with ``Seq2SeqTrainer``. A softmax decoder
    self-attention becomes 1.5-entmax (Sparsefinder predicts the pairs entmax keeps; softmax keeps them all).
@@ -47,6 +48,10 @@ from .translation import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: the column of Hugging Face's translation datasets (wmt16, opus_books, opus100, ...) and of Transformers'
+#: ``run_translation.py``: one ``{language code: text}`` dict per row, the languages chosen by the user
+TRANSLATION_COLUMN = "translation"
 
 #: the methods whose predictors are fitted (learned projections); the baselines need no fitting and are swept only
 FITTED_METHODS = ("distance", "quantization", "clustering")
@@ -119,7 +124,75 @@ def _load_tokenizer(model: str):
         ) from error
 
 
-def _pairs_of(split, name: str, source_column: str, target_column: str) -> list[tuple[str, str]]:
+def _pair_fields(
+    source_column: str | None, target_column: str | None, source_lang: str | None, target_lang: str | None
+) -> tuple[str, str, bool]:
+    """``(source, target, nested)``: where the pairs are read. Two plain text columns (default ``source`` and
+    ``target``), or, given ``source_lang`` and ``target_lang``, two languages of the :data:`TRANSLATION_COLUMN`
+    (``nested``). Columns and languages together are refused: which of the two the user meant is not ours to
+    guess."""
+    if source_lang is None and target_lang is None:
+        return source_column or "source", target_column or "target", False
+    if source_lang is None or target_lang is None:
+        raise ValueError(
+            f"give source_lang and target_lang together (got source_lang={source_lang!r}, "
+            f"target_lang={target_lang!r}): the two languages of the {TRANSLATION_COLUMN!r} column to pair"
+        )
+    for name, value in (("source_lang", source_lang), ("target_lang", target_lang)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} must be a language code of the {TRANSLATION_COLUMN!r} column, got {value!r}")
+    if source_lang == target_lang:
+        raise ValueError(f"source_lang and target_lang are both {source_lang!r}: translation needs two languages")
+    columns = [name for name, value in (("source_column", source_column), ("target_column", target_column)) if value]
+    if columns:
+        raise ValueError(
+            f"{' and '.join(columns)} with source_lang / target_lang is ambiguous: give two plain text columns "
+            f"(source_column, target_column) or two languages of the {TRANSLATION_COLUMN!r} column of "
+            "{language: text} dicts (source_lang, target_lang), not both"
+        )
+    return source_lang, target_lang, True
+
+
+def _languages_of(split, name: str) -> list[str]:
+    """The language codes of a split's :data:`TRANSLATION_COLUMN`: a ``datasets.Translation`` feature or a struct of
+    texts (what json/jsonl/parquet files with ``{"translation": {"de": ..., "en": ...}}`` rows load as)."""
+    from datasets import TranslationVariableLanguages
+
+    if TRANSLATION_COLUMN not in split.column_names:
+        raise ValueError(
+            f"split {name!r} has no column {TRANSLATION_COLUMN!r} (source_lang / target_lang read Hugging Face's "
+            f"translation format: one {{language: text}} dict per row); its columns: {split.column_names} (for two "
+            "plain text columns, set source_column / target_column instead)"
+        )
+    feature = split.features[TRANSLATION_COLUMN]
+    if isinstance(feature, TranslationVariableLanguages):
+        raise ValueError(
+            f"split {name!r}: column {TRANSLATION_COLUMN!r} holds a varying set of languages per row "
+            "(TranslationVariableLanguages); only one {language: text} dict per row with fixed languages is read"
+        )
+    languages = getattr(feature, "languages", None)  # datasets.Translation
+    if languages is None and isinstance(feature, dict):
+        languages = list(feature)
+    if not languages:
+        raise ValueError(
+            f"split {name!r}: column {TRANSLATION_COLUMN!r} holds {feature}, not one {{language: text}} dict per row"
+        )
+    return list(languages)
+
+
+def _pairs_of(split, name: str, fields: tuple[str, str, bool]) -> list[tuple[str, str]]:
+    source_column, target_column, nested = fields
+    if nested:
+        languages = _languages_of(split, name)
+        missing = [lang for lang in (source_column, target_column) if lang not in languages]
+        if missing:
+            raise ValueError(
+                f"split {name!r}: its {TRANSLATION_COLUMN!r} column has no language {', '.join(map(repr, missing))}; "
+                f"languages present: {', '.join(sorted(languages))} (set source_lang / target_lang)"
+            )
+        # flattened, the languages are plain columns ("translation.de"), read by Arrow without a dict per row
+        split = split.select_columns([TRANSLATION_COLUMN]).flatten()
+        source_column, target_column = (f"{TRANSLATION_COLUMN}.{lang}" for lang in (source_column, target_column))
     missing = [c for c in (source_column, target_column) if c not in split.column_names]
     if missing:
         raise ValueError(
@@ -140,21 +213,23 @@ def _pairs_of(split, name: str, source_column: str, target_column: str) -> list[
     return pairs
 
 
-def _corpus_from_dataset(dataset, source_column: str, target_column: str, dev_size: int, test_size: int):
+def _corpus_from_dataset(dataset, fields: tuple[str, str, bool], dev_size: int, test_size: int):
     """train / dev / test from a ``DatasetDict``: ``validation`` gives the dev pairs (its first ``dev_size``) and
     ``test`` the test pairs (its first ``test_size``); without a ``test`` split, the validation split's pairs after
-    the first ``dev_size`` are the test pairs (``test_size`` of them, so it must hold ``dev_size + test_size``)."""
+    the first ``dev_size`` are the test pairs (``test_size`` of them, so it must hold ``dev_size + test_size``).
+    Which of the two it was is logged: the test numbers mean something else in each case."""
     needed = [s for s in ("train", "validation") if s not in dataset]
     if needed:
         raise ValueError(
             f"the dataset has no {needed} split(s); its splits: {list(dataset)}. Needed: 'train' (training and "
             "fitting), 'validation' (sweep and operating point), optionally 'test' (else carved out of validation)"
         )
-    train = _pairs_of(dataset["train"], "train", source_column, target_column)
-    validation = _pairs_of(dataset["validation"], "validation", source_column, target_column)
+    train = _pairs_of(dataset["train"], "train", fields)
+    validation = _pairs_of(dataset["validation"], "validation", fields)
     if "test" in dataset:
-        test = _pairs_of(dataset["test"], "test", source_column, target_column)[:test_size]
+        test = _pairs_of(dataset["test"], "test", fields)[:test_size]
         dev = validation[:dev_size]
+        logger.info(f"test pairs: the first {len(test)} of the dataset's test split")
     else:
         if len(validation) < dev_size + test_size:
             raise ValueError(
@@ -162,6 +237,10 @@ def _corpus_from_dataset(dataset, source_column: str, target_column: str, dev_si
                 f"test_size={test_size} (there is no 'test' split); give a 'test' split or smaller dev/test sizes"
             )
         dev, test = validation[:dev_size], validation[dev_size : dev_size + test_size]
+        logger.info(
+            f"test pairs: validation pairs {dev_size}-{dev_size + test_size - 1} (the dataset has no test split; "
+            f"the first {dev_size} are the dev pairs)"
+        )
     for name, pairs in (("train", train), ("validation", dev), ("test", test)):
         if not pairs:
             raise ValueError(f"the {name!r} split is empty")
@@ -239,25 +318,46 @@ def _checked(
 def load_pairs(
     pairs=None,
     lang: str = "de",
-    source_column: str = "source",
-    target_column: str = "target",
+    source_column: str | None = None,
+    target_column: str | None = None,
     dev_size: int = 500,
     test_size: int = 500,
     seed: int = 0,
+    *,
+    source_lang: str | None = None,
+    target_lang: str | None = None,
 ) -> ParallelCorpus:
     """train / dev / test pairs from what :func:`run_translation_sparsefinder` accepts as ``pairs`` (see there)."""
+    fields = _pair_fields(source_column, target_column, source_lang, target_lang)
+    named = [
+        name
+        for name, value in zip(
+            ("source_column", "target_column", "source_lang", "target_lang"),
+            (source_column, target_column, source_lang, target_lang),
+        )
+        if value is not None
+    ]
+    if named and not _is_dataset_dict(pairs):  # said, not ignored: the user meant some data that is not there
+        given = "None (the gettext pairs: English→lang)" if pairs is None else type(pairs).__name__
+        raise ValueError(
+            f"{' and '.join(named)} {'pick' if len(named) > 1 else 'picks'} the columns or the "
+            f"{TRANSLATION_COLUMN!r} languages of a datasets.DatasetDict; pairs is {given}"
+        )
     if pairs is None:
         try:
-            return gettext_parallel_corpus(lang, dev_size=dev_size, test_size=test_size, seed=seed)
+            corpus = gettext_parallel_corpus(lang, dev_size=dev_size, test_size=test_size, seed=seed)
         except FileNotFoundError as error:  # an unknown language: bad input, said as such
             raise ValueError(str(error)) from error
+        logger.info(f"test pairs: {len(corpus.test)} English→{lang} gettext pairs held out (seed {seed})")
+        return corpus
     if isinstance(pairs, ParallelCorpus):
         empty = [name for name in ("train", "dev", "test") if not getattr(pairs, name)]
         if empty:
             raise ValueError(f"the ParallelCorpus has no {' / '.join(empty)} pairs")
+        logger.info("test pairs: the given ParallelCorpus's test pairs")
         return pairs
     if _is_dataset_dict(pairs):
-        return _corpus_from_dataset(pairs, source_column, target_column, dev_size, test_size)
+        return _corpus_from_dataset(pairs, fields, dev_size, test_size)
     raise TypeError(
         f"pairs must be None (gettext), a ParallelCorpus or a datasets.DatasetDict, got {type(pairs).__name__}"
     )
@@ -349,8 +449,10 @@ def run_translation_sparsefinder(
     model: str | None = None,
     pairs=None,
     lang: str = "de",
-    source_column: str = "source",
-    target_column: str = "target",
+    source_column: str | None = None,
+    target_column: str | None = None,
+    source_lang: str | None = None,
+    target_lang: str | None = None,
     dataset_name: str | None = None,
     steps: int = 2000,
     batch_size: int = 64,
@@ -381,9 +483,14 @@ def run_translation_sparsefinder(
             None trains a small one (3+3 layers, 4 heads, ``d_model``) and a joint BPE tokenizer from scratch.
         pairs: None (the English→``lang`` gettext pairs of this machine, shuffled with ``seed``, ``dev_size`` +
             ``test_size`` held out), a :class:`ParallelCorpus`, or a ``datasets.DatasetDict`` with ``train`` and
-            ``validation`` (optionally ``test``) splits of ``source_column`` / ``target_column`` texts, used in
-            their order: dev = the first ``dev_size`` validation pairs, test = the first ``test_size`` test pairs
-            (without a test split, the next ``test_size`` validation pairs).
+            ``validation`` (optionally ``test``) splits of ``source_column`` / ``target_column`` texts (default
+            ``source`` / ``target``), used in their order: dev = the first ``dev_size`` validation pairs, test =
+            the first ``test_size`` test pairs (without a test split, the next ``test_size`` validation pairs;
+            the log says which).
+        source_lang, target_lang: instead of the two columns, Hugging Face's translation format (wmt16,
+            opus_books, Transformers' ``run_translation.py``): the pairs are these two languages of the
+            ``translation`` column's ``{language: text}`` dicts. Refused together with ``source_column`` /
+            ``target_column``, and without a ``DatasetDict``.
         dataset_name: what the card calls the evaluation data (default: the gettext catalogues or "the given
             dataset").
         steps: MT training steps (0: none; then ``model`` must be given). ``learning_rate`` None: 1e-3 for a new
@@ -409,7 +516,17 @@ def run_translation_sparsefinder(
     started = time.time()
     arguments.update(_checked(**arguments))  # the defaults that depend on the case, filled in
     learning_rate, vocab_size, d_model = (arguments[k] for k in ("learning_rate", "vocab_size", "d_model"))
-    corpus = load_pairs(pairs, lang, source_column, target_column, dev_size, test_size, seed)
+    corpus = load_pairs(
+        pairs,
+        lang,
+        source_column,
+        target_column,
+        dev_size,
+        test_size,
+        seed,
+        source_lang=source_lang,
+        target_lang=target_lang,
+    )
     if dataset_name is None:
         dataset_name = f"English→{lang} gettext UI messages (test pairs)" if pairs is None else "the given dataset"
     logger.info(f"{len(corpus.train)} training / {len(corpus.dev)} dev / {len(corpus.test)} test pairs")
@@ -571,4 +688,11 @@ def save_with_card(
     )
 
 
-__all__ = ["MT_SWEEP", "TranslationSparsefinderRun", "build_model", "load_pairs", "run_translation_sparsefinder"]
+__all__ = [
+    "MT_SWEEP",
+    "TRANSLATION_COLUMN",
+    "TranslationSparsefinderRun",
+    "build_model",
+    "load_pairs",
+    "run_translation_sparsefinder",
+]

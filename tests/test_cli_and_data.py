@@ -366,6 +366,170 @@ def test_sparsefinder_translation_fits_an_entmax_marian_from_a_user_csv(tmp_path
     assert model.config.sparsefinder["window"] == 3 and model.config.sparsefinder["enabled"] is True
 
 
+# -- Hugging Face's translation format and the data's own test split ----------------------------------------
+
+
+def _hub_style_translation_dataset(folder, splits=("train", "validation", "test")):
+    """What wmt16 / opus_books look like: one ``translation`` column of {language: text} dicts (``Translation``
+    feature) per split, here with real German/English gettext pairs, a distinct block of pairs per split."""
+    import datasets
+
+    features = datasets.Features({"translation": datasets.Translation(languages=["de", "en"])})
+    pairs = gettext_pairs("de")[:100]
+    blocks = {"train": pairs[:60], "validation": pairs[60:80], "test": pairs[80:100]}
+    data = datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_dict(
+                {"translation": [{"en": s, "de": t} for s, t in blocks[name]]}, features=features
+            )
+            for name in splits
+        }
+    )
+    data.save_to_disk(str(folder))
+    return {name: [(t, s) for s, t in block] for name, block in blocks.items()}  # German→English pairs
+
+
+def test_a_hub_style_translation_dataset_loads_with_its_test_split_and_its_languages(tmp_path):
+    from hf_sparse.translation_sparsefinder import load_pairs
+
+    want = _hub_style_translation_dataset(tmp_path / "wmt")
+    data = load_text_dataset(
+        str(tmp_path / "wmt"), validation_split="validation", test_split="test", columns=("translation",)
+    )
+    assert list(data) == ["train", "validation", "test"]
+    corpus = load_pairs(data, source_lang="de", target_lang="en", dev_size=8, test_size=15)
+    assert corpus.train == want["train"] and corpus.dev == want["validation"][:8] and corpus.test == want["test"][:15]
+    backwards = load_pairs(data, source_lang="en", target_lang="de", dev_size=8, test_size=15)
+    assert backwards.test == [(e, d) for d, e in want["test"][:15]]
+    # the other commands (no test options) see train and validation only, as before
+    assert list(load_text_dataset(str(tmp_path / "wmt"), validation_split="validation", columns=())) == [
+        "train",
+        "validation",
+    ]
+    with pytest.raises(ValueError, match="has no split 'newstest'; splits: train, validation, test"):
+        load_text_dataset(str(tmp_path / "wmt"), test_split="newstest", columns=("translation",))
+    with pytest.raises(ValueError, match="test split 'validation' is also the validation split"):
+        load_text_dataset(str(tmp_path / "wmt"), validation_split="validation", test_split="validation", columns=())
+
+
+def test_the_default_test_split_is_optional_and_a_named_one_is_not(tmp_path):
+    _hub_style_translation_dataset(tmp_path / "no_test", splits=("train", "validation"))
+    optional = dict(validation_split="validation", test_split="test", columns=("translation",))
+    assert list(load_text_dataset(str(tmp_path / "no_test"), test_split_optional=True, **optional)) == [
+        "train",
+        "validation",
+    ]
+    with pytest.raises(ValueError, match="has no split 'test'; splits: train, validation"):
+        load_text_dataset(str(tmp_path / "no_test"), **optional)
+
+
+def test_jsonl_files_with_nested_translation_rows_load_with_a_test_file(tmp_path):
+    from hf_sparse.translation_sparsefinder import load_pairs
+
+    pairs = gettext_pairs("de")[:50]
+    files = {"train": pairs[:30], "validation": pairs[30:40], "test": pairs[40:]}
+    for name, block in files.items():
+        rows = [json.dumps({"id": i, "translation": {"en": s, "de": t}}) for i, (s, t) in enumerate(block)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+    data = load_text_dataset(
+        train_file=str(tmp_path / "train.jsonl"),
+        validation_file=str(tmp_path / "validation.jsonl"),
+        test_file=str(tmp_path / "test.jsonl"),
+        columns=("translation",),
+    )
+    corpus = load_pairs(data, source_lang="en", target_lang="de", dev_size=10, test_size=10)
+    assert (corpus.train, corpus.dev, corpus.test) == (files["train"], files["validation"], files["test"])
+    with pytest.raises(ValueError, match="its 'translation' column has no language 'fr'; languages present: de, en"):
+        load_pairs(data, source_lang="en", target_lang="fr")
+    with pytest.raises(ValueError, match="test split 'test' is a split of a dataset; with a train file, give a test"):
+        load_text_dataset(train_file=str(tmp_path / "train.jsonl"), test_split="test", columns=())
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--task", "translation", "--dataset", "d", "--source-lang", "de"], "--source-lang and --target-lang go"),
+        (
+            ["--task", "translation", "--dataset", "d", "--source-lang", "de", "--target-lang", "en"]
+            + ["--target-column", "en"],
+            "--source-lang/--target-lang with --source-column/--target-column is ambiguous",
+        ),
+        (["--task", "translation", "--source-lang", "de", "--target-lang", "en"], "--source-lang reads --dataset or"),
+        (
+            ["--task", "translation", "--target-column", "de"],
+            "--target-column reads --dataset or --train-file; without",
+        ),
+        (
+            ["--task", "translation", "--dataset", "d", "--source-lang", "de", "--target-lang", "de"],
+            "--source-lang and --target-lang are both 'de'",
+        ),
+        (["--source-lang", "de", "--target-lang", "en", "--dataset", "d"], "--source-lang is for --task translation"),
+        (["--task", "translation", "--train-file", "f.csv", "--test-split", "test"], "--test-split names a split"),
+        (["--task", "translation", "--dataset", "d", "--test-file", "t.csv"], "--test-file goes with --train-file"),
+    ],
+)
+def test_translation_data_options_are_checked_before_any_work(argv, words, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sparsefinder", *argv, "--output-dir", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def _capture_translation_run(monkeypatch) -> dict:
+    """The translation command up to its run: parsing, checks and data loading are real; the run itself reads the
+    pairs with the arguments the command gave it (hf_sparse.translation_sparsefinder.load_pairs) and stops there."""
+    from hf_sparse import translation_sparsefinder
+
+    seen = {}
+
+    def run(*, pairs, lang, source_column, target_column, source_lang, target_lang, dev_size, test_size, **_):
+        seen["corpus"] = translation_sparsefinder.load_pairs(
+            pairs,
+            lang,
+            source_column,
+            target_column,
+            dev_size,
+            test_size,
+            source_lang=source_lang,
+            target_lang=target_lang,
+        )
+
+    monkeypatch.setattr(translation_sparsefinder, "run_translation_sparsefinder", run)
+    return seen
+
+
+def test_the_translation_command_reads_hub_style_languages_and_the_dataset_test_split(tmp_path, monkeypatch, caplog):
+    want = _hub_style_translation_dataset(tmp_path / "wmt")
+    seen = _capture_translation_run(monkeypatch)
+    base = ["sparsefinder", "--task", "translation", "--source-lang", "de", "--target-lang", "en"]
+    sizes = ["--validation-split", "validation", "--dev-size", "8", "--test-size", "12"]
+    with caplog.at_level("INFO", logger="hf_sparse"):
+        cli.main([*base, "--dataset", str(tmp_path / "wmt"), *sizes, "--output-dir", str(tmp_path / "a")])
+    corpus = seen["corpus"]
+    assert corpus.train == want["train"] and corpus.dev == want["validation"][:8]
+    assert corpus.test == want["test"][:12]  # the dataset's own test pairs, not validation pairs 8-19
+    assert "test pairs: the first 12 of the dataset's test split" in caplog.text
+
+    # without a test split, the default "test" is optional: test pairs are carved out of validation, and said so
+    _hub_style_translation_dataset(tmp_path / "no_test", splits=("train", "validation"))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hf_sparse"):
+        cli.main([*base, "--dataset", str(tmp_path / "no_test"), *sizes, "--output-dir", str(tmp_path / "b")])
+    assert seen["corpus"].test == want["validation"][8:20]
+    assert "test pairs: validation pairs 8-19 (the dataset has no test split" in caplog.text
+
+    # a named test split the dataset lacks, and a language it lacks, end in one line naming what is there
+    for extra, words in (
+        (["--test-split", "newstest"], "has no split 'newstest'; splits: train, validation"),
+        (["--target-lang", "fr"], "has no language 'fr'; languages present: de, en"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            cli.main([*base, "--dataset", str(tmp_path / "wmt"), *sizes, *extra, "--output-dir", str(tmp_path / "c")])
+        assert words in str(info.value.code) and str(info.value.code).startswith("hf-sparse sparsefinder: ")
+
+
 def test_finetune_compares_dense_and_dam_on_minilm_and_takes_a_user_csv(tmp_path, capsys):
     small = ["--steps", "2", "--batch-size", "8", "--max-length", "16"]
     cli.main(

@@ -188,6 +188,33 @@ def test_load_pairs_takes_dev_and_test_from_their_splits_in_order(corpus):
     assert got.train == corpus.train[:5] and got.dev == corpus.dev[:3] and got.test == corpus.test
 
 
+def test_load_pairs_reads_hugging_face_translation_rows_and_logs_where_the_test_pairs_come_from(corpus, caplog):
+    """The ``translation`` column of {language: text} dicts (as wmt16 / opus_books hold it): the chosen languages
+    become the pairs in either direction; the test pairs are the test split's when there is one, else validation
+    pairs after the dev pairs, and the log says which."""
+    from datasets import Features, Translation
+
+    features = Features({"translation": Translation(languages=["de", "en"])})
+
+    def split(pairs):
+        return Dataset.from_dict({"translation": [{"en": s, "de": t} for s, t in pairs]}, features=features)
+
+    with_test = DatasetDict(train=split(corpus.train[:6]), validation=split(corpus.dev), test=split(corpus.test))
+    with caplog.at_level("INFO", logger="hf_sparse"):
+        got = load_pairs(with_test, source_lang="en", target_lang="de", dev_size=4, test_size=10)
+    assert got.train == corpus.train[:6] and got.dev == corpus.dev[:4] and got.test == corpus.test[:10]
+    assert "test pairs: the first 10 of the dataset's test split" in caplog.text
+    flipped = load_pairs(with_test, source_lang="de", target_lang="en", dev_size=4, test_size=10)
+    assert flipped.test == [(t, s) for s, t in corpus.test[:10]]
+
+    caplog.clear()
+    without = DatasetDict(train=split(corpus.train[:6]), validation=split(corpus.dev))
+    with caplog.at_level("INFO", logger="hf_sparse"):
+        got = load_pairs(without, source_lang="en", target_lang="de", dev_size=4, test_size=10)
+    assert got.dev == corpus.dev[:4] and got.test == corpus.dev[4:14]
+    assert "test pairs: validation pairs 4-13 (the dataset has no test split" in caplog.text
+
+
 def _bad_cases(tmp_path, corpus, run):
     bert, marian = tmp_path / "bert", tmp_path / "marian_without_tokenizer"
     BertConfig().save_pretrained(bert)
@@ -198,6 +225,7 @@ def _bad_cases(tmp_path, corpus, run):
 
     few = corpus.train[:4]
     good = split([s for s, _ in few], [t for _, t in few])
+    flat = Dataset.from_dict({"translation": [s for s, _ in few]})  # a text column by that name, not language dicts
     small = ParallelCorpus(train=few, dev=few, test=few)
     return [
         ({"model": str(bert), "pairs": small}, ValueError, "is a 'bert' checkpoint; valid: a Marian checkpoint"),
@@ -234,6 +262,32 @@ def _bad_cases(tmp_path, corpus, run):
             {"pairs": DatasetDict(train=split(["a b", "  "], ["c d", "e"]), validation=good)},
             ValueError,
             r"split 'train': rows \[1\] have an empty or non-text",
+        ),
+        # Hugging Face's translation format: languages of a 'translation' column instead of two columns
+        ({"source_lang": "de", "pairs": small}, ValueError, "give source_lang and target_lang together"),
+        ({"source_column": "en", "pairs": small}, ValueError, "source_column picks the columns .* pairs is Parallel"),
+        ({"source_lang": "de", "target_lang": "de"}, ValueError, "source_lang and target_lang are both 'de'"),
+        (
+            {"pairs": DatasetDict(train=good, validation=good), "source_lang": "de", "target_lang": "en"}
+            | {"target_column": "target"},
+            ValueError,
+            "target_column with source_lang / target_lang is ambiguous",
+        ),
+        (
+            {"source_lang": "en", "target_lang": "de"},
+            ValueError,
+            "source_lang and target_lang pick the columns or the 'translation' languages of a datasets.DatasetDict; "
+            r"pairs is None \(the gettext pairs",
+        ),
+        (
+            {"pairs": DatasetDict(train=good, validation=good), "source_lang": "de", "target_lang": "en"},
+            ValueError,
+            r"split 'train' has no column 'translation' .*its columns: \['source', 'target'\]",
+        ),
+        (
+            {"pairs": DatasetDict(train=flat, validation=flat), "source_lang": "de", "target_lang": "en"},
+            ValueError,
+            r"column 'translation' holds Value\('string'\), not one \{language: text\} dict per row",
         ),
     ]
 
