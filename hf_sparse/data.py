@@ -185,8 +185,8 @@ def load_text_dataset(
         loaded = datasets.load_from_disk(dataset) if saved else datasets.load_dataset(dataset, dataset_config)
         if isinstance(loaded, datasets.Dataset):
             loaded = datasets.DatasetDict(train=loaded)
-        if test_split_optional and test_split not in loaded:
-            test_split = None
+        if test_split_optional and (test_split not in loaded or test_split in (split, validation_split)):
+            test_split = None  # an optional default never turns into an error
         for wanted in (split, validation_split, test_split):
             if wanted is not None and wanted not in loaded:
                 raise ValueError(f"dataset {dataset!r} has no split {wanted!r}; splits: {', '.join(loaded)}")

@@ -421,6 +421,10 @@ def test_the_default_test_split_is_optional_and_a_named_one_is_not(tmp_path):
     ]
     with pytest.raises(ValueError, match="has no split 'test'; splits: train, validation"):
         load_text_dataset(str(tmp_path / "no_test"), **optional)
+    # nor does the optional default collide with a split the user trains on
+    _hub_style_translation_dataset(tmp_path / "wmt")
+    trained_on_test = load_text_dataset(str(tmp_path / "wmt"), split="test", test_split_optional=True, **optional)
+    assert list(trained_on_test) == ["train", "validation"] and len(trained_on_test["train"]) == 20
 
 
 def test_jsonl_files_with_nested_translation_rows_load_with_a_test_file(tmp_path):
