@@ -18,19 +18,24 @@ row of length ``L`` is solved on its ``k + 1`` largest scores only:
 3. **Certificate.** The top-k solution is the solution of the whole row iff no other score would enter the
    support: ``z_{k+1} ≤ τ`` (bisection: ``(α - 1)·x_{k+1} - τ_lo ≤ 0``, ``τ_lo`` the bisection's lower end).
    Then every KKT condition of the full problem holds, so the result is exact, not an approximation.
-4. **Retry.** Rows failing the certificate (collected over the whole tensor after the first pass) are solved
-   again with a larger ``k``. The top-k threshold is a lower bound of the row's (adding scores only raises it),
-   so ``n = #{x > τ_k}`` bounds the support and ``k' = max(2k, n)`` (rounded up to a power of two; rows
-   bucketed by ``k'``) passes; ``k' ≥ L`` sorts the whole row, which needs no certificate. The loop always
-   ends; ``k`` only changes the speed.
+4. **Retry.** Rows failing the certificate (collected over the whole tensor after the first pass, with one read
+   of the device) are solved again with a larger ``k``. The top-k threshold is a lower bound of the row's
+   (adding scores only raises it), so ``n = #{x > τ_k}`` bounds the support and ``k' = max(2k, n)`` (rounded up
+   to a power of two; rows bucketed by ``k'``, or all at the largest on an accelerator) passes; ``k' ≥ L``
+   sorts the whole row, which needs no certificate. The loop always ends; ``k`` only changes the speed.
 
 **Choice of k** (:func:`estimate_k`): unless given, the exact support sizes of up to 32 evenly spaced rows
-(full sort of those rows only) are measured and ``k`` is their 90 % quantile rounded up to a multiple of 8
-(at least 8): rows with larger supports take the retry path.
+(full sort of those rows only) are measured and ``k`` is their 90 % quantile (twice that on an accelerator)
+rounded up to a multiple of 8 (at least 8): rows with larger supports take the retry path.
 
-Rows are processed in chunks of about :data:`CHUNK_ELEMENTS` scores, so every intermediate stays small (no page
-faults on fresh large buffers, which cost more than the arithmetic here). The output is scattered into zeros
-(exact zeros off the support). The backward pass reads only the stored
+**Devices** (:func:`_device_policy`). On the CPU, rows are processed in chunks of about :data:`CHUNK_ELEMENTS`
+scores, so every intermediate stays small (no page faults on fresh large buffers, which cost more than the
+arithmetic here), and reading the device to pick the faster solver per chunk is free. On an accelerator every
+op is a kernel launch and every read of device data drains its queue: there all rows go in one chunk (unless
+its copies would pass 1/16 of the memory), the masked solver runs always, and a call with ``k`` given reads the
+device once (did any row fail?), twice with ``k=None``; the launches do not depend on the number of rows.
+
+The output is scattered into zeros (exact zeros off the support). The backward pass reads only the stored
 ``k`` slots per row: 1.5-entmax ``dX = dY·s - (Σ dY·s / Σ s)·s`` with ``s = sqrt(p)``; sparsemax with ``s`` the
 support indicator; α-entmax the same with ``s = p^(2-α)``, and ``entmax_bisect``'s gradient for a tensor ``alpha``.
 
@@ -46,6 +51,7 @@ Remote code (copied next to checkpoints): torch and the standard library only. D
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +66,40 @@ SAMPLE_QUANTILE = 0.9
 K_MULTIPLE = 8  # k is rounded up to a multiple of this (and is at least this)
 CHUNK_ELEMENTS = 2**23  # rows are processed in chunks of about this many scores (half that with a mask)
 MAX_CHUNKS = 8  # ... but in at most this many chunks (each costs a few dozen small ops)
+
+
+class _Policy(NamedTuple):
+    """How the work is cut on one kind of device (see :func:`_device_policy`)."""
+
+    chunk_elements: int  # rows are processed in chunks of about this many scores (half that with a mask)
+    max_chunks: int  # ... but in at most this many chunks (0: no limit)
+    branch_free: bool  # solvers always take the masked path instead of reading the device to choose one
+    group_levels: int  # grouping levels of _topk at most
+    one_retry_bucket: bool  # retried rows in one pass at the largest k they need, not bucketed by k
+    k_margin: float  # k=None: the sampled support quantile times this
+
+
+_CPU_POLICY = _Policy(CHUNK_ELEMENTS, MAX_CHUNKS, False, group_levels=64, one_retry_bucket=False, k_margin=1.0)
+ACCELERATOR_MEMORY_DEFAULT = 2**34  # bytes assumed on an accelerator that does not report its memory
+
+
+def _accelerator_policy(memory_bytes: int) -> _Policy:
+    """A GPU runs the small ops in microseconds but each costs a launch, and a host read of device data (a sync)
+    drains its queue: so one chunk of rows unless a chunk's copies (a masked copy of the scores, the group
+    maxima) would pass about 1/16 of the memory, the masked solvers always (no read to choose one), one
+    grouping level, retried rows in one pass, and a sampled k twice as large: a retry (two host reads and a
+    hundred launches) costs more than twice the candidates (a few more scores per row in the top-k)."""
+    return _Policy(max(1, memory_bytes // 64), 0, True, group_levels=1, one_retry_bucket=True, k_margin=2.0)
+
+
+def _device_policy(device: torch.device) -> _Policy:
+    """The CPU keeps its chunking (bounded page faults, cheap host reads); any other device is an accelerator.
+    The one place that tells them apart (tests force the accelerator policy on CPU tensors through it)."""
+    if device.type == "cpu":
+        return _CPU_POLICY
+    if device.type == "cuda":
+        return _accelerator_policy(torch.cuda.get_device_properties(device).total_memory)
+    return _accelerator_policy(ACCELERATOR_MEMORY_DEFAULT)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -78,18 +118,20 @@ def _as_groups(x: torch.Tensor) -> torch.Tensor | None:
     return x.view(unit)
 
 
-def _topk(x: torch.Tensor, m: int, sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk(x: torch.Tensor, m: int, sorted: bool = True, levels: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``m`` largest values of each row of a 2-D ``x`` (the values of ``torch.topk``) and their columns.
+
+    At most ``levels`` grouping levels (0: ``torch.topk`` on the whole rows).
 
     If ``L`` is not a multiple of :data:`GROUP` the last group is short: its missing slots read ``-inf`` with a
     repeated column index, so they are returned only when a row has fewer than ``m`` values above ``-inf``.
     Results are therefore written with ``scatter_add`` (such slots always carry 0).
     """
     rows, length = x.shape
-    if length < GROUP_MIN_RATIO * m:
+    if levels < 1 or length < GROUP_MIN_RATIO * m:
         return torch.topk(x, m, dim=-1, sorted=sorted)
     group_max = F.max_pool1d(x.unsqueeze(1), GROUP, GROUP, ceil_mode=True).squeeze(1)
-    _, top_groups = _topk(group_max, m, sorted=False)
+    _, top_groups = _topk(group_max, m, sorted=False, levels=levels - 1)
     units = _as_groups(x)
     if units is not None:  # gather whole groups: m 16-byte (or 8-byte) units per row
         candidates = units.gather(1, top_groups).view(x.dtype)
@@ -108,18 +150,21 @@ def _topk(x: torch.Tensor, m: int, sorted: bool = True) -> tuple[torch.Tensor, t
 
 # --------------------------------------------------------------------------------------------------------------
 # Solvers on sorted candidates. v: (r, k) sorted descending, compute dtype, -inf = masked. rest: (r,) the
-# (k+1)-th largest score, or None when v is the whole row. Return p (r, k) on the candidates, ok (r,) the
-# certificate, cut (r,) in score units: scores <= cut are certainly outside the row's support (sizes retries).
+# (k+1)-th largest score, or None when v is the whole row; special: whether to take the masked path (see
+# _special). Return p (r, k) on the candidates, ok (r,) the certificate, cut (r,) in score units: scores <= cut
+# are certainly outside the row's support (sizes retries).
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _special(v) -> bool:
-    """Whether a block of sorted candidates holds -inf (masked) or NaN scores: they need the slow path."""
-    return not bool(torch.isfinite(v[:, [0, -1]]).all())
+def _special(v, policy: _Policy) -> bool:
+    """Whether sorted candidates need the masked path: they may hold -inf (masked) or NaN scores. The masked
+    path is exact on every row; the plain one is faster but the choice reads the device, so only the CPU makes
+    it."""
+    return policy.branch_free or not bool(torch.isfinite(v[:, [0, -1]]).all())
 
 
-def _solve15(v, rest, alpha=None):
-    if _special(v):
+def _solve15(v, rest, alpha, special):
+    if special:
         return _solve15_masked(v, rest)
     vmax = v[:, :1]
     z = (v - vmax) / 2
@@ -142,9 +187,8 @@ def _tau15(z, valid=None):
     return tau.gather(-1, (support - 1).clamp(min=0))
 
 
-def _solve_sparsemax(v, rest, alpha=None):
+def _solve_sparsemax(v, rest, alpha, special):
     """The closed form of entmax.sparsemax (same operations, same order) on sorted candidates."""
-    special = _special(v)
     valid = v > float("-inf") if special else None
     vmax = v[:, :1].masked_fill(~valid[:, :1], 0.0) if special else v[:, :1]
     z = torch.where(valid, v - vmax, 0.0) if special else v - vmax
@@ -178,9 +222,8 @@ def _finish(v, p, ok, cut):
 
 
 def _bisect_solver(n_iter: int, ensure_sum_one: bool, length: int):
-    def solve(v, rest, alpha):
+    def solve(v, rest, alpha, special):
         am1 = alpha - 1  # float, or (r, 1)
-        special = _special(v)
         if special:
             valid = v > float("-inf")
             x = torch.where(valid, v * am1, float("-inf"))
@@ -209,8 +252,8 @@ def _bisect_solver(n_iter: int, ensure_sum_one: bool, length: int):
 
 # --------------------------------------------------------------------------------------------------------------
 # Driver: first pass, certificate, retries. A segment (rows, idx, p): rows (r,) indices into the (R, L) matrix
-# (None = all rows), idx (r, k) columns, p (r, k). Later segments are added on top of earlier ones (which carry
-# zeros for the rows they hand on).
+# (None = all rows of a chunk), idx (r, k) columns, p (r, k). Later segments are added on top of earlier ones
+# (which carry zeros for the rows they hand on).
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -218,35 +261,49 @@ def _subset(aux, index):
     return aux[index] if isinstance(aux, torch.Tensor) else aux
 
 
-def _pass(xs, k, solve, aux, compute_dtype):
-    """One pass over the rows ``xs`` (r, L) with k candidates: columns, probabilities, and the rows that failed
-    the certificate (None if none) with the k each needs next (a power of two >= max(2k, support bound), <= L)."""
-    length = xs.shape[1]
-    if k >= length:
+def _pass(xs, k, solve, aux, compute_dtype, policy):
+    """One pass over the rows ``xs`` (r, L) with k candidates, without reading the device: columns (r, k),
+    probabilities (r, k), the certificate ``ok`` (r,) and ``cut`` (r,) (both None when k >= L: whole rows are
+    sorted, which needs no certificate)."""
+    if k >= xs.shape[1]:
         values, idx = torch.sort(xs, dim=-1, descending=True)
-        p, _, _ = solve(values.to(compute_dtype), None, aux)
+        values = values.to(compute_dtype)
+        p, _, _ = solve(values, None, aux, _special(values, policy))
         return idx, p, None, None
-    values, idx = _topk(xs, k + 1)
+    values, idx = _topk(xs, k + 1, levels=policy.group_levels)
     values = values.to(compute_dtype)
-    p, ok, cut = solve(values[:, :k], values[:, k], aux)
-    idx = idx[:, :k]
-    if bool(ok.all()):
-        return idx, p, None, None
-    bad = (~ok).nonzero().squeeze(1)
-    p[bad] = 0  # these rows are written by the retry
-    bound = (xs[bad].to(compute_dtype) > cut[bad].unsqueeze(-1)).sum(-1)  # >= support size, as cut <= τ
+    p, ok, cut = solve(values[:, :k], values[:, k], aux, _special(values[:, :k], policy))
+    return idx[:, :k], p, ok, cut
+
+
+def _support_bound(xs, cut, compute_dtype):
+    """``#{x > cut}`` per row: at least the row's support size, as ``cut`` is at most its threshold."""
+    return (xs.to(compute_dtype) > cut.unsqueeze(-1)).sum(-1)
+
+
+def _retry(xs, rows, bound, k, solve, aux, compute_dtype, policy, segments):
+    """Solve again the rows ``rows`` (indices into the whole matrix; ``xs`` their masked scores) that failed the
+    certificate with ``k`` candidates, with ``k' = max(2k, bound)`` rounded up to a power of two (at most L),
+    bucketed by ``k'`` or, on an accelerator, all at the largest ``k'`` (fewer launches and host reads). Appends
+    (rows, idx, p) segments. The uncommon path: it reads the device (sizes, certificates)."""
     k_next = 2 ** torch.ceil(torch.log2(torch.clamp(bound, min=2 * k).double())).long()
-    return idx, p, bad, torch.clamp(k_next, max=length)
-
-
-def _retry(x, keep, rows, k_next, solve, aux, segments, compute_dtype):
-    """Solve the rows ``rows`` of ``x`` again, bucketed by the k they need; appends (rows, idx, p) segments."""
-    for kb in torch.unique(k_next).tolist():
-        sel = rows[k_next == kb]
-        idx, p, bad, k_again = _pass(_masked(x, keep, sel), int(kb), solve, _subset(aux, sel), compute_dtype)
+    k_next = torch.clamp(k_next, max=xs.shape[1])
+    if policy.one_retry_bucket:
+        buckets = [(None, int(k_next.max()))]
+    else:
+        buckets = [((k_next == kb).nonzero().squeeze(1), kb) for kb in torch.unique(k_next).tolist()]
+    for local, kb in buckets:
+        xb, sel = (xs, rows) if local is None else (xs[local], rows[local])
+        idx, p, ok, cut = _pass(xb, int(kb), solve, _subset(aux, sel), compute_dtype, policy)
         segments.append((sel, idx, p))
-        if bad is not None:
-            _retry(x, keep, sel[bad], k_again, solve, aux, segments, compute_dtype)
+        if ok is None:
+            continue
+        failed = (~ok).nonzero().squeeze(1)
+        if failed.numel():
+            p[failed] = 0  # these rows are written by the next retry
+            xf = xb[failed]
+            bound = _support_bound(xf, cut[failed], compute_dtype)
+            _retry(xf, sel[failed], bound, int(kb), solve, aux, compute_dtype, policy, segments)
 
 
 def _write(out, segments):
@@ -269,44 +326,80 @@ def _masked(x, keep, rows):
     return x[rows] if keep is None else torch.where(keep[rows], x[rows], float("-inf"))
 
 
-def _sample_k(x, keep, solve, aux, compute_dtype) -> int:
-    """k from the exact support sizes of evenly spaced rows of ``x`` (R, L): see :func:`estimate_k`."""
+def _quantile(values: list[int], q: float) -> float:
+    """``torch.quantile``'s linear interpolation, on the host (the sizes are read once; no more launches).
+
+    Rounded to 6 decimals: with whole values and ``q`` in tenths the exact result is in tenths, so float error
+    (e.g. 32.000000000000014) cannot carry it past a multiple of :data:`K_MULTIPLE`."""
+    values = sorted(values)
+    position = q * (len(values) - 1)
+    below = math.floor(position)
+    above = min(below + 1, len(values) - 1)
+    return round(values[below] + (values[above] - values[below]) * (position - below), 6)
+
+
+def _sample_k(x, keep, solve, aux, compute_dtype, policy) -> int:
+    """k from the exact support sizes of evenly spaced rows of ``x`` (R, L): see :func:`estimate_k`. One host
+    read (the sizes). The rounded indices are distinct (spacing >= 1 from 32 rows on, 0..R-1 below)."""
     rows, length = x.shape
-    index = torch.linspace(0, rows - 1, min(rows, SAMPLE_ROWS), device=x.device).round().long().unique()
+    index = torch.linspace(0, rows - 1, min(rows, SAMPLE_ROWS), device=x.device).round().long()
     values, _ = torch.sort(_masked(x, keep, index), dim=-1, descending=True)
-    p, _, _ = solve(values.to(compute_dtype), None, _subset(aux, index))
-    support = (p > 0).sum(-1).to(torch.float32)
-    guess = torch.quantile(support, SAMPLE_QUANTILE).item()
+    values = values.to(compute_dtype)
+    p, _, _ = solve(values, None, _subset(aux, index), _special(values, policy))
+    guess = policy.k_margin * _quantile((p > 0).sum(-1).tolist(), SAMPLE_QUANTILE)
     return min(length, max(K_MULTIPLE, K_MULTIPLE * math.ceil(guess / K_MULTIPLE)))
 
 
-def _chunks(x: torch.Tensor, keep: torch.Tensor | None):
-    """Row ranges of about CHUNK_ELEMENTS scores (half that with a mask), at most MAX_CHUNKS of them."""
+def _chunks(x: torch.Tensor, keep: torch.Tensor | None, policy: _Policy):
+    """Row ranges of about ``policy.chunk_elements`` scores (half that with a mask), at most
+    ``policy.max_chunks`` of them (0: no limit)."""
     rows, length = x.shape
-    step = max(1, CHUNK_ELEMENTS // (length * (2 if keep is not None else 1)), -(-rows // MAX_CHUNKS))
+    step = max(1, policy.chunk_elements // (length * (2 if keep is not None else 1)))
+    if policy.max_chunks:
+        step = max(step, -(-rows // policy.max_chunks))
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
-def _forward(x, keep, k, solve, aux):
-    """Solve every row of ``x`` (R, L): a first pass chunk by chunk, then one retry over the failed rows of all
-    chunks. Returns the output and the blocks ``(r0, r1, segments)`` for the backward pass; the last block, for
-    the retried rows, has ``r0 = None`` and row indices into the whole matrix."""
+def _true_rows(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` True entries of ``flags`` (ascending), without a second host read where the
+    device has ``nonzero_static`` (CPU, CUDA)."""
+    if flags.device.type in ("cpu", "cuda"):
+        return torch.nonzero_static(flags, size=count).squeeze(1)
+    return flags.nonzero().squeeze(1)
+
+
+def _forward(x, keep, k, solve, aux, policy):
+    """Solve every row of ``x`` (R, L): a first pass chunk by chunk, one host read (did any row fail the
+    certificate?), then one retry over the failed rows of all chunks. Returns the output and the blocks
+    ``(r0, r1, segments)`` for the backward pass; the last block, for the retried rows, has ``r0 = None`` and
+    row indices into the whole matrix."""
     compute_dtype = _compute_dtype(x.dtype)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    blocks, failed, needs = [], [], []
-    for r0, r1 in _chunks(x, keep):
+    blocks, oks, cuts = [], [], []
+    for r0, r1 in _chunks(x, keep, policy):
         rows = slice(r0, r1)
-        idx, p, bad, k_next = _pass(_masked(x, keep, rows), k, solve, _subset(aux, rows), compute_dtype)
+        idx, p, ok, cut = _pass(_masked(x, keep, rows), k, solve, _subset(aux, rows), compute_dtype, policy)
         out_chunk = out[r0:r1]
         out_chunk.zero_()
         _write(out_chunk, [(None, idx, p)])
         blocks.append((r0, r1, [(None, idx, p)]))
-        if bad is not None:
-            failed.append(bad + r0)
-            needs.append(k_next)
-    if failed:
+        oks.append(ok)
+        cuts.append(cut)
+    if oks[0] is None:  # k >= L: whole rows sorted
+        return out, blocks
+    failed = ~oks[0] if len(oks) == 1 else ~torch.cat(oks)
+    n_failed = int(failed.sum())  # the host read of the common path
+    if n_failed:
+        rows = _true_rows(failed, n_failed)  # ascending
+        for r0, r1, [(_, idx, p)] in blocks:  # zero the failed rows' first-pass slots: the retry writes them
+            local = rows - r0 if len(blocks) == 1 else rows[(rows >= r0) & (rows < r1)] - r0
+            out[r0:r1][local.unsqueeze(1), idx[local]] = 0
+            p[local] = 0
+        cut = cuts[0] if len(cuts) == 1 else torch.cat(cuts)
+        xs = _masked(x, keep, rows)
         segments = []
-        _retry(x, keep, torch.cat(failed), torch.cat(needs), solve, aux, segments, compute_dtype)
+        bound = _support_bound(xs, cut[rows], compute_dtype)
+        _retry(xs, rows, bound, k, solve, aux, compute_dtype, policy, segments)
         _write(out, segments)
         blocks.append((None, None, segments))
     return out, blocks
@@ -346,18 +439,22 @@ _CLOSED_FORMS = {
 class _ClosedFormTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keep, k, kind):
-        solve, gppr = _CLOSED_FORMS[kind]
+        solve, _ = _CLOSED_FORMS[kind]
+        policy = _device_policy(x.device)
         if k is None:
-            k = _sample_k(x, keep, solve, None, _compute_dtype(x.dtype))
-        out, blocks = _forward(x, keep, min(k, x.shape[1]), solve, None)
-        # backward needs s = 1/g''(p) on the stored slots only (intermediates: kept on ctx, not save_for_backward)
-        ctx.blocks = [(r0, r1, [(rows, idx, gppr(p)) for rows, idx, p in segs]) for r0, r1, segs in blocks]
+            k = _sample_k(x, keep, solve, None, _compute_dtype(x.dtype), policy)
+        # backward needs p on the stored slots only (intermediates: kept on ctx, not save_for_backward); s = 1/g''(p)
+        # is computed there, so a forward without grad launches nothing for it
+        out, ctx.blocks = _forward(x, keep, min(k, x.shape[1]), solve, None, policy)
+        ctx.kind = kind
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        return _backward_blocks(dy, ctx.blocks, _grad_closed_form), None, None, None
+        gppr = _CLOSED_FORMS[ctx.kind][1]
+        grad = _backward_blocks(dy, ctx.blocks, lambda dyk, p, rows: _grad_closed_form(dyk, gppr(p), rows))
+        return grad, None, None, None
 
 
 class _EntmaxAlphaTopK(torch.autograd.Function):
@@ -365,10 +462,12 @@ class _EntmaxAlphaTopK(torch.autograd.Function):
     def forward(ctx, x, keep, alpha_rows, alpha_float, k, n_iter, ensure_sum_one):
         compute_dtype = _compute_dtype(x.dtype)
         alpha = alpha_float if alpha_rows is None else alpha_rows.to(compute_dtype)
+        policy = _device_policy(x.device)
         if k is None:
-            k = _sample_k(x, keep, _bisect_solver(min(n_iter, 30), False, x.shape[1]), alpha, compute_dtype)
+            sample_solve = _bisect_solver(min(n_iter, 30), False, x.shape[1])
+            k = _sample_k(x, keep, sample_solve, alpha, compute_dtype, policy)
         solve = _bisect_solver(n_iter, ensure_sum_one, x.shape[1])
-        out, ctx.blocks = _forward(x, keep, min(k, x.shape[1]), solve, alpha)
+        out, ctx.blocks = _forward(x, keep, min(k, x.shape[1]), solve, alpha, policy)
         ctx.alpha_float = alpha_float
         ctx.save_for_backward(alpha_rows)
         return out
@@ -540,8 +639,10 @@ def estimate_k(
     """The ``k`` that :func:`entmax15` / :func:`entmax_alpha` choose when ``k=None``.
 
     Exact support sizes of up to :data:`SAMPLE_ROWS` evenly spaced slices (each fully sorted), their
-    :data:`SAMPLE_QUANTILE` quantile rounded up to a multiple of :data:`K_MULTIPLE` (at least that, at most the
-    slice length). Compute it once (e.g. per layer on a typical batch) and pass ``k=`` to skip the sampling.
+    :data:`SAMPLE_QUANTILE` quantile (twice that for tensors on an accelerator, where retrying a slice costs
+    more than a larger k) rounded up to a multiple of :data:`K_MULTIPLE` (at least that, at most the slice
+    length). Compute it once (e.g. per layer on a typical batch) and pass ``k=`` to skip the sampling: one read
+    of the device per call fewer on a GPU.
     """
     x, keep, _, _ = _to_rows(scores.detach(), dim, keep)
     if x.numel() == 0:
@@ -553,4 +654,4 @@ def estimate_k(
         solve, aux = _solve15, None
     else:
         solve, aux = _bisect_solver(30, False, x.shape[1]), float(alpha)
-    return _sample_k(x, keep, solve, aux, compute_dtype)
+    return _sample_k(x, keep, solve, aux, compute_dtype, _device_policy(x.device))
