@@ -220,7 +220,8 @@ def choose_backend(
 def attention_backends_used(model: torch.nn.Module) -> dict[str, str]:
     """The kernel each attention module of ``model`` ran in its latest forward, by module name.
 
-    ``eager``, ``sdpa``, ``flex``, ``tiles``, ``fused``, or ``sparsefinder`` (attention on a predictor's pairs);
+    ``eager``, ``sdpa``, ``flex``, ``tiles``, ``fused``, ``sparsefinder`` (attention on a predictor's pairs, by
+    gathering) or ``fused (predicted blocks)`` (the same pairs on the fused kernel);
     modules that have not run yet are absent. :func:`hf_sparse.sparsefinder.attend_layer` records the name on the
     module as a plain Python string when it dispatches: no device is read, so looking costs nothing per forward.
     With KV-cache decoding the record is the last step's (prefill and steps can differ: a step is one query).

@@ -162,9 +162,10 @@ class _EntmaxSparsefinderMarian(ReportsNewWeights):
 
     def attention_backends_used(self) -> dict[str, str]:
         """The kernel each attention module ran in the latest forward (``generate``: the latest step), by module
-        name, e.g. ``{"model.decoder.layers.0.self_attn": "fused", ...}``: ``eager``, ``sdpa``, ``fused`` or
-        ``sparsefinder`` (predicted pairs). Recorded as plain strings while dispatching, so asking costs no
-        device sync; see ``config.attention_backend`` for how the choice is made."""
+        name, e.g. ``{"model.decoder.layers.0.self_attn": "fused", ...}``: ``eager``, ``sdpa``, ``fused``,
+        ``sparsefinder`` (predicted pairs, gathered) or ``fused (predicted blocks)`` (predicted pairs on the fused
+        kernel). Recorded as plain strings while dispatching, so asking costs no device sync; see
+        ``config.attention_backend`` for how the choice is made."""
         return attention_backends_used(self)
 
     def sparsefinder_modules(self) -> dict[int, torch.nn.Module]:

@@ -328,8 +328,9 @@ class SparseBertPreTrainedModel(ReportsNewWeights, PreTrainedModel):
     def attention_backends_used(self) -> dict[str, str]:
         """The kernel each self-attention module ran in the latest forward, by module name, e.g.
         ``{"bert.encoder.layer.0.attention.self": "fused", ...}``: ``eager``, ``sdpa``, ``flex``, ``tiles``,
-        ``fused`` or ``sparsefinder`` (predicted pairs). Recorded as plain strings while dispatching, so asking costs
-        no device sync; ``config.attention_backend`` says how the choice is made."""
+        ``fused``, ``sparsefinder`` (predicted pairs, gathered) or ``fused (predicted blocks)`` (predicted pairs on
+        the fused kernel). Recorded as plain strings while dispatching, so asking costs no device sync;
+        ``config.attention_backend`` says how the choice is made."""
         return attention_backends_used(self)
 
     def sparsefinder_modules(self) -> dict[int, nn.Module]:

@@ -22,8 +22,9 @@ cache) and a bidirectional encoder. All learned state (projections, centroids, r
 parameters and buffers of :class:`SparsefinderLayer`, so it travels in the state dict and the checkpoint.
 
 This module is what runs in the forward: the settings, the predictor state, the prediction (a block of queries
-at a time, :class:`Prediction`) and the predicted-sparse attention (:func:`attend_predicted`). It is imported by
-remote code: torch, the standard library and sibling modules only. Gold graphs, the projection loss, k-means,
+at a time, :class:`Prediction`) and the predicted-sparse attention (:func:`attend_predicted`, gathering; and
+:func:`attend_predicted_fused`, the same pairs as block and element masks of the fused Triton kernel). It is imported
+by remote code: torch, the standard library and sibling modules only. Gold graphs, the projection loss, k-means,
 fitting and graph metrics are the training side, :mod:`hf_sparse.sparsefinder_fit`.
 """
 
@@ -35,9 +36,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .attention import AttentionMask, attend, normalize
+from .attention import FUSED_ALPHA, AttentionMask, attend, normalize
 from .block_maps import cached_block_map
 from .checks import check_settings_dict
+from .entmax_triton import entmax_attention
 from .patterns import hash_uniform, rows_mask
 
 METHODS = ("distance", "quantization", "clustering", "window", "lsh", "routing", "bigbird")
@@ -532,6 +534,40 @@ def _kept_keys(pairs: torch.Tensor, counts: torch.Tensor, most: int) -> tuple[to
     return index.view(*counts.shape, most), keep.view(*counts.shape, most)
 
 
+def _pair_rows(
+    predictor: SparsefinderLayer,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    settings: dict,
+    where: str,
+    valid_keys: torch.Tensor | None,
+    valid_queries: torch.Tensor | None,
+    causal: bool,
+    query_offset: int,
+    pattern_rows: Callable[[int, int], torch.Tensor] | None,
+    allowed: torch.Tensor | None,
+) -> Callable[[int, int], torch.Tensor]:
+    """``rows(start, stop)``: the pairs predicted-sparse attention attends to for queries ``start:stop``, bool
+    ``(B, H, stop - start, Lk)``: the prediction met with the pattern as ``combine`` says, then ``allowed``. The one
+    definition both executions (:func:`attend_predicted`, :func:`attend_predicted_fused`) run on."""
+    if not predictor.is_fitted():
+        raise ValueError(
+            f"sparsefinder.enabled is set but the predictor of {where} is not fitted: run "
+            "hf_sparse.sparsefinder_fit.fit(model, dataloader) first, or load a checkpoint saved after fitting"
+        )
+    prediction = Prediction(predictor, query, key, settings, valid_keys, causal, query_offset, valid_queries)
+    union = resolve_config(settings)["combine"] == "union"
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        pattern = None if pattern_rows is None else pattern_rows(start, stop)
+        pairs = prediction.rows(start, stop, pattern, union)
+        if allowed is not None:
+            pairs = pairs & allowed[:, :, start:stop]
+        return pairs
+
+    return rows
+
+
 def attend_predicted(
     predictor: SparsefinderLayer,
     query: torch.Tensor,
@@ -559,31 +595,23 @@ def attend_predicted(
     prediction as mask (thresholds above). Either way the result equals dense attention with every unpredicted
     pair masked out, and no ``(B, H, Lq, Lk)`` tensor exists unless ``dense_probabilities`` asks for the
     probabilities. Each block's gather sizes are two numbers read from the device (one small read per
-    :data:`QUERY_BLOCK` queries: free on CPU; on CUDA, where such reads stall, a fused kernel is the way).
+    :data:`QUERY_BLOCK` queries: free on CPU; on CUDA, where such reads stall, :func:`attend_predicted_fused` runs
+    the same pairs on the fused kernel without any).
 
     ``pattern_rows(start, stop)`` gives the layer's own pattern for those queries (bool, broadcastable to
     ``(B, H, stop - start, Lk)``), met as ``settings["combine"]`` says (pattern ∩ predicted, or pattern ∪
     predicted); ``allowed`` (``(B|1, H|1, Lq, Lk)``, e.g. a causal and padding mask) is always intersected.
     ``where`` names the layer in the error for an unfitted predictor.
     """
-    if not predictor.is_fitted():
-        raise ValueError(
-            f"sparsefinder.enabled is set but the predictor of {where} is not fitted: run "
-            "hf_sparse.sparsefinder_fit.fit(model, dataloader) first, or load a checkpoint saved after fitting"
-        )
     b, h, lq, _ = query.shape
     lk = key.shape[2]
-    prediction = Prediction(predictor, query, key, settings, valid_keys, causal, query_offset, valid_queries)
-    union = resolve_config(settings)["combine"] == "union"
+    rows_of = _pair_rows(
+        predictor, query, key, settings, where, valid_keys, valid_queries, causal, query_offset, pattern_rows, allowed
+    )
     blocks = range(0, lq, QUERY_BLOCK)
 
     def pairs_of(start: int) -> torch.Tensor:
-        stop = min(start + QUERY_BLOCK, lq)
-        pattern = None if pattern_rows is None else pattern_rows(start, stop)
-        pairs = prediction.rows(start, stop, pattern, union)
-        if allowed is not None:
-            pairs = pairs & allowed[:, :, start:stop]
-        return pairs
+        return rows_of(start, min(start + QUERY_BLOCK, lq))
 
     tiles = math.ceil(lk / KEY_BLOCK)
     pad = tiles * KEY_BLOCK - lk
@@ -633,6 +661,111 @@ def attend_predicted(
     return out, torch.cat(probabilities, dim=2) if dense_probabilities else None
 
 
+# The fused execution (attend_predicted_fused): the kernel's block mask in tiles of FUSED_MASK_BLOCK (its key tile on
+# CUDA, so every key tile the prediction leaves empty is skipped unread); the element mask of a call holds at most
+# FUSED_PAIRS_PER_CALL pairs (1 byte each: 128 MiB) and is built FUSED_PREDICT_ROWS queries at a time (what bounds
+# the prediction's own float scratch, e.g. distance: 4 bytes a pair).
+FUSED_MASK_BLOCK = 64
+#: what :func:`hf_sparse.attention.attention_backends_used` names the fused execution of predicted attention
+PREDICTED_FUSED = "fused (predicted blocks)"
+FUSED_PAIRS_PER_CALL = 1 << 27
+FUSED_PREDICT_ROWS = 512
+
+
+def _predicted_tiles(
+    rows_of: Callable[[int, int], torch.Tensor],
+    shape: tuple[int, int],
+    start: int,
+    stop: int,
+    num_keys: int,
+    mask_block: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs of queries ``start:stop`` against keys ``:num_keys`` as the fused kernel takes them: the tiles
+    holding any pair, ``(B, H, ceil(c / mask_block), ceil(num_keys / mask_block))``, and the element mask
+    ``(B, H, c, num_keys)`` (a view into a tile-padded buffer, so the tiles are one reduction over it). Device
+    tensors only: nothing is read back to the host."""
+    b, h = shape
+    c = stop - start
+    n_q, n_k = math.ceil(c / mask_block), math.ceil(num_keys / mask_block)
+    padded = torch.zeros(b, h, n_q * mask_block, n_k * mask_block, dtype=torch.bool, device=device)
+    for first in range(start, stop, FUSED_PREDICT_ROWS):
+        last = min(first + FUSED_PREDICT_ROWS, stop)
+        padded[:, :, first - start : last - start, :num_keys] = rows_of(first, last)[..., :num_keys]
+    tiles = padded.view(b, h, n_q, mask_block, n_k, mask_block).any(dim=5).any(dim=3)
+    return tiles, padded[:, :, :c, :num_keys]
+
+
+def attend_predicted_fused(
+    predictor: SparsefinderLayer,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    settings: dict,
+    *,
+    where: str,
+    scaling: float,
+    attention_fn: str,
+    alpha: float,
+    valid_keys: torch.Tensor | None = None,
+    valid_queries: torch.Tensor | None = None,
+    causal: bool = False,
+    query_offset: int = 0,
+    pattern_rows: Callable[[int, int], torch.Tensor] | None = None,
+    allowed: torch.Tensor | None = None,
+    mask_block: int | None = None,
+) -> torch.Tensor:
+    """:func:`attend_predicted` on the fused Triton kernel (:func:`hf_sparse.entmax_triton.entmax_attention`):
+    ``(B, H, Lq, D)`` inputs → ``(B, Lq, H, Dv)``, the same result (dense attention with every unpredicted pair
+    masked out), entmax family only.
+
+    The same pairs (:func:`_pair_rows`: prediction, pattern as ``combine`` says, ``allowed``, padding, causality)
+    become the kernel's ``block_mask`` (the ``mask_block`` tiles, default :data:`FUSED_MASK_BLOCK`, holding any
+    pair; the rest are never read) and ``keep`` (the pairs themselves, read inside those tiles). Unlike
+    :func:`attend_predicted`, nothing decides on the host: no gather sizes are read from the device, so on CUDA the
+    whole layer is launched without a sync. Differentiable in ``query``, ``key`` and ``value``.
+
+    Cost: the predictors give pairs, not tiles, so the element mask is ``B·H·Lq·Lk`` bytes; it is built for at most
+    :data:`FUSED_PAIRS_PER_CALL` pairs at a time (query chunks of whole tiles, one kernel call each), so e.g.
+    ``B=1, H=12, L=8192`` takes 7 calls of 1344 queries with a 126 MiB mask each. Causal chunks pass only the keys
+    up to their last query (and ``causal=True``), so the kernel never loops over the keys above the diagonal.
+    """
+    if attention_fn not in FUSED_ALPHA and attention_fn != "entmax_bisect":
+        raise ValueError(
+            f"the fused kernel runs the entmax family (entmax15, sparsemax, entmax_bisect), got attention_fn="
+            f"{attention_fn!r}; use attend_predicted"
+        )
+    mask_block = FUSED_MASK_BLOCK if mask_block is None else mask_block
+    b, h, lq, _ = query.shape
+    lk = key.shape[2]
+    rows_of = _pair_rows(
+        predictor, query, key, settings, where, valid_keys, valid_queries, causal, query_offset, pattern_rows, allowed
+    )
+    chunk = max(1, FUSED_PAIRS_PER_CALL // max(1, b * h * lk * mask_block)) * mask_block
+    outs = []
+    for start in range(0, lq, chunk):
+        stop = min(start + chunk, lq)
+        # causal: the chunk's queries are the last of the keys up to its last query (what the kernel's causal means)
+        tail = causal and query_offset + stop <= lk
+        num_keys = query_offset + stop if tail else lk
+        tiles, keep = _predicted_tiles(rows_of, (b, h), start, stop, num_keys, mask_block, query.device)
+        outs.append(
+            entmax_attention(
+                query[:, :, start:stop],
+                key[:, :, :num_keys],
+                value[:, :, :num_keys],
+                alpha=FUSED_ALPHA.get(attention_fn, alpha),
+                scaling=scaling,
+                causal=tail,
+                block_mask=tiles,
+                mask_block=mask_block,
+                keep=keep,
+            )
+        )
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous()
+
+
 def attend_layer(
     module: nn.Module,
     query: torch.Tensor,
@@ -656,22 +789,30 @@ def attend_layer(
     probabilities, scattered into ``(B, H, Lq, Lk)``: the one ``Lq x Lk`` tensor it can build.
 
     * predictor enabled (``config.sparsefinder["enabled"]``, eval mode, not collecting): attention on the
-      predicted pairs only (:func:`attend_predicted`), met with the layer's pattern ``mask.pattern`` (SparseBERT's)
-      as ``combine`` says and restricted to the real keys ``mask.valid_tokens``, or, without a pattern, to
-      ``mask.keep`` (Marian's causal and padding mask);
+      predicted pairs only, met with the layer's pattern ``mask.pattern`` (SparseBERT's) as ``combine`` says and
+      restricted to the real keys ``mask.valid_tokens``, or, without a pattern, to ``mask.keep`` (Marian's causal
+      and padding mask): on the fused Triton kernel (:func:`attend_predicted_fused`) when ``mask`` was built for
+      it (``attention_backend="fused"``, or ``"auto"`` with the entmax family on CUDA) and no probabilities are
+      asked for, else by gathering (:func:`attend_predicted`), which also returns the probabilities;
     * otherwise the kernel ``mask`` was built for (:func:`hf_sparse.attention.attend`); while ``fit`` collects
       (``module.sparsefinder_collector``), the collector gets the queries, keys, probabilities and the valid pairs:
       ``mask.keep`` restricted to the real queries ``valid_queries`` ``(B, Lq)``.
 
     The queries are the last ``Lq`` of the ``Lk`` positions (a decoder's cache holds the others). The kernel that
-    ran (``mask.backend`` or ``"sparsefinder"``) is left on ``module.attention_backend_used`` (see
+    ran (``mask.backend``, ``"sparsefinder"`` (gathering) or :data:`PREDICTED_FUSED`) is left on
+    ``module.attention_backend_used`` (see
     :func:`hf_sparse.attention.attention_backends_used`).
     """
     predictor = getattr(module, "sparsefinder", None)
     collector = getattr(module, "sparsefinder_collector", None)
     settings = module.config.sparsefinder
     if predictor is not None and collector is None and not module.training and settings.get("enabled"):
-        module.attention_backend_used = "sparsefinder"  # read by hf_sparse.attention.attention_backends_used
+        probabilities = output_attentions if predicted_probabilities is None else predicted_probabilities
+        # the fused kernel never builds probabilities: asked for them, the gathering execution returns them, and
+        # says so (choose_backend picks "fused" only without output_attentions: refused when explicit, eager on auto)
+        fused = mask.backend == "fused" and not probabilities
+        # read by hf_sparse.attention.attention_backends_used
+        module.attention_backend_used = PREDICTED_FUSED if fused else "sparsefinder"
         lq, lk, pattern = query.shape[2], key.shape[2], mask.pattern
         pattern_rows = None
         if pattern is not None and pattern.per_row:  # random keys drawn for this batch's rows
@@ -680,12 +821,7 @@ def attend_layer(
         elif pattern is not None and not pattern.is_dense:
             block_map = cached_block_map(pattern, lk, query.device)
             pattern_rows = lambda start, stop: block_map.rows(start, stop)[None]  # noqa: E731
-        return attend_predicted(
-            predictor,
-            query,
-            key,
-            value,
-            settings,
+        common = dict(
             where=where,
             scaling=scaling,
             attention_fn=attention_fn,
@@ -695,8 +831,10 @@ def attend_layer(
             query_offset=lk - lq,
             pattern_rows=pattern_rows,
             allowed=mask.keep if pattern is None else None,
-            dense_probabilities=output_attentions if predicted_probabilities is None else predicted_probabilities,
         )
+        if fused:
+            return attend_predicted_fused(predictor, query, key, value, settings, **common), None
+        return attend_predicted(predictor, query, key, value, settings, **common, dense_probabilities=probabilities)
     module.attention_backend_used = mask.backend
     out, probs = attend(
         query,
@@ -775,12 +913,14 @@ _TRAINING_SIDE = (
 __all__ = [
     "CENTROID_METHODS",
     "METHODS",
+    "PREDICTED_FUSED",
     "PROJECTED_METHODS",
     "SPARSEFINDER_DEFAULTS",
     "Prediction",
     "SparsefinderLayer",
     "attend_layer",
     "attend_predicted",
+    "attend_predicted_fused",
     "check_loaded_predictors",
     "check_model_settings",
     "initialize",
