@@ -368,11 +368,12 @@ def _true_rows(flags: torch.Tensor, count: int) -> torch.Tensor:
     return flags.nonzero().squeeze(1)
 
 
-def _forward(x, keep, k, solve, aux, policy):
+def _forward(x, keep, k, solve, aux, policy, invalid=None):
     """Solve every row of ``x`` (R, L): a first pass chunk by chunk, one host read (did any row fail the
     certificate?), then one retry over the failed rows of all chunks. Returns the output and the blocks
     ``(r0, r1, segments)`` for the backward pass; the last block, for the retried rows, has ``r0 = None`` and
-    row indices into the whole matrix."""
+    row indices into the whole matrix. ``invalid``: a bool tensor (a tensor α's check, see
+    :func:`_invalid_alpha`) read in the same host read; True raises."""
     compute_dtype = _compute_dtype(x.dtype)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     blocks, oks, cuts = [], [], []
@@ -385,10 +386,17 @@ def _forward(x, keep, k, solve, aux, policy):
         blocks.append((r0, r1, [(None, idx, p)]))
         oks.append(ok)
         cuts.append(cut)
-    if oks[0] is None:  # k >= L: whole rows sorted
+    if oks[0] is None:  # k >= L: whole rows sorted, no certificate to read
+        if invalid is not None and bool(invalid):
+            raise ValueError(_ALPHA_ERROR)
         return out, blocks
     failed = ~oks[0] if len(oks) == 1 else ~torch.cat(oks)
-    n_failed = int(failed.sum())  # the host read of the common path
+    if invalid is None:
+        n_failed = int(failed.sum())  # the host read of the common path
+    else:
+        n_failed, n_invalid = torch.stack([failed.sum(), invalid.long()]).tolist()
+        if n_invalid:
+            raise ValueError(_ALPHA_ERROR)
     if n_failed:
         rows = _true_rows(failed, n_failed)  # ascending
         for r0, r1, [(_, idx, p)] in blocks:  # zero the failed rows' first-pass slots: the retry writes them
@@ -467,7 +475,8 @@ class _EntmaxAlphaTopK(torch.autograd.Function):
             sample_solve = _bisect_solver(min(n_iter, 30), False, x.shape[1])
             k = _sample_k(x, keep, sample_solve, alpha, compute_dtype, policy)
         solve = _bisect_solver(n_iter, ensure_sum_one, x.shape[1])
-        out, ctx.blocks = _forward(x, keep, min(k, x.shape[1]), solve, alpha, policy)
+        invalid = None if alpha_rows is None else _invalid_alpha(alpha_rows)
+        out, ctx.blocks = _forward(x, keep, min(k, x.shape[1]), solve, alpha, policy, invalid)
         ctx.alpha_float = alpha_float
         ctx.save_for_backward(alpha_rows)
         return out
@@ -543,11 +552,19 @@ def _check_k(k: int | None) -> int | None:
     return None if k is None else int(k)
 
 
+_ALPHA_ERROR = "alpha must be finite and > 1 (alpha = 1 is softmax: use torch.softmax)"
+
+
+def _invalid_alpha(alpha_rows: torch.Tensor) -> torch.Tensor:
+    """Whether any α is <= 1 or not finite, as a device tensor: it is read with the certificate (no read of its
+    own on a GPU), and the call raises then (the work done with a bad α is thrown away)."""
+    return ((alpha_rows <= 1) | ~torch.isfinite(alpha_rows)).any()
+
+
 def _alpha_rows(alpha: torch.Tensor, scores: torch.Tensor, dim: int) -> torch.Tensor:
-    """One α per slice: ``alpha`` broadcast to ``scores.shape`` with size 1 along ``dim``, as a (rows, 1) column."""
+    """One α per slice: ``alpha`` broadcast to ``scores.shape`` with size 1 along ``dim``, as a (rows, 1) column
+    (not checked: see :func:`_invalid_alpha`)."""
     alpha = alpha.to(device=scores.device)
-    if bool((alpha <= 1).any() | ~torch.isfinite(alpha).all()):
-        raise ValueError("alpha must be finite and > 1 (alpha = 1 is softmax: use torch.softmax)")
     ndim, dim = scores.dim(), dim % scores.dim()
     row_shape = list(scores.shape)
     row_shape[dim] = 1
@@ -627,6 +644,8 @@ def entmax_alpha(
         raise ValueError(f"n_iter must be a whole number >= 1 (bisection steps), got {n_iter!r}")
     x, keep, moved, dim = _to_rows(scores, dim, keep)
     if x.numel() == 0:
+        if alpha_rows is not None and bool(_invalid_alpha(alpha_rows)):
+            raise ValueError(_ALPHA_ERROR)
         return _from_rows(x.new_zeros(x.shape), moved, dim)
     p = _EntmaxAlphaTopK.apply(x, keep, alpha_rows, alpha_float, _check_k(k), n_iter, ensure_sum_one)
     return _from_rows(p, moved, dim)
@@ -650,6 +669,8 @@ def estimate_k(
     compute_dtype = _compute_dtype(x.dtype)
     if isinstance(alpha, torch.Tensor):
         solve, aux = _bisect_solver(30, False, x.shape[1]), _alpha_rows(alpha, scores, dim)
+        if bool(_invalid_alpha(aux)):
+            raise ValueError(_ALPHA_ERROR)
     elif float(alpha) == 1.5:
         solve, aux = _solve15, None
     else:

@@ -103,6 +103,25 @@ def test_one_host_read_and_as_many_launches_for_eight_times_the_rows(accelerator
     assert one["k"][0] <= (600 if name == "alpha" else 100), one  # the bisection: 50 steps of ~8 ops
 
 
+def test_a_tensor_alpha_is_checked_in_the_same_host_read(accelerator, counting):
+    x = scores((2, 4, 64, 64), 1.0, seed=13)
+    x[..., [5, 40]] += 20  # supports of at most 2: every row passes with k = 8
+    alpha = torch.tensor([1.2, 1.5, 1.7, 2.0], dtype=torch.float64).view(4, 1, 1)
+    out = []
+    assert counting(lambda: out.append(entmax_alpha(x, alpha, k=8)))[1] == 1
+    assert torch.allclose(out[0], entmax.entmax_bisect(x, alpha.expand(2, 4, 64, 1), dim=-1), rtol=0, atol=1e-10)
+    for bad in (1.0, 0.5, float("nan"), float("inf")):
+        wrong = alpha.clone()
+        wrong[2] = bad
+        for k in (8, 64, None):  # the certificate's read, no certificate (k = L), the sample first
+            with pytest.raises(ValueError, match="alpha must be finite and > 1"):
+                entmax_alpha(x, wrong, k=k)
+        with pytest.raises(ValueError, match="alpha must be finite and > 1"):
+            entmax_alpha(x[..., :0], wrong)
+        with pytest.raises(ValueError, match="alpha must be finite and > 1"):
+            entmax_topk.estimate_k(x, wrong)
+
+
 def test_the_cpu_keeps_its_chunks_and_an_accelerator_takes_one(counting):
     rows = torch.empty(8 * 4 * 1024, 1024)  # (8, 4, 1024, 1024) scores, never touched
     cpu = entmax_topk._device_policy(torch.device("cpu"))
