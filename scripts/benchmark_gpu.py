@@ -17,7 +17,9 @@ Checks first, then times (CUDA events, medians), B=1, 16 heads, head dim 64:
 5. **Long sequences** (:func:`long_sequence`): the fused kernel at L = 32768 and 65536 with its peak memory (the
    O(L·d) target: an L x L float32 score matrix at 65536 would be 256 GiB).
 
-6. **Profile** (:func:`kernel_profile`): per-kernel time of the fused kernel at L = 8192 for several tile choices
+6. **Predicted blocks** (:func:`predicted_blocks`): Sparsefinder's predicted attention through the fused kernel's
+   tile and element masks, against the gathering execution and dense fused entmax.
+7. **Profile** (:func:`kernel_profile`): per-kernel time of the fused kernel at L = 8192 for several tile choices
    (what ``GPU_BLOCKS`` should be, and what the threshold pass costs against the output pass).
 
 ``--sections`` reruns some parts only (e.g. ``--sections models,long`` after a run cut short).
@@ -70,7 +72,7 @@ except ImportError:  # a benchmark-only dependency (the dev extra has it)
     entmax_package = None
 
 COMMAND = "python scripts/benchmark_gpu.py --output benchmarks/gpu.md"
-SECTIONS = ("correctness", "rowwise", "op", "models", "long", "profile")
+SECTIONS = ("correctness", "rowwise", "op", "models", "long", "predicted", "profile")
 
 
 def sync(device):
@@ -402,6 +404,33 @@ def kernel_profile(device, smoke, lines):
     return lines
 
 
+def predicted_blocks(device, smoke, lines):
+    """Sparsefinder's predicted attention on the fused kernel (predicted pairs as its tile and element masks)
+    against the gathering execution and dense fused entmax: ``scripts/benchmark_fused_sparsefinder.py``'s
+    synthetic clustered inputs and a distance predictor at 5 % of the pairs, BERT-base heads (12 x 64)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from benchmark_fused_sparsefinder import time_predicted_attention
+    except ImportError as exc:
+        return lines + [f"| skipped: {exc!r} | | | | | | | |"]
+    dtype = torch.float32 if smoke else torch.bfloat16
+    for n in ((64,) if smoke else (4096, 8192)):
+        for causal in (False, True):
+            row = time_predicted_attention(
+                n, heads=2 if smoke else 12, head_dim=16 if smoke else 64, density=0.05, causal=causal,
+                dtype=dtype, device=device.type, repeats=2 if smoke else 10,
+            )
+            fused, gathered, dense = (row[f"{name} ms"] for name in ("fused predicted", "gathered predicted",
+                                                                      "fused dense"))
+            lines.append(
+                f"| {n} | {'causal' if causal else 'non-causal'} | {row['pair density']:.3f} | "
+                f"{row['tile density']:.3f} | {fused:.2f} | {gathered:.2f} | {dense:.2f} | {dense / fused:.1f}x | "
+                f"{row['max abs diff to float32 gathered']:.1e} |"
+            )
+            print(lines[-1], flush=True)
+    return lines
+
+
 def make_flex(device):
     """Compiled FlexAttention, softmax (the block-sparse softmax baseline); causal through a BlockMask."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -447,6 +476,7 @@ def main(argv=None) -> int:
     model_lines = whole_models(device, args.smoke, []) if "models" in run else []
     print("\n".join(model_lines), flush=True)
     long_rows = long_sequence(device, args.smoke, []) if "long" in run else []
+    predicted_rows = predicted_blocks(device, args.smoke, []) if "predicted" in run else []
     profile_rows = kernel_profile(device, args.smoke, []) if "profile" in run else []
     import triton
 
@@ -489,6 +519,16 @@ def main(argv=None) -> int:
         "| L | mask | fwd | fwd+bwd |",
         "|---|---|---|---|",
         *long_rows,
+        "",
+        "## Sparsefinder's predicted pairs on the fused kernel (bfloat16, 12 heads, head dim 64, ms)",
+        "",
+        "Synthetic clustered q, k, v and a distance predictor set to 5 % of the pairs "
+        "(`scripts/benchmark_fused_sparsefinder.py`); the difference is to the gathering execution in float32.",
+        "",
+        "| L | mask | pair density | tile density | fused predicted | gathered predicted | fused dense | "
+        "dense / predicted | max diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *predicted_rows,
         "",
         "## Where the fused kernel's time goes, by tile choice (L=8192, bfloat16, ms)",
         "",
