@@ -234,11 +234,11 @@ def _bisect_solver(n_iter: int, ensure_sum_one: bool, length: int):
         d = length if rest is None else v.shape[1]  # at most d positive entries: τ <= max - (1/d)^(α-1)
         tau_lo = max_val - 1
         dm = (max_val - (1 / d) ** am1) - tau_lo
-        p = torch.zeros_like(x)
+        exponent = 1 / am1  # once, not per step (a launch per step for a tensor α); n_iter >= 1 sets p
         for _ in range(n_iter):
             dm = dm / 2
             tau_m = tau_lo + dm
-            p = torch.clamp(x - tau_m, min=0) ** (1 / am1)
+            p = torch.clamp(x - tau_m, min=0) ** exponent
             tau_lo = torch.where(p.sum(-1, keepdim=True) >= 1, tau_m, tau_lo)
         if ensure_sum_one:
             p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
@@ -340,12 +340,15 @@ def _quantile(values: list[int], q: float) -> float:
 
 def _sample_k(x, keep, solve, aux, compute_dtype, policy) -> int:
     """k from the exact support sizes of evenly spaced rows of ``x`` (R, L): see :func:`estimate_k`. One host
-    read (the sizes). The rounded indices are distinct (spacing >= 1 from 32 rows on, 0..R-1 below)."""
+    read (the sizes). The rounded indices are distinct (spacing >= 1 from 32 rows on, 0..R-1 below).
+
+    The plain solver serves every row here: only the support sizes are used, and -inf scores (sorted last) only
+    turn the thresholds after the finite ones into NaN, which count as outside; a fully masked or NaN row gets
+    NaN, which counts as an empty support, as on the masked path."""
     rows, length = x.shape
     index = torch.linspace(0, rows - 1, min(rows, SAMPLE_ROWS), device=x.device).round().long()
     values, _ = torch.sort(_masked(x, keep, index), dim=-1, descending=True)
-    values = values.to(compute_dtype)
-    p, _, _ = solve(values, None, _subset(aux, index), _special(values, policy))
+    p, _, _ = solve(values.to(compute_dtype), None, _subset(aux, index), False)
     guess = policy.k_margin * _quantile((p > 0).sum(-1).tolist(), SAMPLE_QUANTILE)
     return min(length, max(K_MULTIPLE, K_MULTIPLE * math.ceil(guess / K_MULTIPLE)))
 
