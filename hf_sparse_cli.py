@@ -114,6 +114,14 @@ def _data_options(p: argparse.ArgumentParser, columns: dict[str, str], default_s
         default=0.1,
         help="fraction of the training split held out when no validation split or file is given",
     )
+    g.add_argument(
+        "--max-train-samples",
+        type=_whole(1),
+        help="use only the first N training examples (as Transformers' example scripts; default: all)",
+    )
+    g.add_argument(
+        "--max-eval-samples", type=_whole(1), help="use only the first N validation examples (default: all)"
+    )
     for name, default in columns.items():
         g.add_argument(f"--{name}-column", default=default, help=f"column holding the {name}")
     g.add_argument("--lang", default="de", help="built-in corpus: gettext catalogue language to read")

@@ -60,6 +60,8 @@ def _text_data(args: argparse.Namespace, columns: tuple[str, ...], default, **te
         validation_split=args.validation_split,
         validation_size=args.validation_size,
         columns=columns,
+        max_train=args.max_train_samples,
+        max_validation=args.max_eval_samples,
         seed=args.seed,
         **test,
     )

@@ -534,6 +534,22 @@ def test_the_translation_command_reads_hub_style_languages_and_the_dataset_test_
         assert words in str(info.value.code) and str(info.value.code).startswith("hf-sparse sparsefinder: ")
 
 
+def test_max_train_and_eval_samples_keep_the_first_examples_of_each_split(tmp_path, monkeypatch, capsys):
+    want = _hub_style_translation_dataset(tmp_path / "wmt")
+    seen = _capture_translation_run(monkeypatch)
+    argv = ["sparsefinder", "--task", "translation", "--source-lang", "de", "--target-lang", "en"]
+    argv += ["--dataset", str(tmp_path / "wmt"), "--validation-split", "validation", "--dev-size", "4"]
+    argv += ["--test-size", "3", "--max-train-samples", "7", "--max-eval-samples", "5"]
+    cli.main([*argv, "--output-dir", str(tmp_path / "a")])
+    corpus = seen["corpus"]
+    assert corpus.train == want["train"][:7]  # the first 7 of 60
+    assert corpus.dev == want["validation"][:4]  # within the first 5 of 20
+    assert corpus.test == want["test"][:3]  # the test split is not cut by --max-eval-samples (--test-size is)
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--max-train-samples", "0", "--output-dir", str(tmp_path / "b")])
+    assert info.value.code == 2 and "--max-train-samples" in capsys.readouterr().err
+
+
 def test_finetune_compares_dense_and_dam_on_minilm_and_takes_a_user_csv(tmp_path, capsys):
     small = ["--steps", "2", "--batch-size", "8", "--max-length", "16"]
     cli.main(
