@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_sparse import entmax_topk
 from hf_sparse.entmax_topk import entmax15, entmax_alpha, sparsemax
+from test_entmax_topk import grad_of, masked_reference
 
 FUNCTIONS = {
     "entmax15": (entmax15, lambda t: entmax.entmax15(t, dim=-1)),
@@ -132,23 +133,6 @@ def test_the_cpu_keeps_its_chunks_and_an_accelerator_takes_one(counting):
     assert len(entmax_topk._chunks(rows, keep, entmax_topk._accelerator_policy(2**30))) == 4  # 2^30 / 64 / 2
     x = scores((8, 4, 64, 64), 4.0, seed=3, dtype=torch.float32)
     assert counting(lambda: entmax15(x, k=16))[1] > 1  # the CPU reads per chunk and per solver choice
-
-
-def masked_reference(x, keep, fn):
-    """Row by row: the package on the kept entries only, zeros elsewhere (and for rows with nothing kept)."""
-    out = torch.zeros_like(x)
-    n = x.shape[-1]
-    flat_x, flat_keep, flat_out = x.reshape(-1, n), keep.expand_as(x).reshape(-1, n), out.view(-1, n)
-    for r in range(flat_x.shape[0]):
-        if flat_keep[r].any():
-            flat_out[r, flat_keep[r]] = fn(flat_x[r, flat_keep[r]])
-    return out
-
-
-def grad_of(fn, x, dy):
-    x = x.detach().requires_grad_(True)
-    (fn(x) * dy).sum().backward()
-    return x.grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
