@@ -279,14 +279,12 @@ def whole_models(device, smoke, lines):
     for autocast in (False, True):
         if ("softmax", "auto", autocast) not in results:
             continue
-        cells = [results[key][0] for key in (("softmax", "auto", autocast), ("entmax15", "auto", autocast),
-                                             ("entmax15", "eager", autocast))]
-        names = [results[key][1] for key in (("softmax", "auto", autocast), ("entmax15", "auto", autocast),
-                                             ("entmax15", "eager", autocast))]
+        row = [results[fn, backend, autocast] for fn, backend in (("softmax", "auto"), ("entmax15", "auto"),
+                                                                   ("entmax15", "eager"))]
         lines.append(
             f"| {'bfloat16 autocast' if autocast else 'float32'} | "
-            + " | ".join(f"{ms:.1f} ({name})" for ms, name in zip(cells, names))
-            + f" | {cells[1] / cells[0]:.2f}x |"
+            + " | ".join(f"{ms:.1f} ({name})" for ms, name in row)
+            + f" | {row[1][0] / row[0][0]:.2f}x |"
         )
     lines.append("")
 
