@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import re
@@ -23,6 +24,10 @@ PAPER_PATTERNS = ["strided:4", "fixed:4,1", "longformer:2,1", "logsparse", "bigb
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 TRAINING_COMMANDS = ("demo", "dam", "finetune", "sparsefinder")
 # what AutoTokenizer finds in a saved folder (fast, WordPiece, SentencePiece, BPE): a training command needs one
+# what a stopped run leaves for --resume: its command and options, and each training stage's Trainer checkpoints
+RUN_RECORD = "run.json"
+CHECKPOINTS = "checkpoints"  # hf_sparse.checkpointing.CHECKPOINTS
+RESUME_MAY_CHANGE = ("command_function", "resume", "overwrite", "push_to_hub", "hub_model_id")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "source.spm", "vocab.json")
 
 
@@ -141,7 +146,24 @@ def _training_options(p: argparse.ArgumentParser, steps: int, batch: int, lr: fl
 def _output_options(p: argparse.ArgumentParser, default: str) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", "--out", dest="output_dir", default=default, help="where results are written")
-    g.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --output-dir (an earlier run's checkpoints there are deleted)",
+    )
+    g.add_argument(
+        "--save-steps",
+        type=_whole(0),
+        default=500,
+        help="write a Trainer checkpoint every N optimizer steps and at the end of each training stage, under "
+        "OUTPUT_DIR/checkpoints (the newest per stage is kept); 0: none",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run that stopped in --output-dir, with the same options: each training stage starts "
+        "from its newest checkpoint, and the run ends as an uninterrupted one would",
+    )
     g.add_argument("--push-to-hub", action="store_true", help="upload the saved model with its card to the Hub")
     g.add_argument("--hub-model-id", help="repository for --push-to-hub, as ORG/NAME or NAME")
 
@@ -393,8 +415,57 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         return
     if os.path.isfile(out):
         parser.error(f"--output-dir {out}: is a file")
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        parser.error(f"--output-dir {out} is not empty: choose another one, or pass --overwrite to write into it")
+    if args.resume:
+        _check_resume(parser, args)
+    elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        parser.error(
+            f"--output-dir {out} is not empty: choose another one, pass --resume to continue the run that stopped "
+            "there, or --overwrite to write into it"
+        )
+
+
+def _recorded_options(args: argparse.Namespace) -> dict:
+    """The options that define a run, as ``run.json`` records them (what may change on resuming is left out)."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}))
+
+
+def _check_resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--resume`` continues the same run: ``run.json`` must be there, of this command, with the same options."""
+    if args.overwrite:
+        parser.error("--resume continues the run in --output-dir and --overwrite starts a new one there: pick one")
+    record = os.path.join(args.output_dir, RUN_RECORD)
+    if not os.path.isfile(record):
+        parser.error(
+            f"--resume: {record} does not exist, so no hf-sparse run started in --output-dir {args.output_dir}"
+        )
+    with open(record) as f:
+        recorded = json.load(f)
+    if recorded.get("command") != args.command:
+        parser.error(
+            f"--resume: the run in {args.output_dir} is 'hf-sparse {recorded.get('command')}', not {args.command}"
+        )
+    now = _recorded_options(args)
+    before = recorded.get("options", {})
+    changed = [
+        f"--{name.replace('_', '-')} was {before.get(name)!r}, now {now.get(name)!r}"
+        for name in sorted(set(now) | set(before))
+        if now.get(name) != before.get(name)
+    ]
+    if changed:
+        parser.error(
+            "--resume continues a run with the options it started with; these differ: " + "; ".join(changed)
+        )
+
+
+def _start_record(args: argparse.Namespace) -> None:
+    """Write ``run.json`` (command and options) when a training run starts afresh; ``--overwrite`` also deletes an
+    earlier run's checkpoints, which ``--resume`` would otherwise take for this run's."""
+    if args.command not in TRAINING_COMMANDS or int(os.environ.get("RANK", "0")) > 0 or args.resume:
+        return
+    shutil.rmtree(os.path.join(args.output_dir, CHECKPOINTS), ignore_errors=True)
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, RUN_RECORD), "w") as f:
+        json.dump({"command": args.command, "options": _recorded_options(args)}, f, indent=1)
 
 
 def _check_translation_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -429,11 +500,12 @@ def _check_translation_data(parser: argparse.ArgumentParser, args: argparse.Name
 
 
 def _prune_empty(path: str) -> None:
-    """Remove ``path`` and its sub-folders if they hold no file (what a run that failed early leaves behind)."""
+    """Remove ``path`` and its sub-folders if they hold no file but the run record (what a run that failed early
+    leaves behind)."""
     if not os.path.isdir(path):
         return
-    for _folder, _, files in os.walk(path):
-        if files:
+    for folder, _, files in os.walk(path):
+        if any(not (folder == path and name == RUN_RECORD) for name in files):
             return
     shutil.rmtree(path)
 
@@ -461,6 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     created = created if created and not os.path.exists(created) else None
     run = getattr(importlib.import_module("hf_sparse.cli"), args.command_function)
     try:
+        _start_record(args)
         run(args)
     except (ValueError, OSError, ImportError) as error:  # user mistakes: the message says what is valid
         if created:

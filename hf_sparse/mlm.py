@@ -8,12 +8,12 @@ masking → held-out masked-LM metrics on fixed masks.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
+from .checkpointing import resume_point, stage_arguments
 from .configuration_sparse_bert import SparseBertConfig
 from .data import LOCALE_DIR, english_corpus, pack_into_blocks, train_wordpiece_tokenizer
 
@@ -123,17 +123,24 @@ def train_mlm(
     callbacks: list[TrainerCallback] | None = None,
     optimizer_cls_and_kwargs=None,
     weight_decay: float = 0.0,
+    *,
+    stage: str = "mlm",
+    save_steps: int = 0,
+    resume: bool = False,
 ) -> Trainer:
-    """Masked-LM training with Trainer (progress bar and loss logs every ``steps // 10`` steps)."""
+    """Masked-LM training with Trainer (progress bar and loss logs every ``steps // 10`` steps).
+
+    ``stage`` names this Trainer run's checkpoint folder ``out_dir/checkpoints/<stage>``, written every
+    ``save_steps`` steps (0: none); ``resume`` starts from the newest one there (:mod:`hf_sparse.checkpointing`).
+    """
     args = TrainingArguments(
-        output_dir=os.path.join(out_dir, "trainer"),
+        **stage_arguments(out_dir, stage, save_steps),
         max_steps=steps,
         per_device_train_batch_size=batch_size,
         learning_rate=learning_rate,
         weight_decay=weight_decay,
         warmup_steps=max(steps // 10, 1),
         logging_steps=max(steps // 10, 1),
-        save_strategy="no",
         report_to=[],
         seed=seed,
         data_seed=seed,
@@ -149,7 +156,7 @@ def train_mlm(
         callbacks=callbacks,
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_point(out_dir, stage, resume))
     return trainer
 
 
@@ -167,6 +174,8 @@ def search_and_train_dam(
     learning_rate: float = 1e-3,
     batch_size: int = 32,
     seed: int = 0,
+    save_steps: int = 0,
+    resume: bool = False,
 ) -> dict:
     """SparseBERT's DAM as two Trainer runs on a model built with a ``dam`` config.
 
@@ -174,6 +183,9 @@ def search_and_train_dam(
        linearly from 0 to ``penalty`` (``penalty_schedule="linear"``, so the model learns before the mask thins) or
        constant; the search stops once the mask reaches ``target_sparsity``; ``DAMCallback`` freezes the mask.
     2. The remaining steps train with the frozen mask (fresh optimizer and warm-up).
+
+    The two are the checkpoint stages ``dam_search`` and ``dam_frozen`` (``save_steps``, ``resume``: see
+    :func:`train_mlm`).
 
     Returns ``{"search_steps", "train_steps", "sparsity"}`` (sparsity: the fraction of all pairs the frozen model
     drops at ``length``, pattern ∩ mask, averaged over gate groups and heads: ``1 - dam_density``).
@@ -199,6 +211,9 @@ def search_and_train_dam(
         seed=seed,
         callbacks=[search],
         optimizer_cls_and_kwargs=search.optimizer_cls_and_kwargs,
+        stage="dam_search",
+        save_steps=save_steps,
+        resume=resume,
     )
     searched = trainer.state.global_step
     if steps > searched:
@@ -210,6 +225,9 @@ def search_and_train_dam(
             learning_rate=learning_rate,
             batch_size=batch_size,
             seed=seed + 1,
+            stage="dam_frozen",
+            save_steps=save_steps,
+            resume=resume,
         )
     kept = model.base_model.dam_density(length).mean().item()  # pattern ∩ frozen mask, of all pairs
     return {"search_steps": searched, "train_steps": max(steps - searched, 0), "sparsity": 1.0 - kept}
