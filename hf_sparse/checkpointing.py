@@ -21,7 +21,6 @@ import os
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"  # under the command's output folder: one sub-folder per stage
-TOKENIZER = "tokenizer"  # under the command's output folder: the tokenizer a run trained, reused when it resumes
 
 
 def stage_directory(output_dir: str, stage: str) -> str:
@@ -58,21 +57,3 @@ def resume_point(output_dir: str, stage: str, resume: bool) -> str | None:
         logger.info(f"{stage}: resuming from {last}")
     return last
 
-
-def run_tokenizer(output_dir: str, resume: bool, train):
-    """The tokenizer a run trains (``train()``), saved under ``OUTPUT_DIR/tokenizer``; a resumed run loads that one
-    instead of training again. Training is not reproducible across processes (the `tokenizers` library's WordPiece
-    trainer breaks frequency ties in hash order), and a resumed model needs the vocabulary it was trained with."""
-    from accelerate import PartialState
-    from transformers import AutoTokenizer
-
-    folder = os.path.join(output_dir, TOKENIZER)
-    if resume and os.path.isdir(folder):
-        logger.info(f"tokenizer: the run's own, from {folder}")
-        return AutoTokenizer.from_pretrained(folder)
-    tokenizer = train()
-    state = PartialState()
-    if state.is_main_process:
-        tokenizer.save_pretrained(folder)
-    state.wait_for_everyone()
-    return tokenizer

@@ -88,6 +88,16 @@ def _pretrained_masked_lm(args: argparse.Namespace, **settings):
     return SparseBertForMaskedLM.from_pretrained(args.model, **settings), AutoTokenizer.from_pretrained(args.model)
 
 
+def _mlm_corpus(args: argparse.Namespace, data, tokenizer=None):
+    """Packed masked-LM blocks of ``data`` with ``tokenizer`` (``--model``'s), or with a WordPiece vocabulary of
+    ``--vocab-size`` trained on the training texts (the same one again when the run is resumed)."""
+    from .mlm import mlm_corpus
+
+    return mlm_corpus(
+        data, tokenizer, text_column=args.text_column, vocab_size=args.vocab_size, block_size=args.max_length
+    )
+
+
 def _save_with_card(model, tokenizer, directory: str, metrics: dict, args=None, **card_kwargs) -> None:
     """:func:`hf_sparse.cards.save_with_card`, uploaded with ``--push-to-hub``. Only the main process writes when
     several run (``accelerate launch``)."""
@@ -116,7 +126,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from . import SparseBertForMaskedLM
     from .data import english_corpus
     from .evaluation import masked_lm_metrics
-    from .mlm import mlm_corpus, small_bert_config, train_mlm
+    from .mlm import small_bert_config, train_mlm
     from .patterns import parse
     from .plotting import plot_patterns
 
@@ -129,16 +139,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
         ),
     )
     model, tokenizer = _pretrained_masked_lm(args, attention_pattern=args.pattern) if args.model else (None, None)
-    corpus = mlm_corpus(
-        data, tokenizer, text_column=args.text_column, vocab_size=args.vocab_size, block_size=args.max_length
-    )
+    os.makedirs(args.output_dir, exist_ok=True)
+    corpus = _mlm_corpus(args, data, tokenizer)
     print(f"corpus: {len(corpus.train)} training / {len(corpus.eval)} held-out blocks of {args.max_length} tokens")
     if model is None:
         torch.manual_seed(args.seed)
         model = SparseBertForMaskedLM(
             small_bert_config(corpus.tokenizer, args.max_length, attention_pattern=args.pattern)
         )
-    os.makedirs(args.output_dir, exist_ok=True)
     train_mlm(
         model,
         corpus,
@@ -147,6 +155,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         learning_rate=args.learning_rate,
         batch_size=args.batch_size,
         seed=args.seed,
+        save_steps=args.save_steps,
+        resume=args.resume,
     )
     metrics = masked_lm_metrics(model, corpus.tokenizer, corpus.eval)
     print(
@@ -183,7 +193,7 @@ def cmd_dam(args: argparse.Namespace) -> None:
     from . import SparseBertForMaskedLM
     from .data import english_corpus
     from .evaluation import masked_lm_metrics
-    from .mlm import mlm_corpus, search_and_train_dam, small_bert_config
+    from .mlm import search_and_train_dam, small_bert_config
     from .patterns import parse
 
     parse(args.pattern)
@@ -197,14 +207,12 @@ def cmd_dam(args: argparse.Namespace) -> None:
     )
     settings = {"attention_pattern": args.pattern, "dam": dam}
     model, tokenizer = _pretrained_masked_lm(args, **settings) if args.model else (None, None)
-    corpus = mlm_corpus(
-        data, tokenizer, text_column=args.text_column, vocab_size=args.vocab_size, block_size=args.max_length
-    )
+    os.makedirs(args.output_dir, exist_ok=True)
+    corpus = _mlm_corpus(args, data, tokenizer)
     print(f"corpus: {len(corpus.train)} training / {len(corpus.eval)} held-out blocks of {args.max_length} tokens")
     if model is None:
         torch.manual_seed(args.seed)
         model = SparseBertForMaskedLM(small_bert_config(corpus.tokenizer, args.max_length, **settings))
-    os.makedirs(args.output_dir, exist_ok=True)
     done = search_and_train_dam(
         model,
         corpus,
@@ -217,6 +225,8 @@ def cmd_dam(args: argparse.Namespace) -> None:
         learning_rate=args.learning_rate,
         batch_size=args.batch_size,
         seed=args.seed,
+        save_steps=args.save_steps,
+        resume=args.resume,
     )
     metrics = masked_lm_metrics(model, corpus.tokenizer, corpus.eval, seed=args.seed)
     metrics = {
@@ -305,7 +315,7 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
     from . import SparseBertConfig, SparseBertForMaskedLM
     from .data import english_corpus
     from .evaluation import DEFAULT_SWEEP, masked_lm_metrics, operating_point, pareto, predictor_like
-    from .mlm import fixed_mask_batches, mlm_corpus, small_bert_config, train_mlm
+    from .mlm import fixed_mask_batches, small_bert_config, train_mlm
     from .sparsefinder import CENTROID_METHODS, resolve_config
     from .sparsefinder_fit import collect_attention, fit
 
@@ -323,9 +333,9 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
         model, tokenizer = _pretrained_masked_lm(
             args, attention_fn="entmax15" if fn == "softmax" else fn, sparsefinder=settings
         )
-        corpus = mlm_corpus(data, tokenizer, text_column=args.text_column, block_size=args.max_length)
+        corpus = _mlm_corpus(args, data, tokenizer)
     else:
-        corpus = mlm_corpus(data, text_column=args.text_column, vocab_size=args.vocab_size, block_size=args.max_length)
+        corpus = _mlm_corpus(args, data)
         torch.manual_seed(args.seed)
         softmax = SparseBertForMaskedLM(small_bert_config(corpus.tokenizer, args.max_length))
         print(f"pre-training a small softmax BERT for {args.pretrain_steps} steps (no --model given)")
@@ -337,6 +347,9 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
             learning_rate=args.learning_rate,
             batch_size=args.batch_size,
             seed=args.seed,
+            stage="softmax_pretraining",
+            save_steps=args.save_steps,
+            resume=args.resume,
         )
         source = os.path.join(args.output_dir, "softmax")
         softmax.save_pretrained(source)
@@ -353,6 +366,9 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
             learning_rate=5e-4,
             batch_size=args.batch_size,
             seed=args.seed,
+            stage="entmax_finetuning",
+            save_steps=args.save_steps,
+            resume=args.resume,
         )
 
     fit_blocks = corpus.train.select(range(min(args.fit_blocks, len(corpus.train))))

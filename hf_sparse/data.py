@@ -17,6 +17,7 @@ import gettext
 import glob
 import os
 import random
+from collections import Counter
 
 LOCALE_DIR = "/usr/share/locale"
 
@@ -65,11 +66,15 @@ def english_sentences(
     return sentences[:max_sentences] if max_sentences else sentences
 
 
-def train_wordpiece_tokenizer(texts: list[str], vocab_size: int = 2000):
-    """A BERT tokenizer trained on ``texts`` (no download): WordPiece vocabulary from the `tokenizers` library.
+def train_wordpiece_tokenizer(texts: list[str], vocab_size: int = 2000, limit_alphabet: int = 1000):
+    """A BERT tokenizer trained on ``texts`` (no download): WordPiece vocabulary from the `tokenizers` library, the
+    same in every process and run.
 
-    The trainer breaks frequency ties differently in each process, so under ``accelerate launch`` the main process
-    trains and every process builds its tokenizer from that one vocabulary (else the models' embedding sizes differ).
+    The library's trainer alone is not reproducible: it numbers the word-internal ``##`` characters in hash order,
+    and those numbers break ties between equally frequent merges, so two runs on the same texts learn different
+    vocabularies (tokenizers issue #1794). Here those characters are numbered first, in sorted order (given as
+    reserved tokens, which the trainer numbers before anything else); the vocabulary is otherwise the library's.
+    The main process trains and the others receive its vocabulary under ``accelerate launch``.
     """
     import torch
     from accelerate import PartialState
@@ -81,7 +86,23 @@ def train_wordpiece_tokenizer(texts: list[str], vocab_size: int = 2000):
     vocab = None
     if state.is_main_process:
         trainer = BertWordPieceTokenizer(lowercase=True)
-        trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False)
+        normalizer, pre_tokenizer = trainer.normalizer, trainer.pre_tokenizer
+        counts, inside = Counter(), set()
+        for text in texts:
+            for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+                counts.update(word)
+                inside.update(word[1:])
+        # the trainer's alphabet: the limit_alphabet most frequent characters (ties by character here)
+        alphabet = set(sorted(counts, key=lambda c: (-counts[c], c))[:limit_alphabet])
+        special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        trainer.train_from_iterator(
+            texts,
+            vocab_size=vocab_size,
+            min_frequency=2,
+            limit_alphabet=limit_alphabet,
+            special_tokens=special + ["##" + c for c in sorted(inside & alphabet)],
+            show_progress=False,
+        )
         vocab = trainer.get_vocab()
     if state.num_processes > 1:
         vocab = broadcast_object_list([vocab], from_process=0)[0]

@@ -8,6 +8,7 @@ masking → held-out masked-LM metrics on fixed masks.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,40 @@ def fixed_mask_batches(examples: list[dict], tokenizer, size: int = 16, seed: in
     return batches
 
 
+@dataclass
+class ResumableMaskingCollator(DataCollatorForLanguageModeling):
+    """BERT's dynamic masking whose ``k``-th batch is drawn from its own generator, seeded by (``seed``, process,
+    ``k``), so that a run resumed from a checkpoint masks every later batch as the uninterrupted run did.
+
+    The stock collator draws from the global RNG, which Trainer checkpoints; but accelerate's data loader collates
+    one batch ahead of training, so the RNG state in a checkpoint has already drawn the next batch's masks, and a
+    resumed run would mask all later batches differently. :class:`MaskingPosition` sets ``k`` to the batches
+    already trained on when training (re)starts. One counter per process: Trainer's default of no data-loader
+    workers.
+    """
+
+    seed: int = 0
+    batches: int = 0
+    process: int = 0
+
+    def torch_call(self, examples):
+        self.generator = torch.Generator().manual_seed(hash((self.seed, self.process, self.batches)) % 2**63)
+        self._generator_pid = os.getpid()  # what the parent class checks before replacing the generator
+        self.batches += 1
+        return super().torch_call(examples)
+
+
+class MaskingPosition(TrainerCallback):
+    """Where a :class:`ResumableMaskingCollator` is in the data when training (re)starts: the batches consumed."""
+
+    def __init__(self, collator: ResumableMaskingCollator):
+        self.collator = collator
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.collator.batches = state.global_step * args.gradient_accumulation_steps
+        self.collator.process = args.process_index
+
+
 def small_bert_config(tokenizer, block_size: int = 128, **overrides) -> SparseBertConfig:
     """A BERT small enough to pre-train on two CPU cores in minutes (4 heads of 32, 2 layers)."""
     settings = dict(
@@ -148,12 +183,13 @@ def train_mlm(
     )
     if callable(optimizer_cls_and_kwargs):  # a factory (model, args) -> (cls, kwargs), e.g. DAMCallback's
         optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(model, args)
+    collator = ResumableMaskingCollator(corpus.tokenizer, mlm_probability=0.15, seed=seed)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=corpus.train,
-        data_collator=DataCollatorForLanguageModeling(corpus.tokenizer, mlm_probability=0.15),
-        callbacks=callbacks,
+        data_collator=collator,
+        callbacks=[MaskingPosition(collator), *(callbacks or [])],
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
     )
     trainer.train(resume_from_checkpoint=resume_point(out_dir, stage, resume))
