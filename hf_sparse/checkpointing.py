@@ -4,10 +4,10 @@ A command's training is one or more Trainer runs, its *stages*: the DAM search, 
 each fine-tuning run; the Marian's training. Each stage writes its checkpoints under
 ``OUTPUT_DIR/checkpoints/<stage>`` (the newest one is kept) and, when the run is resumed, starts from the newest:
 Trainer restores the weights, optimizer, scheduler, RNG states and the place in the data order, so the stage ends
-in the state an uninterrupted run reaches. A stage that had finished resumes from its final checkpoint (Trainer
-saves one at the last step) and takes no step; its callbacks' end-of-training work (``DAMCallback`` freezing the
-mask) runs again on the same weights. Work outside Trainer (fits, sweeps, evaluations) is deterministic given the
-seed and is redone.
+in the state an uninterrupted run reaches. A stage that had finished is restored from the checkpoint it stopped at
+(Trainer saves one at the last step) without a step (:func:`train_stage`); its callbacks' end-of-training work
+(``DAMCallback`` freezing the mask) runs again on the same weights. Work outside Trainer (fits, sweeps,
+evaluations) is deterministic given the seed and is redone.
 
 The command line's ``--save-steps`` and ``--resume`` (``hf_sparse_cli``) end here; ``OUTPUT_DIR/run.json`` records
 the options a run started with, so that a resumed run is the same run.
@@ -57,3 +57,37 @@ def resume_point(output_dir: str, stage: str, resume: bool) -> str | None:
         logger.info(f"{stage}: resuming from {last}")
     return last
 
+
+
+def _stopped_at(checkpoint: str) -> bool:
+    """Whether training stopped at this checkpoint: the last step, or a callback's stop (the DAM search reaching
+    its target), as the checkpoint's saved ``TrainerControl`` says."""
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_callback import TrainerState
+
+    state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+    control = state.stateful_callbacks.get("TrainerControl", {}).get("args", {})
+    return bool(control.get("should_training_stop")) or state.global_step >= state.max_steps
+
+
+def train_stage(trainer, output_dir: str, stage: str, resume: bool):
+    """``trainer.train()`` of a stage, from its newest checkpoint when ``resume`` (:func:`resume_point`).
+
+    A checkpoint written as the stage stopped is the stage's result, and is restored rather than resumed:
+    Trainer resumed from it would take one step more (transformers 5 checks for the end of training only after a
+    step), so a resumed run would drift from an uninterrupted one. Its weights and Trainer state are loaded and the
+    callbacks' ``on_train_end`` runs as it did (the progress bar's aside: it never opened).
+    """
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_callback import ProgressCallback, TrainerState
+
+    checkpoint = resume_point(output_dir, stage, resume)
+    if checkpoint is None or not _stopped_at(checkpoint):
+        trainer.train(resume_from_checkpoint=checkpoint)
+        return trainer
+    logger.info(f"{stage}: finished at {checkpoint}; restored without training")
+    trainer._load_from_checkpoint(checkpoint)  # Trainer's own loader: sharded, safetensors or not
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+    trainer.remove_callback(ProgressCallback)
+    trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+    return trainer

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-from .checkpointing import resume_point, stage_arguments
+from .checkpointing import stage_arguments, train_stage
 from .configuration_sparse_bert import SparseBertConfig
 from .data import LOCALE_DIR, english_corpus, pack_into_blocks, train_wordpiece_tokenizer
 
@@ -192,8 +192,7 @@ def train_mlm(
         callbacks=[MaskingPosition(collator), *(callbacks or [])],
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
     )
-    trainer.train(resume_from_checkpoint=resume_point(out_dir, stage, resume))
-    return trainer
+    return train_stage(trainer, out_dir, stage, resume)
 
 
 def search_and_train_dam(

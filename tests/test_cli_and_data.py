@@ -278,7 +278,8 @@ def test_a_non_empty_output_dir_is_refused_unless_overwrite(tmp_path, capsys):
     (tmp_path / "kept.txt").write_text("earlier work")
     with pytest.raises(SystemExit) as info:
         cli.main(["demo", "--steps", "1", "--output-dir", str(tmp_path)])
-    assert info.value.code == 2 and "is not empty: choose another one, or pass --overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "is not empty: choose another one, pass --resume to continue the run" in err
     assert os.listdir(tmp_path) == ["kept.txt"]
 
 
