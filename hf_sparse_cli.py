@@ -156,7 +156,7 @@ def _output_options(p: argparse.ArgumentParser, default: str) -> None:
         type=_whole(0),
         default=500,
         help="write a Trainer checkpoint every N optimizer steps and at the end of each training stage, under "
-        "OUTPUT_DIR/checkpoints (the newest per stage is kept); 0: none",
+        "OUTPUT_DIR/checkpoints (the newest per stage is kept, all are deleted when the run finishes); 0: none",
     )
     g.add_argument(
         "--resume",
@@ -499,6 +499,13 @@ def _check_translation_data(parser: argparse.ArgumentParser, args: argparse.Name
         parser.error("--test-file goes with --train-file (with --dataset, use --test-split)")
 
 
+def _finish_record(args: argparse.Namespace) -> None:
+    """A run that finished has saved its results: its checkpoints (weights and optimizer state of every stage) are
+    deleted, not left to fill the disk. ``run.json`` stays, saying how the results were made."""
+    if args.command in TRAINING_COMMANDS and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(os.path.join(args.output_dir, CHECKPOINTS), ignore_errors=True)
+
+
 def _prune_empty(path: str) -> None:
     """Remove ``path`` and its sub-folders if they hold no file but the run record (what a run that failed early
     leaves behind)."""
@@ -535,6 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _start_record(args)
         run(args)
+        _finish_record(args)
     except (ValueError, OSError, ImportError) as error:  # user mistakes: the message says what is valid
         if created:
             _prune_empty(created)

@@ -63,7 +63,10 @@ def test_a_killed_command_resumes_to_the_weights_and_metrics_of_an_uninterrupted
     done = hf_sparse(*argv, "--save-steps", "2", "--out", str(killed), "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{kill[0]}: resuming from {stage / f'checkpoint-{kill[1]}'}" in done.stdout
+    # only the steps after the checkpoint are trained again (Trainer logs every step at these sizes): 6 - 4, 4 - 2
+    assert (done.stdout + done.stderr).count("{'loss': ") == 2
     assert_same_run(straight, killed)
+    assert not (killed / "checkpoints").exists() and not (straight / "checkpoints").exists()  # finished: deleted
 
 
 def test_the_trained_wordpiece_vocabulary_is_the_same_in_every_process():
