@@ -466,6 +466,8 @@ def _sparsefinder_translation(args: argparse.Namespace) -> None:
         seed=args.seed,
         output_dir=args.output_dir,
         repo_id=args.hub_model_id,
+        save_steps=args.save_steps,
+        resume=args.resume,
     )
     if args.push_to_hub:
         from .hub import push_checkpoint

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers import TrainerCallback
 
 from .checks import check_int, check_number
 from .translation import (
@@ -68,6 +69,8 @@ MT_SWEEP = {
     "routing": [{"num_clusters": c} for c in (2, 4, 8)],
     "bigbird": [{"window": w, "random_keys": r} for w in (1, 3) for r in (1, 2, 4)],
 }
+
+MARIAN_STAGE = "marian"  # the Marian's training: its checkpoints are under OUTPUT_DIR/checkpoints/marian
 
 NEW_MODEL_LEARNING_RATE = 1e-3  # a small Marian from scratch (benchmarks/sparsefinder_mt.md)
 FINE_TUNING_LEARNING_RATE = 5e-5  # a pretrained checkpoint: small steps keep what it knows
@@ -273,6 +276,7 @@ def _checked(
     dev_size,
     test_size,
     num_beams,
+    save_steps,
     **_,
 ) -> dict:
     """Every argument of :func:`run_translation_sparsefinder` checked before any work, the bad value named; returns
@@ -290,6 +294,7 @@ def _checked(
         ("dev_size", dev_size, 1),
         ("test_size", test_size, 1),
         ("num_beams", num_beams, 1),
+        ("save_steps", save_steps, 0),
     ):
         check_int(name, value, at_least=least)
     check_number("target_recall", target_recall, above=0.0, at_most=1.0)
@@ -401,6 +406,21 @@ def build_model(
     return net, tokenizer
 
 
+class LogAtCheckpoints(TrainerCallback):
+    """A loss log entry at every checkpoint, so that the logged losses of a resumed run are an uninterrupted run's.
+
+    Trainer's logged loss is the mean since the previous log entry, and a run resumed from a checkpoint starts its
+    mean at the checkpoint: a checkpoint between two log entries would make the resumed run's next entry (possibly
+    ``final_training_loss``) the mean of fewer steps. Logging at each checkpoint too, resumed or not, starts every
+    mean at a checkpoint in both runs.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # DefaultFlowCallback, called before this one, has decided
+            control.should_log = True
+        return control
+
+
 def train_translation(
     model,
     tokenizer,
@@ -411,14 +431,24 @@ def train_translation(
     learning_rate: float,
     max_length: int,
     seed: int,
+    *,
+    save_steps: int = 0,
+    resume: bool = False,
 ) -> list[dict]:
     """``Seq2SeqTrainer`` (label smoothing 0.1, 10 % warm-up, length-grouped batches, progress bar and a loss log
     every ``steps // 10`` steps); returns the logged losses. Sparse execution stays off: MT training never touches
-    the predictors."""
+    the predictors.
+
+    The stage ``marian`` of :mod:`hf_sparse.checkpointing`: a checkpoint every ``save_steps`` steps and at the last
+    one under ``output_dir/checkpoints/marian``; ``resume`` starts from the newest (weights, optimizer, RNG, data
+    order and the loss log), so the returned losses are an uninterrupted run's (:class:`LogAtCheckpoints`).
+    """
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
+    from .checkpointing import stage_arguments, train_stage
+
     args = Seq2SeqTrainingArguments(
-        output_dir=os.path.join(output_dir, "trainer"),
+        **stage_arguments(output_dir, MARIAN_STAGE, save_steps),
         max_steps=steps,
         per_device_train_batch_size=batch_size,
         learning_rate=learning_rate,
@@ -427,7 +457,6 @@ def train_translation(
         label_smoothing_factor=0.1,
         train_sampling_strategy="group_by_length",
         logging_steps=max(steps // 10, 1),
-        save_strategy="no",
         report_to=[],
         seed=seed,
         data_seed=seed,
@@ -439,8 +468,9 @@ def train_translation(
         train_dataset=encode_pairs(tokenizer, pairs, max_length),
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
         processing_class=tokenizer,
+        callbacks=[LogAtCheckpoints()],
     )
-    trainer.train()
+    train_stage(trainer, output_dir, MARIAN_STAGE, resume)
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
@@ -474,6 +504,8 @@ def run_translation_sparsefinder(
     seed: int = 0,
     output_dir: str = "outputs/translation_sparsefinder",
     repo_id: str | None = None,
+    save_steps: int = 0,
+    resume: bool = False,
 ) -> TranslationSparsefinderRun:
     """Train or fine-tune an entmax Marian, fit Sparsefinder on its decoder self-attention, pick an operating point
     on dev, measure it on test, and save the fitted checkpoint with ``metrics.json``, ``pareto.png`` and a card.
@@ -509,6 +541,10 @@ def run_translation_sparsefinder(
             the fitted predictors for ``config.sparsefinder["enabled"] = True`` later).
         repo_id: the id the card's loading snippet shows (say, the Hub id it will be pushed to; default the
             directory).
+        save_steps: a Trainer checkpoint of the MT training every this many steps and at its last step, under
+            ``output_dir/checkpoints/marian`` (0: none).
+        resume: continue a stopped run in ``output_dir`` (same arguments): the training starts from its newest
+            checkpoint, the rest is redone (seeded), and the run ends as an uninterrupted one, bit for bit.
 
     Returns a :class:`TranslationSparsefinderRun`; ``.metrics`` is what ``metrics.json`` holds.
     """
@@ -541,7 +577,17 @@ def run_translation_sparsefinder(
     if steps:
         logger.info(f"training {'a new Marian' if model is None else model} for {steps} steps")
         train_losses = train_translation(
-            net, tokenizer, corpus.train, output_dir, steps, batch_size, learning_rate, max_length, seed
+            net,
+            tokenizer,
+            corpus.train,
+            output_dir,
+            steps,
+            batch_size,
+            learning_rate,
+            max_length,
+            seed,
+            save_steps=save_steps,
+            resume=resume,
         )
     seconds["MT training"] = time.time() - t0
     net.eval()
