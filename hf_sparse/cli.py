@@ -292,6 +292,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         seed=args.seed,
         output_dir=args.output_dir,
         dataset_name=name,
+        save_steps=args.save_steps,
+        resume=args.resume,
     )
     print(format_table(rows))
     if args.push_to_hub:  # one repository per run: <id>-dense, <id>-pattern, <id>-dam

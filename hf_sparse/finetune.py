@@ -143,41 +143,71 @@ def train(
     optimizer_cls_and_kwargs=None,
     logging_steps: int | None = None,
     lr_scheduler_type: str = "linear",
+    output_dir: str | None = None,
+    stage: str = "train",
+    save_steps: int = 0,
+    resume: bool = False,
 ):
-    """``steps`` optimizer steps of ``Trainer`` on ``tokenized["train"]`` (10 % warm-up, then ``lr_scheduler_type``)."""
+    """``steps`` optimizer steps of ``Trainer`` on ``tokenized["train"]`` (10 % warm-up, then ``lr_scheduler_type``).
+
+    ``stage`` names this Trainer run's checkpoint folder ``output_dir/checkpoints/<stage>``, written every
+    ``save_steps`` steps and at the last (0: none); ``resume`` starts from the newest one there
+    (:mod:`hf_sparse.checkpointing`). Without ``output_dir`` nothing is checkpointed (a scratch folder): the caller
+    saves the final model.
+    """
+    if output_dir is None:
+        if save_steps or resume:
+            raise ValueError(
+                f"train: save_steps={save_steps} / resume={resume} need an output_dir to keep the checkpoints in"
+            )
+        with tempfile.TemporaryDirectory() as scratch:
+            return train(
+                model,
+                tokenized,
+                tokenizer,
+                steps=steps,
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                seed=seed,
+                callbacks=callbacks,
+                optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                logging_steps=logging_steps,
+                lr_scheduler_type=lr_scheduler_type,
+                output_dir=scratch,
+                stage=stage,
+            )
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    with tempfile.TemporaryDirectory() as scratch:  # nothing is checkpointed: the caller saves the final model
-        args = TrainingArguments(
-            output_dir=scratch,
-            max_steps=steps,
-            per_device_train_batch_size=batch_size,
-            per_device_eval_batch_size=2 * batch_size,
-            learning_rate=learning_rate,
-            warmup_steps=max(steps // 10, 1),
-            logging_steps=logging_steps or max(steps // 10, 1),
-            lr_scheduler_type=lr_scheduler_type,
-            save_strategy="no",
-            report_to=[],
-            train_sampling_strategy="group_by_length",  # batches of similar lengths: less padding
-            seed=seed,
-            data_seed=seed,
-            use_cpu=not torch.cuda.is_available(),
-        )
-        if callable(optimizer_cls_and_kwargs):  # DAMCallback's factory (model, args) -> (cls, kwargs)
-            optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(model, args)
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=tokenized["train"],
-            eval_dataset=tokenized["validation"],
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-        )
-        trainer.train()
-    return trainer
+    from .checkpointing import stage_arguments, train_stage
+
+    args = TrainingArguments(
+        **stage_arguments(output_dir, stage, save_steps),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=2 * batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=max(steps // 10, 1),
+        logging_steps=logging_steps or max(steps // 10, 1),
+        lr_scheduler_type=lr_scheduler_type,
+        report_to=[],
+        train_sampling_strategy="group_by_length",  # batches of similar lengths: less padding
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    if callable(optimizer_cls_and_kwargs):  # DAMCallback's factory (model, args) -> (cls, kwargs)
+        optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(model, args)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"],
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+        callbacks=callbacks,
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+    )
+    return train_stage(trainer, output_dir, stage, resume)
 
 
 @torch.no_grad()
@@ -252,6 +282,8 @@ def run_finetune(
     seed: int = 0,
     output_dir: str = "finetune",
     dataset_name: str = "validation split",
+    save_steps: int = 0,
+    resume: bool = False,
 ) -> list[dict]:
     """Fine-tune ``model_name_or_path`` (default: :func:`default_model`) on ``data`` once per entry of ``runs``.
 
@@ -264,6 +296,11 @@ def run_finetune(
             length (``SparseBertModel.dam_density``); it runs at most ``search_fraction`` of the steps.
         penalty: λ at the end of its linear rise from 0 over the search (penalty: the mask summed over pairs).
         epochs / max_steps: training length of every run (``max_steps`` wins); DAM counts search + frozen steps.
+        save_steps / resume: every Trainer run is a checkpoint stage (``dense``, ``pattern``, ``dam_search``,
+            ``dam_frozen``) under ``output_dir/checkpoints``, written every ``save_steps`` steps and at its end (0:
+            none); ``resume`` starts each from its newest checkpoint, so a stopped call, called again with the same
+            arguments, ends as an uninterrupted one would (finished runs restart from their final checkpoint and
+            take no step; evaluation and saving are redone).
 
     Each run's model goes to ``output_dir/<run>`` with tokenizer, ``metrics.json`` and card; the returned rows
     (also in ``output_dir/results.json``) hold run, attention, attention sparsity, accuracy, macro-F1, steps and
@@ -288,6 +325,8 @@ def run_finetune(
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not isinstance(save_steps, int) or isinstance(save_steps, bool) or save_steps < 0:
+        raise ValueError(f"save_steps must be an integer >= 0 (0: no checkpoints), got {save_steps!r}")
     for name, value in (
         ("epochs", epochs),
         ("learning_rate", learning_rate),
@@ -309,7 +348,14 @@ def run_finetune(
     steps = max_steps if max_steps is not None else max(1, int(np.ceil(epochs * len(tokenized["train"]) / batch_size)))
     lengths = sorted(len(ids) for ids in tokenized["train"]["input_ids"])
     typical_length = lengths[len(lengths) // 2]
-    common = dict(batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+    common = dict(
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        output_dir=output_dir,
+        save_steps=save_steps,
+        resume=resume,
+    )
     rows = []
     for run in runs:
         start = time.perf_counter()
@@ -335,7 +381,7 @@ def run_finetune(
             )
         else:
             model = load_classifier(source, names, attention_pattern=pattern if run == "pattern" else "dense")
-            train(model, tokenized, tokenizer, steps=steps, **common)
+            train(model, tokenized, tokenizer, steps=steps, stage=run, **common)
             extra = {}
         measured = evaluate_classifier(model, tokenized["validation"], tokenizer, batch_size=2 * batch_size)
         row = {
@@ -391,11 +437,13 @@ def _search_and_train(
         callbacks=[search],
         optimizer_cls_and_kwargs=search.optimizer_cls_and_kwargs,
         lr_scheduler_type="constant_with_warmup",  # a decaying rate would stop the gates just as λ peaks
+        stage="dam_search",
         **common,
     )
     searched = trainer.state.global_step
     if steps > searched:
-        train(model, tokenized, tokenizer, steps=steps - searched, **{**common, "seed": common["seed"] + 1})
+        frozen = {**common, "seed": common["seed"] + 1}
+        train(model, tokenized, tokenizer, steps=steps - searched, stage="dam_frozen", **frozen)
     base = model.base_model
     return {
         "dam_search_steps": searched,
