@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 
+from transformers import TrainerCallback
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"  # under the command's output folder: one sub-folder per stage
@@ -59,6 +61,21 @@ def resume_point(output_dir: str, stage: str, resume: bool) -> str | None:
 
 
 
+class LogAtCheckpoints(TrainerCallback):
+    """A loss log entry at every checkpoint, so that the logged losses of a resumed run are an uninterrupted run's.
+
+    Trainer's logged loss is the mean since the previous log entry, and a run resumed from a checkpoint starts its
+    mean at the checkpoint: a checkpoint between two log entries would make the resumed run's next entry (possibly
+    a reported final training loss) the mean of fewer steps. Logging at each checkpoint too, resumed or not,
+    starts every mean at a checkpoint in both runs. :func:`train_stage` adds it to every stage.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # DefaultFlowCallback, called before this one, has decided
+            control.should_log = True
+        return control
+
+
 def _stopped_at(checkpoint: str) -> bool:
     """Whether training stopped at this checkpoint: the last step, or a callback's stop (the DAM search reaching
     its target), as the checkpoint's saved ``TrainerControl`` says."""
@@ -73,7 +90,8 @@ def _stopped_at(checkpoint: str) -> bool:
 def train_stage(trainer, output_dir: str, stage: str, resume: bool):
     """``trainer.train()`` of a stage, from its newest checkpoint when ``resume`` (:func:`resume_point`).
 
-    A checkpoint written as the stage stopped is the stage's result, and is restored rather than resumed:
+    Every stage logs its loss at its checkpoints (:class:`LogAtCheckpoints`). A checkpoint written as the stage
+    stopped is the stage's result, and is restored rather than resumed:
     Trainer resumed from it would take one step more (transformers 5 checks for the end of training only after a
     step), so a resumed run would drift from an uninterrupted one. Its weights and Trainer state are loaded and the
     callbacks' ``on_train_end`` runs as it did (the progress bar's aside: it never opened).
@@ -81,6 +99,8 @@ def train_stage(trainer, output_dir: str, stage: str, resume: bool):
     from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_callback import ProgressCallback, TrainerState
 
+    if not any(isinstance(callback, LogAtCheckpoints) for callback in trainer.callback_handler.callbacks):
+        trainer.add_callback(LogAtCheckpoints())
     checkpoint = resume_point(output_dir, stage, resume)
     if checkpoint is None or not _stopped_at(checkpoint):
         trainer.train(resume_from_checkpoint=checkpoint)

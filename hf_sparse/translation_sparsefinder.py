@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainerCallback
 
 from .checks import check_int, check_number
 from .translation import (
@@ -406,21 +405,6 @@ def build_model(
     return net, tokenizer
 
 
-class LogAtCheckpoints(TrainerCallback):
-    """A loss log entry at every checkpoint, so that the logged losses of a resumed run are an uninterrupted run's.
-
-    Trainer's logged loss is the mean since the previous log entry, and a run resumed from a checkpoint starts its
-    mean at the checkpoint: a checkpoint between two log entries would make the resumed run's next entry (possibly
-    ``final_training_loss``) the mean of fewer steps. Logging at each checkpoint too, resumed or not, starts every
-    mean at a checkpoint in both runs.
-    """
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save:  # DefaultFlowCallback, called before this one, has decided
-            control.should_log = True
-        return control
-
-
 def train_translation(
     model,
     tokenizer,
@@ -441,7 +425,8 @@ def train_translation(
 
     The stage ``marian`` of :mod:`hf_sparse.checkpointing`: a checkpoint every ``save_steps`` steps and at the last
     one under ``output_dir/checkpoints/marian``; ``resume`` starts from the newest (weights, optimizer, RNG, data
-    order and the loss log), so the returned losses are an uninterrupted run's (:class:`LogAtCheckpoints`).
+    order and the loss log), so the returned losses are an uninterrupted run's
+    (:class:`hf_sparse.checkpointing.LogAtCheckpoints`).
     """
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
@@ -468,7 +453,6 @@ def train_translation(
         train_dataset=encode_pairs(tokenizer, pairs, max_length),
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
         processing_class=tokenizer,
-        callbacks=[LogAtCheckpoints()],
     )
     train_stage(trainer, output_dir, MARIAN_STAGE, resume)
     return [entry for entry in trainer.state.log_history if "loss" in entry]

@@ -3,15 +3,14 @@ of the Marian's training continues with ``--resume`` and ends bit for bit as an 
 with the fitted predictors, metrics.json, the dev sweep and the training loss log (real processes, real SIGKILL)."""
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from test_resume import hf_sparse  # this folder is on sys.path under pytest
 
 from hf_sparse.data import gettext_pairs
 
@@ -23,16 +22,6 @@ TINY = ["--steps", "20", "--save-steps", "3", "--learning-rate", "5e-3", "--batc
 TINY += ["--d-model", "32", "--vocab-size", "300", "--dev-size", "12", "--test-size", "12", "--fit-sentences", "24"]
 TINY += ["--epochs", "1", "--validation-size", "0.1"]
 KILL_STEP = 9
-
-
-def hf_sparse(*argv, kill_after: int | None = None) -> subprocess.CompletedProcess:
-    """``hf-sparse ARGV`` in a fresh process; ``kill_after``: SIGKILLed after that checkpoint of the Marian."""
-    if kill_after is None:
-        command = [sys.executable, "-c", "import hf_sparse_cli; hf_sparse_cli.main()", *argv]
-    else:
-        command = [sys.executable, str(HERE / "killed_command.py"), "marian", str(kill_after), *argv]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)]), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def printed_losses(done: subprocess.CompletedProcess) -> list[str]:
@@ -56,7 +45,7 @@ def test_a_translation_run_killed_twice_resumes_to_the_weights_metrics_and_losse
 
     runs = []
     for extra, kept in (((), KILL_STEP), (("--resume",), 20)):
-        runs.append(done := hf_sparse(*argv, "--out", str(killed), *extra, kill_after=kept))
+        runs.append(done := hf_sparse(*argv, "--out", str(killed), *extra, kill=("marian", kept)))
         assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
         assert not (killed / "model").exists()
         assert [p.name for p in (killed / "checkpoints" / "marian").iterdir()] == [f"checkpoint-{kept}"]
