@@ -22,7 +22,10 @@ Checks first, then times (CUDA events, medians), B=1, 16 heads, head dim 64:
 7. **Profile** (:func:`kernel_profile`): per-kernel time of the fused kernel at L = 8192 for several tile choices
    (what ``GPU_BLOCKS`` should be, and what the threshold pass costs against the output pass).
 
-``--sections`` reruns some parts only (e.g. ``--sections models,long`` after a run cut short).
+``--sections`` reruns some parts only (e.g. ``--sections models,long`` after a run cut short). GPU time is rare, so
+one section's failure never costs the others: it is reported (with the rows it had) and the run goes on; the
+report is rewritten after every section, so a run killed at the device's time limit still leaves its results; no
+section starts after ``--budget-s`` seconds (540: the device call's limit is 600).
 
 Writes ``benchmarks/gpu.md`` (``--output``). Smoke-test it on CPU first (tiny sizes, Triton's interpreter, no
 report unless ``--output`` is given):
@@ -40,6 +43,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from functools import partial
 from pathlib import Path
 
@@ -451,9 +455,16 @@ def make_flex(device):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, Triton's interpreter")
-    parser.add_argument("--output", help="write the report here (markdown)")
+    parser.add_argument("--output", help="write the report here (markdown), again after every section")
     parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"comma-separated parts to run (default: {','.join(SECTIONS)})"
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=540.0,
+        help="start no section after this many seconds (the device call's limit is 600 s); the report says which "
+        "were left out",
     )
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -466,18 +477,50 @@ def main(argv=None) -> int:
     unknown = run - set(SECTIONS)
     if unknown:
         parser.error(f"unknown --sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
-    checks = correctness(40 if args.smoke else 1024, heads, dim, device, []) if "correctness" in run else []
-    print("\n".join(checks), flush=True)
-    row_rows = rowwise(lengths, heads, device, []) if "rowwise" in run else []
-    flex = make_flex(device) if device.type == "cuda" else None
-    op_rows = attention_op(lengths, heads, dim, device, [], flex) if "op" in run else []
-    model_lines = whole_models(device, args.smoke, []) if "models" in run else []
-    print("\n".join(model_lines), flush=True)
-    long_rows = long_sequence(device, args.smoke, []) if "long" in run else []
-    predicted_rows = predicted_blocks(device, args.smoke, []) if "predicted" in run else []
-    profile_rows = kernel_profile(device, args.smoke, []) if "profile" in run else []
+    parts = {
+        "correctness": lambda out: correctness(40 if args.smoke else 1024, heads, dim, device, out),
+        "rowwise": lambda out: rowwise(lengths, heads, device, out),
+        "op": lambda out: attention_op(
+            lengths, heads, dim, device, out, make_flex(device) if device.type == "cuda" else None
+        ),
+        "models": lambda out: whole_models(device, args.smoke, out),
+        "long": lambda out: long_sequence(device, args.smoke, out),
+        "predicted": lambda out: predicted_blocks(device, args.smoke, out),
+        "profile": lambda out: kernel_profile(device, args.smoke, out),
+    }
+    results = {name: [] for name in SECTIONS}
+    notes = []  # sections that failed or were left out: GPU time is rare, one failure must not cost the others
+    for name in SECTIONS:
+        if name not in run:
+            continue
+        if time.perf_counter() - started > args.budget_s:
+            notes.append(f"- `{name}`: not run, the time budget ({args.budget_s:.0f} s) was spent")
+        else:
+            try:
+                parts[name](results[name])  # each section appends its rows as it goes: kept if it fails
+            except Exception as exc:
+                traceback.print_exc()
+                notes.append(f"- `{name}` failed after {len(results[name])} rows: {type(exc).__name__}: {exc}"[:600])
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if name in ("correctness", "models"):
+                print("\n".join(results[name]), flush=True)
+        if args.output:
+            Path(args.output).write_text(render(results, notes, device, heads, dim, started))
+    if args.output:
+        print(f"wrote {args.output}")
+    else:
+        print(render(results, notes, device, heads, dim, started))
+    return 0
+
+
+def render(results: dict, notes: list, device, heads: int, dim: int, started: float) -> str:
+    """The report (markdown) from the sections' rows so far."""
     import triton
 
+    checks, row_rows, op_rows = results["correctness"], results["rowwise"], results["op"]
+    model_lines, long_rows = results["models"], results["long"]
+    predicted_rows, profile_rows = results["predicted"], results["profile"]
     machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
     report = [
         "# Exact entmax attention on a GPU",
@@ -538,13 +581,9 @@ def main(argv=None) -> int:
         *profile_rows,
         "",
     ]
-    text = "\n".join(report)
-    if args.output:
-        Path(args.output).write_text(text)
-        print(f"wrote {args.output}")
-    else:
-        print(text)
-    return 0
+    if notes:
+        report += ["## Sections that failed or were left out", "", *notes, ""]
+    return "\n".join(report)
 
 
 if __name__ == "__main__":
