@@ -462,7 +462,8 @@ def _start_record(args: argparse.Namespace) -> None:
     earlier run's checkpoints, which ``--resume`` would otherwise take for this run's."""
     if args.command not in TRAINING_COMMANDS or int(os.environ.get("RANK", "0")) > 0 or args.resume:
         return
-    shutil.rmtree(os.path.join(args.output_dir, CHECKPOINTS), ignore_errors=True)
+    if os.path.isfile(os.path.join(args.output_dir, RUN_RECORD)):  # an earlier hf-sparse run's folder
+        shutil.rmtree(os.path.join(args.output_dir, CHECKPOINTS), ignore_errors=True)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, RUN_RECORD), "w") as f:
         json.dump({"command": args.command, "options": _recorded_options(args)}, f, indent=1)

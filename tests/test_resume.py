@@ -115,5 +115,7 @@ def test_a_fresh_run_with_overwrite_deletes_the_earlier_runs_checkpoints(tmp_pat
     (tmp_path / "kept.txt").write_text("other work")
     args = hf_sparse_cli.build_parser().parse_args(["demo", "--out", str(tmp_path), "--overwrite"])
     hf_sparse_cli._start_record(args)
+    assert stale.exists()  # no run.json: a folder of something else, whose checkpoints are not ours to delete
+    hf_sparse_cli._start_record(args)  # now an earlier hf-sparse run's folder
     assert not (tmp_path / "checkpoints").exists()  # --resume would have taken it for this run's
     assert (tmp_path / "kept.txt").exists() and (tmp_path / "run.json").exists()
