@@ -27,7 +27,7 @@ TRAINING_COMMANDS = ("demo", "dam", "finetune", "sparsefinder")
 # what a stopped run leaves for --resume: its command and options, and each training stage's Trainer checkpoints
 RUN_RECORD = "run.json"
 CHECKPOINTS = "checkpoints"  # hf_sparse.checkpointing.CHECKPOINTS
-RESUME_MAY_CHANGE = ("command_function", "resume", "overwrite", "push_to_hub", "hub_model_id")
+RESUME_MAY_CHANGE = ("command_function", "resume", "overwrite", "push_to_hub", "hub_model_id", "output_dir")  # a moved folder
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "source.spm", "vocab.json")
 
 
