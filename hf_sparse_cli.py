@@ -27,7 +27,8 @@ TRAINING_COMMANDS = ("demo", "dam", "finetune", "sparsefinder")
 # what a stopped run leaves for --resume: its command and options, and each training stage's Trainer checkpoints
 RUN_RECORD = "run.json"
 CHECKPOINTS = "checkpoints"  # hf_sparse.checkpointing.CHECKPOINTS
-RESUME_MAY_CHANGE = ("command_function", "resume", "overwrite", "push_to_hub", "hub_model_id", "output_dir")  # a moved folder
+# options a resumed run may change: none that changes what is trained (the folder itself may have moved)
+RESUME_MAY_CHANGE = ("command_function", "resume", "overwrite", "push_to_hub", "hub_model_id", "output_dir")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "source.spm", "vocab.json")
 
 
