@@ -103,7 +103,11 @@ def test_resume_refuses_a_folder_it_cannot_continue_and_names_why(tmp_path, caps
     assert "these differ: --pattern was 'bigbird:3,1,2', now 'window:4'; --steps was 6, now 8" in err
     assert "the run in" in refused(["dam", "--out", out, "--resume"], capsys)
     assert "pick one" in refused(["demo", "--steps", "6", "--out", out, "--resume", "--overwrite"], capsys)
-    # what may change on resuming: uploading the result
+    # what may change on resuming: where the folder is, uploading the result
+    moved = tmp_path / "moved"
+    (tmp_path / "run").rename(moved)
+    hf_sparse_cli.check_arguments(parser, parser.parse_args(["demo", "--steps", "6", "--out", str(moved), "--resume"]))
+    out = str(moved)
     upload = ["--push-to-hub", "--hub-model-id", "a/b"]
     args = parser.parse_args(["demo", "--steps", "6", "--out", out, "--resume", *upload])
     hf_sparse_cli.check_arguments(parser, args)
