@@ -87,6 +87,19 @@ def _stopped_at(checkpoint: str) -> bool:
     return bool(control.get("should_training_stop")) or state.global_step >= state.max_steps
 
 
+def _drop_optimizer_state(folder: str) -> None:
+    """A finished stage is restored from its final checkpoint's weights and Trainer state alone: its optimizer and
+    scheduler state (twice the weights, for Adam) need not fill the disk until the whole run ends."""
+    from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCALER_NAME, SCHEDULER_NAME
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    if last is not None and _stopped_at(last):
+        for name in (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, SCALER_NAME):
+            if os.path.isfile(os.path.join(last, name)):
+                os.remove(os.path.join(last, name))
+
+
 def train_stage(trainer, output_dir: str, stage: str, resume: bool):
     """``trainer.train()`` of a stage, from its newest checkpoint when ``resume`` (:func:`resume_point`).
 
@@ -104,6 +117,8 @@ def train_stage(trainer, output_dir: str, stage: str, resume: bool):
     checkpoint = resume_point(output_dir, stage, resume)
     if checkpoint is None or not _stopped_at(checkpoint):
         trainer.train(resume_from_checkpoint=checkpoint)
+        if trainer.args.should_save:  # the process that writes checkpoints (the main one)
+            _drop_optimizer_state(stage_directory(output_dir, stage))
         return trainer
     logger.info(f"{stage}: finished at {checkpoint}; restored without training")
     trainer._load_from_checkpoint(checkpoint)  # Trainer's own loader: sharded, safetensors or not
