@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
 
@@ -548,11 +549,22 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError, ImportError) as error:  # user mistakes: the message says what is valid
         if created:
             _prune_empty(created)
-        sys.exit(f"hf-sparse {args.command}: {' '.join(str(error).split())}")
-    except BaseException:
+        sys.exit(f"hf-sparse {args.command}: {' '.join(str(error).split())}{_resume_hint(args, argv)}")
+    except BaseException as error:
         if created:
             _prune_empty(created)
+        if isinstance(error, KeyboardInterrupt) and _resume_hint(args, argv):
+            sys.exit(f"hf-sparse {args.command}: interrupted{_resume_hint(args, argv)}")
         raise
+
+
+def _resume_hint(args: argparse.Namespace, argv: list[str] | None) -> str:
+    """How to continue a training run that stopped after writing checkpoints ('' when it wrote none)."""
+    folder = os.path.join(getattr(args, "output_dir", None) or "", CHECKPOINTS)
+    if args.command not in TRAINING_COMMANDS or not os.path.isdir(folder) or not os.listdir(folder):
+        return ""
+    again = [word for word in (sys.argv[1:] if argv is None else argv) if word not in ("--overwrite", "--resume")]
+    return f"; its checkpoints are in {folder}: continue it with {shlex.join(['hf-sparse', *again, '--resume'])}"
 
 
 if __name__ == "__main__":

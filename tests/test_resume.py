@@ -126,3 +126,22 @@ def test_a_fresh_run_with_overwrite_deletes_the_earlier_runs_checkpoints(tmp_pat
     hf_sparse_cli._start_record(args)  # now an earlier hf-sparse run's folder
     assert not (tmp_path / "checkpoints").exists()  # --resume would have taken it for this run's
     assert (tmp_path / "kept.txt").exists() and (tmp_path / "run.json").exists()
+
+
+def test_an_interrupted_run_says_how_to_continue_it(tmp_path, monkeypatch):
+    import hf_sparse.cli
+
+    def interrupted(args):  # Ctrl-C after the first checkpoint of a stage
+        (tmp_path / "checkpoints" / "mlm" / "checkpoint-2").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf_sparse.cli, "cmd_demo", interrupted)
+    with pytest.raises(SystemExit) as info:
+        hf_sparse_cli.main(["demo", "--steps", "6", "--out", str(tmp_path), "--overwrite"])
+    assert str(info.value.code) == (
+        f"hf-sparse demo: interrupted; its checkpoints are in {tmp_path / 'checkpoints'}: continue it with "
+        f"hf-sparse demo --steps 6 --out {tmp_path} --resume"
+    )
+    monkeypatch.setattr(hf_sparse.cli, "cmd_demo", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # no checkpoint yet: nothing to continue, the interrupt goes on
+        hf_sparse_cli.main(["demo", "--out", str(tmp_path / "fresh")])
