@@ -26,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from functools import partial
 from pathlib import Path
@@ -165,9 +166,31 @@ def main() -> None:
     time_one = partial(median_ms, device=device)
     repeats = 2 if args.smoke else args.repeats
     began = time.perf_counter()
-    layers = layer_section(device, dtype, [256] if args.smoke else [4096, 16384], repeats, not args.smoke, time_one)
-    kernels = kernel_section(device, dtype, [512] if args.smoke else [16384, 65536], repeats, time_one)
-    many = many_section(device, dtype, 256 if args.smoke else 4096, repeats, time_one)
+    failed = []  # GPU time is rare: a section that fails is reported and the others still run
+
+    def section(name, run, empty):
+        try:
+            return run()
+        except Exception as exc:
+            traceback.print_exc()
+            failed.append(f"- {name}: {type(exc).__name__}: {exc}"[:600])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return empty
+
+    layers = section(
+        "whole layer",
+        lambda: layer_section(device, dtype, [256] if args.smoke else [4096, 16384], repeats, not args.smoke, time_one),
+        [],
+    )
+    kernels = section(
+        "bare kernel",
+        lambda: kernel_section(device, dtype, [512] if args.smoke else [16384, 65536], repeats, time_one),
+        [],
+    )
+    many = section(
+        "twenty patterns", lambda: many_section(device, dtype, 256 if args.smoke else 4096, repeats, time_one), None
+    )
     print(many, flush=True)
     total = time.perf_counter() - began
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
@@ -203,14 +226,16 @@ def main() -> None:
             f"| {r['L']} | {r['sdpa']:.3f} | {r['flex']:.3f} | {r['sdpa'] / r['flex']:.1f}x "
             f"| {r['first_build_ms']:.1f} | {r['lookup']:.3f} |"
         )
-    lines += [
-        "",
-        "## Twenty patterns in one process",
-        "",
-        f"window:64 layer at L={many['L']}: {many['before_ms']:.2f} ms before, {many['after_ms']:.2f} ms after twenty "
-        f"other patterns ({many['after_ms'] / many['before_ms']:.2f}x); {many['compilations']} compilations in all.",
-        "",
-    ]
+    lines += ["", "## Twenty patterns in one process", ""]
+    if many is not None:
+        lines += [
+            f"window:64 layer at L={many['L']}: {many['before_ms']:.2f} ms before, {many['after_ms']:.2f} ms after "
+            f"twenty other patterns ({many['after_ms'] / many['before_ms']:.2f}x); {many['compilations']} "
+            "compilations in all.",
+            "",
+        ]
+    if failed:
+        lines += ["## Sections that failed", "", *failed, ""]
     report = "\n".join(lines)
     print(report)
     output = args.output or (None if args.smoke else REPO / "benchmarks" / "masks_gpu.md")
