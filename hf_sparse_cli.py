@@ -442,6 +442,8 @@ def _check_resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         )
     with open(record) as f:
         recorded = json.load(f)
+    if recorded.get("finished"):
+        parser.error(f"--resume: the run in {args.output_dir} finished; its results are there, nothing is left to do")
     if recorded.get("command") != args.command:
         parser.error(
             f"--resume: the run in {args.output_dir} is 'hf-sparse {recorded.get('command')}', not {args.command}"
@@ -504,9 +506,15 @@ def _check_translation_data(parser: argparse.ArgumentParser, args: argparse.Name
 
 def _finish_record(args: argparse.Namespace) -> None:
     """A run that finished has saved its results: its checkpoints (weights and optimizer state of every stage) are
-    deleted, not left to fill the disk. ``run.json`` stays, saying how the results were made."""
+    deleted, not left to fill the disk. ``run.json`` stays, saying how the results were made, and now that the run
+    finished (``--resume`` has nothing to continue)."""
     if args.command in TRAINING_COMMANDS and int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(os.path.join(args.output_dir, CHECKPOINTS), ignore_errors=True)
+        record = os.path.join(args.output_dir, RUN_RECORD)
+        with open(record) as f:
+            recorded = json.load(f)
+        with open(record, "w") as f:
+            json.dump({**recorded, "finished": True}, f, indent=1)
 
 
 def _prune_empty(path: str) -> None:

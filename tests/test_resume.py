@@ -70,6 +70,8 @@ def test_a_killed_command_resumes_to_the_weights_and_metrics_of_an_uninterrupted
     assert (done.stdout + done.stderr).count("{'loss': ") == 2
     assert_same_run(straight, killed)
     assert not (killed / "checkpoints").exists() and not (straight / "checkpoints").exists()  # finished: deleted
+    done = hf_sparse(*argv, "--save-steps", "2", "--out", str(killed), "--resume")
+    assert done.returncode == 2 and "finished; its results are there, nothing is left to do" in done.stderr
 
 
 def test_the_trained_wordpiece_vocabulary_is_the_same_in_every_process():
