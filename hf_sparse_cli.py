@@ -24,12 +24,12 @@ import sys
 PAPER_PATTERNS = ["strided:4", "fixed:4,1", "longformer:2,1", "logsparse", "bigbird:2,1,2", "star", "no_diagonal"]
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 TRAINING_COMMANDS = ("demo", "dam", "finetune", "sparsefinder")
-# what AutoTokenizer finds in a saved folder (fast, WordPiece, SentencePiece, BPE): a training command needs one
 # what a stopped run leaves for --resume: its command and options, and each training stage's Trainer checkpoints
 RUN_RECORD = "run.json"
 CHECKPOINTS = "checkpoints"  # hf_sparse.checkpointing.CHECKPOINTS
 # options a resumed run may change: none that changes what is trained (the folder itself may have moved)
 RESUME_MAY_CHANGE = ("command_function", "resume", "overwrite", "push_to_hub", "hub_model_id", "output_dir")
+# what AutoTokenizer finds in a saved folder (fast, WordPiece, SentencePiece, BPE): a training command needs one
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "source.spm", "vocab.json")
 
 
