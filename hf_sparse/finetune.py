@@ -18,6 +18,7 @@ Training-side code: modeling files never import it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -155,59 +156,45 @@ def train(
     (:mod:`hf_sparse.checkpointing`). Without ``output_dir`` nothing is checkpointed (a scratch folder): the caller
     saves the final model.
     """
-    if output_dir is None:
-        if save_steps or resume:
-            raise ValueError(
-                f"train: save_steps={save_steps} / resume={resume} need an output_dir to keep the checkpoints in"
-            )
-        with tempfile.TemporaryDirectory() as scratch:
-            return train(
-                model,
-                tokenized,
-                tokenizer,
-                steps=steps,
-                batch_size=batch_size,
-                learning_rate=learning_rate,
-                seed=seed,
-                callbacks=callbacks,
-                optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-                logging_steps=logging_steps,
-                lr_scheduler_type=lr_scheduler_type,
-                output_dir=scratch,
-                stage=stage,
-            )
+    if output_dir is None and (save_steps or resume):
+        raise ValueError(
+            f"train: save_steps={save_steps} / resume={resume} need an output_dir to keep the checkpoints in"
+        )
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from .checkpointing import stage_arguments, train_stage
 
-    args = TrainingArguments(
-        **stage_arguments(output_dir, stage, save_steps),
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=2 * batch_size,
-        learning_rate=learning_rate,
-        warmup_steps=max(steps // 10, 1),
-        logging_steps=logging_steps or max(steps // 10, 1),
-        lr_scheduler_type=lr_scheduler_type,
-        report_to=[],
-        train_sampling_strategy="group_by_length",  # batches of similar lengths: less padding
-        seed=seed,
-        data_seed=seed,
-        use_cpu=not torch.cuda.is_available(),
-    )
-    if callable(optimizer_cls_and_kwargs):  # DAMCallback's factory (model, args) -> (cls, kwargs)
-        optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(model, args)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"],
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics,
-        callbacks=callbacks,
-        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-    )
-    return train_stage(trainer, output_dir, stage, resume)
+    with contextlib.ExitStack() as scratch:
+        if output_dir is None:  # nothing is checkpointed: Trainer writes into a folder deleted afterwards
+            output_dir = scratch.enter_context(tempfile.TemporaryDirectory())
+        args = TrainingArguments(
+            **stage_arguments(output_dir, stage, save_steps),
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=2 * batch_size,
+            learning_rate=learning_rate,
+            warmup_steps=max(steps // 10, 1),
+            logging_steps=logging_steps or max(steps // 10, 1),
+            lr_scheduler_type=lr_scheduler_type,
+            report_to=[],
+            train_sampling_strategy="group_by_length",  # batches of similar lengths: less padding
+            seed=seed,
+            data_seed=seed,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        if callable(optimizer_cls_and_kwargs):  # DAMCallback's factory (model, args) -> (cls, kwargs)
+            optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(model, args)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=tokenized["train"],
+            eval_dataset=tokenized["validation"],
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+        )
+        return train_stage(trainer, output_dir, stage, resume)
 
 
 @torch.no_grad()
