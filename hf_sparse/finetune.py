@@ -295,6 +295,7 @@ def run_finetune(
     """
     from transformers import AutoTokenizer, set_seed
 
+    from .checks import check_int
     from .configuration_sparse_bert import SparseBertConfig
     from .patterns import parse
 
@@ -312,8 +313,7 @@ def run_finetune(
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not isinstance(save_steps, int) or isinstance(save_steps, bool) or save_steps < 0:
-        raise ValueError(f"save_steps must be an integer >= 0 (0: no checkpoints), got {save_steps!r}")
+    check_int("save_steps", save_steps, at_least=0)  # 0: no checkpoints
     for name, value in (
         ("epochs", epochs),
         ("learning_rate", learning_rate),
