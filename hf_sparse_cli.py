@@ -561,8 +561,9 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as error:
         if created:
             _prune_empty(created)
-        if isinstance(error, KeyboardInterrupt) and _resume_hint(args, argv):
-            sys.exit(f"hf-sparse {args.command}: interrupted{_resume_hint(args, argv)}")
+        hint = _resume_hint(args, argv) if isinstance(error, KeyboardInterrupt) else ""
+        if hint:
+            sys.exit(f"hf-sparse {args.command}: interrupted{hint}")
         raise
 
 
