@@ -9,8 +9,8 @@ Kernels
     ``tiles``  block-sparse by gathering each tile row's touched key tiles (:func:`attend_tiles`): every
                normaliser, autograd, no compiler.
     ``fused``  the entmax family in fused Triton kernels (:mod:`hf_sparse.entmax_triton`): exact, never builds
-               the score matrix, skips the pattern's empty tiles and the tiles entmax gives zero; CUDA (on CPU
-               only under Triton's interpreter, for tests).
+               the score matrix, skips the pattern's empty tiles and the tiles entmax gives zero, draws attention
+               dropout inside the kernel; CUDA (on CPU only under Triton's interpreter, for tests).
     ``auto``   picks by what is possible, then by the crossover measured in ``benchmarks/attention_backends.md``;
                on CUDA the entmax family runs ``fused``.
 
@@ -167,7 +167,10 @@ def choose_backend(
             f"attention dropout {dropout} is active (set the config's attention dropout to 0: "
             "attention_probs_dropout_prob in BERT, attention_dropout in Marian)"
         )
-    reasons_not_fused = [r for r in reasons_not_flex if not r.startswith(("attention_fn", "FlexAttention"))]
+    # the fused kernel draws attention dropout itself; FlexAttention has none
+    reasons_not_fused = [
+        r for r in reasons_not_flex if not r.startswith(("attention_fn", "FlexAttention", "attention dropout"))
+    ]
     if attention_fn == "softmax":
         reasons_not_fused.append("attention_fn='softmax' is not an entmax ('sdpa' and 'flex' fuse softmax)")
     reasons_not_fused += unavailable_reasons(device)
@@ -338,6 +341,7 @@ def attend(
             block_mask=mask.tiles,
             mask_block=FLEX_BLOCK_SIZE,
             keep=keep,
+            dropout=dropout,
         )
         return out.transpose(1, 2).contiguous(), None
     if mask.backend == "tiles":

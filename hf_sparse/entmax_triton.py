@@ -32,6 +32,10 @@ Masks: ``causal`` (queries are the last ``Lq`` of ``Lk`` positions, as in a deco
 predicted blocks; disallowed tiles are never read) and ``keep`` (an element mask read only inside allowed tiles,
 for patterns whose tiles are partly allowed). A row with no allowed key is zero, with zero gradients.
 
+Attention dropout (training) is drawn inside the output pass and redrawn, identically, by the backward: one Philox
+number per (batch·head, query, key) from a seed taken from torch's generator, as FlashAttention does, so no mask
+is stored and the support and thresholds are those of the undropped probabilities.
+
 Scores, thresholds and accumulators are float32 (float64 for float64 inputs); bfloat16/float16 inputs go through
 the tensor cores as FlashAttention does (``p`` rounded to the input dtype for ``p v``). On CUDA the kernels are
 compiled; on CPU they run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before the first call), which
@@ -186,7 +190,7 @@ def _check_inputs(q, k, v, key_lengths, block_mask, keep, mask_block):
 
 class _EntmaxAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_lengths, block_mask, keep, cfg):
+    def forward(ctx, q, k, v, key_lengths, block_mask, keep, seed, cfg):
         kernels = _load_kernels()
         b, h, lq, d = q.shape
         lk, dv = k.shape[2], v.shape[3]
@@ -205,8 +209,9 @@ class _EntmaxAttention(torch.autograd.Function):
         gsum = torch.empty(b * h, lq, **stats) if need_g else lsum
         ctx.common = common = _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_kb)
         ctx.cfg = cfg
+        seed = q if seed is None else seed  # a placeholder pointer without dropout
         if o.numel() == 0:
-            ctx.save_for_backward(q, k, v, m, tau, lsum, g, gsum, tilemax)
+            ctx.save_for_backward(q, k, v, m, tau, lsum, g, gsum, tilemax, seed)
             return o
         grid = (n_qb, b * h)
         am1 = cfg["alpha"] - 1
@@ -223,19 +228,19 @@ class _EntmaxAttention(torch.autograd.Function):
                 BISECT=cfg["alpha"] > 2, **common["meta"],
             )
             kernels.forward_kernel[grid](
-                q, k, v, *common["masks"], m, tau, tilemax, o, lsum, g, gsum,
+                q, k, v, *common["masks"], m, tau, tilemax, o, lsum, g, gsum, seed,
                 *common["qk_strides"], *v.stride(), *o.stride(), *common["mask_strides"],
                 h, lq, lk, d, dv, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, 2 - cfg["alpha"],
-                NEED_G=need_g, BDV=common["bdv"], **common["meta"],
+                *common["dropout"], NEED_G=need_g, DROPOUT=cfg["dropout"] > 0, BDV=common["bdv"], **common["meta"],
             )
-        ctx.save_for_backward(q, k, v, m, tau, lsum, g, gsum, tilemax)
+        ctx.save_for_backward(q, k, v, m, tau, lsum, g, gsum, tilemax, seed)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, m, tau, lsum, g, gsum, tilemax = ctx.saved_tensors
+        q, k, v, m, tau, lsum, g, gsum, tilemax, seed = ctx.saved_tensors
         if q.numel() == 0:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None, None
         kernels = _load_kernels()
         cfg, common = ctx.cfg, ctx.common
         b, h, lq, d = q.shape
@@ -249,18 +254,19 @@ class _EntmaxAttention(torch.autograd.Function):
         args = (
             *common["qk_strides"], *v.stride(), *do.stride(), *common["mask_strides"],
             h, lq, lk, d, dv, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, 2 - cfg["alpha"],
+            *common["dropout"],
         )
         with _on(q.device):
             kernels.backward_dq_kernel[(n_qb, b * h)](
-                q, k, v, do, dq, *common["masks"], m, tau, lsum, c, tilemax, *args,
-                BDV=common["bdv"], **common["meta"],
+                q, k, v, do, dq, *common["masks"], m, tau, lsum, c, tilemax, seed, *args,
+                DROPOUT=cfg["dropout"] > 0, BDV=common["bdv"], **common["meta"],
             )
             if lk:
                 kernels.backward_dkdv_kernel[(math.ceil(lk / cfg["blocks"][1]), b * h)](
-                    q, k, v, do, dk, dvv, *common["masks"], m, tau, lsum, c, tilemax, *args,
-                    BDV=common["bdv"], **common["meta"],
+                    q, k, v, do, dk, dvv, *common["masks"], m, tau, lsum, c, tilemax, seed, *args,
+                    DROPOUT=cfg["dropout"] > 0, BDV=common["bdv"], **common["meta"],
                 )
-        return dq, dk, dvv, None, None, None, None
+        return dq, dk, dvv, None, None, None, None, None
 
 
 def _on(device: torch.device):
@@ -278,6 +284,7 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
     bms = _broadcast_strides(bmask) if block_mask is not None else (0, 0, 0, 0)
     kps = _broadcast_strides(keep_u8) if keep is not None else (0, 0, 0, 0)
     bm, bn, _ = cfg["blocks"]
+    p = cfg["dropout"]
     return dict(
         masks=(klen, bmask, keep_u8),
         qk_strides=(*q.stride(), *k.stride()),
@@ -286,6 +293,7 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
         n_qb=n_qb,
         n_kb=n_kb,
         bdv=max(16, triton_next_power_of_2(v.shape[3])),
+        dropout=(p, 1 / (1 - p) if p < 1 else 0.0),  # the probability and the kept values' scale
         meta=dict(
             ACC=_tl_dtype(acc),
             PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
@@ -327,6 +335,7 @@ def entmax_attention(
     keep: torch.Tensor | None = None,
     n_iter: int = 50,
     blocks: tuple[int, int, int] | None = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """Exact α-entmax attention ``entmax(q kᵀ · scaling) v`` over ``(B, H, L, D)`` inputs → ``(B, H, Lq, Dv)``.
 
@@ -345,6 +354,10 @@ def entmax_attention(
             pattern).
         blocks: ``(rows, keys, candidates)`` per kernel tile, powers of two, ``rows, keys >= 16``, ``candidates <=
             keys`` and tiles dividing ``mask_block``; only the speed depends on them.
+        dropout: attention dropout on the probabilities (as ``F.dropout(p) @ v``: a pair is dropped with this
+            probability, kept ones scaled by ``1 / (1 - dropout)``), drawn inside the kernels from a seed taken
+            from torch's generator on the inputs' device (so ``torch.manual_seed`` reproduces it, no host sync);
+            the backward drops the same pairs. Pass the probability to apply now: 0 in eval.
 
     Rows with no allowed key give zeros (and zero gradients). Differentiable in query, key and value.
     """
@@ -352,6 +365,8 @@ def entmax_attention(
     kind = _kind(alpha)
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
         raise ValueError(f"n_iter must be a whole number >= 1 (bisection steps), got {n_iter!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+        raise ValueError(f"dropout must be a probability in [0, 1] (0 in eval), got {dropout!r}")
     reasons = unavailable_reasons(query.device)
     if reasons:
         raise RuntimeError("the fused entmax attention kernel cannot run here: " + "; ".join(reasons))
@@ -377,9 +392,12 @@ def entmax_attention(
         blocks=(bm, bn, kc),
         need_g=need_g,
         sort_above=INTERPRETER_SORT_ABOVE if interpreted else SORT_ABOVE,
+        dropout=float(dropout),
     )
     q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
+    seed = torch.randint(2**62, (1,), device=q.device) if dropout > 0 else None
     if interpreted and q.dtype == torch.bfloat16:
         # Triton 3.9's interpreter multiplies bfloat16 operands of tl.dot as raw integers: compute in float32 there
-        return _EntmaxAttention.apply(q.float(), k.float(), v.float(), key_lengths, block_mask, keep, cfg).to(q.dtype)
-    return _EntmaxAttention.apply(q, k, v, key_lengths, block_mask, keep, cfg)
+        out = _EntmaxAttention.apply(q.float(), k.float(), v.float(), key_lengths, block_mask, keep, seed, cfg)
+        return out.to(q.dtype)
+    return _EntmaxAttention.apply(q, k, v, key_lengths, block_mask, keep, seed, cfg)

@@ -85,7 +85,7 @@ def _gppr(x, tau, p, two_minus_alpha, KIND: tl.constexpr):
     if KIND == 0:
         return tl.maximum(d, 0.0)
     elif KIND == 1:
-        return tl.where(d > 0, 1.0, 0.0)
+        return tl.where(d > 0, 1.0, 0.0).to(d.dtype)  # the accumulator's dtype (the literals are float32)
     else:
         pos = p > 0
         return tl.where(pos, tl.exp2(tl.log2(tl.where(pos, p, 1.0)) * two_minus_alpha), 0.0)
@@ -98,6 +98,15 @@ def _load_rows(Q, q_off, s_qm, s_qd, offs_m, offs_d, Lq, D):
         mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D),
         other=0.0,
     )
+
+
+@triton.jit
+def _kept(SEED, bh, offs_m, offs_n, Lq, Lk, dropout_p):
+    """Which (query, key) pairs of a tile attention dropout keeps: one Philox draw per (batch·head, query, key)
+    from the seed the forward drew, so the forward and both backward kernels drop the same pairs without storing
+    a mask. Kept values are then scaled by ``1/(1 - dropout_p)``."""
+    offset = (bh * Lq + offs_m[:, None]).to(tl.int64) * Lk + offs_n[None, :]
+    return tl.rand(tl.load(SEED), offset) >= dropout_p
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -367,16 +376,18 @@ def _tile_needed(TILEMAX, tile, m, tau, am1):
 
 @triton.jit
 def forward_kernel(
-    Q, K, V, KLEN, BMASK, KEEP, M, TAU, TILEMAX, OUT, LSUM, G, GSUM,
+    Q, K, V, KLEN, BMASK, KEEP, M, TAU, TILEMAX, OUT, LSUM, G, GSUM, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
-    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha,
-    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, NEED_G: tl.constexpr,
+    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
+    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, NEED_G: tl.constexpr, DROPOUT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
     """O = Σ p v flash-style. With ``NEED_G`` also Σ g̃ v and Σ g̃ (g̃ = p̃^{2-α}), from which the backward's
-    per-row constant ``Σ g dP / Σ g = dO · (Σ g̃ v) / Σ g̃`` follows without another pass over the keys."""
+    per-row constant ``Σ g dP / Σ g = dO · (Σ g̃ v) / Σ g̃`` follows without another pass over the keys. With
+    ``DROPOUT``, O = Σ dropout(p) v, and ``Σ g̃ v`` takes the same dropout (dP of the pre-dropout p is
+    ``dropout(dO · v)``), while ``Σ p̃`` and ``Σ g̃`` do not."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -409,11 +420,18 @@ def forward_kernel(
                 x = (s - m[:, None]) * am1
                 p = _unnormalised(x, tau, inv_am1, KIND)
                 v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
-                acc += tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+                pv = p
+                if DROPOUT:
+                    kept = _kept(SEED, bh, offs_m, offs_n, Lq, Lk, dropout_p)
+                    pv = tl.where(kept, p * drop_scale, 0.0)
+                acc += tl.dot(pv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
                 lsum += tl.sum(p, 1)
                 if NEED_G:
                     g = _gppr(x, tau, p, two_minus_alpha, KIND)
-                    gacc += tl.dot(g.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+                    gv = g
+                    if DROPOUT:
+                        gv = tl.where(kept, g * drop_scale, 0.0)
+                    gacc += tl.dot(gv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
                     gsum += tl.sum(g, 1)
     if KIND == 2:
         acc = acc / tl.where(lsum > 0, lsum, 1.0)[:, None]
@@ -446,11 +464,11 @@ def _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND: tl.cons
 
 @triton.jit
 def backward_dq_kernel(
-    Q, K, V, DO, DQ, KLEN, BMASK, KEEP, M, TAU, LSUM, C, TILEMAX,
+    Q, K, V, DO, DQ, KLEN, BMASK, KEEP, M, TAU, LSUM, C, TILEMAX, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
-    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha,
-    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr,
+    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
+    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
@@ -487,6 +505,8 @@ def backward_dq_kernel(
                 p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
                 v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+                if DROPOUT:
+                    dp = tl.where(_kept(SEED, bh, offs_m, offs_n, Lq, Lk, dropout_p), dp * drop_scale, 0.0)
                 ds = g * (dp - c[:, None])
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
     tl.store(
@@ -498,15 +518,16 @@ def backward_dq_kernel(
 
 @triton.jit
 def backward_dkdv_kernel(
-    Q, K, V, DO, DK, DV_OUT, KLEN, BMASK, KEEP, M, TAU, LSUM, C, TILEMAX,
+    Q, K, V, DO, DK, DV_OUT, KLEN, BMASK, KEEP, M, TAU, LSUM, C, TILEMAX, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
-    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha,
-    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr,
+    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
+    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
-    """dK = scale · Σ_i dS_ij q_i and dV = Σ_i p_ij dO_i for one block of keys (dK, dV share k's, v's strides)."""
+    """dK = scale · Σ_i dS_ij q_i and dV = Σ_i p_ij dO_i (p after dropout) for one block of keys (dK, dV share
+    k's, v's strides)."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -540,8 +561,12 @@ def backward_dkdv_kernel(
                     s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
                                 ACC, PREC, CAUSAL, HAS_KEEP)
                     p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
                     dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+                    if DROPOUT:
+                        kept = _kept(SEED, bh, offs_m, offs_n, Lq, Lk, dropout_p)
+                        p = tl.where(kept, p * drop_scale, 0.0)
+                        dp = tl.where(kept, dp * drop_scale, 0.0)
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
                     ds = g * (dp - c[:, None])
                     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)
     key_ok = offs_n < Lk

@@ -147,6 +147,63 @@ def test_float32_and_bfloat16_inputs_match_float64_entmax_within_their_precision
     torch.testing.assert_close(out_bf.cpu().double(), ref_bf.detach(), atol=3e-2, rtol=3e-2)
 
 
+def dropout_outputs(q, k, v, seed, **kwargs):
+    """The kernel's output under ``torch.manual_seed(seed)``, and its dropout mask made visible: the same seed
+    with the identity as values gives the dropped probability matrix (the draw depends only on the seed and the
+    (batch·head, query, key) position, not on the values)."""
+    b, h, lk = k.shape[0], k.shape[1], k.shape[2]
+    eye = torch.eye(lk, dtype=q.dtype, device=q.device).expand(b, h, lk, lk)
+    torch.manual_seed(seed)
+    out = None if v is None else entmax_attention(q, k, v, **kwargs)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        dropped = entmax_attention(q, k, eye, **kwargs).cpu().double()
+    return out, dropped
+
+
+@pytest.mark.parametrize("alpha", [1.5, 1.3])
+def test_dropout_drops_pairs_of_the_support_and_scales_the_rest(alpha):
+    q, k, _ = inputs(2, 2, 24, 32, 16, seed=21)
+    key_lengths = torch.tensor([32, 25], device=DEVICE)
+    p = probabilities(q, k, alpha, key_lengths=key_lengths)  # no dropout
+    support = p > 0
+    _, dropped = dropout_outputs(q, k, None, seed=3, alpha=alpha, key_lengths=key_lengths, dropout=0.4)
+    kept = dropped != 0
+    assert not (kept & ~support).any()  # nothing outside entmax's support appears
+    torch.testing.assert_close(dropped[kept], p[kept] / 0.6, atol=1e-12, rtol=0)  # kept: scaled by 1/(1-p)
+    n = int(support.sum())
+    share = float(kept.sum()) / n
+    assert n > 200 and abs(share - 0.6) < 4 * (0.6 * 0.4 / n) ** 0.5, (share, n)  # binomial, 4 sigma
+    _, again = dropout_outputs(q, k, None, seed=3, alpha=alpha, key_lengths=key_lengths, dropout=0.4)
+    _, other = dropout_outputs(q, k, None, seed=4, alpha=alpha, key_lengths=key_lengths, dropout=0.4)
+    assert torch.equal(again, dropped) and not torch.equal(other, dropped)  # torch.manual_seed reproduces it
+    _, none = dropout_outputs(q, k, None, seed=3, alpha=alpha, key_lengths=key_lengths, dropout=1.0)
+    assert not none.any()
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_outputs_and_gradients_equal_dense_entmax_with_the_same_mask(alpha, causal):
+    """The backward drops the same pairs as the forward and differentiates entmax before dropout:
+    d/dp of (dropout(p) v) is dropout(dO vᵀ), then entmax's Jacobian over the undropped support."""
+    b, h, lq, lk, d = 2, 1, 20, 28, 16
+    q, k, v = inputs(b, h, lq, lk, d, seed=30 + causal)
+    key_lengths = torch.tensor([lk, 21], device=DEVICE)
+    kwargs = dict(alpha=alpha, causal=causal, key_lengths=key_lengths, dropout=0.3)
+    out, dropped = dropout_outputs(q, k, v, seed=8, **kwargs)
+    allowed = dense_allowed(b, h, lq, lk, causal, key_lengths)
+    _, p_ref, (qr, kr, vr) = reference(q, k, v, alpha, allowed)
+    kept = (dropped != 0).double()
+    assert 0 < kept.sum() < (p_ref > 0).sum()
+    ref = (p_ref * kept / 0.7) @ vr
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(out))
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), grad_out)
+    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), atol=1e-9, rtol=1e-9)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got.cpu().double(), want, atol=1e-8, rtol=1e-8, msg=f"d{name}")
+
+
 def test_explicit_scaling_and_value_dim_other_than_key_dim():
     g = torch.Generator().manual_seed(5)
     q, k = (torch.randn(1, 1, n, 16, generator=g, dtype=torch.float64).to(DEVICE) for n in (17, 33))
@@ -172,6 +229,8 @@ def test_explicit_scaling_and_value_dim_other_than_key_dim():
         (dict(mask_block=12), "mask_block must be a multiple of 16"),
         (dict(blocks=(16, 16, 32)), "blocks="),
         (dict(n_iter=0), "n_iter must be"),
+        (dict(dropout=1.5), r"dropout must be a probability in \[0, 1\] \(0 in eval\), got 1.5"),
+        (dict(dropout=True), "dropout must be a probability"),
     ],
 )
 def test_bad_input_is_refused_naming_the_value(change, message):
@@ -234,6 +293,69 @@ def test_sparse_bert_on_the_fused_backend_equals_eager(fn, pattern):
         torch.testing.assert_close(grad, eager_grads[name], atol=1e-9, rtol=0, msg=name)
 
 
+def kernel_dropout_for_eager(monkeypatch):
+    """Make the eager backend drop exactly the pairs the fused kernel drops, call for call.
+
+    The kernel's dropout draws one seed from torch's generator per call and then depends only on the
+    (batch·head, query, key) position; with zero queries and keys every allowed pair is in the support, so the
+    kernel over identity values shows its whole mask. The eager backend's ``F.dropout`` (in
+    ``hf_sparse.attention`` only) is replaced by that mask, drawn in the same order as the fused run draws."""
+    import types
+
+    import torch.nn.functional as F
+
+    from hf_sparse import attention
+
+    def dropout(probs, p=0.5, training=True):
+        if not training or p == 0:
+            return probs
+        b, h, lq, lk = probs.shape
+        zeros = probs.new_zeros(b, h, lq, 16)
+        eye = torch.eye(lk, dtype=probs.dtype, device=probs.device).expand(b, h, lk, lk)
+        with torch.no_grad():
+            shown = entmax_attention(zeros, zeros[:, :, :1].expand(b, h, lk, 16), eye, dropout=p)
+        return probs * (shown != 0) / (1 - p)
+
+    monkeypatch.setattr(attention, "F", types.SimpleNamespace(**{**vars(F), "dropout": dropout}))
+
+
+def test_sparse_bert_trains_with_attention_dropout_on_the_fused_kernel(monkeypatch):
+    """BERT's default attention dropout (0.1) runs in the kernel: the same logits and gradients as eager dropping
+    the same pairs, a fresh mask per call, and ``auto``'s reason to leave the kernel in training is gone."""
+    from conftest import random_batch, tiny_kwargs
+    from hf_sparse import SparseBertConfig, SparseBertForMaskedLM
+
+    torch.manual_seed(0)
+    kwargs = tiny_kwargs(attention_fn="entmax15", attention_probs_dropout_prob=0.3, num_attention_heads=2)
+    model = SparseBertForMaskedLM(SparseBertConfig(**kwargs)).double().to(DEVICE).train()
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.query.weight.mul_(8.0)
+    ids, mask = (t.to(DEVICE) for t in random_batch(batch=2, length=20))
+    kernel_dropout_for_eager(monkeypatch)
+
+    def forward_backward(backend, seed):
+        model.config.attention_backend = backend
+        model.zero_grad()
+        torch.manual_seed(seed)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        (logits * torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype, device=DEVICE)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), grads, model.attention_backends_used()
+
+    fused, fused_grads, used = forward_backward("fused", seed=5)
+    assert set(used.values()) == {"fused"}
+    eager, eager_grads, _ = forward_backward("eager", seed=5)
+    torch.testing.assert_close(fused, eager, atol=1e-10, rtol=0)
+    assert fused_grads.keys() == eager_grads.keys() and len(fused_grads) > 8
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], atol=1e-9, rtol=0, msg=name)
+    assert not torch.allclose(forward_backward("fused", seed=6)[0], fused)  # another draw, other pairs dropped
+    model.eval()
+    with torch.no_grad():  # no dropout in eval
+        assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, fused)
+
+
 def test_auto_picks_fused_for_entmax_on_cuda_only_and_explicit_requests_name_what_blocks_them(monkeypatch):
     from hf_sparse.attention import choose_backend
     from hf_sparse.patterns import parse
@@ -243,7 +365,9 @@ def test_auto_picks_fused_for_entmax_on_cuda_only_and_explicit_requests_name_wha
         assert choose_backend("auto", pattern=dense, n=512, device=cuda, attention_fn=fn) == "fused"
         assert choose_backend("auto", pattern=dense, n=512, device=cpu, attention_fn=fn) == "eager"  # interpreter on
     assert choose_backend("auto", pattern=dense, n=512, device=cuda, attention_fn="softmax") == "sdpa"
-    assert choose_backend("auto", pattern=dense, n=512, device=cuda, attention_fn="entmax15", dropout=0.1) == "eager"
+    # the kernel draws attention dropout itself (FlexAttention has none: softmax with dropout stays on SDPA)
+    assert choose_backend("auto", pattern=dense, n=512, device=cuda, attention_fn="entmax15", dropout=0.1) == "fused"
+    assert choose_backend("fused", pattern=dense, n=512, device=cuda, attention_fn="entmax15", dropout=0.1) == "fused"
     probs = dict(pattern=dense, n=512, device=cuda, attention_fn="entmax15", output_attentions=True)
     assert choose_backend("auto", **probs) == "eager"
     with pytest.raises(ValueError, match="output_attentions=True needs the probabilities"):

@@ -168,16 +168,9 @@ def test_explicit_fused_on_cpu_without_the_interpreter_is_refused_with_the_reaso
         ),
         (dict(attention_backend="sdpa"), "'sdpa' runs softmax only, but encoder_attention_fn='entmax15'"),
         (dict(attention_backend="tiles"), "unknown attention_backend 'tiles'; valid values: auto, eager, sdpa, fused"),
-        (dict(attention_backend="fused", attention_dropout=0.1), None),  # refused at run time, in training only
     ],
 )
 def test_config_refuses_a_backend_that_cannot_serve_every_attention_type(settings, message):
-    if message is None:
-        model = tiny_marian(**settings).train()
-        src, _ = ragged(1, 6, seed=7, pad_from=())
-        with pytest.raises(ValueError, match="attention dropout 0.1 is active .*attention_dropout in Marian"):
-            model(input_ids=src, decoder_input_ids=src[:, :3])
-        return
     with pytest.raises(ValueError, match=message):
         EntmaxSparsefinderMarianConfig(**{**TINY, **ENTMAX, **settings})
 
@@ -205,6 +198,33 @@ def test_sparse_bert_reports_the_kernel_each_layer_ran():
             outs[backend] = model(input_ids=ids, attention_mask=mask).last_hidden_state
             assert model.attention_backends_used() == dict.fromkeys(names, backend)
     torch.testing.assert_close(outs["fused"], outs["eager"], atol=1e-10, rtol=0)
+
+
+def test_fused_marian_trains_with_attention_dropout_as_eager_dropping_the_same_pairs(monkeypatch):
+    from test_entmax_triton import kernel_dropout_for_eager
+
+    model = tiny_marian(attention_dropout=0.2).train()
+    src, src_mask = ragged(2, 19, seed=4, pad_from=(19, 12))
+    tgt, tgt_mask = ragged(2, 17, seed=5, pad_from=(17, 11))
+    kernel_dropout_for_eager(monkeypatch)
+
+    def forward_backward(model):
+        model.zero_grad()
+        torch.manual_seed(3)
+        out = model(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt, decoder_attention_mask=tgt_mask)
+        out.logits.sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if "_proj" in name}
+        return out.logits.detach(), grads, model.attention_backends_used()
+
+    (eager, eager_grads, _), (fused, fused_grads, used) = run_both(model, forward_backward)
+    assert used == dict.fromkeys(ATTENTION_MODULES, "fused")
+    torch.testing.assert_close(fused, eager, atol=1e-10, rtol=0)
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], atol=1e-9, rtol=0, msg=name)
+    model.eval()
+    with torch.no_grad():
+        plain = model(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt, decoder_attention_mask=tgt_mask)
+    assert not torch.allclose(plain.logits, fused)  # the dropout did drop pairs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="auto picks the fused kernel on CUDA only")
