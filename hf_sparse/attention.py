@@ -46,9 +46,11 @@ FUSED_ALPHA = {"entmax15": 1.5, "sparsemax": 2.0}  # entmax_bisect: the config's
 # When a block-sparse kernel pays, measured by scripts/benchmark_attention.py (benchmarks/attention_backends.md,
 # CPU, 2 cores, B=1, H=12, D=64): the tiles kernel beat dense SDPA at every length L >= 512 with block density
 # <= 0.289 (closest call 0.91; lost at 0.344) and the eager entmax at every L >= 256 with block density <= 0.625
-# (closest call 0.82; lost at 0.875). CUDA was not measured here: its entries are conservative guesses, and
-# FlexAttention runs softmax there.
-BLOCK_SPARSE_MIN_LENGTH = {"cpu": {"softmax": 512, "entmax": 256}, "cuda": {"softmax": 1024, "entmax": 1024}}
+# (closest call 0.82; lost at 0.875). On CUDA softmax runs FlexAttention, measured by
+# scripts/benchmark_gpu_masks.py (benchmarks/masks_gpu.md, one H200, BERT-base window:64 layer, bf16): 1.48x the
+# dense SDPA layer's forward time at L = 4096 (slower), 1.02x forward and 0.64x forward+backward at L = 16384, so it
+# is picked from 16384 on. The CUDA entmax entry (reached only without triton, else the fused kernel runs) is a guess.
+BLOCK_SPARSE_MIN_LENGTH = {"cpu": {"softmax": 512, "entmax": 256}, "cuda": {"softmax": 16384, "entmax": 1024}}
 BLOCK_SPARSE_MAX_DENSITY = {"softmax": 0.28, "entmax": 0.6}
 FLEX_BLOCK_SIZE = 128
 

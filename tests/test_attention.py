@@ -124,7 +124,9 @@ def test_auto_backend_picks_by_what_is_possible_then_by_measured_crossover():
     assert _choose("auto", pattern=parse("dense")) == "sdpa"
     assert _choose("auto", pattern=parse("window:4000")) == "sdpa"  # too dense for block sparsity to pay
     assert _choose("auto", output_attentions=True) == "eager"
-    assert _choose("auto", device=torch.device("cuda")) == "flex"  # FlexAttention where it compiles as data
+    # FlexAttention where it compiles as data, from the length where it was measured to pay on a GPU
+    assert _choose("auto", device=torch.device("cuda")) == "sdpa"
+    assert _choose("auto", device=torch.device("cuda"), n=16384) == "flex"
     fused = "tiles" if unavailable_reasons("cuda") else "fused"  # the fused entmax kernel where triton is installed
     assert _choose("auto", device=torch.device("cuda"), attention_fn="entmax15") == fused
 
