@@ -233,7 +233,8 @@ def whole_models(device, smoke, lines):
     """Issue 12's model targets, each model against the same model with softmax attention (its default kernel):
 
     - SparseBERT, 2 layers, hidden 768, 12 heads, L = 4096, batch 1: one training step (forward, MLM loss,
-      backward; BERT's default dropout, attention dropout 0.1 included), float32 and bfloat16 autocast; entmax15 on the fused kernel (``auto`` on CUDA) and on ``eager``
+      backward; BERT's default dropout, attention dropout 0.1 included), float32 and bfloat16 autocast; entmax15
+      on the fused kernel (``auto`` on CUDA) and on ``eager``
       (matmul + ``entmax_topk`` + matmul).
     - entmax Marian, 6 + 6 layers, d_model 512, 8 heads: ``generate`` of 16 sequences x 64 new tokens from 64-token
       sources (greedy, ``min_new_tokens`` = 64 so every run decodes the same count), entmax15 in every attention.
