@@ -356,6 +356,30 @@ def test_sparse_bert_trains_with_attention_dropout_on_the_fused_kernel(monkeypat
         assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, fused)
 
 
+def test_gradient_checkpointing_recomputes_the_same_dropout():
+    """Checkpointed layers run their forward again in the backward; torch.utils.checkpoint restores the RNG
+    state, so the kernel draws the same seed and drops the same pairs: the gradients equal an unchecked run's."""
+    from conftest import random_batch, tiny_kwargs
+    from hf_sparse import SparseBertConfig, SparseBertForMaskedLM
+
+    kwargs = tiny_kwargs(
+        attention_fn="entmax15", attention_probs_dropout_prob=0.3, num_attention_heads=2, attention_backend="fused"
+    )
+    ids, mask = (t.to(DEVICE) for t in random_batch(batch=2, length=18))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = SparseBertForMaskedLM(SparseBertConfig(**kwargs)).double().to(DEVICE).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        torch.manual_seed(7)
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grad, grads[0][name], atol=1e-12, rtol=0, msg=name)
+
+
 def test_auto_picks_fused_for_entmax_on_cuda_only_and_explicit_requests_name_what_blocks_them(monkeypatch):
     from hf_sparse.attention import choose_backend
     from hf_sparse.patterns import parse
