@@ -134,6 +134,51 @@ def kernel_row(n, device, dtype, repeats, time_one) -> dict:
     return row
 
 
+def mask_mod_section(device, dtype, lengths, repeats, time_one) -> list[dict]:
+    """What the bare flex kernel's time is made of (window:64, the same block structure every time, only the
+    ``mask_mod`` differs): the library's tile lookup (six table reads per pair), the same lookup with positions
+    split by ``//`` and ``%`` (two reads), the pattern's own closed form (no read), and none at all (every pair of
+    a visited tile kept: the floor the block structure allows; its output is not window:64's)."""
+    from hf_sparse.block_maps import cached_block_map
+
+    rows = []
+    pattern = patterns.parse("window:64")
+    for n in lengths:
+        q, k, v = (torch.randn(1, 12, n, 64, device=device, dtype=dtype) for _ in range(3))
+        block_map = cached_block_map(pattern, n, device, 128)
+        bits, tile_id = block_map.bits.reshape(-1), block_map.tile_id.reshape(-1)
+        blocks, block = torch.tensor(block_map.blocks, device=device), block_map.block
+        step = torch.tensor(int(block_map.heads > 1), device=device)
+
+        def arithmetic(b, h, q_idx, k_idx):
+            tile = tile_id[((h * step * blocks + q_idx // block) * blocks + k_idx // block).clamp(min=0)]
+            return bits[((tile * block + q_idx % block) * block + k_idx % block).clamp(min=0)]
+
+        mods = {
+            "tile lookup": None,
+            "tile lookup, // and %": arithmetic,
+            "own closed form": pattern.mask_mod(n, device),
+            "none (floor)": lambda b, h, q_idx, k_idx: q_idx >= 0,
+        }
+        flex = attention.compiled_flex_attention(device.type)
+        row = {"L": n, "sdpa": time_one(lambda: F.scaled_dot_product_attention(q, k, v), repeats)}
+        want = None
+        for name, mod in mods.items():
+            try:
+                bm = block_map.block_mask(None, mod)
+                with torch.no_grad():
+                    out = flex(q, k, v, block_mask=bm, scale=0.125)
+                    if want is None:
+                        want = out
+                    diff = (out.float() - want.float()).abs().max().item()
+                    row[name] = (time_one(lambda bm=bm: flex(q, k, v, block_mask=bm, scale=0.125), repeats), diff)
+            except Exception as exc:  # a mask_mod the compiler refuses (the CPU template, smoke runs): say so
+                row[name] = (None, f"{type(exc).__name__}: {exc}"[:80])
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
 def many_section(device, dtype, n, repeats, time_one) -> dict:
     from torch._dynamo.utils import counters
 
@@ -188,6 +233,11 @@ def main() -> None:
         lambda: kernel_section(device, dtype, [512] if args.smoke else [16384, 65536], repeats, time_one),
         [],
     )
+    mask_mods = section(
+        "mask_mod cost",
+        lambda: mask_mod_section(device, dtype, [256] if args.smoke else [16384, 65536], repeats, time_one),
+        [],
+    )
     many = section(
         "twenty patterns", lambda: many_section(device, dtype, 256 if args.smoke else 4096, repeats, time_one), None
     )
@@ -226,6 +276,20 @@ def main() -> None:
             f"| {r['L']} | {r['sdpa']:.3f} | {r['flex']:.3f} | {r['sdpa'] / r['flex']:.1f}x "
             f"| {r['first_build_ms']:.1f} | {r['lookup']:.3f} |"
         )
+    if mask_mods:
+        names = [name for name in mask_mods[0] if name not in ("L", "sdpa")]
+        lines += [
+            "",
+            "## What the bare flex kernel's time is made of: its mask_mod (window:64, same BlockMask tiles), ms",
+            "",
+            "max abs diff to the library's tile lookup in brackets; `none` keeps every pair of a visited tile.",
+            "",
+            "| L | SDPA | " + " | ".join(names) + " |",
+            "|---:|---:|" + "---:|" * len(names),
+        ]
+        for r in mask_mods:
+            cells = [f"{r[name][0]:.3f} ({r[name][1]:.2g})" if r[name][0] is not None else r[name][1] for name in names]
+            lines.append(f"| {r['L']} | {r['sdpa']:.3f} | " + " | ".join(cells) + " |")
     lines += ["", "## Twenty patterns in one process", ""]
     if many is not None:
         lines += [
