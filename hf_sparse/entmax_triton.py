@@ -37,9 +37,11 @@ number per (batch·head, query, key) from a seed taken from torch's generator, a
 is stored and the support and thresholds are those of the undropped probabilities.
 
 Scores, thresholds and accumulators are float32 (float64 for float64 inputs); bfloat16/float16 inputs go through
-the tensor cores as FlashAttention does (``p`` rounded to the input dtype for ``p v``). On CUDA the kernels are
-compiled; on CPU they run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before the first call), which
-is how the tests run them. Remote code: torch and the standard library at import; triton on first use only.
+the tensor cores as FlashAttention does (``p`` rounded to the input dtype for ``p v``); float32 inputs use full
+float32 products unless ``torch.set_float32_matmul_precision("high")`` allows TF32, as for torch's matmuls. On
+CUDA the kernels are compiled; on CPU they run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
+the first call), which is how the tests run them. Remote code: torch and the standard library at import; triton
+on first use only.
 """
 
 from __future__ import annotations
@@ -296,7 +298,7 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
         dropout=(p, 1 / (1 - p) if p < 1 else 0.0),  # the probability and the kept values' scale
         meta=dict(
             ACC=_tl_dtype(acc),
-            PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+            PREC=_matmul_precision(q.dtype),
             KIND=cfg["kind"],
             BM=bm,
             BN=bn,
@@ -309,6 +311,15 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
             HAS_KEEP=keep is not None,
         ),
     )
+
+
+def _matmul_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s precision: float32 inputs follow ``torch.set_float32_matmul_precision`` as torch's own matmuls
+    do (``"highest"``, the default: full float32; ``"high"`` / ``"medium"``: TF32 tensor cores), float64 is always
+    exact, and half-precision inputs take the tensor cores anyway."""
+    if dtype == torch.float64 or (dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"):
+        return "ieee"
+    return "tf32"
 
 
 def triton_next_power_of_2(n: int) -> int:

@@ -204,6 +204,23 @@ def test_dropout_outputs_and_gradients_equal_dense_entmax_with_the_same_mask(alp
         torch.testing.assert_close(got.cpu().double(), want, atol=1e-8, rtol=1e-8, msg=f"d{name}")
 
 
+def test_float32_products_follow_torchs_matmul_precision_setting():
+    """Full float32 by default (exact, as the tests above need); TF32 tensor cores when the user allows them for
+    torch's own matmuls; float64 always exact."""
+    from hf_sparse.entmax_triton import _matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert _matmul_precision(torch.float32) == "ieee" and before == "highest"
+        torch.set_float32_matmul_precision("high")
+        assert _matmul_precision(torch.float32) == "tf32"
+        assert _matmul_precision(torch.float64) == "ieee"
+        assert _matmul_precision(torch.bfloat16) == "tf32"  # the tensor cores' own format; the flag is not read
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert _matmul_precision(torch.float32) == "ieee"
+
+
 def test_explicit_scaling_and_value_dim_other_than_key_dim():
     g = torch.Generator().manual_seed(5)
     q, k = (torch.randn(1, 1, n, 16, generator=g, dtype=torch.float64).to(DEVICE) for n in (17, 33))
