@@ -252,10 +252,19 @@ def whole_models(device, smoke, lines):
     ids = torch.randint(5, 1000, (1, length), device=device)
     labels = ids.clone()
 
-    def step(model, autocast):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
+    # precision modes: float32 (torch's default, full float32 products), float32 with TF32 allowed
+    # (torch.set_float32_matmul_precision("high"), which the fused kernel follows too), bfloat16 autocast
+    modes = ("float32", "float32, TF32 allowed", "bfloat16 autocast")
+
+    def step(model, mode):
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if mode == modes[1] else before)
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == modes[2]):
+                loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+        finally:
+            torch.set_float32_matmul_precision(before)
         model.zero_grad(set_to_none=True)
 
     results = {}
@@ -266,12 +275,12 @@ def whole_models(device, smoke, lines):
         )
         torch.manual_seed(0)
         model = SparseBertForMaskedLM(config).to(device).train()
-        for autocast in (False, True):
-            if autocast and device.type == "cpu":
+        for mode in modes:
+            if mode != modes[0] and device.type == "cpu":
                 continue
-            ms = time_ms(partial(step, model, autocast), device, budget_s=1.0)
+            ms = time_ms(partial(step, model, mode), device, budget_s=1.0)
             kernel = sorted(set(model.attention_backends_used().values()))
-            results[fn, backend, autocast] = (ms, "/".join(kernel))
+            results[fn, backend, mode] = (ms, "/".join(kernel))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -281,13 +290,13 @@ def whole_models(device, smoke, lines):
         "| precision | softmax | entmax15 (auto) | entmax15 (eager) | auto / softmax |",
         "|---|---:|---:|---:|---:|",
     ]
-    for autocast in (False, True):
-        if ("softmax", "auto", autocast) not in results:
+    for mode in modes:
+        if ("softmax", "auto", mode) not in results:
             continue
-        row = [results[fn, backend, autocast] for fn, backend in (("softmax", "auto"), ("entmax15", "auto"),
-                                                                   ("entmax15", "eager"))]
+        row = [results[fn, backend, mode] for fn, backend in (("softmax", "auto"), ("entmax15", "auto"),
+                                                               ("entmax15", "eager"))]
         lines.append(
-            f"| {'bfloat16 autocast' if autocast else 'float32'} | "
+            f"| {mode} | "
             + " | ".join(f"{ms:.1f} ({name})" for ms, name in row)
             + f" | {row[1][0] / row[0][0]:.2f}x |"
         )
