@@ -182,6 +182,24 @@ def threshold_kernel(
     m = tl.max(buf, 1)
     empty = m == NEG_INF
     m = tl.where(empty, 0.0, m)
+    lower, tau = _candidates_tau(buf, m, am1, inv_am1, bracket, ACC, KIND, N_ITER, KC)
+    tau = tl.where(empty, float("inf"), tau)
+    ok = ((rest - m) * am1 <= lower) | empty
+    row_ok = offs_m < Lq
+    tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
+    tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
+    tl.store(FAIL + bh * Lq + offs_m, (~ok).to(tl.int8), mask=row_ok)
+
+
+@triton.jit
+def _candidates_tau(buf, m, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
+                    KC: tl.constexpr):
+    """τ (on the x scale) of each row's candidate scores ``buf`` ``(BM, KC)`` (-inf: no candidate; ``m``: the
+    row's largest score, 0 for a row without any). Returns ``(lower, tau)``: the closed forms of
+    ``entmax.entmax15`` / ``entmax.sparsemax`` by rank (no sort), where both are τ; for general α
+    ``entmax_bisect``'s bisection with the bracket of a KC-element problem, where ``lower`` is the bracket's lower
+    end (``Σ p̃(lower) >= 1``: a lower bound of the candidates' τ) and ``tau`` its midpoint."""
+    slots = tl.arange(0, KC)
     valid = buf > NEG_INF
     # rank of each candidate in descending order (ties by slot): the closed forms' cumulative sums without a sort
     ahead = (buf[:, None, :] > buf[:, :, None]) | (
@@ -197,31 +215,24 @@ def threshold_kernel(
         tau_rho = mean - tl.sqrt(tl.maximum(delta, 0.0))
         size = tl.sum(((tau_rho <= z) & valid).to(ACC), 1)
         tau = tl.sum(tl.where(rho == size[:, None], tau_rho, 0.0), 1)
-        ok = (rest - m) / 2 <= tau
+        lower = tau
     elif KIND == 1:
         z = tl.where(valid, buf - m[:, None], 0.0)
         cs = tl.sum(tl.where(ahead, z[:, None, :], 0.0), 2) - 1
         size = tl.sum(((rho * z > cs) & valid).to(ACC), 1)
         tau = tl.sum(tl.where(rho == size[:, None], cs, 0.0), 1) / tl.maximum(size, 1.0)
-        ok = rest - m <= tau
-    else:  # entmax_bisect on the KC candidates, with the bracket of a KC-element problem
+        lower = tau
+    else:
         x = tl.where(valid, (buf - m[:, None]) * am1, NEG_INF)
-        lo = tl.full((BM,), -1.0, ACC)
-        dm = tl.full((BM,), 1.0 - bracket, ACC)  # bracket = (1/KC)^(α-1): at most KC positive entries
-        mid = lo
+        lower = tl.full(m.shape, -1.0, ACC)
+        dm = tl.full(m.shape, 1.0 - bracket, ACC)  # bracket = (1/KC)^(α-1): at most KC positive entries
+        tau = lower
         for _ in range(N_ITER):
             dm = dm / 2
-            mid = lo + dm
-            total = tl.sum(_unnormalised(x, mid, inv_am1, KIND), 1)
-            lo = tl.where(total >= 1, mid, lo)
-        ok = (rest - m) * am1 - lo <= 0
-        tau = mid
-    tau = tl.where(empty, float("inf"), tau)
-    ok = ok | empty
-    row_ok = offs_m < Lq
-    tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
-    tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
-    tl.store(FAIL + bh * Lq + offs_m, (~ok).to(tl.int8), mask=row_ok)
+            tau = lower + dm
+            total = tl.sum(_unnormalised(x, tau, inv_am1, KIND), 1)
+            lower = tl.where(total >= 1, tau, lower)
+    return lower, tau
 
 
 @triton.jit
