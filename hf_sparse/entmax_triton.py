@@ -14,6 +14,12 @@ output is one flash-style pass, and a tile whose largest score is below every ro
    ``entmax_bisect``'s bisection. The certificate
    of :mod:`hf_sparse.entmax_topk` applies unchanged: if ``(α-1)(rest - m) <= τ`` no other key enters the
    support, so the candidates' τ is the row's τ, exactly. The sweep also records each tile's largest score.
+   **Bounded variant** (``threshold_pass="bounded"``; ``bound_kernel`` then ``collect_kernel``): one sweep keeps
+   each row's ``KC`` largest *tile maxima* (one insertion per tile, no sort); their τ is a lower bound of the
+   row's (they are scores of the row). A second sweep appends every score above that bound to the row's
+   ``2·KC`` slots (ranks by a cumulative sum) and takes τ on them by the same closed forms: exact with no
+   certificate, since the support lies above the bound. Rows with more such scores take the fallback from the
+   bound. Two sweeps without sorting against one that sorts: which is faster is the GPU's to say.
 2. **Fallback** (``fallback_kernel``, only query tiles holding a row that failed the certificate do any work):
    Newton's method on ``Σ_j p̃_ij(τ) = 1`` over all the row's keys, a sweep over the key tiles per step,
    started from the candidates' τ (a lower bound: more scores only raise it; ``f`` is convex for α <= 2, so the
@@ -69,6 +75,11 @@ SORT_ABOVE = 4  # a key tile bringing more new candidates than this to some row 
 INTERPRETER_SORT_ABOVE = 16  # the interpreter sorts slowly (0.2 s a call): there only when a test asks for it
 FALLBACK_ITERATIONS = {False: {torch.float32: 30, torch.float64: 50}, True: {torch.float32: 32, torch.float64: 60}}
 FALLBACK_TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-14}
+# The bounded threshold pass collects the scores above its lower bound of τ less this much (relative to |τ|, at
+# least 1): the bound, a τ computed on a subset of the same scores, may round a few ulps above the row's τ.
+COLLECT_SLACK = {torch.float32: 1e-5, torch.float64: 1e-12}
+THRESHOLD_PASSES = ("topk", "bounded")
+DEFAULT_THRESHOLD_PASS = "topk"  # "bounded" is exact too; which is faster on a GPU is not measured yet
 
 _kernels = None
 
@@ -105,6 +116,8 @@ def _load_kernels():
         from .entmax_triton_kernels import (
             backward_dkdv_kernel,
             backward_dq_kernel,
+            bound_kernel,
+            collect_kernel,
             fallback_kernel,
             forward_kernel,
             threshold_kernel,
@@ -112,6 +125,8 @@ def _load_kernels():
 
         kernels = types.SimpleNamespace(
             threshold_kernel=threshold_kernel,
+            bound_kernel=bound_kernel,
+            collect_kernel=collect_kernel,
             fallback_kernel=fallback_kernel,
             forward_kernel=forward_kernel,
             backward_dq_kernel=backward_dq_kernel,
@@ -217,12 +232,25 @@ class _EntmaxAttention(torch.autograd.Function):
             return o
         grid = (n_qb, b * h)
         am1 = cfg["alpha"] - 1
+        shared = (*common["qk_strides"], *common["mask_strides"], h, lq, lk, d, common["offset"], n_qb, n_kb,
+                  cfg["scale"], am1, 1 / am1)
         with _on(q.device):
-            kernels.threshold_kernel[grid](
-                q, k, *common["masks"], m, tau, fail, tilemax, *common["qk_strides"], *common["mask_strides"],
-                h, lq, lk, d, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, (1 / kc) ** am1,
-                KC=kc, N_ITER=cfg["n_iter"], SORT_ABOVE=cfg["sort_above"], **common["meta"],
-            )
+            if cfg["threshold_pass"] == "topk":
+                kernels.threshold_kernel[grid](
+                    q, k, *common["masks"], m, tau, fail, tilemax, *shared, (1 / kc) ** am1,
+                    KC=kc, N_ITER=cfg["n_iter"], SORT_ABOVE=cfg["sort_above"], **common["meta"],
+                )
+            else:  # "bounded": a lower bound of τ from the tile maxima, then the scores above it collected
+                kernels.bound_kernel[grid](
+                    q, k, *common["masks"], m, tau, tilemax, *shared, (1 / kc) ** am1,
+                    KC=kc, N_ITER=cfg["n_iter"], **common["meta"],
+                )
+                cap = 2 * kc
+                scratch = torch.empty(b * h * lq * cap, **stats)
+                kernels.collect_kernel[grid](
+                    q, k, *common["masks"], m, tau, fail, tilemax, scratch, *shared, (1 / cap) ** am1,
+                    COLLECT_SLACK[acc], CAP=cap, N_ITER=cfg["n_iter"], **common["meta"],
+                )
             kernels.fallback_kernel[grid](
                 q, k, *common["masks"], m, tau, fail, *common["qk_strides"], *common["mask_strides"],
                 h, lq, lk, d, common["offset"], cfg["scale"], am1, 1 / am1, (1 / max(lk, 1)) ** am1,
@@ -347,6 +375,7 @@ def entmax_attention(
     n_iter: int = 50,
     blocks: tuple[int, int, int] | None = None,
     dropout: float = 0.0,
+    threshold_pass: str | None = None,
 ) -> torch.Tensor:
     """Exact α-entmax attention ``entmax(q kᵀ · scaling) v`` over ``(B, H, L, D)`` inputs → ``(B, H, Lq, Dv)``.
 
@@ -369,6 +398,11 @@ def entmax_attention(
             probability, kept ones scaled by ``1 / (1 - dropout)``), drawn inside the kernels from a seed taken
             from torch's generator on the inputs' device (so ``torch.manual_seed`` reproduces it, no host sync);
             the backward drops the same pairs. Pass the probability to apply now: 0 in eval.
+        threshold_pass: how each row's τ is found, with the same result (only the speed differs; default
+            :data:`DEFAULT_THRESHOLD_PASS`): ``"topk"`` keeps each row's ``candidates`` largest scores in one sweep
+            (merging tiles by sorting while many enter); ``"bounded"`` takes a lower bound of τ from the τ of the
+            row's ``candidates`` largest tile maxima in one sweep, then collects every score above it (up to twice
+            ``candidates``) in a second, with no sort. Rows beyond either go to the exact fallback.
 
     Rows with no allowed key give zeros (and zero gradients). Differentiable in query, key and value.
     """
@@ -378,6 +412,9 @@ def entmax_attention(
         raise ValueError(f"n_iter must be a whole number >= 1 (bisection steps), got {n_iter!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
         raise ValueError(f"dropout must be a probability in [0, 1] (0 in eval), got {dropout!r}")
+    threshold_pass = DEFAULT_THRESHOLD_PASS if threshold_pass is None else threshold_pass
+    if threshold_pass not in THRESHOLD_PASSES:
+        raise ValueError(f"threshold_pass must be one of {', '.join(THRESHOLD_PASSES)}, got {threshold_pass!r}")
     reasons = unavailable_reasons(query.device)
     if reasons:
         raise RuntimeError("the fused entmax attention kernel cannot run here: " + "; ".join(reasons))
@@ -404,6 +441,7 @@ def entmax_attention(
         need_g=need_g,
         sort_above=INTERPRETER_SORT_ABOVE if interpreted else SORT_ABOVE,
         dropout=float(dropout),
+        threshold_pass=threshold_pass,
     )
     q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
     seed = torch.randint(2**62, (1,), device=q.device) if dropout > 0 else None

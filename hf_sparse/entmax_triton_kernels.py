@@ -191,6 +191,118 @@ def threshold_kernel(
     tl.store(FAIL + bh * Lq + offs_m, (~ok).to(tl.int8), mask=row_ok)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Pass 1, bounded variant: a lower bound of τ from the tile maxima, then every score above it collected
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def bound_kernel(
+    Q, K, KLEN, BMASK, KEEP, M, TAU, TILEMAX,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
+    s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
+    H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket,
+    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+):
+    """Each row's largest score ``m``, each tile's largest score, and a lower bound of τ: the τ of the row's KC
+    largest tile maxima (real scores of the row, and more scores only raise τ). One insertion per tile and row,
+    no sort; the bound lands in ``TAU`` for :func:`collect_kernel`."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BM
+    offs_m = start_m + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
+    klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
+    hi = klen
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BM + OFF)
+    buf = tl.full((BM, KC), NEG_INF, ACC)  # the row's KC largest tile maxima so far, in no order
+    slots = tl.arange(0, KC)
+    cols = tl.arange(0, BN)
+    for start_n in range(0, hi, BN):
+        if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK, CAUSAL,
+                         HAS_BMASK):
+            offs_n = start_n + cols
+            k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+            s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC,
+                        PREC, CAUSAL, HAS_KEEP)
+            best = tl.max(s, 1)
+            tl.store(TILEMAX + (bh * n_qb + pid_m) * n_kb + start_n // BN, tl.max(best, 0))
+            take = best > tl.min(buf, 1)
+            out = (slots[None, :] == tl.argmin(buf, 1)[:, None]) & take[:, None]
+            buf = tl.where(out, best[:, None], buf)
+    m = tl.max(buf, 1)
+    empty = m == NEG_INF
+    m = tl.where(empty, 0.0, m)
+    lower, _ = _candidates_tau(buf, m, am1, inv_am1, bracket, ACC, KIND, N_ITER, KC)
+    row_ok = offs_m < Lq
+    tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
+    tl.store(TAU + bh * Lq + offs_m, tl.where(empty, float("inf"), lower), mask=row_ok)
+
+
+@triton.jit
+def collect_kernel(
+    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, SCRATCH,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
+    s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
+    H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket, slack,
+    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAP: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+):
+    """Every score whose x is above the bound (less ``slack``, for rounding) is a candidate: appended to the row's
+    ``CAP`` slots of ``SCRATCH`` (ranks by a cumulative sum, no sort, no loop), tiles with no score above it
+    skipped. The support lies inside the candidates (τ >= the bound), so their τ is the row's, exactly, and no
+    certificate is needed; a row with more than ``CAP`` candidates keeps the bound as τ and is marked for the
+    fallback (Newton from it)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BM
+    offs_m = start_m + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    row_ok = offs_m < Lq
+    q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
+    m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    bound = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+    bound = tl.where(bound < float("inf"), bound - slack * tl.maximum(tl.abs(bound), 1.0), bound)
+    klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
+    hi = klen
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BM + OFF)
+    cols = tl.arange(0, BN)
+    slots = tl.arange(0, CAP)
+    rows = SCRATCH + (bh * Lq + offs_m).to(tl.int64) * CAP
+    count = tl.zeros((BM,), tl.int32)
+    for start_n in range(0, hi, BN):
+        if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK, CAUSAL,
+                         HAS_BMASK):
+            if _tile_needed(TILEMAX, (bh * n_qb + pid_m) * n_kb + start_n // BN, m, bound, am1):
+                offs_n = start_n + cols
+                k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+                s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
+                            ACC, PREC, CAUSAL, HAS_KEEP)
+                take = ((s - m[:, None]) * am1 > bound[:, None]) & row_ok[:, None]
+                at = count[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
+                tl.store(rows[:, None] + at, s, mask=take & (at < CAP))
+                count += tl.sum(take.to(tl.int32), 1)
+    tl.debug_barrier()  # the appended scores, written by other threads of this program, are read below
+    buf = tl.load(rows[:, None] + slots[None, :], mask=slots[None, :] < tl.minimum(count, CAP)[:, None],
+                  other=NEG_INF)
+    _, tau = _candidates_tau(buf, m, am1, inv_am1, bracket, ACC, KIND, N_ITER, CAP)
+    fail = count > CAP
+    empty = count == 0  # no allowed key (the bound is +inf): nothing to solve
+    tau = tl.where(fail, bound, tl.where(empty, float("inf"), tau))
+    tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
+    tl.store(FAIL + bh * Lq + offs_m, fail.to(tl.int8), mask=row_ok)
+
+
 @triton.jit
 def _candidates_tau(buf, m, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
                     KC: tl.constexpr):

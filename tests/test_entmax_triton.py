@@ -82,34 +82,41 @@ def probabilities(q, k, alpha, **kwargs):
         return entmax_attention(q, k, eye, alpha=alpha, **kwargs).cpu().double()
 
 
+@pytest.mark.parametrize("threshold_pass", entmax_triton.THRESHOLD_PASSES)
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
 @pytest.mark.parametrize("causal", [False, True])
-def test_outputs_gradients_and_support_equal_dense_float64_entmax(alpha, causal):
+def test_outputs_gradients_and_support_equal_dense_float64_entmax(alpha, causal, threshold_pass):
     b, h, lq, lk, d = 2, 1, 20 if causal else 32, 40, 16
     q, k, v = inputs(b, h, lq, lk, d, seed=int(alpha * 10) + causal)
     key_lengths = torch.tensor([lk, 27], device=DEVICE)  # padding: the second sequence has 27 real keys
     allowed = dense_allowed(b, h, lq, lk, causal, key_lengths)
-    kwargs = dict(causal=causal, key_lengths=key_lengths, blocks=(16, 16, 16))  # 16 candidates: few rows fail
+    # 16 candidates: few rows fail
+    kwargs = dict(causal=causal, key_lengths=key_lengths, blocks=(16, 16, 16), threshold_pass=threshold_pass)
     p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, **kwargs)
     p = probabilities(q, k, alpha, **kwargs)
     assert torch.equal(p > 0, p_ref > 0)
     torch.testing.assert_close(p, p_ref.detach(), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("threshold_pass", entmax_triton.THRESHOLD_PASSES)
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3, 2.5])
-def test_rows_past_their_candidates_take_the_exact_fallback(alpha, monkeypatch):
+def test_rows_past_their_candidates_take_the_exact_fallback(alpha, threshold_pass, monkeypatch):
     """Two candidates per row: nearly every row fails the certificate and is solved over all its keys (Newton
     from the candidates' threshold for α <= 2, bisection beyond). Tiles with many new candidates are merged by
-    sorting here, as on the GPU."""
+    sorting here, as on the GPU. ``bounded``: two tile maxima give the bound, and rows with more than four scores
+    above it go to the fallback, Newton starting from the bound."""
     monkeypatch.setattr(entmax_triton, "INTERPRETER_SORT_ABOVE", 4)
     q, k, v = inputs(1, 1, 16, 48, 16, spread=0.5, seed=7)
     allowed = dense_allowed(1, 1, 16, 48)
-    p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, blocks=(16, 16, 2))
+    kwargs = dict(blocks=(16, 16, 2), threshold_pass=threshold_pass)
+    p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, **kwargs)
     assert ((p_ref > 0).sum(-1) > 2).float().mean() > 0.5  # the supports really are larger than the candidates
-    assert torch.equal(probabilities(q, k, alpha, blocks=(16, 16, 2)) > 0, p_ref > 0)
+    assert ((p_ref > 0).sum(-1) > 4).any()  # and some rows' than the bounded pass's four slots
+    assert torch.equal(probabilities(q, k, alpha, **kwargs) > 0, p_ref > 0)
 
 
-def test_block_mask_keep_and_rows_without_keys_give_zeros_and_finite_gradients():
+@pytest.mark.parametrize("threshold_pass", entmax_triton.THRESHOLD_PASSES)
+def test_block_mask_keep_and_rows_without_keys_give_zeros_and_finite_gradients(threshold_pass):
     b, h, lq, lk, d = 2, 2, 40, 44, 16
     q, k, v = inputs(b, h, lq, lk, d, seed=3)
     g = torch.Generator().manual_seed(4)
@@ -121,15 +128,20 @@ def test_block_mask_keep_and_rows_without_keys_give_zeros_and_finite_gradients()
     key_lengths = torch.tensor([lk, 0], device=DEVICE)  # the second sequence: no key at all
     allowed = dense_allowed(b, h, lq, lk, False, key_lengths, block_mask, keep)
     assert not allowed[0, 0, 16:32].any() and not allowed[1].any()
-    kwargs = dict(key_lengths=key_lengths, block_mask=block_mask.to(DEVICE), keep=keep.to(DEVICE), mask_block=TILE)
+    kwargs = dict(
+        key_lengths=key_lengths, block_mask=block_mask.to(DEVICE), keep=keep.to(DEVICE), mask_block=TILE,
+        threshold_pass=threshold_pass,
+    )
     check_against_reference(q, k, v, 1.5, allowed, 1e-9, **kwargs)
     out = entmax_attention(q, k, v, **kwargs)
     assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu()))
     assert torch.equal(out[0, 0, 16:32].cpu(), torch.zeros(16, d, dtype=out.dtype))
 
 
-def test_float32_and_bfloat16_inputs_match_float64_entmax_within_their_precision(monkeypatch):
+@pytest.mark.parametrize("threshold_pass", entmax_triton.THRESHOLD_PASSES)
+def test_float32_and_bfloat16_inputs_match_float64_entmax_within_their_precision(threshold_pass, monkeypatch):
     monkeypatch.setattr(entmax_triton, "INTERPRETER_SORT_ABOVE", 4)  # candidates merged by sorting, as on the GPU
+    monkeypatch.setattr(entmax_triton, "DEFAULT_THRESHOLD_PASS", threshold_pass)
     q, k, v = inputs(1, 2, 32, 40, 16, seed=11)
     allowed = dense_allowed(1, 2, 32, 40, causal=True)
     ref, p_ref, _ = reference(q, k, v, 1.5, allowed)
@@ -248,6 +260,7 @@ def test_explicit_scaling_and_value_dim_other_than_key_dim():
         (dict(n_iter=0), "n_iter must be"),
         (dict(dropout=1.5), r"dropout must be a probability in \[0, 1\] \(0 in eval\), got 1.5"),
         (dict(dropout=True), "dropout must be a probability"),
+        (dict(threshold_pass="sort"), "threshold_pass must be one of topk, bounded, got 'sort'"),
     ],
 )
 def test_bad_input_is_refused_naming_the_value(change, message):
