@@ -118,37 +118,40 @@ def dense_entmax_attention(q, k, v, causal, normaliser):
 
 
 def correctness(n, heads, dim, device, lines):
-    """Fused kernel vs matmul + entmax_topk + matmul: float32 (support too) and bfloat16."""
+    """Fused kernel vs matmul + entmax_topk + matmul: float32 (support too, each threshold pass) and bfloat16."""
     g = torch.Generator(device="cpu").manual_seed(0)
     base = [torch.randn(1, heads, n, dim, generator=g) for _ in range(3)]
     for causal in (False, True):
-        q, k, v = (t.to(device).requires_grad_() for t in base)
-        out = entmax_attention(q, k, v, causal=causal)
-        ref = dense_entmax_attention(q, k, v, causal, "topk")
-        grad = torch.randn_like(out)
-        got = torch.autograd.grad(out, (q, k, v), grad)
-        want = torch.autograd.grad(ref, (q, k, v), grad)
-        eye = torch.eye(n, device=device)
-        with torch.no_grad():  # the probabilities: identity values, 64 columns a call
-            chunks = [eye[:, c : c + 64].expand(1, heads, n, -1) for c in range(0, n, 64)]
-            p = torch.cat([entmax_attention(q, k, chunk, causal=causal) for chunk in chunks], -1)
-            scores = (q @ k.transpose(-1, -2)) * dim**-0.5
-            p_ref = entmax15(scores, keep=causal_keep(n, device) if causal else None)
-        differ = int(((p > 0) != (p_ref > 0)).sum())
-        grads = ", ".join(f"d{name} {float((a - b).abs().max()):.1e}" for name, a, b in zip("qkv", got, want))
-        lines.append(
-            f"- float32, {'causal' if causal else 'non-causal'}, L={n}: output max |diff| "
-            f"{float((out - ref).abs().max()):.1e}, {grads}; probabilities max |diff| "
-            f"{float((p - p_ref).abs().max()):.1e}, support differs in {differ} of {p.numel()} pairs "
-            f"(support size median {int((p_ref > 0).sum(-1).median())}, max {int((p_ref > 0).sum(-1).max())})"
-        )
+        mask = "causal" if causal else "non-causal"
+        for threshold_pass in ("topk", "bounded"):
+            q, k, v = (t.to(device).requires_grad_() for t in base)
+            attend = partial(entmax_attention, causal=causal, threshold_pass=threshold_pass)
+            out = attend(q, k, v)
+            ref = dense_entmax_attention(q, k, v, causal, "topk")
+            grad = torch.randn_like(out)
+            got = torch.autograd.grad(out, (q, k, v), grad)
+            want = torch.autograd.grad(ref, (q, k, v), grad)
+            eye = torch.eye(n, device=device)
+            with torch.no_grad():  # the probabilities: identity values, 64 columns a call
+                chunks = [eye[:, c : c + 64].expand(1, heads, n, -1) for c in range(0, n, 64)]
+                p = torch.cat([attend(q, k, chunk) for chunk in chunks], -1)
+                scores = (q @ k.transpose(-1, -2)) * dim**-0.5
+                p_ref = entmax15(scores, keep=causal_keep(n, device) if causal else None)
+            differ = int(((p > 0) != (p_ref > 0)).sum())
+            grads = ", ".join(f"d{name} {float((a - b).abs().max()):.1e}" for name, a, b in zip("qkv", got, want))
+            lines.append(
+                f"- float32, {mask}, L={n}, threshold pass `{threshold_pass}`: output max |diff| "
+                f"{float((out - ref).abs().max()):.1e}, {grads}; probabilities max |diff| "
+                f"{float((p - p_ref).abs().max()):.1e}, support differs in {differ} of {p.numel()} pairs "
+                f"(support size median {int((p_ref > 0).sum(-1).median())}, max {int((p_ref > 0).sum(-1).max())})"
+            )
         qb, kb, vb = (t.detach().bfloat16() for t in base)
         qb, kb, vb = (t.to(device) for t in (qb, kb, vb))
         with torch.no_grad():
             out_b = entmax_attention(qb, kb, vb, causal=causal).float()
             ref_b = dense_entmax_attention(qb.float(), kb.float(), vb.float(), causal, "topk")
         lines.append(
-            f"- bfloat16 inputs, {'causal' if causal else 'non-causal'}: output max |diff| "
+            f"- bfloat16 inputs, {mask}: output max |diff| "
             f"{float((out_b - ref_b).abs().max()):.1e} against float32 math on the same rounded inputs"
         )
     return lines
