@@ -195,7 +195,8 @@ def attention_op(lengths, heads, dim, device, rows, flex):
             methods = {
                 "sdpa": partial(F.scaled_dot_product_attention, q, k, v, is_causal=causal),
                 "flex": partial(flex, q, k, v, causal) if flex is not None else None,
-                "fused": partial(entmax_attention, q, k, v, causal=causal),
+                "fused": partial(entmax_attention, q, k, v, causal=causal, threshold_pass="topk"),
+                "bounded": partial(entmax_attention, q, k, v, causal=causal, threshold_pass="bounded"),
                 "topk": partial(dense_entmax_attention, q, k, v, causal, "topk"),
                 "package": partial(dense_entmax_attention, q, k, v, causal, "package"),
             }
@@ -567,12 +568,14 @@ def render(results: dict, notes: list, device, heads: int, dim: int, started: fl
         "",
         "## Attention q, k, v -> output, bfloat16, ms (ratio to SDPA in the same row)",
         "",
-        "SDPA and FlexAttention compute softmax attention (the target to be compared with); the other three compute"
-        " exact 1.5-entmax attention: the fused kernel, matmul + `entmax_topk` + matmul, and matmul + the `entmax`"
-        " package + matmul (scores in float32).",
+        "SDPA and FlexAttention compute softmax attention (the target to be compared with); the others compute"
+        " exact 1.5-entmax attention: the fused kernel with each threshold pass (`topk`, the default, and"
+        " `bounded`), matmul + `entmax_topk` + matmul, and matmul + the `entmax` package + matmul (scores in"
+        " float32).",
         "",
-        "| L | mask | pass | SDPA | FlexAttention | fused entmax | matmul + entmax_topk | matmul + entmax package |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| L | mask | pass | SDPA | FlexAttention | fused entmax | fused, bounded | matmul + entmax_topk "
+        "| matmul + entmax package |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
         *op_rows,
         "",
         "## Whole models, entmax against the same model with softmax",
