@@ -336,8 +336,8 @@ def _candidates_tau(buf, m, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.c
         lower = tau
     else:
         x = tl.where(valid, (buf - m[:, None]) * am1, NEG_INF)
-        lower = tl.full(m.shape, -1.0, ACC)
-        dm = tl.full(m.shape, 1.0 - bracket, ACC)  # bracket = (1/KC)^(α-1): at most KC positive entries
+        lower = tl.zeros_like(m) - 1.0
+        dm = tl.zeros_like(m) + (1.0 - bracket)  # bracket = (1/KC)^(α-1): at most KC positive entries
         tau = lower
         for _ in range(N_ITER):
             dm = dm / 2
