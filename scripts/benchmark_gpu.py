@@ -403,6 +403,7 @@ def kernel_profile(device, smoke, lines):
     q, k, v = (torch.randn(1, heads, n, dim, generator=g).to(device, dtype).requires_grad_() for _ in "qkv")
     grad = torch.randn_like(q)
     for causal in (False, True):
+        mask = "causal" if causal else "non-causal"
         for blocks, threshold_pass in choices:
             fn = partial(entmax_attention, q, k, v, causal=causal, blocks=blocks, threshold_pass=threshold_pass)
             try:
@@ -413,9 +414,7 @@ def kernel_profile(device, smoke, lines):
                     forward_backward(fn, grad)
                     sync(device)
             except Exception as exc:  # a tile choice the compiler or the GPU refuses: say so, go on
-                lines.append(
-                    f"| {'causal' if causal else 'non-causal'} | {blocks} {threshold_pass} | failed: {exc!r:.120} | | |"
-                )
+                lines.append(f"| {mask} | {blocks} {threshold_pass} | failed: {exc!r:.120} | | |")
                 continue
             per = {}
             for event in prof.key_averages():
@@ -424,7 +423,6 @@ def kernel_profile(device, smoke, lines):
                     total = getattr(event, "device_time_total", 0) or getattr(event, "cpu_time_total", 0)
                     per[name] = total / 1000
             split = ", ".join(f"{name.removesuffix('_kernel')} {ms:.2f}" for name, ms in sorted(per.items()))
-            mask = "causal" if causal else "non-causal"
             lines.append(f"| {mask} | {blocks} {threshold_pass} | {fwd:.2f} | {both:.2f} | {split} |")
             print(lines[-1], flush=True)
     return lines
