@@ -261,7 +261,7 @@ class _EntmaxAttention(torch.autograd.Function):
                 q, k, v, *common["masks"], m, tau, tilemax, o, lsum, g, gsum, seed,
                 *common["qk_strides"], *v.stride(), *o.stride(), *common["mask_strides"],
                 h, lq, lk, d, dv, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, 2 - cfg["alpha"],
-                *common["dropout"], NEED_G=need_g, DROPOUT=cfg["dropout"] > 0, BDV=common["bdv"], **common["meta"],
+                *common["dropout"], NEED_G=need_g, **common["value_meta"],
             )
         ctx.save_for_backward(q, k, v, m, tau, lsum, g, gsum, tilemax, seed)
         return o
@@ -289,12 +289,12 @@ class _EntmaxAttention(torch.autograd.Function):
         with _on(q.device):
             kernels.backward_dq_kernel[(n_qb, b * h)](
                 q, k, v, do, dq, *common["masks"], m, tau, lsum, c, tilemax, seed, *args,
-                DROPOUT=cfg["dropout"] > 0, BDV=common["bdv"], **common["meta"],
+                **common["value_meta"],
             )
             if lk:
                 kernels.backward_dkdv_kernel[(math.ceil(lk / cfg["blocks"][1]), b * h)](
                     q, k, v, do, dk, dvv, *common["masks"], m, tau, lsum, c, tilemax, seed, *args,
-                    DROPOUT=cfg["dropout"] > 0, BDV=common["bdv"], **common["meta"],
+                    **common["value_meta"],
                 )
         return dq, dk, dvv, None, None, None, None, None
 
@@ -315,6 +315,20 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
     kps = _broadcast_strides(keep_u8) if keep is not None else (0, 0, 0, 0)
     bm, bn, _ = cfg["blocks"]
     p = cfg["dropout"]
+    meta = dict(
+        ACC=_tl_dtype(acc),
+        PREC=_matmul_precision(q.dtype),
+        KIND=cfg["kind"],
+        BM=bm,
+        BN=bn,
+        BD=max(16, triton_next_power_of_2(q.shape[3])),
+        TQ=cfg["mask_block"],
+        TK=cfg["mask_block"],
+        CAUSAL=cfg["causal"],
+        HAS_KLEN=key_lengths is not None,
+        HAS_BMASK=block_mask is not None,
+        HAS_KEEP=keep is not None,
+    )
     return dict(
         masks=(klen, bmask, keep_u8),
         qk_strides=(*q.stride(), *k.stride()),
@@ -322,22 +336,10 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
         offset=k.shape[2] - q.shape[2],
         n_qb=n_qb,
         n_kb=n_kb,
-        bdv=max(16, triton_next_power_of_2(v.shape[3])),
         dropout=(p, 1 / (1 - p) if p < 1 else 0.0),  # the probability and the kept values' scale
-        meta=dict(
-            ACC=_tl_dtype(acc),
-            PREC=_matmul_precision(q.dtype),
-            KIND=cfg["kind"],
-            BM=bm,
-            BN=bn,
-            BD=max(16, triton_next_power_of_2(q.shape[3])),
-            TQ=cfg["mask_block"],
-            TK=cfg["mask_block"],
-            CAUSAL=cfg["causal"],
-            HAS_KLEN=key_lengths is not None,
-            HAS_BMASK=block_mask is not None,
-            HAS_KEEP=keep is not None,
-        ),
+        meta=meta,
+        # the kernels that read values (the output pass and both backward kernels): their tile width and dropout
+        value_meta=dict(meta, BDV=max(16, triton_next_power_of_2(v.shape[3])), DROPOUT=p > 0),
     )
 
 
