@@ -157,11 +157,13 @@ def choose_backend(
                 "eager kernel); use 'auto' or 'eager' during the search, sparse kernels after freeze_dam()"
             )
         return "eager"
+    # Both block-sparse and fused kernels never build the probabilities; the fused kernel also runs the entmax
+    # family, trains on CPU (under the interpreter) and draws attention dropout itself, which FlexAttention does not.
+    no_probabilities = ["output_attentions=True needs the probabilities"] if output_attentions else []
     reasons_not_flex = []
     if attention_fn != "softmax":
         reasons_not_flex.append(f"attention_fn={attention_fn!r} is not a softmax (the tiles kernel runs it)")
-    if output_attentions:
-        reasons_not_flex.append("output_attentions=True needs the probabilities")
+    reasons_not_flex += no_probabilities
     if needs_grad and device.type == "cpu":
         reasons_not_flex.append("FlexAttention has no backward on CPU (the tiles kernel has)")
     if dropout > 0:
@@ -169,10 +171,7 @@ def choose_backend(
             f"attention dropout {dropout} is active (set the config's attention dropout to 0: "
             "attention_probs_dropout_prob in BERT, attention_dropout in Marian)"
         )
-    # the fused kernel draws attention dropout itself; FlexAttention has none
-    reasons_not_fused = [
-        r for r in reasons_not_flex if not r.startswith(("attention_fn", "FlexAttention", "attention dropout"))
-    ]
+    reasons_not_fused = list(no_probabilities)
     if attention_fn == "softmax":
         reasons_not_fused.append("attention_fn='softmax' is not an entmax ('sdpa' and 'flex' fuse softmax)")
     reasons_not_fused += unavailable_reasons(device)
