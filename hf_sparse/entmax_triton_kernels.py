@@ -311,17 +311,12 @@ def _candidates_tau(buf, m, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.c
     ``entmax.entmax15`` / ``entmax.sparsemax`` by rank (no sort), where both are τ; for general α
     ``entmax_bisect``'s bisection with the bracket of a KC-element problem, where ``lower`` is the bracket's lower
     end (``Σ p̃(lower) >= 1``: a lower bound of the candidates' τ) and ``tau`` its midpoint."""
-    slots = tl.arange(0, KC)
     valid = buf > NEG_INF
-    # rank of each candidate in descending order (ties by slot): the closed forms' cumulative sums without a sort
-    ahead = (buf[:, None, :] > buf[:, :, None]) | (
-        (buf[:, None, :] == buf[:, :, None]) & (slots[None, None, :] <= slots[None, :, None])
-    )
-    rho = tl.sum(ahead.to(ACC), 2)
     if KIND == 0:
         z = tl.where(valid, (buf - m[:, None]) / 2, 0.0)
-        mean = tl.sum(tl.where(ahead, z[:, None, :], 0.0), 2) / rho
-        mean_sq = tl.sum(tl.where(ahead, (z * z)[:, None, :], 0.0), 2) / rho
+        rho, zsum, zsq = _ranked_sums(buf, z, ACC, KC, True)
+        mean = zsum / rho
+        mean_sq = zsq / rho
         ss = rho * (mean_sq - mean * mean)
         delta = (1 - ss) / rho
         tau_rho = mean - tl.sqrt(tl.maximum(delta, 0.0))
@@ -330,7 +325,8 @@ def _candidates_tau(buf, m, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.c
         lower = tau
     elif KIND == 1:
         z = tl.where(valid, buf - m[:, None], 0.0)
-        cs = tl.sum(tl.where(ahead, z[:, None, :], 0.0), 2) - 1
+        rho, cs, _ = _ranked_sums(buf, z, ACC, KC, False)
+        cs = cs - 1
         size = tl.sum(((rho * z > cs) & valid).to(ACC), 1)
         tau = tl.sum(tl.where(rho == size[:, None], cs, 0.0), 1) / tl.maximum(size, 1.0)
         lower = tau
@@ -345,6 +341,29 @@ def _candidates_tau(buf, m, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.c
             total = tl.sum(_unnormalised(x, tau, inv_am1, KIND), 1)
             lower = tl.where(total >= 1, tau, lower)
     return lower, tau
+
+
+@triton.jit
+def _ranked_sums(buf, z, ACC: tl.constexpr, KC: tl.constexpr, SQUARES: tl.constexpr):
+    """For each candidate ``i`` of each row (``buf`` ``(BM, KC)``, descending rank with ties by slot): its rank
+    ``ρ_i`` (1 = largest) and the sums of ``z`` (and ``z²`` if ``SQUARES``) over the candidates ranked at or above
+    it: the closed forms' cumulative sums without a sort. One candidate ``j`` against all at a time, in a loop
+    that is not unrolled. All pairs at once, as a ``(BM, KC, KC)`` comparison, the registers ran out: 255 per
+    thread and 2 KB spilled in the threshold pass (``KC = 32``; 128 and none this way), and LLVM worked for minutes
+    on the collect pass (``KC = 64``); ``scripts/kernel_resources.py`` reports both."""
+    slots = tl.arange(0, KC)
+    rho = tl.zeros(buf.shape, ACC)
+    zsum = tl.zeros(buf.shape, ACC)
+    zsq = tl.zeros(buf.shape, ACC)
+    for j in range(KC):
+        other = tl.max(tl.where(slots[None, :] == j, buf, NEG_INF), 1)  # candidate j of each row
+        other_z = tl.sum(tl.where(slots[None, :] == j, z, 0.0), 1)
+        ahead = (other[:, None] > buf) | ((other[:, None] == buf) & (j <= slots[None, :]))
+        rho += ahead.to(ACC)
+        zsum += tl.where(ahead, other_z[:, None], 0.0)
+        if SQUARES:
+            zsq += tl.where(ahead, (other_z * other_z)[:, None], 0.0)
+    return rho, zsum, zsq
 
 
 @triton.jit
