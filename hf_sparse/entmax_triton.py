@@ -66,7 +66,11 @@ __all__ = ["entmax_attention", "unavailable_reasons"]
 
 MASK_BLOCK = 128  # default tile of block_mask: the tile of hf_sparse.block_maps and FlexAttention
 # Kernel tiles (rows x keys) and candidates per row. Interpreter: small tiles, so that tests at small L cross tiles.
-GPU_BLOCKS = (64, 64, 32)
+GPU_BLOCKS = (64, 64, 32)  # tensor-core products: bfloat16, float16, float32 as TF32
+# Full-precision float32 (torch's default) and float64 products run on the FMA units, whose lowering of a 64 x 64 x 64
+# tl.dot kept operands in local memory: 32 registers and 11-28 KB of stack per thread in the fallback, output and dq
+# kernels; at 32 x 32 none, and at most 0.6 KB spilled (sm_90, scripts/kernel_resources.py).
+GPU_BLOCKS_FULL_PRECISION = (32, 32, 32)
 INTERPRETER_BLOCKS = (16, 16, 16)
 # Rows that fail the certificate: at most this many passes over their keys (Newton for α <= 2, where a few do;
 # bisection for α > 2, halving a bracket narrower than 1 below the accumulator's resolution), and Newton stops at
@@ -395,7 +399,8 @@ def entmax_attention(
         keep: ``(B|1, H|1, Lq, Lk)`` bool element mask, read only inside allowed tiles (partly allowed tiles of a
             pattern).
         blocks: ``(rows, keys, candidates)`` per kernel tile, powers of two, ``rows, keys >= 16``, ``candidates <=
-            keys`` and tiles dividing ``mask_block``; only the speed depends on them.
+            keys`` and tiles dividing ``mask_block``; only the speed depends on them. Default on the GPU
+            :data:`GPU_BLOCKS`, or :data:`GPU_BLOCKS_FULL_PRECISION` for full-precision float32 and float64.
         dropout: attention dropout on the probabilities (as ``F.dropout(p) @ v``: a pair is dropped with this
             probability, kept ones scaled by ``1 / (1 - dropout)``), drawn inside the kernels from a seed taken
             from torch's generator on the inputs' device (so ``torch.manual_seed`` reproduces it, no host sync);
@@ -422,7 +427,11 @@ def entmax_attention(
         raise RuntimeError("the fused entmax attention kernel cannot run here: " + "; ".join(reasons))
     interpreted = _load_kernels() is not None and _kernels[1]
     if blocks is None:
-        blocks = INTERPRETER_BLOCKS if interpreted else GPU_BLOCKS
+        if interpreted:
+            blocks = INTERPRETER_BLOCKS
+        else:
+            full = _matmul_precision(query.dtype) == "ieee"
+            blocks = GPU_BLOCKS_FULL_PRECISION if full else GPU_BLOCKS
         blocks = (min(blocks[0], mask_block), min(blocks[1], mask_block), min(blocks[2], blocks[1], mask_block))
     bm, bn, kc = blocks
     pow2 = all(x > 0 and x & (x - 1) == 0 for x in blocks)

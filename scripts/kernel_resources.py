@@ -1,0 +1,216 @@
+"""Compile the fused entmax kernels for a GPU architecture on a machine without one, and report what each costs.
+
+GPU time is rare here, and a kernel that does not compile for the GPU (or whose compilation never ends: the
+``bounded`` threshold pass's collect kernel sat in LLVM for minutes on an H100 and here alike, until its ranking
+was chunked) breaks every GPU user while the interpreter-run tests stay green. Triton's compiler needs no GPU, only
+a target: a stand-in driver names one (``sm_90`` by default), every launch of a forward and backward call on CPU
+tensors is turned into a compile-only warm-up, and ``ptxas -v`` (Triton's own) reports each kernel's registers
+and spilled bytes. Registers and spills are static facts about the code, not timings; they say where a kernel
+runs out of registers, which the GPU's timings then confirm or not.
+
+    python scripts/kernel_resources.py --output benchmarks/kernel_resources.md
+    python scripts/kernel_resources.py --cases default,bounded --arch 80
+
+``tests/test_kernel_compile.py`` runs it for the default and ``bounded`` cases, so CI compiles every kernel of
+both threshold passes for the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+os.environ.pop("TRITON_INTERPRET", None)  # GPU code, not the interpreter: read when @triton.jit is applied
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hf_sparse import entmax_triton  # noqa: E402
+
+
+class Case(NamedTuple):
+    threshold_pass: str = "topk"
+    dtype: torch.dtype = torch.bfloat16
+    causal: bool = False
+    dropout: float = 0.0
+    alpha: float = 1.5
+    float32_precision: str = "highest"  # torch.set_float32_matmul_precision: "highest" full float32, "high" TF32
+
+
+# what models run, with a backward each
+CASES = {
+    "default": Case(),  # SparseBERT, Sparsefinder's encoder, bf16
+    "causal": Case(causal=True),  # Marian's decoder
+    "dropout": Case(dropout=0.1),  # training with attention dropout
+    "bounded": Case(threshold_pass="bounded"),
+    "float32": Case(dtype=torch.float32),  # full float32 products (torch's default precision)
+    "tf32": Case(dtype=torch.float32, float32_precision="high"),
+    "sparsemax": Case(alpha=2.0),
+    "bisection": Case(alpha=1.3),
+}
+
+
+class StandInDriver:
+    """What Triton's launcher asks the active driver while it compiles: the target, a device and a stream."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def is_active(self):
+        return True
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers, spilled bytes and stack of the kernel in ``ptx``, from Triton's own ``ptxas -v``."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        suffix = "a" if arch >= 90 else ""
+        done = subprocess.run(
+            [get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", str(source), "-o", str(Path(tmp) / "k")],
+            capture_output=True,
+            text=True,
+        )
+    log = done.stderr + done.stdout
+    if done.returncode:
+        raise RuntimeError(f"ptxas failed for sm_{arch}: {log[-2000:]}")
+
+    def number(pattern):
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else 0
+
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+    }
+
+
+seen: set[int] = set()  # the kernels compiled so far (the launcher's own cache hands them out again)
+
+
+def compile_case(name: str, arch: int, report, blocks=None) -> None:
+    """Compile every kernel one forward (and backward) call of case ``name`` launches; ``report(row)`` each."""
+    case = CASES[name]
+    run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        began = time.perf_counter()
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        seconds = None if id(kernel) in seen else time.perf_counter() - began  # None: an earlier case's kernel
+        seen.add(id(kernel))
+        row = dict(case=name, kernel=self.fn.__name__, seconds=seconds, warps=kernel.metadata.num_warps)
+        row["tiles"] = f"{kwargs['BM']}x{kwargs['BN']}"  # query rows x keys
+        row.update(shared=kernel.metadata.shared, **ptxas_report(kernel.asm["ptx"], arch))
+        report(row)
+        return kernel
+
+    q, k, v = (torch.randn(1, 2, 256, 64, dtype=case.dtype, requires_grad=True) for _ in range(3))
+    JITFunction.run = compile_only
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(case.float32_precision)
+    available = entmax_triton.unavailable_reasons
+    entmax_triton.unavailable_reasons = lambda device: []  # CPU tensors: they only give the kernels their types
+    try:
+        out = entmax_triton.entmax_attention(
+            q,
+            k,
+            v,
+            alpha=case.alpha,
+            causal=case.causal,
+            dropout=case.dropout,
+            threshold_pass=case.threshold_pass,
+            blocks=blocks,
+        )
+        out.sum().backward()  # nothing ran: the values are garbage, the launches are real
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        JITFunction.run = run
+        entmax_triton.unavailable_reasons = available
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
+    parser.add_argument("--blocks", default=None, help="kernel tiles 'rows,keys,candidates' (default: the kernel's)")
+    parser.add_argument("--output", type=Path, default=None, help="write the report here (markdown)")
+    args = parser.parse_args()
+    cases = args.cases.split(",")
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; valid: {','.join(CASES)}")
+    blocks = tuple(int(x) for x in args.blocks.split(",")) if args.blocks else None
+    driver.set_active(StandInDriver(args.arch))
+    rows = []
+
+    def seconds(row):
+        return "same as above" if row["seconds"] is None else f"{row['seconds']:.1f} s"
+
+    def report(row):
+        rows.append(row)
+        print(
+            f"{row['case']:>10} {row['kernel']:<22} {row['tiles']:>6} {seconds(row):>13}  "
+            f"{row['registers']:3d} registers  spills {row['spill_stores']}/{row['spill_loads']} B  "
+            f"shared {row['shared'] // 1024} KiB",
+            flush=True,  # a compilation that never ends shows where it is
+        )
+
+    began = time.perf_counter()
+    for name in cases:
+        compile_case(name, args.arch, report, blocks)
+    total = time.perf_counter() - began
+    command = " ".join(["python scripts/kernel_resources.py", *sys.argv[1:]])
+    lines = [
+        f"# The fused entmax kernels compiled for sm_{args.arch}, without a GPU",
+        "",
+        f"`{command}` on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
+        f"{datetime.date.today().isoformat()}: torch {torch.__version__}, triton {triton.__version__}; "
+        f"{total:.0f} s in all. Tiles: {'--blocks ' + args.blocks if blocks else 'the defaults'} (query rows x "
+        "keys in the table), head dim 64. Registers are per thread (255 is the most a thread gets); spilled "
+        "bytes are per thread, stores/loads. Compile seconds are this machine's CPU (a kernel found in Triton's "
+        "on-disk cache takes about a second); `same as above`: a kernel an earlier case compiled.",
+        "",
+        "| case | kernel | tiles | compile | registers | spills (B) | shared (KiB) | warps |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | `{r['kernel']}` | {r['tiles']} | {seconds(r)} | {r['registers']} "
+            f"| {r['spill_stores']}/{r['spill_loads']} | {r['shared'] // 1024} | {r['warps']} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
