@@ -56,7 +56,7 @@ FLEX_BLOCK_SIZE = 128
 
 # Compilations FlexAttention may accumulate before dynamo gives up on it and runs it unfused (which materialises the
 # whole score matrix, 2-9x slower than dense). On CUDA they are bounded by the two tile-lookup mask_mods of
-# hf_sparse.block_maps and a few shape generalisations; on CPU there is one per (pattern, length), see
+# hf_sparse.block_maps, one per offset-only pattern (its own closed form) and a few shape generalisations; on CPU there is one per (pattern, length), see
 # compiled_flex_attention. Dynamo's default of 8 would be reached by a CPU process that sees nine.
 FLEX_RECOMPILE_LIMIT = 256
 
@@ -66,8 +66,9 @@ _compiled_flex: dict[bool, object] = {}
 def compiled_flex_attention(device_type: str = "cuda"):
     """FlexAttention compiled once per process (uncompiled it materialises the full score matrix).
 
-    CUDA: automatic dynamic shapes, so a second sequence length recompiles once for symbolic lengths, and every
-    pattern reaches the kernel as data through the same tile-lookup ``mask_mod``
+    CUDA: automatic dynamic shapes, so a second sequence length recompiles once for symbolic lengths. A pattern of
+    the offset ``i - j`` alone (``window``, ``causal``, ...) brings its own closed-form ``mask_mod``, compiled once
+    per pattern; every other pattern reaches the kernel as data through the same tile-lookup ``mask_mod``
     (:func:`hf_sparse.block_maps.tile_lookup_in_kernel`).
 
     CPU: static shapes, one compilation per pattern and length. Under symbolic lengths Inductor's C++

@@ -10,10 +10,11 @@ row instead of 268 million pairs. Identical tiles are stored once.
 Everything else derives from it, without evaluating the pattern again:
 
 * the FlexAttention ``BlockMask`` (:meth:`BlockMap.block_mask`). On CUDA its ``mask_mod`` looks the partial tiles
-  up in cached tensors, so every pattern reaches the compiled kernel as *data* through one and the same function
-  and twenty patterns in one process compile as one (a pattern's own ``mask_mod`` is new code to dynamo each
-  time); on CPU see :func:`tile_lookup_in_kernel`. Padding is applied per batch on the cached structure (key
-  blocks with no valid key are skipped, partly padded ones become partial);
+  up in cached tensors, so a pattern reaches the compiled kernel as *data* through one and the same function
+  and any number of such patterns in one process compile as one (a pattern's own ``mask_mod`` is new code to
+  dynamo); patterns of the offset ``i - j`` alone take their own closed form, which is 4-6x faster in the kernel
+  and compiles once per pattern. See :func:`tile_lookup_in_kernel`. Padding is applied per batch on the cached
+  structure (key blocks with no valid key are skipped, partly padded ones become partial);
 * the gather layout of the ``tiles`` kernel (:meth:`BlockMap.tile_layout`);
 * the dense boolean mask for the eager and SDPA kernels (:meth:`BlockMap.dense`), copied tile row by tile row;
 * the sparsity and block-density figures (:meth:`BlockMap.density`, :meth:`BlockMap.block_density`).
@@ -459,17 +460,25 @@ def cached_block_density(pattern, n: int, device: torch.device | str = "cpu", bl
     )
 
 
-def tile_lookup_in_kernel(device: torch.device | str) -> bool:
-    """Whether FlexAttention gets the tile-lookup ``mask_mod`` (every pattern as data: one compilation for all)
-    or the pattern's own one (one compilation per pattern).
+def tile_lookup_in_kernel(pattern, device: torch.device | str) -> bool:
+    """Whether FlexAttention gets the tile-lookup ``mask_mod`` (the pattern as data: one compilation for every
+    such pattern) or the pattern's own one (one compilation per pattern).
 
-    On CUDA the lookup. On CPU the pattern's own: Inductor's C++ FlexAttention template (torch 2.13) names the
-    symbolic sizes of tensors a ``mask_mod`` reads by textual substitution and can emit C++ that does not compile
+    CUDA: the pattern's own where it depends on the offset ``i - j`` alone (``window``, ``dilated``, ``causal``,
+    ``no_diagonal`` and their unions and intersections): a closed form in ``q - k`` with the pattern's arguments
+    as constants, which reads nothing and holds no length, so it compiles once per pattern and never per length.
+    The lookup costs six table reads per pair: on one H100 the bare kernel for ``window:64`` took 0.95 ms with it
+    and 0.23 ms with the closed form at L = 16384, 5.0 and 0.81 ms at 65536 (``benchmarks/masks_gpu.md``). Every
+    other pattern keeps the lookup: their own ``mask_mod`` closes over the length or tensors (learned masks,
+    random keys), which would compile again for each length.
+
+    CPU: the pattern's own always. Inductor's C++ FlexAttention template (torch 2.13) names the symbolic sizes of
+    tensors a ``mask_mod`` reads by textual substitution and can emit C++ that does not compile
     (``cur_qSplitSize8`` for a size ``ks18``), depending on how many symbols the graph has; the lookup tables, or
     pattern arguments passed as tensors, trigger it. On CPU ``attention_backend="auto"`` runs the ``tiles``
     kernel instead, which needs no compiler.
     """
-    return torch.device(device).type != "cpu"
+    return torch.device(device).type != "cpu" and not pattern.offset_only
 
 
 def flex_block_mask(
@@ -482,7 +491,7 @@ def flex_block_mask(
     block_map = cached_block_map(pattern, n, device, block)
 
     def build(valid=None):
-        own = None if tile_lookup_in_kernel(device) else pattern.mask_mod(n, device)
+        own = None if tile_lookup_in_kernel(pattern, device) else pattern.mask_mod(n, device)
         return block_map.block_mask(valid, own)
 
     if key_valid is None:
