@@ -117,6 +117,15 @@ def dense_entmax_attention(q, k, v, causal, normaliser):
     return (p @ v.float()).to(q.dtype)
 
 
+class EchoedLines(list):
+    """A section's report lines, each also printed when it is added: a run cut at the device's time limit (or
+    stuck in a compilation) still shows in its log every line it had."""
+
+    def append(self, line):
+        super().append(line)
+        print(line, flush=True)
+
+
 def correctness(n, heads, dim, device, lines):
     """Fused kernel vs matmul + entmax_topk + matmul: float32 (support too, each threshold pass) and bfloat16."""
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -383,7 +392,6 @@ def long_sequence(device, smoke, lines):
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else float("nan")
                 cells.append(f"{ms:.0f} ms ({ms / ref:.1f}x SDPA), peak +{peak:.0f} MiB")
             lines.append(f"| {n} | {'causal' if causal else 'non-causal'} | " + " | ".join(cells) + " |")
-            print(lines[-1], flush=True)
             del q, k, v, grad
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -434,7 +442,6 @@ def kernel_profile(device, smoke, lines):
                     per[name] = total / 1000
             split = ", ".join(f"{name.removesuffix('_kernel')} {ms:.2f}" for name, ms in sorted(per.items()))
             lines.append(f"| {mask} | {blocks} {threshold_pass} | {fwd:.2f} | {both:.2f} | {split} |")
-            print(lines[-1], flush=True)
     return lines
 
 
@@ -461,7 +468,6 @@ def predicted_blocks(device, smoke, lines):
                 f"{row['tile density']:.3f} | {fused:.2f} | {gathered:.2f} | {dense:.2f} | {dense / fused:.1f}x | "
                 f"{row['max abs diff to float32 gathered']:.1e} |"
             )
-            print(lines[-1], flush=True)
     return lines
 
 
@@ -520,7 +526,7 @@ def main(argv=None) -> int:
         "predicted": lambda out: predicted_blocks(device, args.smoke, out),
         "profile": lambda out: kernel_profile(device, args.smoke, out),
     }
-    results = {name: [] for name in SECTIONS}
+    results = {name: EchoedLines() for name in SECTIONS}
     notes = []  # sections that failed or were left out: GPU time is rare, one failure must not cost the others
     for name in SECTIONS:
         if name not in run:
@@ -536,8 +542,6 @@ def main(argv=None) -> int:
                 notes.append(f"- `{name}` failed after {len(results[name])} rows: {type(exc).__name__}: {exc}"[:600])
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            if name in ("correctness", "models"):
-                print("\n".join(results[name]), flush=True)
             print(f"[section {name}: {time.perf_counter() - began:.0f} s]", flush=True)  # to plan the next run
         if args.output:
             Path(args.output).write_text(render(results, notes, device, heads, dim, started))

@@ -201,12 +201,24 @@ def many_section(device, dtype, n, repeats, time_one) -> dict:
     return {"L": n, "before_ms": before, "after_ms": after, "compilations": counters["stats"]["unique_graphs"]}
 
 
+SECTIONS = ("layer", "kernel", "mask_mod", "patterns")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, forward only")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} (device time is short: run what is still unmeasured)",
+    )
     args = parser.parse_args()
+    chosen = args.sections.split(",")
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; valid: {','.join(SECTIONS)}")
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     time_one = partial(median_ms, device=device)
@@ -215,6 +227,8 @@ def main() -> None:
     failed = []  # GPU time is rare: a section that fails is reported and the others still run
 
     def section(name, run, empty):
+        if name not in chosen:
+            return empty
         try:
             return run()
         except Exception as exc:
@@ -225,22 +239,22 @@ def main() -> None:
             return empty
 
     layers = section(
-        "whole layer",
+        "layer",
         lambda: layer_section(device, dtype, [256] if args.smoke else [4096, 16384], repeats, not args.smoke, time_one),
         [],
     )
     kernels = section(
-        "bare kernel",
+        "kernel",
         lambda: kernel_section(device, dtype, [512] if args.smoke else [16384, 65536], repeats, time_one),
         [],
     )
     mask_mods = section(
-        "mask_mod cost",
+        "mask_mod",
         lambda: [mask_mod_row(n, device, dtype, repeats, time_one) for n in ([256] if args.smoke else [16384, 65536])],
         [],
     )
     many = section(
-        "twenty patterns", lambda: many_section(device, dtype, 256 if args.smoke else 4096, repeats, time_one), None
+        "patterns", lambda: many_section(device, dtype, 256 if args.smoke else 4096, repeats, time_one), None
     )
     print(many, flush=True)
     total = time.perf_counter() - began
@@ -248,7 +262,8 @@ def main() -> None:
     lines = [
         "# Sparse patterns inside the model on a GPU",
         "",
-        f"Command: `python scripts/benchmark_gpu_masks.py{' --smoke' if args.smoke else ''}`  ",
+        f"Command: `python scripts/benchmark_gpu_masks.py{' --smoke' if args.smoke else ''}"
+        f"{'' if args.sections == ','.join(SECTIONS) else ' --sections ' + args.sections}`  ",
         f"Device: {name}; torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{datetime.date.today().isoformat()}; {total / 60:.1f} min; {dtype}; CUDA-event medians of {repeats}.",
         "",
