@@ -56,8 +56,9 @@ FLEX_BLOCK_SIZE = 128
 
 # Compilations FlexAttention may accumulate before dynamo gives up on it and runs it unfused (which materialises the
 # whole score matrix, 2-9x slower than dense). On CUDA they are bounded by the two tile-lookup mask_mods of
-# hf_sparse.block_maps, one per offset-only pattern (its own closed form) and a few shape generalisations; on CPU there is one per (pattern, length), see
-# compiled_flex_attention. Dynamo's default of 8 would be reached by a CPU process that sees nine.
+# hf_sparse.block_maps, one per offset-only pattern (its own closed form) and a few shape generalisations; on CPU
+# there is one per (pattern, length), see compiled_flex_attention. Dynamo's default of 8 would be reached by a CPU
+# process that sees nine.
 FLEX_RECOMPILE_LIMIT = 256
 
 _compiled_flex: dict[bool, object] = {}
