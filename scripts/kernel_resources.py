@@ -1,18 +1,19 @@
 """Compile the fused entmax kernels for a GPU architecture on a machine without one, and report what each costs.
 
 GPU time is rare here, and a kernel that does not compile for the GPU (or whose compilation never ends: the
-``bounded`` threshold pass's collect kernel sat in LLVM for minutes on an H100 and here alike, until its ranking
-was chunked) breaks every GPU user while the interpreter-run tests stay green. Triton's compiler needs no GPU, only
-a target: a stand-in driver names one (``sm_90`` by default), every launch of a forward and backward call on CPU
-tensors is turned into a compile-only warm-up, and ``ptxas -v`` (Triton's own) reports each kernel's registers
-and spilled bytes. Registers and spills are static facts about the code, not timings; they say where a kernel
-runs out of registers, which the GPU's timings then confirm or not.
+``bounded`` threshold pass's collect kernel sat in LLVM for minutes on an H100 and here alike, until it ranked
+its candidates one at a time) breaks every GPU user while the interpreter-run tests stay green. Triton's compiler
+needs no GPU, only a target: a stand-in driver names one (``sm_90`` by default), every launch of a forward and
+backward call on CPU tensors is turned into a compile-only warm-up, and ``ptxas -v`` (Triton's own) reports each
+kernel's registers and spilled bytes. Registers and spills are static facts about the code, not timings; they say
+where a kernel runs out of registers, which the GPU's timings then confirm or not.
 
     python scripts/kernel_resources.py --output benchmarks/kernel_resources.md
     python scripts/kernel_resources.py --cases default,bounded --arch 80
 
-``tests/test_kernel_compile.py`` runs it for the default and ``bounded`` cases, so CI compiles every kernel of
-both threshold passes for the GPU.
+``tests/test_kernel_compile.py`` runs it for every case, so CI compiles every kernel of both threshold passes,
+each normaliser, float32 (both precisions), causal masks and dropout for the GPU. ``--arch 80`` (A100) works too
+(Triton's older bundled ptxas).
 """
 
 from __future__ import annotations
