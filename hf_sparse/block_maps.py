@@ -467,11 +467,11 @@ def tile_lookup_in_kernel(pattern, device: torch.device | str) -> bool:
     CUDA: the pattern's own where it depends on the offset ``i - j`` alone (``window``, ``dilated``, ``strided``,
     ``logsparse``, ``causal``, ``no_diagonal`` and their unions and intersections): a closed form in ``q - k``
     with the pattern's arguments as constants, which reads nothing and holds no length, so it compiles once per
-    pattern and never per length.
-    The lookup costs six table reads per pair: on one H100 the bare kernel for ``window:64`` took 0.95 ms with it
-    and 0.23 ms with the closed form at L = 16384, 5.0 and 0.81 ms at 65536 (``benchmarks/masks_gpu.md``). Every
-    other pattern keeps the lookup, one compilation for all of them: their own ``mask_mod`` may close over the
-    length or over tensors (learned masks, random keys), new code for dynamo at each length or pattern.
+    pattern and never per length. The lookup costs six table reads per pair: on one H100 the bare kernel for
+    ``window:64`` took 0.95 ms with it and 0.23 ms with the closed form at L = 16384, 5.0 and 0.81 ms at 65536
+    (``benchmarks/masks_gpu.md``). Every other pattern keeps the lookup, one compilation for all of them: their
+    own ``mask_mod`` may close over the length or over tensors (learned masks, random keys), new code for dynamo
+    at each length or pattern.
 
     CPU: the pattern's own always. Inductor's C++ FlexAttention template (torch 2.13) names the symbolic sizes of
     tensors a ``mask_mod`` reads by textual substitution and can emit C++ that does not compile
