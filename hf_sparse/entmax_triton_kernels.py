@@ -34,6 +34,17 @@ def _key_limit(KLEN, b, Lk, HAS_KLEN: tl.constexpr):
 
 
 @triton.jit
+def _key_range(KLEN, b, Lk, start_m, OFF, BM: tl.constexpr, HAS_KLEN: tl.constexpr, CAUSAL: tl.constexpr):
+    """``(klen, hi)`` of the query rows from ``start_m``: keys at or beyond ``klen`` are padding, and the key sweep
+    stops at ``hi`` (``klen``, or the last key the block's causal rows may see)."""
+    klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
+    hi = klen
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BM + OFF)
+    return klen, hi
+
+
+@triton.jit
 def _tile_allowed(
     BMASK, bmask_off, s_bq, s_bk, start_m, start_n, klen, OFF,
     BM: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, CAUSAL: tl.constexpr, HAS_BMASK: tl.constexpr,
@@ -137,10 +148,7 @@ def threshold_kernel(
     offs_m = start_m + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
-    klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
-    hi = klen
-    if CAUSAL:
-        hi = tl.minimum(hi, start_m + BM + OFF)
+    klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
     buf = tl.full((BM, KC), NEG_INF, ACC)  # the row's KC largest scores so far, in no order
     kth = tl.full((BM,), NEG_INF, ACC)  # the smallest of them
     rest = tl.full((BM,), NEG_INF, ACC)  # the largest score not among them
@@ -217,10 +225,7 @@ def bound_kernel(
     offs_m = start_m + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
-    klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
-    hi = klen
-    if CAUSAL:
-        hi = tl.minimum(hi, start_m + BM + OFF)
+    klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
     buf = tl.full((BM, KC), NEG_INF, ACC)  # the row's KC largest tile maxima so far, in no order
     slots = tl.arange(0, KC)
     cols = tl.arange(0, BN)
@@ -272,10 +277,7 @@ def collect_kernel(
     m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
     bound = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
     bound = tl.where(bound < float("inf"), bound - slack * tl.maximum(tl.abs(bound), 1.0), bound)
-    klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
-    hi = klen
-    if CAUSAL:
-        hi = tl.minimum(hi, start_m + BM + OFF)
+    klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
     cols = tl.arange(0, BN)
     slots = tl.arange(0, CAP)
     rows = SCRATCH + (bh * Lq + offs_m).to(tl.int64) * CAP
@@ -397,10 +399,7 @@ def fallback_kernel(
         offs_d = tl.arange(0, BD)
         q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
         m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
-        klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
-        hi = klen
-        if CAUSAL:
-            hi = tl.minimum(hi, start_m + BM + OFF)
+        klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
         cols = tl.arange(0, BN)
         if BISECT:
             lo = tl.full((BM,), -1.0, ACC)
@@ -542,10 +541,7 @@ def forward_kernel(
     q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
     m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
     tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
-    klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
-    hi = klen
-    if CAUSAL:
-        hi = tl.minimum(hi, start_m + BM + OFF)
+    klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
     cols = tl.arange(0, BN)
     acc = tl.zeros((BM, BDV), ACC)
     lsum = tl.zeros((BM,), ACC)
@@ -630,10 +626,7 @@ def backward_dq_kernel(
     tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
     lsum = tl.load(LSUM + bh * Lq + offs_m, mask=row_ok, other=1.0)
     c = tl.load(C + bh * Lq + offs_m, mask=row_ok, other=0.0)
-    klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
-    hi = klen
-    if CAUSAL:
-        hi = tl.minimum(hi, start_m + BM + OFF)
+    klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
     cols = tl.arange(0, BN)
     dq = tl.zeros((BM, BD), ACC)
     for start_n in range(0, hi, BN):
