@@ -14,12 +14,12 @@ output is one flash-style pass, and a tile whose largest score is below every ro
    ``entmax_bisect``'s bisection. The certificate
    of :mod:`hf_sparse.entmax_topk` applies unchanged: if ``(α-1)(rest - m) <= τ`` no other key enters the
    support, so the candidates' τ is the row's τ, exactly. The sweep also records each tile's largest score.
-   **Bounded variant** (``threshold_pass="bounded"``; ``bound_kernel`` then ``collect_kernel``): one sweep keeps
-   each row's ``KC`` largest *tile maxima* (one insertion per tile, no sort); their τ is a lower bound of the
-   row's (they are scores of the row). A second sweep appends every score above that bound to the row's
-   ``2·KC`` slots (ranks by a cumulative sum) and takes τ on them by the same closed forms: exact with no
-   certificate, since the support lies above the bound. Rows with more such scores take the fallback from the
-   bound. Two sweeps without sorting against one that sorts: which is faster is the GPU's to say.
+   **Streaming variant** (``threshold_pass="stream"``, ``stream_kernel``): one sweep without sorting. Each row
+   appends every score above a lower bound of its τ to ``4·KC`` slots in global memory (ranks by a cumulative
+   sum); when a tile would overflow some row's slots, the block raises each row's bound to the τ of what it holds
+   (a τ of some of the row's scores: never above the row's) and keeps only the scores above it. At the end the
+   slots hold the support, whose τ follows exactly (Newton with the closed forms' check, as in the fallback); no
+   certificate, and rows whose support outgrows the slots go to the fallback from their bound.
 2. **Fallback** (``fallback_kernel``, only query tiles holding a row that failed the certificate do any work):
    Newton's method on ``Σ_j p̃_ij(τ) = 1`` over all the row's keys, a sweep over the key tiles per step,
    started from the candidates' τ (a lower bound: more scores only raise it; ``f`` is convex for α <= 2, so the
@@ -79,11 +79,13 @@ SORT_ABOVE = 4  # a key tile bringing more new candidates than this to some row 
 INTERPRETER_SORT_ABOVE = 16  # the interpreter sorts slowly (0.2 s a call): there only when a test asks for it
 FALLBACK_ITERATIONS = {False: {torch.float32: 30, torch.float64: 50}, True: {torch.float32: 32, torch.float64: 60}}
 FALLBACK_TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-14}
-# The bounded threshold pass collects the scores above its lower bound of τ less this much (relative to |τ|, at
+# The streaming threshold pass keeps the scores above its lower bound of τ less this much (relative to |τ|, at
 # least 1): the bound, a τ computed on a subset of the same scores, may round a few ulps above the row's τ.
-COLLECT_SLACK = {torch.float32: 1e-5, torch.float64: 1e-12}
-THRESHOLD_PASSES = ("topk", "bounded")
-DEFAULT_THRESHOLD_PASS = "topk"  # "bounded" is exact too; which is faster on a GPU is not measured yet
+BOUND_SLACK = {torch.float32: 1e-5, torch.float64: 1e-12}
+STREAM_SLOTS = 4  # the streaming pass holds up to this many times ``candidates`` scores per row
+STREAM_STEPS = 8  # Newton steps (bisection: halvings) when it raises its bounds (fewer: looser bounds)
+THRESHOLD_PASSES = ("topk", "stream")
+DEFAULT_THRESHOLD_PASS = "topk"  # "stream" is exact too; which is faster on a GPU is not measured yet
 
 _kernels = None
 
@@ -120,17 +122,15 @@ def _load_kernels():
         from .entmax_triton_kernels import (
             backward_dkdv_kernel,
             backward_dq_kernel,
-            bound_kernel,
-            collect_kernel,
             fallback_kernel,
             forward_kernel,
+            stream_kernel,
             threshold_kernel,
         )
 
         kernels = types.SimpleNamespace(
             threshold_kernel=threshold_kernel,
-            bound_kernel=bound_kernel,
-            collect_kernel=collect_kernel,
+            stream_kernel=stream_kernel,
             fallback_kernel=fallback_kernel,
             forward_kernel=forward_kernel,
             backward_dq_kernel=backward_dq_kernel,
@@ -244,16 +244,14 @@ class _EntmaxAttention(torch.autograd.Function):
                     q, k, *common["masks"], m, tau, fail, tilemax, *shared, (1 / kc) ** am1,
                     KC=kc, N_ITER=cfg["n_iter"], SORT_ABOVE=cfg["sort_above"], **common["meta"],
                 )
-            else:  # "bounded": a lower bound of τ from the tile maxima, then the scores above it collected
-                kernels.bound_kernel[grid](
-                    q, k, *common["masks"], m, tau, tilemax, *shared, (1 / kc) ** am1,
-                    KC=kc, N_ITER=cfg["n_iter"], **common["meta"],
-                )
-                cap = 2 * kc
+            else:  # "stream": every score above a rising lower bound of τ held, no sort
+                cap = STREAM_SLOTS * kc
                 scratch = torch.empty(b * h * lq * cap, **stats)
-                kernels.collect_kernel[grid](
+                kernels.stream_kernel[grid](
                     q, k, *common["masks"], m, tau, fail, tilemax, scratch, *shared, (1 / cap) ** am1,
-                    COLLECT_SLACK[acc], CAP=cap, N_ITER=cfg["n_iter"], **common["meta"],
+                    BOUND_SLACK[acc], FALLBACK_TOLERANCE[acc], STEPS=STREAM_STEPS,
+                    SOLVE_STEPS=cfg["n_iter"] if cfg["kind"] == 2 else FALLBACK_ITERATIONS[False][acc], CAP=cap,
+                    CHUNK=kc, **common["meta"],
                 )
             kernels.fallback_kernel[grid](
                 q, k, *common["masks"], m, tau, fail, *common["qk_strides"], *common["mask_strides"],
@@ -407,9 +405,8 @@ def entmax_attention(
             the backward drops the same pairs. Pass the probability to apply now: 0 in eval.
         threshold_pass: how each row's τ is found, with the same result (only the speed differs; default
             :data:`DEFAULT_THRESHOLD_PASS`): ``"topk"`` keeps each row's ``candidates`` largest scores in one sweep
-            (merging tiles by sorting while many enter); ``"bounded"`` takes a lower bound of τ from the τ of the
-            row's ``candidates`` largest tile maxima in one sweep, then collects every score above it (up to twice
-            ``candidates``) in a second, with no sort. Rows beyond either go to the exact fallback.
+            (merging tiles by sorting while many enter); ``"stream"`` holds every score above a rising lower bound
+            of τ (up to four times ``candidates``), with no sort. Rows beyond either go to the exact fallback.
 
     Rows with no allowed key give zeros (and zero gradients). Differentiable in query, key and value.
     """

@@ -200,23 +200,33 @@ def threshold_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Pass 1, bounded variant: a lower bound of τ from the tile maxima, then every score above it collected
+# Pass 1, streaming variant: every score above a rising lower bound of τ kept, the bound raised when slots run out
 # --------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def bound_kernel(
-    Q, K, KLEN, BMASK, KEEP, M, TAU, TILEMAX,
+def stream_kernel(
+    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, SCRATCH,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
-    H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket,
-    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
+    H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket, slack, tol,
+    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, STEPS: tl.constexpr, SOLVE_STEPS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAP: tl.constexpr, CHUNK: tl.constexpr,
+    TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
-    """Each row's largest score ``m``, each tile's largest score, and a lower bound of τ: the τ of the row's KC
-    largest tile maxima (real scores of the row, and more scores only raise τ). One insertion per tile and row,
-    no sort; the bound lands in ``TAU`` for :func:`collect_kernel`."""
+    """One sweep, no sort: each row appends every score above ``theta`` to its ``CAP`` slots of ``SCRATCH`` (ranks
+    by a cumulative sum). ``theta`` is a lower bound of the row's threshold on the score scale (``m + τ/(α-1)``, so
+    it does not move with ``m``): the τ of any subset of the row's scores is at most the row's, so a score at or
+    below it is outside the support for good. When a tile would overflow some row's slots, every row of the block
+    raises ``theta`` to the τ of what it holds (:func:`_held_tau` from the old bound, ``STEPS`` Newton steps or
+    halvings) and keeps only the scores above it: the support seen so far and a few near it. At the end the slots
+    hold the row's support, whose τ :func:`_held_tau` finds exactly (``SOLVE_STEPS``: Newton's limit, or the
+    halvings of ``entmax_bisect``); a row whose support outgrows the slots, or whose check does not close, keeps
+    a lower bound and is marked for the fallback. Also writes each tile's largest allowed score.
+
+    The held scores are read ``CHUNK`` slots at a time (all 128 of a row at once took 2.3 KB of spills per thread
+    on sm_90), and addressed by int32 offsets from the block's first slot (64-bit pointers per score, more)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -224,11 +234,17 @@ def bound_kernel(
     start_m = pid_m * BM
     offs_m = start_m + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
+    row_ok = offs_m < Lq
     q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
     klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
-    buf = tl.full((BM, KC), NEG_INF, ACC)  # the row's KC largest tile maxima so far, in no order
-    slots = tl.arange(0, KC)
     cols = tl.arange(0, BN)
+    chunk = tl.arange(0, CHUNK)
+    block = SCRATCH + (bh * Lq + start_m).to(tl.int64) * CAP  # this block's slots, then int32 offsets from here
+    first = tl.arange(0, BM)[:, None] * CAP  # each row's first slot
+    count = tl.zeros((BM,), tl.int32)  # scores held
+    m = tl.full((BM,), NEG_INF, ACC)  # the largest score so far (always held: it is above every bound)
+    theta = tl.full((BM,), NEG_INF, ACC)
+    lost = tl.zeros((BM,), tl.int32)  # 1: the support outgrew the slots (the fallback solves the row)
     for start_n in range(0, hi, BN):
         if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK, CAUSAL,
                          HAS_BMASK):
@@ -238,71 +254,118 @@ def bound_kernel(
                         PREC, CAUSAL, HAS_KEEP)
             best = tl.max(s, 1)
             tl.store(TILEMAX + (bh * n_qb + pid_m) * n_kb + start_n // BN, tl.max(best, 0))
-            take = best > tl.min(buf, 1)
-            out = (slots[None, :] == tl.argmin(buf, 1)[:, None]) & take[:, None]
-            buf = tl.where(out, best[:, None], buf)
-    m = tl.max(buf, 1)
+            take = s > theta[:, None]
+            new = tl.sum(take.to(tl.int32), 1)
+            if tl.max(((count + new > CAP) & (lost == 0)).to(tl.int32), 0) > 0:
+                tl.debug_barrier()  # the scores appended so far, by other threads of this program, are read next
+                seen = m > NEG_INF
+                m_held = tl.where(seen, m, 0.0)
+                start = tl.maximum((theta - m_held) * am1, -1.0)  # x = 0 (the largest) alone has Σ p̃ >= 1 at -1
+                lower, _, _ = _held_tau(block, first, tl.minimum(count, CAP), m_held, start, am1, inv_am1, bracket,
+                                        tol, ACC, KIND, STEPS, CAP, CHUNK)
+                theta = tl.where(seen, m_held + (lower - slack * tl.maximum(tl.abs(lower), 1.0)) / am1, theta)
+                kept_count = tl.zeros((BM,), tl.int32)
+                for c0 in range(0, CAP, CHUNK):  # in place: a kept score moves only to a lower slot
+                    held = tl.load(block + (first + c0 + chunk[None, :]), mask=(c0 + chunk)[None, :] < count[:, None],
+                                   other=NEG_INF)
+                    tl.debug_barrier()  # every thread has read this chunk before any slot of it is rewritten
+                    kept = held > theta[:, None]
+                    tl.store(block + (first + kept_count[:, None] + tl.cumsum(kept.to(tl.int32), 1) - 1), held,
+                             mask=kept)
+                    kept_count += tl.sum(kept.to(tl.int32), 1)
+                count = kept_count
+                take = s > theta[:, None]
+                new = tl.sum(take.to(tl.int32), 1)
+                lost = tl.where(count + new > CAP, 1, lost)
+            m = tl.maximum(m, best)
+            if tl.max(new, 0) > 0:
+                at = count[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
+                tl.store(block + (first + at), s, mask=take & (at < CAP) & (lost == 0)[:, None])
+                count += new
+    tl.debug_barrier()  # the appended scores, written by other threads of this program, are read below
     empty = m == NEG_INF
     m = tl.where(empty, 0.0, m)
-    lower, _ = _candidates_tau(buf, m, am1, inv_am1, bracket, ACC, KIND, N_ITER, KC)
-    row_ok = offs_m < Lq
+    start = tl.maximum((theta - m) * am1, -1.0)
+    _, tau, solved = _held_tau(block, first, tl.minimum(count, CAP), m, start, am1, inv_am1, bracket, tol, ACC,
+                               KIND, SOLVE_STEPS, CAP, CHUNK)
+    fail = (lost != 0) | ~solved
+    bound = tl.where(lost != 0, start, tau - slack * tl.maximum(tl.abs(tau), 1.0))
+    tau = tl.where(empty, float("inf"), tl.where(fail, bound, tau))
     tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
-    tl.store(TAU + bh * Lq + offs_m, tl.where(empty, float("inf"), lower), mask=row_ok)
+    tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
+    tl.store(FAIL + bh * Lq + offs_m, (fail & ~empty).to(tl.int8), mask=row_ok)
 
 
 @triton.jit
-def collect_kernel(
-    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, SCRATCH,
-    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
-    s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
-    H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket, slack,
-    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAP: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
-):
-    """Every score whose x is above the bound (less ``slack``, for rounding) is a candidate: appended to the row's
-    ``CAP`` slots of ``SCRATCH`` (ranks by a cumulative sum, no sort, no loop), tiles with no score above it
-    skipped. The support lies inside the candidates (τ >= the bound), so their τ is the row's, exactly, and no
-    certificate is needed; a row with more than ``CAP`` candidates keeps the bound as τ and is marked for the
-    fallback (Newton from it)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    start_m = pid_m * BM
-    offs_m = start_m + tl.arange(0, BM)
-    offs_d = tl.arange(0, BD)
-    row_ok = offs_m < Lq
-    q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
-    m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
-    bound = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
-    bound = tl.where(bound < float("inf"), bound - slack * tl.maximum(tl.abs(bound), 1.0), bound)
-    klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
-    cols = tl.arange(0, BN)
-    slots = tl.arange(0, CAP)
-    rows = SCRATCH + (bh * Lq + offs_m).to(tl.int64) * CAP
-    count = tl.zeros((BM,), tl.int32)
-    for start_n in range(0, hi, BN):
-        if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK, CAUSAL,
-                         HAS_BMASK):
-            if _tile_needed(TILEMAX, (bh * n_qb + pid_m) * n_kb + start_n // BN, m, bound, am1):
-                offs_n = start_n + cols
-                k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-                s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
-                            ACC, PREC, CAUSAL, HAS_KEEP)
-                take = ((s - m[:, None]) * am1 > bound[:, None]) & row_ok[:, None]
-                at = count[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
-                tl.store(rows[:, None] + at, s, mask=take & (at < CAP))
-                count += tl.sum(take.to(tl.int32), 1)
-    tl.debug_barrier()  # the appended scores, written by other threads of this program, are read below
-    buf = tl.load(rows[:, None] + slots[None, :], mask=slots[None, :] < tl.minimum(count, CAP)[:, None],
-                  other=NEG_INF)
-    _, tau = _candidates_tau(buf, m, am1, inv_am1, bracket, ACC, KIND, N_ITER, CAP)
-    fail = count > CAP
-    empty = count == 0  # no allowed key (the bound is +inf): nothing to solve
-    tau = tl.where(fail, bound, tl.where(empty, float("inf"), tau))
-    tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
-    tl.store(FAIL + bh * Lq + offs_m, fail.to(tl.int8), mask=row_ok)
+def _held_sums(block, first, count, m, tau, am1, inv_am1, ACC: tl.constexpr, KIND: tl.constexpr,
+               CAP: tl.constexpr, CHUNK: tl.constexpr):
+    """Over each row's ``count`` held scores (from ``block + first``), ``x = (α-1)(s - m)``: ``f = Σ p̃(τ)``, ``-f'(τ)``
+    (1.5-entmax, sparsemax), and over ``S = {x > τ}`` its size, ``Σ x``, ``Σ x²`` and smallest ``x``."""
+    chunk = tl.arange(0, CHUNK)
+    f = tl.zeros(m.shape, ACC)
+    slope = tl.zeros(m.shape, ACC)
+    n = tl.zeros(m.shape, ACC)
+    s1 = tl.zeros(m.shape, ACC)
+    s2 = tl.zeros(m.shape, ACC)
+    smallest = tl.full(m.shape, float("inf"), ACC)
+    for c0 in range(0, CAP, CHUNK):
+        held = tl.load(block + (first + c0 + chunk[None, :]), mask=(c0 + chunk)[None, :] < count[:, None],
+                       other=NEG_INF)
+        x = (held - m[:, None]) * am1
+        d = x - tau[:, None]
+        pos = d > 0
+        n += tl.sum(pos.to(ACC), 1)
+        s1 += tl.sum(tl.where(pos, x, 0.0), 1)
+        s2 += tl.sum(tl.where(pos, x * x, 0.0), 1)
+        smallest = tl.minimum(smallest, tl.min(tl.where(pos, x, float("inf")), 1))
+        if KIND == 0:
+            d = tl.where(pos, d, 0.0)
+            f += tl.sum(d * d, 1)
+            slope += 2 * tl.sum(d, 1)
+        elif KIND == 1:
+            f += tl.sum(tl.where(pos, d, 0.0), 1)
+        else:
+            f += tl.sum(_unnormalised(x, tau, inv_am1, KIND), 1)
+    if KIND == 1:
+        slope = n
+    return f, slope, n, s1, s2, smallest
+
+
+@triton.jit
+def _held_tau(block, first, count, m, tau, am1, inv_am1, bracket, tol, ACC: tl.constexpr, KIND: tl.constexpr,
+              STEPS: tl.constexpr, CAP: tl.constexpr, CHUNK: tl.constexpr):
+    """τ (x scale) of a row's held scores from a lower bound ``tau``. Returns ``(lower, tau, solved)``.
+    1.5-entmax and sparsemax: Newton steps (at most ``STEPS``), each after the closed form on ``S = {x > τ}``,
+    which is exact, and solves the row, once ``S``'s smallest score lies above it; an unsolved row (out of steps,
+    or its steps below ``tol`` without the check closing: a score tied with τ) keeps a Newton iterate, a lower
+    bound (``f`` is convex, so from the left the steps stay left), as both ``lower`` and ``tau``. General α:
+    ``entmax_bisect``'s bisection (``STEPS`` halvings of ``[-1, -bracket]``, as :func:`_candidates_tau`):
+    ``lower`` its bracket's lower end, ``tau`` the last midpoint, always solved."""
+    if KIND == 2:
+        lower = tl.zeros_like(m) - 1.0
+        dm = tl.zeros_like(m) + (1.0 - bracket)
+        mid = lower
+        for _ in range(STEPS):
+            dm = dm / 2
+            mid = lower + dm
+            total, _, _, _, _, _ = _held_sums(block, first, count, m, mid, am1, inv_am1, ACC, KIND, CAP, CHUNK)
+            lower = tl.where(total >= 1, mid, lower)
+        return lower, mid, mid == mid
+    solved = tau != tau  # all False
+    active = ~solved
+    steps = 0
+    while (tl.max(active.to(tl.int32), 0) > 0) & (steps < STEPS):
+        f, slope, n, s1, s2, smallest = _held_sums(block, first, count, m, tau, am1, inv_am1, ACC, KIND, CAP, CHUNK)
+        closed = _closed_form(n, s1, s2, KIND)
+        exact = active & (smallest > closed)
+        tau = tl.where(exact, closed, tau)
+        solved = solved | exact
+        active = active & ~exact
+        step = tl.where(active & (slope > 0), (f - 1) / tl.where(slope > 0, slope, 1.0), 0.0)
+        tau = tau + step
+        active = active & (tl.abs(step) > tol * tl.maximum(tl.abs(tau), 1.0))
+        steps += 1
+    return tau, tau, solved
 
 
 @triton.jit

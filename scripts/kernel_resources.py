@@ -1,15 +1,15 @@
 """Compile the fused entmax kernels for a GPU architecture on a machine without one, and report what each costs.
 
-GPU time is rare here, and a kernel that does not compile for the GPU (or whose compilation never ends: the
-``bounded`` threshold pass's collect kernel sat in LLVM for minutes on an H100 and here alike, until it ranked
-its candidates one at a time) breaks every GPU user while the interpreter-run tests stay green. Triton's compiler
-needs no GPU, only a target: a stand-in driver names one (``sm_90`` by default), every launch of a forward and
-backward call on CPU tensors is turned into a compile-only warm-up, and ``ptxas -v`` (Triton's own) reports each
-kernel's registers and spilled bytes. Registers and spills are static facts about the code, not timings; they say
+GPU time is rare here, and a kernel that does not compile for the GPU (or whose compilation never ends: a
+threshold-pass kernel that ranked 64 candidates per row all at once sat in LLVM for minutes on an H100 and here
+alike) breaks every GPU user while the interpreter-run tests stay green. Triton's compiler needs no GPU, only a
+target: a stand-in driver names one (``sm_90`` by default), every launch of a forward and backward call on CPU
+tensors is turned into a compile-only warm-up, and ``ptxas -v`` (Triton's own) reports each kernel's registers
+and spilled bytes. Registers and spills are static facts about the code, not timings; they say
 where a kernel runs out of registers, which the GPU's timings then confirm or not.
 
     python scripts/kernel_resources.py --output benchmarks/kernel_resources.md
-    python scripts/kernel_resources.py --cases default,bounded --arch 80
+    python scripts/kernel_resources.py --cases default,stream --arch 80
 
 ``tests/test_kernel_compile.py`` runs it for every case, so CI compiles every kernel of both threshold passes,
 each normaliser, float32 (both precisions), causal masks and dropout for the GPU. ``--arch 80`` (A100) works too
@@ -58,7 +58,7 @@ CASES = {
     "default": Case(),  # SparseBERT, Sparsefinder's encoder, bf16
     "causal": Case(causal=True),  # Marian's decoder
     "dropout": Case(dropout=0.1),  # training with attention dropout
-    "bounded": Case(threshold_pass="bounded"),
+    "stream": Case(threshold_pass="stream"),
     "float32": Case(dtype=torch.float32),  # full float32 products (torch's default precision)
     "tf32": Case(dtype=torch.float32, float32_precision="high"),
     "sparsemax": Case(alpha=2.0),

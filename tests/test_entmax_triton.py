@@ -98,20 +98,56 @@ def test_outputs_gradients_and_support_equal_dense_float64_entmax(alpha, causal,
     torch.testing.assert_close(p, p_ref.detach(), atol=1e-12, rtol=0)
 
 
+def rows_sent_to_the_fallback(monkeypatch) -> list[int]:
+    """Spy on the fallback kernel's launches: how many rows each was given to solve (its ``FAIL`` flags)."""
+    kernels = entmax_triton._load_kernels()
+    sent, fallback = [], kernels.fallback_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                sent.append(int((args[7] != 0).sum()))  # (q, k, key lengths, block mask, keep, m, tau, FAIL, ...)
+                return fallback[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernels, "fallback_kernel", Spy())
+    return sent
+
+
 @pytest.mark.parametrize("threshold_pass", entmax_triton.THRESHOLD_PASSES)
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3, 2.5])
 def test_rows_past_their_candidates_take_the_exact_fallback(alpha, threshold_pass, monkeypatch):
     """Two candidates per row: nearly every row fails the certificate and is solved over all its keys (Newton
     from the candidates' threshold for α <= 2, bisection beyond). Tiles with many new candidates are merged by
-    sorting here, as on the GPU. ``bounded``: two tile maxima give the bound, and rows with more than four scores
-    above it go to the fallback, Newton starting from the bound."""
+    sorting here, as on the GPU. ``stream`` (one candidate: four slots per row): rows whose support outgrows the
+    slots go to the fallback, which starts from the row's last bound."""
     monkeypatch.setattr(entmax_triton, "INTERPRETER_SORT_ABOVE", 4)
+    sent = rows_sent_to_the_fallback(monkeypatch)
     q, k, v = inputs(1, 1, 16, 48, 16, spread=0.5, seed=7)
     allowed = dense_allowed(1, 1, 16, 48)
-    kwargs = dict(blocks=(16, 16, 2), threshold_pass=threshold_pass)
+    candidates = 2 if threshold_pass == "topk" else 1
+    held = candidates if threshold_pass == "topk" else candidates * entmax_triton.STREAM_SLOTS
+    kwargs = dict(blocks=(16, 16, candidates), threshold_pass=threshold_pass)
     p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, **kwargs)
-    assert ((p_ref > 0).sum(-1) > 2).float().mean() > 0.5  # the supports really are larger than the candidates
-    assert ((p_ref > 0).sum(-1) > 4).any()  # and some rows' than the bounded pass's four slots
+    support = (p_ref > 0).sum(-1)
+    assert (support > held).float().mean() > 0.25  # the supports really are larger than what the pass holds
+    assert sent and sent[0] > 0  # so the fallback solved rows
+    assert torch.equal(probabilities(q, k, alpha, **kwargs) > 0, p_ref > 0)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+def test_the_stream_pass_raises_its_bound_as_its_slots_fill_and_stays_exact(alpha, monkeypatch):
+    """Sixteen slots per row against 96 keys in tiles of 16: the first tile fills a row's slots, so every row the
+    pass solves by itself (not sent to the fallback) raised its bound and dropped the scores below it, several
+    times over the sweep, and still has its exact support."""
+    sent = rows_sent_to_the_fallback(monkeypatch)
+    q, k, v = inputs(2, 1, 16, 96, 16, seed=5)
+    key_lengths = torch.tensor([96, 70], device=DEVICE)
+    allowed = dense_allowed(2, 1, 16, 96, key_lengths=key_lengths)
+    kwargs = dict(blocks=(16, 16, 4), threshold_pass="stream", key_lengths=key_lengths)
+    p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, **kwargs)
+    assert sum(sent) < 32 // 2  # most of the 32 rows were solved in the pass
     assert torch.equal(probabilities(q, k, alpha, **kwargs) > 0, p_ref > 0)
 
 
@@ -256,7 +292,7 @@ def test_explicit_scaling_and_value_dim_other_than_key_dim():
         (dict(n_iter=0), "n_iter must be"),
         (dict(dropout=1.5), r"dropout must be a probability in \[0, 1\] \(0 in eval\), got 1.5"),
         (dict(dropout=True), "dropout must be a probability"),
-        (dict(threshold_pass="sort"), "threshold_pass must be one of topk, bounded, got 'sort'"),
+        (dict(threshold_pass="sort"), "threshold_pass must be one of topk, stream, got 'sort'"),
     ],
 )
 def test_bad_input_is_refused_naming_the_value(change, message):

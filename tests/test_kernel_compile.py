@@ -1,7 +1,7 @@
 """The fused entmax kernels compile for the GPU (sm_90) here, on a machine without one.
 
 The other kernel tests run under Triton's interpreter, which never meets the GPU compiler: a kernel that does not
-compile, or whose compilation never ends (the ``bounded`` threshold pass's collect kernel did both on an H100),
+compile, or whose compilation never ends (a threshold-pass kernel, since replaced, did both on an H100),
 passed them. ``scripts/kernel_resources.py`` compiles every kernel a forward and backward call launches for a
 stand-in sm_90 target and reports each one's registers and spills from ptxas; this runs it on every case it
 knows.
@@ -14,13 +14,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TOPK = {"threshold_kernel", "fallback_kernel", "forward_kernel", "backward_dq_kernel", "backward_dkdv_kernel"}
-BOUNDED = TOPK - {"threshold_kernel"} | {"bound_kernel", "collect_kernel"}
+STREAM = TOPK - {"threshold_kernel"} | {"stream_kernel"}
 MAX_SPILLED_BYTES = 4096
 EXPECTED = {
     "default": TOPK,
     "causal": TOPK,
     "dropout": TOPK,
-    "bounded": BOUNDED,
+    "stream": STREAM,
     "float32": TOPK,
     "tf32": TOPK,
     "sparsemax": TOPK,
