@@ -15,19 +15,23 @@ output is one flash-style pass, and a tile whose largest score is below every ro
    of :mod:`hf_sparse.entmax_topk` applies unchanged: if ``(α-1)(rest - m) <= τ`` no other key enters the
    support, so the candidates' τ is the row's τ, exactly. The sweep also records each tile's largest score.
    **Streaming variant** (``threshold_pass="stream"``, ``stream_kernel``): one sweep without sorting. Each row
-   appends every score above a lower bound of its τ to ``4·KC`` slots in global memory (ranks by a cumulative
-   sum); when a tile would overflow some row's slots, the block raises each row's bound to the τ of what it holds
-   (a τ of some of the row's scores: never above the row's) and keeps only the scores above it. At the end the
-   slots hold the support, whose τ follows exactly (Newton with the closed forms' check, as in the fallback); no
-   certificate, and rows whose support outgrows the slots go to the fallback from their bound.
+   appends every score above a lower bound of its τ, and its key's index, to ``4·KC`` slots in global memory
+   (ranks by a cumulative sum); when a tile would overflow some row's slots, the block raises each row's bound to
+   the τ of what it holds (a τ of some of the row's scores: never above the row's) and keeps only the scores
+   above it. At the end the slots hold the support, whose τ follows exactly (Newton with the closed forms' check,
+   as in the fallback); no certificate, and rows whose support outgrows the slots go to the fallback from their
+   bound. Such a row's output then comes from step 3; every other row's from its held support directly
+   (``gather_kernel``: ``Σ p v`` over the held keys' values, no score recomputed), so the forward sweeps the keys
+   once. Memory: ``B·H·Lq·4·KC`` scores and key indices (128 MiB at L = 8192, 16 heads), freed after the call.
 2. **Fallback** (``fallback_kernel``, only query tiles holding a row that failed the certificate do any work):
    Newton's method on ``Σ_j p̃_ij(τ) = 1`` over all the row's keys, a sweep over the key tiles per step,
    started from the candidates' τ (a lower bound: more scores only raise it; ``f`` is convex for α <= 2, so the
    steps approach the root from the left; bisection for α > 2). The closed forms stop as soon as the closed form on
    ``S = {x > τ}`` (``Σ x``, ``Σ x²`` over it) keeps all of ``S`` in its support: then it is the row's τ, exactly,
    whatever the support's size.
-3. **Output pass** (``forward_kernel``): ``O = Σ p v`` over the tiles that can hold a nonzero ``p`` (allowed by
-   causality, padding and the block mask, and with a tile maximum above the threshold of some row).
+3. **Output pass** (``forward_kernel``; with ``stream``, only for the rows the fallback solved): ``O = Σ p v``
+   over the tiles that can hold a nonzero ``p`` (allowed by causality, padding and the block mask, and with a
+   tile maximum above the threshold of some row).
 4. **Backward** (``backward_dq_kernel``, ``backward_dkdv_kernel``): scores recomputed tile by tile as in
    FlashAttention; entmax's Jacobian over the support, ``dS = g ⊙ (dP - c)`` with ``g = p^{2-α}`` and
    ``c_i = Σ_j g_ij dP_ij / Σ_j g_ij = dO_i · (Σ_j g_ij v_j) / Σ_j g_ij``, where ``Σ g v`` and ``Σ g`` were
@@ -124,6 +128,7 @@ def _load_kernels():
             backward_dq_kernel,
             fallback_kernel,
             forward_kernel,
+            gather_kernel,
             stream_kernel,
             threshold_kernel,
         )
@@ -131,6 +136,7 @@ def _load_kernels():
         kernels = types.SimpleNamespace(
             threshold_kernel=threshold_kernel,
             stream_kernel=stream_kernel,
+            gather_kernel=gather_kernel,
             fallback_kernel=fallback_kernel,
             forward_kernel=forward_kernel,
             backward_dq_kernel=backward_dq_kernel,
@@ -244,11 +250,13 @@ class _EntmaxAttention(torch.autograd.Function):
                     q, k, *common["masks"], m, tau, fail, tilemax, *shared, (1 / kc) ** am1,
                     KC=kc, N_ITER=cfg["n_iter"], SORT_ABOVE=cfg["sort_above"], **common["meta"],
                 )
-            else:  # "stream": every score above a rising lower bound of τ held, no sort
+            else:  # "stream": every score above a rising lower bound of τ held (and its key), no sort
                 cap = STREAM_SLOTS * kc
-                scratch = torch.empty(b * h * lq * cap, **stats)
+                held = torch.empty(b * h * lq * cap, **stats)
+                keys = torch.empty(b * h * lq * cap, dtype=torch.int32, device=q.device)
+                count = torch.empty(b * h, lq, dtype=torch.int32, device=q.device)
                 kernels.stream_kernel[grid](
-                    q, k, *common["masks"], m, tau, fail, tilemax, scratch, *shared, (1 / cap) ** am1,
+                    q, k, *common["masks"], m, tau, fail, tilemax, held, keys, count, *shared, (1 / cap) ** am1,
                     BOUND_SLACK[acc], FALLBACK_TOLERANCE[acc], STEPS=STREAM_STEPS,
                     SOLVE_STEPS=cfg["n_iter"] if cfg["kind"] == 2 else FALLBACK_ITERATIONS[False][acc], CAP=cap,
                     CHUNK=kc, **common["meta"],
@@ -259,12 +267,22 @@ class _EntmaxAttention(torch.autograd.Function):
                 FALLBACK_TOLERANCE[acc], N_ITER=FALLBACK_ITERATIONS[cfg["alpha"] > 2][acc],
                 BISECT=cfg["alpha"] > 2, **common["meta"],
             )
-            kernels.forward_kernel[grid](
-                q, k, v, *common["masks"], m, tau, tilemax, o, lsum, g, gsum, seed,
-                *common["qk_strides"], *v.stride(), *o.stride(), *common["mask_strides"],
+            stream = cfg["threshold_pass"] == "stream"
+            value_args = (*v.stride(), *o.stride())
+            kernels.forward_kernel[grid](  # with "stream": only the rows the fallback solved
+                q, k, v, *common["masks"], m, tau, fail, tilemax, o, lsum, g, gsum, seed,
+                *common["qk_strides"], *value_args, *common["mask_strides"],
                 h, lq, lk, d, dv, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, 2 - cfg["alpha"],
-                *common["dropout"], NEED_G=need_g, **common["value_meta"],
+                *common["dropout"], NEED_G=need_g, ONLY_FAILED=stream, **common["value_meta"],
             )
+            if stream:  # the other rows' output from their held support and its keys' values
+                meta = common["value_meta"]
+                kernels.gather_kernel[grid](
+                    v, m, tau, fail, held, keys, count, o, lsum, g, gsum, seed, *value_args,
+                    h, lq, lk, dv, am1, 1 / am1, 2 - cfg["alpha"], *common["dropout"],
+                    ACC=meta["ACC"], KIND=meta["KIND"], NEED_G=need_g, DROPOUT=meta["DROPOUT"], BM=meta["BM"],
+                    BDV=meta["BDV"], CAP=cap,
+                )
         ctx.save_for_backward(q, k, v, m, tau, lsum, g, gsum, tilemax, seed)
         return o
 
@@ -406,7 +424,8 @@ def entmax_attention(
         threshold_pass: how each row's τ is found, with the same result (only the speed differs; default
             :data:`DEFAULT_THRESHOLD_PASS`): ``"topk"`` keeps each row's ``candidates`` largest scores in one sweep
             (merging tiles by sorting while many enter); ``"stream"`` holds every score above a rising lower bound
-            of τ (up to four times ``candidates``), with no sort. Rows beyond either go to the exact fallback.
+            of τ (up to four times ``candidates``), with no sort, and takes the output from the held support.
+            Rows beyond either go to the exact fallback.
 
     Rows with no allowed key give zeros (and zero gradients). Differentiable in query, key and value.
     """

@@ -206,7 +206,7 @@ def threshold_kernel(
 
 @triton.jit
 def stream_kernel(
-    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, SCRATCH,
+    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, SCRATCH, KEYS, COUNT,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket, slack, tol,
@@ -215,15 +215,16 @@ def stream_kernel(
     TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
-    """One sweep, no sort: each row appends every score above ``theta`` to its ``CAP`` slots of ``SCRATCH`` (ranks
-    by a cumulative sum). ``theta`` is a lower bound of the row's threshold on the score scale (``m + τ/(α-1)``, so
+    """One sweep, no sort: each row appends every score above ``theta`` to its ``CAP`` slots of ``SCRATCH``, and
+    its key's index to ``KEYS`` (ranks by a cumulative sum). ``theta`` is a lower bound of the row's threshold on the score scale (``m + τ/(α-1)``, so
     it does not move with ``m``): the τ of any subset of the row's scores is at most the row's, so a score at or
     below it is outside the support for good. When a tile would overflow some row's slots, every row of the block
     raises ``theta`` to the τ of what it holds (:func:`_held_tau` from the old bound, ``STEPS`` Newton steps or
     halvings) and keeps only the scores above it: the support seen so far and a few near it. At the end the slots
     hold the row's support, whose τ :func:`_held_tau` finds exactly (``SOLVE_STEPS``: Newton's limit, or the
     halvings of ``entmax_bisect``); a row whose support outgrows the slots, or whose check does not close, keeps
-    a lower bound and is marked for the fallback. Also writes each tile's largest allowed score.
+    a lower bound and is marked for the fallback. Writes how many slots each row holds (``COUNT``: its support,
+    and maybe a few scores just below τ, for :func:`gather_kernel`) and each tile's largest allowed score.
 
     The held scores are read ``CHUNK`` slots at a time (all 128 of a row at once took 2.3 KB of spills per thread
     on sm_90), and addressed by int32 offsets from the block's first slot (64-bit pointers per score, more)."""
@@ -240,6 +241,7 @@ def stream_kernel(
     cols = tl.arange(0, BN)
     chunk = tl.arange(0, CHUNK)
     block = SCRATCH + (bh * Lq + start_m).to(tl.int64) * CAP  # this block's slots, then int32 offsets from here
+    keys = KEYS + (bh * Lq + start_m).to(tl.int64) * CAP
     first = tl.arange(0, BM)[:, None] * CAP  # each row's first slot
     count = tl.zeros((BM,), tl.int32)  # scores held
     m = tl.full((BM,), NEG_INF, ACC)  # the largest score so far (always held: it is above every bound)
@@ -266,12 +268,15 @@ def stream_kernel(
                 theta = tl.where(seen, m_held + (lower - slack * tl.maximum(tl.abs(lower), 1.0)) / am1, theta)
                 kept_count = tl.zeros((BM,), tl.int32)
                 for c0 in range(0, CAP, CHUNK):  # in place: a kept score moves only to a lower slot
-                    held = tl.load(block + (first + c0 + chunk[None, :]), mask=(c0 + chunk)[None, :] < count[:, None],
-                                   other=NEG_INF)
+                    slot = first + c0 + chunk[None, :]
+                    in_use = (c0 + chunk)[None, :] < count[:, None]
+                    held = tl.load(block + slot, mask=in_use, other=NEG_INF)
+                    key = tl.load(keys + slot, mask=in_use, other=0)
                     tl.debug_barrier()  # every thread has read this chunk before any slot of it is rewritten
                     kept = held > theta[:, None]
-                    tl.store(block + (first + kept_count[:, None] + tl.cumsum(kept.to(tl.int32), 1) - 1), held,
-                             mask=kept)
+                    to = first + kept_count[:, None] + tl.cumsum(kept.to(tl.int32), 1) - 1
+                    tl.store(block + to, held, mask=kept)
+                    tl.store(keys + to, key, mask=kept)
                     kept_count += tl.sum(kept.to(tl.int32), 1)
                 count = kept_count
                 take = s > theta[:, None]
@@ -280,7 +285,9 @@ def stream_kernel(
             m = tl.maximum(m, best)
             if tl.max(new, 0) > 0:
                 at = count[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
-                tl.store(block + (first + at), s, mask=take & (at < CAP) & (lost == 0)[:, None])
+                into = take & (at < CAP) & (lost == 0)[:, None]
+                tl.store(block + (first + at), s, mask=into)
+                tl.store(keys + (first + at), offs_n[None, :] + tl.zeros((BM, BN), tl.int32), mask=into)
                 count += new
     tl.debug_barrier()  # the appended scores, written by other threads of this program, are read below
     empty = m == NEG_INF
@@ -294,6 +301,7 @@ def stream_kernel(
     tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
     tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
     tl.store(FAIL + bh * Lq + offs_m, (fail & ~empty).to(tl.int8), mask=row_ok)
+    tl.store(COUNT + bh * Lq + offs_m, tl.minimum(count, CAP), mask=row_ok)
 
 
 @triton.jit
@@ -580,15 +588,17 @@ def _tile_needed(TILEMAX, tile, m, tau, am1):
 
 @triton.jit
 def forward_kernel(
-    Q, K, V, KLEN, BMASK, KEEP, M, TAU, TILEMAX, OUT, LSUM, G, GSUM, SEED,
+    Q, K, V, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, OUT, LSUM, G, GSUM, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
     ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, NEED_G: tl.constexpr, DROPOUT: tl.constexpr,
+    ONLY_FAILED: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
-    """O = Σ p v flash-style. With ``NEED_G`` also Σ g̃ v and Σ g̃ (g̃ = p̃^{2-α}), from which the backward's
+    """O = Σ p v flash-style (with ``ONLY_FAILED``, for the rows marked in ``FAIL`` only: the streaming pass's
+    :func:`gather_kernel` writes the others; blocks without one sweep no key). With ``NEED_G`` also Σ g̃ v and Σ g̃ (g̃ = p̃^{2-α}), from which the backward's
     per-row constant ``Σ g dP / Σ g = dO · (Σ g̃ v) / Σ g̃`` follows without another pass over the keys. With
     ``DROPOUT``, O = Σ dropout(p) v, and ``Σ g̃ v`` takes the same dropout (dP of the pre-dropout p is
     ``dropout(dO · v)``), while ``Σ p̃`` and ``Σ g̃`` do not."""
@@ -605,6 +615,9 @@ def forward_kernel(
     m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
     tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
     klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
+    if ONLY_FAILED:
+        row_ok = row_ok & (tl.load(FAIL + bh * Lq + offs_m, mask=row_ok, other=0) != 0)
+        hi = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, hi, 0)
     cols = tl.arange(0, BN)
     acc = tl.zeros((BM, BDV), ACC)
     lsum = tl.zeros((BM,), ACC)
@@ -634,6 +647,70 @@ def forward_kernel(
                         gv = tl.where(kept, g * drop_scale, 0.0)
                     gacc += tl.dot(gv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
                     gsum += tl.sum(g, 1)
+    if KIND == 2:
+        acc = acc / tl.where(lsum > 0, lsum, 1.0)[:, None]
+    out_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
+    tl.store(
+        OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_dv[None, :] * s_od,
+        acc.to(OUT.dtype.element_ty),
+        mask=out_mask,
+    )
+    tl.store(LSUM + bh * Lq + offs_m, lsum, mask=row_ok)
+    if NEED_G:
+        tl.store(G + (bh * Lq + offs_m[:, None]) * DV + offs_dv[None, :], gacc, mask=out_mask)
+        tl.store(GSUM + bh * Lq + offs_m, gsum, mask=row_ok)
+
+
+@triton.jit
+def gather_kernel(
+    V, M, TAU, FAIL, SCRATCH, KEYS, COUNT, OUT, LSUM, G, GSUM, SEED,
+    s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
+    H, Lq, Lk, DV, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
+    ACC: tl.constexpr, KIND: tl.constexpr, NEED_G: tl.constexpr, DROPOUT: tl.constexpr,
+    BM: tl.constexpr, BDV: tl.constexpr, CAP: tl.constexpr,
+):
+    """The streaming pass's output: what :func:`forward_kernel` writes, from the scores :func:`stream_kernel` held
+    (the row's whole support, and maybe a few scores just below τ, which weigh 0) and their keys' values, one held
+    slot of every row at a time. No score is recomputed and no other key is read: the output costs the support's
+    size, not the row's length. Rows marked in ``FAIL`` (their support outgrew the slots) are left to
+    :func:`forward_kernel`."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_dv = tl.arange(0, BDV)
+    row_ok = offs_m < Lq
+    row_ok = row_ok & (tl.load(FAIL + bh * Lq + offs_m, mask=row_ok, other=1) == 0)
+    m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+    count = tl.load(COUNT + bh * Lq + offs_m, mask=row_ok, other=0)
+    slots = (bh * Lq + offs_m).to(tl.int64) * CAP
+    acc = tl.zeros((BM, BDV), ACC)
+    lsum = tl.zeros((BM,), ACC)
+    gacc = tl.zeros((BM, BDV), ACC)
+    gsum = tl.zeros((BM,), ACC)
+    for j in range(0, tl.max(count, 0)):
+        held = j < count
+        s = tl.load(SCRATCH + slots + j, mask=held, other=NEG_INF)
+        key = tl.load(KEYS + slots + j, mask=held, other=0)
+        x = ((s - m) * am1)[:, None]  # (BM, 1): the tile helpers' shape
+        p = _unnormalised(x, tau, inv_am1, KIND)
+        v = tl.load(V + b * s_vb + h * s_vh + key[:, None] * s_vn + offs_dv[None, :] * s_vd,
+                    mask=held[:, None] & (offs_dv[None, :] < DV), other=0.0).to(ACC)
+        pv = p
+        if DROPOUT:
+            kept = (tl.rand(tl.load(SEED), (bh * Lq + offs_m).to(tl.int64) * Lk + key) >= dropout_p)[:, None]
+            pv = tl.where(kept, p * drop_scale, 0.0)
+        acc += pv * v
+        lsum += tl.sum(p, 1)
+        if NEED_G:
+            g = _gppr(x, tau, p, two_minus_alpha, KIND)
+            gv = g
+            if DROPOUT:
+                gv = tl.where(kept, g * drop_scale, 0.0)
+            gacc += gv * v
+            gsum += tl.sum(g, 1)
     if KIND == 2:
         acc = acc / tl.where(lsum > 0, lsum, 1.0)[:, None]
     out_mask = row_ok[:, None] & (offs_dv[None, :] < DV)

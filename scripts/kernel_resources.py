@@ -127,7 +127,7 @@ def compile_case(name: str, arch: int, report, blocks=None) -> None:
         seconds = None if id(kernel) in seen else time.perf_counter() - began  # None: an earlier case's kernel
         seen.add(id(kernel))
         row = dict(case=name, kernel=self.fn.__name__, seconds=seconds, warps=kernel.metadata.num_warps)
-        row["tiles"] = f"{kwargs['BM']}x{kwargs['BN']}"  # query rows x keys
+        row["tiles"] = f"{kwargs['BM']}x{kwargs.get('BN', '-')}"  # query rows x keys (gather_kernel: rows only)
         row.update(shared=kernel.metadata.shared, **ptxas_report(kernel.asm["ptx"], arch))
         report(row)
         return kernel

@@ -225,15 +225,17 @@ def test_dropout_drops_pairs_of_the_support_and_scales_the_rest(alpha):
     assert not none.any()
 
 
+@pytest.mark.parametrize("threshold_pass", entmax_triton.THRESHOLD_PASSES)
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
 @pytest.mark.parametrize("causal", [False, True])
-def test_dropout_outputs_and_gradients_equal_dense_entmax_with_the_same_mask(alpha, causal):
+def test_dropout_outputs_and_gradients_equal_dense_entmax_with_the_same_mask(alpha, causal, threshold_pass):
     """The backward drops the same pairs as the forward and differentiates entmax before dropout:
-    d/dp of (dropout(p) v) is dropout(dO vᵀ), then entmax's Jacobian over the undropped support."""
+    d/dp of (dropout(p) v) is dropout(dO vᵀ), then entmax's Jacobian over the undropped support. ``stream``:
+    the forward's output is gathered from the held support, the backward sweeps the tiles: the same draws."""
     b, h, lq, lk, d = 2, 1, 20, 28, 16
     q, k, v = inputs(b, h, lq, lk, d, seed=30 + causal)
     key_lengths = torch.tensor([lk, 21], device=DEVICE)
-    kwargs = dict(alpha=alpha, causal=causal, key_lengths=key_lengths, dropout=0.3)
+    kwargs = dict(alpha=alpha, causal=causal, key_lengths=key_lengths, dropout=0.3, threshold_pass=threshold_pass)
     out, dropped = dropout_outputs(q, k, v, seed=8, **kwargs)
     allowed = dense_allowed(b, h, lq, lk, causal, key_lengths)
     _, p_ref, (qr, kr, vr) = reference(q, k, v, alpha, allowed)

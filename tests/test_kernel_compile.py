@@ -14,7 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TOPK = {"threshold_kernel", "fallback_kernel", "forward_kernel", "backward_dq_kernel", "backward_dkdv_kernel"}
-STREAM = TOPK - {"threshold_kernel"} | {"stream_kernel"}
+STREAM = TOPK - {"threshold_kernel"} | {"stream_kernel", "gather_kernel"}
 MAX_SPILLED_BYTES = 4096
 EXPECTED = {
     "default": TOPK,
