@@ -215,16 +215,17 @@ def stream_kernel(
     TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
-    """One sweep, no sort: each row appends every score above ``theta`` to its ``CAP`` slots of ``SCRATCH``, and
-    its key's index to ``KEYS`` (ranks by a cumulative sum). ``theta`` is a lower bound of the row's threshold on the score scale (``m + τ/(α-1)``, so
-    it does not move with ``m``): the τ of any subset of the row's scores is at most the row's, so a score at or
-    below it is outside the support for good. When a tile would overflow some row's slots, every row of the block
-    raises ``theta`` to the τ of what it holds (:func:`_held_tau` from the old bound, ``STEPS`` Newton steps or
-    halvings) and keeps only the scores above it: the support seen so far and a few near it. At the end the slots
-    hold the row's support, whose τ :func:`_held_tau` finds exactly (``SOLVE_STEPS``: Newton's limit, or the
-    halvings of ``entmax_bisect``); a row whose support outgrows the slots, or whose check does not close, keeps
-    a lower bound and is marked for the fallback. Writes how many slots each row holds (``COUNT``: its support,
-    and maybe a few scores just below τ, for :func:`gather_kernel`) and each tile's largest allowed score.
+    """One sweep, no sort: each row appends every score above ``theta`` to its ``CAP`` slots of ``SCRATCH``, and its
+    key's index to ``KEYS`` (ranks by a cumulative sum). ``theta`` is a lower bound of the row's threshold on the
+    score scale (``m + τ/(α-1)``, so it does not move with ``m``): the τ of any subset of the row's scores is at
+    most the row's, so a score at or below it is outside the support for good. When a tile would overflow some row's
+    slots, every row of the block raises ``theta`` to the τ of what it holds (:func:`_held_tau` from the old bound,
+    ``STEPS`` Newton steps or halvings) and keeps only the scores above it: the support seen so far and a few near
+    it. At the end the slots hold the row's support, whose τ :func:`_held_tau` finds exactly (``SOLVE_STEPS``:
+    Newton's limit, or the halvings of ``entmax_bisect``); a row whose support outgrows the slots, or whose check
+    does not close, keeps a lower bound and is marked for the fallback. Writes how many slots each row holds
+    (``COUNT``: its support, and maybe a few scores just below τ, for :func:`gather_kernel`) and each tile's largest
+    allowed score.
 
     The held scores are read ``CHUNK`` slots at a time (all 128 of a row at once took 2.3 KB of spills per thread
     on sm_90), and addressed by int32 offsets from the block's first slot (64-bit pointers per score, more)."""
@@ -598,10 +599,10 @@ def forward_kernel(
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
     """O = Σ p v flash-style (with ``ONLY_FAILED``, for the rows marked in ``FAIL`` only: the streaming pass's
-    :func:`gather_kernel` writes the others; blocks without one sweep no key). With ``NEED_G`` also Σ g̃ v and Σ g̃ (g̃ = p̃^{2-α}), from which the backward's
-    per-row constant ``Σ g dP / Σ g = dO · (Σ g̃ v) / Σ g̃`` follows without another pass over the keys. With
-    ``DROPOUT``, O = Σ dropout(p) v, and ``Σ g̃ v`` takes the same dropout (dP of the pre-dropout p is
-    ``dropout(dO · v)``), while ``Σ p̃`` and ``Σ g̃`` do not."""
+    :func:`gather_kernel` writes the others; blocks without one sweep no key). With ``NEED_G`` also Σ g̃ v and Σ g̃
+    (g̃ = p̃^{2-α}), from which the backward's per-row constant ``Σ g dP / Σ g = dO · (Σ g̃ v) / Σ g̃`` follows
+    without another pass over the keys. With ``DROPOUT``, O = Σ dropout(p) v, and ``Σ g̃ v`` takes the same dropout
+    (dP of the pre-dropout p is ``dropout(dO · v)``), while ``Σ p̃`` and ``Σ g̃`` do not."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
