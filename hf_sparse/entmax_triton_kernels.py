@@ -259,37 +259,40 @@ def stream_kernel(
             tl.store(TILEMAX + (bh * n_qb + pid_m) * n_kb + start_n // BN, tl.max(best, 0))
             take = s > theta[:, None]
             new = tl.sum(take.to(tl.int32), 1)
-            if tl.max(((count + new > CAP) & (lost == 0)).to(tl.int32), 0) > 0:
-                tl.debug_barrier()  # the scores appended so far, by other threads of this program, are read next
-                seen = m > NEG_INF
-                m_held = tl.where(seen, m, 0.0)
-                start = tl.maximum((theta - m_held) * am1, -1.0)  # x = 0 (the largest) alone has Σ p̃ >= 1 at -1
-                lower, _, _ = _held_tau(block, first, tl.minimum(count, CAP), m_held, start, am1, inv_am1, bracket,
-                                        tol, ACC, KIND, STEPS, CAP, CHUNK)
-                theta = tl.where(seen, m_held + (lower - slack * tl.maximum(tl.abs(lower), 1.0)) / am1, theta)
-                kept_count = tl.zeros((BM,), tl.int32)
-                for c0 in range(0, CAP, CHUNK):  # in place: a kept score moves only to a lower slot
-                    slot = first + c0 + chunk[None, :]
-                    in_use = (c0 + chunk)[None, :] < count[:, None]
-                    held = tl.load(block + slot, mask=in_use, other=NEG_INF)
-                    key = tl.load(keys + slot, mask=in_use, other=0)
-                    tl.debug_barrier()  # every thread has read this chunk before any slot of it is rewritten
-                    kept = held > theta[:, None]
-                    to = first + kept_count[:, None] + tl.cumsum(kept.to(tl.int32), 1) - 1
-                    tl.store(block + to, held, mask=kept)
-                    tl.store(keys + to, key, mask=kept)
-                    kept_count += tl.sum(kept.to(tl.int32), 1)
-                count = kept_count
-                take = s > theta[:, None]
-                new = tl.sum(take.to(tl.int32), 1)
-                lost = tl.where(count + new > CAP, 1, lost)
-            m = tl.maximum(m, best)
-            if tl.max(new, 0) > 0:
+            # one reduction over the block decides both: BN + 1 when some row's slots would overflow
+            todo = tl.max(tl.where((count + new > CAP) & (lost == 0), BN + 1, new), 0)
+            if todo > 0:
+                if todo > BN:
+                    # the scores appended so far, by other threads of this program, are read next
+                    tl.debug_barrier()
+                    seen = m > NEG_INF
+                    m_held = tl.where(seen, m, 0.0)
+                    start = tl.maximum((theta - m_held) * am1, -1.0)  # x = 0 (the largest) has Σ p̃ >= 1 at -1
+                    lower, _, _ = _held_tau(block, first, tl.minimum(count, CAP), m_held, start, am1, inv_am1,
+                                            bracket, tol, ACC, KIND, STEPS, CAP, CHUNK)
+                    theta = tl.where(seen, m_held + (lower - slack * tl.maximum(tl.abs(lower), 1.0)) / am1, theta)
+                    kept_count = tl.zeros((BM,), tl.int32)
+                    for c0 in range(0, CAP, CHUNK):  # in place: a kept score moves only to a lower slot
+                        slot = first + c0 + chunk[None, :]
+                        in_use = (c0 + chunk)[None, :] < count[:, None]
+                        held = tl.load(block + slot, mask=in_use, other=NEG_INF)
+                        key = tl.load(keys + slot, mask=in_use, other=0)
+                        tl.debug_barrier()  # every thread has read this chunk before any slot of it is rewritten
+                        kept = held > theta[:, None]
+                        to = first + kept_count[:, None] + tl.cumsum(kept.to(tl.int32), 1) - 1
+                        tl.store(block + to, held, mask=kept)
+                        tl.store(keys + to, key, mask=kept)
+                        kept_count += tl.sum(kept.to(tl.int32), 1)
+                    count = kept_count
+                    take = s > theta[:, None]
+                    new = tl.sum(take.to(tl.int32), 1)
+                    lost = tl.where(count + new > CAP, 1, lost)
                 at = count[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
                 into = take & (at < CAP) & (lost == 0)[:, None]
                 tl.store(block + (first + at), s, mask=into)
                 tl.store(keys + (first + at), offs_n[None, :] + tl.zeros((BM, BN), tl.int32), mask=into)
                 count += new
+            m = tl.maximum(m, best)
     tl.debug_barrier()  # the appended scores, written by other threads of this program, are read below
     empty = m == NEG_INF
     m = tl.where(empty, 0.0, m)
