@@ -112,11 +112,12 @@ def _load_rows(Q, q_off, s_qm, s_qd, offs_m, offs_d, Lq, D):
 
 
 @triton.jit
-def _kept(SEED, bh, offs_m, offs_n, Lq, Lk, dropout_p):
-    """Which (query, key) pairs of a tile attention dropout keeps: one Philox draw per (batch·head, query, key)
-    from the seed the forward drew, so the forward and both backward kernels drop the same pairs without storing
-    a mask. Kept values are then scaled by ``1/(1 - dropout_p)``."""
-    offset = (bh * Lq + offs_m[:, None]).to(tl.int64) * Lk + offs_n[None, :]
+def _kept(SEED, bh, query, key, Lq, Lk, dropout_p):
+    """Which (query, key) pairs attention dropout keeps (``query``, ``key``: broadcastable index tensors, a tile's
+    ``offs_m[:, None]`` and ``offs_n[None, :]``, or one held key per row): one Philox draw per (batch·head, query,
+    key) from the seed the forward drew, so the forward (either output kernel) and both backward kernels drop the
+    same pairs without storing a mask. Kept values are then scaled by ``1/(1 - dropout_p)``."""
+    offset = (bh * Lq + query).to(tl.int64) * Lk + key
     return tl.rand(tl.load(SEED), offset) >= dropout_p
 
 
@@ -640,7 +641,7 @@ def forward_kernel(
                 v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
                 pv = p
                 if DROPOUT:
-                    kept = _kept(SEED, bh, offs_m, offs_n, Lq, Lk, dropout_p)
+                    kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
                     pv = tl.where(kept, p * drop_scale, 0.0)
                 acc += tl.dot(pv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
                 lsum += tl.sum(p, 1)
@@ -704,7 +705,7 @@ def gather_kernel(
                     mask=held[:, None] & (offs_dv[None, :] < DV), other=0.0).to(ACC)
         pv = p
         if DROPOUT:
-            kept = (tl.rand(tl.load(SEED), (bh * Lq + offs_m).to(tl.int64) * Lk + key) >= dropout_p)[:, None]
+            kept = _kept(SEED, bh, offs_m[:, None], key[:, None], Lq, Lk, dropout_p)
             pv = tl.where(kept, p * drop_scale, 0.0)
         acc += pv * v
         lsum += tl.sum(p, 1)
@@ -785,7 +786,8 @@ def backward_dq_kernel(
                 v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
                 if DROPOUT:
-                    dp = tl.where(_kept(SEED, bh, offs_m, offs_n, Lq, Lk, dropout_p), dp * drop_scale, 0.0)
+                    kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
+                    dp = tl.where(kept, dp * drop_scale, 0.0)
                 ds = g * (dp - c[:, None])
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
     tl.store(
@@ -842,7 +844,7 @@ def backward_dkdv_kernel(
                     p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
                     dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
                     if DROPOUT:
-                        kept = _kept(SEED, bh, offs_m, offs_n, Lq, Lk, dropout_p)
+                        kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
                         p = tl.where(kept, p * drop_scale, 0.0)
                         dp = tl.where(kept, dp * drop_scale, 0.0)
                     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
