@@ -270,10 +270,11 @@ def stream_kernel(
                     m_held = tl.where(seen, m, 0.0)
                     start = tl.maximum((theta - m_held) * am1, -1.0)  # x = 0 (the largest) has Σ p̃ >= 1 at -1
                     lower, _, _ = _held_tau(block, first, tl.minimum(count, CAP), m_held, start, am1, inv_am1,
-                                            bracket, tol, ACC, KIND, STEPS, CAP, CHUNK)
+                                            bracket, tol, ACC, KIND, STEPS, CHUNK)
                     theta = tl.where(seen, m_held + (lower - slack * tl.maximum(tl.abs(lower), 1.0)) / am1, theta)
                     kept_count = tl.zeros((BM,), tl.int32)
-                    for c0 in range(0, CAP, CHUNK):  # in place: a kept score moves only to a lower slot
+                    # in place (a kept score moves only to a lower slot), over the chunks some row uses
+                    for c0 in range(0, tl.max(tl.minimum(count, CAP), 0), CHUNK):
                         slot = first + c0 + chunk[None, :]
                         in_use = (c0 + chunk)[None, :] < count[:, None]
                         held = tl.load(block + slot, mask=in_use, other=NEG_INF)
@@ -299,7 +300,7 @@ def stream_kernel(
     m = tl.where(empty, 0.0, m)
     start = tl.maximum((theta - m) * am1, -1.0)
     _, tau, solved = _held_tau(block, first, tl.minimum(count, CAP), m, start, am1, inv_am1, bracket, tol, ACC,
-                               KIND, SOLVE_STEPS, CAP, CHUNK)
+                               KIND, SOLVE_STEPS, CHUNK)
     fail = (lost != 0) | ~solved
     bound = tl.where(lost != 0, start, tau - slack * tl.maximum(tl.abs(tau), 1.0))
     tau = tl.where(empty, float("inf"), tl.where(fail, bound, tau))
@@ -311,9 +312,9 @@ def stream_kernel(
 
 @triton.jit
 def _held_sums(block, first, count, m, tau, am1, inv_am1, ACC: tl.constexpr, KIND: tl.constexpr,
-               CAP: tl.constexpr, CHUNK: tl.constexpr):
-    """Over each row's ``count`` held scores (from ``block + first``), ``x = (α-1)(s - m)``: ``f = Σ p̃(τ)``, ``-f'(τ)``
-    (1.5-entmax, sparsemax), and over ``S = {x > τ}`` its size, ``Σ x``, ``Σ x²`` and smallest ``x``."""
+               CHUNK: tl.constexpr):
+    """Over each row's ``count`` held scores (from ``block + first``), ``x = (α-1)(s - m)``: ``f = Σ p̃(τ)``,
+    ``-f'(τ)`` (1.5-entmax, sparsemax), and over ``S = {x > τ}`` its size, ``Σ x``, ``Σ x²`` and smallest ``x``."""
     chunk = tl.arange(0, CHUNK)
     f = tl.zeros(m.shape, ACC)
     slope = tl.zeros(m.shape, ACC)
@@ -321,7 +322,7 @@ def _held_sums(block, first, count, m, tau, am1, inv_am1, ACC: tl.constexpr, KIN
     s1 = tl.zeros(m.shape, ACC)
     s2 = tl.zeros(m.shape, ACC)
     smallest = tl.full(m.shape, float("inf"), ACC)
-    for c0 in range(0, CAP, CHUNK):
+    for c0 in range(0, tl.max(count, 0), CHUNK):  # the chunks some row of the block uses
         held = tl.load(block + (first + c0 + chunk[None, :]), mask=(c0 + chunk)[None, :] < count[:, None],
                        other=NEG_INF)
         x = (held - m[:, None]) * am1
@@ -346,7 +347,7 @@ def _held_sums(block, first, count, m, tau, am1, inv_am1, ACC: tl.constexpr, KIN
 
 @triton.jit
 def _held_tau(block, first, count, m, tau, am1, inv_am1, bracket, tol, ACC: tl.constexpr, KIND: tl.constexpr,
-              STEPS: tl.constexpr, CAP: tl.constexpr, CHUNK: tl.constexpr):
+              STEPS: tl.constexpr, CHUNK: tl.constexpr):
     """τ (x scale) of a row's held scores from a lower bound ``tau``. Returns ``(lower, tau, solved)``.
     1.5-entmax and sparsemax: Newton steps (at most ``STEPS``), each after the closed form on ``S = {x > τ}``,
     which is exact, and solves the row, once ``S``'s smallest score lies above it; an unsolved row (out of steps,
@@ -361,14 +362,14 @@ def _held_tau(block, first, count, m, tau, am1, inv_am1, bracket, tol, ACC: tl.c
         for _ in range(STEPS):
             dm = dm / 2
             mid = lower + dm
-            total, _, _, _, _, _ = _held_sums(block, first, count, m, mid, am1, inv_am1, ACC, KIND, CAP, CHUNK)
+            total, _, _, _, _, _ = _held_sums(block, first, count, m, mid, am1, inv_am1, ACC, KIND, CHUNK)
             lower = tl.where(total >= 1, mid, lower)
         return lower, mid, mid == mid
     solved = tau != tau  # all False
     active = ~solved
     steps = 0
     while (tl.max(active.to(tl.int32), 0) > 0) & (steps < STEPS):
-        f, slope, n, s1, s2, smallest = _held_sums(block, first, count, m, tau, am1, inv_am1, ACC, KIND, CAP, CHUNK)
+        f, slope, n, s1, s2, smallest = _held_sums(block, first, count, m, tau, am1, inv_am1, ACC, KIND, CHUNK)
         closed = _closed_form(n, s1, s2, KIND)
         exact = active & (smallest > closed)
         tau = tl.where(exact, closed, tau)

@@ -59,6 +59,8 @@ CASES = {
     "causal": Case(causal=True),  # Marian's decoder
     "dropout": Case(dropout=0.1),  # training with attention dropout
     "stream": Case(threshold_pass="stream"),
+    "stream-causal-dropout": Case(threshold_pass="stream", causal=True, dropout=0.1),  # its gather's dropout
+    "stream-bisection": Case(threshold_pass="stream", alpha=1.3),  # its bisection over the held scores
     "float32": Case(dtype=torch.float32),  # full float32 products (torch's default precision)
     "tf32": Case(dtype=torch.float32, float32_precision="high"),
     "sparsemax": Case(alpha=2.0),

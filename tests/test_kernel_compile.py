@@ -21,6 +21,8 @@ EXPECTED = {
     "causal": TOPK,
     "dropout": TOPK,
     "stream": STREAM,
+    "stream-causal-dropout": STREAM,
+    "stream-bisection": STREAM,
     "float32": TOPK,
     "tf32": TOPK,
     "sparsemax": TOPK,
