@@ -257,7 +257,7 @@ def whole_models(device, smoke, lines):
 
     - SparseBERT, 2 layers, hidden 768, 12 heads, L = 4096, batch 1: one training step (forward, MLM loss,
       backward; BERT's default dropout, attention dropout 0.1 included), float32 and bfloat16 autocast; entmax15
-      on the fused kernel (``auto`` on CUDA) and on ``eager``
+      on the fused kernel (``auto`` on CUDA) with each threshold pass, and on ``eager``
       (matmul + ``entmax_topk`` + matmul).
     - entmax Marian, 6 + 6 layers, d_model 512, 8 heads: ``generate`` of 16 sequences x 64 new tokens from 64-token
       sources (greedy, ``min_new_tokens`` = 64 so every run decodes the same count), entmax15 in every attention.
@@ -290,38 +290,48 @@ def whole_models(device, smoke, lines):
             torch.set_float32_matmul_precision(before)
         model.zero_grad(set_to_none=True)
 
+    from hf_sparse import entmax_triton
+
     results = {}
-    for fn, backend in (("softmax", "auto"), ("entmax15", "auto"), ("entmax15", "eager")):
+    variants = (("softmax", "auto"), ("entmax15", "auto"), ("entmax15", "stream"), ("entmax15", "eager"))
+    default_pass = entmax_triton.DEFAULT_THRESHOLD_PASS
+    for fn, variant in variants:
+        backend = "auto" if variant == "stream" else variant
+        # "stream": the fused kernel's streaming threshold pass, through the models' default
+        entmax_triton.DEFAULT_THRESHOLD_PASS = "stream" if variant == "stream" else default_pass
         config = SparseBertConfig(
             vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
             intermediate_size=4 * hidden, max_position_embeddings=length, attention_fn=fn, attention_backend=backend,
         )
         torch.manual_seed(0)
         model = SparseBertForMaskedLM(config).to(device).train()
-        for mode in modes:
-            if mode != modes[0] and device.type == "cpu":
-                continue
-            ms = time_ms(partial(step, model, mode), device, budget_s=1.0)
-            kernel = sorted(set(model.attention_backends_used().values()))
-            results[fn, backend, mode] = (ms, "/".join(kernel))
+        try:
+            for mode in modes:
+                if mode != modes[0] and device.type == "cpu":
+                    continue
+                ms = time_ms(partial(step, model, mode), device, budget_s=1.0)
+                kernel = sorted(set(model.attention_backends_used().values()))
+                results[fn, variant, mode] = (ms, "/".join(kernel))
+        finally:
+            entmax_triton.DEFAULT_THRESHOLD_PASS = default_pass
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     lines += [
         f"SparseBERT training step ({layers} layers, hidden {hidden}, {heads} heads, L={length}, batch 1), ms:",
         "",
-        "| precision | softmax | entmax15 (auto) | entmax15 (eager) | auto / softmax |",
-        "|---|---:|---:|---:|---:|",
+        "| precision | softmax | entmax15 (auto) | entmax15 (auto, `stream` pass) | entmax15 (eager) | auto / softmax "
+        "| stream / softmax |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in modes:
         if ("softmax", "auto", mode) not in results:
             continue
-        row = [results[fn, backend, mode] for fn, backend in (("softmax", "auto"), ("entmax15", "auto"),
-                                                               ("entmax15", "eager"))]
+        row = [results[fn, variant, mode] for fn, variant in variants]
         lines.append(
             f"| {mode} | "
             + " | ".join(f"{ms:.1f} ({name})" for ms, name in row)
-            + f" | {row[1][0] / row[0][0]:.2f}x |"
+            + f" | {row[1][0] / row[0][0]:.2f}x | {row[2][0] / row[0][0]:.2f}x |"
         )
     lines.append("")
 
