@@ -224,9 +224,9 @@ def stream_kernel(
     ``STEPS`` Newton steps or halvings) and keeps only the scores above it: the support seen so far and a few near
     it. At the end the slots hold the row's support, whose τ :func:`_held_tau` finds exactly (``SOLVE_STEPS``:
     Newton's limit, or the halvings of ``entmax_bisect``); a row whose support outgrows the slots, or whose check
-    does not close, keeps a lower bound and is marked for the fallback. Writes how many slots each row holds
-    (``COUNT``: its support, and maybe a few scores just below τ, for :func:`gather_kernel`) and each tile's largest
-    allowed score.
+    does not close, keeps a lower bound and is marked for the fallback. Then each solved row keeps only its
+    support, which :func:`gather_kernel` reads (``COUNT``: its size), and each tile's largest allowed score is
+    written.
 
     The held scores are read ``CHUNK`` slots at a time (all 128 of a row at once took 2.3 KB of spills per thread
     on sm_90), and addressed by int32 offsets from the block's first slot (64-bit pointers per score, more)."""
@@ -241,7 +241,6 @@ def stream_kernel(
     q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
     klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
     cols = tl.arange(0, BN)
-    chunk = tl.arange(0, CHUNK)
     block = SCRATCH + (bh * Lq + start_m).to(tl.int64) * CAP  # this block's slots, then int32 offsets from here
     keys = KEYS + (bh * Lq + start_m).to(tl.int64) * CAP
     first = tl.arange(0, BM)[:, None] * CAP  # each row's first slot
@@ -271,21 +270,9 @@ def stream_kernel(
                     start = tl.maximum((theta - m_held) * am1, -1.0)  # x = 0 (the largest) has Σ p̃ >= 1 at -1
                     lower, _, _ = _held_tau(block, first, tl.minimum(count, CAP), m_held, start, am1, inv_am1,
                                             bracket, tol, ACC, KIND, STEPS, CHUNK)
-                    theta = tl.where(seen, m_held + (lower - slack * tl.maximum(tl.abs(lower), 1.0)) / am1, theta)
-                    kept_count = tl.zeros((BM,), tl.int32)
-                    # in place (a kept score moves only to a lower slot), over the chunks some row uses
-                    for c0 in range(0, tl.max(tl.minimum(count, CAP), 0), CHUNK):
-                        slot = first + c0 + chunk[None, :]
-                        in_use = (c0 + chunk)[None, :] < count[:, None]
-                        held = tl.load(block + slot, mask=in_use, other=NEG_INF)
-                        key = tl.load(keys + slot, mask=in_use, other=0)
-                        tl.debug_barrier()  # every thread has read this chunk before any slot of it is rewritten
-                        kept = held > theta[:, None]
-                        to = first + kept_count[:, None] + tl.cumsum(kept.to(tl.int32), 1) - 1
-                        tl.store(block + to, held, mask=kept)
-                        tl.store(keys + to, key, mask=kept)
-                        kept_count += tl.sum(kept.to(tl.int32), 1)
-                    count = kept_count
+                    lower = lower - slack * tl.maximum(tl.abs(lower), 1.0)
+                    theta = tl.where(seen, m_held + lower / am1, theta)
+                    count = _keep_above(block, keys, first, tl.minimum(count, CAP), m_held, lower, am1, CHUNK)
                     take = s > theta[:, None]
                     new = tl.sum(take.to(tl.int32), 1)
                     lost = tl.where(count + new > CAP, 1, lost)
@@ -302,12 +289,36 @@ def stream_kernel(
     _, tau, solved = _held_tau(block, first, tl.minimum(count, CAP), m, start, am1, inv_am1, bracket, tol, ACC,
                                KIND, SOLVE_STEPS, CHUNK)
     fail = (lost != 0) | ~solved
+    # what gather_kernel reads: the support alone (p > 0: the same test as its own), not the scores held above
+    # the last bound; a failed row's slots are not read
+    count = _keep_above(block, keys, first, tl.minimum(count, CAP), m, tau, am1, CHUNK)
     bound = tl.where(lost != 0, start, tau - slack * tl.maximum(tl.abs(tau), 1.0))
     tau = tl.where(empty, float("inf"), tl.where(fail, bound, tau))
     tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
     tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
     tl.store(FAIL + bh * Lq + offs_m, (fail & ~empty).to(tl.int8), mask=row_ok)
-    tl.store(COUNT + bh * Lq + offs_m, tl.minimum(count, CAP), mask=row_ok)
+    tl.store(COUNT + bh * Lq + offs_m, count, mask=row_ok)
+
+
+@triton.jit
+def _keep_above(block, keys, first, count, m, tau, am1, CHUNK: tl.constexpr):
+    """Keep, in place, each row's held scores (and their keys) with ``x = (α-1)(s - m) > τ``; returns how many
+    each row keeps. A kept score moves only to a lower slot, so the chunks are rewritten in order, each after
+    every thread has read it; only the chunks some row of the block uses are visited."""
+    chunk = tl.arange(0, CHUNK)
+    kept_count = tl.zeros(count.shape, tl.int32)
+    for c0 in range(0, tl.max(count, 0), CHUNK):
+        slot = first + c0 + chunk[None, :]
+        in_use = (c0 + chunk)[None, :] < count[:, None]
+        held = tl.load(block + slot, mask=in_use, other=NEG_INF)
+        key = tl.load(keys + slot, mask=in_use, other=0)
+        tl.debug_barrier()  # every thread has read this chunk (and what came before) before any slot is rewritten
+        kept = (held - m[:, None]) * am1 > tau[:, None]
+        to = first + kept_count[:, None] + tl.cumsum(kept.to(tl.int32), 1) - 1
+        tl.store(block + to, held, mask=kept)
+        tl.store(keys + to, key, mask=kept)
+        kept_count += tl.sum(kept.to(tl.int32), 1)
+    return kept_count
 
 
 @triton.jit
@@ -675,11 +686,10 @@ def gather_kernel(
     ACC: tl.constexpr, KIND: tl.constexpr, NEED_G: tl.constexpr, DROPOUT: tl.constexpr,
     BM: tl.constexpr, BDV: tl.constexpr, CAP: tl.constexpr,
 ):
-    """The streaming pass's output: what :func:`forward_kernel` writes, from the scores :func:`stream_kernel` held
-    (the row's whole support, and maybe a few scores just below τ, which weigh 0) and their keys' values, one held
-    slot of every row at a time. No score is recomputed and no other key is read: the output costs the support's
-    size, not the row's length. Rows marked in ``FAIL`` (their support outgrew the slots) are left to
-    :func:`forward_kernel`."""
+    """The streaming pass's output: what :func:`forward_kernel` writes, from the scores :func:`stream_kernel` kept
+    (the row's support) and their keys' values, one slot of every row at a time. No score is recomputed and no other
+    key is read: the output costs the support's size, not the row's length. Rows marked in ``FAIL`` (their support
+    outgrew the slots) are left to :func:`forward_kernel`."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H

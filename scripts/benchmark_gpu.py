@@ -420,8 +420,8 @@ def kernel_profile(device, smoke, lines):
     dtype = torch.float32 if smoke else torch.bfloat16
     # Tiles x threshold pass. (64, 64, 16): fewer candidates, a cheaper "topk" pass against more fallback passes (a
     # CPU simulation of these inputs: 85 % of rows fail 16 candidates, 3 fallback passes per 64-row block; 32
-    # candidates: 20 %, 1.9). "stream": one sweep without sorting or certificate (the simulation: 4-5 raisings of
-    # the bound per 64-row block at L = 8192 with 128 slots per row, no row outgrowing them).
+    # candidates: 20 %, 1.9). "stream": one sweep without sorting or certificate (scripts/simulate_threshold_passes.py:
+    # 3.6 raisings of the bounds per 64-row block at L = 8192 with 128 slots per row, no row outgrowing them).
     choices = [((16, 16, 16), "topk"), ((16, 16, 16), "stream")] if smoke else [
         (GPU_BLOCKS, "topk"), (GPU_BLOCKS, "stream"), ((64, 64, 16), "stream"), ((64, 64, 16), "topk"),
         ((128, 64, 32), "topk"),
