@@ -649,21 +649,45 @@ def forward_kernel(
                 s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC,
                             PREC, CAUSAL, HAS_KEEP)
                 x = (s - m[:, None]) * am1
-                p = _unnormalised(x, tau, inv_am1, KIND)
+                p, pv, g, gv = _output_weights(x, tau, SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk,
+                                               inv_am1, two_minus_alpha, dropout_p, drop_scale, KIND, NEED_G,
+                                               DROPOUT)
                 v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
-                pv = p
-                if DROPOUT:
-                    kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
-                    pv = tl.where(kept, p * drop_scale, 0.0)
                 acc += tl.dot(pv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
                 lsum += tl.sum(p, 1)
                 if NEED_G:
-                    g = _gppr(x, tau, p, two_minus_alpha, KIND)
-                    gv = g
-                    if DROPOUT:
-                        gv = tl.where(kept, g * drop_scale, 0.0)
                     gacc += tl.dot(gv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
                     gsum += tl.sum(g, 1)
+    _store_output(OUT, LSUM, G, GSUM, acc, lsum, gacc, gsum, b, h, bh, offs_m, offs_dv, row_ok,
+                  s_ob, s_oh, s_om, s_od, Lq, DV, KIND, NEED_G)
+
+
+@triton.jit
+def _output_weights(x, tau, SEED, bh, query, key, Lq, Lk, inv_am1, two_minus_alpha, dropout_p, drop_scale,
+                    KIND: tl.constexpr, NEED_G: tl.constexpr, DROPOUT: tl.constexpr):
+    """What both output kernels weigh the values by: ``(p, pv, g, gv)``: ``p = p̃``, ``g = p̃^{2-α}`` (``p`` when
+    not ``NEED_G``), and the same after attention dropout (``pv``, ``gv``: dropped pairs 0, kept ones scaled), the
+    draws of :func:`_kept` at (``query``, ``key``)."""
+    p = _unnormalised(x, tau, inv_am1, KIND)
+    pv = p
+    if DROPOUT:
+        kept = _kept(SEED, bh, query, key, Lq, Lk, dropout_p)
+        pv = tl.where(kept, p * drop_scale, 0.0)
+    g = p
+    gv = pv
+    if NEED_G:
+        g = _gppr(x, tau, p, two_minus_alpha, KIND)
+        gv = g
+        if DROPOUT:
+            gv = tl.where(kept, g * drop_scale, 0.0)
+    return p, pv, g, gv
+
+
+@triton.jit
+def _store_output(OUT, LSUM, G, GSUM, acc, lsum, gacc, gsum, b, h, bh, offs_m, offs_dv, row_ok,
+                  s_ob, s_oh, s_om, s_od, Lq, DV, KIND: tl.constexpr, NEED_G: tl.constexpr):
+    """Both output kernels' last step: O (normalised by Σ p̃ for general α), Σ p̃, and with ``NEED_G`` Σ g̃ v and
+    Σ g̃ for the backward, for the rows in ``row_ok``."""
     if KIND == 2:
         acc = acc / tl.where(lsum > 0, lsum, 1.0)[:, None]
     out_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
@@ -711,34 +735,17 @@ def gather_kernel(
         s = tl.load(SCRATCH + slots + j, mask=held, other=NEG_INF)
         key = tl.load(KEYS + slots + j, mask=held, other=0)
         x = ((s - m) * am1)[:, None]  # (BM, 1): the tile helpers' shape
-        p = _unnormalised(x, tau, inv_am1, KIND)
+        p, pv, g, gv = _output_weights(x, tau, SEED, bh, offs_m[:, None], key[:, None], Lq, Lk, inv_am1,
+                                       two_minus_alpha, dropout_p, drop_scale, KIND, NEED_G, DROPOUT)
         v = tl.load(V + b * s_vb + h * s_vh + key[:, None] * s_vn + offs_dv[None, :] * s_vd,
                     mask=held[:, None] & (offs_dv[None, :] < DV), other=0.0).to(ACC)
-        pv = p
-        if DROPOUT:
-            kept = _kept(SEED, bh, offs_m[:, None], key[:, None], Lq, Lk, dropout_p)
-            pv = tl.where(kept, p * drop_scale, 0.0)
         acc += pv * v
         lsum += tl.sum(p, 1)
         if NEED_G:
-            g = _gppr(x, tau, p, two_minus_alpha, KIND)
-            gv = g
-            if DROPOUT:
-                gv = tl.where(kept, g * drop_scale, 0.0)
             gacc += gv * v
             gsum += tl.sum(g, 1)
-    if KIND == 2:
-        acc = acc / tl.where(lsum > 0, lsum, 1.0)[:, None]
-    out_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
-    tl.store(
-        OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_dv[None, :] * s_od,
-        acc.to(OUT.dtype.element_ty),
-        mask=out_mask,
-    )
-    tl.store(LSUM + bh * Lq + offs_m, lsum, mask=row_ok)
-    if NEED_G:
-        tl.store(G + (bh * Lq + offs_m[:, None]) * DV + offs_dv[None, :], gacc, mask=out_mask)
-        tl.store(GSUM + bh * Lq + offs_m, gsum, mask=row_ok)
+    _store_output(OUT, LSUM, G, GSUM, acc, lsum, gacc, gsum, b, h, bh, offs_m, offs_dv, row_ok,
+                  s_ob, s_oh, s_om, s_od, Lq, DV, KIND, NEED_G)
 
 
 # --------------------------------------------------------------------------------------------------------------
