@@ -76,7 +76,7 @@ except ImportError:  # a benchmark-only dependency (the dev extra has it)
     entmax_package = None
 
 COMMAND = "python scripts/benchmark_gpu.py --output benchmarks/gpu.md"
-SECTIONS = ("correctness", "rowwise", "op", "models", "long", "predicted", "profile")
+SECTIONS = ("correctness", "rowwise", "op", "float32", "models", "long", "predicted", "profile")
 
 
 def sync(device):
@@ -249,6 +249,47 @@ def attention_op(lengths, heads, dim, device, rows, flex):
                 kind = "fwd+bwd" if backward else "fwd"
                 rows.append(f"| {n} | {'causal' if causal else 'non-causal'} | {kind} | " + " | ".join(cells) + " |")
                 print(rows[-1], flush=True)
+    return rows
+
+
+def float32_op(lengths, heads, dim, device, rows):
+    """float32 inputs, where the fused kernel's products follow ``torch.set_float32_matmul_precision`` as torch's
+    matmuls do: at ``"highest"`` (torch's default) ``tl.dot`` multiplies in full float32 on the CUDA cores, with
+    smaller tiles (``GPU_BLOCKS_FULL_PRECISION``), while cuBLAS keeps its own float32 kernels; at ``"high"`` both
+    use TF32 tensor cores. Fused kernel against matmul + ``entmax_topk`` + matmul (the ``eager`` path), which
+    decides what ``auto`` should pick for float32 models."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        for n in lengths:
+            for causal in (False, True):
+                q, k, v = (torch.randn(1, heads, n, dim, device=device, requires_grad=True) for _ in "qkv")
+                grad = torch.randn_like(q)
+                fused = partial(entmax_attention, q, k, v, causal=causal)
+                eager = partial(dense_entmax_attention, q, k, v, causal, "topk")
+                for backward in (False, True):
+                    cells = []
+                    for precision in ("highest", "high"):
+                        torch.set_float32_matmul_precision(precision)
+                        times = []
+                        for fn in (eager, fused):
+                            if fn is eager and not fits(n, heads, device, 8 if backward else 4):
+                                times.append(None)
+                                continue
+                            call = partial(forward_backward, fn, grad) if backward else fn
+                            with torch.set_grad_enabled(backward):
+                                times.append(time_ms(call, device))
+                            if device.type == "cuda":  # the next `fits` reads free memory
+                                torch.cuda.empty_cache()
+                        eager_ms, fused_ms = times
+                        cells += ["L x L tensors do not fit" if eager_ms is None else f"{eager_ms:.2f}",
+                                  f"{fused_ms:.2f}", "" if eager_ms is None else f"{fused_ms / eager_ms:.2f}x"]
+                    mask, kind = "causal" if causal else "non-causal", "fwd+bwd" if backward else "fwd"
+                    rows.append(f"| {n} | {mask} | {kind} | " + " | ".join(cells) + " |")
+                del q, k, v, grad
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        torch.set_float32_matmul_precision(before)
     return rows
 
 
@@ -531,6 +572,9 @@ def main(argv=None) -> int:
         "op": lambda out: attention_op(
             lengths, heads, dim, device, out, make_flex(device) if device.type == "cuda" else None
         ),
+        "float32": lambda out: float32_op(
+            [32, 48] if args.smoke else [1024, 2048, 4096, 8192, 16384], heads, dim, device, out
+        ),
         "models": lambda out: whole_models(device, args.smoke, out),
         "long": lambda out: long_sequence(device, args.smoke, out),
         "predicted": lambda out: predicted_blocks(device, args.smoke, out),
@@ -567,7 +611,7 @@ def render(results: dict, notes: list, device, heads: int, dim: int, started: fl
     import triton
 
     checks, row_rows, op_rows = results["correctness"], results["rowwise"], results["op"]
-    model_lines, long_rows = results["models"], results["long"]
+    model_lines, long_rows, float32_rows = results["models"], results["long"], results["float32"]
     predicted_rows, profile_rows = results["predicted"], results["profile"]
     machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
     report = [
@@ -599,6 +643,16 @@ def render(results: dict, notes: list, device, heads: int, dim: int, started: fl
         "| matmul + entmax package |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
         *op_rows,
+        "",
+        "## float32 inputs: the fused kernel against matmul + `entmax_topk` + matmul (the `eager` path), ms",
+        "",
+        "Full float32 products (`torch.set_float32_matmul_precision('highest')`, torch's default) and TF32"
+        " (`'high'`); 1.5-entmax, the default threshold pass.",
+        "",
+        "| L | mask | pass | eager, highest | fused, highest | fused / eager | eager, TF32 | fused, TF32 "
+        "| fused / eager |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        *float32_rows,
         "",
         "## Whole models, entmax against the same model with softmax",
         "",

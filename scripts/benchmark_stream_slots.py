@@ -1,0 +1,71 @@
+"""What the ``stream`` threshold pass's time depends on: its forward at L = 8192 (bf16, 16 heads, head dim 64,
+non-causal) for several slot counts per row (``entmax_triton.STREAM_SLOTS``, times the candidates) and Newton
+steps per raising of the bounds (``STREAM_STEPS``), with each kernel's GPU time (torch.profiler). Fewer slots
+mean more raisings; if raisings were the cost, more slots would be faster.
+
+    python scripts/benchmark_stream_slots.py            # on a GPU
+    TRITON_INTERPRET=1 python scripts/benchmark_stream_slots.py --smoke   # CPU, tiny sizes, no timing
+
+Prints one line per setting, with the max difference of the output to the ``topk`` pass's (bf16 rounding).
+"""
+
+import argparse
+import sys
+from functools import partial
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import hf_sparse.entmax_triton as entmax_triton
+
+SETTINGS = ((4, 8), (8, 8), (16, 8), (4, 3), (2, 8))  # (slots per candidate, Newton steps per raising)
+
+
+def median_ms(fn, reps: int = 10) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[reps // 2]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, Triton's interpreter, no timing")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    n, heads, dim = (64, 2, 16) if args.smoke else (8192, 16, 64)
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    blocks = (16, 16, 16) if args.smoke else entmax_triton.GPU_BLOCKS
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, dim, generator=g).to(device, dtype) for _ in "qkv")
+    with torch.no_grad():
+        reference = entmax_triton.entmax_attention(q, k, v, blocks=blocks, threshold_pass="topk").float()
+        for slots, steps in SETTINGS:
+            entmax_triton.STREAM_SLOTS, entmax_triton.STREAM_STEPS = slots, steps
+            fn = partial(entmax_triton.entmax_attention, q, k, v, blocks=blocks, threshold_pass="stream")
+            out = fn()
+            ms = float("nan") if args.smoke else median_ms(fn)
+            activity = ProfilerActivity.CPU if args.smoke else ProfilerActivity.CUDA
+            with profile(activities=[activity]) as prof:
+                fn()
+                if not args.smoke:
+                    torch.cuda.synchronize()
+            per = {
+                event.key.removesuffix("_kernel"): round((getattr(event, "device_time_total", 0) or 0) / 1000, 2)
+                for event in prof.key_averages()
+                if event.key.endswith("_kernel") and not event.key.startswith("aten")
+            }
+            diff = float((out.float() - reference).abs().max())
+            print(f"slots {slots} x candidates, {steps} steps per raising: forward {ms:.2f} ms, per kernel {per}, "
+                  f"max |diff| to topk {diff:.1e}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
