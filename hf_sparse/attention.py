@@ -36,7 +36,7 @@ from .block_maps import (
 )
 from .checks import check_choice, check_number
 from .entmax_topk import entmax15, entmax_alpha, sparsemax  # `from .x import` form: remote code copies x
-from .entmax_triton import entmax_attention, unavailable_reasons
+from .entmax_triton import entmax_attention, full_precision_products, unavailable_reasons
 from .patterns import Pattern, bind_rows, rows_mask
 
 ATTENTION_FUNCTIONS = ("softmax", "entmax15", "entmax_bisect", "sparsemax")
@@ -47,12 +47,25 @@ FUSED_ALPHA = {"entmax15": 1.5, "sparsemax": 2.0}  # entmax_bisect: the config's
 # CPU, 2 cores, B=1, H=12, D=64): the tiles kernel beat dense SDPA at every length L >= 512 with block density
 # <= 0.289 (closest call 0.91; lost at 0.344) and the eager entmax at every L >= 256 with block density <= 0.625
 # (closest call 0.82; lost at 0.875). On CUDA softmax runs FlexAttention, measured by
-# scripts/benchmark_gpu_masks.py (benchmarks/masks_gpu.md, one H200, BERT-base window:64 layer, bf16): 1.48x the
-# dense SDPA layer's forward time at L = 4096 (slower), 1.02x forward and 0.64x forward+backward at L = 16384, so it
+# scripts/benchmark_gpu_masks.py (benchmarks/masks_gpu.md, one H200, BERT-base window:64 layer, bf16): 1.50x the
+# dense SDPA layer's forward time at L = 4096 (slower), 0.58x forward and 0.50x forward+backward at L = 16384, so it
 # is picked from 16384 on. The CUDA entmax entry (reached only without triton, else the fused kernel runs) is a guess.
 BLOCK_SPARSE_MIN_LENGTH = {"cpu": {"softmax": 512, "entmax": 256}, "cuda": {"softmax": 16384, "entmax": 1024}}
 BLOCK_SPARSE_MAX_DENSITY = {"softmax": 0.28, "entmax": 0.6}
 FLEX_BLOCK_SIZE = 128
+
+# Full-precision products on CUDA (float32 under torch's default matmul precision "highest", float64): the fused
+# kernel multiplies on the CUDA cores (32 x 32 tiles), while cuBLAS has fast float32 matmuls. Measured by
+# scripts/benchmark_gpu.py (benchmarks/gpu.md, float32 section, one H200, 16 heads, head dim 64), fused / eager
+# forward+backward: 1.03x at L = 1024, 2.3x at 2048, 3.0x at 4096, 4.2x at 8192 (non-causal; causal 0.69x, 1.0x,
+# 1.7x, 1.9x), so a float32 SparseBERT training step took 4.7x the softmax model's time on the fused kernel against
+# 1.9x on eager. With TF32 allowed the fused kernel wins at every length (0.17-0.66x). So from this length on
+# `auto` runs eager for full-precision entmax while eager's L x L tensors (EAGER_SCORE_COPIES float32 ones at
+# once, forward or training) take at most EAGER_MEMORY_SHARE of the GPU's memory; beyond, the fused kernel, whose
+# memory is O(L), still runs.
+FULL_PRECISION_EAGER_MIN_LENGTH = 2048
+EAGER_SCORE_COPIES = {False: 4, True: 8}
+EAGER_MEMORY_SHARE = 0.25
 
 # Compilations FlexAttention may accumulate before dynamo gives up on it and runs it unfused (which materialises the
 # whole score matrix, 2-9x slower than dense). On CUDA they are bounded by the two tile-lookup mask_mods of
@@ -139,17 +152,22 @@ def choose_backend(
     dropout: float = 0.0,
     soft_mask: bool = False,
     per_row: bool = False,
+    dtype: torch.dtype | None = None,
+    pairs: int = 0,
 ) -> str:
     """Resolve ``requested`` to a kernel, refusing (not silently replacing) impossible explicit requests.
 
     ``soft_mask``: an additive, differentiable mask is in play (DAM search), which only the eager kernel takes.
     ``per_row``: the pattern draws random keys per sequence (padding given: :func:`hf_sparse.patterns.bind_rows`),
     a mask per batch that only the dense kernels take.
+    ``dtype``, ``pairs``: the dtype attention computes in (autocast's, where it is on) and the (query, key) pairs
+    of one call over batch and heads, for ``auto``'s choice between the fused kernel and eager at full precision.
     ``auto``: eager when probabilities are asked for; on CUDA the ``fused`` kernel for the entmax family (it skips
-    the pattern's empty tiles itself); a block-sparse kernel (FlexAttention on CUDA for softmax,
-    ``tiles`` otherwise) when the sequence is long and the pattern block-sparse enough to pay (measured
-    crossover above; the density comes from the pattern's block map on the CPU, cached, so no device is read);
-    else SDPA for softmax, eager for the entmax family.
+    the pattern's empty tiles itself), but eager for full-precision products from
+    :data:`FULL_PRECISION_EAGER_MIN_LENGTH` keys on where its memory allows (:func:`eager_beats_fused`); a
+    block-sparse kernel (FlexAttention on CUDA for softmax, ``tiles`` otherwise) when the sequence is long and the
+    pattern block-sparse enough to pay (measured crossover above; the density comes from the pattern's block map
+    on the CPU, cached, so no device is read); else SDPA for softmax, eager for the entmax family.
     """
     check_choice("attention_backend", requested, BACKENDS)
     if soft_mask:
@@ -214,13 +232,39 @@ def choose_backend(
     if output_attentions:
         return "eager"
     if family == "entmax" and device.type == "cuda" and not reasons_not_fused:
-        return "fused"
+        return "eager" if eager_beats_fused(dtype, n, pairs, needs_grad, device) else "fused"
     min_length = BLOCK_SPARSE_MIN_LENGTH.get(device.type, BLOCK_SPARSE_MIN_LENGTH["cuda"])[family]
     if per_row or pattern.is_dense or n < min_length:
         return dense_kernel
     if cached_block_density(pattern, n, "cpu", FLEX_BLOCK_SIZE) > BLOCK_SPARSE_MAX_DENSITY[family]:
         return dense_kernel
     return "flex" if device.type == "cuda" and not reasons_not_flex else "tiles"
+
+
+def eager_beats_fused(
+    dtype: torch.dtype | None, n: int, pairs: int, needs_grad: bool, device: torch.device
+) -> bool:
+    """On CUDA, for the entmax family: whether matmul + ``entmax_topk`` + matmul is the faster exact kernel, which
+    it is for full-precision products from :data:`FULL_PRECISION_EAGER_MIN_LENGTH` keys on, while its
+    :data:`EAGER_SCORE_COPIES` float32 score tensors of ``pairs`` entries take at most :data:`EAGER_MEMORY_SHARE`
+    of the device's memory (the measurements above :data:`FULL_PRECISION_EAGER_MIN_LENGTH`)."""
+    if dtype is None or not full_precision_products(dtype) or n < FULL_PRECISION_EAGER_MIN_LENGTH:
+        return False
+    eager_bytes = EAGER_SCORE_COPIES[needs_grad] * pairs * 4
+    return eager_bytes <= EAGER_MEMORY_SHARE * device_memory(device)
+
+
+def device_memory(device: torch.device) -> int:
+    """The device's total memory in bytes (a property of the card: the same on every call)."""
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a model of parameter dtype ``dtype`` computes attention in on ``device``: autocast's where it is
+    on there (its linear layers hand attention that dtype), else the model's own."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
 
 
 def attention_backends_used(model: torch.nn.Module) -> dict[str, str]:

@@ -363,13 +363,16 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
     )
 
 
+def full_precision_products(dtype: torch.dtype) -> bool:
+    """Whether the kernels multiply ``dtype`` inputs in full precision, on the CUDA cores: float64 always, float32
+    under ``torch.set_float32_matmul_precision("highest")`` (torch's default), as torch's own matmuls do; with
+    ``"high"`` / ``"medium"`` float32 takes TF32 tensor cores, and half-precision inputs take them anyway."""
+    return dtype == torch.float64 or (dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest")
+
+
 def _matmul_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s precision: float32 inputs follow ``torch.set_float32_matmul_precision`` as torch's own matmuls
-    do (``"highest"``, the default: full float32; ``"high"`` / ``"medium"``: TF32 tensor cores), float64 is always
-    exact, and half-precision inputs take the tensor cores anyway."""
-    if dtype == torch.float64 or (dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"):
-        return "ieee"
-    return "tf32"
+    """``tl.dot``'s precision (:func:`full_precision_products`)."""
+    return "ieee" if full_precision_products(dtype) else "tf32"
 
 
 def triton_next_power_of_2(n: int) -> int:
@@ -446,7 +449,7 @@ def entmax_attention(
         if interpreted:
             blocks = INTERPRETER_BLOCKS
         else:
-            full = _matmul_precision(query.dtype) == "ieee"
+            full = full_precision_products(query.dtype)
             blocks = GPU_BLOCKS_FULL_PRECISION if full else GPU_BLOCKS
         blocks = (min(blocks[0], mask_block), min(blocks[1], mask_block), min(blocks[2], blocks[1], mask_block))
     bm, bn, kc = blocks

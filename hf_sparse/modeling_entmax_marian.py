@@ -72,6 +72,9 @@ def entmax_marian_attention(
         # Sparsefinder's collector reads the probabilities
         output_attentions=output_attentions or getattr(module, "sparsefinder_collector", None) is not None,
         dropout=dropout,
+        needs_grad=torch.is_grad_enabled() and query.requires_grad,
+        dtype=query.dtype,
+        pairs=query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2],
     )
     keep = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask == 0
     valid_queries = None

@@ -30,7 +30,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from .attention import AttentionMask, attention_backends_used, build_mask, choose_backend
+from .attention import AttentionMask, attention_backends_used, build_mask, choose_backend, compute_dtype
 from .block_maps import cached_dense_mask
 from .configuration_sparse_bert import SparseBertConfig
 from .dam import DAMGates, check_loaded_dam
@@ -501,6 +501,8 @@ class SparseBertModel(SparseBertPreTrainedModel):
             output_attentions=output_attentions or collecting,  # Sparsefinder's collector reads the probabilities
             needs_grad=needs_grad,
             dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
+            dtype=compute_dtype(device, self.dtype),
+            pairs=batch * self.config.num_attention_heads * n * n,
         )
         if self.dam_searching() and self.training:
             # The search: a fresh straight-through sample, entering the scores as -c·(1-M) next to the padding.

@@ -465,3 +465,85 @@ def test_auto_picks_fused_for_entmax_on_cuda_only_and_explicit_requests_name_wha
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="fused' is not possible here: .*TRITON_INTERPRET"):
         choose_backend("fused", pattern=dense, n=512, device=cpu, attention_fn="entmax15")
+
+
+def test_auto_runs_eager_for_full_precision_entmax_on_cuda_from_the_measured_length_while_it_fits(monkeypatch):
+    """Full float32 products (torch's default precision) make the fused kernel 2-4x slower than eager from
+    L = 2048 on (benchmarks/gpu.md): auto takes eager there, unless eager's L x L tensors would crowd the GPU."""
+    from hf_sparse import attention
+    from hf_sparse.attention import FULL_PRECISION_EAGER_MIN_LENGTH, choose_backend, compute_dtype
+    from hf_sparse.patterns import parse
+
+    monkeypatch.setattr(attention, "device_memory", lambda device: 80 * 2**30)
+    n = FULL_PRECISION_EAGER_MIN_LENGTH
+
+    def auto(dtype, n=n, batch=1, needs_grad=True, requested="auto"):
+        pairs = batch * 12 * n * n
+        return choose_backend(requested, pattern=parse("dense"), n=n, device=torch.device("cuda"),
+                              attention_fn="entmax15", needs_grad=needs_grad, dtype=dtype, pairs=pairs)
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert auto(torch.float32) == "eager" and auto(torch.float64) == "eager"
+        assert auto(torch.float32, n=n - 1) == "fused"  # below the measured crossover
+        assert auto(torch.float32, requested="fused") == "fused"  # an explicit request is kept
+        # training: 8 float32 copies of batch x 12 x 4096^2 scores, 6.4 GB per sequence, against 20 GiB
+        assert auto(torch.float32, n=4096, batch=3) == "eager" and auto(torch.float32, n=4096, batch=4) == "fused"
+        # a forward alone keeps 4: L = 8192 fits once (12.9 GB), L = 16384 (51.5 GB) does not
+        assert auto(torch.float32, n=8192, needs_grad=False) == "eager" and auto(torch.float32, n=8192) == "fused"
+        assert auto(torch.float32, n=16384, needs_grad=False) == "fused"
+        assert auto(torch.bfloat16) == "fused" and auto(torch.float16) == "fused" and auto(None) == "fused"
+        torch.set_float32_matmul_precision("high")  # TF32: the fused kernel wins at every length
+        assert auto(torch.float32) == "fused" and auto(torch.float64) == "eager"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+    cpu = torch.device("cpu")
+    assert compute_dtype(cpu, torch.float32) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(cpu, torch.float32) == torch.bfloat16
+
+
+def test_the_models_tell_auto_their_compute_dtype_and_pair_count(monkeypatch):
+    """What auto's full-precision rule reads comes from the models: SparseBERT's dtype (autocast's under
+    autocast) and batch x heads x L x L; Marian's query dtype and each attention's own query and key lengths."""
+    from conftest import tiny_kwargs
+    from hf_sparse import (
+        EntmaxSparsefinderMarianConfig,
+        EntmaxSparsefinderMarianMTModel,
+        SparseBertConfig,
+        SparseBertForMaskedLM,
+        attention,
+        modeling_entmax_marian,
+        modeling_sparse_bert,
+    )
+    from test_modeling_entmax_marian import MARIAN
+
+    seen = []
+
+    def spy(requested, **kw):
+        seen.append((kw["dtype"], kw["pairs"], kw["n"]))
+        return attention.choose_backend(requested, **kw)
+
+    monkeypatch.setattr(modeling_sparse_bert, "choose_backend", spy)
+    monkeypatch.setattr(modeling_entmax_marian, "choose_backend", spy)
+    bert = SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs(attention_fn="entmax15", num_attention_heads=2)))
+    ids = torch.randint(5, bert.config.vocab_size, (3, 10))
+    bert(input_ids=ids)
+    assert seen and set(seen) == {(torch.float32, 3 * 2 * 10 * 10, 10)}
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bert(input_ids=ids)
+    assert {dtype for dtype, _, _ in seen} == {torch.bfloat16}
+
+    seen.clear()
+    marian = EntmaxSparsefinderMarianMTModel(EntmaxSparsefinderMarianConfig(**MARIAN)).double().eval()
+    src, tgt = torch.randint(5, 25, (3, 11)), torch.randint(5, 25, (3, 7))
+    marian(input_ids=src, decoder_input_ids=tgt)
+    heads = MARIAN["encoder_attention_heads"]
+    # encoder self (11 x 11), decoder self (7 x 7), cross (7 queries x 11 keys); n is the key count
+    assert set(seen) == {
+        (torch.float64, 3 * heads * 11 * 11, 11), (torch.float64, 3 * heads * 7 * 7, 7),
+        (torch.float64, 3 * heads * 7 * 11, 11),
+    }
