@@ -88,6 +88,10 @@ FALLBACK_TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-14}
 BOUND_SLACK = {torch.float32: 1e-5, torch.float64: 1e-12}
 STREAM_SLOTS = 4  # the streaming pass holds up to this many times ``candidates`` scores per row
 STREAM_STEPS = 8  # Newton steps (bisection: halvings) when it raises its bounds (fewer: looser bounds)
+# warps of the streaming kernel: at 4 (Triton's default) it takes 255 registers per thread, two programs per SM; at 16,
+# 128 registers (sm_90 compile report, scripts/kernel_resources.py). Which is faster is a GPU's to say
+# (scripts/benchmark_stream_slots.py varies it).
+STREAM_WARPS = 4
 THRESHOLD_PASSES = ("topk", "stream")
 DEFAULT_THRESHOLD_PASS = "topk"  # "stream" is exact too; which is faster on a GPU is not measured yet
 
@@ -259,7 +263,7 @@ class _EntmaxAttention(torch.autograd.Function):
                     q, k, *common["masks"], m, tau, fail, tilemax, held, keys, count, *shared, (1 / cap) ** am1,
                     BOUND_SLACK[acc], FALLBACK_TOLERANCE[acc], STEPS=STREAM_STEPS,
                     SOLVE_STEPS=cfg["n_iter"] if cfg["kind"] == 2 else FALLBACK_ITERATIONS[False][acc], CAP=cap,
-                    CHUNK=kc, **common["meta"],
+                    CHUNK=kc, num_warps=STREAM_WARPS, **common["meta"],
                 )
             kernels.fallback_kernel[grid](
                 q, k, *common["masks"], m, tau, fail, *common["qk_strides"], *common["mask_strides"],

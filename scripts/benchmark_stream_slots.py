@@ -1,7 +1,9 @@
 """What the ``stream`` threshold pass's time depends on: its forward at L = 8192 (bf16, 16 heads, head dim 64,
-non-causal) for several slot counts per row (``entmax_triton.STREAM_SLOTS``, times the candidates) and Newton
-steps per raising of the bounds (``STREAM_STEPS``), with each kernel's GPU time (torch.profiler). Fewer slots
-mean more raisings; if raisings were the cost, more slots would be faster.
+non-causal) for several slot counts per row (``entmax_triton.STREAM_SLOTS``, times the candidates), Newton
+steps per raising of the bounds (``STREAM_STEPS``) and warps per program (``STREAM_WARPS``), with each kernel's
+GPU time (torch.profiler). Fewer slots mean more raisings; if raisings were the cost, more slots would be faster
+(on an H200 they were not: benchmarks/gpu.md). More warps spread each program's registers: 255 per thread at 4
+warps, 128 at 16 (benchmarks/kernel_resources.md).
 
     python scripts/benchmark_stream_slots.py            # on a GPU
     TRITON_INTERPRET=1 python scripts/benchmark_stream_slots.py --smoke   # CPU, tiny sizes, no timing
@@ -18,7 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import hf_sparse.entmax_triton as entmax_triton
 
-SETTINGS = ((4, 8), (8, 8), (16, 8), (4, 3), (2, 8))  # (slots per candidate, Newton steps per raising)
+# (slots per candidate, Newton steps per raising, warps): the default first
+SETTINGS = ((4, 8, 4), (4, 8, 8), (4, 8, 16), (8, 8, 4), (16, 8, 4), (4, 3, 4), (2, 8, 4))
 
 
 def median_ms(fn, reps: int = 10) -> float:
@@ -46,8 +49,8 @@ def main(argv=None) -> int:
     q, k, v = (torch.randn(1, heads, n, dim, generator=g).to(device, dtype) for _ in "qkv")
     with torch.no_grad():
         reference = entmax_triton.entmax_attention(q, k, v, blocks=blocks, threshold_pass="topk").float()
-        for slots, steps in SETTINGS:
-            entmax_triton.STREAM_SLOTS, entmax_triton.STREAM_STEPS = slots, steps
+        for slots, steps, warps in SETTINGS:
+            entmax_triton.STREAM_SLOTS, entmax_triton.STREAM_STEPS, entmax_triton.STREAM_WARPS = slots, steps, warps
             fn = partial(entmax_triton.entmax_attention, q, k, v, blocks=blocks, threshold_pass="stream")
             out = fn()
             ms = float("nan") if args.smoke else median_ms(fn)
@@ -62,7 +65,8 @@ def main(argv=None) -> int:
                 if event.key.endswith("_kernel") and not event.key.startswith("aten")
             }
             diff = float((out.float() - reference).abs().max())
-            print(f"slots {slots} x candidates, {steps} steps per raising: forward {ms:.2f} ms, per kernel {per}, "
+            print(f"slots {slots} x candidates, {steps} steps per raising, {warps} warps: forward {ms:.2f} ms, "
+                  f"per kernel {per}, "
                   f"max |diff| to topk {diff:.1e}", flush=True)
     return 0
 
