@@ -15,10 +15,13 @@ the options a run started with, so that a resumed run is the same run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,47 @@ class LogAtCheckpoints(TrainerCallback):
         return control
 
 
+class TrainingClock(TrainerCallback, ExportableState):
+    """The seconds a stage has trained, over every process that worked on it: a resumed run reports the time its
+    training took, not only the part after the last stop.
+
+    Trainer saves it with each checkpoint (a stateful callback, in ``trainer_state.json``); :func:`train_stage`
+    reads it back from the checkpoint it resumes from (Trainer restores callback states only when
+    ``restore_callback_states_from_checkpoint`` is set, for every callback). Training redone after the checkpoint
+    (the steps between it and the stop) is not counted twice: only the time up to the checkpoint carries over.
+    """
+
+    def __init__(self):
+        self.before = 0.0  # seconds earlier processes trained, up to the checkpoint this one resumed from
+        self._started = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        """Trained so far: the earlier processes' seconds and this one's since its training began."""
+        return self.before + (0.0 if self._started is None else time.perf_counter() - self._started)
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"seconds": self.seconds}}
+
+    @staticmethod
+    def saved_in(checkpoint: str) -> float:
+        """The clock's seconds in a checkpoint (0 for one written before the clock existed)."""
+        from transformers.trainer import TRAINER_STATE_NAME
+
+        with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as handle:
+            saved = json.load(handle).get("stateful_callbacks", {}).get(TrainingClock.__name__, {})
+        return float(saved.get("attributes", {}).get("seconds", 0.0))
+
+
+def seconds_trained_before(trainer) -> float:
+    """The seconds earlier processes spent in this trainer's stage before the checkpoint it resumed from (0 when
+    it started afresh): what a command adds to its own process's time to report a resumed run's time."""
+    return sum(c.before for c in trainer.callback_handler.callbacks if isinstance(c, TrainingClock))
+
+
 def _stopped_at(checkpoint: str) -> bool:
     """Whether training stopped at this checkpoint: the last step, or a callback's stop (the DAM search reaching
     its target), as the checkpoint's saved ``TrainerControl`` says."""
@@ -103,7 +147,8 @@ def _drop_optimizer_state(folder: str) -> None:
 def train_stage(trainer, output_dir: str, stage: str, resume: bool):
     """``trainer.train()`` of a stage, from its newest checkpoint when ``resume`` (:func:`resume_point`).
 
-    Every stage logs its loss at its checkpoints (:class:`LogAtCheckpoints`). A checkpoint written as the stage
+    Every stage logs its loss at its checkpoints (:class:`LogAtCheckpoints`) and keeps its training time in them
+    (:class:`TrainingClock`). A checkpoint written as the stage
     stopped is the stage's result, and is restored rather than resumed:
     Trainer resumed from it would take one step more (transformers 5 checks for the end of training only after a
     step), so a resumed run would drift from an uninterrupted one. Its weights and Trainer state are loaded and the
@@ -112,9 +157,12 @@ def train_stage(trainer, output_dir: str, stage: str, resume: bool):
     from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_callback import ProgressCallback, TrainerState
 
-    if not any(isinstance(callback, LogAtCheckpoints) for callback in trainer.callback_handler.callbacks):
-        trainer.add_callback(LogAtCheckpoints())
+    for kind in (LogAtCheckpoints, TrainingClock):
+        if not any(isinstance(callback, kind) for callback in trainer.callback_handler.callbacks):
+            trainer.add_callback(kind())
     checkpoint = resume_point(output_dir, stage, resume)
+    clock = next(c for c in trainer.callback_handler.callbacks if isinstance(c, TrainingClock))
+    clock.before = 0.0 if checkpoint is None else TrainingClock.saved_in(checkpoint)
     if checkpoint is None or not _stopped_at(checkpoint):
         trainer.train(resume_from_checkpoint=checkpoint)
         if trainer.args.should_save:  # the process that writes checkpoints (the main one)

@@ -291,10 +291,12 @@ def run_finetune(
 
     Each run's model goes to ``output_dir/<run>`` with tokenizer, ``metrics.json`` and card; the returned rows
     (also in ``output_dir/results.json``) hold run, attention, attention sparsity, accuracy, macro-F1, steps and
-    seconds. ``format_table(rows)`` formats them as a table.
+    seconds (a resumed run's include the training earlier processes did up to its checkpoints:
+    :class:`hf_sparse.checkpointing.TrainingClock`). ``format_table(rows)`` formats them as a table.
     """
     from transformers import AutoTokenizer, set_seed
 
+    from .checkpointing import seconds_trained_before
     from .checks import check_int
     from .configuration_sparse_bert import SparseBertConfig
     from .patterns import parse
@@ -354,7 +356,7 @@ def run_finetune(
                 names,
                 dam={**DAM_START, "structure": dam_structure, "max_length": max_length, "penalty": penalty},
             )
-            extra = _search_and_train(
+            extra, earlier = _search_and_train(
                 model,
                 tokenized,
                 tokenizer,
@@ -368,8 +370,8 @@ def run_finetune(
             )
         else:
             model = load_classifier(source, names, attention_pattern=pattern if run == "pattern" else "dense")
-            train(model, tokenized, tokenizer, steps=steps, stage=run, **common)
-            extra = {}
+            trainer = train(model, tokenized, tokenizer, steps=steps, stage=run, **common)
+            extra, earlier = {}, seconds_trained_before(trainer)
         measured = evaluate_classifier(model, tokenized["validation"], tokenizer, batch_size=2 * batch_size)
         row = {
             "run": run,
@@ -377,7 +379,8 @@ def run_finetune(
             **measured,
             **extra,
             "steps": steps,
-            "seconds": round(time.perf_counter() - start, 1),
+            # this process's time and, resumed, the training earlier processes did up to its checkpoints
+            "seconds": round(time.perf_counter() - start + earlier, 1),
         }
         rows.append(row)
         _save(
@@ -402,9 +405,11 @@ def run_finetune(
 
 def _search_and_train(
     model, tokenized, tokenizer, steps, search_fraction, target_sparsity, penalty, gate_lr, density_length, common
-) -> dict:
-    """SparseBERT's two DAM stages as two Trainer runs: search (λ from 0 to ``penalty``), freeze, fine-tune."""
+) -> tuple[dict, float]:
+    """SparseBERT's two DAM stages as two Trainer runs: search (λ from 0 to ``penalty``), freeze, fine-tune.
+    Returns the run's results and the seconds earlier processes trained its stages (resumed: see ``seconds``)."""
     from .callbacks import DAMCallback
+    from .checkpointing import seconds_trained_before
 
     search = DAMCallback(
         penalty=0.0,
@@ -427,16 +432,17 @@ def _search_and_train(
         stage="dam_search",
         **common,
     )
-    searched = trainer.state.global_step
+    searched, earlier = trainer.state.global_step, seconds_trained_before(trainer)
     if steps > searched:
         frozen = {**common, "seed": common["seed"] + 1}
-        train(model, tokenized, tokenizer, steps=steps - searched, stage="dam_frozen", **frozen)
+        trainer = train(model, tokenized, tokenizer, steps=steps - searched, stage="dam_frozen", **frozen)
+        earlier += seconds_trained_before(trainer)
     base = model.base_model
     return {
         "dam_search_steps": searched,
         "dam_density": base.dam_density(density_length).mean().item(),
         "dam_density_length": density_length,
-    }
+    }, earlier
 
 
 def format_table(rows: list[dict]) -> str:

@@ -70,6 +70,14 @@ def test_finetune_killed_in_the_dam_training_resumes_to_the_uninterrupted_result
         "dam_frozen": ["checkpoint-4"],
     }
     interrupted = load_file(out / "checkpoints" / "dam_frozen" / "checkpoint-4" / "model.safetensors")
+    # the training time each stage's checkpoint carries (Trainer's stateful callbacks): the killed process's
+    trained = {
+        stage: json.loads((out / "checkpoints" / stage / f"checkpoint-{step}" / "trainer_state.json").read_text())[
+            "stateful_callbacks"
+        ]["TrainingClock"]["attributes"]["seconds"]
+        for stage, step in (("dense", 12), ("pattern", 12), ("dam_search", 4), ("dam_frozen", 4))
+    }
+    assert all(seconds > 0 for seconds in trained.values()), trained
 
     resumed = _finetune(tmp_path, "killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -92,6 +100,11 @@ def test_finetune_killed_in_the_dam_training_resumes_to_the_uninterrupted_result
         for row in metrics:
             row.pop("seconds")  # the one field that is no result
         assert metrics[0] == metrics[1], run
+    # a resumed run's time includes the training the killed process did (the finished runs' in full), not only
+    # the restore and evaluation this process redid
+    seconds = {run: json.loads((out / run / "metrics.json").read_text())["seconds"] for run in RUNS}
+    assert seconds["dense"] >= trained["dense"] - 0.05 and seconds["pattern"] >= trained["pattern"] - 0.05
+    assert seconds["dam"] >= trained["dam_search"] + trained["dam_frozen"] - 0.1, (seconds, trained)
     final = load_file(out / "dam" / "model.safetensors")
     assert json.loads((out / "dam" / "metrics.json").read_text())["dam_search_steps"] == 4
     # the resumed stage trained on: its 4 remaining steps changed the weights of the killed run's checkpoint
