@@ -792,8 +792,9 @@ def attend_layer(
       predicted pairs only, met with the layer's pattern ``mask.pattern`` (SparseBERT's) as ``combine`` says and
       restricted to the real keys ``mask.valid_tokens``, or, without a pattern, to ``mask.keep`` (Marian's causal
       and padding mask): on the fused Triton kernel (:func:`attend_predicted_fused`) when ``mask`` was built for
-      it (``attention_backend="fused"``, or ``"auto"`` with the entmax family on CUDA) and no probabilities are
-      asked for, else by gathering (:func:`attend_predicted`), which also returns the probabilities;
+      it (``attention_backend="fused"``, or ``"auto"`` where it picks the fused kernel: the entmax family on
+      CUDA, :func:`hf_sparse.attention.choose_backend`) and no probabilities are asked for, else by gathering
+      (:func:`attend_predicted`), which also returns the probabilities;
     * otherwise the kernel ``mask`` was built for (:func:`hf_sparse.attention.attend`); while ``fit`` collects
       (``module.sparsefinder_collector``), the collector gets the queries, keys, probabilities and the valid pairs:
       ``mask.keep`` restricted to the real queries ``valid_queries`` ``(B, Lq)``.
