@@ -83,10 +83,12 @@ class TrainingClock(TrainerCallback, ExportableState):
     """The seconds a stage has trained, over every process that worked on it: a resumed run reports the time its
     training took, not only the part after the last stop.
 
-    Trainer saves it with each checkpoint (a stateful callback, in ``trainer_state.json``); :func:`train_stage`
-    reads it back from the checkpoint it resumes from (Trainer restores callback states only when
-    ``restore_callback_states_from_checkpoint`` is set, for every callback). Training redone after the checkpoint
-    (the steps between it and the stop) is not counted twice: only the time up to the checkpoint carries over.
+    Trainer saves it with each checkpoint (a stateful callback, in ``trainer_state.json``: ``before``, the seconds
+    trained up to the checkpoint, as a process resuming from it sees them); :func:`train_stage` reads it back from
+    the checkpoint it resumes from, since Trainer restores callback states only when
+    ``restore_callback_states_from_checkpoint`` is set (for every callback; then its own restoring gives the same).
+    Training redone after the checkpoint (the steps between it and the stop) is not counted twice: only the time
+    up to the checkpoint carries over.
     """
 
     def __init__(self):
@@ -102,7 +104,7 @@ class TrainingClock(TrainerCallback, ExportableState):
         return self.before + (0.0 if self._started is None else time.perf_counter() - self._started)
 
     def state(self) -> dict:
-        return {"args": {}, "attributes": {"seconds": self.seconds}}
+        return {"args": {}, "attributes": {"before": self.seconds}}
 
     @staticmethod
     def saved_in(checkpoint: str) -> float:
@@ -111,7 +113,7 @@ class TrainingClock(TrainerCallback, ExportableState):
 
         with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as handle:
             saved = json.load(handle).get("stateful_callbacks", {}).get(TrainingClock.__name__, {})
-        return float(saved.get("attributes", {}).get("seconds", 0.0))
+        return float(saved.get("attributes", {}).get("before", 0.0))
 
 
 def seconds_trained_before(trainer) -> float:
@@ -148,8 +150,8 @@ def train_stage(trainer, output_dir: str, stage: str, resume: bool):
     """``trainer.train()`` of a stage, from its newest checkpoint when ``resume`` (:func:`resume_point`).
 
     Every stage logs its loss at its checkpoints (:class:`LogAtCheckpoints`) and keeps its training time in them
-    (:class:`TrainingClock`). A checkpoint written as the stage
-    stopped is the stage's result, and is restored rather than resumed:
+    (:class:`TrainingClock`). A checkpoint written as the stage stopped is the stage's result, and is restored
+    rather than resumed:
     Trainer resumed from it would take one step more (transformers 5 checks for the end of training only after a
     step), so a resumed run would drift from an uninterrupted one. Its weights and Trainer state are loaded and the
     callbacks' ``on_train_end`` runs as it did (the progress bar's aside: it never opened).

@@ -93,7 +93,7 @@ STREAM_STEPS = 8  # Newton steps (bisection: halvings) when it raises its bounds
 # (scripts/benchmark_stream_slots.py varies it).
 STREAM_WARPS = 4
 THRESHOLD_PASSES = ("topk", "stream")
-DEFAULT_THRESHOLD_PASS = "topk"  # "stream" is exact too; which is faster on a GPU is not measured yet
+DEFAULT_THRESHOLD_PASS = "topk"  # "stream" is exact too, and level with it on an H200 (benchmarks/gpu.md)
 
 _kernels = None
 

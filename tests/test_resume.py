@@ -147,3 +147,24 @@ def test_an_interrupted_run_says_how_to_continue_it(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_sparse.cli, "cmd_demo", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # no checkpoint yet: nothing to continue, the interrupt goes on
         hf_sparse_cli.main(["demo", "--out", str(tmp_path / "fresh")])
+
+
+def test_the_training_clock_survives_trainers_own_restoring_of_callback_states():
+    """With ``restore_callback_states_from_checkpoint=True`` Trainer rebuilds each stateful callback as
+    ``type(cb)(**args)`` and sets its saved attributes (``Trainer._load_callback_state``): the clock must accept
+    that and carry the saved seconds on, as ``train_stage``'s own reading does."""
+    import time
+
+    from hf_sparse.checkpointing import TrainingClock
+
+    clock = TrainingClock()
+    clock.on_train_begin(None, None, None)
+    time.sleep(0.01)
+    saved = json.loads(json.dumps(clock.state()))  # as trainer_state.json keeps it
+    rebuilt = type(clock)(**saved["args"])
+    for attribute, value in saved["attributes"].items():
+        setattr(rebuilt, attribute, value)
+    assert rebuilt.seconds >= 0.01 and rebuilt.before == saved["attributes"]["before"]
+    rebuilt.on_train_begin(None, None, None)
+    time.sleep(0.01)
+    assert rebuilt.seconds >= rebuilt.before + 0.01
