@@ -9,9 +9,12 @@ Checks first, then times (CUDA events, medians), B=1, 16 heads, head dim 64:
 2. **Row-wise entmax**, float32 scores (1, 16, L, L), forward: softmax, ``entmax_topk.entmax15``, the ``entmax``
    package.
 3. **Attention op**, bfloat16 q, k, v, L in {1024, 4096, 8192, 16384}, causal and not, forward and
-   forward+backward: SDPA (softmax, the speed of light), FlexAttention (softmax, compiled), the fused entmax kernel,
-   matmul + ``entmax_topk`` + matmul, matmul + the ``entmax`` package + matmul. Ratios to SDPA from the same run.
-   Dense paths are skipped where their L x L tensors would not fit, with the reason in the table.
+   forward+backward: SDPA (softmax, the speed of light), FlexAttention (softmax, compiled), the fused entmax kernel
+   (each threshold pass), matmul + ``entmax_topk`` + matmul, matmul + the ``entmax`` package + matmul. Ratios to
+   SDPA from the same run. Dense paths are skipped where their L x L tensors would not fit, with the reason in the
+   table.
+   **float32** (:func:`float32_op`): float32 q, k, v at full precision and with TF32, the fused kernel against
+   matmul + ``entmax_topk`` + matmul at L in {1024, ..., 16384} (what ``auto`` picks for float32 models).
 4. **Whole models** (:func:`whole_models`): an entmax SparseBERT training step at L = 4096 and an entmax Marian's
    ``generate``, each against the same model with softmax attention (targets: at most 1.5x).
 5. **Long sequences** (:func:`long_sequence`): the fused kernel at L = 32768 and 65536 with its peak memory (the
@@ -20,7 +23,7 @@ Checks first, then times (CUDA events, medians), B=1, 16 heads, head dim 64:
 6. **Predicted blocks** (:func:`predicted_blocks`): Sparsefinder's predicted attention through the fused kernel's
    tile and element masks, against the gathering execution and dense fused entmax.
 7. **Profile** (:func:`kernel_profile`): per-kernel time of the fused kernel at L = 8192 for several tile choices
-   (what ``GPU_BLOCKS`` should be, and what the threshold pass costs against the output pass).
+   and both threshold passes (what ``GPU_BLOCKS`` should be, and what finding τ costs against the output pass).
 
 ``--sections`` reruns some parts only (e.g. ``--sections models,long`` after a run cut short). GPU time is rare, so
 one section's failure never costs the others: it is reported (with the rows it had) and the run goes on; the
