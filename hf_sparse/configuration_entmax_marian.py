@@ -32,8 +32,9 @@ class EntmaxSparsefinderMarianConfig(MarianConfig):
     entmax_alpha (`float`, defaults to 1.5):
         α of `entmax_bisect`.
     attention_backend (`str`, defaults to `"auto"`):
-        Kernel of every attention type: `auto` (on CUDA the fused Triton kernel for the entmax family, SDPA for
-        softmax; on the CPU eager entmax (exact top-k) and SDPA; eager wherever probabilities are asked for),
+        Kernel of every attention type: `auto` (on CUDA the fused Triton kernel for the entmax family, or eager in
+        full-precision float32 from 2048 keys while it fits, and SDPA for softmax; on the CPU eager entmax (exact
+        top-k) and SDPA; eager wherever probabilities are asked for),
         `eager` (reference, returns probabilities), `fused` (every normaliser must be of the entmax family) or
         `sdpa` (every normaliser must be `softmax`). Predicted-sparse Sparsefinder decoding runs its own kernel.
         This replaces Transformers' `attn_implementation`, which has no notion of entmax.
