@@ -63,7 +63,11 @@ FLEX_BLOCK_SIZE = 128
 # `auto` runs eager for full-precision entmax while eager's L x L tensors (EAGER_SCORE_COPIES float32 ones at
 # once, forward or training) take at most EAGER_MEMORY_SHARE of the GPU's memory; beyond, the fused kernel, whose
 # memory is O(L), still runs.
+# A sparse pattern keeps the fused kernel: its work shrinks with the tiles the pattern leaves (eager's does not), so
+# at the dense ratio of 2.3-4.2x it wins below about a third of the tiles (an inference from the dense
+# measurements; full-precision patterns on the GPU are not measured).
 FULL_PRECISION_EAGER_MIN_LENGTH = 2048
+FULL_PRECISION_EAGER_MIN_DENSITY = 1 / 3
 EAGER_SCORE_COPIES = {False: 4, True: 8}
 EAGER_MEMORY_SHARE = 0.25
 
@@ -164,7 +168,8 @@ def choose_backend(
     of one call over batch and heads, for ``auto``'s choice between the fused kernel and eager at full precision.
     ``auto``: eager when probabilities are asked for; on CUDA the ``fused`` kernel for the entmax family (it skips
     the pattern's empty tiles itself), but eager for full-precision products from
-    :data:`FULL_PRECISION_EAGER_MIN_LENGTH` keys on where its memory allows (:func:`eager_beats_fused`); a
+    :data:`FULL_PRECISION_EAGER_MIN_LENGTH` keys on where its memory allows (:func:`eager_beats_fused`) and the
+    pattern keeps more than :data:`FULL_PRECISION_EAGER_MIN_DENSITY` of the tiles; a
     block-sparse kernel (FlexAttention on CUDA for softmax, ``tiles`` otherwise) when the sequence is long and the
     pattern block-sparse enough to pay (measured crossover above; the density comes from the pattern's block map
     on the CPU, cached, so no device is read); else SDPA for softmax, eager for the entmax family.
@@ -232,7 +237,12 @@ def choose_backend(
     if output_attentions:
         return "eager"
     if family == "entmax" and device.type == "cuda" and not reasons_not_fused:
-        return "eager" if eager_beats_fused(dtype, n, pairs, needs_grad, device) else "fused"
+        if not eager_beats_fused(dtype, n, pairs, needs_grad, device):
+            return "fused"
+        dense_enough = pattern.is_dense or (
+            cached_block_density(pattern, n, "cpu", FLEX_BLOCK_SIZE) > FULL_PRECISION_EAGER_MIN_DENSITY
+        )
+        return "eager" if dense_enough else "fused"
     min_length = BLOCK_SPARSE_MIN_LENGTH.get(device.type, BLOCK_SPARSE_MIN_LENGTH["cuda"])[family]
     if per_row or pattern.is_dense or n < min_length:
         return dense_kernel

@@ -30,9 +30,9 @@ class SparseBertConfig(BertConfig):
         FlexAttention, softmax), `tiles` (block-sparse by gathering the pattern's tiles, every normaliser, no
         compiler), `fused` (the entmax family in fused Triton kernels: exact, skips empty tiles; CUDA), or `auto`
         (fused for the entmax family on CUDA, eager instead in full-precision float32 from 2048 tokens while it
-        fits, where cuBLAS is faster; otherwise by length and block density, the crossover measured in
-        `benchmarks/attention_backends.md`; eager when probabilities are asked for). After a forward,
-        `model.attention_backends_used()` says which kernel each layer ran.
+        fits and the pattern is dense enough, where cuBLAS is faster; otherwise by length and block density, the
+        crossover measured in `benchmarks/attention_backends.md`; eager when probabilities are asked for). After a
+        forward, `model.attention_backends_used()` says which kernel each layer ran.
         This replaces Transformers' `attn_implementation`, which has no notion of a sparsity pattern.
     dam (`dict`, *optional*):
         Differentiable Attention Mask settings (SparseBERT's DAM), see `hf_sparse.dam.DAM_DEFAULTS`: `structure`

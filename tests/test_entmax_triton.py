@@ -477,9 +477,9 @@ def test_auto_runs_eager_for_full_precision_entmax_on_cuda_from_the_measured_len
     monkeypatch.setattr(attention, "device_memory", lambda device: 80 * 2**30)
     n = FULL_PRECISION_EAGER_MIN_LENGTH
 
-    def auto(dtype, n=n, batch=1, needs_grad=True, requested="auto"):
+    def auto(dtype, n=n, batch=1, needs_grad=True, requested="auto", pattern="dense"):
         pairs = batch * 12 * n * n
-        return choose_backend(requested, pattern=parse("dense"), n=n, device=torch.device("cuda"),
+        return choose_backend(requested, pattern=parse(pattern), n=n, device=torch.device("cuda"),
                               attention_fn="entmax15", needs_grad=needs_grad, dtype=dtype, pairs=pairs)
 
     before = torch.get_float32_matmul_precision()
@@ -494,6 +494,9 @@ def test_auto_runs_eager_for_full_precision_entmax_on_cuda_from_the_measured_len
         assert auto(torch.float32, n=8192, needs_grad=False) == "eager" and auto(torch.float32, n=8192) == "fused"
         assert auto(torch.float32, n=16384, needs_grad=False) == "fused"
         assert auto(torch.bfloat16) == "fused" and auto(torch.float16) == "fused" and auto(None) == "fused"
+        # a sparse pattern shrinks the fused kernel's work (skipped tiles), not eager's: it stays fused
+        assert auto(torch.float32, n=4096, pattern="window:64") == "fused"  # 3 of 32 tiles per row
+        assert auto(torch.float32, n=4096, pattern="window:1800") == "eager"  # more than a third of the tiles
         torch.set_float32_matmul_precision("high")  # TF32: the fused kernel wins at every length
         assert auto(torch.float32) == "fused" and auto(torch.float64) == "eager"
     finally:
