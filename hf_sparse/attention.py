@@ -158,6 +158,7 @@ def choose_backend(
     per_row: bool = False,
     dtype: torch.dtype | None = None,
     pairs: int = 0,
+    predicted: bool = False,
 ) -> str:
     """Resolve ``requested`` to a kernel, refusing (not silently replacing) impossible explicit requests.
 
@@ -166,6 +167,8 @@ def choose_backend(
     a mask per batch that only the dense kernels take.
     ``dtype``, ``pairs``: the dtype attention computes in (autocast's, where it is on) and the (query, key) pairs
     of one call over batch and heads, for ``auto``'s choice between the fused kernel and eager at full precision.
+    ``predicted``: Sparsefinder's predicted-sparse attention runs (on the fused kernel, or by gathering, never
+    dense eager), so that choice does not arise.
     ``auto``: eager when probabilities are asked for; on CUDA the ``fused`` kernel for the entmax family (it skips
     the pattern's empty tiles itself), but eager for full-precision products from
     :data:`FULL_PRECISION_EAGER_MIN_LENGTH` keys on where its memory allows (:func:`eager_beats_fused`) and the
@@ -237,7 +240,7 @@ def choose_backend(
     if output_attentions:
         return "eager"
     if family == "entmax" and device.type == "cuda" and not reasons_not_fused:
-        if not eager_beats_fused(dtype, n, pairs, needs_grad, device):
+        if predicted or not eager_beats_fused(dtype, n, pairs, needs_grad, device):
             return "fused"
         dense_enough = pattern.is_dense or (
             cached_block_density(pattern, n, "cpu", FLEX_BLOCK_SIZE) > FULL_PRECISION_EAGER_MIN_DENSITY

@@ -27,7 +27,14 @@ from .attention import AttentionMask, attention_backends_used, choose_backend
 from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
 from .loading import ReportsNewWeights
 from .patterns import parse
-from .sparsefinder import SparsefinderLayer, attend_layer, check_loaded_predictors, predicts_layer, resolve_config
+from .sparsefinder import (
+    SparsefinderLayer,
+    attend_layer,
+    check_loaded_predictors,
+    predicts_layer,
+    resolve_config,
+    runs_predicted,
+)
 from .sparsefinder import initialize as initialize_predictor
 
 ATTENTION_NAME = "hf_sparse_entmax"
@@ -75,6 +82,7 @@ def entmax_marian_attention(
         needs_grad=torch.is_grad_enabled() and query.requires_grad,
         dtype=query.dtype,
         pairs=query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2],
+        predicted=runs_predicted(module),
     )
     keep = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask == 0
     valid_queries = None

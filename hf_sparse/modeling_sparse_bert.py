@@ -36,7 +36,14 @@ from .configuration_sparse_bert import SparseBertConfig
 from .dam import DAMGates, check_loaded_dam
 from .loading import UNUSED_PRETRAINING, ReportsNewWeights
 from .patterns import Intersection, Learned, Pattern, Union, bind_learned, parse, without_learned
-from .sparsefinder import SparsefinderLayer, attend_layer, check_loaded_predictors, predicts_layer, resolve_config
+from .sparsefinder import (
+    SparsefinderLayer,
+    attend_layer,
+    check_loaded_predictors,
+    predicts_layer,
+    resolve_config,
+    runs_predicted,
+)
 from .sparsefinder import initialize as initialize_predictor
 
 _PARSED: dict[str, Pattern] = {}
@@ -503,6 +510,7 @@ class SparseBertModel(SparseBertPreTrainedModel):
             dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
             dtype=compute_dtype(device, self.dtype),
             pairs=batch * self.config.num_attention_heads * n * n,
+            predicted=any(runs_predicted(layer.attention.self) for layer in self.encoder.layer),
         )
         if self.dam_searching() and self.training:
             # The search: a fresh straight-through sample, entering the scores as -c·(1-M) next to the padding.

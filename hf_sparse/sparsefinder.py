@@ -160,6 +160,17 @@ def predicts_layer(settings: dict, layer: int) -> bool:
     return settings["layers"] is None or layer in settings["layers"]
 
 
+def runs_predicted(module: nn.Module) -> bool:
+    """Whether the attention ``module``'s next forward runs predicted-sparse attention (:func:`attend_layer`): it
+    has a predictor, enabled in the config, in eval mode, and no collector is gathering its attention."""
+    return (
+        getattr(module, "sparsefinder", None) is not None
+        and getattr(module, "sparsefinder_collector", None) is None
+        and not module.training
+        and bool((module.config.sparsefinder or {}).get("enabled"))
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Valid pairs and the gold graph
 # --------------------------------------------------------------------------------------------------------------
@@ -807,7 +818,7 @@ def attend_layer(
     predictor = getattr(module, "sparsefinder", None)
     collector = getattr(module, "sparsefinder_collector", None)
     settings = module.config.sparsefinder
-    if predictor is not None and collector is None and not module.training and settings.get("enabled"):
+    if runs_predicted(module):
         probabilities = output_attentions if predicted_probabilities is None else predicted_probabilities
         # the fused kernel never builds probabilities: asked for them, the gathering execution returns them, and
         # says so (choose_backend picks "fused" only without output_attentions: refused when explicit, eager on auto)

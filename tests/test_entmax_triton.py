@@ -477,10 +477,11 @@ def test_auto_runs_eager_for_full_precision_entmax_on_cuda_from_the_measured_len
     monkeypatch.setattr(attention, "device_memory", lambda device: 80 * 2**30)
     n = FULL_PRECISION_EAGER_MIN_LENGTH
 
-    def auto(dtype, n=n, batch=1, needs_grad=True, requested="auto", pattern="dense"):
+    def auto(dtype, n=n, batch=1, needs_grad=True, requested="auto", pattern="dense", predicted=False):
         pairs = batch * 12 * n * n
         return choose_backend(requested, pattern=parse(pattern), n=n, device=torch.device("cuda"),
-                              attention_fn="entmax15", needs_grad=needs_grad, dtype=dtype, pairs=pairs)
+                              attention_fn="entmax15", needs_grad=needs_grad, dtype=dtype, pairs=pairs,
+                              predicted=predicted)
 
     before = torch.get_float32_matmul_precision()
     try:
@@ -497,6 +498,8 @@ def test_auto_runs_eager_for_full_precision_entmax_on_cuda_from_the_measured_len
         # a sparse pattern shrinks the fused kernel's work (skipped tiles), not eager's: it stays fused
         assert auto(torch.float32, n=4096, pattern="window:64") == "fused"  # 3 of 32 tiles per row
         assert auto(torch.float32, n=4096, pattern="window:1800") == "eager"  # more than a third of the tiles
+        # Sparsefinder's predicted attention runs on the fused kernel or by gathering, never dense eager
+        assert auto(torch.float32, predicted=True) == "fused"
         torch.set_float32_matmul_precision("high")  # TF32: the fused kernel wins at every length
         assert auto(torch.float32) == "fused" and auto(torch.float64) == "eager"
     finally:

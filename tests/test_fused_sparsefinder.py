@@ -326,3 +326,43 @@ def test_marian_decoder_predicted_attention_runs_fused_with_padding_and_kv_cache
         assert model.attention_backends_used()[decoder_self] == PREDICTED_FUSED
     real = tgt_mask.bool()  # logits at padded positions attend to nothing real: compare the real ones
     torch.testing.assert_close(torch.cat([prefill, step], 1)[real], eager[real], atol=1e-10, rtol=0)
+
+
+def test_models_tell_auto_which_layers_run_predicted_attention(monkeypatch):
+    """auto's full-precision rule (eager from L = 2048 on CUDA) is for dense work; a model whose layers run
+    Sparsefinder's predicted attention says so, and auto keeps the fused kernel for it (not the gathering)."""
+    from hf_sparse import attention, modeling_entmax_marian, modeling_sparse_bert
+
+    seen = []
+
+    def spy(requested, **kw):
+        seen.append(kw["predicted"])
+        return attention.choose_backend(requested, **kw)
+
+    monkeypatch.setattr(modeling_sparse_bert, "choose_backend", spy)
+    monkeypatch.setattr(modeling_entmax_marian, "choose_backend", spy)
+    model = bert("dense").cpu()
+    ids = torch.randint(5, model.config.vocab_size, (2, 12))
+    model.config.attention_backend = "eager"  # what the kernel is does not matter here, what auto is told does
+    with torch.no_grad():
+        model(input_ids=ids)
+        assert seen == [True]
+        model.config.sparsefinder["enabled"] = False
+        model(input_ids=ids)
+        model.config.sparsefinder["enabled"] = True
+        model.train()
+        model(input_ids=ids)
+    assert seen == [True, False, False]
+
+    seen.clear()
+    settings = {"method": "distance", "window": 1, "enabled": True}
+    config = EntmaxSparsefinderMarianConfig(**{**TINY, "sparsefinder": settings, "attention_backend": "eager"})
+    marian = EntmaxSparsefinderMarianMTModel(config).eval()
+    for layer in marian.model.decoder.layers:
+        layer.self_attn.sparsefinder.fitted.fill_(True)
+    src, tgt = torch.randint(5, TINY["vocab_size"], (2, 9)), torch.randint(5, TINY["vocab_size"], (2, 6))
+    with torch.no_grad():
+        marian(input_ids=src, decoder_input_ids=tgt)
+    # per attention call: the encoder's and the cross attention run dense, the decoder's self-attention predicts
+    layers = config.decoder_layers
+    assert seen.count(True) == layers and seen.count(False) == config.encoder_layers + layers
