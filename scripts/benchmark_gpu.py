@@ -14,7 +14,8 @@ Checks first, then times (CUDA events, medians), B=1, 16 heads, head dim 64:
    SDPA from the same run. Dense paths are skipped where their L x L tensors would not fit, with the reason in the
    table.
    **float32** (:func:`float32_op`): float32 q, k, v at full precision and with TF32, the fused kernel against
-   matmul + ``entmax_topk`` + matmul at L in {1024, ..., 16384} (what ``auto`` picks for float32 models).
+   matmul + ``entmax_topk`` + matmul at L in {1024, ..., 16384} (what ``auto`` picks for float32 models);
+   **float32_patterns** (:func:`float32_patterns`): the same with windows of growing tile density.
 4. **Whole models** (:func:`whole_models`): an entmax SparseBERT training step at L = 4096 and an entmax Marian's
    ``generate``, each against the same model with softmax attention (targets: at most 1.5x).
 5. **Long sequences** (:func:`long_sequence`): the fused kernel at L = 32768 and 65536 with its peak memory (the
@@ -79,7 +80,7 @@ except ImportError:  # a benchmark-only dependency (the dev extra has it)
     entmax_package = None
 
 COMMAND = "python scripts/benchmark_gpu.py --output benchmarks/gpu.md"
-SECTIONS = ("correctness", "rowwise", "op", "float32", "models", "long", "predicted", "profile")
+SECTIONS = ("correctness", "rowwise", "op", "float32", "float32_patterns", "models", "long", "predicted", "profile")
 
 
 def sync(device):
@@ -291,6 +292,50 @@ def float32_op(lengths, heads, dim, device, rows):
                 del q, k, v, grad
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    finally:
+        torch.set_float32_matmul_precision(before)
+    return rows
+
+
+def attend_backward(attend, q, k, v, mask, grad):
+    """One forward+backward of ``hf_sparse.attention.attend`` (1.5-entmax) with ``mask``."""
+    out, _ = attend(q, k, v, mask, scaling=q.shape[-1] ** -0.5, attention_fn="entmax15")
+    out.backward(grad)
+
+
+def float32_patterns(lengths, windows, heads, dim, device, rows):
+    """Full-precision float32 with a pattern: ``auto`` keeps the fused kernel when the pattern leaves at most
+    ``attention.FULL_PRECISION_EAGER_MIN_DENSITY`` of the 128 x 128 tiles (inferred from the dense timings: the
+    fused kernel's work shrinks with the tiles, eager's does not). This times both kernels as the models run
+    them (``attention.build_mask`` + ``attention.attend``, forward+backward) for windows of growing density."""
+    from hf_sparse.attention import FLEX_BLOCK_SIZE, attend, build_mask, choose_backend
+    from hf_sparse.block_maps import cached_block_density
+    from hf_sparse.patterns import parse
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        for n in lengths:
+            q, k, v = (torch.randn(1, heads, n, dim, device=device, requires_grad=True) for _ in "qkv")
+            grad = torch.randn(1, n, heads, dim, device=device)
+            for width in windows:
+                pattern = parse(f"window:{width}")
+                density = cached_block_density(pattern, n, "cpu", FLEX_BLOCK_SIZE)
+                times = {}
+                for backend in ("eager", "fused"):
+                    mask = build_mask(pattern, None, n, device, backend)
+                    times[backend] = time_ms(partial(attend_backward, attend, q, k, v, mask, grad), device)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                picked = choose_backend(
+                    "auto", pattern=pattern, n=n, device=device, attention_fn="entmax15", needs_grad=True,
+                    dtype=torch.float32, pairs=heads * n * n,
+                )
+                rows.append(
+                    f"| {n} | window:{width} | {density:.2f} | {times['eager']:.2f} | {times['fused']:.2f} | "
+                    f"{times['fused'] / times['eager']:.2f}x | {picked} |"
+                )
+            del q, k, v, grad
     finally:
         torch.set_float32_matmul_precision(before)
     return rows
@@ -578,6 +623,10 @@ def main(argv=None) -> int:
         "float32": lambda out: float32_op(
             [32, 48] if args.smoke else [1024, 2048, 4096, 8192, 16384], heads, dim, device, out
         ),
+        "float32_patterns": lambda out: float32_patterns(
+            [48] if args.smoke else [4096, 8192], [4, 16] if args.smoke else [64, 300, 600, 900, 1200], heads, dim,
+            device, out,
+        ),
         "models": lambda out: whole_models(device, args.smoke, out),
         "long": lambda out: long_sequence(device, args.smoke, out),
         "predicted": lambda out: predicted_blocks(device, args.smoke, out),
@@ -615,6 +664,7 @@ def render(results: dict, notes: list, device, heads: int, dim: int, started: fl
 
     checks, row_rows, op_rows = results["correctness"], results["rowwise"], results["op"]
     model_lines, long_rows, float32_rows = results["models"], results["long"], results["float32"]
+    pattern_rows = results["float32_patterns"]
     predicted_rows, profile_rows = results["predicted"], results["profile"]
     machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
     report = [
@@ -656,6 +706,15 @@ def render(results: dict, notes: list, device, heads: int, dim: int, started: fl
         "| fused / eager |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
         *float32_rows,
+        "",
+        "## Full-precision float32 with a pattern: eager or fused (forward+backward, ms)",
+        "",
+        "`attention.build_mask` + `attention.attend` for each kernel, as the models run them; `auto` is what"
+        " `choose_backend` picks on this GPU (eager above a third of the tiles, an inference these rows test).",
+        "",
+        "| L | pattern | tile density | eager | fused | fused / eager | auto |",
+        "|---|---|---:|---:|---:|---:|---|",
+        *pattern_rows,
         "",
         "## Whole models, entmax against the same model with softmax",
         "",
