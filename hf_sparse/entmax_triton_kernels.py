@@ -336,24 +336,54 @@ def _held_sums(block, first, count, m, tau, am1, inv_am1, ACC: tl.constexpr, KIN
     for c0 in range(0, tl.max(count, 0), CHUNK):  # the chunks some row of the block uses
         held = tl.load(block + (first + c0 + chunk[None, :]), mask=(c0 + chunk)[None, :] < count[:, None],
                        other=NEG_INF)
-        x = (held - m[:, None]) * am1
-        d = x - tau[:, None]
-        pos = d > 0
+        f, slope, n, s1, s2, smallest = _add_sums(
+            (held - m[:, None]) * am1, tau, f, slope, n, s1, s2, smallest, inv_am1, ACC, KIND
+        )
+    return f, slope, n, s1, s2, smallest
+
+
+@triton.jit
+def _add_sums(x, tau, f, slope, n, s1, s2, smallest, inv_am1, ACC: tl.constexpr, KIND: tl.constexpr):
+    """Adds a tile ``x`` ``(BM, W)`` (x scale; -inf: no score) to each row's Newton sums at ``tau``: ``f = Σ p̃(τ)``,
+    ``-f'(τ)``, and for the closed forms (1.5-entmax, sparsemax) over ``S = {x > τ}`` its size, ``Σ x``, ``Σ x²``
+    and smallest ``x``. The fallback adds tiles of recomputed scores, the streaming pass chunks of held ones."""
+    d = x - tau[:, None]
+    pos = d > 0
+    if KIND != 2:
         n += tl.sum(pos.to(ACC), 1)
         s1 += tl.sum(tl.where(pos, x, 0.0), 1)
         s2 += tl.sum(tl.where(pos, x * x, 0.0), 1)
         smallest = tl.minimum(smallest, tl.min(tl.where(pos, x, float("inf")), 1))
-        if KIND == 0:
-            d = tl.where(pos, d, 0.0)
-            f += tl.sum(d * d, 1)
-            slope += 2 * tl.sum(d, 1)
-        elif KIND == 1:
-            f += tl.sum(tl.where(pos, d, 0.0), 1)
-        else:
-            f += tl.sum(_unnormalised(x, tau, inv_am1, KIND), 1)
-    if KIND == 1:
-        slope = n
+    if KIND == 0:
+        d = tl.where(pos, d, 0.0)
+        f += tl.sum(d * d, 1)
+        slope += tl.sum(2 * d, 1)
+    elif KIND == 1:
+        f += tl.sum(tl.where(pos, d, 0.0), 1)
+        slope += tl.sum(pos.to(ACC), 1)
+    else:
+        power = _unnormalised(x, tau, inv_am1, KIND)
+        f += tl.sum(power, 1)
+        slope += tl.sum(tl.where(pos, power / tl.where(pos, d, 1.0), 0.0), 1) * inv_am1
     return f, slope, n, s1, s2, smallest
+
+
+@triton.jit
+def _newton_step(f, slope, n, s1, s2, smallest, tau, active, solved, tol, KIND: tl.constexpr):
+    """One step towards each active row's τ from its sums at ``tau`` (:func:`_add_sums`); returns ``(tau,
+    active, solved)``. Closed forms first: ``S = {x > τ}`` holds the support (τ <= the row's), and τ_S, the closed
+    form on S, is the row's τ exactly when S's smallest score lies above it; such a row is solved and stops.
+    Then Newton on ``Σ p̃ = 1``; a row whose step falls below ``tol`` stops unsolved."""
+    if KIND != 2:
+        closed = _closed_form(n, s1, s2, KIND)
+        exact = active & (smallest > closed)
+        tau = tl.where(exact, closed, tau)
+        solved = solved | exact
+        active = active & ~exact
+    step = tl.where(active & (slope > 0), (f - 1) / tl.where(slope > 0, slope, 1.0), 0.0)
+    tau = tau + step
+    active = active & (tl.abs(step) > tol * tl.maximum(tl.abs(tau), 1.0))
+    return tau, active, solved
 
 
 @triton.jit
@@ -381,14 +411,7 @@ def _held_tau(block, first, count, m, tau, am1, inv_am1, bracket, tol, ACC: tl.c
     steps = 0
     while (tl.max(active.to(tl.int32), 0) > 0) & (steps < STEPS):
         f, slope, n, s1, s2, smallest = _held_sums(block, first, count, m, tau, am1, inv_am1, ACC, KIND, CHUNK)
-        closed = _closed_form(n, s1, s2, KIND)
-        exact = active & (smallest > closed)
-        tau = tl.where(exact, closed, tau)
-        solved = solved | exact
-        active = active & ~exact
-        step = tl.where(active & (slope > 0), (f - 1) / tl.where(slope > 0, slope, 1.0), 0.0)
-        tau = tau + step
-        active = active & (tl.abs(step) > tol * tl.maximum(tl.abs(tau), 1.0))
+        tau, active, solved = _newton_step(f, slope, n, s1, s2, smallest, tau, active, solved, tol, KIND)
         steps += 1
     return tau, tau, solved
 
@@ -525,36 +548,10 @@ def fallback_kernel(
                         k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
                         s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF,
                                     scale, ACC, PREC, CAUSAL, HAS_KEEP)
-                        x = (s - m[:, None]) * am1
-                        d = x - tau[:, None]
-                        pos = d > 0
-                        if KIND != 2:
-                            n += tl.sum(pos.to(ACC), 1)
-                            s1 += tl.sum(tl.where(pos, x, 0.0), 1)
-                            s2 += tl.sum(tl.where(pos, x * x, 0.0), 1)
-                            smallest = tl.minimum(smallest, tl.min(tl.where(pos, x, float("inf")), 1))
-                        if KIND == 0:
-                            d = tl.where(pos, d, 0.0)
-                            f += tl.sum(d * d, 1)
-                            slope += tl.sum(2 * d, 1)
-                        elif KIND == 1:
-                            f += tl.sum(tl.where(pos, d, 0.0), 1)
-                            slope += tl.sum(pos.to(ACC), 1)
-                        else:
-                            power = tl.where(pos, tl.exp2(tl.log2(tl.where(pos, d, 1.0)) * inv_am1), 0.0)
-                            f += tl.sum(power, 1)
-                            slope += tl.sum(tl.where(pos, power / tl.where(pos, d, 1.0), 0.0), 1) * inv_am1
-                if KIND != 2:
-                    # S = {x > τ} holds the support (τ <= the row's); τ_S, the closed form on S, is the row's τ
-                    # exactly when S = {x > τ_S}, i.e. when S's smallest score is above it: then stop
-                    closed = _closed_form(n, s1, s2, KIND)
-                    exact = active & (smallest > closed)
-                    tau = tl.where(exact, closed, tau)
-                    solved = solved | exact
-                    active = active & ~exact
-                step = tl.where(active & (slope > 0), (f - 1) / tl.where(slope > 0, slope, 1.0), 0.0)
-                tau = tau + step
-                active = active & (tl.abs(step) > tol * tl.maximum(tl.abs(tau), 1.0))
+                        f, slope, n, s1, s2, smallest = _add_sums(
+                            (s - m[:, None]) * am1, tau, f, slope, n, s1, s2, smallest, inv_am1, ACC, KIND
+                        )
+                tau, active, solved = _newton_step(f, slope, n, s1, s2, smallest, tau, active, solved, tol, KIND)
                 steps += 1
         if KIND != 2:  # (never BISECT: that is α > 2)
             if tl.max((~solved).to(tl.int32), 0) > 0:  # Newton stopped short: τ from the support {x > τ}
