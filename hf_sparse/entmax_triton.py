@@ -37,6 +37,15 @@ output is one flash-style pass, and a tile whose largest score is below every ro
    ``c_i = Σ_j g_ij dP_ij / Σ_j g_ij = dO_i · (Σ_j g_ij v_j) / Σ_j g_ij``, where ``Σ g v`` and ``Σ g`` were
    accumulated by the output pass (O(L·D) memory, no extra sweep).
 
+Tile lists: the fallback, the output pass and the backward do not test each tile inside their loops. A small
+kernel (``tile_list_kernel``; ``tile_columns_kernel`` for the dK/dV side) first writes, per query block, the key
+tiles it must read (from the threshold pass's tile maxima and the rows' thresholds), and the sweeps loop over that
+list, as FlexAttention's block-sparse kernels loop over their ``kv_indices``. A branch inside a loop keeps Triton
+from software-pipelining it (loading the next tile's keys and values while this one is computed): compiled for
+sm_90, these kernels issue asynchronous copies only in this form. The threshold pass likewise tests tiles only
+under a block mask, and inserts a tile's few newcomers in unrolled rounds rather than a ``while`` loop. The lists
+take ``4·B·H·(Lq/64)·(Lk/64)`` bytes (16 MiB at L = 16384, 16 heads).
+
 Masks: ``causal`` (queries are the last ``Lq`` of ``Lk`` positions, as in a decoder with a cache),
 ``key_lengths`` (padding), ``block_mask`` (allowed tiles: patterns, frozen DAM block masks, Sparsefinder's
 predicted blocks; disallowed tiles are never read) and ``keep`` (an element mask read only inside allowed tiles,
@@ -75,6 +84,11 @@ GPU_BLOCKS = (64, 64, 32)  # tensor-core products: bfloat16, float16, float32 as
 # tl.dot kept operands in local memory: 32 registers and 11-28 KB of stack per thread in the fallback, output and dq
 # kernels; at 32 x 32 none, and at most 0.6 KB spilled (sm_90, scripts/kernel_resources.py).
 GPU_BLOCKS_FULL_PRECISION = (32, 32, 32)
+# Full float32 products run on the CUDA cores, not the tensor cores. Software-pipelined (Triton's default, 3 stages)
+# the sm_90 compile of their backward_dkdv_kernel spills 2.8 KB per thread at 64 registers; with one stage (no
+# prefetch) it takes 128 registers and no spill. (The other kernels are better pipelined: the fallback and dQ take
+# 96 and 92 registers, against 255 with 616 and 372 bytes of spills with one stage: benchmarks/kernel_resources.md)
+FULL_PRECISION_DKDV_STAGES = 1
 INTERPRETER_BLOCKS = (16, 16, 16)
 # Rows that fail the certificate: at most this many passes over their keys (Newton for α <= 2, where a few do;
 # bisection for α > 2, halving a bracket narrower than 1 below the accumulator's resolution), and Newton stops at
@@ -86,6 +100,7 @@ FALLBACK_TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-14}
 # The streaming threshold pass keeps the scores above its lower bound of τ less this much (relative to |τ|, at
 # least 1): the bound, a τ computed on a subset of the same scores, may round a few ulps above the row's τ.
 BOUND_SLACK = {torch.float32: 1e-5, torch.float64: 1e-12}
+LIST_CHUNK = 64  # tiles a list kernel tests at once
 STREAM_SLOTS = 4  # the streaming pass holds up to this many times ``candidates`` scores per row
 STREAM_STEPS = 8  # Newton steps (bisection: halvings) when it raises its bounds (fewer: looser bounds)
 # warps of the streaming kernel: at 4 (Triton's default) it takes 255 registers per thread, two programs per SM; at 16,
@@ -135,6 +150,8 @@ def _load_kernels():
             gather_kernel,
             stream_kernel,
             threshold_kernel,
+            tile_columns_kernel,
+            tile_list_kernel,
         )
 
         kernels = types.SimpleNamespace(
@@ -145,6 +162,8 @@ def _load_kernels():
             forward_kernel=forward_kernel,
             backward_dq_kernel=backward_dq_kernel,
             backward_dkdv_kernel=backward_dkdv_kernel,
+            tile_list_kernel=tile_list_kernel,
+            tile_columns_kernel=tile_columns_kernel,
         )
         _kernels = (kernels, os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True"))
     return _kernels[0]
@@ -265,16 +284,21 @@ class _EntmaxAttention(torch.autograd.Function):
                     SOLVE_STEPS=cfg["n_iter"] if cfg["kind"] == 2 else FALLBACK_ITERATIONS[False][acc], CAP=cap,
                     CHUNK=kc, num_warps=STREAM_WARPS, **common["meta"],
                 )
+            bisect = cfg["alpha"] > 2
+            # the fallback's tiles: those where a failed row has a score above its lower bound of τ (every
+            # allowed one for the bisection, which starts below all of them)
+            tiles, n_tiles = _tile_lists(kernels, tilemax, m, tau, fail, am1, bm, rows=2 if bisect else 1,
+                                         slack=BOUND_SLACK[acc])
             kernels.fallback_kernel[grid](
-                q, k, *common["masks"], m, tau, fail, *common["qk_strides"], *common["mask_strides"],
-                h, lq, lk, d, common["offset"], cfg["scale"], am1, 1 / am1, (1 / max(lk, 1)) ** am1,
-                FALLBACK_TOLERANCE[acc], N_ITER=FALLBACK_ITERATIONS[cfg["alpha"] > 2][acc],
-                BISECT=cfg["alpha"] > 2, **common["meta"],
+                q, k, *common["masks"], m, tau, fail, tiles, n_tiles, *common["qk_strides"], *common["mask_strides"],
+                h, lq, lk, d, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, (1 / max(lk, 1)) ** am1,
+                FALLBACK_TOLERANCE[acc], N_ITER=FALLBACK_ITERATIONS[bisect][acc], BISECT=bisect, **common["meta"],
             )
             stream = cfg["threshold_pass"] == "stream"
             value_args = (*v.stride(), *o.stride())
+            tiles, n_tiles = _tile_lists(kernels, tilemax, m, tau, fail, am1, bm, rows=1 if stream else 0)
             kernels.forward_kernel[grid](  # with "stream": only the rows the fallback solved
-                q, k, v, *common["masks"], m, tau, fail, tilemax, o, lsum, g, gsum, seed,
+                q, k, v, *common["masks"], m, tau, fail, tiles, n_tiles, o, lsum, g, gsum, seed,
                 *common["qk_strides"], *value_args, *common["mask_strides"],
                 h, lq, lk, d, dv, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, 2 - cfg["alpha"],
                 *common["dropout"], NEED_G=need_g, ONLY_FAILED=stream, **common["value_meta"],
@@ -311,14 +335,20 @@ class _EntmaxAttention(torch.autograd.Function):
             *common["dropout"],
         )
         with _on(q.device):
+            need = torch.empty(b * h, n_qb, n_kb, dtype=torch.int8, device=q.device)
+            tiles, n_tiles = _tile_lists(kernels, tilemax, m, tau, None, am1, cfg["blocks"][0], need=need)
             kernels.backward_dq_kernel[(n_qb, b * h)](
-                q, k, v, do, dq, *common["masks"], m, tau, lsum, c, tilemax, seed, *args,
+                q, k, v, do, dq, *common["masks"], m, tau, lsum, c, tiles, n_tiles, seed, *args,
                 **common["value_meta"],
             )
             if lk:
-                kernels.backward_dkdv_kernel[(math.ceil(lk / cfg["blocks"][1]), b * h)](
-                    q, k, v, do, dk, dvv, *common["masks"], m, tau, lsum, c, tilemax, seed, *args,
-                    **common["value_meta"],
+                rows_of = torch.empty(b * h, n_kb, n_qb, dtype=torch.int32, device=q.device)
+                n_rows = torch.empty(b * h, n_kb, dtype=torch.int32, device=q.device)
+                kernels.tile_columns_kernel[(n_kb, b * h)](need, rows_of, n_rows, n_qb, n_kb, CH=LIST_CHUNK)
+                stages = {"num_stages": FULL_PRECISION_DKDV_STAGES} if full_precision_products(q.dtype) else {}
+                kernels.backward_dkdv_kernel[(n_kb, b * h)](
+                    q, k, v, do, dk, dvv, *common["masks"], m, tau, lsum, c, rows_of, n_rows, seed, *args,
+                    **common["value_meta"], **stages,
                 )
         return dq, dk, dvv, None, None, None, None, None
 
@@ -326,6 +356,20 @@ class _EntmaxAttention(torch.autograd.Function):
 def _on(device: torch.device):
     """Launch on the inputs' GPU (Triton launches on the current device)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _tile_lists(kernels, tilemax, m, tau, fail, am1, bm, *, rows=0, slack=0.0, need=None):
+    """Each query block's key tiles to read (``tile_list_kernel``): ``(tiles, n_tiles)``, ``(B·H, n_qb, n_kb)`` and
+    ``(B·H, n_qb)`` int32 on the device, nothing read back. ``rows``: 0 every row, 1 the rows in ``fail``, 2 those
+    with every allowed tile; ``need`` (int8 like ``tilemax``): also write the dense map there."""
+    bh, n_qb, n_kb = tilemax.shape
+    tiles = torch.empty(bh, n_qb, n_kb, dtype=torch.int32, device=tilemax.device)
+    n_tiles = torch.empty(bh, n_qb, dtype=torch.int32, device=tilemax.device)
+    kernels.tile_list_kernel[(n_qb, bh)](
+        tilemax, m, tau, tilemax if fail is None else fail, tilemax if need is None else need, tiles, n_tiles,
+        m.shape[1], n_qb, n_kb, am1, slack, ROWS=rows, WRITE_NEED=need is not None, BM=bm, CH=LIST_CHUNK,
+    )
+    return tiles, n_tiles
 
 
 def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_kb) -> dict:

@@ -137,10 +137,9 @@ def threshold_kernel(
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
     """Top-KC scores per row, tile by tile (a tile with more than ``SORT_ABOVE`` newcomers in some row is merged by
-    sorting, else its newcomers are inserted one round each), and the largest score left out (``rest``); then the
-    closed form /
-    bisection on the candidates and the certificate ``(α-1)(rest - m) <= τ``. Also writes each tile's largest
-    allowed score (what the later passes skip tiles by)."""
+    sorting, else its newcomers are inserted one round each: :func:`_threshold_tile`), and the largest score left out
+    (``rest``); then the closed form / bisection on the candidates and the certificate ``(α-1)(rest - m) <= τ``.
+    Also writes each tile's largest allowed score (what the later passes' tile lists come from)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -155,39 +154,20 @@ def threshold_kernel(
     rest = tl.full((BM,), NEG_INF, ACC)  # the largest score not among them
     cols = tl.arange(0, BN)
     slots = tl.arange(0, KC)
+    tiles = TILEMAX + (bh * n_qb + pid_m) * n_kb
+    keys = K + b * s_kb + h * s_kh
+    keep = KEEP + b * s_eb + h * s_eh
     for start_n in range(0, hi, BN):
-        if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK, CAUSAL,
-                         HAS_BMASK):
-            offs_n = start_n + cols
-            k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-            left = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC,
-                           PREC, CAUSAL, HAS_KEEP)
-            best = tl.max(left, 1)
-            tl.store(TILEMAX + (bh * n_qb + pid_m) * n_kb + start_n // BN, tl.max(best, 0))
-            newcomers = tl.max(tl.sum((left > kth[:, None]).to(tl.int32), 1), 0)
-            if newcomers > SORT_ABOVE:
-                # many (the first tiles): merge sorted runs. The tile's top KC, ascending, against the candidates,
-                # descending: their elementwise max is the top KC of the union (a bitonic merge step), the min
-                # holds the ones pushed out.
-                ascending = tl.sort(left, 1)
-                top = tl.max(tl.reshape(ascending, (BM, BN // KC, KC)), 1)  # the last KC (chunks are ascending)
-                below = tl.max(tl.where(cols[None, :] < BN - KC, ascending, NEG_INF), 1)
-                descending = tl.sort(buf, 1, descending=True)
-                rest = tl.maximum(rest, tl.maximum(below, tl.max(tl.minimum(descending, top), 1)))
-                buf = tl.maximum(descending, top)
-                kth = tl.min(buf, 1)
-            else:
-                # few: insert them largest first, each replacing the current smallest candidate
-                while tl.max((best > kth).to(tl.int32), 0) > 0:
-                    take = best > kth
-                    rest = tl.where(take, tl.maximum(rest, kth), rest)  # the evicted candidate
-                    out = (slots[None, :] == tl.argmin(buf, 1)[:, None]) & take[:, None]
-                    buf = tl.where(out, best[:, None], buf)
-                    used = (cols[None, :] == tl.argmax(left, 1)[:, None]) & take[:, None]
-                    left = tl.where(used, NEG_INF, left)
-                    kth = tl.min(buf, 1)
-                    best = tl.max(left, 1)
-                rest = tl.maximum(rest, best)  # the tile's scores left out
+        if HAS_BMASK:  # a branch in the loop keeps Triton from prefetching the next keys: only where tiles differ
+            if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK,
+                             CAUSAL, HAS_BMASK):
+                buf, kth, rest = _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth,
+                                                 rest, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale, ACC, PREC,
+                                                 SORT_ABOVE, BM, BN, KC, CAUSAL, HAS_KEEP)
+        else:  # every tile of [0, hi) is allowed
+            buf, kth, rest = _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth, rest,
+                                             s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale, ACC, PREC, SORT_ABOVE,
+                                             BM, BN, KC, CAUSAL, HAS_KEEP)
     m = tl.max(buf, 1)
     empty = m == NEG_INF
     m = tl.where(empty, 0.0, m)
@@ -198,6 +178,51 @@ def threshold_kernel(
     tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
     tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
     tl.store(FAIL + bh * Lq + offs_m, (~ok).to(tl.int8), mask=row_ok)
+
+
+@triton.jit
+def _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth, rest,
+                    s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale, ACC: tl.constexpr, PREC: tl.constexpr,
+                    SORT_ABOVE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
+                    CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """One key tile of :func:`threshold_kernel`: its scores merged into each row's candidates ``buf`` (their
+    smallest ``kth``, the largest score left out ``rest``), and its largest allowed score stored at ``tiles``.
+
+    The newcomers of a tile with at most ``SORT_ABOVE`` of them in every row are inserted in ``SORT_ABOVE``
+    unrolled rounds, each skipped once no row has one left: a ``while`` loop here would keep Triton from
+    software-pipelining the key sweep (prefetching the next tile's keys while this one is merged)."""
+    offs_n = start_n + cols
+    k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
+    left = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP)
+    best = tl.max(left, 1)
+    tl.store(tiles + start_n // BN, tl.max(best, 0))
+    newcomers = tl.max(tl.sum((left > kth[:, None]).to(tl.int32), 1), 0)
+    if newcomers > SORT_ABOVE:
+        # many (the first tiles): merge sorted runs. The tile's top KC, ascending, against the candidates,
+        # descending: their elementwise max is the top KC of the union (a bitonic merge step), the min
+        # holds the ones pushed out.
+        ascending = tl.sort(left, 1)
+        top = tl.max(tl.reshape(ascending, (BM, BN // KC, KC)), 1)  # the last KC (chunks ascend)
+        below = tl.max(tl.where(cols[None, :] < BN - KC, ascending, NEG_INF), 1)
+        descending = tl.sort(buf, 1, descending=True)
+        rest = tl.maximum(rest, tl.maximum(below, tl.max(tl.minimum(descending, top), 1)))
+        buf = tl.maximum(descending, top)
+        kth = tl.min(buf, 1)
+    else:
+        # few: insert them largest first, each replacing the current smallest candidate; a row has at most
+        # `newcomers` scores above its `kth`, so that many rounds insert them all
+        for r in tl.static_range(SORT_ABOVE):
+            if newcomers > r:
+                take = best > kth
+                rest = tl.where(take, tl.maximum(rest, kth), rest)  # the evicted candidate
+                out = (slots[None, :] == tl.argmin(buf, 1)[:, None]) & take[:, None]
+                buf = tl.where(out, best[:, None], buf)
+                used = (cols[None, :] == tl.argmax(left, 1)[:, None]) & take[:, None]
+                left = tl.where(used, NEG_INF, left)
+                kth = tl.min(buf, 1)
+                best = tl.max(left, 1)
+        rest = tl.maximum(rest, best)  # the tile's scores left out
+    return buf, kth, rest
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -481,10 +506,10 @@ def _ranked_sums(buf, z, ACC: tl.constexpr, KC: tl.constexpr, SQUARES: tl.conste
 
 @triton.jit
 def fallback_kernel(
-    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL,
+    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILES, NTILES,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
-    H, Lq, Lk, D, OFF, scale, am1, inv_am1, bracket, tol,
+    H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket, tol,
     ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr, BISECT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
@@ -497,7 +522,9 @@ def fallback_kernel(
     steps shrink monotonically (sparsemax: Michelot's algorithm, finite); at most ``N_ITER`` steps, until a step is
     below ``tol`` relative. α > 2 (``BISECT``): ``f`` is concave; bisection, ``N_ITER`` halvings of the bracket
     ``[-1, -(1/Lk)^(α-1)]``. The closed forms then take τ from the support found (``Σ x``, ``Σ x²`` over it),
-    which is exact whenever that support is."""
+    which is exact whenever that support is. Each pass reads the block's list of key tiles
+    (:func:`tile_list_kernel`: those with a failed row's score above its lower bound, every allowed one for the
+    bisection)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -510,7 +537,9 @@ def fallback_kernel(
         offs_d = tl.arange(0, BD)
         q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
         m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
-        klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
+        klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
+        listed = bh * n_qb + pid_m
+        n_tiles = tl.load(NTILES + listed)
         cols = tl.arange(0, BN)
         if BISECT:
             lo = tl.full((BM,), -1.0, ACC)
@@ -520,14 +549,12 @@ def fallback_kernel(
                 dm = dm / 2
                 tau = lo + dm
                 total = tl.zeros((BM,), ACC)
-                for start_n in range(0, hi, BN):
-                    if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ,
-                                     TK, CAUSAL, HAS_BMASK):
-                        offs_n = start_n + cols
-                        k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-                        s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF,
-                                    scale, ACC, PREC, CAUSAL, HAS_KEEP)
-                        total += tl.sum(_unnormalised((s - m[:, None]) * am1, tau, inv_am1, KIND), 1)
+                for i in range(0, n_tiles):
+                    offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
+                    k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+                    s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF,
+                                scale, ACC, PREC, CAUSAL, HAS_KEEP)
+                    total += tl.sum(_unnormalised((s - m[:, None]) * am1, tau, inv_am1, KIND), 1)
                 lo = tl.where(total >= 1, tau, lo)
         else:
             tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=0.0)
@@ -541,16 +568,14 @@ def fallback_kernel(
                 s1 = tl.zeros((BM,), ACC)
                 s2 = tl.zeros((BM,), ACC)
                 smallest = tl.full((BM,), float("inf"), ACC)
-                for start_n in range(0, hi, BN):
-                    if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ,
-                                     TK, CAUSAL, HAS_BMASK):
-                        offs_n = start_n + cols
-                        k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-                        s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF,
-                                    scale, ACC, PREC, CAUSAL, HAS_KEEP)
-                        f, slope, n, s1, s2, smallest = _add_sums(
-                            (s - m[:, None]) * am1, tau, f, slope, n, s1, s2, smallest, inv_am1, ACC, KIND
-                        )
+                for i in range(0, n_tiles):
+                    offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
+                    k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+                    s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF,
+                                scale, ACC, PREC, CAUSAL, HAS_KEEP)
+                    f, slope, n, s1, s2, smallest = _add_sums(
+                        (s - m[:, None]) * am1, tau, f, slope, n, s1, s2, smallest, inv_am1, ACC, KIND
+                    )
                 tau, active, solved = _newton_step(f, slope, n, s1, s2, smallest, tau, active, solved, tol, KIND)
                 steps += 1
         if KIND != 2:  # (never BISECT: that is α > 2)
@@ -558,18 +583,16 @@ def fallback_kernel(
                 n = tl.zeros((BM,), ACC)
                 s1 = tl.zeros((BM,), ACC)
                 s2 = tl.zeros((BM,), ACC)
-                for start_n in range(0, hi, BN):
-                    if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK,
-                                     CAUSAL, HAS_BMASK):
-                        offs_n = start_n + cols
-                        k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-                        s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
-                                    ACC, PREC, CAUSAL, HAS_KEEP)
-                        x = (s - m[:, None]) * am1
-                        inside = x > tau[:, None]
-                        n += tl.sum(inside.to(ACC), 1)
-                        s1 += tl.sum(tl.where(inside, x, 0.0), 1)
-                        s2 += tl.sum(tl.where(inside, x * x, 0.0), 1)
+                for i in range(0, n_tiles):
+                    offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
+                    k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+                    s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
+                                ACC, PREC, CAUSAL, HAS_KEEP)
+                    x = (s - m[:, None]) * am1
+                    inside = x > tau[:, None]
+                    n += tl.sum(inside.to(ACC), 1)
+                    s1 += tl.sum(tl.where(inside, x, 0.0), 1)
+                    s2 += tl.sum(tl.where(inside, x * x, 0.0), 1)
                 tau = tl.where(solved, tau, _closed_form(n, s1, s2, KIND))
         tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok & fail)
 
@@ -593,16 +616,75 @@ def _closed_form(n, s1, s2, KIND: tl.constexpr):
 
 
 @triton.jit
-def _tile_needed(TILEMAX, tile, m, tau, am1):
-    """Whether any row of the tile has a score above its threshold: ``max_r (α-1)(tilemax - m_r) - τ_r > 0``
-    (the same monotone operations as the per-score test, so a skipped tile holds only zeros)."""
-    tmax = tl.load(TILEMAX + tile)
-    return tl.max((tmax - m) * am1 - tau, 0) > 0
+def tile_list_kernel(
+    TILEMAX, M, TAU, FAIL, NEED, TILES, NTILES, Lq, n_qb, n_kb, am1, slack,
+    ROWS: tl.constexpr, WRITE_NEED: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr,
+):
+    """The key tiles a block of ``BM`` query rows must read, in order: ``TILES[bh, qb, :NTILES[bh, qb]]``.
+
+    A tile is needed when some row has a score above its threshold there, ``max_r (α-1)(tilemax - m_r) - τ_r >
+    0`` (the same monotone operations as the per-score test, so a tile left out holds only zeros); tiles the
+    threshold pass never read (block mask, causality, padding) keep ``tilemax = -inf`` and are never needed.
+    ``ROWS``: 0 every row, 1 only the rows marked in ``FAIL``, 2 the marked rows with any allowed score (τ = -inf:
+    the bisection's sweeps, which start below every threshold). ``slack`` lowers each τ by ``slack · max(|τ|, 1)``
+    (the fallback's lists, from lower bounds of τ). With ``WRITE_NEED`` the dense ``(n_qb, n_kb)`` map is written
+    too, which :func:`tile_columns_kernel` turns into the backward's lists per key tile.
+
+    The passes over keys then loop over a list without a branch: a tile test inside the loop keeps Triton from
+    software-pipelining it (prefetching the next tile's keys and values while this one is computed)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    row_ok = offs_m < Lq
+    m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+    tau = tau - slack * tl.maximum(tl.abs(tl.where(tau < float("inf"), tau, 0.0)), 1.0)  # +inf (no key) stays
+    rows = row_ok
+    if ROWS != 0:
+        rows = rows & (tl.load(FAIL + bh * Lq + offs_m, mask=row_ok, other=0) != 0)
+    tau = tl.where(rows, tau, float("inf"))
+    base = (bh * n_qb + pid_m) * n_kb
+    chunk = tl.arange(0, CH)
+    count = 0
+    for start in range(0, n_kb, CH):
+        kb = start + chunk
+        ok = kb < n_kb
+        tmax = tl.load(TILEMAX + base + kb, mask=ok, other=float("-inf"))
+        if ROWS == 2:
+            need = tl.max(tl.where(rows[:, None], tmax[None, :], float("-inf")), 0) > float("-inf")
+        else:
+            need = tl.max((tmax[None, :] - m[:, None]) * am1 - tau[:, None], 0) > 0
+        need = need & ok
+        if WRITE_NEED:
+            tl.store(NEED + base + kb, need.to(tl.int8), mask=ok)
+        at = count + tl.cumsum(need.to(tl.int32), 0) - 1
+        tl.store(TILES + base + at, kb, mask=need)
+        count += tl.sum(need.to(tl.int32), 0)
+    tl.store(NTILES + bh * n_qb + pid_m, count)
+
+
+@triton.jit
+def tile_columns_kernel(NEED, TILES, NTILES, n_qb, n_kb, CH: tl.constexpr):
+    """The query blocks reading each key tile, from :func:`tile_list_kernel`'s map: ``TILES[bh, kb,
+    :NTILES[bh, kb]]`` (the backward's dK/dV loop)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    chunk = tl.arange(0, CH)
+    base = (bh * n_kb + pid_n) * n_qb
+    count = 0
+    for start in range(0, n_qb, CH):
+        qb = start + chunk
+        ok = qb < n_qb
+        need = (tl.load(NEED + (bh * n_qb + qb) * n_kb + pid_n, mask=ok, other=0) != 0) & ok
+        at = count + tl.cumsum(need.to(tl.int32), 0) - 1
+        tl.store(TILES + base + at, qb, mask=need)
+        count += tl.sum(need.to(tl.int32), 0)
+    tl.store(NTILES + bh * n_kb + pid_n, count)
 
 
 @triton.jit
 def forward_kernel(
-    Q, K, V, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, OUT, LSUM, G, GSUM, SEED,
+    Q, K, V, KLEN, BMASK, KEEP, M, TAU, FAIL, TILES, NTILES, OUT, LSUM, G, GSUM, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
@@ -615,7 +697,8 @@ def forward_kernel(
     :func:`gather_kernel` writes the others; blocks without one sweep no key). With ``NEED_G`` also Σ g̃ v and Σ g̃
     (g̃ = p̃^{2-α}), from which the backward's per-row constant ``Σ g dP / Σ g = dO · (Σ g̃ v) / Σ g̃`` follows
     without another pass over the keys. With ``DROPOUT``, O = Σ dropout(p) v, and ``Σ g̃ v`` takes the same dropout
-    (dP of the pre-dropout p is ``dropout(dO · v)``), while ``Σ p̃`` and ``Σ g̃`` do not."""
+    (dP of the pre-dropout p is ``dropout(dO · v)``), while ``Σ p̃`` and ``Σ g̃`` do not. The key tiles are those of
+    the block's list (:func:`tile_list_kernel`: a tile with no score above its row's threshold holds only zeros)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -628,33 +711,29 @@ def forward_kernel(
     q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
     m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
     tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
-    klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
-    if ONLY_FAILED:
+    klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
+    if ONLY_FAILED:  # (the list holds only these rows' tiles)
         row_ok = row_ok & (tl.load(FAIL + bh * Lq + offs_m, mask=row_ok, other=0) != 0)
-        hi = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, hi, 0)
     cols = tl.arange(0, BN)
     acc = tl.zeros((BM, BDV), ACC)
     lsum = tl.zeros((BM,), ACC)
     gacc = tl.zeros((BM, BDV), ACC)
     gsum = tl.zeros((BM,), ACC)
-    for start_n in range(0, hi, BN):
-        if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK, CAUSAL,
-                         HAS_BMASK):
-            if _tile_needed(TILEMAX, (bh * n_qb + pid_m) * n_kb + start_n // BN, m, tau, am1):
-                offs_n = start_n + cols
-                k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-                s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC,
-                            PREC, CAUSAL, HAS_KEEP)
-                x = (s - m[:, None]) * am1
-                p, pv, g, gv = _output_weights(x, tau, SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk,
-                                               inv_am1, two_minus_alpha, dropout_p, drop_scale, KIND, NEED_G,
-                                               DROPOUT)
-                v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
-                acc += tl.dot(pv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
-                lsum += tl.sum(p, 1)
-                if NEED_G:
-                    gacc += tl.dot(gv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
-                    gsum += tl.sum(g, 1)
+    listed = bh * n_qb + pid_m
+    for i in range(0, tl.load(NTILES + listed)):
+        offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
+        k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+        s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC,
+                    CAUSAL, HAS_KEEP)
+        x = (s - m[:, None]) * am1
+        p, pv, g, gv = _output_weights(x, tau, SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, inv_am1,
+                                       two_minus_alpha, dropout_p, drop_scale, KIND, NEED_G, DROPOUT)
+        v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
+        acc += tl.dot(pv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+        lsum += tl.sum(p, 1)
+        if NEED_G:
+            gacc += tl.dot(gv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+            gsum += tl.sum(g, 1)
     _store_output(OUT, LSUM, G, GSUM, acc, lsum, gacc, gsum, b, h, bh, offs_m, offs_dv, row_ok,
                   s_ob, s_oh, s_om, s_od, Lq, DV, KIND, NEED_G)
 
@@ -762,7 +841,7 @@ def _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND: tl.cons
 
 @triton.jit
 def backward_dq_kernel(
-    Q, K, V, DO, DQ, KLEN, BMASK, KEEP, M, TAU, LSUM, C, TILEMAX, SEED,
+    Q, K, V, DO, DQ, KLEN, BMASK, KEEP, M, TAU, LSUM, C, TILES, NTILES, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
@@ -770,7 +849,8 @@ def backward_dq_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
-    """dQ = scale · Σ_j dS_ij k_j for one block of queries (dO and dQ share q's (B, H, L, D) strides)."""
+    """dQ = scale · Σ_j dS_ij k_j for one block of queries, over its list of key tiles (:func:`tile_list_kernel`)
+    (dO and dQ share q's (B, H, L, D) strides)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -786,25 +866,23 @@ def backward_dq_kernel(
     tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
     lsum = tl.load(LSUM + bh * Lq + offs_m, mask=row_ok, other=1.0)
     c = tl.load(C + bh * Lq + offs_m, mask=row_ok, other=0.0)
-    klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
+    klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
     cols = tl.arange(0, BN)
     dq = tl.zeros((BM, BD), ACC)
-    for start_n in range(0, hi, BN):
-        if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK, CAUSAL,
-                         HAS_BMASK):
-            if _tile_needed(TILEMAX, (bh * n_qb + pid_m) * n_kb + start_n // BN, m, tau, am1):
-                offs_n = start_n + cols
-                k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-                s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC,
-                            PREC, CAUSAL, HAS_KEEP)
-                p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
-                v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
-                dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
-                if DROPOUT:
-                    kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
-                    dp = tl.where(kept, dp * drop_scale, 0.0)
-                ds = g * (dp - c[:, None])
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
+    listed = bh * n_qb + pid_m
+    for i in range(0, tl.load(NTILES + listed)):
+        offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
+        k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+        s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC,
+                    CAUSAL, HAS_KEEP)
+        p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
+        v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+        if DROPOUT:
+            kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
+            dp = tl.where(kept, dp * drop_scale, 0.0)
+        ds = g * (dp - c[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
     tl.store(
         DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
         (dq * scale).to(DQ.dtype.element_ty),
@@ -814,7 +892,7 @@ def backward_dq_kernel(
 
 @triton.jit
 def backward_dkdv_kernel(
-    Q, K, V, DO, DK, DV_OUT, KLEN, BMASK, KEEP, M, TAU, LSUM, C, TILEMAX, SEED,
+    Q, K, V, DO, DK, DV_OUT, KLEN, BMASK, KEEP, M, TAU, LSUM, C, TILES, NTILES, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
@@ -822,8 +900,8 @@ def backward_dkdv_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
-    """dK = scale · Σ_i dS_ij q_i and dV = Σ_i p_ij dO_i (p after dropout) for one block of keys (dK, dV share
-    k's, v's strides)."""
+    """dK = scale · Σ_i dS_ij q_i and dV = Σ_i p_ij dO_i (p after dropout) for one block of keys, over the query
+    blocks that read it (:func:`tile_columns_kernel`) (dK, dV share k's, v's strides)."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -835,36 +913,30 @@ def backward_dkdv_kernel(
     klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
     dk = tl.zeros((BN, BD), ACC)
     dv = tl.zeros((BN, BDV), ACC)
-    if start_n < klen:
-        k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-        v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
-        lo = 0
-        if CAUSAL:
-            lo = tl.maximum(start_n - OFF, 0) // BM * BM
-        rows = tl.arange(0, BM)
-        for start_m in range(lo, Lq, BM):
-            if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK,
-                             CAUSAL, HAS_BMASK):
-                offs_m = start_m + rows
-                row_ok = offs_m < Lq
-                m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
-                tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
-                if _tile_needed(TILEMAX, (bh * n_qb + start_m // BM) * n_kb + pid_n, m, tau, am1):
-                    q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
-                    do = _load_rows(DO, b * s_ob + h * s_oh, s_om, s_od, offs_m, offs_dv, Lq, DV)
-                    lsum = tl.load(LSUM + bh * Lq + offs_m, mask=row_ok, other=1.0)
-                    c = tl.load(C + bh * Lq + offs_m, mask=row_ok, other=0.0)
-                    s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
-                                ACC, PREC, CAUSAL, HAS_KEEP)
-                    p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
-                    dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
-                    if DROPOUT:
-                        kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
-                        p = tl.where(kept, p * drop_scale, 0.0)
-                        dp = tl.where(kept, dp * drop_scale, 0.0)
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
-                    ds = g * (dp - c[:, None])
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)
+    k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
+    v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
+    rows = tl.arange(0, BM)
+    listed = bh * n_kb + pid_n
+    for i in range(0, tl.load(NTILES + listed)):
+        offs_m = tl.load(TILES + listed * n_qb + i) * BM + rows
+        row_ok = offs_m < Lq
+        m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
+        tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+        q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
+        do = _load_rows(DO, b * s_ob + h * s_oh, s_om, s_od, offs_m, offs_dv, Lq, DV)
+        lsum = tl.load(LSUM + bh * Lq + offs_m, mask=row_ok, other=1.0)
+        c = tl.load(C + bh * Lq + offs_m, mask=row_ok, other=0.0)
+        s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC,
+                    CAUSAL, HAS_KEEP)
+        p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+        if DROPOUT:
+            kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
+            p = tl.where(kept, p * drop_scale, 0.0)
+            dp = tl.where(kept, dp * drop_scale, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
+        ds = g * (dp - c[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)
     key_ok = offs_n < Lk
     tl.store(
         DK + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,

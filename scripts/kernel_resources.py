@@ -129,8 +129,12 @@ def compile_case(name: str, arch: int, report, blocks=None) -> None:
         seconds = None if id(kernel) in seen else time.perf_counter() - began  # None: an earlier case's kernel
         seen.add(id(kernel))
         row = dict(case=name, kernel=self.fn.__name__, seconds=seconds, warps=kernel.metadata.num_warps)
-        row["tiles"] = f"{kwargs['BM']}x{kwargs.get('BN', '-')}"  # query rows x keys (gather_kernel: rows only)
-        row.update(shared=kernel.metadata.shared, **ptxas_report(kernel.asm["ptx"], arch))
+        # query rows x keys (gather_kernel, tile_list_kernel: rows only; tile_columns_kernel: neither)
+        row["tiles"] = f"{kwargs.get('BM', '-')}x{kwargs.get('BN', '-')}"
+        ptx = kernel.asm["ptx"]
+        # software pipelining shows as asynchronous global-to-shared copies (the next tile's loads in flight)
+        row.update(shared=kernel.metadata.shared, prefetch=len(re.findall(r"\bcp\.async\.(?:ca|cg|bulk)", ptx)))
+        row.update(ptxas_report(ptx, arch))
         report(row)
         return kernel
 
@@ -181,7 +185,7 @@ def main() -> None:
         print(
             f"{row['case']:>10} {row['kernel']:<22} {row['tiles']:>6} {seconds(row):>13}  "
             f"{row['registers']:3d} registers  spills {row['spill_stores']}/{row['spill_loads']} B  "
-            f"shared {row['shared'] // 1024} KiB",
+            f"shared {row['shared'] // 1024} KiB  async copies {row['prefetch']}",
             flush=True,  # a compilation that never ends shows where it is
         )
 
@@ -198,15 +202,17 @@ def main() -> None:
         f"{total:.0f} s in all. Tiles: {'--blocks ' + args.blocks if blocks else 'the defaults'} (query rows x "
         "keys in the table), head dim 64. Registers are per thread (255 is the most a thread gets); spilled "
         "bytes are per thread, stores/loads. Compile seconds are this machine's CPU (a kernel found in Triton's "
-        "on-disk cache takes about a second); `same as above`: a kernel an earlier case compiled.",
+        "on-disk cache takes about a second); `same as above`: a kernel an earlier case compiled. Async copies: "
+        "`cp.async` instructions in the PTX, the loads Triton's software pipelining issues for the next tile while "
+        "this one is computed (0: every load waits).",
         "",
-        "| case | kernel | tiles | compile | registers | spills (B) | shared (KiB) | warps |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| case | kernel | tiles | compile | registers | spills (B) | shared (KiB) | warps | async copies |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | `{r['kernel']}` | {r['tiles']} | {seconds(r)} | {r['registers']} "
-            f"| {r['spill_stores']}/{r['spill_loads']} | {r['shared'] // 1024} | {r['warps']} |"
+            f"| {r['spill_stores']}/{r['spill_loads']} | {r['shared'] // 1024} | {r['warps']} | {r['prefetch']} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)
