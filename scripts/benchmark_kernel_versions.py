@@ -1,0 +1,138 @@
+"""Time the fused entmax attention kernel against another version of itself, side by side in one run on one GPU.
+
+A kernel change is judged by its ratio to the version before it, measured in the same process on the same card:
+ratios to SDPA from two different runs (or cards) differ by more than many changes gain. The baseline is a folder
+holding that version's ``entmax_triton.py``, ``entmax_triton_kernels.py`` and ``entmax_topk.py``, e.g. from git:
+
+    mkdir -p .bench_old && for f in entmax_triton entmax_triton_kernels entmax_topk; do
+        git show 244924d:hf_sparse/$f.py > .bench_old/$f.py; done
+    python scripts/benchmark_kernel_versions.py --baseline .bench_old --output kernel_versions.md
+
+For each length and mask (non-causal, causal): forward and forward + backward of SDPA, the baseline and this
+checkout's kernel (bf16, 16 heads, head dim 64 by default), the largest difference between the two kernels'
+outputs and gradients, and the ratios. On CPU (``TRITON_INTERPRET=1``) it runs a small smoke test of the same
+path: the interpreter's times say nothing about a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hf_sparse import entmax_triton  # noqa: E402
+from hf_sparse.benchmarking import median_ms  # noqa: E402
+
+BASELINE_FILES = ("entmax_triton", "entmax_triton_kernels", "entmax_topk")
+
+
+def load_baseline(folder: Path):
+    """The baseline's ``entmax_triton`` module, imported as package ``kernel_baseline`` (its relative imports
+    resolve inside ``folder``), next to this checkout's."""
+    missing = [f"{name}.py" for name in BASELINE_FILES if not (folder / f"{name}.py").is_file()]
+    if missing:
+        raise SystemExit(f"--baseline {folder}: missing {', '.join(missing)} (the three modules of one version)")
+    package = types.ModuleType("kernel_baseline")  # a package with no __init__: only its modules load
+    package.__path__ = [str(folder)]
+    sys.modules["kernel_baseline"] = package
+    return importlib.import_module("kernel_baseline.entmax_triton")
+
+
+def measure(fn, device, repeats: int) -> float:
+    fn()  # compilation
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return median_ms(fn, repeats, device)
+
+
+def compare(versions: dict, n: int, heads: int, dim: int, dtype, causal: bool, device, repeats: int) -> dict:
+    """Forward and forward + backward times of every version at one length, and the kernels' largest differences."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(1, heads, n, dim, device=device, dtype=dtype)
+    row = {}
+    outputs = {}
+    for name, attend in versions.items():
+        def forward(attend=attend):
+            with torch.no_grad():
+                return attend(q, k, v, causal)
+
+        def forward_backward(attend=attend):
+            q.grad = k.grad = v.grad = None
+            attend(q, k, v, causal).backward(grad)
+
+        row[name] = (measure(forward, device, repeats), measure(forward_backward, device, repeats))
+        if name != "SDPA":
+            forward_backward()
+            outputs[name] = [forward().float(), q.grad.float(), k.grad.float(), v.grad.float()]
+    current, baseline = outputs["this checkout"], outputs["baseline"]
+    row["difference"] = max((a - b).abs().max().item() for a, b in zip(current, baseline))
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline", type=Path, required=True, help="folder with the other version's modules")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--output", type=Path, default=None, help="also write the table here (markdown)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reasons = entmax_triton.unavailable_reasons(device)
+    if reasons:
+        raise SystemExit("the fused kernel cannot run here: " + "; ".join(reasons))
+    smoke = device.type == "cpu"
+    lengths, heads, dim = ([48], 2, 16) if smoke else (args.lengths, args.heads, args.dim)
+    dtype = torch.float32 if smoke else torch.bfloat16  # the interpreter's bf16 dot is not a GPU's
+    baseline = load_baseline(args.baseline)
+    versions = {
+        "SDPA": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+        "baseline": lambda q, k, v, causal: baseline.entmax_attention(q, k, v, causal=causal),
+        "this checkout": lambda q, k, v, causal: entmax_triton.entmax_attention(q, k, v, causal=causal),
+    }
+    began = time.perf_counter()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    lines = [
+        f"`python scripts/benchmark_kernel_versions.py {' '.join(sys.argv[1:] if argv is None else argv)}` on "
+        f"{name}, {datetime.date.today().isoformat()}: torch {torch.__version__}; {dtype}, {heads} heads, head dim "
+        f"{dim}; medians of {args.repeats} (CUDA events).{' CPU smoke run: the times mean nothing.' if smoke else ''}",
+        "",
+        "| L | mask | SDPA fwd (ms) | baseline fwd | this fwd | this / baseline | SDPA fwd+bwd | baseline fwd+bwd "
+        "| this fwd+bwd | this / baseline | max difference |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    print("\n".join(lines), flush=True)
+    for n in lengths:
+        for causal in (False, True):
+            r = compare(versions, n, heads, dim, dtype, causal, device, args.repeats)
+            (sf, sb), (bf, bb), (tf, tb) = r["SDPA"], r["baseline"], r["this checkout"]
+            line = (
+                f"| {n} | {'causal' if causal else 'none'} | {sf:.3f} | {bf:.3f} ({bf / sf:.1f}x) | {tf:.3f} "
+                f"({tf / sf:.1f}x) | {tf / bf:.2f} | {sb:.3f} | {bb:.3f} ({bb / sb:.1f}x) | {tb:.3f} ({tb / sb:.1f}x) "
+                f"| {tb / bb:.2f} | {r['difference']:.2g} |"
+            )
+            lines.append(line)
+            print(line, flush=True)
+    lines.append("")
+    lines.append(f"{time.perf_counter() - began:.0f} s in all.")
+    if args.output:
+        args.output.write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
