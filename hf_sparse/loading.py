@@ -85,7 +85,9 @@ class ReportsNewWeights:
         ours = {pattern for pattern, _, _ in EXPECTED_NEW}
         theirs = [p for p in cls._keys_to_ignore_on_load_missing if p not in ours]  # e.g. Marian's sinusoids
         info["missing_keys"] = {k for k in missing if not any(re.search(p, k) for p in theirs)}
-        cls.check_loaded_state(model, info["missing_keys"], info["unexpected_keys"])
+        # a tensor of the wrong shape (ignore_mismatched_sizes=True) was not loaded either: learned state lost
+        mismatched = {key for key, *_ in info.get("mismatched_keys") or ()}
+        cls.check_loaded_state(model, info["missing_keys"] | mismatched, info["unexpected_keys"])
         report_new_weights(model, info["missing_keys"])
         return (model, info) if wants_info else model
 

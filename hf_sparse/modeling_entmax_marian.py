@@ -142,7 +142,7 @@ class _EntmaxSparsefinderMarian(ReportsNewWeights):
 
     def __init__(self, config: EntmaxSparsefinderMarianConfig):
         super().__init__(config)
-        _setup(self)  # predictors initialise themselves; from_pretrained fills missing ones via _init_weights
+        _setup(self)  # predictors initialise themselves; from_pretrained fills missing ones (initialize_weights)
 
     @classmethod
     def check_loaded_state(cls, model, missing_keys: set[str], unexpected_keys) -> None:
@@ -166,10 +166,18 @@ class _EntmaxSparsefinderMarian(ReportsNewWeights):
             )
         return super().set_attn_implementation(attn_implementation, *args, **kwargs)
 
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        initialize_predictor(module)
+    def initialize_weights(self):
+        """Transformers' initialisation, then fresh state for every predictor the checkpoint did not provide.
+
+        Marian's encoder and decoder are ``PreTrainedModel``s, so Transformers initialises their submodules with
+        their own ``_init_weights``, never this class's: an ``_init_weights`` hook here would not reach the
+        predictors inside the decoder layers, which ``from_pretrained`` then left as uninitialised memory (NaN
+        projections, a random ``fitted`` flag). :func:`hf_sparse.sparsefinder.initialize` leaves loaded tensors
+        alone."""
+        super().initialize_weights()
+        with torch.no_grad():
+            for module in self.modules():
+                initialize_predictor(module)
 
     def attention_backends_used(self) -> dict[str, str]:
         """The kernel each attention module ran in the latest forward (``generate``: the latest step), by module

@@ -197,3 +197,45 @@ def test_sparsefinder_callback_fits_at_the_end_of_a_trainer_run_without_touching
     assert set(callback.losses) == {0, 1} and all(callback.losses.values())
     after = model.state_dict()
     assert snapshot and all(torch.equal(v, after[k]) for k, v in snapshot.items())
+
+
+@pytest.mark.parametrize("method", ["distance", "lsh"])
+def test_a_stock_checkpoint_gets_fresh_predictors_as_the_constructor_makes_them(tmp_path, method):
+    """Marian's decoder is a PreTrainedModel of its own: Transformers initialises its submodules with Marian's
+    _init_weights, so predictors missing from a checkpoint were once left as uninitialised memory (NaN projections,
+    a `fitted` flag reading True, garbage LSH rotations)."""
+    from transformers import MarianConfig, MarianMTModel
+
+    torch.manual_seed(0)
+    MarianMTModel(MarianConfig(**MARIAN)).save_pretrained(tmp_path)
+    settings = {"method": method, "num_buckets": 4}
+    loaded = EntmaxSparsefinderMarianMTModel.from_pretrained(tmp_path, sparsefinder=settings)
+    fresh = EntmaxSparsefinderMarianMTModel(loaded.config)
+    assert loaded.sparsefinder_modules().keys() == fresh.sparsefinder_modules().keys() == {0, 1}
+    for i, module in loaded.sparsefinder_modules().items():
+        got, want = module.sparsefinder, fresh.sparsefinder_modules()[i].sparsefinder
+        assert bool(got.fitted) == (method == "lsh")  # lsh hashes need no fitting
+        for name, tensor in got.state_dict().items():
+            assert torch.isfinite(tensor.float()).all(), name
+            if name in ("rotations", "fitted"):  # drawn from the settings' seed / constant: equal to the fresh ones
+                assert torch.equal(tensor, want.state_dict()[name]), name
+            else:  # random draws: the same bound as the constructor's
+                bound = want.state_dict()[name].abs().max()
+                assert 0 < tensor.abs().max() <= bound * 1.5, name
+    if method == "distance":
+        loaded.config.sparsefinder["enabled"] = True
+        with pytest.raises(ValueError, match="not fitted"):
+            loaded.generate(batch()[0], attention_mask=batch()[1], max_new_tokens=2)
+
+
+def test_predictor_state_of_the_wrong_shape_is_refused_not_reinitialised(tmp_path):
+    model = model_with()
+    for module in model.sparsefinder_modules().values():
+        module.sparsefinder.fitted.fill_(True)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="lacks predictor state"):
+        EntmaxSparsefinderMarianMTModel.from_pretrained(
+            tmp_path,
+            sparsefinder={"method": "distance", "window": 1, "projection_dim": 8},
+            ignore_mismatched_sizes=True,
+        )
