@@ -84,7 +84,8 @@ class MaskCache:
             self._entries.move_to_end(key)
             self.hits += 1
             return entry[0]
-        value = build()
+        with torch.inference_mode(False):  # a mask built under inference_mode would break a later training step
+            value = build()
         self.builds += 1
         size = _nbytes(value) + sum(_nbytes(a) for a in anchors)  # an anchor shared by entries counts in each
         self._entries[key] = (value, size, anchors)

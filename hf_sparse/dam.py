@@ -218,10 +218,11 @@ class DAMGates(nn.Module):
                     "model.freeze_dam() after the DAM search, or load a checkpoint saved after freezing (this one "
                     "lacks the 'dam.frozen_mask' / 'dam.is_frozen' state)"
                 )
-            stored = self.frozen_mask
-            if self.settings["structure"] == "element":
-                stored = _unpack_bits(stored, self.max_length)
-            self.unpacked = self.expand(stored, self.max_length).bool()
+            with torch.inference_mode(False):  # kept across forwards: never an inference tensor
+                stored = self.frozen_mask
+                if self.settings["structure"] == "element":
+                    stored = _unpack_bits(stored, self.max_length)
+                self.unpacked = self.expand(stored, self.max_length).bool()
             self._unpacked_from = self._stored_state()
         return self.unpacked
 

@@ -403,7 +403,9 @@ class Learned(Pattern):
 
     @property
     def cacheable(self) -> bool:
-        return self.cache
+        # a mask made under torch.inference_mode() has no version counter to key it by (and is not one a later
+        # training step may keep for its backward)
+        return self.cache and not (self.mask is not None and self.mask.is_inference())
 
     def __str__(self) -> str:
         return "learned"
@@ -418,7 +420,8 @@ class Learned(Pattern):
 
     def cache_key(self) -> tuple:
         m = self._bound()
-        return ("learned", m.data_ptr(), tuple(m.shape), tuple(m.stride()), m._version, str(m.device))
+        version = -1 if m.is_inference() else m._version  # (not cacheable then)
+        return ("learned", m.data_ptr(), tuple(m.shape), tuple(m.stride()), version, str(m.device))
 
     def anchors(self) -> tuple:
         return (self._bound(),)

@@ -366,3 +366,33 @@ def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(tmp_path):
         last["dam_temperature"]
         == [log for log in t1.state.log_history if "dam_temperature" in log][-1]["dam_temperature"]
     )
+
+
+@pytest.mark.parametrize("backend", ["eager", "tiles", "auto"])
+def test_inference_mode_gives_the_no_grad_outputs_and_leaves_nothing_training_trips_on(backend):
+    """torch.inference_mode() (serving code, evaluation loops): the DAM search's per-forward mask, a frozen mask
+    unpacked there, and masks cached there must neither fail (inference tensors have no version counter) nor be
+    served to a later training step (which cannot save inference tensors for its backward)."""
+    from hf_sparse.block_maps import CACHE
+
+    ids, mask = random_batch(batch=2, length=12)
+    for freeze in (False, True):
+        CACHE.clear()
+        model = dam_model(pattern="window:3", structure="element", max_length=16).eval()
+        model.config.attention_backend = backend
+        if freeze:
+            model.freeze_dam()
+        with torch.inference_mode():
+            got = model(ids, attention_mask=mask).logits
+        with torch.no_grad():
+            want = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        fresh = dam_model(pattern="window:3", structure="element", max_length=16)  # the same process's caches
+        fresh.config.attention_backend = backend
+        if freeze:
+            fresh.freeze_dam()
+        if backend == "tiles" and not freeze:
+            continue  # the search trains on the eager kernel only (refused, tested above)
+        for trained in (model, fresh):
+            trained.train()
+            trained(ids, attention_mask=mask, labels=ids).loss.backward()
