@@ -51,9 +51,11 @@ def report_new_weights(model: nn.Module, missing_keys) -> str | None:
 
 class ReportsNewWeights:
     """Mixin (before ``PreTrainedModel``) for the loading behaviour above; a model adds its own checks of learned
-    state in :meth:`check_loaded_state`."""
+    state in :meth:`check_loaded_state`, and names every class of its family in :attr:`auto_map_family`."""
 
     _keys_to_ignore_on_load_missing = [pattern for pattern, _, _ in EXPECTED_NEW]
+    #: Auto class -> ``module.Class`` of every model class of the family (set by each modeling module)
+    auto_map_family: dict[str, str] = {}
 
     def __init_subclass__(cls, **kwargs):
         """Keep what the Transformers class below ignores too (Marian: its sinusoidal positions, final_logits_bias):
@@ -90,6 +92,14 @@ class ReportsNewWeights:
         cls.check_loaded_state(model, info["missing_keys"] | mismatched, info["unexpected_keys"])
         report_new_weights(model, info["missing_keys"])
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, *args, **kwargs):
+        """Transformers' saving, with every head of the family in ``config.json``'s ``auto_map``: Transformers writes
+        only the saved class's own Auto class, so a masked-LM checkpoint would load through remote code as
+        nothing else (no ``AutoModelForSequenceClassification`` to fine-tune it, no ``AutoModel`` for features),
+        as a stock BERT checkpoint does. Entries already there (e.g. a Hub repo's) are kept."""
+        self.config.auto_map = {**self.auto_map_family, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(*args, **kwargs)
 
     def tie_weights(self, missing_keys: set[str] | None = None, recompute_mapping: bool = True):
         """Transformers' tying, with two additions while ``from_pretrained`` loads (``missing_keys`` given):

@@ -203,5 +203,9 @@ class EntmaxSparsefinderMarianMTModel(_EntmaxSparsefinderMarian, MarianMTModel):
 
 EntmaxSparsefinderMarianModel.register_for_auto_class("AutoModel")
 EntmaxSparsefinderMarianMTModel.register_for_auto_class("AutoModelForSeq2SeqLM")
+_EntmaxSparsefinderMarian.auto_map_family = {
+    cls._auto_class: f"{__name__.rsplit('.', 1)[-1]}.{cls.__name__}"
+    for cls in (EntmaxSparsefinderMarianModel, EntmaxSparsefinderMarianMTModel)
+}
 
 __all__ = ["EntmaxSparsefinderMarianModel", "EntmaxSparsefinderMarianMTModel"]

@@ -849,6 +849,17 @@ SparseBertForSequenceClassification.register_for_auto_class("AutoModelForSequenc
 SparseBertForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
 SparseBertForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
 SparseBertForMultipleChoice.register_for_auto_class("AutoModelForMultipleChoice")
+SparseBertPreTrainedModel.auto_map_family = {
+    cls._auto_class: f"{__name__.rsplit('.', 1)[-1]}.{cls.__name__}"
+    for cls in (
+        SparseBertModel,
+        SparseBertForMaskedLM,
+        SparseBertForSequenceClassification,
+        SparseBertForTokenClassification,
+        SparseBertForQuestionAnswering,
+        SparseBertForMultipleChoice,
+    )
+}
 
 __all__ = [
     "SparseBertModel",

@@ -30,7 +30,8 @@ CHILD = textwrap.dedent(
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     result = {"class": type(model).__name__, "config": model.config.to_dict()}
     with torch.no_grad():
-        result["logits"] = model(**{k: v for k, v in inputs.items() if k != "probe"}).logits
+        output = model(**{k: v for k, v in inputs.items() if k != "probe"})
+    result["logits"] = output.logits if "logits" in output else output.last_hidden_state  # a base model: features
     dam = getattr(model.base_model, "dam", None)
     if dam is not None:
         result["mask"] = dam.frozen(inputs["input_ids"].shape[1])
@@ -41,7 +42,7 @@ CHILD = textwrap.dedent(
             layer: module.predict_pairs(attn.sparsefinder, *probe, model.config.sparsefinder, None, causal=True)
             for layer, attn in model.sparsefinder_modules().items()
         }
-    if model.config.is_encoder_decoder:
+    if model.config.is_encoder_decoder and model.can_generate():
         result["generated"] = model.generate(
             inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=6, num_beams=2
         )
@@ -180,3 +181,35 @@ def test_fitted_sparsefinder_marian_predicts_and_generates_identically_without_h
         assert torch.equal(got["logits"], model(**inputs).logits)
     want = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=6, num_beams=2)
     assert torch.equal(got["generated"], want)
+
+
+def test_a_checkpoint_of_one_head_loads_as_every_other_head_without_hf_sparse(tmp_path):
+    """Fine-tuning a classifier from a (DAM-)pretrained masked-LM checkpoint, or taking features from it, is the
+    usual next step: stock BERT allows it, so the saved auto_map names every head, not only the saved one."""
+    from hf_sparse import EntmaxSparsefinderMarianConfig, EntmaxSparsefinderMarianMTModel
+    from test_modeling_entmax_marian import MARIAN, batch
+
+    model = _trained_tiny_model()
+    model.save_pretrained(tmp_path / "mlm")
+    ids, mask = random_batch()
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    got = run_without_hf_sparse(tmp_path, "AutoModel", inputs, str(tmp_path / "mlm"))
+    assert got["class"] == "SparseBertModel"
+    with torch.no_grad():
+        assert torch.equal(got["logits"], model.bert(ids, attention_mask=mask).last_hidden_state)
+    for auto, head in [
+        ("AutoModelForSequenceClassification", "SparseBertForSequenceClassification"),
+        ("AutoModelForTokenClassification", "SparseBertForTokenClassification"),
+    ]:
+        got = run_without_hf_sparse(tmp_path, auto, inputs, str(tmp_path / "mlm"))
+        assert got["class"] == head and got["config"]["attention_pattern"] == "window:2+global:1"
+
+    torch.manual_seed(0)
+    marian = EntmaxSparsefinderMarianMTModel(EntmaxSparsefinderMarianConfig(**MARIAN)).eval()
+    marian.save_pretrained(tmp_path / "mt")
+    ids, mask, decoder = batch()
+    inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder}
+    got = run_without_hf_sparse(tmp_path, "AutoModel", inputs, str(tmp_path / "mt"))
+    assert got["class"] == "EntmaxSparsefinderMarianModel"
+    with torch.no_grad():
+        assert torch.equal(got["logits"], marian.model(**inputs).last_hidden_state)
