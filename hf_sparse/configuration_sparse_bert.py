@@ -45,6 +45,9 @@ class SparseBertConfig(BertConfig):
     """
 
     model_type = "sparse_bert"
+    # the DAM search's outputs are training signals, not predictions: Trainer.evaluate/predict leave them out, so
+    # compute_metrics gets the logits alone, as with a model without DAM
+    keys_to_ignore_at_inference = ["dam_penalty", "dam_density"]
 
     attention_pattern: str = "dense"
     attention_fn: str = "softmax"

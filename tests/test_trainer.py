@@ -45,3 +45,28 @@ def test_trainer_with_sparse_pattern_reduces_loss_and_checkpoint_reloads(tmp_pat
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+
+
+def test_evaluate_during_a_dam_search_hands_compute_metrics_the_logits_alone(tmp_path):
+    """The search's dam_penalty and dam_density are outputs too; Trainer once added them to the predictions, so the
+    usual compute_metrics (argmax over the logits) failed on a tuple of logits and per-batch scalars."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": torch.randint(5, 20, (16,), generator=g).tolist(), "attention_mask": [1] * 16, "labels": i % 2}
+        for i in range(12)
+    ]
+    seen = []
+
+    def accuracy(prediction):
+        seen.append(np.shape(prediction.predictions))
+        return {"acc": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+
+    dam = {"structure": "offset", "max_length": 16}
+    model = SparseBertForSequenceClassification(SparseBertConfig(**tiny_kwargs(attention_pattern="window:3", dam=dam)))
+    args = TrainingArguments(tmp_path, per_device_eval_batch_size=8, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args, eval_dataset=data, compute_metrics=accuracy)
+    assert "eval_acc" in trainer.evaluate()
+    assert trainer.predict(data).predictions.shape == (12, model.config.num_labels)
+    assert seen == [(12, model.config.num_labels)] * 2
