@@ -70,6 +70,19 @@ def _text_data(args: argparse.Namespace, columns: tuple[str, ...], default, **te
     return data
 
 
+def _fixed_pattern(spec: str, instead: str):
+    """``--pattern`` parsed, refused when it has a ``learned`` part: that part is a frozen DAM mask stored in a
+    checkpoint, which a fixed-pattern run has none of, so it would fail only after its training (or on --resume)."""
+    from .patterns import parse
+
+    pattern = parse(spec)  # a typo fails before any data is read, with the grammar
+    if pattern.needs_learned_mask:
+        raise ValueError(
+            f"--pattern {spec!r}: 'learned' is a DAM mask stored in a checkpoint, not a fixed pattern; {instead}"
+        )
+    return pattern
+
+
 def _data_name(args: argparse.Namespace, default: str) -> str:
     return args.dataset or (os.path.basename(args.train_file) if args.train_file else default)
 
@@ -127,10 +140,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .data import english_corpus
     from .evaluation import masked_lm_metrics
     from .mlm import small_bert_config, train_mlm
-    from .patterns import parse
     from .plotting import plot_patterns
 
-    parse(args.pattern)  # a typo fails before any data is read
+    _fixed_pattern(args.pattern, "learn a mask with 'hf-sparse dam', or give a fixed one (hf-sparse patterns --list)")
     data = _text_data(
         args,
         (args.text_column,),
@@ -194,9 +206,8 @@ def cmd_dam(args: argparse.Namespace) -> None:
     from .data import english_corpus
     from .evaluation import masked_lm_metrics
     from .mlm import search_and_train_dam, small_bert_config
-    from .patterns import parse
 
-    parse(args.pattern)
+    _fixed_pattern(args.pattern, "this command learns the mask; --pattern is the fixed pattern its search runs inside")
     dam = {"structure": args.structure, "max_length": args.max_length, "penalty_reduction": "sum"}
     if args.structure == "block":
         dam["block_size"] = args.block_size
@@ -258,10 +269,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     """The SparseBERT paper's experiment: a pretrained BERT fine-tuned for classification, dense vs pattern vs DAM."""
     from .data import gettext_domain_task
     from .finetune import default_model, format_table, run_finetune
-    from .patterns import parse
 
     if "pattern" in args.runs:
-        parse(args.pattern)  # a typo fails before the data is read
+        _fixed_pattern(args.pattern, "the 'dam' run learns a mask (--runs dam), give the 'pattern' run a fixed one")
     model = args.model or default_model()
     columns = (args.text_column, args.label_column)
     data = _text_data(

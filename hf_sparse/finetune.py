@@ -304,8 +304,11 @@ def run_finetune(
     unknown = [run for run in runs if run not in RUNS]
     if unknown or not runs:
         raise ValueError(f"runs {list(runs)!r}: choose one or more of {', '.join(RUNS)}")
-    if "pattern" in runs:
-        parse(pattern)  # a bad spec fails before any training, with the grammar
+    if "pattern" in runs and parse(pattern).needs_learned_mask:  # a bad spec fails before any training
+        raise ValueError(
+            f"pattern {pattern!r}: 'learned' is a DAM mask stored in a checkpoint, not a fixed pattern; the 'dam' run "
+            "learns one"
+        )
     if not 0 < search_fraction <= 1:
         raise ValueError(f"search_fraction must be in (0, 1], got {search_fraction!r}")
     for name, value in (

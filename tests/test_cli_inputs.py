@@ -1,0 +1,62 @@
+"""Inputs the command line must refuse in one line before any work: patterns, labels, data files, splits, cards,
+run records. Every test here is fast: tiny files, and no training where the refusal comes first."""
+
+import json
+import os
+
+import pytest
+
+import hf_sparse_cli
+from hf_sparse import cli
+from hf_sparse.data import load_text_dataset
+
+
+def _lines(path, texts) -> str:
+    path.write_text("".join(f"{t}\n" for t in texts))
+    return str(path)
+
+
+def _texts(n: int, prefix: str = "message") -> list[str]:
+    return [f"{prefix} number {i} about the disk" for i in range(n)]
+
+
+def _fails(argv: list[str], capsys=None) -> str:
+    """The one-line error ``cli.main(argv)`` ends with (exit status 1 or 2)."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    message = capsys.readouterr().err if info.value.code == 2 else str(info.value.code)
+    assert message.strip() and message.strip().count("\n") == 0, message
+    return message
+
+
+# -- a 'learned' pattern needs a checkpoint's DAM mask ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command, extra, instead",
+    [
+        ("demo", [], "learn a mask with 'hf-sparse dam'"),
+        ("dam", [], "this command learns the mask"),
+        ("finetune", ["--runs", "dense", "pattern"], "the 'dam' run learns a mask"),
+    ],
+)
+def test_a_learned_pattern_is_refused_before_any_data_is_read(tmp_path, monkeypatch, capsys, command, extra, instead):
+    import hf_sparse.data
+
+    def never(*args, **kwargs):
+        raise AssertionError("data was read")
+
+    monkeypatch.setattr(hf_sparse.data, "load_text_dataset", never)
+    train = _lines(tmp_path / "t.txt", _texts(20))
+    argv = [command, *extra, "--pattern", "window:2&learned", "--train-file", train, "--output-dir", str(tmp_path / "o")]
+    message = _fails(argv, capsys)
+    assert f"hf-sparse {command}: --pattern 'window:2&learned': 'learned' is a DAM mask" in message
+    assert instead in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_finetune_refuses_a_learned_pattern_before_loading_anything():
+    from hf_sparse.finetune import run_finetune
+
+    with pytest.raises(ValueError, match="'learned' is a DAM mask stored in a checkpoint"):
+        run_finetune("no-such-model", None, runs=("pattern",), pattern="learned")
