@@ -88,19 +88,30 @@ def check_columns(data, *columns: str) -> None:
 
 def label_names(data, label_column: str = "label") -> list[str]:
     """The class names: a ``ClassLabel``'s names; integer labels 0..K-1 as strings; else the distinct string
-    labels, sorted (a CSV's ``positive``/``negative``)."""
+    labels, sorted (a CSV's ``positive``/``negative``). Fewer than two classes is an error: Transformers would
+    take one label for regression and report a perfect accuracy."""
     feature = data["train"].features[label_column]
     if hasattr(feature, "names"):
-        return list(feature.names)
+        return _classes(list(feature.names), label_column)
     values = sorted(set(data["train"][label_column]) | set(data["validation"][label_column]), key=str)
     if all(isinstance(v, str) for v in values):
-        return values
+        return _classes(values, label_column)
     if values != list(range(len(values))):
         raise ValueError(
             f"label column {label_column!r} holds {values[:10]}: give integer labels 0..K-1, strings, or a "
             "ClassLabel feature"
         )
-    return [str(v) for v in values]
+    return _classes([str(v) for v in values], label_column)
+
+
+def _classes(names: list[str], label_column: str | None = None) -> list[str]:
+    if len(names) < 2:
+        raise ValueError(
+            f"{f'label column {label_column!r}' if label_column else 'labels'}: classification needs at least 2 "
+            f"classes, found {len(names)}"
+            + (f": {', '.join(map(repr, names))}" if names else "")
+        )
+    return names
 
 
 def tokenize(data, tokenizer, text_column: str = "text", label_column: str = "label", max_length: int = 64, names=None):
@@ -119,8 +130,11 @@ def tokenize(data, tokenizer, text_column: str = "text", label_column: str = "la
 
 
 def load_classifier(model_name_or_path: str, names: list[str], **config_overrides):
-    """The checkpoint as a ``SparseBertForSequenceClassification`` with a head for ``names``."""
+    """The checkpoint as a ``SparseBertForSequenceClassification`` with a head for ``names`` (at least two: one
+    label would make Transformers train a regression)."""
     from .modeling_sparse_bert import SparseBertForSequenceClassification
+
+    _classes(list(names))
 
     return SparseBertForSequenceClassification.from_pretrained(
         model_name_or_path,

@@ -60,3 +60,24 @@ def test_run_finetune_refuses_a_learned_pattern_before_loading_anything():
 
     with pytest.raises(ValueError, match="'learned' is a DAM mask stored in a checkpoint"):
         run_finetune("no-such-model", None, runs=("pattern",), pattern="learned")
+
+
+# -- classification needs two classes ---------------------------------------------------------------------------
+
+
+def test_finetune_refuses_labels_of_a_single_class_instead_of_training_a_regression(tmp_path, capsys):
+    rows = ["text,label", *(f"{t},only" for t in _texts(12))]
+    (tmp_path / "one.csv").write_text("\n".join(rows) + "\n")
+    argv = ["finetune", "--runs", "dense", "--steps", "1", "--batch-size", "2", "--max-length", "16"]
+    message = _fails([*argv, "--train-file", str(tmp_path / "one.csv"), "--output-dir", str(tmp_path / "o")], capsys)
+    assert message.startswith(
+        "hf-sparse finetune: label column 'label': classification needs at least 2 classes, found 1: 'only'"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_classifier_head_for_one_label_is_refused():
+    from hf_sparse.finetune import load_classifier
+
+    with pytest.raises(ValueError, match="labels: classification needs at least 2 classes, found 1: 'yes'"):
+        load_classifier("no-such-model", ["yes"])
