@@ -80,6 +80,12 @@ class SparseBertConfig(BertConfig):
     def check_sparse_attention(self) -> None:
         """Fail at configuration time with a ``ValueError`` that names the bad value."""
         pattern = parse(self.attention_pattern)
+        if getattr(self, "is_decoder", False) or getattr(self, "add_cross_attention", False):
+            raise ValueError(
+                f"is_decoder={getattr(self, 'is_decoder', False)}, add_cross_attention="
+                f"{getattr(self, 'add_cross_attention', False)}: SparseBERT is an encoder (no cross-attention); for "
+                "causal self-attention set attention_pattern='causal' (it combines with the other patterns)"
+            )
         if self.dam is not None:
             resolve_config(self.dam, self.num_hidden_layers, self.max_position_embeddings)
         if self.sparsefinder is not None:

@@ -30,7 +30,14 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from .attention import AttentionMask, attention_backends_used, build_mask, choose_backend, compute_dtype
+from .attention import (
+    AttentionMask,
+    attention_backends_used,
+    build_mask,
+    check_entmax_alpha,
+    choose_backend,
+    compute_dtype,
+)
 from .block_maps import cached_dense_mask
 from .configuration_sparse_bert import SparseBertConfig
 from .dam import DAMGates, check_loaded_dam
@@ -303,6 +310,20 @@ class SparseBertPreTrainedModel(ReportsNewWeights, PreTrainedModel):
     _no_split_modules = ["SparseBertEmbeddings", "SparseBertLayer"]
     _keys_to_ignore_on_load_unexpected = list(UNUSED_PRETRAINING)
 
+    def __init__(self, config, *args, **kwargs):
+        """Takes a stock ``BertConfig`` too (``AutoConfig.from_pretrained(bert, num_labels=3)`` passed on as
+        ``config=``): the same fields, converted, with a dense pattern."""
+        # by model_type, not class: remote code may hold the config class of another copy of this module
+        model_type = getattr(config, "model_type", None)
+        if model_type == "bert":
+            config = SparseBertConfig.from_dict(config.to_dict())
+        elif model_type != SparseBertConfig.model_type:
+            raise ValueError(
+                f"{type(self).__name__} takes a SparseBertConfig or a stock BertConfig, got a {type(config).__name__} "
+                f"(model_type {model_type!r})"
+            )
+        super().__init__(config, *args, **kwargs)
+
     @classmethod
     def check_loaded_state(cls, model, missing_keys: set[str], unexpected_keys) -> None:
         """A frozen DAM mask or fitted predictors the checkpoint lost: refused (they would run fresh and
@@ -377,8 +398,10 @@ class SparseBertPreTrainedModel(ReportsNewWeights, PreTrainedModel):
         return loss + base.dam.penalty_weight * outputs.dam_penalty
 
 
-def _finish(output, return_dict: bool | None):
-    return output if return_dict is None or return_dict else output.to_tuple()
+def _finish(output, return_dict: bool | None, config: SparseBertConfig):
+    """The output as asked: ``return_dict`` if given, else the config's ``return_dict`` (as BERT does)."""
+    wanted = getattr(config, "return_dict", True) if return_dict is None else return_dict
+    return output if wanted else output.to_tuple()
 
 
 class SparseBertModel(SparseBertPreTrainedModel):
@@ -386,6 +409,7 @@ class SparseBertModel(SparseBertPreTrainedModel):
 
     def __init__(self, config: SparseBertConfig, add_pooling_layer: bool = True):
         super().__init__(config)
+        config = self.config  # (a stock BertConfig arrives converted)
         config.check_sparse_attention()  # from_pretrained(..., attention_pattern=...) sets fields after validation
         self.config = config
         self.embeddings = SparseBertEmbeddings(config)
@@ -499,6 +523,8 @@ class SparseBertModel(SparseBertPreTrainedModel):
                 f"attention_mask has {attention_mask.shape[0]} rows but the batch has {batch}: give one row of "
                 "padding per sequence (a single row is not broadcast, as in BertModel)"
             )
+        # set on a live config after construction, like the pattern and backend, which are checked where used
+        check_entmax_alpha(self.config.entmax_alpha, used=self.config.attention_fn == "entmax_bisect")
         key_valid = attention_mask.bool() if attention_mask is not None else None
         collecting = any(layer.attention.self.sparsefinder_collector is not None for layer in self.encoder.layer)
         choose = dict(
@@ -577,7 +603,7 @@ class SparseBertModel(SparseBertPreTrainedModel):
             dam_penalty=dam_penalty,
             dam_density=dam_density,
         )
-        return _finish(output, return_dict)
+        return _finish(output, return_dict, self.config)
 
 
 class SparseBertForMaskedLM(SparseBertPreTrainedModel):
@@ -588,6 +614,7 @@ class SparseBertForMaskedLM(SparseBertPreTrainedModel):
 
     def __init__(self, config: SparseBertConfig):
         super().__init__(config)
+        config = self.config  # (a stock BertConfig arrives converted)
         self.bert = SparseBertModel(config, add_pooling_layer=False)
         self.cls = SparseBertOnlyMLMHead(config)
         self.post_init()
@@ -619,6 +646,7 @@ class SparseBertForMaskedLM(SparseBertPreTrainedModel):
             inputs_embeds=inputs_embeds,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = self.cls(outputs.last_hidden_state)
         loss = None
@@ -632,7 +660,7 @@ class SparseBertForMaskedLM(SparseBertPreTrainedModel):
             dam_penalty=outputs.dam_penalty,
             dam_density=outputs.dam_density,
         )
-        return _finish(output, return_dict)
+        return _finish(output, return_dict, self.config)
 
 
 def _classification_loss(config, logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -658,6 +686,7 @@ def _dropout_p(config: SparseBertConfig) -> float:
 class SparseBertForSequenceClassification(SparseBertPreTrainedModel):
     def __init__(self, config: SparseBertConfig):
         super().__init__(config)
+        config = self.config  # (a stock BertConfig arrives converted)
         self.num_labels = config.num_labels
         self.bert = SparseBertModel(config)
         self.dropout = nn.Dropout(_dropout_p(config))
@@ -684,6 +713,7 @@ class SparseBertForSequenceClassification(SparseBertPreTrainedModel):
             inputs_embeds=inputs_embeds,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = _classification_loss(self.config, logits, labels, self.num_labels) if labels is not None else None
@@ -695,12 +725,13 @@ class SparseBertForSequenceClassification(SparseBertPreTrainedModel):
             dam_penalty=outputs.dam_penalty,
             dam_density=outputs.dam_density,
         )
-        return _finish(output, return_dict)
+        return _finish(output, return_dict, self.config)
 
 
 class SparseBertForMultipleChoice(SparseBertPreTrainedModel):
     def __init__(self, config: SparseBertConfig):
         super().__init__(config)
+        config = self.config  # (a stock BertConfig arrives converted)
         self.bert = SparseBertModel(config)
         self.dropout = nn.Dropout(_dropout_p(config))
         self.classifier = nn.Linear(config.hidden_size, 1)
@@ -731,6 +762,7 @@ class SparseBertForMultipleChoice(SparseBertPreTrainedModel):
             inputs_embeds=flat(inputs_embeds),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, num_choices)
         loss = CrossEntropyLoss()(logits, labels) if labels is not None else None
@@ -742,12 +774,13 @@ class SparseBertForMultipleChoice(SparseBertPreTrainedModel):
             dam_penalty=outputs.dam_penalty,
             dam_density=outputs.dam_density,
         )
-        return _finish(output, return_dict)
+        return _finish(output, return_dict, self.config)
 
 
 class SparseBertForTokenClassification(SparseBertPreTrainedModel):
     def __init__(self, config: SparseBertConfig):
         super().__init__(config)
+        config = self.config  # (a stock BertConfig arrives converted)
         self.num_labels = config.num_labels
         self.bert = SparseBertModel(config, add_pooling_layer=False)
         self.dropout = nn.Dropout(_dropout_p(config))
@@ -774,6 +807,7 @@ class SparseBertForTokenClassification(SparseBertPreTrainedModel):
             inputs_embeds=inputs_embeds,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None
@@ -787,12 +821,13 @@ class SparseBertForTokenClassification(SparseBertPreTrainedModel):
             dam_penalty=outputs.dam_penalty,
             dam_density=outputs.dam_density,
         )
-        return _finish(output, return_dict)
+        return _finish(output, return_dict, self.config)
 
 
 class SparseBertForQuestionAnswering(SparseBertPreTrainedModel):
     def __init__(self, config: SparseBertConfig):
         super().__init__(config)
+        config = self.config  # (a stock BertConfig arrives converted)
         self.num_labels = config.num_labels
         self.bert = SparseBertModel(config, add_pooling_layer=False)
         self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
@@ -819,6 +854,7 @@ class SparseBertForQuestionAnswering(SparseBertPreTrainedModel):
             inputs_embeds=inputs_embeds,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
         start_logits = start_logits.squeeze(-1).contiguous()
@@ -840,7 +876,7 @@ class SparseBertForQuestionAnswering(SparseBertPreTrainedModel):
             dam_penalty=outputs.dam_penalty,
             dam_density=outputs.dam_density,
         )
-        return _finish(output, return_dict)
+        return _finish(output, return_dict, self.config)
 
 
 SparseBertModel.register_for_auto_class("AutoModel")

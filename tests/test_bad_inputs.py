@@ -62,6 +62,12 @@ def predicted_marian_attentions():
     ).decoder_attentions
 
 
+def _with_config(model, **fields):
+    for name, value in fields.items():
+        setattr(model.config, name, value)
+    return model
+
+
 def saved_frozen_dam(tmp, edit):
     model = SparseBertForMaskedLM(bert(dam={"structure": "offset", "max_length": 32, "init_noise": 1.0}))
     model.freeze_dam()
@@ -356,6 +362,15 @@ ROWS = [
         ValueError,
         "this config is of model_type 'bert': the entmax Marian loads Marian checkpoints",
     ),
+    Row("BERT config as a decoder", lambda t: bert(is_decoder=True), ValueError, "SparseBERT is an encoder"),
+    Row("BERT config with cross-attention", lambda t: bert(add_cross_attention=True), ValueError, "is an encoder"),
+    Row(
+        "entmax_alpha set after construction",
+        lambda t: _with_config(bert_model(attention_fn="entmax_bisect"), entmax_alpha=5.0)(ids()),
+        ValueError,
+        "entmax_alpha",
+    ),
+    Row("a Marian config for SparseBERT", lambda t: SparseBertModel(marian()), ValueError, "takes a SparseBertConfig"),
     # -- callbacks and CLI -------------------------------------------------------------------------------------
     Row("DAMCallback temperature 0", lambda t: DAMCallback(temperature=0), ValueError, "temperature must be"),
     Row("DAMCallback temperature NaN", lambda t: DAMCallback(temperature=math.nan), ValueError, "got nan"),

@@ -286,3 +286,32 @@ def test_a_stock_bert_checkpoint_loads_without_the_model_type_warning(tmp_path):
         model = SparseBertForMaskedLM.from_pretrained(tmp_path)
     assert model.config.model_type == "sparse_bert"
     assert "to instantiate a model of type" not in captured.out
+
+
+@pytest.mark.parametrize("stock_cls, sparse_cls", PAIRS, ids=[p[1].__name__ for p in PAIRS])
+def test_config_return_dict_false_returns_the_tuples_bert_returns(stock_cls, sparse_cls):
+    stock, sparse = _pair(stock_cls, sparse_cls)
+    ids, mask = random_batch()
+    if stock_cls is BertForMultipleChoice:
+        ids, mask = ids[None], mask[None]
+    stock.config.return_dict = sparse.config.return_dict = False
+    with torch.no_grad():
+        want, got = stock(ids, attention_mask=mask), sparse(ids, attention_mask=mask)
+    assert isinstance(got, tuple) and len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_stock_bert_config_is_taken_as_a_sparse_bert_config(tmp_path):
+    """The usual recipe: AutoConfig.from_pretrained(bert, num_labels=3), then the model class with config=."""
+    from transformers import AutoConfig
+
+    BertForMaskedLM(tiny_bert_config()).save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path, num_labels=3)
+    assert type(config).__name__ == "BertConfig"
+    model = SparseBertForSequenceClassification.from_pretrained(tmp_path, config=config).eval()
+    assert isinstance(model.config, SparseBertConfig) and model.config.num_labels == 3
+    assert model.config.attention_pattern == "dense"
+    ids, mask = random_batch()
+    assert model(ids, attention_mask=mask).logits.shape == (ids.shape[0], 3)
+    assert isinstance(SparseBertModel(tiny_bert_config()).config, SparseBertConfig)
