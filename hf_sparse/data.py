@@ -143,7 +143,28 @@ def _builder_for(path: str) -> str:
         )
     if not os.path.isfile(path):
         raise ValueError(f"data file {path!r} does not exist")
+    if os.path.getsize(path) == 0:  # `datasets` would fail to infer a schema, in a traceback
+        raise ValueError(f"data file {path!r} is empty")
     return DATA_FILE_BUILDERS[extension]
+
+
+def _unreadable(builder: str, files: dict[str, str], error: Exception) -> str:
+    """Which data file `datasets` could not read, and why, in one line (its own error names neither the file nor,
+    for a file of no rows, the cause: 'Instruction "train" corresponds to no data!')."""
+    import datasets
+
+    for name, path in files.items():
+        try:
+            datasets.load_dataset(builder, data_files={name: path})
+        except (datasets.exceptions.DatasetGenerationError, ValueError) as alone:
+            error = alone
+            break
+    else:
+        path = ", ".join(files.values())
+    if "corresponds to no data" in str(error):
+        return f"data file {path!r} holds no rows (a header alone, or blank lines)"
+    cause = error.__cause__ or error
+    return f"data file {path!r} cannot be read as {builder}: {type(cause).__name__}: {cause}"
 
 
 def load_text_dataset(
@@ -193,7 +214,10 @@ def load_text_dataset(
                 if _builder_for(path) != builder:
                     raise ValueError(f"train file {train_file!r} and {name} file {path!r} differ in type")
                 files[name] = path
-        loaded = datasets.load_dataset(builder, data_files=files)
+        try:
+            loaded = datasets.load_dataset(builder, data_files=files)
+        except (datasets.exceptions.DatasetGenerationError, ValueError) as error:
+            raise ValueError(_unreadable(builder, files, error)) from error
         train = loaded["train"]
         validation = loaded["validation"] if validation_file is not None else None
         test = loaded["test"] if test_file is not None else None

@@ -108,8 +108,7 @@ def _classes(names: list[str], label_column: str | None = None) -> list[str]:
     if len(names) < 2:
         raise ValueError(
             f"{f'label column {label_column!r}' if label_column else 'labels'}: classification needs at least 2 "
-            f"classes, found {len(names)}"
-            + (f": {', '.join(map(repr, names))}" if names else "")
+            f"classes, found {len(names)}" + (f": {', '.join(map(repr, names))}" if names else "")
         )
     return names
 

@@ -1,12 +1,8 @@
 """Inputs the command line must refuse in one line before any work: patterns, labels, data files, splits, cards,
 run records. Every test here is fast: tiny files, and no training where the refusal comes first."""
 
-import json
-import os
-
 import pytest
 
-import hf_sparse_cli
 from hf_sparse import cli
 from hf_sparse.data import load_text_dataset
 
@@ -48,7 +44,8 @@ def test_a_learned_pattern_is_refused_before_any_data_is_read(tmp_path, monkeypa
 
     monkeypatch.setattr(hf_sparse.data, "load_text_dataset", never)
     train = _lines(tmp_path / "t.txt", _texts(20))
-    argv = [command, *extra, "--pattern", "window:2&learned", "--train-file", train, "--output-dir", str(tmp_path / "o")]
+    argv = [command, *extra, "--pattern", "window:2&learned", "--train-file", train]
+    argv += ["--output-dir", str(tmp_path / "o")]
     message = _fails(argv, capsys)
     assert f"hf-sparse {command}: --pattern 'window:2&learned': 'learned' is a DAM mask" in message
     assert instead in message
@@ -81,3 +78,27 @@ def test_a_classifier_head_for_one_label_is_refused():
 
     with pytest.raises(ValueError, match="labels: classification needs at least 2 classes, found 1: 'yes'"):
         load_classifier("no-such-model", ["yes"])
+
+
+# -- empty data -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["txt", "csv", "jsonl"])
+def test_an_empty_data_file_is_named_in_one_line(tmp_path, capsys, kind):
+    (tmp_path / f"empty.{kind}").write_text("")
+    message = _fails(["demo", "--train-file", str(tmp_path / f"empty.{kind}"), "--output-dir", str(tmp_path / "o")])
+    assert message.startswith(f"hf-sparse demo: data file '{tmp_path / f'empty.{kind}'}' is empty")
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_files_without_rows_or_unreadable_are_named(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("text\n" + "".join(f"{t}\n" for t in _texts(10)))
+    (tmp_path / "header.csv").write_text("text\n")
+    with pytest.raises(ValueError, match=r"data file '.*header.csv' holds no rows"):
+        load_text_dataset(train_file=str(tmp_path / "header.csv"))
+    with pytest.raises(ValueError, match=r"data file '.*header.csv' holds no rows"):
+        load_text_dataset(train_file=str(train), validation_file=str(tmp_path / "header.csv"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{bad\n')
+    with pytest.raises(ValueError, match=r"data file '.*bad.jsonl' cannot be read as json: "):
+        load_text_dataset(train_file=str(tmp_path / "bad.jsonl"))
