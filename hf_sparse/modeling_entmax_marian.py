@@ -19,6 +19,9 @@ This file is copied next to saved checkpoints (remote code): torch, transformers
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers import AttentionInterface, MarianModel, MarianMTModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -104,6 +107,8 @@ def entmax_marian_attention(
         output_attentions=output_attentions,
         causal=kind == "decoder",
         valid_queries=valid_queries,
+        # the cache length, left by _before_decoder (absent: attend_layer takes the last Lq of the Lk positions)
+        query_offset=getattr(module, "sparsefinder_query_offset", None) if kind == "decoder" else None,
     )
 
 
@@ -118,6 +123,40 @@ AttentionInterface.register(ATTENTION_NAME, entmax_marian_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, boolean_mask)
 
 
+@functools.cache
+def _forward_parameters(cls: type) -> tuple[str, ...]:
+    return tuple(name for name in inspect.signature(cls.forward).parameters if name != "self")
+
+
+def _argument(module: torch.nn.Module, args: tuple, kwargs: dict, name: str, *aliases: str):
+    """An argument of ``module.forward`` as a forward pre-hook sees it: by keyword (or a deprecated alias), or by
+    position."""
+    for key in (name, *aliases):
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    position = _forward_parameters(type(module)).index(name)
+    return args[position] if position < len(args) else None
+
+
+def _before_decoder(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the decoder: tells each predicting self-attention where its queries sit.
+
+    Predicted attention places its window and causality by absolute position. The attention function cannot see
+    the cache, and the key count is no substitute: a static cache (``generate(..., cache_implementation="static")``)
+    has ``max_cache_len`` keys, mostly empty slots. The decoder's own positions start at the cache's length, so that
+    is the offset: an ``int`` for a dynamic cache; for a static cache a 0-d tensor on the device, which the layers'
+    cache updates increment in place, so a copy is kept (and never read back to the host).
+    """
+    cache = _argument(decoder, args, kwargs, "cache", "past_key_values")
+    cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache: the self-attention half
+    past = 0 if cache is None else cache.get_seq_length()
+    if isinstance(past, torch.Tensor):
+        past = past.clone()
+    for layer in decoder.layers:
+        if getattr(layer.self_attn, "sparsefinder", None) is not None:
+            layer.self_attn.sparsefinder_query_offset = past
+
+
 def _setup(model) -> None:
     """Route attention through :func:`entmax_marian_attention` and give decoder self-attention its predictors.
 
@@ -126,6 +165,8 @@ def _setup(model) -> None:
     they serve (``model.decoder.layers.<i>.self_attn.sparsefinder``), so they are in the state dict.
     """
     model.config._attn_implementation = ATTENTION_NAME
+    # module-level function, reaching the decoder through its argument: a deepcopy of the model keeps a working hook
+    model.get_decoder().register_forward_pre_hook(_before_decoder, with_kwargs=True)
     if model.config.sparsefinder is None:
         return
     settings = resolve_config(model.config.sparsefinder)

@@ -176,9 +176,13 @@ def runs_predicted(module: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _positions(num_queries: int, num_keys: int, query_offset: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absolute query positions ``(Lq, 1)`` (starting at ``query_offset``) and key positions ``(1, Lk)``."""
-    qpos = torch.arange(query_offset, query_offset + num_queries, device=device).view(-1, 1)
+def _positions(
+    num_queries: int, num_keys: int, query_offset: int | torch.Tensor, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute query positions ``(Lq, 1)`` (starting at ``query_offset``) and key positions ``(1, Lk)``.
+
+    ``query_offset`` may be a 0-d integer tensor (a static cache's length lives on the device): added, never read."""
+    qpos = torch.arange(num_queries, device=device).view(-1, 1) + query_offset
     kpos = torch.arange(num_keys, device=device).view(1, -1)
     return qpos, kpos
 
@@ -189,7 +193,7 @@ def valid_pairs(
     num_keys: int,
     causal: bool,
     valid_queries: torch.Tensor | None = None,
-    query_offset: int = 0,
+    query_offset: int | torch.Tensor = 0,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Bool ``(B, 1, Lq, Lk)`` (``B`` = 1 without masks): key not padding, query not padding, ``j <= i`` if causal.
@@ -213,7 +217,9 @@ def valid_pairs(
     return pairs
 
 
-def window_pairs(num_queries: int, num_keys: int, window: int, query_offset: int = 0, device=None) -> torch.Tensor:
+def window_pairs(
+    num_queries: int, num_keys: int, window: int, query_offset: int | torch.Tensor = 0, device=None
+) -> torch.Tensor:
     """Bool ``(Lq, Lk)``: ``|i - j| <= window`` in absolute positions."""
     qpos, kpos = _positions(num_queries, num_keys, query_offset, device)
     return (qpos - kpos).abs() <= window
@@ -420,7 +426,7 @@ class Prediction:
         settings: dict,
         valid_keys: torch.Tensor | None,
         causal: bool,
-        query_offset: int = 0,
+        query_offset: int | torch.Tensor = 0,
         valid_queries: torch.Tensor | None = None,
     ):
         self.cfg = cfg = resolve_config(settings)
@@ -505,7 +511,7 @@ def predict_pairs(
     settings: dict,
     valid_keys: torch.Tensor | None,
     causal: bool,
-    query_offset: int = 0,
+    query_offset: int | torch.Tensor = 0,
     valid_queries: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Predicted pairs, bool ``(B, H, Lq, Lk)``, for queries ``q`` ``(B, H, Lq, d)`` and keys ``k`` ``(B, H, Lk, d)``
@@ -554,7 +560,7 @@ def _pair_rows(
     valid_keys: torch.Tensor | None,
     valid_queries: torch.Tensor | None,
     causal: bool,
-    query_offset: int,
+    query_offset: int | torch.Tensor,
     pattern_rows: Callable[[int, int], torch.Tensor] | None,
     allowed: torch.Tensor | None,
 ) -> Callable[[int, int], torch.Tensor]:
@@ -593,7 +599,7 @@ def attend_predicted(
     valid_keys: torch.Tensor | None = None,
     valid_queries: torch.Tensor | None = None,
     causal: bool = False,
-    query_offset: int = 0,
+    query_offset: int | torch.Tensor = 0,
     pattern_rows: Callable[[int, int], torch.Tensor] | None = None,
     allowed: torch.Tensor | None = None,
     dense_probabilities: bool = False,
@@ -721,7 +727,7 @@ def attend_predicted_fused(
     valid_keys: torch.Tensor | None = None,
     valid_queries: torch.Tensor | None = None,
     causal: bool = False,
-    query_offset: int = 0,
+    query_offset: int | torch.Tensor = 0,
     pattern_rows: Callable[[int, int], torch.Tensor] | None = None,
     allowed: torch.Tensor | None = None,
     mask_block: int | None = None,
@@ -756,8 +762,9 @@ def attend_predicted_fused(
     outs = []
     for start in range(0, lq, chunk):
         stop = min(start + chunk, lq)
-        # causal: the chunk's queries are the last of the keys up to its last query (what the kernel's causal means)
-        tail = causal and query_offset + stop <= lk
+        # causal: the chunk's queries are the last of the keys up to its last query (what the kernel's causal means);
+        # an offset on the device (static cache) is not read back: every key, causality from the element mask
+        tail = causal and isinstance(query_offset, int) and query_offset + stop <= lk
         num_keys = query_offset + stop if tail else lk
         tiles, keep = _predicted_tiles(rows_of, (b, h), start, stop, num_keys, mask_block, query.device)
         outs.append(
@@ -793,6 +800,7 @@ def attend_layer(
     causal: bool = False,
     valid_queries: torch.Tensor | None = None,
     predicted_probabilities: bool | None = None,
+    query_offset: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The attention of one layer in either model: what Sparsefinder does to it, in one place.
 
@@ -810,7 +818,11 @@ def attend_layer(
       (``module.sparsefinder_collector``), the collector gets the queries, keys, probabilities and the valid pairs:
       ``mask.keep`` restricted to the real queries ``valid_queries`` ``(B, Lq)``.
 
-    The queries are the last ``Lq`` of the ``Lk`` positions (a decoder's cache holds the others). The kernel that
+    ``query_offset``: the absolute position of the first query, where predicted attention places its window and
+    causality (a decoder's cache length: an ``int``, or for a static cache a 0-d tensor on the device, used without
+    being read back). By default the queries are the last ``Lq`` of the ``Lk`` positions (a dynamic cache holds
+    exactly the earlier ones); a static cache has ``Lk = max_cache_len`` keys, mostly empty slots, so its caller
+    must pass the true offset. The kernel that
     ran (``mask.backend``, ``"sparsefinder"`` (gathering) or :data:`PREDICTED_FUSED`) is left on
     ``module.attention_backend_used`` (see
     :func:`hf_sparse.attention.attention_backends_used`).
@@ -840,7 +852,7 @@ def attend_layer(
             alpha=alpha,
             valid_keys=mask.valid_tokens,
             causal=causal,
-            query_offset=lk - lq,
+            query_offset=lk - lq if query_offset is None else query_offset,
             pattern_rows=pattern_rows,
             allowed=mask.keep if pattern is None else None,
         )

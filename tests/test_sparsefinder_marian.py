@@ -78,6 +78,25 @@ def test_every_method_decodes_the_same_with_and_without_cache(settings):
     assert torch.equal(model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw))
 
 
+@pytest.mark.parametrize("settings", [{"method": "window"}, {"method": "distance", "threshold": 0.5}], ids=str)
+@pytest.mark.parametrize("beams", [1, 2])
+def test_a_static_cache_decodes_exactly_as_the_dynamic_cache(settings, beams):
+    """A static cache (``cache_implementation="static"``) holds ``max_cache_len`` keys, mostly empty slots: the
+    queries' positions come from the cache's length, not from the key count, which once put the window (and
+    causality) on empty slots and zeroed the first steps' attention."""
+    model = model_with(**settings)
+    fit(model, loader(2), epochs=1, progress=False)
+    model.config.sparsefinder["enabled"] = True
+    ids, mask, _ = batch(4)
+    kw = dict(attention_mask=mask, max_new_tokens=6, num_beams=beams, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        dynamic = model.generate(ids, **kw)
+        static = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for got, want in zip(static.scores, dynamic.scores, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 def test_enabled_sparse_execution_refuses_unfitted_predictors():
     model = model_with(enabled=True)
     ids, mask, decoder = batch()
