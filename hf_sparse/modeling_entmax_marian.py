@@ -88,17 +88,22 @@ def entmax_marian_attention(
         predicted=runs_predicted(module),
     )
     keep = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask == 0
-    valid_queries = None
+    valid_queries = valid_keys = None
     if keep is not None and keep.shape[-2] == keep.shape[-1]:
         # Transformers' decoder mask marks padded keys only; in (causal) self-attention position i is a padded key
         # iff (i, i) is masked, and then it is no real query either: its row is not part of the gold graph.
         valid_queries = keep.diagonal(dim1=-2, dim2=-1).any(1)
+    if keep is not None and kind == "decoder":
+        # the real keys, for predictors that look at the keys as a whole (quantization's bucket quantiles): the last
+        # query's row, as it sees every key up to it (cache included) and the mask removes only padded keys there;
+        # a static cache's empty slots lie beyond it, so they count as padding too
+        valid_keys = keep[:, 0, -1]
     return attend_layer(
         module,
         query,
         key,
         value,
-        AttentionMask(backend, keep=keep, causal=kind == "decoder"),
+        AttentionMask(backend, keep=keep, valid_tokens=valid_keys, causal=kind == "decoder"),
         where=f"{kind} layer {module.layer_idx}",
         scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
         attention_fn=attention_fn,

@@ -97,6 +97,27 @@ def test_a_static_cache_decodes_exactly_as_the_dynamic_cache(settings, beams):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["quantization", "distance"])
+def test_a_padded_decoder_row_attends_as_the_row_alone(method):
+    """Padded target positions are no keys: quantization's buckets are quantiles of the real keys only (they once
+    took the padding in, so a row's logits depended on how much padding its batch gave it)."""
+    model = model_with(method=method, threshold=0.5)
+    fit(model, loader(2), epochs=1, progress=False)
+    model.config.sparsefinder["enabled"] = True
+    ids, mask, decoder = batch(9)
+    decoder_mask = torch.ones_like(decoder)
+    decoder_mask[0, 5:] = 0
+    decoder_mask[1, 3:] = 0
+    with torch.no_grad():
+        padded = model(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=decoder, decoder_attention_mask=decoder_mask
+        ).logits
+        for row, length in enumerate((5, 3, decoder.shape[1])):
+            one = slice(row, row + 1)
+            alone = model(input_ids=ids[one], attention_mask=mask[one], decoder_input_ids=decoder[one, :length]).logits
+            torch.testing.assert_close(padded[row, :length], alone[0], rtol=0, atol=1e-5)
+
+
 def test_enabled_sparse_execution_refuses_unfitted_predictors():
     model = model_with(enabled=True)
     ids, mask, decoder = batch()
