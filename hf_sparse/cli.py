@@ -44,9 +44,10 @@ def cmd_patterns(args: argparse.Namespace) -> None:
         print("\nvalid specs:\n" + describe())
 
 
-def _text_data(args: argparse.Namespace, columns: tuple[str, ...], default, **test):
+def _text_data(args: argparse.Namespace, columns: tuple[str, ...], default, texts: tuple[str, ...], **test):
     """The user's data (``--dataset``/``--train-file``) as train/validation splits (and ``test``, given the
-    ``test`` options of ``load_text_dataset``), else ``default()``."""
+    ``test`` options of ``load_text_dataset``), else ``default()``. The ``texts`` columns must hold a text in every
+    row (checked as the data is read)."""
     from .data import load_text_dataset
 
     if not (args.dataset or args.train_file):
@@ -60,6 +61,7 @@ def _text_data(args: argparse.Namespace, columns: tuple[str, ...], default, **te
         validation_split=args.validation_split,
         validation_size=args.validation_size,
         columns=columns,
+        text_columns=texts,
         max_train=args.max_train_samples,
         max_validation=args.max_eval_samples,
         seed=args.seed,
@@ -146,7 +148,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     data = _text_data(
         args,
         (args.text_column,),
-        lambda: english_corpus(
+        texts=(args.text_column,),
+        default=lambda: english_corpus(
             args.lang, args.train_sentences + args.eval_sentences, args.eval_sentences, args.seed, args.locale_dir
         ),
     )
@@ -214,7 +217,8 @@ def cmd_dam(args: argparse.Namespace) -> None:
     data = _text_data(
         args,
         (args.text_column,),
-        lambda: english_corpus(args.lang, args.max_sentences, args.eval_sentences, args.seed, args.locale_dir),
+        texts=(args.text_column,),
+        default=lambda: english_corpus(args.lang, args.max_sentences, args.eval_sentences, args.seed, args.locale_dir),
     )
     settings = {"attention_pattern": args.pattern, "dam": dam}
     model, tokenizer = _pretrained_masked_lm(args, **settings) if args.model else (None, None)
@@ -277,7 +281,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     data = _text_data(
         args,
         columns,
-        lambda: gettext_domain_task(
+        texts=(args.text_column,),
+        default=lambda: gettext_domain_task(
             args.lang, args.locale_dir, num_labels=args.num_labels, max_per_label=args.max_per_label, seed=args.seed
         ),
     )
@@ -335,7 +340,8 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
     data = _text_data(
         args,
         (args.text_column,),
-        lambda: english_corpus(args.lang, args.max_sentences, args.eval_sentences, args.seed, args.locale_dir),
+        texts=(args.text_column,),
+        default=lambda: english_corpus(args.lang, args.max_sentences, args.eval_sentences, args.seed, args.locale_dir),
     )
     os.makedirs(args.output_dir, exist_ok=True)
     if args.model:
@@ -450,7 +456,8 @@ def _sparsefinder_translation(args: argparse.Namespace) -> None:
             columns = (args.source_column or "source", args.target_column or "target")
         # the dataset's own test split when it has one (named --test-split, else "test"), as published results use
         test = {"test_split": args.test_split or "test", "test_split_optional": args.test_split is None}
-        pairs = _text_data(args, columns, default=None, test_file=args.test_file, **test)  # the run logs its use
+        texts = () if args.source_lang else columns  # the 'translation' column holds {language: text} dicts
+        pairs = _text_data(args, columns, None, texts, test_file=args.test_file, **test)  # the run logs its use
     run = run_translation_sparsefinder(
         model=args.model,
         pairs=pairs,

@@ -148,6 +148,28 @@ def _builder_for(path: str) -> str:
     return DATA_FILE_BUILDERS[extension]
 
 
+def _check_texts(part, name: str, column: str) -> None:
+    """Every row of ``column`` is a non-blank string, or an error naming the first bad rows (counted from 0, as
+    read). Arrow computes it, so a large dataset is checked in moments."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = part.with_format("arrow")[column]
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(values), ""), True)
+        bad = pc.indices_nonzero(blank).to_pylist() if pc.any(blank).as_py() else []
+        first = values[bad[0]].as_py() if bad else None
+    else:  # numbers, nulls only, or a mixed JSON column: row by row, as Python values
+        values = part[column]
+        bad = [i for i, v in enumerate(values) if not (isinstance(v, str) and v.strip())]
+        first = values[bad[0]] if bad else None
+    if bad:
+        raise ValueError(
+            f"{name} data: rows {bad[:5]}{' ...' if len(bad) > 5 else ''} ({len(bad)} of {len(values)}) have an "
+            f"empty or non-text {column!r} (first: {first!r}); every example needs a text"
+        )
+
+
 def _unreadable(builder: str, files: dict[str, str], error: Exception) -> str:
     """Which data file `datasets` could not read, and why, in one line (its own error names neither the file nor,
     for a file of no rows, the cause: 'Instruction "train" corresponds to no data!')."""
@@ -180,6 +202,7 @@ def load_text_dataset(
     test_split_optional: bool = False,
     validation_size: float | int = 0.1,
     columns: tuple[str, ...] = ("text",),
+    text_columns: tuple[str, ...] = (),
     max_train: int | None = None,
     max_validation: int | None = None,
     seed: int = 0,
@@ -197,7 +220,8 @@ def load_text_dataset(
     dataset's own test pairs, as published results do, rather than on pairs carved out of validation. A named
     split the dataset lacks is an error, unless ``test_split_optional`` (how the translation command reads the
     default ``"test"``): then no ``test`` is returned. Without these, no ``test`` is returned (the other commands
-    see train and validation only). Missing columns are an error that lists the columns present.
+    see train and validation only). Missing columns are an error that lists the columns present; so is an empty,
+    blank or non-text value in one of ``text_columns`` (a tokenizer would fail on it later, far from the cause).
     """
     import datasets
 
@@ -243,6 +267,18 @@ def load_text_dataset(
         train = loaded[split]
         validation = loaded[validation_split] if validation_split is not None else None
         test = loaded[test_split] if test_split is not None else None
+    # checked as read, before a validation split is carved out: row numbers count the source's rows
+    for name, part in (("train", train), ("validation", validation), ("test", test)):
+        if part is None:
+            continue
+        missing = [column for column in columns if column not in part.column_names]
+        if missing:
+            raise ValueError(
+                f"{name} data has no column {', '.join(map(repr, missing))}; columns present: "
+                f"{', '.join(part.column_names)} (choose them with the column options)"
+            )
+        for column in text_columns:
+            _check_texts(part, name, column)
     if validation is None:
         if not (0 < validation_size < 1 or (isinstance(validation_size, int) and 0 < validation_size < len(train))):
             raise ValueError(
@@ -252,13 +288,6 @@ def load_text_dataset(
         parts = train.train_test_split(test_size=validation_size, seed=seed)
         train, validation = parts["train"], parts["test"]
     splits = {"train": train, "validation": validation, **({"test": test} if test is not None else {})}
-    for name, part in splits.items():
-        missing = [column for column in columns if column not in part.column_names]
-        if missing:
-            raise ValueError(
-                f"{name} data has no column {', '.join(map(repr, missing))}; columns present: "
-                f"{', '.join(part.column_names)} (choose them with the column options)"
-            )
     if max_train is not None:
         splits["train"] = train.select(range(min(max_train, len(train))))
     if max_validation is not None:

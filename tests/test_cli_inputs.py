@@ -1,6 +1,8 @@
 """Inputs the command line must refuse in one line before any work: patterns, labels, data files, splits, cards,
 run records. Every test here is fast: tiny files, and no training where the refusal comes first."""
 
+import json
+
 import pytest
 
 from hf_sparse import cli
@@ -102,3 +104,29 @@ def test_data_files_without_rows_or_unreadable_are_named(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{bad\n')
     with pytest.raises(ValueError, match=r"data file '.*bad.jsonl' cannot be read as json: "):
         load_text_dataset(train_file=str(tmp_path / "bad.jsonl"))
+
+
+# -- a text in every row ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["demo", "finetune"])
+def test_empty_cells_of_the_text_column_are_named_with_their_rows_before_any_work(tmp_path, command):
+    rows = ["body,label", *(f"{t},{'ab'[i % 2]}" for i, t in enumerate(_texts(12))), ",a", '"  ",b']
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    argv = [command, "--train-file", str(tmp_path / "t.csv"), "--text-column", "body", "--steps", "1"]
+    message = _fails([*argv, "--output-dir", str(tmp_path / "o")])
+    assert message.startswith(
+        f"hf-sparse {command}: train data: rows [12, 13] (2 of 14) have an empty or non-text 'body' (first: None)"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_numbers_or_mixed_values_in_a_text_column_are_refused_and_other_columns_are_not_checked(tmp_path):
+    mixed = _lines(tmp_path / "mixed.jsonl", [json.dumps({"text": t, "label": None}) for t in ["a b", 5, "c d", "e"]])
+    data = load_text_dataset(train_file=mixed, columns=("label",), text_columns=(), validation_size=1)
+    assert len(data["train"]) == 3  # unchecked without text_columns, as before
+    with pytest.raises(ValueError, match=r"train data: rows \[1\] \(1 of 4\) have an empty or non-text 'text' "):
+        load_text_dataset(train_file=mixed, text_columns=("text",))
+    numbers = _lines(tmp_path / "n.csv", ["text", "5", "6"])
+    with pytest.raises(ValueError, match=r"train data: rows \[0, 1\] \(2 of 2\) have an empty or non-text 'text' "):
+        load_text_dataset(train_file=numbers, text_columns=("text",))
