@@ -144,7 +144,12 @@ def _argument(module: torch.nn.Module, args: tuple, kwargs: dict, name: str, *al
 
 
 def _before_decoder(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook of the decoder: tells each predicting self-attention where its queries sit.
+    """Forward pre-hook of the decoder: tells each predicting self-attention where its queries sit, and refuses
+    enabled Sparsefinder settings that layers without a predictor would silently ignore.
+
+    Predictors are made when the model is built (:func:`_setup`); ``config.sparsefinder`` set afterwards on a model
+    built without it (or naming more ``layers``) would leave those layers dense. Checked here, once per forward, on
+    Python objects only.
 
     Predicted attention places its window and causality by absolute position. The attention function cannot see
     the cache, and the key count is no substitute: a static cache (``generate(..., cache_implementation="static")``)
@@ -157,9 +162,22 @@ def _before_decoder(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> None
     past = 0 if cache is None else cache.get_seq_length()
     if isinstance(past, torch.Tensor):
         past = past.clone()
-    for layer in decoder.layers:
+    settings = decoder.config.sparsefinder
+    wanted = resolve_config(settings) if settings is not None and settings.get("enabled") else None
+    missing = []
+    for i, layer in enumerate(decoder.layers):
         if getattr(layer.self_attn, "sparsefinder", None) is not None:
             layer.self_attn.sparsefinder_query_offset = past
+        elif wanted is not None and predicts_layer(wanted, i):
+            missing.append(i)
+    if missing:
+        raise ValueError(
+            f"config.sparsefinder enables predicted attention (method {wanted['method']!r}), but decoder layers "
+            f"{missing} have no predictor: predictors are made when the model is built, so settings given to a built "
+            "model would leave those layers dense. Build the model with them, e.g. "
+            "EntmaxSparsefinderMarianMTModel.from_pretrained(path, sparsefinder={...}) or from a config whose "
+            "sparsefinder is set, then fit the predictors (hf_sparse.sparsefinder_fit.fit)"
+        )
 
 
 def _setup(model) -> None:

@@ -125,6 +125,24 @@ def test_enabled_sparse_execution_refuses_unfitted_predictors():
         model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder)
 
 
+def test_sparsefinder_settings_given_to_a_built_model_are_refused_not_ignored():
+    """Predictors are made at construction: settings set afterwards once ran dense attention without a word."""
+    model = EntmaxSparsefinderMarianMTModel(EntmaxSparsefinderMarianConfig(**MARIAN)).eval()
+    ids, mask, decoder = batch()
+    model.config.sparsefinder = {"method": "window", "enabled": True}
+    words = r"decoder layers \[0, 1\] have no predictor.*from_pretrained\(path, sparsefinder="
+    with pytest.raises(ValueError, match=words):
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder)
+    model.config.sparsefinder = {"method": "window", "enabled": True, "layers": []}  # predicts nowhere: nothing lacks
+    model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder)
+    built = model_with(method="window", layers=[0], enabled=True)
+    built(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder)
+    assert built.attention_backends_used()["model.decoder.layers.0.self_attn"] == "sparsefinder"
+    built.config.sparsefinder["layers"] = None
+    with pytest.raises(ValueError, match=r"decoder layers \[1\] have no predictor"):
+        built(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder)
+
+
 def test_fit_needs_predictors():
     model = EntmaxSparsefinderMarianMTModel(EntmaxSparsefinderMarianConfig(**MARIAN))
     with pytest.raises(ValueError, match="no Sparsefinder predictors"):
