@@ -237,6 +237,12 @@ def load_text_dataset(
             if path is not None:
                 if _builder_for(path) != builder:
                     raise ValueError(f"train file {train_file!r} and {name} file {path!r} differ in type")
+                same = [other for other, known in files.items() if os.path.samefile(path, known)]
+                if same:  # numbers measured on training data would be reported as held-out ones
+                    raise ValueError(
+                        f"{name} file {path!r} is also the {'training' if same[0] == 'train' else same[0]} file: "
+                        f"{name} data must be held out from {'training' if name == 'validation' else 'both'}"
+                    )
                 files[name] = path
         try:
             loaded = datasets.load_dataset(builder, data_files=files)
@@ -259,6 +265,11 @@ def load_text_dataset(
         for wanted in (split, validation_split, test_split):
             if wanted is not None and wanted not in loaded:
                 raise ValueError(f"dataset {dataset!r} has no split {wanted!r}; splits: {', '.join(loaded)}")
+        if validation_split is not None and validation_split == split:
+            raise ValueError(
+                f"validation split {validation_split!r} is also the training split: validation data must be held "
+                "out from training (name another split, or none to hold out part of the training split)"
+            )
         if test_split is not None and test_split in (split, validation_split):
             raise ValueError(
                 f"test split {test_split!r} is also the {'training' if test_split == split else 'validation'} split: "

@@ -130,3 +130,32 @@ def test_numbers_or_mixed_values_in_a_text_column_are_refused_and_other_columns_
     numbers = _lines(tmp_path / "n.csv", ["text", "5", "6"])
     with pytest.raises(ValueError, match=r"train data: rows \[0, 1\] \(2 of 2\) have an empty or non-text 'text' "):
         load_text_dataset(train_file=numbers, text_columns=("text",))
+
+
+# -- evaluation on held-out data only ---------------------------------------------------------------------------
+
+
+def _saved_dataset(folder, splits=("train", "validation")) -> str:
+    import datasets
+
+    datasets.DatasetDict(
+        {name: datasets.Dataset.from_dict({"text": _texts(10 + 5 * i, name)}) for i, name in enumerate(splits)}
+    ).save_to_disk(str(folder))
+    return str(folder)
+
+
+def test_validating_on_the_training_split_or_file_is_refused(tmp_path, monkeypatch):
+    saved = _saved_dataset(tmp_path / "saved")
+    argv = ["demo", "--dataset", saved, "--split", "validation", "--validation-split", "validation"]
+    message = _fails([*argv, "--output-dir", str(tmp_path / "o")])
+    assert message.startswith(
+        "hf-sparse demo: validation split 'validation' is also the training split: validation data must be held out"
+    )
+    train = _lines(tmp_path / "train.txt", _texts(10))
+    monkeypatch.chdir(tmp_path)  # the same file under another name
+    message = _fails(["demo", "--train-file", train, "--validation-file", "./train.txt", "--output-dir", "o"])
+    assert message.startswith("hf-sparse demo: validation file './train.txt' is also the training file: validation")
+    assert not (tmp_path / "o").exists()
+    valid = _lines(tmp_path / "valid.txt", _texts(5, "other"))
+    with pytest.raises(ValueError, match="test file 'valid.txt' is also the validation file: test data must be held"):
+        load_text_dataset(train_file=train, validation_file=valid, test_file="valid.txt")
