@@ -111,7 +111,8 @@ def _data_options(p: argparse.ArgumentParser, columns: dict[str, str], default_s
     g.add_argument("--split", default="train", help="split of --dataset to train on")
     g.add_argument(
         "--validation-split",
-        help="split of --dataset to evaluate on (default: hold out --validation-size of the training split)",
+        help="split of --dataset to evaluate on (default: its 'validation' split if it has one, else "
+        "--validation-size of the training split, held out)",
     )
     g.add_argument("--train-file", help="training data file: .txt (one text per line), .json/.jsonl, .csv, .parquet")
     g.add_argument("--validation-file", help="validation data file of the same type as --train-file")
@@ -119,7 +120,7 @@ def _data_options(p: argparse.ArgumentParser, columns: dict[str, str], default_s
         "--validation-size",
         type=_number(0, 1, True, True),
         default=0.1,
-        help="fraction of the training split held out when no validation split or file is given",
+        help="fraction of the training split held out when there is no validation split or file",
     )
     g.add_argument(
         "--max-train-samples",

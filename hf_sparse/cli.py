@@ -67,9 +67,7 @@ def _text_data(args: argparse.Namespace, columns: tuple[str, ...], default, text
         seed=args.seed,
         **test,
     )
-    counts = " / ".join(f"{len(part)} {'training' if name == 'train' else name}" for name, part in data.items())
-    print(f"data: {counts} examples")
-    return data
+    return data  # load_text_dataset has logged the sizes and where the validation data comes from
 
 
 def _fixed_pattern(spec: str, instead: str):

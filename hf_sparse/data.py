@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import gettext
 import glob
+import logging
 import os
 import random
 from collections import Counter
 
 LOCALE_DIR = "/usr/share/locale"
+logger = logging.getLogger(__name__)
 
 
 def _clean(text: str) -> str | None:
@@ -214,7 +216,9 @@ def load_text_dataset(
     per line in column ``text``; json/jsonl/csv/parquet), or ``dataset``: a folder written by ``save_to_disk``, a
     local dataset folder or script, or a Hub dataset name (with ``dataset_config``; the Hub is reached only if the
     dataset is not cached). ``split`` is read for training; ``validation_split`` (or ``validation_file``) for
-    validation, else ``validation_size`` (a fraction or a count) of the training split is held out with ``seed``.
+    validation, by default the dataset's own ``validation`` split (as in Transformers' example scripts), else
+    ``validation_size`` (a fraction or a count) of the training split is held out with ``seed``. Which one was
+    used is logged with the sizes.
 
     ``test_split`` (or ``test_file``) is returned as ``test``: translation measures its final numbers on the
     dataset's own test pairs, as published results do, rather than on pairs carved out of validation. A named
@@ -260,6 +264,8 @@ def load_text_dataset(
         loaded = datasets.load_from_disk(dataset) if saved else datasets.load_dataset(dataset, dataset_config)
         if isinstance(loaded, datasets.Dataset):
             loaded = datasets.DatasetDict(train=loaded)
+        if validation_split is None and split != "validation" and "validation" in loaded:
+            validation_split = "validation"  # the dataset's own, as Transformers' example scripts take it
         if test_split_optional and (test_split not in loaded or test_split in (split, validation_split)):
             test_split = None  # an optional default never turns into an error
         for wanted in (split, validation_split, test_split):
@@ -290,6 +296,14 @@ def load_text_dataset(
             )
         for column in text_columns:
             _check_texts(part, name, column)
+    if validation_file is not None:
+        origin = f"file {validation_file}"
+    elif validation_split is not None:
+        origin = f"split {validation_split!r}"
+    elif validation_size < 1:
+        origin = f"{100 * validation_size:g} % of the training {'file' if train_file else 'split'}, held out"
+    else:
+        origin = f"{validation_size} examples of the training {'file' if train_file else 'split'}, held out"
     if validation is None:
         if not (0 < validation_size < 1 or (isinstance(validation_size, int) and 0 < validation_size < len(train))):
             raise ValueError(
@@ -303,6 +317,8 @@ def load_text_dataset(
         splits["train"] = train.select(range(min(max_train, len(train))))
     if max_validation is not None:
         splits["validation"] = validation.select(range(min(max_validation, len(validation))))
+    counts = " / ".join(f"{len(part)} {'training' if name == 'train' else name}" for name, part in splits.items())
+    logger.info(f"data: {counts} examples (validation: {origin})")
     return datasets.DatasetDict(splits)
 
 

@@ -159,3 +159,25 @@ def test_validating_on_the_training_split_or_file_is_refused(tmp_path, monkeypat
     valid = _lines(tmp_path / "valid.txt", _texts(5, "other"))
     with pytest.raises(ValueError, match="test file 'valid.txt' is also the validation file: test data must be held"):
         load_text_dataset(train_file=train, validation_file=valid, test_file="valid.txt")
+
+
+def test_a_datasets_own_validation_split_is_used_by_default_and_the_data_line_says_which(
+    tmp_path, monkeypatch, capsys
+):
+    def stop(*args, **kwargs):
+        raise ValueError("stopped after reading the data")
+
+    monkeypatch.setattr(cli, "_mlm_corpus", stop)
+    own = _saved_dataset(tmp_path / "own")  # train: 10 rows, validation: 15
+    _fails(["demo", "--dataset", own, "--output-dir", str(tmp_path / "a")])
+    assert "data: 10 training / 15 validation examples (validation: split 'validation')" in capsys.readouterr().out
+    data = load_text_dataset(own)
+    assert list(data["validation"]["text"]) == _texts(15, "validation") and len(data["train"]) == 10
+    only_train = _saved_dataset(tmp_path / "only_train", splits=("train", "test"))  # no validation split
+    _fails(["demo", "--dataset", only_train, "--validation-size", "0.2", "--output-dir", str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert "data: 8 training / 2 validation examples (validation: 20 % of the training split, held out)" in out
+    # a named split still wins, and training on the validation split holds part of it out
+    assert len(load_text_dataset(own, split="validation", validation_size=0.2)["validation"]) == 3
+    data = load_text_dataset(_saved_dataset(tmp_path / "three", ("train", "validation", "dev")), validation_split="dev")
+    assert list(data["validation"]["text"]) == _texts(20, "dev")
