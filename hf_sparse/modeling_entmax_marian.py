@@ -143,9 +143,44 @@ def _argument(module: torch.nn.Module, args: tuple, kwargs: dict, name: str, *al
     return args[position] if position < len(args) else None
 
 
+def _check_positions(module: torch.nn.Module, side: str, args: tuple, kwargs: dict, past) -> None:
+    """Refuse inputs beyond Marian's position table, naming the lengths, instead of the embedding lookup's bare
+    ``IndexError: index out of range in self`` (stock Marian's; on CUDA a device-side assert).
+
+    ``past`` (the decoder's cache length) is an ``int``, or a static cache's 0-d tensor: read only on the CPU,
+    where that is free; on an accelerator reading it would stall every decoding step, so there the steps after the
+    first go unchecked (a static cache on an accelerator is the one case left to the lookup's own error)."""
+    ids = _argument(module, args, kwargs, "input_ids")
+    embeds = _argument(module, args, kwargs, "inputs_embeds")
+    new = ids.shape[-1] if ids is not None else embeds.shape[1] if embeds is not None else 0
+    limit = module.config.max_position_embeddings
+    if isinstance(past, torch.Tensor):
+        if past.device.type != "cpu":
+            return
+        past = int(past)
+    if past + new > limit:
+        cached = f" ({past} cached + {new} new)" if past else ""
+        how = (
+            f"truncate the targets (labels / decoder_input_ids) or generate at most {limit} positions "
+            "(max_new_tokens / max_length)"
+            if side == "decoder"
+            else f"truncate it, e.g. tokenizer(..., truncation=True, max_length={limit})"
+        )
+        raise ValueError(
+            f"the {side} input spans {past + new} positions{cached}, more than config.max_position_embeddings="
+            f"{limit}, the rows of Marian's position table: {how}"
+        )
+
+
+def _before_encoder(encoder: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the encoder: inputs beyond the position table are refused (:func:`_check_positions`)."""
+    _check_positions(encoder, "encoder", args, kwargs, 0)
+
+
 def _before_decoder(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of the decoder: tells each predicting self-attention where its queries sit, and refuses
-    enabled Sparsefinder settings that layers without a predictor would silently ignore.
+    enabled Sparsefinder settings that layers without a predictor would silently ignore, and inputs beyond the
+    position table (:func:`_check_positions`).
 
     Predictors are made when the model is built (:func:`_setup`); ``config.sparsefinder`` set afterwards on a model
     built without it (or naming more ``layers``) would leave those layers dense. Checked here, once per forward, on
@@ -160,6 +195,7 @@ def _before_decoder(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> None
     cache = _argument(decoder, args, kwargs, "cache", "past_key_values")
     cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache: the self-attention half
     past = 0 if cache is None else cache.get_seq_length()
+    _check_positions(decoder, "decoder", args, kwargs, past)
     if isinstance(past, torch.Tensor):
         past = past.clone()
     settings = decoder.config.sparsefinder
@@ -189,6 +225,7 @@ def _setup(model) -> None:
     """
     model.config._attn_implementation = ATTENTION_NAME
     # module-level function, reaching the decoder through its argument: a deepcopy of the model keeps a working hook
+    model.get_encoder().register_forward_pre_hook(_before_encoder, with_kwargs=True)
     model.get_decoder().register_forward_pre_hook(_before_decoder, with_kwargs=True)
     if model.config.sparsefinder is None:
         return

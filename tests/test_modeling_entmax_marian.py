@@ -124,6 +124,28 @@ def test_cached_generation_equals_generation_without_cache(beams):
     assert torch.equal(model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw))
 
 
+def test_inputs_beyond_the_position_table_are_refused_naming_their_length_and_the_limit():
+    """Marian's sinusoidal table has max_position_embeddings rows: longer inputs once failed in the embedding
+    lookup with a bare IndexError (stock Marian still does)."""
+    limit = 12
+    config = EntmaxSparsefinderMarianConfig(**{**MARIAN, "max_position_embeddings": limit})
+    model = EntmaxSparsefinderMarianMTModel(config).eval()
+    ids, mask, decoder = batch()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        longest = torch.randint(5, 25, (1, limit), generator=g)
+        model(input_ids=longest, decoder_input_ids=longest)  # the whole table is usable
+        too_long = torch.randint(5, 25, (1, limit + 1), generator=g)
+        with pytest.raises(ValueError, match=rf"encoder input spans {limit + 1} positions.*embeddings={limit}"):
+            model(input_ids=too_long, decoder_input_ids=decoder[:1])
+        with pytest.raises(ValueError, match=rf"decoder input spans {limit + 1} positions, .*embeddings={limit}"):
+            model(input_ids=ids[:1], decoder_input_ids=too_long)
+        for cache in (None, "static"):  # incremental decoding counts the cached positions too
+            with pytest.raises(ValueError, match=rf"decoder input spans {limit + 1} positions \({limit} cached \+ 1"):
+                kw = dict(max_new_tokens=limit + 1, min_new_tokens=limit + 1, cache_implementation=cache)
+                model.generate(ids, attention_mask=mask, **kw)
+
+
 @pytest.mark.parametrize(
     "kwargs, words",
     [
