@@ -384,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What can be checked without torch: sources, files, output folder, Hub options (exit 2 on a mistake)."""
+    if args.command == "card":
+        return _check_card(_Parser(prog=f"{parser.prog} card"), args)
     if args.command not in TRAINING_COMMANDS:
         return
     parser = _Parser(prog=f"{parser.prog} {args.command}")
@@ -425,6 +427,17 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             f"--output-dir {out} is not empty: choose another one, pass --resume to continue the run that stopped "
             "there, or --overwrite to write into it"
         )
+
+
+def _check_card(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``hf-sparse card`` reads a saved checkpoint on this machine: a missing folder is said here, before
+    Transformers would take its name for a Hub id and go online."""
+    if not os.path.isdir(args.model):
+        parser.error(f"{args.model}: no such folder (the card command reads a checkpoint saved on this machine)")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        parser.error(f"{args.model}: the folder holds no config.json (not a saved checkpoint)")
+    if args.metrics and not os.path.isfile(args.metrics):
+        parser.error(f"--metrics {args.metrics}: no such file")
 
 
 def _recorded_options(args: argparse.Namespace) -> dict:

@@ -162,6 +162,8 @@ def model_card(
         dataset: the evaluation dataset's name (free text, e.g. "gettext English messages").
         plots: caption → image path relative to the card (e.g. ``{"attention masks": "attention_masks.png"}``).
     """
+    if metrics is not None and not isinstance(metrics, dict):
+        raise ValueError(f"metrics must be a dict of metric name -> value, got a {type(metrics).__name__}")
     auto, task = auto_class_and_task(model)
     kinds = ["hf_sparse", "sparse-attention"]
     config = model.config

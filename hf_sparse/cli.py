@@ -515,7 +515,15 @@ def cmd_card(args: argparse.Namespace) -> None:
     metrics = None
     if os.path.exists(metrics_path):
         with open(metrics_path) as handle:
-            metrics = json.load(handle)
+            try:
+                metrics = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"metrics file {metrics_path}: not valid JSON ({error})") from None
+        if not isinstance(metrics, dict):
+            raise ValueError(
+                f"metrics file {metrics_path} holds a JSON {type(metrics).__name__}, not an object of metric name -> "
+                'value (e.g. {"accuracy": 0.91})'
+            )
     elif args.metrics:
         raise ValueError(f"--metrics {args.metrics}: no such file")
     out = args.out or args.model

@@ -181,3 +181,23 @@ def test_a_datasets_own_validation_split_is_used_by_default_and_the_data_line_sa
     assert len(load_text_dataset(own, split="validation", validation_size=0.2)["validation"]) == 3
     data = load_text_dataset(_saved_dataset(tmp_path / "three", ("train", "validation", "dev")), validation_split="dev")
     assert list(data["validation"]["text"]) == _texts(20, "dev")
+
+
+# -- the card command reads a local checkpoint --------------------------------------------------------------------
+
+
+def test_the_card_command_names_a_missing_folder_a_folder_without_config_and_bad_metrics(tmp_path, capsys):
+    from conftest import tiny_kwargs
+    from hf_sparse import SparseBertConfig, SparseBertForMaskedLM
+
+    message = _fails(["card", str(tmp_path / "nowhere")], capsys)  # never taken for a Hub id
+    assert message.startswith(f"hf-sparse card: {tmp_path / 'nowhere'}: no such folder (the card command reads")
+    (tmp_path / "empty").mkdir()
+    message = _fails(["card", str(tmp_path / "empty")], capsys)
+    assert message.startswith(f"hf-sparse card: {tmp_path / 'empty'}: the folder holds no config.json")
+    SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs())).save_pretrained(tmp_path / "ours")
+    for text, words in (("[1, 2]", "holds a JSON list, not an object of metric name -> value"), ("{bad", "not valid")):
+        (tmp_path / "m.json").write_text(text)
+        message = _fails(["card", str(tmp_path / "ours"), "--metrics", str(tmp_path / "m.json")], capsys)
+        assert message.startswith(f"hf-sparse card: metrics file {tmp_path / 'm.json'}") and words in message
+    assert not (tmp_path / "ours" / "README.md").exists()
