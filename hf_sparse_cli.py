@@ -395,6 +395,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--validation-file goes with --train-file (with --dataset, use --validation-split)")
     if args.validation_split and not args.dataset:
         parser.error("--validation-split names a split of --dataset; give --dataset too")
+    if args.dataset:
+        _check_dataset(parser, args.dataset)
     if args.command == "sparsefinder":
         _check_translation_data(parser, args)
     for option in ("train_file", "validation_file", "test_file"):
@@ -427,6 +429,17 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             f"--output-dir {out} is not empty: choose another one, pass --resume to continue the run that stopped "
             "there, or --overwrite to write into it"
         )
+
+
+def _check_dataset(parser: argparse.ArgumentParser, dataset: str) -> None:
+    """``--dataset`` is a folder or a Hub name (ORG/NAME or NAME): a file, or a local-looking path that does not
+    exist, is said here instead of being looked up on the Hub."""
+    path = os.path.expanduser(dataset)
+    if os.path.isfile(path):
+        parser.error(f"--dataset {dataset}: a file: use --train-file (and --validation-file) for data files")
+    local = dataset.startswith((".", "/", "~")) or dataset.count("/") > 1 or (os.sep != "/" and os.sep in dataset)
+    if local and not os.path.exists(path):
+        parser.error(f"--dataset {dataset}: no such folder (a Hub dataset is named NAME or ORG/NAME)")
 
 
 def _check_card(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import hf_sparse_cli
 from hf_sparse import cli
 from hf_sparse.data import load_text_dataset
 
@@ -201,3 +202,23 @@ def test_the_card_command_names_a_missing_folder_a_folder_without_config_and_bad
         message = _fails(["card", str(tmp_path / "ours"), "--metrics", str(tmp_path / "m.json")], capsys)
         assert message.startswith(f"hf-sparse card: metrics file {tmp_path / 'm.json'}") and words in message
     assert not (tmp_path / "ours" / "README.md").exists()
+
+
+# -- --dataset: a folder or a Hub name -------------------------------------------------------------------------------
+
+
+def test_a_dataset_that_is_a_file_or_a_missing_local_path_is_said_before_any_hub_lookup(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _lines(tmp_path / "train.csv", ["text", *_texts(4)])
+    for dataset, words in (
+        ("train.csv", "--dataset train.csv: a file: use --train-file"),
+        ("./my_data", "--dataset ./my_data: no such folder"),
+        ("data/my/set", "--dataset data/my/set: no such folder"),
+        (str(tmp_path / "gone"), f"--dataset {tmp_path / 'gone'}: no such folder"),
+    ):
+        message = _fails(["demo", "--dataset", dataset, "--output-dir", "o"], capsys)
+        assert message.startswith(f"hf-sparse demo: {words}"), message
+    parser = hf_sparse_cli.build_parser()
+    for hub_name in ("org/name", "name"):  # may be Hub names: left to `datasets`
+        hf_sparse_cli.check_arguments(parser, parser.parse_args(["demo", "--dataset", hub_name, "--output-dir", "o"]))
+    assert not (tmp_path / "o").exists()
