@@ -12,7 +12,8 @@ its KV cache, cross attention), SDPA for softmax, the exact eager entmax on the 
 probabilities are asked for (``output_attentions``, Sparsefinder's fitting). The fused kernel takes Transformers'
 boolean mask as its element mask (padding, causality, cache offsets: exact whatever their layout) and, in the
 decoder, ``causal=True`` to skip the tiles above the diagonal unread. ``model.attention_backends_used()`` tells which
-kernel each attention module ran.
+kernel each attention module ran. Forward pre-hooks on the encoder and decoder refuse inputs beyond the position
+table and give predicted attention the decoder cache's length (where its queries sit, also in a static cache).
 
 This file is copied next to saved checkpoints (remote code): torch, transformers' public API and siblings only.
 """
@@ -136,10 +137,13 @@ def _forward_parameters(cls: type) -> tuple[str, ...]:
 def _argument(module: torch.nn.Module, args: tuple, kwargs: dict, name: str, *aliases: str):
     """An argument of ``module.forward`` as a forward pre-hook sees it: by keyword (or a deprecated alias), or by
     position."""
-    for key in (name, *aliases):
+    names = (name, *aliases)
+    for key in names:
         if kwargs.get(key) is not None:
             return kwargs[key]
-    position = _forward_parameters(type(module)).index(name)
+    parameters = _forward_parameters(type(module))
+    # the first of the names this Transformers' forward has (older releases call the cache past_key_values)
+    position = next((parameters.index(key) for key in names if key in parameters), len(args))
     return args[position] if position < len(args) else None
 
 
