@@ -467,8 +467,17 @@ def _check_resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(
             f"--resume: {record} does not exist, so no hf-sparse run started in --output-dir {args.output_dir}"
         )
-    with open(record) as f:
-        recorded = json.load(f)
+    try:
+        with open(record) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as error:  # cut short (disk full, killed while writing) or edited by hand
+        recorded = error
+    if not isinstance(recorded, dict):
+        why = f"{type(recorded).__name__}: {recorded}" if isinstance(recorded, Exception) else "not a JSON object"
+        parser.error(
+            f"--resume: {record} is unreadable ({' '.join(why.split())}), so the run there cannot be continued: "
+            "start it again with --overwrite"
+        )
     if recorded.get("finished"):
         parser.error(f"--resume: the run in {args.output_dir} finished; its results are there, nothing is left to do")
     if recorded.get("command") != args.command:
@@ -496,8 +505,21 @@ def _start_record(args: argparse.Namespace) -> None:
     if os.path.isfile(os.path.join(args.output_dir, RUN_RECORD)):  # an earlier hf-sparse run's folder
         shutil.rmtree(os.path.join(args.output_dir, CHECKPOINTS), ignore_errors=True)
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, RUN_RECORD), "w") as f:
-        json.dump({"command": args.command, "options": _recorded_options(args)}, f, indent=1)
+    _write_record(args.output_dir, {"command": args.command, "options": _recorded_options(args)})
+
+
+def _write_record(folder: str, record: dict) -> None:
+    """Write ``run.json`` whole or not at all (a temporary file renamed over it): a process killed while writing
+    leaves the earlier record, never half of one that ``--resume`` cannot read."""
+    path = os.path.join(folder, RUN_RECORD)
+    partial = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(partial, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def _check_translation_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -537,11 +559,9 @@ def _finish_record(args: argparse.Namespace) -> None:
     finished (``--resume`` has nothing to continue)."""
     if args.command in TRAINING_COMMANDS and int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(os.path.join(args.output_dir, CHECKPOINTS), ignore_errors=True)
-        record = os.path.join(args.output_dir, RUN_RECORD)
-        with open(record) as f:
+        with open(os.path.join(args.output_dir, RUN_RECORD)) as f:
             recorded = json.load(f)
-        with open(record, "w") as f:
-            json.dump({**recorded, "finished": True}, f, indent=1)
+        _write_record(args.output_dir, {**recorded, "finished": True})
 
 
 def _prune_empty(path: str) -> None:

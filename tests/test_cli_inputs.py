@@ -2,6 +2,7 @@
 run records. Every test here is fast: tiny files, and no training where the refusal comes first."""
 
 import json
+import os
 
 import pytest
 
@@ -222,3 +223,35 @@ def test_a_dataset_that_is_a_file_or_a_missing_local_path_is_said_before_any_hub
     for hub_name in ("org/name", "name"):  # may be Hub names: left to `datasets`
         hf_sparse_cli.check_arguments(parser, parser.parse_args(["demo", "--dataset", hub_name, "--output-dir", "o"]))
     assert not (tmp_path / "o").exists()
+
+
+# -- run.json ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, why", [("", "JSONDecodeError"), ('{"command": "de', "JSONDecodeError"), ("[]", "not")])
+def test_resuming_from_an_unreadable_run_record_says_so_in_one_line(tmp_path, capsys, text, why):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "run.json").write_text(text)
+    message = _fails(["demo", "--steps", "1", "--resume", "--output-dir", str(tmp_path / "o")], capsys)
+    assert message.startswith(f"hf-sparse demo: --resume: {tmp_path / 'o' / 'run.json'} is unreadable ({why}")
+    assert "so the run there cannot be continued: start it again with --overwrite" in message
+
+
+def test_a_run_record_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    import argparse
+
+    record = {"command": "demo", "options": {"steps": 1}}
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    real_dump = json.dump
+
+    def dump_then_die(obj, handle, **kwargs):
+        handle.write('{"command": "de')  # half a record, then the process is killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", dump_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        hf_sparse_cli._finish_record(argparse.Namespace(command="demo", output_dir=str(tmp_path)))
+    assert json.loads((tmp_path / "run.json").read_text()) == record and os.listdir(tmp_path) == ["run.json"]
+    monkeypatch.setattr(json, "dump", real_dump)
+    hf_sparse_cli._finish_record(argparse.Namespace(command="demo", output_dir=str(tmp_path)))
+    assert json.loads((tmp_path / "run.json").read_text()) == {**record, "finished": True}
