@@ -38,7 +38,8 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+        # by identity: 0 == False, and --seed's default 0 is worth showing (store_true's False is not)
+        if all(action.default is not v for v in (None, False, argparse.SUPPRESS)) and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
 

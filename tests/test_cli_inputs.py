@@ -255,3 +255,15 @@ def test_a_run_record_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.setattr(json, "dump", real_dump)
     hf_sparse_cli._finish_record(argparse.Namespace(command="demo", output_dir=str(tmp_path)))
     assert json.loads((tmp_path / "run.json").read_text()) == {**record, "finished": True}
+
+
+# -- --help ----------------------------------------------------------------------------------------------------------
+
+
+def test_help_shows_a_default_of_zero_but_not_the_false_of_a_flag():
+    parser = hf_sparse_cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("demo", "dam", "finetune", "sparsefinder"):
+        text = " ".join(commands[name].format_help().split())
+        assert "initialisation (default: 0)" in text, name
+        assert "(default: False)" not in text and "(default: None)" not in text, name
