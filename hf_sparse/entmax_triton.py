@@ -42,9 +42,10 @@ kernel (``tile_list_kernel``; ``tile_columns_kernel`` for the dK/dV side) first 
 tiles it must read (from the threshold pass's tile maxima and the rows' thresholds), and the sweeps loop over that
 list, as FlexAttention's block-sparse kernels loop over their ``kv_indices``. A branch inside a loop keeps Triton
 from software-pipelining it (loading the next tile's keys and values while this one is computed): compiled for
-sm_90, these kernels issue asynchronous copies only in this form. The threshold pass likewise tests tiles only
-under a block mask, and inserts a tile's few newcomers in unrolled rounds rather than a ``while`` loop. The lists
-take ``4·B·H·(Lq/64)·(Lk/64)`` bytes (16 MiB at L = 16384, 16 heads).
+sm_90, these kernels issue asynchronous copies only in this form. The threshold pass likewise loops over the
+allowed tiles' list under a block mask (``allowed_tiles_kernel``), and inserts a tile's few newcomers in unrolled
+rounds rather than a ``while`` loop. The lists take ``4·B·H·(Lq/64)·(Lk/64)`` bytes (16 MiB at L = 16384, 16
+heads).
 
 Masks: ``causal`` (queries are the last ``Lq`` of ``Lk`` positions, as in a decoder with a cache),
 ``key_lengths`` (padding), ``block_mask`` (allowed tiles: patterns, frozen DAM block masks, Sparsefinder's
@@ -143,6 +144,7 @@ def _load_kernels():
     if _kernels is None:
         # `from .x import` form: Transformers copies x next to a checkpoint's remote code
         from .entmax_triton_kernels import (
+            allowed_tiles_kernel,
             backward_dkdv_kernel,
             backward_dq_kernel,
             fallback_kernel,
@@ -155,6 +157,7 @@ def _load_kernels():
         )
 
         kernels = types.SimpleNamespace(
+            allowed_tiles_kernel=allowed_tiles_kernel,
             threshold_kernel=threshold_kernel,
             stream_kernel=stream_kernel,
             gather_kernel=gather_kernel,
@@ -269,8 +272,17 @@ class _EntmaxAttention(torch.autograd.Function):
                   cfg["scale"], am1, 1 / am1)
         with _on(q.device):
             if cfg["threshold_pass"] == "topk":
+                allowed, n_allowed = tilemax, tilemax  # (placeholders: every tile of the row's range is allowed)
+                if block_mask is not None:  # the allowed tiles' list, so the sweep has no tile test in its loop
+                    allowed = torch.empty(b * h, n_qb, n_kb, dtype=torch.int32, device=q.device)
+                    n_allowed = torch.empty(b * h, n_qb, dtype=torch.int32, device=q.device)
+                    kernels.allowed_tiles_kernel[grid](
+                        common["masks"][0], common["masks"][1], allowed, n_allowed, *common["mask_strides"][:4], h, lk,
+                        common["offset"], n_qb, n_kb, BM=bm, BN=bn, TQ=cfg["mask_block"], TK=cfg["mask_block"],
+                        CH=LIST_CHUNK, CAUSAL=cfg["causal"], HAS_KLEN=key_lengths is not None,
+                    )
                 kernels.threshold_kernel[grid](
-                    q, k, *common["masks"], m, tau, fail, tilemax, *shared, (1 / kc) ** am1,
+                    q, k, *common["masks"], m, tau, fail, tilemax, allowed, n_allowed, *shared, (1 / kc) ** am1,
                     KC=kc, N_ITER=cfg["n_iter"], SORT_ABOVE=cfg["sort_above"], **common["meta"],
                 )
             else:  # "stream": every score above a rising lower bound of τ held (and its key), no sort

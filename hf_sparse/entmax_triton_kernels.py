@@ -128,7 +128,7 @@ def _kept(SEED, bh, query, key, Lq, Lk, dropout_p):
 
 @triton.jit
 def threshold_kernel(
-    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX,
+    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, ALLOWED, NALLOWED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket,
@@ -157,14 +157,16 @@ def threshold_kernel(
     tiles = TILEMAX + (bh * n_qb + pid_m) * n_kb
     keys = K + b * s_kb + h * s_kh
     keep = KEEP + b * s_eb + h * s_eh
-    for start_n in range(0, hi, BN):
-        if HAS_BMASK:  # a branch in the loop keeps Triton from prefetching the next keys: only where tiles differ
-            if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK,
-                             CAUSAL, HAS_BMASK):
-                buf, kth, rest = _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth,
-                                                 rest, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale, ACC, PREC,
-                                                 SORT_ABOVE, BM, BN, KC, CAUSAL, HAS_KEEP)
-        else:  # every tile of [0, hi) is allowed
+    # no tile test inside the loops: a branch there keeps Triton from prefetching the next tile's keys
+    if HAS_BMASK:  # the allowed tiles' list (allowed_tiles_kernel)
+        listed = bh * n_qb + pid_m
+        for i in range(0, tl.load(NALLOWED + listed)):
+            start_n = tl.load(ALLOWED + listed * n_kb + i) * BN
+            buf, kth, rest = _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth, rest,
+                                             s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale, ACC, PREC, SORT_ABOVE,
+                                             BM, BN, KC, CAUSAL, HAS_KEEP)
+    else:  # every tile of [0, hi) is allowed
+        for start_n in range(0, hi, BN):
             buf, kth, rest = _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth, rest,
                                              s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale, ACC, PREC, SORT_ABOVE,
                                              BM, BN, KC, CAUSAL, HAS_KEEP)
@@ -613,6 +615,34 @@ def _closed_form(n, s1, s2, KIND: tl.constexpr):
 # --------------------------------------------------------------------------------------------------------------
 # Pass 2: output (and what the backward needs), skipping tiles with no score above the threshold
 # --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def allowed_tiles_kernel(
+    KLEN, BMASK, TILES, NTILES, s_mb, s_mh, s_bq, s_bk, H, Lk, OFF, n_qb, n_kb,
+    BM: tl.constexpr, BN: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, CH: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr,
+):
+    """The key tiles a block of query rows may attend to under a block mask (and causality, padding), in order:
+    ``TILES[bh, qb, :NTILES[bh, qb]]``, the threshold pass's loop (:func:`_tile_allowed`, for a chunk of tiles)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BM
+    _, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
+    base = (bh * n_qb + pid_m) * n_kb
+    chunk = tl.arange(0, CH)
+    count = 0
+    for start in range(0, n_kb, CH):
+        kb = start + chunk
+        ok = (kb < n_kb) & (kb * BN < hi)
+        tile = BMASK + b * s_mb + h * s_mh + (start_m // TQ) * s_bq + (kb * BN // TK) * s_bk
+        ok = ok & (tl.load(tile, mask=ok, other=0) != 0)
+        at = count + tl.cumsum(ok.to(tl.int32), 0) - 1
+        tl.store(TILES + base + at, kb, mask=ok)
+        count += tl.sum(ok.to(tl.int32), 0)
+    tl.store(NTILES + bh * n_qb + pid_m, count)
 
 
 @triton.jit

@@ -51,6 +51,7 @@ class Case(NamedTuple):
     dropout: float = 0.0
     alpha: float = 1.5
     float32_precision: str = "highest"  # torch.set_float32_matmul_precision: "highest" full float32, "high" TF32
+    block_mask: bool = False  # a tile mask (patterns, frozen DAM, Sparsefinder's predicted blocks)
 
 
 # what models run, with a backward each
@@ -64,6 +65,7 @@ CASES = {
     "float32": Case(dtype=torch.float32),  # full float32 products (torch's default precision)
     "tf32": Case(dtype=torch.float32, float32_precision="high"),
     "sparsemax": Case(alpha=2.0),
+    "block-mask": Case(block_mask=True),  # its threshold pass loops over the allowed tiles' list
     "bisection": Case(alpha=1.3),
 }
 
@@ -154,6 +156,7 @@ def compile_case(name: str, arch: int, report, blocks=None) -> None:
             dropout=case.dropout,
             threshold_pass=case.threshold_pass,
             blocks=blocks,
+            block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool) if case.block_mask else None,  # 128-tiles of 256
         )
         out.sum().backward()  # nothing ran: the values are garbage, the launches are real
     finally:

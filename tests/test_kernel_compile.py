@@ -32,6 +32,7 @@ EXPECTED = {
     "float32": TOPK,
     "tf32": TOPK,
     "sparsemax": TOPK,
+    "block-mask": TOPK | {"allowed_tiles_kernel"},
     "bisection": TOPK,
 }
 
