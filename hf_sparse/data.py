@@ -213,12 +213,12 @@ def load_text_dataset(
     holding ``columns``.
 
     Sources, as in Transformers' example scripts: ``train_file``/``validation_file``/``test_file`` (txt: one text
-    per line in column ``text``; json/jsonl/csv/parquet), or ``dataset``: a folder written by ``save_to_disk``, a
-    local dataset folder or script, or a Hub dataset name (with ``dataset_config``; the Hub is reached only if the
-    dataset is not cached). ``split`` is read for training; ``validation_split`` (or ``validation_file``) for
-    validation, by default the dataset's own ``validation`` split (as in Transformers' example scripts), else
-    ``validation_size`` (a fraction or a count) of the training split is held out with ``seed``. Which one was
-    used is logged with the sizes.
+    per line in column ``text``, blank lines skipped; json/jsonl/csv/parquet), or ``dataset``: a folder written by
+    ``save_to_disk``, a local dataset folder or script, or a Hub dataset name (with ``dataset_config``; the Hub is
+    reached only if the dataset is not cached). ``split`` is read for training; ``validation_split`` (or
+    ``validation_file``) for validation, by default the dataset's own ``validation`` split (as in Transformers'
+    example scripts), else ``validation_size`` (a fraction or a count) of the training split is held out with
+    ``seed``. Which one was used is logged with the sizes.
 
     ``test_split`` (or ``test_file``) is returned as ``test``: translation measures its final numbers on the
     dataset's own test pairs, as published results do, rather than on pairs carved out of validation. A named
@@ -252,6 +252,11 @@ def load_text_dataset(
             loaded = datasets.load_dataset(builder, data_files=files)
         except (datasets.exceptions.DatasetGenerationError, ValueError) as error:
             raise ValueError(_unreadable(builder, files, error)) from error
+        if builder == "text":  # blank lines separate texts, they are none (as in Transformers' run_mlm.py)
+            loaded = loaded.filter(lambda texts: [t.strip() != "" for t in texts], input_columns="text", batched=True)
+            for name, path in files.items():
+                if len(loaded[name]) == 0:
+                    raise ValueError(f"data file {path!r} holds no rows (a header alone, or blank lines)")
         train = loaded["train"]
         validation = loaded["validation"] if validation_file is not None else None
         test = loaded["test"] if test_file is not None else None

@@ -123,6 +123,16 @@ def test_empty_cells_of_the_text_column_are_named_with_their_rows_before_any_wor
     assert not (tmp_path / "o").exists()
 
 
+def test_blank_lines_of_a_text_file_are_no_texts_and_a_file_of_only_blank_lines_holds_no_rows(tmp_path):
+    texts = _texts(9)
+    train = _lines(tmp_path / "t.txt", [texts[0], "", *texts[1:5], "   ", *texts[5:], ""])
+    data = load_text_dataset(train_file=train, text_columns=("text",), validation_size=3)
+    assert sorted([*data["train"]["text"], *data["validation"]["text"]]) == sorted(texts)
+    blank = _lines(tmp_path / "blank.txt", ["", " "])
+    with pytest.raises(ValueError, match=r"data file '.*blank.txt' holds no rows"):
+        load_text_dataset(train_file=train, validation_file=blank)
+
+
 def test_numbers_or_mixed_values_in_a_text_column_are_refused_and_other_columns_are_not_checked(tmp_path):
     mixed = _lines(tmp_path / "mixed.jsonl", [json.dumps({"text": t, "label": None}) for t in ["a b", 5, "c d", "e"]])
     data = load_text_dataset(train_file=mixed, columns=("label",), text_columns=(), validation_size=1)
