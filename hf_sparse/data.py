@@ -151,24 +151,25 @@ def _builder_for(path: str) -> str:
 
 
 def _check_texts(part, name: str, column: str) -> None:
-    """Every row of ``column`` is a non-blank string, or an error naming the first bad rows (counted from 0, as
-    read). Arrow computes it, so a large dataset is checked in moments."""
+    """Every row of ``column`` holds a string, or an error naming the first bad rows (counted from 0, as read): an
+    empty CSV cell (read as None) or a number would fail far from its cause, in a tokenizer. Blank strings pass
+    (masked-LM packing skips them; datasets such as wikitext are full of them). Arrow counts the missing values, so
+    a large dataset is checked in moments."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     values = part.with_format("arrow")[column]
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(values), ""), True)
-        bad = pc.indices_nonzero(blank).to_pylist() if pc.any(blank).as_py() else []
-        first = values[bad[0]].as_py() if bad else None
+        bad = pc.indices_nonzero(pc.is_null(values)).to_pylist() if values.null_count else []
+        first = None
     else:  # numbers, nulls only, or a mixed JSON column: row by row, as Python values
         values = part[column]
-        bad = [i for i, v in enumerate(values) if not (isinstance(v, str) and v.strip())]
+        bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
         first = values[bad[0]] if bad else None
     if bad:
         raise ValueError(
-            f"{name} data: rows {bad[:5]}{' ...' if len(bad) > 5 else ''} ({len(bad)} of {len(values)}) have an "
-            f"empty or non-text {column!r} (first: {first!r}); every example needs a text"
+            f"{name} data: rows {bad[:5]}{' ...' if len(bad) > 5 else ''} ({len(bad)} of {len(values)}) have a "
+            f"missing (an empty cell) or non-text {column!r} (first: {first!r}); every example needs a text"
         )
 
 
@@ -213,7 +214,7 @@ def load_text_dataset(
     holding ``columns``.
 
     Sources, as in Transformers' example scripts: ``train_file``/``validation_file``/``test_file`` (txt: one text
-    per line in column ``text``, blank lines skipped; json/jsonl/csv/parquet), or ``dataset``: a folder written by
+    per line in column ``text``; json/jsonl/csv/parquet), or ``dataset``: a folder written by
     ``save_to_disk``, a local dataset folder or script, or a Hub dataset name (with ``dataset_config``; the Hub is
     reached only if the dataset is not cached). ``split`` is read for training; ``validation_split`` (or
     ``validation_file``) for validation, by default the dataset's own ``validation`` split (as in Transformers'
@@ -224,8 +225,8 @@ def load_text_dataset(
     dataset's own test pairs, as published results do, rather than on pairs carved out of validation. A named
     split the dataset lacks is an error, unless ``test_split_optional`` (how the translation command reads the
     default ``"test"``): then no ``test`` is returned. Without these, no ``test`` is returned (the other commands
-    see train and validation only). Missing columns are an error that lists the columns present; so is an empty,
-    blank or non-text value in one of ``text_columns`` (a tokenizer would fail on it later, far from the cause).
+    see train and validation only). Missing columns are an error that lists the columns present; so is a missing
+    (None) or non-text value in one of ``text_columns`` (a tokenizer would fail on it later, far from the cause).
     """
     import datasets
 
@@ -252,11 +253,6 @@ def load_text_dataset(
             loaded = datasets.load_dataset(builder, data_files=files)
         except (datasets.exceptions.DatasetGenerationError, ValueError) as error:
             raise ValueError(_unreadable(builder, files, error)) from error
-        if builder == "text":  # blank lines separate texts, they are none (as in Transformers' run_mlm.py)
-            loaded = loaded.filter(lambda texts: [t.strip() != "" for t in texts], input_columns="text", batched=True)
-            for name, path in files.items():
-                if len(loaded[name]) == 0:
-                    raise ValueError(f"data file {path!r} holds no rows (a header alone, or blank lines)")
         train = loaded["train"]
         validation = loaded["validation"] if validation_file is not None else None
         test = loaded["test"] if test_file is not None else None

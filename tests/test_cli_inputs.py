@@ -113,34 +113,36 @@ def test_data_files_without_rows_or_unreadable_are_named(tmp_path):
 
 @pytest.mark.parametrize("command", ["demo", "finetune"])
 def test_empty_cells_of_the_text_column_are_named_with_their_rows_before_any_work(tmp_path, command):
-    rows = ["body,label", *(f"{t},{'ab'[i % 2]}" for i, t in enumerate(_texts(12))), ",a", '"  ",b']
+    rows = ["body,label", *(f"{t},{'ab'[i % 2]}" for i, t in enumerate(_texts(12))), ",a", "more text,b", ",b"]
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     argv = [command, "--train-file", str(tmp_path / "t.csv"), "--text-column", "body", "--steps", "1"]
     message = _fails([*argv, "--output-dir", str(tmp_path / "o")])
     assert message.startswith(
-        f"hf-sparse {command}: train data: rows [12, 13] (2 of 14) have an empty or non-text 'body' (first: None)"
+        f"hf-sparse {command}: train data: rows [12, 14] (2 of 15) have a missing (an empty cell) or non-text 'body' "
+        "(first: None); every example needs a text"
     )
     assert not (tmp_path / "o").exists()
 
 
-def test_blank_lines_of_a_text_file_are_no_texts_and_a_file_of_only_blank_lines_holds_no_rows(tmp_path):
-    texts = _texts(9)
-    train = _lines(tmp_path / "t.txt", [texts[0], "", *texts[1:5], "   ", *texts[5:], ""])
-    data = load_text_dataset(train_file=train, text_columns=("text",), validation_size=3)
+def test_blank_texts_pass_the_check_as_masked_lm_packing_skips_them(tmp_path):
+    import datasets
+
+    texts = ["", *_texts(6), " ", *_texts(3, "other")]  # as wikitext: blank rows between paragraphs
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "wiki"))
+    data = load_text_dataset(str(tmp_path / "wiki"), text_columns=("text",), validation_size=2)
     assert sorted([*data["train"]["text"], *data["validation"]["text"]]) == sorted(texts)
-    blank = _lines(tmp_path / "blank.txt", ["", " "])
-    with pytest.raises(ValueError, match=r"data file '.*blank.txt' holds no rows"):
-        load_text_dataset(train_file=train, validation_file=blank)
+    train = _lines(tmp_path / "t.txt", texts)
+    assert len(load_text_dataset(train_file=train, text_columns=("text",), validation_size=2)["train"]) == 9
 
 
 def test_numbers_or_mixed_values_in_a_text_column_are_refused_and_other_columns_are_not_checked(tmp_path):
     mixed = _lines(tmp_path / "mixed.jsonl", [json.dumps({"text": t, "label": None}) for t in ["a b", 5, "c d", "e"]])
     data = load_text_dataset(train_file=mixed, columns=("label",), text_columns=(), validation_size=1)
     assert len(data["train"]) == 3  # unchecked without text_columns, as before
-    with pytest.raises(ValueError, match=r"train data: rows \[1\] \(1 of 4\) have an empty or non-text 'text' "):
+    with pytest.raises(ValueError, match=r"train data: rows \[1\] \(1 of 4\) have a missing .* or non-text 'text' "):
         load_text_dataset(train_file=mixed, text_columns=("text",))
     numbers = _lines(tmp_path / "n.csv", ["text", "5", "6"])
-    with pytest.raises(ValueError, match=r"train data: rows \[0, 1\] \(2 of 2\) have an empty or non-text 'text' "):
+    with pytest.raises(ValueError, match=r"train data: rows \[0, 1\] \(2 of 2\) have a missing .* or non-text 'text' "):
         load_text_dataset(train_file=numbers, text_columns=("text",))
 
 
