@@ -240,6 +240,19 @@ def _setup(model) -> None:
             attention.sparsefinder = SparsefinderLayer(settings, attention.num_heads, attention.head_dim)
 
 
+def _refuse_other_attention(model, attn_implementation) -> None:
+    requested = (
+        attn_implementation.get("", ATTENTION_NAME) if isinstance(attn_implementation, dict) else attn_implementation
+    )
+    if requested != ATTENTION_NAME:
+        raise ValueError(
+            f"{type(model).__name__} computes attention with its own function ({ATTENTION_NAME!r}), which runs "
+            "config.encoder_attention_fn / decoder_attention_fn / cross_attention_fn and Sparsefinder; "
+            f"attn_implementation={requested!r} would run softmax instead. Change those config fields "
+            "(e.g. decoder_attention_fn='softmax') to change the normaliser"
+        )
+
+
 class _EntmaxSparsefinderMarian(ReportsNewWeights):
     """What both classes add to Transformers' Marian: entmax attention, predictors, and their initialisation."""
 
@@ -257,19 +270,15 @@ class _EntmaxSparsefinderMarian(ReportsNewWeights):
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """Only this model's own attention function: Transformers' ``sdpa`` or ``eager`` would silently make it a
         softmax model and bypass Sparsefinder."""
-        requested = (
-            attn_implementation.get("", ATTENTION_NAME)
-            if isinstance(attn_implementation, dict)
-            else (attn_implementation)
-        )
-        if requested != ATTENTION_NAME:
-            raise ValueError(
-                f"{type(self).__name__} computes attention with its own function ({ATTENTION_NAME!r}), which runs "
-                "config.encoder_attention_fn / decoder_attention_fn / cross_attention_fn and Sparsefinder; "
-                f"attn_implementation={requested!r} would run softmax instead. Change those config fields "
-                "(e.g. decoder_attention_fn='softmax') to change the normaliser"
-            )
+        _refuse_other_attention(self, attn_implementation)
         return super().set_attn_implementation(attn_implementation, *args, **kwargs)
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """``from_pretrained(..., attn_implementation="sdpa")`` and the config's field: refused as
+        :meth:`set_attn_implementation` refuses it (it was accepted, then silently replaced by this model's own)."""
+        if attn_implementation is not None:
+            _refuse_other_attention(self, attn_implementation)
+        return super()._check_and_adjust_attn_implementation(None, *args, **kwargs)
 
     def initialize_weights(self):
         """Transformers' initialisation, then fresh state for every predictor the checkpoint did not provide.

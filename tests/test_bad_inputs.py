@@ -370,6 +370,15 @@ ROWS = [
         ValueError,
         "entmax_alpha",
     ),
+    Row(
+        "attn_implementation for the entmax Marian",
+        lambda t: (
+            MarianMTModel(MarianConfig(**MARIAN)).save_pretrained(t),
+            EntmaxSparsefinderMarianMTModel.from_pretrained(t, attn_implementation="sdpa"),
+        ),
+        ValueError,
+        "attn_implementation='sdpa' would run softmax instead",
+    ),
     Row("a Marian config for SparseBERT", lambda t: SparseBertModel(marian()), ValueError, "takes a SparseBertConfig"),
     # -- callbacks and CLI -------------------------------------------------------------------------------------
     Row("DAMCallback temperature 0", lambda t: DAMCallback(temperature=0), ValueError, "temperature must be"),
