@@ -618,6 +618,15 @@ def _closed_form(n, s1, s2, KIND: tl.constexpr):
 
 
 @triton.jit
+def _append(LIST, count, keep, values):
+    """Appends ``values`` where ``keep`` (a chunk, in order) to the list at ``LIST`` that holds ``count``; returns
+    the new count. The three list kernels build their lists this way."""
+    at = count + tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.store(LIST + at, values, mask=keep)
+    return count + tl.sum(keep.to(tl.int32), 0)
+
+
+@triton.jit
 def allowed_tiles_kernel(
     KLEN, BMASK, TILES, NTILES, s_mb, s_mh, s_bq, s_bk, H, Lk, OFF, n_qb, n_kb,
     BM: tl.constexpr, BN: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, CH: tl.constexpr,
@@ -639,9 +648,7 @@ def allowed_tiles_kernel(
         ok = (kb < n_kb) & (kb * BN < hi)
         tile = BMASK + b * s_mb + h * s_mh + (start_m // TQ) * s_bq + (kb * BN // TK) * s_bk
         ok = ok & (tl.load(tile, mask=ok, other=0) != 0)
-        at = count + tl.cumsum(ok.to(tl.int32), 0) - 1
-        tl.store(TILES + base + at, kb, mask=ok)
-        count += tl.sum(ok.to(tl.int32), 0)
+        count = _append(TILES + base, count, ok, kb)
     tl.store(NTILES + bh * n_qb + pid_m, count)
 
 
@@ -687,9 +694,7 @@ def tile_list_kernel(
         need = need & ok
         if WRITE_NEED:
             tl.store(NEED + base + kb, need.to(tl.int8), mask=ok)
-        at = count + tl.cumsum(need.to(tl.int32), 0) - 1
-        tl.store(TILES + base + at, kb, mask=need)
-        count += tl.sum(need.to(tl.int32), 0)
+        count = _append(TILES + base, count, need, kb)
     tl.store(NTILES + bh * n_qb + pid_m, count)
 
 
@@ -706,9 +711,7 @@ def tile_columns_kernel(NEED, TILES, NTILES, n_qb, n_kb, CH: tl.constexpr):
         qb = start + chunk
         ok = qb < n_qb
         need = (tl.load(NEED + (bh * n_qb + qb) * n_kb + pid_n, mask=ok, other=0) != 0) & ok
-        at = count + tl.cumsum(need.to(tl.int32), 0) - 1
-        tl.store(TILES + base + at, qb, mask=need)
-        count += tl.sum(need.to(tl.int32), 0)
+        count = _append(TILES + base, count, need, qb)
     tl.store(NTILES + bh * n_kb + pid_n, count)
 
 
