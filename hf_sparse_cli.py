@@ -304,22 +304,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=_whole(1), default=5, help="projection-fitting epochs")
     p.add_argument("--vocab-size", type=_whole(8), help="new model: tokenizer size (mlm 4000, translation 8000)")
+    # each task's own options: given to the other task they are refused (check_arguments), not silently ignored,
+    # so their defaults (SPARSEFINDER_TASK_DEFAULTS) are filled in there and said in the help
+    d = SPARSEFINDER_TASK_DEFAULTS["mlm"]
     g = p.add_argument_group("mlm task")
-    g.add_argument("--pretrain-steps", type=_whole(1), default=200, help="softmax pre-training without --model")
-    g.add_argument("--entmax-steps", type=_whole(1), default=100, help="entmax fine-tuning of a softmax model")
-    g.add_argument("--fit-blocks", type=_whole(1), default=64, help="sequences the predictors are fitted on")
-    g.add_argument("--eval-blocks", type=_whole(1), default=64, help="sequences the sweep is measured on")
+    for option, what in [
+        ("pretrain_steps", "softmax pre-training without --model"),
+        ("entmax_steps", "entmax fine-tuning of a softmax model"),
+        ("fit_blocks", "sequences the predictors are fitted on"),
+        ("eval_blocks", "sequences the sweep is measured on"),
+    ]:
+        g.add_argument(f"--{option.replace('_', '-')}", type=_whole(1), help=f"{what} (default: {d[option]})")
     g.add_argument("--max-sentences", type=_whole(1), default=None, help="built-in corpus: at most this many messages")
     g.add_argument("--eval-sentences", type=_whole(1), default=2000, help="built-in corpus: held-out messages")
+    d = SPARSEFINDER_TASK_DEFAULTS["translation"]
     g = p.add_argument_group("translation task")
     g.add_argument(
-        "--steps", type=_whole(0), default=2000, help="MT training steps (0 with --model: fit the predictors only)"
+        "--steps",
+        type=_whole(0),
+        help=f"MT training steps (default: {d['steps']}; 0 with --model: fit the predictors only)",
     )
     g.add_argument("--d-model", type=_whole(4), help="new model: width (default 128; 3+3 layers, 4 heads)")
-    g.add_argument("--fit-sentences", type=_whole(1), default=500, help="training pairs the predictors are fitted on")
-    g.add_argument("--dev-size", type=_whole(1), default=500, help="held-out pairs for the sweep and operating point")
-    g.add_argument("--test-size", type=_whole(1), default=500, help="held-out pairs for BLEU/chrF and test recall")
-    g.add_argument("--num-beams", type=_whole(1), default=1, help="beam size of the test translations")
+    for option, what in [
+        ("fit_sentences", "training pairs the predictors are fitted on"),
+        ("dev_size", "held-out pairs for the sweep and operating point"),
+        ("test_size", "held-out pairs for BLEU/chrF and test recall"),
+        ("num_beams", "beam size of the test translations"),
+    ]:
+        g.add_argument(f"--{option.replace('_', '-')}", type=_whole(1), help=f"{what} (default: {d[option]})")
     g = _data_options(
         p,
         {"text": "text"},
@@ -383,6 +395,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# `hf-sparse sparsefinder`: the options of one task, with their defaults
+SPARSEFINDER_TASK_DEFAULTS = {
+    "mlm": {"pretrain_steps": 200, "entmax_steps": 100, "fit_blocks": 64, "eval_blocks": 64},
+    "translation": {
+        "steps": 2000,
+        "d_model": None,
+        "fit_sentences": 500,
+        "dev_size": 500,
+        "test_size": 500,
+        "num_beams": 1,
+    },
+}
+
+
+def _check_task_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Options of the other task are refused (they would do nothing); this task's unset ones get their defaults."""
+    for task, options in SPARSEFINDER_TASK_DEFAULTS.items():
+        for name, default in options.items():
+            if task != args.task and getattr(args, name) is not None:
+                parser.error(f"--{name.replace('_', '-')} is for --task {task} (this run is --task {args.task})")
+            if task == args.task and getattr(args, name) is None:
+                setattr(args, name, default)
+
+
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What can be checked without torch: sources, files, output folder, Hub options (exit 2 on a mistake)."""
     if args.command == "card":
@@ -399,6 +435,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if args.dataset:
         _check_dataset(parser, args.dataset)
     if args.command == "sparsefinder":
+        _check_task_options(parser, args)
         _check_translation_data(parser, args)
     for option in ("train_file", "validation_file", "test_file"):
         path = getattr(args, option, None)

@@ -279,3 +279,16 @@ def test_help_shows_a_default_of_zero_but_not_the_false_of_a_flag():
         text = " ".join(commands[name].format_help().split())
         assert "initialisation (default: 0)" in text, name
         assert "(default: False)" not in text and "(default: None)" not in text, name
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["sparsefinder", "--steps", "5"], "--steps is for --task translation (this run is --task mlm)"),
+        (["sparsefinder", "--task", "translation", "--fit-blocks", "8"], "--fit-blocks is for --task mlm"),
+        (["sparsefinder", "--dev-size", "8"], "--dev-size is for --task translation"),
+    ],
+)
+def test_an_option_of_the_other_sparsefinder_task_is_refused_not_ignored(argv, words, capsys, tmp_path):
+    """`sparsefinder --steps` on the default mlm task once printed 'pre-training ... for 200 steps' and ignored it."""
+    assert words in _fails([*argv, "--output-dir", str(tmp_path / "o")], capsys)
