@@ -92,7 +92,15 @@ def label_names(data, label_column: str = "label") -> list[str]:
     take one label for regression and report a perfect accuracy."""
     feature = data["train"].features[label_column]
     if hasattr(feature, "names"):
-        return _classes(list(feature.names), label_column)
+        names = _classes(list(feature.names), label_column)
+        for split in ("train", "validation"):
+            outside = sorted({v for v in data[split][label_column] if not 0 <= v < len(names)}) if split in data else []
+            if outside:  # GLUE's test splits hold -1: scored against it, every prediction would count as wrong
+                raise ValueError(
+                    f"{split} data: label column {label_column!r} holds {outside[:5]}, outside the {len(names)} "
+                    "classes (-1: unlabelled, as in GLUE's test splits); use a labelled split"
+                )
+        return names
     values = sorted(set(data["train"][label_column]) | set(data["validation"][label_column]), key=str)
     if all(isinstance(v, str) for v in values):
         return _classes(values, label_column)

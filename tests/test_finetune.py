@@ -245,3 +245,18 @@ def test_string_labels_become_sorted_class_ids_and_missing_columns_are_named():
     assert list(tokenized["train"]["labels"]) == [2, 0, 2] and list(tokenized["validation"]["labels"]) == [1]
     with pytest.raises(ValueError, match="no column 'sentence'; columns present: text, label"):
         tokenize(data, tiny_tokenizer(), text_column="sentence")
+
+
+def test_an_unlabelled_validation_split_is_refused_not_scored():
+    """GLUE-style test splits hold ClassLabel -1; scored against them, every prediction counted as wrong (accuracy
+    0.000 went into the model card)."""
+    import datasets
+
+    feature = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["a", "b"])})
+    part = {"text": ["x", "y", "z"], "label": [0, 1, 0]}
+    train = datasets.Dataset.from_dict(part, features=feature)
+    labelled = datasets.DatasetDict(train=train, validation=train)
+    assert label_names(labelled) == ["a", "b"]
+    unlabelled = datasets.Dataset.from_dict({**part, "label": [-1, -1, -1]}, features=feature)
+    with pytest.raises(ValueError, match=r"validation data: label column 'label' holds \[-1\].*unlabelled"):
+        label_names(datasets.DatasetDict(train=train, validation=unlabelled))
