@@ -147,6 +147,16 @@ def _training_options(p: argparse.ArgumentParser, steps: int, batch: int, lr: fl
     g.add_argument("--seed", type=int, default=0, help="seed of data order, masking and initialisation")
 
 
+def _task_options(p: argparse.ArgumentParser, task: str, **options: str) -> argparse._ArgumentGroup:
+    """The group of one ``sparsefinder`` task's whole-number options, ``name=what``, with no default of their own
+    (check_arguments fills in SPARSEFINDER_TASK_DEFAULTS for the run's task), which the help says."""
+    g = p.add_argument_group(f"{task} task")
+    for name, what in options.items():
+        default = SPARSEFINDER_TASK_DEFAULTS[task][name]
+        g.add_argument(f"--{name.replace('_', '-')}", type=_whole(1), help=f"{what} (default: {default})")
+    return g
+
+
 def _output_options(p: argparse.ArgumentParser, default: str) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", "--out", dest="output_dir", default=default, help="where results are written")
@@ -306,32 +316,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=_whole(8), help="new model: tokenizer size (mlm 4000, translation 8000)")
     # each task's own options: given to the other task they are refused (check_arguments), not silently ignored,
     # so their defaults (SPARSEFINDER_TASK_DEFAULTS) are filled in there and said in the help
-    d = SPARSEFINDER_TASK_DEFAULTS["mlm"]
-    g = p.add_argument_group("mlm task")
-    for option, what in [
-        ("pretrain_steps", "softmax pre-training without --model"),
-        ("entmax_steps", "entmax fine-tuning of a softmax model"),
-        ("fit_blocks", "sequences the predictors are fitted on"),
-        ("eval_blocks", "sequences the sweep is measured on"),
-    ]:
-        g.add_argument(f"--{option.replace('_', '-')}", type=_whole(1), help=f"{what} (default: {d[option]})")
+    g = _task_options(
+        p,
+        "mlm",
+        pretrain_steps="softmax pre-training without --model",
+        entmax_steps="entmax fine-tuning of a softmax model",
+        fit_blocks="sequences the predictors are fitted on",
+        eval_blocks="sequences the sweep is measured on",
+    )
     g.add_argument("--max-sentences", type=_whole(1), default=None, help="built-in corpus: at most this many messages")
     g.add_argument("--eval-sentences", type=_whole(1), default=2000, help="built-in corpus: held-out messages")
-    d = SPARSEFINDER_TASK_DEFAULTS["translation"]
-    g = p.add_argument_group("translation task")
+    g = _task_options(
+        p,
+        "translation",
+        fit_sentences="training pairs the predictors are fitted on",
+        dev_size="held-out pairs for the sweep and operating point",
+        test_size="held-out pairs for BLEU/chrF and test recall",
+        num_beams="beam size of the test translations",
+    )
     g.add_argument(
         "--steps",
         type=_whole(0),
-        help=f"MT training steps (default: {d['steps']}; 0 with --model: fit the predictors only)",
+        help=f"MT training steps (default: {SPARSEFINDER_TASK_DEFAULTS['translation']['steps']}; 0 with --model: fit "
+        "the predictors only)",
     )
     g.add_argument("--d-model", type=_whole(4), help="new model: width (default 128; 3+3 layers, 4 heads)")
-    for option, what in [
-        ("fit_sentences", "training pairs the predictors are fitted on"),
-        ("dev_size", "held-out pairs for the sweep and operating point"),
-        ("test_size", "held-out pairs for BLEU/chrF and test recall"),
-        ("num_beams", "beam size of the test translations"),
-    ]:
-        g.add_argument(f"--{option.replace('_', '-')}", type=_whole(1), help=f"{what} (default: {d[option]})")
     g = _data_options(
         p,
         {"text": "text"},
