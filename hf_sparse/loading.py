@@ -49,12 +49,21 @@ def report_new_weights(model: nn.Module, missing_keys) -> str | None:
     return line
 
 
+def register_family(base: type, module: str, auto_classes: dict[type, str]) -> None:
+    """Register each model class of a family for its Auto class (``{class: "AutoModelFor..."}``) and give the
+    family's ``base`` the whole map as :attr:`ReportsNewWeights.auto_map_family` (``module``: the modeling module's
+    ``__name__``, whose last part names the copied code file), from the one list."""
+    for cls, auto in auto_classes.items():
+        cls.register_for_auto_class(auto)
+    base.auto_map_family = {auto: f"{module.rsplit('.', 1)[-1]}.{cls.__name__}" for cls, auto in auto_classes.items()}
+
+
 class ReportsNewWeights:
     """Mixin (before ``PreTrainedModel``) for the loading behaviour above; a model adds its own checks of learned
     state in :meth:`check_loaded_state`, and names every class of its family in :attr:`auto_map_family`."""
 
     _keys_to_ignore_on_load_missing = [pattern for pattern, _, _ in EXPECTED_NEW]
-    #: Auto class -> ``module.Class`` of every model class of the family (set by each modeling module)
+    #: Auto class -> ``module.Class`` of every model class of the family (set by :func:`register_family`)
     auto_map_family: dict[str, str] = {}
 
     def __init_subclass__(cls, **kwargs):

@@ -29,7 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import AttentionMask, attention_backends_used, choose_backend
 from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
-from .loading import ReportsNewWeights
+from .loading import ReportsNewWeights, register_family
 from .patterns import parse
 from .sparsefinder import (
     SparsefinderLayer,
@@ -315,11 +315,10 @@ class EntmaxSparsefinderMarianMTModel(_EntmaxSparsefinderMarian, MarianMTModel):
     pass
 
 
-EntmaxSparsefinderMarianModel.register_for_auto_class("AutoModel")
-EntmaxSparsefinderMarianMTModel.register_for_auto_class("AutoModelForSeq2SeqLM")
-_EntmaxSparsefinderMarian.auto_map_family = {
-    cls._auto_class: f"{__name__.rsplit('.', 1)[-1]}.{cls.__name__}"
-    for cls in (EntmaxSparsefinderMarianModel, EntmaxSparsefinderMarianMTModel)
-}
+register_family(
+    _EntmaxSparsefinderMarian,
+    __name__,
+    {EntmaxSparsefinderMarianModel: "AutoModel", EntmaxSparsefinderMarianMTModel: "AutoModelForSeq2SeqLM"},
+)
 
 __all__ = ["EntmaxSparsefinderMarianModel", "EntmaxSparsefinderMarianMTModel"]

@@ -41,7 +41,7 @@ from .attention import (
 from .block_maps import cached_dense_mask
 from .configuration_sparse_bert import SparseBertConfig
 from .dam import DAMGates, check_loaded_dam
-from .loading import UNUSED_PRETRAINING, ReportsNewWeights
+from .loading import UNUSED_PRETRAINING, ReportsNewWeights, register_family
 from .patterns import Intersection, Learned, Pattern, Union, bind_learned, parse, without_learned
 from .sparsefinder import (
     SparsefinderLayer,
@@ -879,23 +879,18 @@ class SparseBertForQuestionAnswering(SparseBertPreTrainedModel):
         return _finish(output, return_dict, self.config)
 
 
-SparseBertModel.register_for_auto_class("AutoModel")
-SparseBertForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
-SparseBertForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
-SparseBertForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
-SparseBertForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
-SparseBertForMultipleChoice.register_for_auto_class("AutoModelForMultipleChoice")
-SparseBertPreTrainedModel.auto_map_family = {
-    cls._auto_class: f"{__name__.rsplit('.', 1)[-1]}.{cls.__name__}"
-    for cls in (
-        SparseBertModel,
-        SparseBertForMaskedLM,
-        SparseBertForSequenceClassification,
-        SparseBertForTokenClassification,
-        SparseBertForQuestionAnswering,
-        SparseBertForMultipleChoice,
-    )
-}
+register_family(
+    SparseBertPreTrainedModel,
+    __name__,
+    {
+        SparseBertModel: "AutoModel",
+        SparseBertForMaskedLM: "AutoModelForMaskedLM",
+        SparseBertForSequenceClassification: "AutoModelForSequenceClassification",
+        SparseBertForTokenClassification: "AutoModelForTokenClassification",
+        SparseBertForQuestionAnswering: "AutoModelForQuestionAnswering",
+        SparseBertForMultipleChoice: "AutoModelForMultipleChoice",
+    },
+)
 
 __all__ = [
     "SparseBertModel",
