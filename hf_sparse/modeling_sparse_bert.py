@@ -411,7 +411,6 @@ class SparseBertModel(SparseBertPreTrainedModel):
         super().__init__(config)
         config = self.config  # (a stock BertConfig arrives converted)
         config.check_sparse_attention()  # from_pretrained(..., attention_pattern=...) sets fields after validation
-        self.config = config
         self.embeddings = SparseBertEmbeddings(config)
         self.encoder = SparseBertEncoder(config)
         self.pooler = SparseBertPooler(config) if add_pooling_layer else None
