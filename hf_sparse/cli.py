@@ -70,19 +70,6 @@ def _text_data(args: argparse.Namespace, columns: tuple[str, ...], default, text
     return data  # load_text_dataset has logged the sizes and where the validation data comes from
 
 
-def _fixed_pattern(spec: str, instead: str):
-    """``--pattern`` parsed, refused when it has a ``learned`` part: that part is a frozen DAM mask stored in a
-    checkpoint, which a fixed-pattern run has none of, so it would fail only after its training (or on --resume)."""
-    from .patterns import parse
-
-    pattern = parse(spec)  # a typo fails before any data is read, with the grammar
-    if pattern.needs_learned_mask:
-        raise ValueError(
-            f"--pattern {spec!r}: 'learned' is a DAM mask stored in a checkpoint, not a fixed pattern; {instead}"
-        )
-    return pattern
-
-
 def _data_name(args: argparse.Namespace, default: str) -> str:
     return args.dataset or (os.path.basename(args.train_file) if args.train_file else default)
 
@@ -140,9 +127,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .data import english_corpus
     from .evaluation import masked_lm_metrics
     from .mlm import small_bert_config, train_mlm
+    from .patterns import parse_fixed
     from .plotting import plot_patterns
 
-    _fixed_pattern(args.pattern, "learn a mask with 'hf-sparse dam', or give a fixed one (hf-sparse patterns --list)")
+    instead = "learn a mask with 'hf-sparse dam', or give a fixed one (hf-sparse patterns --list)"
+    parse_fixed(args.pattern, instead, "--pattern")  # before any data is read (so is a typo, with the grammar)
     data = _text_data(
         args,
         (args.text_column,),
@@ -207,8 +196,10 @@ def cmd_dam(args: argparse.Namespace) -> None:
     from .data import english_corpus
     from .evaluation import masked_lm_metrics
     from .mlm import search_and_train_dam, small_bert_config
+    from .patterns import parse_fixed
 
-    _fixed_pattern(args.pattern, "this command learns the mask; --pattern is the fixed pattern its search runs inside")
+    instead = "this command learns the mask; --pattern is the fixed pattern its search runs inside"
+    parse_fixed(args.pattern, instead, "--pattern")
     dam = {"structure": args.structure, "max_length": args.max_length, "penalty_reduction": "sum"}
     if args.structure == "block":
         dam["block_size"] = args.block_size
@@ -271,9 +262,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     """The SparseBERT paper's experiment: a pretrained BERT fine-tuned for classification, dense vs pattern vs DAM."""
     from .data import gettext_domain_task
     from .finetune import default_model, format_table, run_finetune
+    from .patterns import parse_fixed
 
     if "pattern" in args.runs:
-        _fixed_pattern(args.pattern, "the 'dam' run learns a mask (--runs dam), give the 'pattern' run a fixed one")
+        instead = "the 'dam' run learns a mask (--runs dam), give the 'pattern' run a fixed one"
+        parse_fixed(args.pattern, instead, "--pattern")
     model = args.model or default_model()
     columns = (args.text_column, args.label_column)
     data = _text_data(

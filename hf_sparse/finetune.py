@@ -320,16 +320,13 @@ def run_finetune(
     from .checkpointing import seconds_trained_before
     from .checks import check_int
     from .configuration_sparse_bert import SparseBertConfig
-    from .patterns import parse
+    from .patterns import parse_fixed
 
     unknown = [run for run in runs if run not in RUNS]
     if unknown or not runs:
         raise ValueError(f"runs {list(runs)!r}: choose one or more of {', '.join(RUNS)}")
-    if "pattern" in runs and parse(pattern).needs_learned_mask:  # a bad spec fails before any training
-        raise ValueError(
-            f"pattern {pattern!r}: 'learned' is a DAM mask stored in a checkpoint, not a fixed pattern; the 'dam' run "
-            "learns one"
-        )
+    if "pattern" in runs:  # a bad spec fails before any training
+        parse_fixed(pattern, "the 'dam' run learns one")
     if not 0 < search_fraction <= 1:
         raise ValueError(f"search_fraction must be in (0, 1], got {search_fraction!r}")
     for name, value in (

@@ -571,6 +571,18 @@ def parse(spec: str | Pattern) -> Pattern:
 MAX_ARGUMENT = 2**31 - 1
 
 
+def parse_fixed(spec: str, instead: str, name: str = "pattern") -> Pattern:
+    """:func:`parse`, refusing a ``learned`` part: that is a frozen DAM mask stored in a checkpoint, which a run
+    given a pattern to train with has none of, so it would fail only after its training. ``instead`` says what to
+    do; ``name`` names the value (``--pattern`` on the command line)."""
+    pattern = parse(spec)
+    if pattern.needs_learned_mask:
+        raise ValueError(
+            f"{name} {spec!r}: 'learned' is a DAM mask stored in a checkpoint, not a fixed pattern; {instead}"
+        )
+    return pattern
+
+
 def _parse_one(part: str, spec: str) -> Pattern:
     part = part.strip()
     name, _, arg_text = part.partition(":")
