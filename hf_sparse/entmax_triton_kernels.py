@@ -157,19 +157,19 @@ def threshold_kernel(
     tiles = TILEMAX + (bh * n_qb + pid_m) * n_kb
     keys = K + b * s_kb + h * s_kh
     keep = KEEP + b * s_eb + h * s_eh
-    # no tile test inside the loops: a branch there keeps Triton from prefetching the next tile's keys
-    if HAS_BMASK:  # the allowed tiles' list (allowed_tiles_kernel)
-        listed = bh * n_qb + pid_m
-        for i in range(0, tl.load(NALLOWED + listed)):
+    # no tile test inside the loop: a branch there keeps Triton from prefetching the next tile's keys. Without a
+    # block mask every tile of [0, hi) is allowed; with one, the allowed tiles' list (allowed_tiles_kernel)
+    listed = bh * n_qb + pid_m
+    n_tiles = tl.cdiv(hi, BN)
+    if HAS_BMASK:
+        n_tiles = tl.load(NALLOWED + listed)
+    for i in range(0, n_tiles):
+        start_n = i * BN
+        if HAS_BMASK:  # (a compile-time branch)
             start_n = tl.load(ALLOWED + listed * n_kb + i) * BN
-            buf, kth, rest = _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth, rest,
-                                             s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale, ACC, PREC, SORT_ABOVE,
-                                             BM, BN, KC, CAUSAL, HAS_KEEP)
-    else:  # every tile of [0, hi) is allowed
-        for start_n in range(0, hi, BN):
-            buf, kth, rest = _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth, rest,
-                                             s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale, ACC, PREC, SORT_ABOVE,
-                                             BM, BN, KC, CAUSAL, HAS_KEEP)
+        buf, kth, rest = _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth, rest,
+                                         s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale, ACC, PREC, SORT_ABOVE,
+                                         BM, BN, KC, CAUSAL, HAS_KEEP)
     m = tl.max(buf, 1)
     empty = m == NEG_INF
     m = tl.where(empty, 0.0, m)
