@@ -35,6 +35,7 @@ from .sparsefinder import (
     SparsefinderLayer,
     attend_layer,
     check_loaded_predictors,
+    check_predictors_built,
     predicts_layer,
     resolve_config,
     runs_predicted,
@@ -202,22 +203,11 @@ def _before_decoder(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> None
     _check_positions(decoder, "decoder", args, kwargs, past)
     if isinstance(past, torch.Tensor):
         past = past.clone()
-    settings = decoder.config.sparsefinder
-    wanted = resolve_config(settings) if settings is not None and settings.get("enabled") else None
-    missing = []
-    for i, layer in enumerate(decoder.layers):
-        if getattr(layer.self_attn, "sparsefinder", None) is not None:
-            layer.self_attn.sparsefinder_query_offset = past
-        elif wanted is not None and predicts_layer(wanted, i):
-            missing.append(i)
-    if missing:
-        raise ValueError(
-            f"config.sparsefinder enables predicted attention (method {wanted['method']!r}), but decoder layers "
-            f"{missing} have no predictor: predictors are made when the model is built, so settings given to a built "
-            "model would leave those layers dense. Build the model with them, e.g. "
-            "EntmaxSparsefinderMarianMTModel.from_pretrained(path, sparsefinder={...}) or from a config whose "
-            "sparsefinder is set, then fit the predictors (hf_sparse.sparsefinder_fit.fit)"
-        )
+    attentions = [layer.self_attn for layer in decoder.layers]
+    check_predictors_built(decoder.config.sparsefinder, attentions, "decoder layers", "EntmaxSparsefinderMarianMTModel")
+    for attention in attentions:
+        if getattr(attention, "sparsefinder", None) is not None:
+            attention.sparsefinder_query_offset = past
 
 
 def _setup(model) -> None:

@@ -47,6 +47,7 @@ from .sparsefinder import (
     SparsefinderLayer,
     attend_layer,
     check_loaded_predictors,
+    check_predictors_built,
     predicts_layer,
     resolve_config,
     runs_predicted,
@@ -524,6 +525,8 @@ class SparseBertModel(SparseBertPreTrainedModel):
             )
         # set on a live config after construction, like the pattern and backend, which are checked where used
         check_entmax_alpha(self.config.entmax_alpha, used=self.config.attention_fn == "entmax_bisect")
+        attentions = [layer.attention.self for layer in self.encoder.layer]
+        check_predictors_built(self.config.sparsefinder, attentions, "layers", "SparseBertForMaskedLM")
         key_valid = attention_mask.bool() if attention_mask is not None else None
         collecting = any(layer.attention.self.sparsefinder_collector is not None for layer in self.encoder.layer)
         choose = dict(

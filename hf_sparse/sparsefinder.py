@@ -171,6 +171,25 @@ def runs_predicted(module: nn.Module) -> bool:
     )
 
 
+def check_predictors_built(settings: dict | None, attentions, where: str, model_class: str) -> None:
+    """Refuse enabled ``settings`` that name layers whose attention module (``attentions[i]`` for layer ``i``) has
+    no predictor: predictors are made when the model is built, so settings given to a built model (or naming more
+    ``layers``) would leave those layers dense, silently. Python objects only: no device is read."""
+    if settings is None or not settings.get("enabled"):
+        return
+    wanted = resolve_config(settings)
+    built = [getattr(attention, "sparsefinder", None) is not None for attention in attentions]
+    missing = [i for i, has in enumerate(built) if predicts_layer(wanted, i) and not has]
+    if missing:
+        raise ValueError(
+            f"config.sparsefinder enables predicted attention (method {wanted['method']!r}), but {where} {missing} "
+            "have no predictor: predictors are made when the model is built, so settings given to a built model "
+            f"would leave those layers dense. Build the model with them, e.g. {model_class}.from_pretrained(path, "
+            "sparsefinder={...}) or from a config whose sparsefinder is set, then fit the predictors "
+            "(hf_sparse.sparsefinder_fit.fit)"
+        )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Valid pairs and the gold graph
 # --------------------------------------------------------------------------------------------------------------
@@ -947,6 +966,7 @@ __all__ = [
     "attend_predicted_fused",
     "check_loaded_predictors",
     "check_model_settings",
+    "check_predictors_built",
     "initialize",
     "predict_pairs",
     "predicts_layer",

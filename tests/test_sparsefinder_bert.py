@@ -193,3 +193,15 @@ def test_stock_bert_checkpoint_fine_tunes_to_entmax_attention_with_trainer(tmp_p
     valid = mask.bool()[:, None, None, :].expand_as(probs[0])
     assert all((p[valid] == 0).any() for p in probs)  # entmax: exact zeros among real tokens
     assert all(torch.allclose(p.sum(-1), torch.ones(())) for p in probs)
+
+
+def test_sparsefinder_settings_given_to_a_built_encoder_are_refused_not_ignored():
+    """Predictors are made when the model is built; enabled settings set afterwards once ran exact attention in
+    every layer, silently (the twin of the Marian decoder's check)."""
+    model = SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs(attention_fn="entmax15"))).eval()
+    model.config.sparsefinder = {"method": "window", "enabled": True}
+    ids, mask = random_batch()
+    with pytest.raises(ValueError, match=r"layers \[0, 1\] have no predictor.*from_pretrained\(path, sparsefinder="):
+        model(ids, attention_mask=mask)
+    model.config.sparsefinder = {"method": "window", "enabled": False}  # not enabled: nothing to refuse
+    model(ids, attention_mask=mask)
