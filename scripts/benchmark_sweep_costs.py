@@ -13,7 +13,14 @@ program grid) with each piece of that work added in turn, at 4 and 16 warps:
 4. the same appends another way: each round stores every row's first taken score not yet stored (one value and
    one address per row), as many rounds as the row with the most takes in the tile needs. Compiled for sm_90, mode
    3 needs a 64-bit address per score of the tile, twice: 255 registers and 244 bytes spilled per thread at 4
-   warps (the stream kernel's 255); mode 4 does not.
+   warps (the stream kernel's 255); mode 4 does not;
+5. one sweep of Newton's method on ``Σ p(τ) = 1`` at a per-row τ, as the fallback does it (``_add_sums``: count,
+   ``Σ x``, ``Σ x²`` and the smallest ``x`` above τ, ``f`` and ``f'``; six row-wise reductions per tile, no
+   block-wide one, no appends). A threshold pass without candidates would be a row-maximum sweep and then such
+   sweeps until every row of the block is solved by the closed form: about 6 per 64-row block at L = 8192 on
+   these inputs, from the lower bound ``mean - 1/sqrt(n)`` (Jensen) of the scores kept near the running maximum
+   (a float64 simulation of the fallback's steps), 7.6 from ``τ = -1``. Its time against mode 3's says whether
+   that pass could beat the appends.
 
 Each mode's time, registers and spills are printed next to SDPA and both fused threshold passes from the same run,
 so the step that makes a sweep expensive is named by a measurement rather than guessed. The threshold is set so
@@ -47,12 +54,13 @@ MODES = {
     2: "+ cumulative sum (ranks of the taken scores)",
     3: "+ appends (score and key index to the row's slots)",
     4: "appends one taken score per row at a time (no cumulative sum, no tile of addresses)",
+    5: "Newton sums at a per-row τ (six row-wise reductions, the fallback's step)",
 }
 
 
 @triton.jit
 def sweep_kernel(
-    Q, K, OUT, COUNT, HELD, KEYS, L, scale, theta,
+    Q, K, OUT, COUNT, HELD, KEYS, SUMS, L, scale, theta,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAP: tl.constexpr, MODE: tl.constexpr,
 ):
     """One program per (query block, batch·head), as the fused kernels: sweep every key tile once."""
@@ -67,12 +75,28 @@ def sweep_kernel(
     count = tl.zeros((BM,), tl.int32)
     ranks = tl.zeros((BM,), tl.int32)  # mode 2: the cumulative sum's result must be used
     first = (bh.to(tl.int64) * L + offs_m) * CAP
+    n_above = tl.zeros((BM,), tl.float32)  # mode 5: the Newton sums
+    s1 = tl.zeros((BM,), tl.float32)
+    s2 = tl.zeros((BM,), tl.float32)
+    smallest = tl.full((BM,), float("inf"), tl.float32)
+    f = tl.zeros((BM,), tl.float32)
+    slope = tl.zeros((BM,), tl.float32)
     for start_n in range(0, L, BN):
         offs_n = start_n + cols
         k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :])
         s = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale
         m = tl.maximum(m, tl.max(s, 1))
-        if MODE >= 1:
+        if MODE == 5:  # the 1.5-entmax sums of _add_sums at τ = theta (x = s here: the cost, not the scale)
+            d = s - theta
+            pos = d > 0
+            n_above += tl.sum(pos.to(tl.float32), 1)
+            s1 += tl.sum(tl.where(pos, s, 0.0), 1)
+            s2 += tl.sum(tl.where(pos, s * s, 0.0), 1)
+            smallest = tl.minimum(smallest, tl.min(tl.where(pos, s, float("inf")), 1))
+            d = tl.where(pos, d, 0.0)
+            f += tl.sum(d * d, 1)
+            slope += tl.sum(2 * d, 1)
+        elif MODE >= 1:
             take = s > theta
             new = tl.sum(take.to(tl.int32), 1)
             most = tl.max(new, 0)
@@ -101,6 +125,14 @@ def sweep_kernel(
                 count += new
     tl.store(OUT + bh * L + offs_m, m)
     tl.store(COUNT + bh * L + offs_m, count + 0 * ranks)
+    if MODE == 5:  # (every sum stored, so none is compiled away)
+        count = n_above.to(tl.int32)
+        tl.store(COUNT + bh * L + offs_m, count)
+        tl.store(SUMS + (bh * L + offs_m) * 5, s1)
+        tl.store(SUMS + (bh * L + offs_m) * 5 + 1, s2)
+        tl.store(SUMS + (bh * L + offs_m) * 5 + 2, smallest)
+        tl.store(SUMS + (bh * L + offs_m) * 5 + 3, f)
+        tl.store(SUMS + (bh * L + offs_m) * 5 + 4, slope)
 
 
 def run_sweep(q, k, mode: int, warps: int, theta: float, cap: int, blocks):
@@ -108,24 +140,33 @@ def run_sweep(q, k, mode: int, warps: int, theta: float, cap: int, blocks):
     bm, bn = blocks
     out = torch.empty(bh, n, device=q.device, dtype=torch.float32)
     count = torch.empty(bh, n, device=q.device, dtype=torch.int32)
-    held = torch.empty(bh * n * cap if mode >= 3 else 1, device=q.device, dtype=torch.float32)
-    keys = torch.empty(bh * n * cap if mode >= 3 else 1, device=q.device, dtype=torch.int32)
+    held = torch.empty(bh * n * cap if mode in (3, 4) else 1, device=q.device, dtype=torch.float32)
+    keys = torch.empty(bh * n * cap if mode in (3, 4) else 1, device=q.device, dtype=torch.int32)
+    sums = torch.empty(bh * n * 5 if mode == 5 else 1, device=q.device, dtype=torch.float32)
     kernel = sweep_kernel[(n // bm, bh)](
-        q, k, out, count, held, keys, n, d**-0.5, theta, D=d, BM=bm, BN=bn, CAP=cap, MODE=mode, num_warps=warps
+        q, k, out, count, held, keys, sums, n, d**-0.5, theta, D=d, BM=bm, BN=bn, CAP=cap, MODE=mode, num_warps=warps
     )
-    return out, count, held, keys, kernel
+    return out, count, held, keys, sums, kernel
 
 
 def check_smoke(q, k, theta, cap, blocks) -> None:
-    """Every mode finds the same row maxima, and the counted and appended scores are the ones above ``theta``."""
+    """Every mode finds the same row maxima, and the counted and appended scores are the ones above ``theta``
+    (mode 5: its sums are those of the dense scores above ``theta``)."""
     scores = (q.float() @ k.float().transpose(1, 2)) * q.shape[-1] ** -0.5
     want_max, want_count = scores.amax(-1), (scores > theta).sum(-1).to(torch.int32)
     for mode in MODES:
-        out, count, held, keys, _ = run_sweep(q, k, mode, 4, theta, cap, blocks)
+        out, count, held, keys, sums, _ = run_sweep(q, k, mode, 4, theta, cap, blocks)
         torch.testing.assert_close(out, want_max, atol=1e-4, rtol=0)
-        if mode >= 1:
+        if mode == 5:
+            above = scores > theta
+            d = torch.where(above, scores - theta, 0)
+            want = torch.stack([torch.where(above, scores, 0).sum(-1), torch.where(above, scores**2, 0).sum(-1),
+                                torch.where(above, scores, torch.inf).amin(-1), (d * d).sum(-1), 2 * d.sum(-1)], -1)
             assert torch.equal(count, want_count), mode
-        if mode >= 3:
+            torch.testing.assert_close(sums.view(*count.shape, 5), want, atol=1e-3, rtol=1e-4)
+        elif mode >= 1:
+            assert torch.equal(count, want_count), mode
+        if mode in (3, 4):
             held, keys = held.view(*count.shape, cap), keys.view(*count.shape, cap).long()
             for row in range(count.shape[1]):
                 c = min(int(count[0, row]), cap)
