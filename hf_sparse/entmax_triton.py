@@ -37,15 +37,17 @@ output is one flash-style pass, and a tile whose largest score is below every ro
    ``c_i = Σ_j g_ij dP_ij / Σ_j g_ij = dO_i · (Σ_j g_ij v_j) / Σ_j g_ij``, where ``Σ g v`` and ``Σ g`` were
    accumulated by the output pass (O(L·D) memory, no extra sweep).
 
-Tile lists: the fallback, the output pass and the backward do not test each tile inside their loops. A small
-kernel (``tile_list_kernel``; ``tile_columns_kernel`` for the dK/dV side) first writes, per query block, the key
-tiles it must read (from the threshold pass's tile maxima and the rows' thresholds), and the sweeps loop over that
-list, as FlexAttention's block-sparse kernels loop over their ``kv_indices``. A branch inside a loop keeps Triton
-from software-pipelining it (loading the next tile's keys and values while this one is computed): compiled for
-sm_90, these kernels issue asynchronous copies only in this form. The threshold pass likewise loops over the
-allowed tiles' list under a block mask (``allowed_tiles_kernel``), and inserts a tile's few newcomers in unrolled
-rounds rather than a ``while`` loop. The lists take ``4·B·H·(Lq/64)·(Lk/64)`` bytes (16 MiB at L = 16384, 16
-heads).
+Tile lists: the fallback, the output pass and the backward do not test each tile inside their loops. Each of these
+kernels first writes, for its query block, the key tiles it must read (``_write_tile_list``, from the threshold
+pass's tile maxima and the rows' thresholds), and then loops over that list after a barrier, as FlexAttention's
+block-sparse kernels loop over their ``kv_indices``; the dQ kernel also writes the dense map from which
+``tile_columns_kernel`` makes the dK/dV side's lists. A branch inside a loop keeps Triton from software-pipelining
+it (loading the next tile's keys and values while this one is computed): compiled for sm_90, these kernels issue
+asynchronous copies only in this form. The threshold pass likewise loops over the allowed tiles' list under a block
+mask (written first, ``_write_allowed_list``), and inserts a tile's few newcomers in unrolled rounds rather than a
+``while`` loop. Writing the lists inside the sweeps rather than in kernels of their own saves three launches per
+forward + backward, which matter where a call is short (decoding one token, short sequences). The lists take
+``4·B·H·(Lq/64)·(Lk/64)`` bytes (16 MiB at L = 16384, 16 heads).
 
 Masks: ``causal`` (queries are the last ``Lq`` of ``Lk`` positions, as in a decoder with a cache),
 ``key_lengths`` (padding), ``block_mask`` (allowed tiles: patterns, frozen DAM block masks, Sparsefinder's
@@ -101,7 +103,6 @@ FALLBACK_TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-14}
 # The streaming threshold pass keeps the scores above its lower bound of τ less this much (relative to |τ|, at
 # least 1): the bound, a τ computed on a subset of the same scores, may round a few ulps above the row's τ.
 BOUND_SLACK = {torch.float32: 1e-5, torch.float64: 1e-12}
-LIST_CHUNK = 64  # tiles a list kernel tests at once
 STREAM_SLOTS = 4  # the streaming pass holds up to this many times ``candidates`` scores per row
 STREAM_STEPS = 8  # Newton steps (bisection: halvings) when it raises its bounds (fewer: looser bounds)
 # warps of the streaming kernel: at 4 (Triton's default) it takes 255 registers per thread, two programs per SM; at 16,
@@ -144,7 +145,6 @@ def _load_kernels():
     if _kernels is None:
         # `from .x import` form: Transformers copies x next to a checkpoint's remote code
         from .entmax_triton_kernels import (
-            allowed_tiles_kernel,
             backward_dkdv_kernel,
             backward_dq_kernel,
             fallback_kernel,
@@ -153,11 +153,9 @@ def _load_kernels():
             stream_kernel,
             threshold_kernel,
             tile_columns_kernel,
-            tile_list_kernel,
         )
 
         kernels = types.SimpleNamespace(
-            allowed_tiles_kernel=allowed_tiles_kernel,
             threshold_kernel=threshold_kernel,
             stream_kernel=stream_kernel,
             gather_kernel=gather_kernel,
@@ -165,7 +163,6 @@ def _load_kernels():
             forward_kernel=forward_kernel,
             backward_dq_kernel=backward_dq_kernel,
             backward_dkdv_kernel=backward_dkdv_kernel,
-            tile_list_kernel=tile_list_kernel,
             tile_columns_kernel=tile_columns_kernel,
         )
         _kernels = (kernels, os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True"))
@@ -271,18 +268,11 @@ class _EntmaxAttention(torch.autograd.Function):
         shared = (*common["qk_strides"], *common["mask_strides"], h, lq, lk, d, common["offset"], n_qb, n_kb,
                   cfg["scale"], am1, 1 / am1)
         with _on(q.device):
+            # each query block's list of key tiles, which every sweep writes for itself before reading it
+            tiles = torch.empty(b * h, n_qb, n_kb, dtype=torch.int32, device=q.device)
             if cfg["threshold_pass"] == "topk":
-                allowed, n_allowed = tilemax, tilemax  # (placeholders: every tile of the row's range is allowed)
-                if block_mask is not None:  # the allowed tiles' list, so the sweep has no tile test in its loop
-                    allowed = torch.empty(b * h, n_qb, n_kb, dtype=torch.int32, device=q.device)
-                    n_allowed = torch.empty(b * h, n_qb, dtype=torch.int32, device=q.device)
-                    kernels.allowed_tiles_kernel[grid](
-                        common["masks"][0], common["masks"][1], allowed, n_allowed, *common["mask_strides"][:4], h, lk,
-                        common["offset"], n_qb, n_kb, BM=bm, BN=bn, TQ=cfg["mask_block"], TK=cfg["mask_block"],
-                        CH=LIST_CHUNK, CAUSAL=cfg["causal"], HAS_KLEN=key_lengths is not None,
-                    )
                 kernels.threshold_kernel[grid](
-                    q, k, *common["masks"], m, tau, fail, tilemax, allowed, n_allowed, *shared, (1 / kc) ** am1,
+                    q, k, *common["masks"], m, tau, fail, tilemax, tiles, *shared, (1 / kc) ** am1,
                     KC=kc, N_ITER=cfg["n_iter"], SORT_ABOVE=cfg["sort_above"], **common["meta"],
                 )
             else:  # "stream": every score above a rising lower bound of τ held (and its key), no sort
@@ -297,20 +287,18 @@ class _EntmaxAttention(torch.autograd.Function):
                     CHUNK=kc, num_warps=STREAM_WARPS, **common["meta"],
                 )
             bisect = cfg["alpha"] > 2
-            # the fallback's tiles: those where a failed row has a score above its lower bound of τ (every
-            # allowed one for the bisection, which starts below all of them)
-            tiles, n_tiles = _tile_lists(kernels, tilemax, m, tau, fail, am1, bm, rows=2 if bisect else 1,
-                                         slack=BOUND_SLACK[acc])
+            # the fallback's tiles: those where a failed row has a score above its lower bound of τ (lowered by
+            # BOUND_SLACK; every allowed one for the bisection, which starts below all of them)
             kernels.fallback_kernel[grid](
-                q, k, *common["masks"], m, tau, fail, tiles, n_tiles, *common["qk_strides"], *common["mask_strides"],
+                q, k, *common["masks"], m, tau, fail, tilemax, tiles, *common["qk_strides"], *common["mask_strides"],
                 h, lq, lk, d, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, (1 / max(lk, 1)) ** am1,
-                FALLBACK_TOLERANCE[acc], N_ITER=FALLBACK_ITERATIONS[bisect][acc], BISECT=bisect, **common["meta"],
+                FALLBACK_TOLERANCE[acc], BOUND_SLACK[acc], N_ITER=FALLBACK_ITERATIONS[bisect][acc], BISECT=bisect,
+                **common["meta"],
             )
             stream = cfg["threshold_pass"] == "stream"
             value_args = (*v.stride(), *o.stride())
-            tiles, n_tiles = _tile_lists(kernels, tilemax, m, tau, fail, am1, bm, rows=1 if stream else 0)
             kernels.forward_kernel[grid](  # with "stream": only the rows the fallback solved
-                q, k, v, *common["masks"], m, tau, fail, tiles, n_tiles, o, lsum, g, gsum, seed,
+                q, k, v, *common["masks"], m, tau, fail, tilemax, tiles, o, lsum, g, gsum, seed,
                 *common["qk_strides"], *value_args, *common["mask_strides"],
                 h, lq, lk, d, dv, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, 2 - cfg["alpha"],
                 *common["dropout"], NEED_G=need_g, ONLY_FAILED=stream, **common["value_meta"],
@@ -348,15 +336,15 @@ class _EntmaxAttention(torch.autograd.Function):
         )
         with _on(q.device):
             need = torch.empty(b * h, n_qb, n_kb, dtype=torch.int8, device=q.device)
-            tiles, n_tiles = _tile_lists(kernels, tilemax, m, tau, None, am1, cfg["blocks"][0], need=need)
-            kernels.backward_dq_kernel[(n_qb, b * h)](
-                q, k, v, do, dq, *common["masks"], m, tau, lsum, c, tiles, n_tiles, seed, *args,
+            tiles = torch.empty(b * h, n_qb, n_kb, dtype=torch.int32, device=q.device)
+            kernels.backward_dq_kernel[(n_qb, b * h)](  # writes its tile lists and the map `need` first
+                q, k, v, do, dq, *common["masks"], m, tau, lsum, c, tilemax, need, tiles, seed, *args,
                 **common["value_meta"],
             )
             if lk:
                 rows_of = torch.empty(b * h, n_kb, n_qb, dtype=torch.int32, device=q.device)
                 n_rows = torch.empty(b * h, n_kb, dtype=torch.int32, device=q.device)
-                kernels.tile_columns_kernel[(n_kb, b * h)](need, rows_of, n_rows, n_qb, n_kb, CH=LIST_CHUNK)
+                kernels.tile_columns_kernel[(n_kb, b * h)](need, rows_of, n_rows, n_qb, n_kb)
                 stages = {"num_stages": FULL_PRECISION_DKDV_STAGES} if full_precision_products(q.dtype) else {}
                 kernels.backward_dkdv_kernel[(n_kb, b * h)](
                     q, k, v, do, dk, dvv, *common["masks"], m, tau, lsum, c, rows_of, n_rows, seed, *args,
@@ -368,20 +356,6 @@ class _EntmaxAttention(torch.autograd.Function):
 def _on(device: torch.device):
     """Launch on the inputs' GPU (Triton launches on the current device)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _tile_lists(kernels, tilemax, m, tau, fail, am1, bm, *, rows=0, slack=0.0, need=None):
-    """Each query block's key tiles to read (``tile_list_kernel``): ``(tiles, n_tiles)``, ``(B·H, n_qb, n_kb)`` and
-    ``(B·H, n_qb)`` int32 on the device, nothing read back. ``rows``: 0 every row, 1 the rows in ``fail``, 2 those
-    with every allowed tile; ``need`` (int8 like ``tilemax``): also write the dense map there."""
-    bh, n_qb, n_kb = tilemax.shape
-    tiles = torch.empty(bh, n_qb, n_kb, dtype=torch.int32, device=tilemax.device)
-    n_tiles = torch.empty(bh, n_qb, dtype=torch.int32, device=tilemax.device)
-    kernels.tile_list_kernel[(n_qb, bh)](
-        tilemax, m, tau, tilemax if fail is None else fail, tilemax if need is None else need, tiles, n_tiles,
-        m.shape[1], n_qb, n_kb, am1, slack, ROWS=rows, WRITE_NEED=need is not None, BM=bm, CH=LIST_CHUNK,
-    )
-    return tiles, n_tiles
 
 
 def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_kb) -> dict:

@@ -21,6 +21,7 @@ except ImportError:  # entmax_triton.unavailable_reasons says so before anything
     raise
 
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read
+LIST_CHUNK = tl.constexpr(16)  # tiles a tile list's writer tests at once
 
 # KIND: 0 = 1.5-entmax (closed form), 1 = sparsemax (closed form), 2 = general α (bisection)
 
@@ -128,7 +129,7 @@ def _kept(SEED, bh, query, key, Lq, Lk, dropout_p):
 
 @triton.jit
 def threshold_kernel(
-    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, ALLOWED, NALLOWED,
+    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, ALLOWED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket,
@@ -158,11 +159,13 @@ def threshold_kernel(
     keys = K + b * s_kb + h * s_kh
     keep = KEEP + b * s_eb + h * s_eh
     # no tile test inside the loop: a branch there keeps Triton from prefetching the next tile's keys. Without a
-    # block mask every tile of [0, hi) is allowed; with one, the allowed tiles' list (allowed_tiles_kernel)
+    # block mask every tile of [0, hi) is allowed; with one, the allowed tiles' list, written here first
     listed = bh * n_qb + pid_m
     n_tiles = tl.cdiv(hi, BN)
     if HAS_BMASK:
-        n_tiles = tl.load(NALLOWED + listed)
+        n_tiles = _write_allowed_list(BMASK, ALLOWED + listed * n_kb, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk,
+                                      n_kb, BN, TQ, TK, LIST_CHUNK)
+        tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
     for i in range(0, n_tiles):
         start_n = i * BN
         if HAS_BMASK:  # (a compile-time branch)
@@ -508,10 +511,10 @@ def _ranked_sums(buf, z, ACC: tl.constexpr, KC: tl.constexpr, SQUARES: tl.conste
 
 @triton.jit
 def fallback_kernel(
-    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILES, NTILES,
+    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, TILES,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
-    H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket, tol,
+    H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket, tol, slack,
     ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr, BISECT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
@@ -524,9 +527,9 @@ def fallback_kernel(
     steps shrink monotonically (sparsemax: Michelot's algorithm, finite); at most ``N_ITER`` steps, until a step is
     below ``tol`` relative. α > 2 (``BISECT``): ``f`` is concave; bisection, ``N_ITER`` halvings of the bracket
     ``[-1, -(1/Lk)^(α-1)]``. The closed forms then take τ from the support found (``Σ x``, ``Σ x²`` over it),
-    which is exact whenever that support is. Each pass reads the block's list of key tiles
-    (:func:`tile_list_kernel`: those with a failed row's score above its lower bound, every allowed one for the
-    bisection)."""
+    which is exact whenever that support is. Each pass reads the block's list of key tiles, which it first writes
+    (:func:`_write_tile_list`: those with a failed row's score above its lower bound of τ, lowered by ``slack``;
+    every allowed one for the bisection)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -541,7 +544,9 @@ def fallback_kernel(
         m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
         klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
         listed = bh * n_qb + pid_m
-        n_tiles = tl.load(NTILES + listed)
+        n_tiles = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, slack,
+                                   2 if BISECT else 1, False, BM, LIST_CHUNK)
+        tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
         cols = tl.arange(0, BN)
         if BISECT:
             lo = tl.full((BM,), -1.0, ACC)
@@ -620,27 +625,18 @@ def _closed_form(n, s1, s2, KIND: tl.constexpr):
 @triton.jit
 def _append(LIST, count, keep, values):
     """Appends ``values`` where ``keep`` (a chunk, in order) to the list at ``LIST`` that holds ``count``; returns
-    the new count. The three list kernels build their lists this way."""
+    the new count. Every tile list is built this way."""
     at = count + tl.cumsum(keep.to(tl.int32), 0) - 1
     tl.store(LIST + at, values, mask=keep)
     return count + tl.sum(keep.to(tl.int32), 0)
 
 
 @triton.jit
-def allowed_tiles_kernel(
-    KLEN, BMASK, TILES, NTILES, s_mb, s_mh, s_bq, s_bk, H, Lk, OFF, n_qb, n_kb,
-    BM: tl.constexpr, BN: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, CH: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr,
-):
-    """The key tiles a block of query rows may attend to under a block mask (and causality, padding), in order:
-    ``TILES[bh, qb, :NTILES[bh, qb]]``, the threshold pass's loop (:func:`_tile_allowed`, for a chunk of tiles)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    start_m = pid_m * BM
-    _, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
-    base = (bh * n_qb + pid_m) * n_kb
+def _write_allowed_list(BMASK, TILES, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk, n_kb,
+                        BN: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, CH: tl.constexpr):
+    """Writes the key tiles a block of query rows may attend to under a block mask (and causality, padding, through
+    ``hi``), in order, to ``TILES`` (the block's ``n_kb`` slots), and returns their count: the threshold pass's
+    loop (:func:`_tile_allowed`, for a chunk of tiles). The caller reads the list back after a barrier."""
     chunk = tl.arange(0, CH)
     count = 0
     for start in range(0, n_kb, CH):
@@ -648,16 +644,16 @@ def allowed_tiles_kernel(
         ok = (kb < n_kb) & (kb * BN < hi)
         tile = BMASK + b * s_mb + h * s_mh + (start_m // TQ) * s_bq + (kb * BN // TK) * s_bk
         ok = ok & (tl.load(tile, mask=ok, other=0) != 0)
-        count = _append(TILES + base, count, ok, kb)
-    tl.store(NTILES + bh * n_qb + pid_m, count)
+        count = _append(TILES, count, ok, kb)
+    return count
 
 
 @triton.jit
-def tile_list_kernel(
-    TILEMAX, M, TAU, FAIL, NEED, TILES, NTILES, Lq, n_qb, n_kb, am1, slack,
-    ROWS: tl.constexpr, WRITE_NEED: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr,
-):
-    """The key tiles a block of ``BM`` query rows must read, in order: ``TILES[bh, qb, :NTILES[bh, qb]]``.
+def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, slack,
+                     ROWS: tl.constexpr, WRITE_NEED: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr):
+    """Writes the key tiles a block of ``BM`` query rows must read, in order, to ``TILES[bh, qb, :]`` and returns
+    their count. Each sweep over a list (fallback, output pass, dQ) writes its own block's list first, then reads
+    it back after a barrier: one launch, not a list kernel and then the sweep.
 
     A tile is needed when some row has a score above its threshold there, ``max_r (α-1)(tilemax - m_r) - τ_r >
     0`` (the same monotone operations as the per-score test, so a tile left out holds only zeros); tiles the
@@ -669,8 +665,6 @@ def tile_list_kernel(
 
     The passes over keys then loop over a list without a branch: a tile test inside the loop keeps Triton from
     software-pipelining it (prefetching the next tile's keys and values while this one is computed)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
     row_ok = offs_m < Lq
     m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
@@ -695,19 +689,19 @@ def tile_list_kernel(
         if WRITE_NEED:
             tl.store(NEED + base + kb, need.to(tl.int8), mask=ok)
         count = _append(TILES + base, count, need, kb)
-    tl.store(NTILES + bh * n_qb + pid_m, count)
+    return count
 
 
 @triton.jit
-def tile_columns_kernel(NEED, TILES, NTILES, n_qb, n_kb, CH: tl.constexpr):
-    """The query blocks reading each key tile, from :func:`tile_list_kernel`'s map: ``TILES[bh, kb,
+def tile_columns_kernel(NEED, TILES, NTILES, n_qb, n_kb):
+    """The query blocks reading each key tile, from the map :func:`backward_dq_kernel` wrote: ``TILES[bh, kb,
     :NTILES[bh, kb]]`` (the backward's dK/dV loop)."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    chunk = tl.arange(0, CH)
+    chunk = tl.arange(0, LIST_CHUNK)
     base = (bh * n_kb + pid_n) * n_qb
     count = 0
-    for start in range(0, n_qb, CH):
+    for start in range(0, n_qb, LIST_CHUNK):
         qb = start + chunk
         ok = qb < n_qb
         need = (tl.load(NEED + (bh * n_qb + qb) * n_kb + pid_n, mask=ok, other=0) != 0) & ok
@@ -717,7 +711,7 @@ def tile_columns_kernel(NEED, TILES, NTILES, n_qb, n_kb, CH: tl.constexpr):
 
 @triton.jit
 def forward_kernel(
-    Q, K, V, KLEN, BMASK, KEEP, M, TAU, FAIL, TILES, NTILES, OUT, LSUM, G, GSUM, SEED,
+    Q, K, V, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, TILES, OUT, LSUM, G, GSUM, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
@@ -731,7 +725,8 @@ def forward_kernel(
     (g̃ = p̃^{2-α}), from which the backward's per-row constant ``Σ g dP / Σ g = dO · (Σ g̃ v) / Σ g̃`` follows
     without another pass over the keys. With ``DROPOUT``, O = Σ dropout(p) v, and ``Σ g̃ v`` takes the same dropout
     (dP of the pre-dropout p is ``dropout(dO · v)``), while ``Σ p̃`` and ``Σ g̃`` do not. The key tiles are those of
-    the block's list (:func:`tile_list_kernel`: a tile with no score above its row's threshold holds only zeros)."""
+    the block's list, which it first writes (:func:`_write_tile_list`: a tile with no score above its rows'
+    thresholds holds only zeros)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -753,7 +748,10 @@ def forward_kernel(
     gacc = tl.zeros((BM, BDV), ACC)
     gsum = tl.zeros((BM,), ACC)
     listed = bh * n_qb + pid_m
-    for i in range(0, tl.load(NTILES + listed)):
+    n_tiles = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, 0.0,
+                               1 if ONLY_FAILED else 0, False, BM, LIST_CHUNK)
+    tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
+    for i in range(0, n_tiles):
         offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
         k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
         s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC,
@@ -874,7 +872,7 @@ def _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND: tl.cons
 
 @triton.jit
 def backward_dq_kernel(
-    Q, K, V, DO, DQ, KLEN, BMASK, KEEP, M, TAU, LSUM, C, TILES, NTILES, SEED,
+    Q, K, V, DO, DQ, KLEN, BMASK, KEEP, M, TAU, LSUM, C, TILEMAX, NEED, TILES, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
@@ -882,8 +880,9 @@ def backward_dq_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
-    """dQ = scale · Σ_j dS_ij k_j for one block of queries, over its list of key tiles (:func:`tile_list_kernel`)
-    (dO and dQ share q's (B, H, L, D) strides)."""
+    """dQ = scale · Σ_j dS_ij k_j for one block of queries, over its list of key tiles, which it first writes
+    (:func:`_write_tile_list`), with the block's row of the dense map ``NEED`` that :func:`tile_columns_kernel`
+    turns into the dK/dV lists (dO and dQ share q's (B, H, L, D) strides)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -903,7 +902,10 @@ def backward_dq_kernel(
     cols = tl.arange(0, BN)
     dq = tl.zeros((BM, BD), ACC)
     listed = bh * n_qb + pid_m
-    for i in range(0, tl.load(NTILES + listed)):
+    n_tiles = _write_tile_list(TILEMAX, M, TAU, TAU, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, 0.0,
+                               0, True, BM, LIST_CHUNK)
+    tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
+    for i in range(0, n_tiles):
         offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
         k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
         s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC,

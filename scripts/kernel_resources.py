@@ -131,7 +131,7 @@ def compile_case(name: str, arch: int, report, blocks=None) -> None:
         seconds = None if id(kernel) in seen else time.perf_counter() - began  # None: an earlier case's kernel
         seen.add(id(kernel))
         row = dict(case=name, kernel=self.fn.__name__, seconds=seconds, warps=kernel.metadata.num_warps)
-        # query rows x keys (gather_kernel, tile_list_kernel: rows only; tile_columns_kernel: neither)
+        # query rows x keys (gather_kernel: rows only; tile_columns_kernel: neither)
         row["tiles"] = f"{kwargs.get('BM', '-')}x{kwargs.get('BN', '-')}"
         ptx = kernel.asm["ptx"]
         # software pipelining shows as asynchronous global-to-shared copies (the next tile's loads in flight)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = {"threshold_kernel", "fallback_kernel", "forward_kernel", "backward_dq_kernel", "backward_dkdv_kernel"}
-TOPK = SWEEPS | {"tile_list_kernel", "tile_columns_kernel"}
+TOPK = SWEEPS | {"tile_columns_kernel"}  # the sweeps write their own tile lists: no list kernel of their own
 STREAM = TOPK - {"threshold_kernel"} | {"stream_kernel", "gather_kernel"}
 # the sweeps over key (or query) tiles that must stay software-pipelined: their loop bodies hold no branch on the
 # tile (tile lists instead) and no inner loop; full float32's dK/dV kernel runs unpipelined on purpose
@@ -32,7 +32,7 @@ EXPECTED = {
     "float32": TOPK,
     "tf32": TOPK,
     "sparsemax": TOPK,
-    "block-mask": TOPK | {"allowed_tiles_kernel"},
+    "block-mask": TOPK,
     "bisection": TOPK,
 }
 
