@@ -117,6 +117,34 @@ def median_ms(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def marian_generate(attention_fn: str, backend: str, device: torch.device, *, smoke: bool = False):
+    """Issue 12's decoding benchmark: an untrained entmax-capable Marian (6 + 6 layers, d_model 512, 8 heads;
+    tiny with ``smoke``) and a ``generate`` call of 16 sequences x 64 new tokens from 64-token sources (greedy,
+    ``min_new_tokens`` = 64 so every run decodes the same count), ``attention_fn`` in every attention. Returns
+    ``(model, generate)``; ``generate()`` returns the token ids."""
+    from functools import partial
+
+    from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
+    from .modeling_entmax_marian import EntmaxSparsefinderMarianMTModel
+
+    d_model, layers, heads, batch, new_tokens = (32, 1, 2, 2, 8) if smoke else (512, 6, 8, 16, 64)
+    config = EntmaxSparsefinderMarianConfig(
+        vocab_size=1000, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=4 * d_model,
+        decoder_ffn_dim=4 * d_model, max_position_embeddings=256, pad_token_id=0, decoder_start_token_id=0,
+        eos_token_id=1, forced_eos_token_id=None, encoder_attention_fn=attention_fn,
+        decoder_attention_fn=attention_fn, cross_attention_fn=attention_fn, attention_backend=backend,
+    )
+    torch.manual_seed(0)
+    source = torch.randint(5, 1000, (batch, 12 if smoke else 64), device=device)
+    model = EntmaxSparsefinderMarianMTModel(config).to(device).eval()
+    generate = partial(
+        model.generate, input_ids=source, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        num_beams=1,
+    )
+    return model, generate
+
+
 def bench_one(
     spec: str,
     n: int,

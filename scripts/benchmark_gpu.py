@@ -352,12 +352,8 @@ def whole_models(device, smoke, lines):
       sources (greedy, ``min_new_tokens`` = 64 so every run decodes the same count), entmax15 in every attention.
     """
     try:
-        from hf_sparse import (
-            EntmaxSparsefinderMarianConfig,
-            EntmaxSparsefinderMarianMTModel,
-            SparseBertConfig,
-            SparseBertForMaskedLM,
-        )
+        from hf_sparse import SparseBertConfig, SparseBertForMaskedLM
+        from hf_sparse.benchmarking import marian_generate
     except ImportError as exc:
         return lines + [f"- skipped: hf_sparse does not import here ({exc!r})"]
     length, layers, hidden, heads = (64, 2, 32, 2) if smoke else (4096, 2, 768, 12)
@@ -424,33 +420,21 @@ def whole_models(device, smoke, lines):
         )
     lines.append("")
 
-    d_model, marian_layers, marian_heads, batch, new_tokens = (32, 1, 2, 2, 8) if smoke else (512, 6, 8, 16, 64)
-    source = torch.randint(5, 1000, (batch, 64 if not smoke else 12), device=device)
     timings = {}
     for label, fn in (("softmax", "softmax"), ("entmax15", "entmax15")):
         for backend in ("auto", "eager") if fn != "softmax" else ("auto",):
-            config = EntmaxSparsefinderMarianConfig(
-                vocab_size=1000, d_model=d_model, encoder_layers=marian_layers, decoder_layers=marian_layers,
-                encoder_attention_heads=marian_heads, decoder_attention_heads=marian_heads,
-                encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model, max_position_embeddings=256,
-                pad_token_id=0, decoder_start_token_id=0, eos_token_id=1, forced_eos_token_id=None,
-                encoder_attention_fn=fn, decoder_attention_fn=fn, cross_attention_fn=fn, attention_backend=backend,
-            )
-            torch.manual_seed(0)
-            model = EntmaxSparsefinderMarianMTModel(config).to(device).eval()
-            generate = partial(
-                model.generate, input_ids=source, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, num_beams=1,
-            )
+            model, generate = marian_generate(fn, backend, device, smoke=smoke)
             with torch.no_grad():
                 ms = time_ms(generate, device, budget_s=3.0, max_repeats=3)
             kernel = "/".join(sorted(set(model.attention_backends_used().values())))
             timings[label, backend] = (ms, kernel)
+            c, call = model.config, generate.keywords  # for the table's title
+            batch, new_tokens = len(call["input_ids"]), call["max_new_tokens"]
             del model
     soft = timings["softmax", "auto"][0]
     lines += [
-        f"Entmax Marian generate ({marian_layers}+{marian_layers} layers, d_model {d_model}, {batch} sequences x "
-        f"{new_tokens} new tokens, greedy, float32), ms (ratio to softmax):",
+        f"Entmax Marian generate ({c.encoder_layers}+{c.decoder_layers} layers, d_model {c.d_model}, {batch} sequences "
+        f"x {new_tokens} new tokens, greedy, float32), ms (ratio to softmax):",
         "",
         "| softmax | entmax15 (auto) | entmax15 (eager) |",
         "|---:|---:|---:|",

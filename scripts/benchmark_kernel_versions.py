@@ -10,8 +10,11 @@ holding that version's ``entmax_triton.py``, ``entmax_triton_kernels.py`` and ``
 
 For each length and mask (non-causal, causal): forward and forward + backward of SDPA, the baseline and this
 checkout's kernel (bf16, 16 heads, head dim 64 by default), the largest difference between the two kernels'
-outputs and gradients, and the ratios. On CPU (``TRITON_INTERPRET=1``) it runs a small smoke test of the same
-path: the interpreter's times say nothing about a GPU.
+outputs and gradients, and the ratios. ``--generate`` adds the entmax Marian's ``generate`` (issue 12's decoding
+benchmark, ``benchmarking.marian_generate``) with each version's kernel in the model's attention, next to the
+softmax model: one query row per call, where a version's launches, not its sweeps, are the cost. On CPU
+(``TRITON_INTERPRET=1``) it runs a small smoke test of the same paths: the interpreter's times say nothing about a
+GPU.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hf_sparse import entmax_triton  # noqa: E402
-from hf_sparse.benchmarking import median_ms  # noqa: E402
+from hf_sparse import attention, entmax_triton  # noqa: E402
+from hf_sparse.benchmarking import marian_generate, median_ms  # noqa: E402
 
 BASELINE_FILES = ("entmax_triton", "entmax_triton_kernels", "entmax_topk")
 
@@ -81,6 +84,41 @@ def compare(versions: dict, n: int, heads: int, dim: int, dtype, causal: bool, d
     return row
 
 
+def compare_generate(baseline, device, repeats: int, smoke: bool) -> list[str]:
+    """The entmax Marian's ``generate`` with the baseline's kernel and this checkout's (the models call
+    ``attention.entmax_attention``, patched for the baseline), and the softmax model; the token ids must agree."""
+    times, tokens = {}, {}
+    for name, fn, kernel in (
+        ("softmax", "softmax", None),
+        ("baseline", "entmax15", baseline.entmax_attention),
+        ("this checkout", "entmax15", entmax_triton.entmax_attention),
+    ):
+        # "fused" named: what "auto" picks on CUDA, and what the interpreter runs in the CPU smoke test
+        model, generate = marian_generate(fn, "auto" if kernel is None else "fused", device, smoke=smoke)
+        kept = attention.entmax_attention
+        attention.entmax_attention = kernel or kept
+        try:
+            with torch.no_grad():
+                tokens[name] = generate()
+                times[name] = measure(generate, device, repeats)
+            used = sorted(set(model.attention_backends_used().values()))
+        finally:
+            attention.entmax_attention = kept
+        if fn != "softmax" and used != ["fused"]:
+            raise SystemExit(f"generate with {name}'s kernel ran {used}, not the fused kernel")
+    same = torch.equal(tokens["baseline"], tokens["this checkout"])
+    soft, base, this = times["softmax"], times["baseline"], times["this checkout"]
+    return [
+        "",
+        f"Entmax Marian `generate` (`benchmarking.marian_generate`{', smoke size' if smoke else ''}), float32, ms:",
+        "",
+        "| softmax | baseline | this | this / baseline | same tokens |",
+        "|---:|---:|---:|---:|---|",
+        f"| {soft:.0f} | {base:.0f} ({base / soft:.2f}x) | {this:.0f} ({this / soft:.2f}x) | {this / base:.2f} "
+        f"| {'yes' if same else 'NO'} |",
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", type=Path, required=True, help="folder with the other version's modules")
@@ -88,6 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--generate", action="store_true", help="also time the entmax Marian's generate")
     parser.add_argument("--output", type=Path, default=None, help="also write the table here (markdown)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,6 +135,7 @@ def main(argv=None) -> int:
         raise SystemExit("the fused kernel cannot run here: " + "; ".join(reasons))
     smoke = device.type == "cpu"
     lengths, heads, dim = ([48], 2, 16) if smoke else (args.lengths, args.heads, args.dim)
+    repeats = 1 if smoke else args.repeats
     dtype = torch.float32 if smoke else torch.bfloat16  # the interpreter's bf16 dot is not a GPU's
     baseline = load_baseline(args.baseline)
     versions = {
@@ -108,7 +148,7 @@ def main(argv=None) -> int:
     lines = [
         f"`python scripts/benchmark_kernel_versions.py {' '.join(sys.argv[1:] if argv is None else argv)}` on "
         f"{name}, {datetime.date.today().isoformat()}: torch {torch.__version__}; {dtype}, {heads} heads, head dim "
-        f"{dim}; medians of {args.repeats} (CUDA events).{' CPU smoke run: the times mean nothing.' if smoke else ''}",
+        f"{dim}; medians of {repeats} (CUDA events).{' CPU smoke run: the times mean nothing.' if smoke else ''}",
         "",
         "| L | mask | SDPA fwd (ms) | baseline fwd | this fwd | this / baseline | SDPA fwd+bwd | baseline fwd+bwd "
         "| this fwd+bwd | this / baseline | max difference |",
@@ -117,7 +157,7 @@ def main(argv=None) -> int:
     print("\n".join(lines), flush=True)
     for n in lengths:
         for causal in (False, True):
-            r = compare(versions, n, heads, dim, dtype, causal, device, args.repeats)
+            r = compare(versions, n, heads, dim, dtype, causal, device, repeats)
             (sf, sb), (bf, bb), (tf, tb) = r["SDPA"], r["baseline"], r["this checkout"]
             line = (
                 f"| {n} | {'causal' if causal else 'none'} | {sf:.3f} | {bf:.3f} ({bf / sf:.1f}x) | {tf:.3f} "
@@ -126,6 +166,10 @@ def main(argv=None) -> int:
             )
             lines.append(line)
             print(line, flush=True)
+    if args.generate:
+        rows = compare_generate(baseline, device, max(1, repeats // 3), smoke)
+        lines += rows
+        print("\n".join(rows), flush=True)
     lines.append("")
     lines.append(f"{time.perf_counter() - began:.0f} s in all.")
     if args.output:
