@@ -29,6 +29,9 @@ RUN_RECORD = "run.json"
 CHECKPOINTS = "checkpoints"  # hf_sparse.checkpointing.CHECKPOINTS
 # options a resumed run may change: none that changes what is trained (the folder itself may have moved)
 RESUME_MAY_CHANGE = ("command_function", "resume", "overwrite", "push_to_hub", "hub_model_id", "output_dir")
+# options naming a local file or folder (or a Hub id): recorded and compared as the real path of what they name, so
+# that --resume accepts ./data/x.csv for data/x.csv (or its absolute path) and still refuses another file
+PATH_OPTIONS = ("train_file", "validation_file", "test_file", "dataset", "model", "locale_dir")
 # what AutoTokenizer finds in a saved folder (fast, WordPiece, SentencePiece, BPE): a training command needs one
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "source.spm", "vocab.json")
 
@@ -501,8 +504,18 @@ def _check_card(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def _recorded_options(args: argparse.Namespace) -> dict:
-    """The options that define a run, as ``run.json`` records them (what may change on resuming is left out)."""
-    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}))
+    """The options that define a run, as ``run.json`` records them (what may change on resuming is left out; local
+    paths as the real paths they name)."""
+    options = {k: _real_path(k, v) for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
+    return json.loads(json.dumps(options))
+
+
+def _real_path(name: str, value):
+    """``value`` of option ``name``: a path option naming something on this machine as its real path (symbolic links
+    and ``.``/``..`` resolved), anything else (a Hub id, a number) as it is."""
+    if name in PATH_OPTIONS and isinstance(value, str) and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
 
 
 def _check_resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -532,7 +545,8 @@ def _check_resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             f"--resume: the run in {args.output_dir} is 'hf-sparse {recorded.get('command')}', not {args.command}"
         )
     now = _recorded_options(args)
-    before = recorded.get("options", {})
+    # a record written before paths were recorded resolved holds them as typed: resolved here, from this folder
+    before = {name: _real_path(name, value) for name, value in recorded.get("options", {}).items()}
     changed = [
         f"--{name.replace('_', '-')} was {before.get(name)!r}, now {now.get(name)!r}"
         for name in sorted(set(now) | set(before))
