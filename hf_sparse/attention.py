@@ -144,6 +144,28 @@ def check_entmax_alpha(alpha, used: bool) -> float:
     return check_number("entmax_alpha", alpha)
 
 
+def check_batch(name: str, shape: tuple[int, ...], attention_mask: torch.Tensor | None) -> None:
+    """Refuse an input with no sequence or no token, and a padding mask whose rows or length differ from it,
+    naming the shapes: both models' forwards call this first, where stock BERT and Marian fail later with a bare
+    reshape or index error (or, for an all-ones single-row mask, silently broadcast it). ``name``: the input given
+    (``input_ids`` or ``inputs_embeds``)."""
+    if len(shape) < 2 or shape[0] < 1 or shape[1] < 1:
+        raise ValueError(
+            f"{name} has shape {tuple(shape)}: the model needs a batch of at least one sequence of at least one token "
+            "(batch, sequence_length[, hidden])"
+        )
+    if attention_mask is None or attention_mask.dim() != 2:
+        return  # (a model that takes only 2-D padding masks says so itself)
+    batch, n = shape[:2]
+    if attention_mask.shape[-1] != n:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but the input has {n}")
+    if attention_mask.shape[0] != batch:
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[0]} rows but the batch has {batch}: give one row of "
+            "padding per sequence (a single row is not broadcast)"
+        )
+
+
 def choose_backend(
     requested: str,
     *,

@@ -27,7 +27,7 @@ import torch
 from transformers import AttentionInterface, MarianModel, MarianMTModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import AttentionMask, attention_backends_used, choose_backend
+from .attention import AttentionMask, attention_backends_used, check_batch, choose_backend
 from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
 from .loading import ReportsNewWeights, register_family
 from .patterns import parse
@@ -178,14 +178,21 @@ def _check_positions(module: torch.nn.Module, side: str, args: tuple, kwargs: di
 
 
 def _before_encoder(encoder: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook of the encoder: inputs beyond the position table are refused (:func:`_check_positions`)."""
+    """Forward pre-hook of the encoder: an empty input, a padding mask that does not match it
+    (:func:`hf_sparse.attention.check_batch`) and inputs beyond the position table (:func:`_check_positions`) are
+    refused."""
+    ids = _argument(encoder, args, kwargs, "input_ids")
+    embeds = _argument(encoder, args, kwargs, "inputs_embeds")
+    if ids is not None or embeds is not None:
+        name, given = ("input_ids", ids) if ids is not None else ("inputs_embeds", embeds)
+        check_batch(name, tuple(given.shape), _argument(encoder, args, kwargs, "attention_mask"))
     _check_positions(encoder, "encoder", args, kwargs, 0)
 
 
 def _before_decoder(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of the decoder: tells each predicting self-attention where its queries sit, and refuses
-    enabled Sparsefinder settings that layers without a predictor would silently ignore, and inputs beyond the
-    position table (:func:`_check_positions`).
+    enabled Sparsefinder settings that layers without a predictor would silently ignore, an empty input
+    (:func:`hf_sparse.attention.check_batch`) and inputs beyond the position table (:func:`_check_positions`).
 
     Predictors are made when the model is built (:func:`_setup`); ``config.sparsefinder`` set afterwards on a model
     built without it (or naming more ``layers``) would leave those layers dense. Checked here, once per forward, on
@@ -197,6 +204,11 @@ def _before_decoder(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> None
     is the offset: an ``int`` for a dynamic cache; for a static cache a 0-d tensor on the device, which the layers'
     cache updates increment in place, so a copy is kept (and never read back to the host).
     """
+    ids = _argument(decoder, args, kwargs, "input_ids")
+    embeds = _argument(decoder, args, kwargs, "inputs_embeds")
+    if ids is not None or embeds is not None:  # (its attention_mask spans the cache too: not compared here)
+        name, given = ("decoder_input_ids", ids) if ids is not None else ("decoder_inputs_embeds", embeds)
+        check_batch(name, tuple(given.shape), None)
     cache = _argument(decoder, args, kwargs, "cache", "past_key_values")
     cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache: the self-attention half
     past = 0 if cache is None else cache.get_seq_length()

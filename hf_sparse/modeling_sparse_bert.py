@@ -34,6 +34,7 @@ from .attention import (
     AttentionMask,
     attention_backends_used,
     build_mask,
+    check_batch,
     check_entmax_alpha,
     choose_backend,
     compute_dtype,
@@ -516,13 +517,7 @@ class SparseBertModel(SparseBertPreTrainedModel):
                 f"attention_mask must have shape (batch, sequence) with 1 for tokens and 0 for padding; got shape "
                 f"{tuple(attention_mask.shape)}. Attention patterns are set with config.attention_pattern."
             )
-        if attention_mask is not None and attention_mask.shape[-1] != n:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but the input has {n}")
-        if attention_mask is not None and attention_mask.shape[0] != batch:
-            raise ValueError(
-                f"attention_mask has {attention_mask.shape[0]} rows but the batch has {batch}: give one row of "
-                "padding per sequence (a single row is not broadcast, as in BertModel)"
-            )
+        check_batch("input", (batch, n), attention_mask)
         # set on a live config after construction, like the pattern and backend, which are checked where used
         check_entmax_alpha(self.config.entmax_alpha, used=self.config.attention_fn == "entmax_bisect")
         attentions = [layer.attention.self for layer in self.encoder.layer]
@@ -577,13 +572,8 @@ class SparseBertModel(SparseBertPreTrainedModel):
     ) -> SparseBertModelOutput | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape)
-        if len(shape) < 2 or shape[0] < 1 or shape[1] < 1:
-            name = "input_ids" if input_ids is not None else "inputs_embeds"
-            raise ValueError(
-                f"{name} has shape {shape}: the model needs a batch of at least one sequence of at least one token "
-                "(batch, sequence_length[, hidden])"
-            )
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        check_batch(name, tuple((input_ids if input_ids is not None else inputs_embeds).shape), None)
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states

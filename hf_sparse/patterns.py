@@ -564,7 +564,30 @@ def parse(spec: str | Pattern) -> Pattern:
     for union_part in spec.split("+"):
         inters = [_parse_one(p, spec) for p in union_part.split("&")]
         unions.append(inters[0] if len(inters) == 1 else Intersection(tuple(inters)))
-    return unions[0] if len(unions) == 1 else Union(tuple(unions))
+    pattern = unions[0] if len(unions) == 1 else Union(tuple(unions))
+    _check_keeps_a_pair(pattern, spec)
+    return pattern
+
+
+#: the length at which :func:`parse` checks that a pattern keeps some pair: each kind with valid arguments keeps
+#: one at every length from 2 (from 1 but ``no_diagonal``), so a combination keeping none here keeps none anywhere
+#: but by accident of its random draws
+EMPTY_CHECK_LENGTH = 64
+
+
+def _check_keeps_a_pair(pattern: Pattern, spec: str) -> None:
+    """Refuse a pattern that keeps no pair of positions (``global:0``, ``random:0``, ``no_diagonal&window:0``):
+    every query would attend to nothing and every attention output would be zero, silently. A ``learned`` part is
+    a checkpoint's mask, unknown here: such a spec is not checked."""
+    if pattern.needs_learned_mask:
+        return
+    positions = torch.arange(EMPTY_CHECK_LENGTH)
+    zero = torch.zeros((), dtype=torch.long)
+    if not bool(pattern.mask_mod(EMPTY_CHECK_LENGTH)(zero, zero, positions[:, None], positions[None, :]).any()):
+        raise ValueError(
+            f"attention pattern {spec!r} keeps no pair of positions (checked at length {EMPTY_CHECK_LENGTH}): "
+            f"every query would attend to nothing. Valid patterns:\n{describe()}"
+        )
 
 
 #: the largest argument a pattern takes: positions are indexed with int64, and no model is longer than this

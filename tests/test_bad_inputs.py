@@ -247,6 +247,56 @@ ROWS = [
         "longer than max_position_embeddings=64",
     ),
     Row("empty batch", lambda t: bert_model()(torch.ones(0, 5, dtype=torch.long)), ValueError, "shape (0, 5)"),
+    Row("pattern keeping nothing: global:0", lambda t: bert(attention_pattern="global:0"), ValueError, "keeps no pair"),
+    Row("pattern keeping nothing: random:0", lambda t: bert(attention_pattern="random:0"), ValueError, "keeps no pair"),
+    Row(
+        "pattern keeping nothing: an empty intersection",
+        lambda t: bert(attention_pattern="no_diagonal&window:0"),
+        ValueError,
+        "'no_diagonal&window:0' keeps no pair",
+    ),
+    Row(
+        "global:0 inside a union (documented: the union's other parts)",
+        lambda t: bert(attention_pattern="longformer:2,0"),
+        None,
+        result=lambda config: config.attention_pattern == "longformer:2,0",
+    ),
+    Row(
+        "marian length 0",
+        lambda t: EntmaxSparsefinderMarianMTModel(marian()).eval()(
+            input_ids=torch.ones(1, 0, dtype=torch.long), decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)
+        ),
+        ValueError,
+        "input_ids has shape (1, 0)",
+    ),
+    Row(
+        "marian decoder length 0",
+        lambda t: EntmaxSparsefinderMarianMTModel(marian()).eval()(
+            input_ids=torch.ones(1, 4, dtype=torch.long), decoder_input_ids=torch.zeros(1, 0, dtype=torch.long)
+        ),
+        ValueError,
+        "decoder_input_ids has shape (1, 0)",
+    ),
+    Row(
+        "marian attention_mask one row for three",
+        lambda t: EntmaxSparsefinderMarianMTModel(marian()).eval()(
+            input_ids=torch.ones(3, 7, dtype=torch.long),
+            attention_mask=torch.tensor([[1] * 5 + [0] * 2]),
+            decoder_input_ids=torch.zeros(3, 1, dtype=torch.long),
+        ),
+        ValueError,
+        "attention_mask has 1 rows but the batch has 3",
+    ),
+    Row(
+        "marian attention_mask wrong length",
+        lambda t: EntmaxSparsefinderMarianMTModel(marian()).eval()(
+            input_ids=torch.ones(2, 7, dtype=torch.long),
+            attention_mask=torch.ones(2, 6, dtype=torch.long),
+            decoder_input_ids=torch.zeros(2, 1, dtype=torch.long),
+        ),
+        ValueError,
+        "attention_mask covers 6 positions but the input has 7",
+    ),
     Row("length 0", lambda t: bert_model()(torch.ones(2, 0, dtype=torch.long)), ValueError, "shape (2, 0)"),
     Row(
         "length 1 (documented: runs)",
