@@ -27,6 +27,15 @@ TRAINING_COMMANDS = ("demo", "dam", "finetune", "sparsefinder")
 # what a stopped run leaves for --resume: its command and options, and each training stage's Trainer checkpoints
 RUN_RECORD = "run.json"
 CHECKPOINTS = "checkpoints"  # hf_sparse.checkpointing.CHECKPOINTS
+# what each training command writes into --output-dir besides RUN_RECORD and CHECKPOINTS (hf_sparse.cli; finetune:
+# one folder per run of hf_sparse.finetune.RUNS): --overwrite deletes an earlier hf-sparse run's, so that the folder
+# never mixes two experiments ('softmax': the intermediate checkpoint sparsefinder runs before 2026-11-27 left there)
+RUN_OUTPUTS = {
+    "demo": ("model", "pattern.png"),
+    "dam": ("model",),
+    "finetune": ("dense", "pattern", "dam", "results.json"),
+    "sparsefinder": ("model", "pareto.png", "pareto.csv", "softmax"),
+}
 # options a resumed run may change: none that changes what is trained (the folder itself may have moved)
 RESUME_MAY_CHANGE = ("command_function", "resume", "overwrite", "push_to_hub", "hub_model_id", "output_dir")
 # options naming a local file or folder (or a Hub id): recorded and compared as the real path of what they name, so
@@ -166,7 +175,8 @@ def _output_options(p: argparse.ArgumentParser, default: str) -> None:
     g.add_argument(
         "--overwrite",
         action="store_true",
-        help="write into a non-empty --output-dir (an earlier run's checkpoints there are deleted)",
+        help="write into a non-empty --output-dir: an earlier hf-sparse run's results and checkpoints there are "
+        "deleted first (its other files are kept)",
     )
     g.add_argument(
         "--save-steps",
@@ -559,14 +569,38 @@ def _check_resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def _start_record(args: argparse.Namespace) -> None:
-    """Write ``run.json`` (command and options) when a training run starts afresh; ``--overwrite`` also deletes an
-    earlier run's checkpoints, which ``--resume`` would otherwise take for this run's."""
+    """Write ``run.json`` (command and options) when a training run starts afresh. In an earlier hf-sparse run's
+    folder (``--overwrite``) that run's checkpoints, which ``--resume`` would take for this run's, and results are
+    deleted first: a finetune with fewer ``--runs`` would otherwise leave the old runs' models beside the new ones."""
     if args.command not in TRAINING_COMMANDS or int(os.environ.get("RANK", "0")) > 0 or args.resume:
         return
     if os.path.isfile(os.path.join(args.output_dir, RUN_RECORD)):  # an earlier hf-sparse run's folder
-        shutil.rmtree(os.path.join(args.output_dir, CHECKPOINTS), ignore_errors=True)
+        _delete_earlier_run(args)
     os.makedirs(args.output_dir, exist_ok=True)
     _write_record(args.output_dir, {"command": args.command, "options": _recorded_options(args)})
+
+
+def _delete_earlier_run(args: argparse.Namespace) -> None:
+    """Delete, inside ``--output-dir`` only, the checkpoints and results (``RUN_OUTPUTS``) of the earlier run its
+    ``run.json`` records and of this command; files of other origin stay. A link is removed, never followed."""
+    try:
+        with open(os.path.join(args.output_dir, RUN_RECORD)) as f:
+            earlier = json.load(f).get("command")
+    except (OSError, ValueError, AttributeError):  # unreadable: only this command's outputs are known to be ours
+        earlier = None
+    names = dict.fromkeys((CHECKPOINTS, *RUN_OUTPUTS.get(earlier, ()), *RUN_OUTPUTS[args.command]))
+    deleted = []
+    for name in names:
+        path = os.path.join(args.output_dir, name)
+        if os.path.islink(path) or os.path.isfile(path):
+            os.remove(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            continue
+        deleted.append(name)
+    if deleted:
+        print(f"--overwrite: deleted the earlier run's {', '.join(deleted)} in {args.output_dir}")
 
 
 def _write_record(folder: str, record: dict) -> None:

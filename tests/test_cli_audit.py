@@ -2,6 +2,7 @@
 --overwrite leaves one experiment's results, no unexplained intermediate folders, --resume judges files by path."""
 
 import json
+import os
 
 import pytest
 
@@ -37,3 +38,51 @@ def test_resume_accepts_the_same_train_file_named_another_way_and_refuses_anothe
     (tmp_path / "run" / "run.json").write_text(json.dumps(record))
     hf_sparse_cli.check_arguments(parser, parser.parse_args([*start, "--train-file", "data/x.txt", "--resume"]))
     assert "--train-file was" in _refused([*start, "--train-file", "data/y.txt", "--resume"], capsys)
+
+
+# -- --overwrite leaves one experiment in the folder -----------------------------------------------------------
+
+
+def _fake_finetune(args) -> None:
+    """What ``cmd_finetune`` writes (one folder per run, results.json), without the training."""
+    for run in args.runs:
+        os.makedirs(os.path.join(args.output_dir, run), exist_ok=True)
+        with open(os.path.join(args.output_dir, run, "config.json"), "w") as f:
+            json.dump({"attention_pattern": args.pattern if run == "pattern" else run}, f)
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump([{"run": run} for run in args.runs], f)
+
+
+def test_overwrite_deletes_the_earlier_runs_results_and_nothing_else(tmp_path, monkeypatch, capsys):
+    import hf_sparse.cli
+
+    monkeypatch.setattr(hf_sparse.cli, "cmd_finetune", _fake_finetune)
+    out = tmp_path / "out"
+    hf_sparse_cli.main(["finetune", "--runs", "dense", "pattern", "dam", "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["dam", "dense", "pattern", "results.json", "run.json"]
+    (out / "notes.txt").write_text("the user's own file")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "keep.bin").write_text("not in the output folder")
+    (out / "pattern").rename(tmp_path / "moved_pattern")
+    (out / "pattern").symlink_to(outside, target_is_directory=True)  # a link out of the folder: removed, not followed
+    (out / "checkpoints" / "dam" / "checkpoint-2").mkdir(parents=True)  # what a stopped run would leave
+    hf_sparse_cli.main(["finetune", "--runs", "dense", "--pattern", "window:2", "--out", str(out), "--overwrite"])
+    assert "--overwrite: deleted the earlier run's checkpoints, dense, pattern, dam, results.json" in (
+        capsys.readouterr().out
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["dense", "notes.txt", "results.json", "run.json"]
+    assert json.loads((out / "results.json").read_text()) == [{"run": "dense"}]
+    assert (outside / "keep.bin").exists() and (tmp_path / "moved_pattern" / "config.json").exists()
+    record = json.loads((out / "run.json").read_text())
+    assert record["options"]["runs"] == ["dense"] and record["finished"] is True
+    # without --overwrite nothing is deleted: the folder is refused, as before
+    with pytest.raises(SystemExit) as info:
+        hf_sparse_cli.main(["finetune", "--runs", "pattern", "--out", str(out)])
+    assert info.value.code == 2 and (out / "dense").exists()
+
+
+def test_every_output_of_a_finetune_run_is_known_to_overwrite():
+    from hf_sparse.finetune import RUNS
+
+    assert set(RUNS) | {"results.json"} <= set(hf_sparse_cli.RUN_OUTPUTS["finetune"])
