@@ -20,6 +20,7 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 
 from hf_sparse_cli import PAPER_PATTERNS, main
 
@@ -336,9 +337,7 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
     )
     os.makedirs(args.output_dir, exist_ok=True)
     if args.model:
-        source = args.model
-        source_config = SparseBertConfig.from_pretrained(source)
-        fn = source_config.attention_fn
+        fn = SparseBertConfig.from_pretrained(args.model).attention_fn
         model, tokenizer = _pretrained_masked_lm(
             args, attention_fn="entmax15" if fn == "softmax" else fn, sparsefinder=settings
         )
@@ -347,7 +346,10 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
         corpus = _mlm_corpus(args, data)
         torch.manual_seed(args.seed)
         softmax = SparseBertForMaskedLM(small_bert_config(corpus.tokenizer, args.max_length))
-        print(f"pre-training a small softmax BERT for {args.pretrain_steps} steps (no --model given)")
+        print(
+            f"pre-training a small softmax BERT for {args.pretrain_steps} steps (no --model given; it is not saved: "
+            "it becomes the entmax model)"
+        )
         train_mlm(
             softmax,
             corpus,
@@ -360,10 +362,12 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
             save_steps=args.save_steps,
             resume=args.resume,
         )
-        source = os.path.join(args.output_dir, "softmax")
-        softmax.save_pretrained(source)
         fn = softmax.config.attention_fn
-        model = SparseBertForMaskedLM.from_pretrained(source, attention_fn="entmax15", sparsefinder=settings)
+        # reloaded as entmax through a scratch folder, not one left in --output-dir: the softmax model is a step on
+        # the way (--resume restarts it from its checkpoints), and the folder would hold an unexplained checkpoint
+        with tempfile.TemporaryDirectory() as scratch:
+            softmax.save_pretrained(scratch)
+            model = SparseBertForMaskedLM.from_pretrained(scratch, attention_fn="entmax15", sparsefinder=settings)
     print(f"corpus: {len(corpus.train)} training / {len(corpus.eval)} held-out blocks of {args.max_length} tokens")
     if fn == "softmax" and args.entmax_steps:
         print(f"softmax checkpoint: fine-tuning to 1.5-entmax attention for {args.entmax_steps} steps")

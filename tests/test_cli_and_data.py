@@ -80,6 +80,8 @@ def test_sparsefinder_command_fits_sweeps_and_saves_fitted_predictors_with_a_car
     cli.main([*args, "--fit-blocks", "8", "--eval-blocks", "8", *SMALL_CORPUS, "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "softmax checkpoint: fine-tuning to 1.5-entmax attention for 2 steps" in out
+    # the softmax model pre-trained on the way is not left behind as an unexplained checkpoint folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "pareto.csv", "pareto.png", "run.json"]
     metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert f"recall {metrics['recall']:.3f}" in out and 0 <= metrics["graph_sparsity"] <= 1
     rows = (tmp_path / "pareto.csv").read_text().splitlines()
