@@ -17,6 +17,7 @@ a model card under ``--output-dir`` and, with ``--push-to-hub``, upload that fol
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -71,8 +72,37 @@ def _text_data(args: argparse.Namespace, columns: tuple[str, ...], default, text
     return data  # load_text_dataset has logged the sizes and where the validation data comes from
 
 
-def _data_name(args: argparse.Namespace, default: str) -> str:
-    return args.dataset or (os.path.basename(args.train_file) if args.train_file else default)
+def _evaluated_on(args: argparse.Namespace, data, default: str | None) -> str | None:
+    """What the numbers on a model card were measured on: the ``validation`` split of ``data`` (the user's data, as
+    ``_text_data`` read it) in words, e.g. ``dev.csv``, ``wmt16's 'validation' split`` or ``held-out 10 % of
+    train.csv``; ``default`` for the built-in data. Never the training file's name alone: that would call the
+    training data the evaluation data."""
+    if not (args.dataset or args.train_file):
+        return default
+    if args.validation_file:
+        name = os.path.basename(args.validation_file)
+    elif _validation_split(args, data) is not None:
+        name = f"{args.dataset}'s {_validation_split(args, data)!r} split"
+    else:  # load_text_dataset held out --validation-size of the training data
+        source = os.path.basename(args.train_file) if args.train_file else f"{args.dataset}'s {args.split!r} split"
+        name = f"held-out {100 * args.validation_size:g} % of {source}"
+    if args.max_eval_samples is not None and len(data["validation"]) == args.max_eval_samples:
+        name += f", first {args.max_eval_samples} examples"
+    return name
+
+
+def _validation_split(args: argparse.Namespace, data) -> str | None:
+    """The split of ``--dataset`` evaluated on: ``--validation-split``, else the dataset's own ``validation`` split
+    when it has one (``load_text_dataset``'s rule), else None (part of the training split was held out)."""
+    if args.validation_split is not None or not args.dataset:
+        return args.validation_split
+    saved = os.path.join(os.path.expanduser(args.dataset), "dataset_dict.json")  # a DatasetDict.save_to_disk folder
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            splits = json.load(f).get("splits", [])
+    else:  # a loaded split knows its dataset's splits; one held out of the training split, or a saved Dataset, not
+        splits = data["validation"].info.splits or ()
+    return "validation" if args.split != "validation" and "validation" in splits else None
 
 
 def _pretrained_masked_lm(args: argparse.Namespace, **settings):
@@ -141,6 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
             args.lang, args.train_sentences + args.eval_sentences, args.eval_sentences, args.seed, args.locale_dir
         ),
     )
+    evaluated_on = _evaluated_on(args, data, "English gettext messages (held-out)")
     model, tokenizer = _pretrained_masked_lm(args, attention_pattern=args.pattern) if args.model else (None, None)
     os.makedirs(args.output_dir, exist_ok=True)
     corpus = _mlm_corpus(args, data, tokenizer)
@@ -167,7 +198,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"loss {metrics['loss']:.3f}, perplexity {metrics['perplexity']:.1f} ({metrics['masked_tokens']} tokens)"
     )
     model_dir = os.path.join(args.output_dir, "model")
-    dataset = _data_name(args, "English gettext messages") + " (held-out)"
     _save_with_card(
         model,
         corpus.tokenizer,
@@ -175,7 +205,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         {"held_out_mlm_accuracy": metrics["accuracy"], "held_out_mlm_loss": metrics["loss"]},
         args,
         title=f"SparseBERT ({args.pattern})",
-        dataset=dataset,
+        dataset=evaluated_on,
         base_model=args.model if args.model and not os.path.isdir(args.model) else None,
     )
     reloaded = AutoModelForMaskedLM.from_pretrained(model_dir, trust_remote_code=True)
@@ -210,6 +240,7 @@ def cmd_dam(args: argparse.Namespace) -> None:
         texts=(args.text_column,),
         default=lambda: english_corpus(args.lang, args.max_sentences, args.eval_sentences, args.seed, args.locale_dir),
     )
+    evaluated_on = _evaluated_on(args, data, "English gettext messages (held-out)")
     settings = {"attention_pattern": args.pattern, "dam": dam}
     model, tokenizer = _pretrained_masked_lm(args, **settings) if args.model else (None, None)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -254,7 +285,7 @@ def cmd_dam(args: argparse.Namespace) -> None:
         metrics,
         args,
         title=f"SparseBERT with a learned DAM mask ({args.structure})",
-        dataset=_data_name(args, "English gettext messages") + " (held-out)",
+        dataset=evaluated_on,
         base_model=args.model if args.model and not os.path.isdir(args.model) else None,
     )
 
@@ -278,7 +309,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
             args.lang, args.locale_dir, num_labels=args.num_labels, max_per_label=args.max_per_label, seed=args.seed
         ),
     )
-    name = _data_name(args, f"gettext catalogues ({args.lang})") + ", validation split"
+    name = _evaluated_on(args, data, f"gettext catalogues ({args.lang}), validation split")
     rows = run_finetune(
         model,
         data,
@@ -335,6 +366,7 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
         texts=(args.text_column,),
         default=lambda: english_corpus(args.lang, args.max_sentences, args.eval_sentences, args.seed, args.locale_dir),
     )
+    evaluated_on = _evaluated_on(args, data, "English gettext messages (held-out)")
     os.makedirs(args.output_dir, exist_ok=True)
     if args.model:
         fn = SparseBertConfig.from_pretrained(args.model).attention_fn
@@ -424,7 +456,7 @@ def cmd_sparsefinder(args: argparse.Namespace) -> None:
         metrics,
         args,
         title=f"Entmax SparseBERT with Sparsefinder ({args.method})",
-        dataset=_data_name(args, "English gettext messages") + " (held-out)",
+        dataset=evaluated_on,
         plots={f"{args.method}: predicted-graph sparsity vs recall": "pareto.png"},
     )
 
@@ -461,7 +493,7 @@ def _sparsefinder_translation(args: argparse.Namespace) -> None:
         target_column=args.target_column,
         source_lang=args.source_lang,
         target_lang=args.target_lang,
-        dataset_name=_data_name(args, None) if pairs is not None else None,
+        dataset_name=_translation_evaluated_on(args, pairs) if pairs is not None else None,
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -488,6 +520,17 @@ def _sparsefinder_translation(args: argparse.Namespace) -> None:
 
         commit = push_checkpoint(run.model_dir, args.hub_model_id)
         print(f"pushed to {commit.repo_url} (commit {commit.oid})")
+
+
+def _translation_evaluated_on(args: argparse.Namespace, pairs) -> str:
+    """The card's data of a translation run: its test pairs (the metrics it leads with) and its dev pairs (the
+    operating point), which are the first ``--dev-size`` validation pairs."""
+    validation = _evaluated_on(args, pairs, None)
+    if "test" not in pairs:  # the test pairs follow the dev pairs in the validation data
+        return f"{validation} (dev and test pairs)"
+    split = args.test_split or "test"
+    test = os.path.basename(args.test_file) if args.test_file else f"{args.dataset}'s {split!r} split"
+    return f"{test} (test pairs; dev pairs: {validation})"
 
 
 def cmd_card(args: argparse.Namespace) -> None:

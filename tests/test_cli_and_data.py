@@ -300,7 +300,7 @@ def test_demo_trains_on_a_user_text_file_and_dam_on_a_user_checkpoint(tmp_path, 
     out = capsys.readouterr().out
     assert "data: 360 training / 40 validation examples" in out
     card = (tmp_path / "a" / "model" / "README.md").read_text()
-    assert "notes.txt (held-out)" in card
+    assert "On held-out 10 % of notes.txt." in card  # what was evaluated on, not the training file's name
     # the saved model (with its tokenizer) is a --model for the next command: DAM with the user's checkpoint
     model_dir = str(tmp_path / "a" / "model")
     cli.main(
@@ -575,5 +575,6 @@ def test_finetune_compares_dense_and_dam_on_minilm_and_takes_a_user_csv(tmp_path
         + ["--label-column", "topic", *small, "--output-dir", str(tmp_path / "mine")]
     )
     assert "data: 54 training / 6 validation examples" in capsys.readouterr().out
+    assert "On held-out 10 % of mine.csv." in (tmp_path / "mine" / "dense" / "README.md").read_text()
     saved = json.loads((tmp_path / "mine" / "dense" / "config.json").read_text())
     assert set(saved["id2label"].values()) == {"short", "long"}

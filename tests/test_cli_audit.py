@@ -86,3 +86,80 @@ def test_every_output_of_a_finetune_run_is_known_to_overwrite():
     from hf_sparse.finetune import RUNS
 
     assert set(RUNS) | {"results.json"} <= set(hf_sparse_cli.RUN_OUTPUTS["finetune"])
+
+
+# -- model cards name the data evaluated on ---------------------------------------------------------------------
+
+
+def _texts_with_labels(n: int, offset: int = 0) -> list[dict]:
+    return [{"text": f"message number {i} of the set", "label": ["a", "b"][i % 2]} for i in range(offset, offset + n)]
+
+
+def _evaluation_name(argv: list[str], monkeypatch) -> str:
+    """The dataset name ``hf-sparse finetune ARGV`` gives the cards (run_finetune stops there)."""
+    from hf_sparse import finetune
+
+    seen = {}
+
+    def run(model, data, *, dataset_name, **_):
+        seen["name"], seen["validation"] = dataset_name, len(data["validation"])
+        return []
+
+    monkeypatch.setattr(finetune, "run_finetune", run)
+    monkeypatch.setattr(finetune, "default_model", lambda: "unused")
+    hf_sparse_cli.main(["finetune", "--runs", "dense", *argv])
+    return seen["name"]
+
+
+def test_finetune_cards_name_the_validation_data_not_the_training_file(tmp_path, monkeypatch):
+    from datasets import Dataset, DatasetDict
+
+    def write_csv(name: str, rows: list[dict]) -> str:
+        path = tmp_path / name
+        path.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+        return str(path)
+
+    train, dev = write_csv("train.csv", _texts_with_labels(40)), write_csv("dev.csv", _texts_with_labels(8, 40))
+    out = ["--output-dir", str(tmp_path / "o"), "--overwrite"]
+    assert _evaluation_name(["--train-file", train, "--validation-file", dev, *out], monkeypatch) == "dev.csv"
+    assert _evaluation_name(["--train-file", train, *out], monkeypatch) == "held-out 10 % of train.csv"
+    held = ["--train-file", train, "--validation-size", "0.25", "--max-eval-samples", "3", *out]
+    assert _evaluation_name(held, monkeypatch) == "held-out 25 % of train.csv, first 3 examples"
+
+    both = DatasetDict(
+        train=Dataset.from_list(_texts_with_labels(40)), validation=Dataset.from_list(_texts_with_labels(8))
+    )
+    both["dev"] = both["validation"]
+    both.save_to_disk(tmp_path / "saved")
+    saved = str(tmp_path / "saved")
+    assert _evaluation_name(["--dataset", saved, *out], monkeypatch) == f"{saved}'s 'validation' split"
+    named = ["--dataset", saved, "--validation-split", "dev", *out]
+    assert _evaluation_name(named, monkeypatch) == f"{saved}'s 'dev' split"
+    DatasetDict(train=Dataset.from_list(_texts_with_labels(40))).save_to_disk(tmp_path / "train_only")
+    only = str(tmp_path / "train_only")
+    assert _evaluation_name(["--dataset", only, *out], monkeypatch) == f"held-out 10 % of {only}'s 'train' split"
+    # a dataset folder of data files (loaded by `datasets`' builders): its own validation split, or none
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "train.csv").write_text((tmp_path / "train.csv").read_text())
+    folder = str(tmp_path / "folder")
+    assert _evaluation_name(["--dataset", folder, *out], monkeypatch) == f"held-out 10 % of {folder}'s 'train' split"
+    (tmp_path / "folder" / "validation.csv").write_text((tmp_path / "dev.csv").read_text())
+    assert _evaluation_name(["--dataset", folder, *out], monkeypatch) == f"{folder}'s 'validation' split"
+
+
+def test_translation_cards_name_the_test_and_dev_pairs(tmp_path, monkeypatch):
+    from hf_sparse import translation_sparsefinder
+
+    seen = {}
+    monkeypatch.setattr(
+        translation_sparsefinder, "run_translation_sparsefinder", lambda **kw: seen.update(name=kw["dataset_name"])
+    )
+    pairs = "source,target\n" + "".join(f"text {i},Text {i}\n" for i in range(30))
+    for name in ("train.csv", "dev.csv", "test.csv"):
+        (tmp_path / name).write_text(pairs)
+    argv = ["sparsefinder", "--task", "translation", "--train-file", str(tmp_path / "train.csv")]
+    hf_sparse_cli.main([*argv, "--output-dir", str(tmp_path / "a")])
+    assert seen["name"] == "held-out 10 % of train.csv (dev and test pairs)"
+    files = ["--validation-file", str(tmp_path / "dev.csv"), "--test-file", str(tmp_path / "test.csv")]
+    hf_sparse_cli.main([*argv, *files, "--output-dir", str(tmp_path / "b")])
+    assert seen["name"] == "test.csv (test pairs; dev pairs: dev.csv)"
