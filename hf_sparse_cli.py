@@ -42,6 +42,18 @@ RESUME_MAY_CHANGE = ("command_function", "resume", "overwrite", "push_to_hub", "
 # that --resume accepts ./data/x.csv for data/x.csv (or its absolute path) and still refuses another file
 PATH_OPTIONS = ("train_file", "validation_file", "test_file", "dataset", "model", "locale_dir")
 # what AutoTokenizer finds in a saved folder (fast, WordPiece, SentencePiece, BPE): a training command needs one
+# keyword arguments of the library functions the commands call whose option has another name: said as the option
+LIBRARY_NAMES = {
+    "model_name_or_path": "model",
+    "max_steps": "steps",
+    "dam_structure": "structure",
+    "gate_learning_rate": "gate_lr",
+    "target_recall": "recall",
+    "fit_epochs": "epochs",
+    "max_train": "max_train_samples",
+    "max_validation": "max_eval_samples",
+    "validation_sentences": "eval_sentences",
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "source.spm", "vocab.json")
 
 
@@ -699,7 +711,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError, ImportError) as error:  # user mistakes: the message says what is valid
         if created:
             _prune_empty(created)
-        sys.exit(f"hf-sparse {args.command}: {' '.join(str(error).split())}{_resume_hint(args, argv)}")
+        message = _as_options(" ".join(str(error).split()), args)
+        sys.exit(f"hf-sparse {args.command}: {message}{_resume_hint(args, argv)}")
     except BaseException as error:
         if created:
             _prune_empty(created)
@@ -707,6 +720,26 @@ def main(argv: list[str] | None = None) -> None:
         if hint:
             sys.exit(f"hf-sparse {args.command}: interrupted{hint}")
         raise
+
+
+def _as_options(message: str, args: argparse.Namespace) -> str:
+    """A library error names keyword arguments (``steps=0 ... give model=...``, ``dev_size``), right for a library
+    user; the command-line user typed options, so here those names become this command's options (``--steps 0 ...
+    give --model ...``, ``--dev-size``). ``name=`` is rewritten for every option, a bare name only when it has an
+    underscore (no English word has one); nothing inside quotes or paths (a column or file may be called anything)."""
+    if args.command not in TRAINING_COMMANDS:
+        return message
+    options = {name: name for name in vars(args) if name not in ("command", "command_function")}
+    options.update({name: option for name, option in LIBRARY_NAMES.items() if option in options})
+    names = "|".join(sorted(map(re.escape, options), key=len, reverse=True))
+    before = r"(?<![\w'\"./\\-])"  # not inside a word, a quoted value or a path
+
+    def option(match: re.Match) -> str:
+        return "--" + options[match.group(1)].replace("_", "-") + (" " if match.group(0).endswith("=") else "")
+
+    message = re.sub(rf"{before}({names})=(?=[^\s=])", option, message)
+    snake = "|".join(re.escape(name) for name in sorted(options, key=len, reverse=True) if "_" in name)
+    return re.sub(rf"{before}({snake})(?![\w'\"=/\\-]|\.\w)", option, message)
 
 
 def _resume_hint(args: argparse.Namespace, argv: list[str] | None) -> str:

