@@ -581,9 +581,11 @@ def _check_keeps_a_pair(pattern: Pattern, spec: str) -> None:
     a checkpoint's mask, unknown here: such a spec is not checked."""
     if pattern.needs_learned_mask:
         return
-    positions = torch.arange(EMPTY_CHECK_LENGTH)
-    zero = torch.zeros((), dtype=torch.long)
-    if not bool(pattern.mask_mod(EMPTY_CHECK_LENGTH)(zero, zero, positions[:, None], positions[None, :]).any()):
+    # on the CPU by name: a model built on the meta device (from_pretrained) parses its config there too
+    positions = torch.arange(EMPTY_CHECK_LENGTH, device="cpu")
+    zero = torch.zeros((), dtype=torch.long, device="cpu")
+    kept = pattern.mask_mod(EMPTY_CHECK_LENGTH, "cpu")(zero, zero, positions[:, None], positions[None, :])
+    if not bool(kept.any()):
         raise ValueError(
             f"attention pattern {spec!r} keeps no pair of positions (checked at length {EMPTY_CHECK_LENGTH}): "
             f"every query would attend to nothing. Valid patterns:\n{describe()}"
