@@ -310,7 +310,10 @@ def stream_kernel(
                 into = take & (at < CAP) & (lost == 0)[:, None]
                 tl.store(block + (first + at), s, mask=into)
                 tl.store(keys + (first + at), offs_n[None, :] + tl.zeros((BM, BN), tl.int32), mask=into)
-                count += new
+                # a lost row stores nothing more, so its count stays what its slots hold: a later raising of the
+                # bounds reads them (the τ of a subset of the row's scores, still a lower bound of its τ), and
+                # counting past them would read slots never written
+                count += tl.where(lost == 0, new, 0)
             m = tl.maximum(m, best)
     tl.debug_barrier()  # the appended scores, written by other threads of this program, are read below
     empty = m == NEG_INF
