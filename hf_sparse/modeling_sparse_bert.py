@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
-from transformers import PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -57,6 +57,20 @@ from .sparsefinder import initialize as initialize_predictor
 
 _PARSED: dict[str, Pattern] = {}
 logger = logging.getLogger(__name__)
+#: what ``config._attn_implementation`` holds: Transformers' name for "this model's own attention". SparseBERT
+#: computes attention with the kernel ``config.attention_backend`` picks; a name of its own (registered, never
+#: called) tells a user's ``attn_implementation="eager"`` from a config that an earlier model left holding
+#: Transformers' default, which would otherwise look the same
+ATTENTION_NAME = "hf_sparse_bert"
+# what a user asking Transformers for an implementation means, in attention_backend's terms
+_BACKEND_FOR = {"eager": "eager", "sdpa": "sdpa", "flex_attention": "flex"}
+
+
+def _never_called(*args, **kwargs):
+    raise RuntimeError(f"{ATTENTION_NAME!r} names SparseBERT's own attention, which config.attention_backend picks")
+
+
+AttentionInterface.register(ATTENTION_NAME, _never_called)
 
 
 def _parsed(spec: str) -> Pattern:
@@ -319,6 +333,7 @@ class SparseBertPreTrainedModel(ReportsNewWeights, PreTrainedModel):
         model_type = getattr(config, "model_type", None)
         if model_type == "bert":
             config = SparseBertConfig.from_dict(config.to_dict())
+            config._attn_implementation_internal = None  # a stock model's choice, not a request to this one
         elif model_type != SparseBertConfig.model_type:
             raise ValueError(
                 f"{type(self).__name__} takes a SparseBertConfig or a stock BertConfig, got a {type(config).__name__} "
@@ -336,9 +351,28 @@ class SparseBertPreTrainedModel(ReportsNewWeights, PreTrainedModel):
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """Refused: Transformers' attention implementations know no sparsity pattern; ``attention_backend`` in the
         config chooses the kernel (eager, sdpa, flex, tiles, fused, auto)."""
+        self._refuse_attn_implementation(attn_implementation)
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """``from_pretrained(..., attn_implementation="eager")`` (or a config asking for one): refused as
+        :meth:`set_attn_implementation` refuses it. It was accepted and ignored ("eager"), or refused by Transformers
+        as unsupported ("sdpa", "flex_attention"), which this model is not: ``attention_backend`` runs both."""
+        requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
+        if requested not in (None, ATTENTION_NAME):
+            self._refuse_attn_implementation(requested)
+        return ATTENTION_NAME
+
+    def _refuse_attn_implementation(self, requested) -> None:
+        backend = _BACKEND_FOR.get(requested)
+        instead = (
+            f"give attention_backend={backend!r} instead (a config field, which from_pretrained takes too)"
+            if backend
+            else "set config.attention_backend instead"
+        )
         raise ValueError(
-            f"{type(self).__name__} does not use Transformers' attn_implementation (asked: {attn_implementation!r}): "
-            "set config.attention_backend instead ('auto', 'eager', 'sdpa', 'flex', 'tiles', 'fused')"
+            f"{type(self).__name__} does not use Transformers' attn_implementation (asked: {requested!r}): it "
+            "computes attention with the kernel config.attention_backend picks ('auto', 'eager', 'sdpa', 'flex', "
+            f"'tiles', 'fused'); {instead}"
         )
 
     @torch.no_grad()

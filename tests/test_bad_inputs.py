@@ -219,7 +219,7 @@ ROWS = [
         "sparsebert set_attn_implementation sdpa",
         lambda t: bert_model().set_attn_implementation("sdpa"),
         ValueError,
-        "set config.attention_backend instead",
+        "give attention_backend='sdpa' instead",
     ),
     # -- tensors -----------------------------------------------------------------------------------------------
     Row(
@@ -428,6 +428,38 @@ ROWS = [
         ),
         ValueError,
         "attn_implementation='sdpa' would run softmax instead",
+    ),
+    Row(
+        "attn_implementation eager for SparseBERT",
+        lambda t: (
+            SparseBertModel(bert()).save_pretrained(t),
+            SparseBertModel.from_pretrained(t, attn_implementation="eager"),
+        ),
+        ValueError,
+        "(asked: 'eager'): it computes attention with the kernel config.attention_backend picks",
+    ),
+    Row(
+        "attn_implementation sdpa for SparseBERT",
+        lambda t: (
+            SparseBertModel(bert()).save_pretrained(t),
+            SparseBertModel.from_pretrained(t, attn_implementation="sdpa"),
+        ),
+        ValueError,
+        "give attention_backend='sdpa' instead",
+    ),
+    Row(
+        "a config another model was built with (documented: builds)",
+        lambda t: (lambda config: (SparseBertModel(config), SparseBertModel(config)))(bert()),
+        None,
+        result=lambda models: all(isinstance(m, SparseBertModel) for m in models),
+    ),
+    Row(
+        "a stock BertConfig a BertForMaskedLM was built with (documented: builds)",
+        lambda t: (lambda config: (BertForMaskedLM(config), SparseBertModel(config)))(
+            tiny_bert_config()
+        ),
+        None,
+        result=lambda models: isinstance(models[1], SparseBertModel),
     ),
     Row("a Marian config for SparseBERT", lambda t: SparseBertModel(marian()), ValueError, "takes a SparseBertConfig"),
     # -- callbacks and CLI -------------------------------------------------------------------------------------
