@@ -31,7 +31,8 @@ def check_checkpoint(directory: str | os.PathLike) -> list[str]:
     """Refuse a folder that would not load by repo id with ``trust_remote_code=True``; return the files to upload.
 
     Checked: ``config.json`` of an hf_sparse model with an ``auto_map``; every module ``auto_map`` names and every
-    module they import relatively (``from .x import y``) present as ``.py``; weights; the images the card shows.
+    module they import relatively (``from .x import y``) present as ``.py``; weights (with every shard a sharded
+    index names); the images the card shows.
     Files and folders whose name starts with ``.`` (caches, ``.git``) are not uploaded.
     """
     root = Path(directory)
@@ -66,6 +67,8 @@ def check_checkpoint(directory: str | os.PathLike) -> list[str]:
         pending |= set(_RELATIVE_IMPORT.findall(source.read_text())) - seen
     if not any((root / name).is_file() for name in WEIGHTS):
         raise ValueError(f"{root} holds no weights (one of {', '.join(WEIGHTS)})")
+    for index in (root / name for name in WEIGHTS if name.endswith(".index.json")):
+        _check_shards(index)
     card = root / "README.md"
     if card.is_file():
         for image in _IMAGE.findall(card.read_text()):
@@ -76,6 +79,24 @@ def check_checkpoint(directory: str | os.PathLike) -> list[str]:
         for path in root.rglob("*")
         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
     )
+
+
+def _check_shards(index: Path) -> None:
+    """A sharded checkpoint (``save_pretrained(max_shard_size=...)``) loads only with every shard its index names:
+    one left behind (a partial copy) would upload fine and then fail every ``from_pretrained``."""
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise ValueError(
+            f"{index} is not a weights index (JSON with a 'weight_map' of tensor name -> shard file); save the model "
+            "again"
+        ) from None
+    absent = [shard for shard in shards if not (index.parent / shard).is_file()]
+    if absent:
+        raise ValueError(f"{index.parent} lacks shard(s) {absent} that {index.name} names; save the model again")
 
 
 def push_checkpoint(
