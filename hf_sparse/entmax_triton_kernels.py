@@ -164,7 +164,7 @@ def threshold_kernel(
     n_tiles = tl.cdiv(hi, BN)
     if HAS_BMASK:
         n_tiles = _write_allowed_list(BMASK, ALLOWED + listed * n_kb, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk,
-                                      n_kb, BN, TQ, TK, LIST_CHUNK)
+                                      n_kb, BN, TQ, TK)
         tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
     for i in range(0, n_tiles):
         start_n = i * BN
@@ -548,7 +548,7 @@ def fallback_kernel(
         klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
         listed = bh * n_qb + pid_m
         n_tiles = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, slack,
-                                   2 if BISECT else 1, False, BM, LIST_CHUNK)
+                                   2 if BISECT else 1, False, BM)
         tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
         cols = tl.arange(0, BN)
         if BISECT:
@@ -636,13 +636,13 @@ def _append(LIST, count, keep, values):
 
 @triton.jit
 def _write_allowed_list(BMASK, TILES, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk, n_kb,
-                        BN: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, CH: tl.constexpr):
+                        BN: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr):
     """Writes the key tiles a block of query rows may attend to under a block mask (and causality, padding, through
     ``hi``), in order, to ``TILES`` (the block's ``n_kb`` slots), and returns their count: the threshold pass's
     loop (:func:`_tile_allowed`, for a chunk of tiles). The caller reads the list back after a barrier."""
-    chunk = tl.arange(0, CH)
+    chunk = tl.arange(0, LIST_CHUNK)
     count = 0
-    for start in range(0, n_kb, CH):
+    for start in range(0, n_kb, LIST_CHUNK):
         kb = start + chunk
         ok = (kb < n_kb) & (kb * BN < hi)
         tile = BMASK + b * s_mb + h * s_mh + (start_m // TQ) * s_bq + (kb * BN // TK) * s_bk
@@ -653,7 +653,7 @@ def _write_allowed_list(BMASK, TILES, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk,
 
 @triton.jit
 def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, slack,
-                     ROWS: tl.constexpr, WRITE_NEED: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr):
+                     ROWS: tl.constexpr, WRITE_NEED: tl.constexpr, BM: tl.constexpr):
     """Writes the key tiles a block of ``BM`` query rows must read, in order, to ``TILES[bh, qb, :]`` and returns
     their count. Each sweep over a list (fallback, output pass, dQ) writes its own block's list first, then reads
     it back after a barrier: one launch, not a list kernel and then the sweep.
@@ -678,9 +678,9 @@ def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, Lq, n_qb, n_
         rows = rows & (tl.load(FAIL + bh * Lq + offs_m, mask=row_ok, other=0) != 0)
     tau = tl.where(rows, tau, float("inf"))
     base = (bh * n_qb + pid_m) * n_kb
-    chunk = tl.arange(0, CH)
+    chunk = tl.arange(0, LIST_CHUNK)
     count = 0
-    for start in range(0, n_kb, CH):
+    for start in range(0, n_kb, LIST_CHUNK):
         kb = start + chunk
         ok = kb < n_kb
         tmax = tl.load(TILEMAX + base + kb, mask=ok, other=float("-inf"))
@@ -752,7 +752,7 @@ def forward_kernel(
     gsum = tl.zeros((BM,), ACC)
     listed = bh * n_qb + pid_m
     n_tiles = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, 0.0,
-                               1 if ONLY_FAILED else 0, False, BM, LIST_CHUNK)
+                               1 if ONLY_FAILED else 0, False, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
     for i in range(0, n_tiles):
         offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
@@ -906,7 +906,7 @@ def backward_dq_kernel(
     dq = tl.zeros((BM, BD), ACC)
     listed = bh * n_qb + pid_m
     n_tiles = _write_tile_list(TILEMAX, M, TAU, TAU, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, 0.0,
-                               0, True, BM, LIST_CHUNK)
+                               0, True, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
     for i in range(0, n_tiles):
         offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
