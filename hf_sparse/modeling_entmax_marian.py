@@ -242,13 +242,13 @@ def _setup(model) -> None:
             attention.sparsefinder = SparsefinderLayer(settings, attention.num_heads, attention.head_dim)
 
 
-def _refuse_other_attention(model, attn_implementation) -> None:
+def _refuse_other_attention(cls: type, attn_implementation) -> None:
     requested = (
         attn_implementation.get("", ATTENTION_NAME) if isinstance(attn_implementation, dict) else attn_implementation
     )
     if requested != ATTENTION_NAME:
         raise ValueError(
-            f"{type(model).__name__} computes attention with its own function ({ATTENTION_NAME!r}), which runs "
+            f"{cls.__name__} computes attention with its own function ({ATTENTION_NAME!r}), which runs "
             "config.encoder_attention_fn / decoder_attention_fn / cross_attention_fn and Sparsefinder; "
             f"attn_implementation={requested!r} would run softmax instead. Change those config fields "
             "(e.g. decoder_attention_fn='softmax') to change the normaliser"
@@ -272,15 +272,27 @@ class _EntmaxSparsefinderMarian(ReportsNewWeights):
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """Only this model's own attention function: Transformers' ``sdpa`` or ``eager`` would silently make it a
         softmax model and bypass Sparsefinder."""
-        _refuse_other_attention(self, attn_implementation)
+        _refuse_other_attention(type(self), attn_implementation)
         return super().set_attn_implementation(attn_implementation, *args, **kwargs)
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
         """``from_pretrained(..., attn_implementation="sdpa")`` and the config's field: refused as
-        :meth:`set_attn_implementation` refuses it (it was accepted, then silently replaced by this model's own)."""
-        if attn_implementation is not None:
-            _refuse_other_attention(self, attn_implementation)
+        :meth:`set_attn_implementation` refuses it (it was accepted, then silently replaced by this model's own).
+        The "eager" that Transformers' config sets by itself for ``output_attentions=True`` (``from_pretrained(path,
+        output_attentions=True)``) is no request: the attention function returns the probabilities whatever the
+        normaliser; :meth:`from_pretrained` refuses an explicit one before the config could hide it."""
+        own_eager = attn_implementation == "eager" and bool(getattr(self.config, "output_attentions", False))
+        if attn_implementation is not None and not own_eager:
+            _refuse_other_attention(type(self), attn_implementation)
         return super()._check_and_adjust_attn_implementation(None, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args, attn_implementation=None, **kwargs):
+        """An explicit ``attn_implementation`` other than this model's own is refused (see
+        :meth:`_check_and_adjust_attn_implementation`)."""
+        if attn_implementation is not None:
+            _refuse_other_attention(cls, attn_implementation)
+        return super().from_pretrained(*args, **kwargs)
 
     def initialize_weights(self):
         """Transformers' initialisation, then fresh state for every predictor the checkpoint did not provide.

@@ -358,11 +358,22 @@ class SparseBertPreTrainedModel(ReportsNewWeights, PreTrainedModel):
         :meth:`set_attn_implementation` refuses it. It was accepted and ignored ("eager"), or refused by Transformers
         as unsupported ("sdpa", "flex_attention"), which this model is not: ``attention_backend`` runs both."""
         requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
-        if requested not in (None, ATTENTION_NAME):
+        if requested not in (None, ATTENTION_NAME) and not _transformers_own_eager(self.config, requested):
             self._refuse_attn_implementation(requested)
         return ATTENTION_NAME
 
-    def _refuse_attn_implementation(self, requested) -> None:
+    @classmethod
+    def from_pretrained(cls, *args, attn_implementation=None, **kwargs):
+        """An explicit ``attn_implementation`` is refused here, where it is told apart from the "eager" that
+        Transformers' config sets by itself for ``output_attentions=True`` (which the attentions need no help
+        for: ``attention_backend`` runs eager wherever the probabilities are asked for)."""
+        if attn_implementation not in (None, ATTENTION_NAME):
+            requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
+            cls._refuse_attn_implementation(requested)
+        return super().from_pretrained(*args, **kwargs)
+
+    @classmethod
+    def _refuse_attn_implementation(cls, requested) -> None:
         backend = _BACKEND_FOR.get(requested)
         instead = (
             f"give attention_backend={backend!r} instead (a config field, which from_pretrained takes too)"
@@ -370,7 +381,7 @@ class SparseBertPreTrainedModel(ReportsNewWeights, PreTrainedModel):
             else "set config.attention_backend instead"
         )
         raise ValueError(
-            f"{type(self).__name__} does not use Transformers' attn_implementation (asked: {requested!r}): it "
+            f"{cls.__name__} does not use Transformers' attn_implementation (asked: {requested!r}): it "
             "computes attention with the kernel config.attention_backend picks ('auto', 'eager', 'sdpa', 'flex', "
             f"'tiles', 'fused'); {instead}"
         )
@@ -432,6 +443,13 @@ class SparseBertPreTrainedModel(ReportsNewWeights, PreTrainedModel):
         if loss is None or outputs.dam_penalty is None or not (self.training and base.dam_searching()):
             return loss
         return loss + base.dam.penalty_weight * outputs.dam_penalty
+
+
+def _transformers_own_eager(config, requested) -> bool:
+    """Whether ``requested`` is the "eager" Transformers' config sets by itself when ``output_attentions=True``
+    reaches it before any attention implementation (``from_pretrained(path, output_attentions=True)``); an explicit
+    request is refused in ``from_pretrained``, before the config could hide it."""
+    return requested == "eager" and bool(getattr(config, "output_attentions", False))
 
 
 def _finish(output, return_dict: bool | None, config: SparseBertConfig):
