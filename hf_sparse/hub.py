@@ -4,7 +4,8 @@ A saved folder (``save_pretrained`` + tokenizer + ``metrics.json`` + the model c
 the CLI writes it) loads elsewhere only if its modeling code travels with it: ``config.json``'s ``auto_map`` names
 the copied ``.py`` files that ``from_pretrained(repo_id, trust_remote_code=True)`` imports. So the folder is checked
 first, and a folder that would not load (no ``auto_map``, a missing code file or image) is refused before anything
-is sent. The card's loading snippet is rewritten to name the repo id (the CLI writes the local folder there).
+is sent. The card's loading snippet, and a title that named the local folder, are rewritten to name the repo id
+(the CLI writes the local folder there).
 Training/CLI side: not imported by modeling code.
 """
 
@@ -15,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard
 
 from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
 from .configuration_sparse_bert import SparseBertConfig
@@ -24,7 +25,7 @@ from .configuration_sparse_bert import SparseBertConfig
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
 _IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
-_SNIPPET = re.compile(r'(\.from_pretrained\()"[^"]*"(, trust_remote_code=True\))')
+_SNIPPET = re.compile(r'(\.from_pretrained\()"([^"]*)"(, trust_remote_code=True\))')
 
 
 def check_checkpoint(directory: str | os.PathLike) -> list[str]:
@@ -99,6 +100,23 @@ def _check_shards(index: Path) -> None:
         raise ValueError(f"{index.parent} lacks shard(s) {absent} that {index.name} names; save the model again")
 
 
+def card_for_repo(text: str, repo_id: str) -> str:
+    """The saved card as the repo shows it: its loading snippet names ``repo_id`` instead of the folder it was
+    written in, and so do its title and the metadata's ``model_name`` (the model-index name) where they were that
+    folder (a card written without a title, e.g. ``hf-sparse card DIR``). Other text is left as written."""
+    snippet = _SNIPPET.search(text)
+    if snippet is None or snippet[2] == repo_id:
+        return text
+    local = snippet[2]
+    text = _SNIPPET.sub(lambda m: f'{m[1]}"{repo_id}"{m[3]}', text)
+    card = ModelCard(text) if text.startswith("---") else None
+    if card is None or card.data.model_name != local:  # titled by the user: kept
+        return text
+    card.data.model_name = repo_id
+    card.text = re.sub(rf"^# {re.escape(local)}$", lambda _: f"# {repo_id}", card.text, count=1, flags=re.MULTILINE)
+    return card.content
+
+
 def push_checkpoint(
     directory: str | os.PathLike,
     repo_id: str,
@@ -130,6 +148,6 @@ def push_checkpoint(
     for name in files:
         content: str | bytes = str(root / name)
         if name == "README.md":  # the loading snippet names the repo, not the folder it was written in
-            content = _SNIPPET.sub(lambda m: f'{m[1]}"{repo_id}"{m[2]}', (root / name).read_text()).encode()
+            content = card_for_repo((root / name).read_text(), repo_id).encode()
         operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
     return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
