@@ -134,10 +134,21 @@ def _marian_lines(model) -> list[str]:
     return lines + _sparsefinder_lines(model)
 
 
+def longest_described(model) -> int:
+    """The longest length a SparseBERT card can describe: its positions, and at most the DAM gates' ``max_length``
+    (the gates, and a frozen mask, cover no more; the model refuses longer inputs)."""
+    longest = model.config.max_position_embeddings
+    dam = getattr(model.config, "dam", None)
+    if dam:
+        longest = min(longest, dam.get("max_length") or longest)
+    return longest
+
+
 def attention_lines(model, n: int | None = None) -> list[str]:
-    """Markdown lines describing the attention ``model`` runs (SparseBERT at length ``n``, default ≤ 512)."""
+    """Markdown lines describing the attention ``model`` runs (SparseBERT at length ``n``, default ≤ 512 and ≤
+    :func:`longest_described`)."""
     if hasattr(model.base_model, "layer_patterns"):
-        return _sparse_bert_lines(model, n or min(512, model.config.max_position_embeddings))
+        return _sparse_bert_lines(model, n or min(512, longest_described(model)))
     return _marian_lines(model)
 
 
@@ -232,11 +243,7 @@ def write_card(model, directory: str | os.PathLike, *, plot_masks: bool = True, 
     directory.mkdir(parents=True, exist_ok=True)
     plots = dict(card_kwargs.pop("plots", None) or {})
     sparse_bert = hasattr(model.base_model, "layer_patterns")
-    longest = model.config.max_position_embeddings
-    dam = getattr(model.config, "dam", None)
-    if dam:  # DAM gates (and a frozen mask) cover only dam max_length positions
-        longest = min(longest, dam.get("max_length") or longest)
-    n = card_kwargs["n"] = card_kwargs.get("n") or min(128, longest)
+    n = card_kwargs["n"] = card_kwargs.get("n") or min(128, longest_described(model))
     if plot_masks and sparse_bert and not all(p.is_dense for p in model.base_model.layer_patterns(n, "cpu")):
         from .plotting import plot_layer_masks
 

@@ -111,3 +111,17 @@ def test_a_titled_card_keeps_its_title_when_pushed():
     pushed = card_for_repo(text, "me/sparse")
     assert pushed == text.replace('from_pretrained("runs/x"', 'from_pretrained("me/sparse"')
     assert "runs/x" not in pushed and "# My sparse model" in pushed
+
+
+def test_model_card_of_a_dam_model_built_in_python_describes_the_length_its_gates_cover():
+    """``model_card(model)`` (no ``n``) described length min(512, positions) and the DAM gates refused it; only
+    ``write_card`` capped ``n`` at dam ``max_length``."""
+    from hf_sparse.cards import model_card
+
+    dam = {"structure": "offset", "max_length": 24}
+    model = SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs(dam=dam, max_position_embeddings=64)))
+    model.freeze_dam()
+    text = model_card(model, repo_id="me/dam").text
+    masks = model.bert.dam.frozen(24)  # one mask for every layer (shared gates)
+    for layer in range(2):
+        assert f"| {layer} | `learned` | {100 * (1 - masks[layer % len(masks)].float().mean().item()):.1f} % |" in text
