@@ -16,13 +16,15 @@ import os
 import re
 from pathlib import Path
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard
+from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard
 
 from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
 from .configuration_sparse_bert import SparseBertConfig
 
 # a file a weights loader reads: one safetensors file, a sharded index, or a PyTorch pickle
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# every file of a saved model's weights: one of WEIGHTS or a shard (model-00001-of-00002.safetensors)
+_WEIGHTS_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
 _IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 _SNIPPET = re.compile(r'(\.from_pretrained\()"([^"]*)"(, trust_remote_code=True\))')
@@ -130,8 +132,10 @@ def push_checkpoint(
     commit id to pin with ``from_pretrained(repo_id, revision=...)``, ``.commit_url`` where to see it).
 
     The repo is created if missing (``private`` applies then only), as is the branch ``revision`` (from ``main``).
-    Files not in the folder stay in the repo. The Hub is ``HF_ENDPOINT`` (default huggingface.co); ``token``
-    defaults to the saved login.
+    Files not in the folder stay in the repo, except weights of an earlier push that this folder's weights
+    replace (a single ``model.safetensors`` replaced by shards, shards by fewer shards, ``.bin`` by safetensors):
+    they are deleted in the same commit, as Transformers would load a stale ``model.safetensors`` before the new
+    index. The Hub is ``HF_ENDPOINT`` (default huggingface.co); ``token`` defaults to the saved login.
 
     Example (after ``hf auth login``)::
 
@@ -150,4 +154,6 @@ def push_checkpoint(
         if name == "README.md":  # the loading snippet names the repo, not the folder it was written in
             content = card_for_repo((root / name).read_text(), repo_id).encode()
         operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
+    stale = [name for name in api.list_repo_files(repo_id, revision=revision) if _WEIGHTS_FILE.match(name)]
+    operations += [CommitOperationDelete(path_in_repo=name) for name in stale if name not in files]
     return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)

@@ -125,3 +125,24 @@ def test_model_card_of_a_dam_model_built_in_python_describes_the_length_its_gate
     masks = model.bert.dam.frozen(24)  # one mask for every layer (shared gates)
     for layer in range(2):
         assert f"| {layer} | `learned` | {100 * (1 - masks[layer % len(masks)].float().mean().item()):.1f} % |" in text
+
+
+def test_pushing_shards_over_a_single_weights_file_deletes_the_stale_one(hub, sharded, tmp_path):
+    """The earlier ``model.safetensors`` stayed next to the new index and shards, and Transformers loads it first:
+    the repo served the old weights. Weights the folder replaces go in the same commit; other files stay."""
+    from huggingface_hub import HfApi, constants
+
+    single = tmp_path / "single"
+    SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs(attention_pattern="window:2"))).save_pretrained(single)
+    api = HfApi(endpoint=hub.endpoint, token=False)
+    with pytest.MonkeyPatch.context() as patch:  # push_checkpoint's HfApi reads the endpoint when it is built
+        patch.setattr(constants, "ENDPOINT", hub.endpoint)
+        push_checkpoint(single, "user/reshard", token=False)
+        api.upload_file(path_or_fileobj=b"mine", path_in_repo="notes.txt", repo_id="user/reshard")
+        push_checkpoint(sharded, "user/reshard", token=False)
+        assert sorted(api.list_repo_files("user/reshard")) == sorted([*check_checkpoint(sharded), "notes.txt"])
+        push_checkpoint(single, "user/reshard", revision="single", token=False)  # and back, on a branch
+        assert sorted(api.list_repo_files("user/reshard", revision="single")) == sorted(
+            [*check_checkpoint(single), "notes.txt"]
+        )
+    assert "model.safetensors.index.json" in api.list_repo_files("user/reshard")  # main untouched
