@@ -414,8 +414,12 @@ def triton_next_power_of_2(n: int) -> int:
 
 
 def _tl_dtype(dtype: torch.dtype):
-    import triton.language as tl
-
+    # inside try: Transformers refuses remote code whose modules import a package that is not installed, even in a
+    # function, but skips imports under try; without it no checkpoint loaded by repo id where triton is missing
+    try:
+        import triton.language as tl
+    except ImportError:  # (unavailable_reasons says so before any kernel is launched)
+        raise
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 

@@ -213,3 +213,22 @@ def test_a_checkpoint_of_one_head_loads_as_every_other_head_without_hf_sparse(tm
     assert got["class"] == "EntmaxSparsefinderMarianModel"
     with torch.no_grad():
         assert torch.equal(got["logits"], marian.model(**inputs).last_hidden_state)
+
+
+def test_remote_code_imports_only_torch_transformers_and_the_standard_library(tmp_path):
+    """Loading by repo id, Transformers reads every import statement of every copied module (inside functions
+    too, not under ``try``) and refuses the checkpoint if one names a package that is not installed: a bare
+    ``import triton.language`` in a helper made every checkpoint unloadable from the Hub where triton is missing
+    (CPU-only machines, macOS, Windows). A local folder skips that check, so it is asserted here directly."""
+    from transformers.dynamic_module_utils import get_imports
+
+    from hf_sparse import EntmaxSparsefinderMarianConfig, EntmaxSparsefinderMarianMTModel
+    from test_modeling_entmax_marian import MARIAN
+
+    SparseBertForMaskedLM(SparseBertConfig(**tiny_kwargs())).save_pretrained(tmp_path / "bert")
+    EntmaxSparsefinderMarianMTModel(EntmaxSparsefinderMarianConfig(**MARIAN)).save_pretrained(tmp_path / "marian")
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "huggingface_hub", "safetensors"}
+    files = sorted(tmp_path.glob("*/*.py"))
+    assert {f.name for f in files} >= {"modeling_sparse_bert.py", "entmax_triton.py", "modeling_entmax_marian.py"}
+    needed = {f"{f.parent.name}/{f.name}": sorted(set(get_imports(f)) - allowed) for f in files}
+    assert not any(needed.values()), needed
