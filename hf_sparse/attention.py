@@ -144,6 +144,25 @@ def check_entmax_alpha(alpha, used: bool) -> float:
     return check_number("entmax_alpha", alpha)
 
 
+class ReturnsAttentionsAnyway:
+    """Config mixin of both families: ``output_attentions`` stored as given. These models return the attention
+    probabilities whatever kernel their config picks (the eager one runs where they are asked for), while
+    Transformers' setter and its ``save_pretrained`` validation refuse the flag unless ``attn_implementation`` is
+    "eager", which these models refuse in turn: ``model.config.output_attentions = True``, and saving a model
+    loaded with ``output_attentions=True``, failed."""
+
+    @property
+    def output_attentions(self) -> bool:
+        return self._output_attentions
+
+    @output_attentions.setter
+    def output_attentions(self, value: bool) -> None:
+        self._output_attentions = value
+
+    def validate_output_attentions(self) -> None:
+        """Nothing to refuse (see the class)."""
+
+
 def check_batch(name: str, shape: tuple[int, ...], attention_mask: torch.Tensor | None) -> None:
     """Refuse an input with no sequence or no token, and a padding mask whose rows or length differ from it,
     naming the shapes: both models' forwards call this first, where stock BERT and Marian fail later with a bare

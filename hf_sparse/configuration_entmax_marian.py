@@ -10,7 +10,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import MarianConfig
 
-from .attention import ATTENTION_FUNCTIONS, check_choice, check_entmax_alpha
+from .attention import ATTENTION_FUNCTIONS, ReturnsAttentionsAnyway, check_choice, check_entmax_alpha
 from .sparsefinder import check_model_settings
 
 FUNCTION_FIELDS = ("encoder_attention_fn", "decoder_attention_fn", "cross_attention_fn")
@@ -20,7 +20,7 @@ BACKENDS = ("auto", "eager", "sdpa", "fused")
 
 
 @strict
-class EntmaxSparsefinderMarianConfig(MarianConfig):
+class EntmaxSparsefinderMarianConfig(ReturnsAttentionsAnyway, MarianConfig):
     r"""
     decoder_attention_fn (`str`, defaults to `"entmax15"`):
         Normaliser of the decoder self-attention: `softmax`, `entmax15`, `entmax_bisect` (uses `entmax_alpha`),

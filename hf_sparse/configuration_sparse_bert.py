@@ -9,14 +9,14 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig
 
-from .attention import ATTENTION_FUNCTIONS, BACKENDS, check_choice, check_entmax_alpha
+from .attention import ATTENTION_FUNCTIONS, BACKENDS, ReturnsAttentionsAnyway, check_choice, check_entmax_alpha
 from .dam import resolve_config
 from .patterns import parse
 from .sparsefinder import check_model_settings
 
 
 @strict
-class SparseBertConfig(BertConfig):
+class SparseBertConfig(ReturnsAttentionsAnyway, BertConfig):
     r"""
     attention_pattern (`str`, defaults to `"dense"`):
         Pattern spec applied in every self-attention layer together with the padding mask, e.g.

@@ -133,3 +133,21 @@ def test_batched_pipelines_give_what_one_text_at_a_time_gives(make):
         torch.manual_seed(0)
         run = pipeline(task, model=make(cls).eval(), tokenizer=tiny_tokenizer())
         assert rounded(run(inputs, batch_size=3)) == rounded([run(text) for text in inputs]), task
+
+
+@pytest.mark.parametrize("family", [_bert, _marian], ids=["sparse_bert", "entmax_marian"])
+def test_output_attentions_set_on_a_live_config_returns_them_and_the_model_saves(tmp_path, family):
+    """``model.config.output_attentions = True`` raised Transformers' "set attn_implementation to 'eager'", which
+    these models refuse; and a model loaded with ``output_attentions=True`` could not be saved (the same check in
+    ``save_pretrained``'s validation). Both families return the probabilities whatever kernel runs."""
+    cls, _, inputs, name = family(tmp_path / "saved")
+    model = cls.from_pretrained(tmp_path / "saved").eval()
+    model.config.output_attentions = True
+    with torch.no_grad():
+        attentions = getattr(model(**inputs), name)
+    assert attentions is not None and all(torch.isfinite(a).all() for a in attentions)
+    model.save_pretrained(tmp_path / "again")
+    assert cls.from_pretrained(tmp_path / "again").config.output_attentions is True
+    model.config.output_attentions = False
+    with torch.no_grad():
+        assert getattr(model(**inputs), name) is None
