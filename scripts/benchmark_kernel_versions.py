@@ -23,6 +23,7 @@ import argparse
 import datetime
 import importlib
 import platform
+import statistics
 import sys
 import time
 import types
@@ -86,31 +87,43 @@ def compare(versions: dict, n: int, heads: int, dim: int, dtype, causal: bool, d
 
 def compare_generate(baseline, device, repeats: int, smoke: bool) -> list[str]:
     """The entmax Marian's ``generate`` with the baseline's kernel and this checkout's (the models call
-    ``attention.entmax_attention``, patched for the baseline), and the softmax model; the token ids must agree."""
-    times, tokens = {}, {}
-    for name, fn, kernel in (
-        ("softmax", "softmax", None),
-        ("baseline", "entmax15", baseline.entmax_attention),
-        ("this checkout", "entmax15", entmax_triton.entmax_attention),
-    ):
-        # "fused" named: what "auto" picks on CUDA, and what the interpreter runs in the CPU smoke test
-        model, generate = marian_generate(fn, "auto" if kernel is None else "fused", device, smoke=smoke)
-        kept = attention.entmax_attention
+    ``attention.entmax_attention``, patched for the baseline), and the softmax model; the token ids must agree.
+    Timed round-robin, one call of each per round, medians over the rounds: a whole ``generate`` is host-bound,
+    and times taken one version after the other drifted by more than the versions differ (the softmax model's
+    took 584 to 786 ms in three calls on one kind of machine)."""
+    variants = {
+        "softmax": ("softmax", None),
+        "baseline": ("entmax15", baseline.entmax_attention),
+        "this checkout": ("entmax15", entmax_triton.entmax_attention),
+    }
+    models, times, tokens = {}, {name: [] for name in variants}, {}
+    kept = attention.entmax_attention
+
+    def run(name):
+        fn, kernel = variants[name]
         attention.entmax_attention = kernel or kept
         try:
             with torch.no_grad():
-                tokens[name] = generate()
-                times[name] = measure(generate, device, repeats)
-            used = sorted(set(model.attention_backends_used().values()))
+                return models[name][1]()
         finally:
             attention.entmax_attention = kept
+
+    for name, (fn, kernel) in variants.items():
+        # "fused" named: what "auto" picks on CUDA, and what the interpreter runs in the CPU smoke test
+        models[name] = marian_generate(fn, "auto" if kernel is None else "fused", device, smoke=smoke)
+        tokens[name] = run(name)  # (compiles)
+        used = sorted(set(models[name][0].attention_backends_used().values()))
         if fn != "softmax" and used != ["fused"]:
             raise SystemExit(f"generate with {name}'s kernel ran {used}, not the fused kernel")
+    for _ in range(repeats):
+        for name in variants:
+            times[name].append(median_ms(lambda name=name: run(name), 1, device))
+    soft, base, this = (statistics.median(times[name]) for name in variants)
     same = torch.equal(tokens["baseline"], tokens["this checkout"])
-    soft, base, this = times["softmax"], times["baseline"], times["this checkout"]
     return [
         "",
-        f"Entmax Marian `generate` (`benchmarking.marian_generate`{', smoke size' if smoke else ''}), float32, ms:",
+        f"Entmax Marian `generate` (`benchmarking.marian_generate`{', smoke size' if smoke else ''}), float32, "
+        f"medians of {repeats} rounds (one call of each per round), ms:",
         "",
         "| softmax | baseline | this | this / baseline | same tokens |",
         "|---:|---:|---:|---:|---|",
@@ -167,7 +180,7 @@ def main(argv=None) -> int:
             lines.append(line)
             print(line, flush=True)
     if args.generate:
-        rows = compare_generate(baseline, device, max(1, repeats // 3), smoke)
+        rows = compare_generate(baseline, device, repeats, smoke)
         lines += rows
         print("\n".join(rows), flush=True)
     lines.append("")
