@@ -163,6 +163,14 @@ class ReturnsAttentionsAnyway:
         """Nothing to refuse (see the class)."""
 
 
+def eager_for_output_attentions(config, requested) -> bool:
+    """Whether ``requested`` is the "eager" Transformers' config sets by itself when ``output_attentions=True``
+    reaches it before any attention implementation (``from_pretrained(path, output_attentions=True)``), which both
+    families accept: they return the attentions anyway (:class:`ReturnsAttentionsAnyway`). An explicit request is
+    refused in their ``from_pretrained``, before the config could hide it."""
+    return requested == "eager" and bool(getattr(config, "output_attentions", False))
+
+
 def check_batch(name: str, shape: tuple[int, ...], attention_mask: torch.Tensor | None) -> None:
     """Refuse an input with no sequence or no token, and a padding mask whose rows or length differ from it,
     naming the shapes: both models' forwards call this first, where stock BERT and Marian fail later with a bare

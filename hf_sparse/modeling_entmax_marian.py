@@ -27,7 +27,13 @@ import torch
 from transformers import AttentionInterface, MarianModel, MarianMTModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import AttentionMask, attention_backends_used, check_batch, choose_backend
+from .attention import (
+    AttentionMask,
+    attention_backends_used,
+    check_batch,
+    choose_backend,
+    eager_for_output_attentions,
+)
 from .configuration_entmax_marian import EntmaxSparsefinderMarianConfig
 from .loading import ReportsNewWeights, register_family
 from .patterns import parse
@@ -281,8 +287,7 @@ class _EntmaxSparsefinderMarian(ReportsNewWeights):
         The "eager" that Transformers' config sets by itself for ``output_attentions=True`` (``from_pretrained(path,
         output_attentions=True)``) is no request: the attention function returns the probabilities whatever the
         normaliser; :meth:`from_pretrained` refuses an explicit one before the config could hide it."""
-        own_eager = attn_implementation == "eager" and bool(getattr(self.config, "output_attentions", False))
-        if attn_implementation is not None and not own_eager:
+        if attn_implementation is not None and not eager_for_output_attentions(self.config, attn_implementation):
             _refuse_other_attention(type(self), attn_implementation)
         return super()._check_and_adjust_attn_implementation(None, *args, **kwargs)
 

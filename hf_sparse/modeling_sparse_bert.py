@@ -38,6 +38,7 @@ from .attention import (
     check_entmax_alpha,
     choose_backend,
     compute_dtype,
+    eager_for_output_attentions,
 )
 from .block_maps import cached_dense_mask
 from .configuration_sparse_bert import SparseBertConfig
@@ -358,7 +359,7 @@ class SparseBertPreTrainedModel(ReportsNewWeights, PreTrainedModel):
         :meth:`set_attn_implementation` refuses it. It was accepted and ignored ("eager"), or refused by Transformers
         as unsupported ("sdpa", "flex_attention"), which this model is not: ``attention_backend`` runs both."""
         requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
-        if requested not in (None, ATTENTION_NAME) and not _transformers_own_eager(self.config, requested):
+        if requested not in (None, ATTENTION_NAME) and not eager_for_output_attentions(self.config, requested):
             self._refuse_attn_implementation(requested)
         return ATTENTION_NAME
 
@@ -443,13 +444,6 @@ class SparseBertPreTrainedModel(ReportsNewWeights, PreTrainedModel):
         if loss is None or outputs.dam_penalty is None or not (self.training and base.dam_searching()):
             return loss
         return loss + base.dam.penalty_weight * outputs.dam_penalty
-
-
-def _transformers_own_eager(config, requested) -> bool:
-    """Whether ``requested`` is the "eager" Transformers' config sets by itself when ``output_attentions=True``
-    reaches it before any attention implementation (``from_pretrained(path, output_attentions=True)``); an explicit
-    request is refused in ``from_pretrained``, before the config could hide it."""
-    return requested == "eager" and bool(getattr(config, "output_attentions", False))
 
 
 def _finish(output, return_dict: bool | None, config: SparseBertConfig):
