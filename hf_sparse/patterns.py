@@ -357,7 +357,7 @@ class Fixed(Pattern):
     @property
     def expanded(self) -> Pattern | None:
         """The pattern a composite kind stands for (``star`` → ``window:1+global:1``), else ``None``."""
-        return parse(self.kind.spec(self.args)) if self.kind.spec is not None else None
+        return _combine(self.kind.spec(self.args)) if self.kind.spec is not None else None
 
     @property
     def is_dense(self) -> bool:
@@ -560,13 +560,19 @@ def parse(spec: str | Pattern) -> Pattern:
         return spec
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"attention pattern must be a non-empty string, got {spec!r}. Valid patterns:\n{describe()}")
+    pattern = _combine(spec)
+    _check_keeps_a_pair(pattern, spec)
+    return pattern
+
+
+def _combine(spec: str) -> Pattern:
+    """The parts of ``spec`` parsed and combined, unchecked as a whole: :func:`parse` checks a user's spec once;
+    a composite kind's expansion (:attr:`Fixed.expanded`, read on every use) is not checked again."""
     unions = []
     for union_part in spec.split("+"):
         inters = [_parse_one(p, spec) for p in union_part.split("&")]
         unions.append(inters[0] if len(inters) == 1 else Intersection(tuple(inters)))
-    pattern = unions[0] if len(unions) == 1 else Union(tuple(unions))
-    _check_keeps_a_pair(pattern, spec)
-    return pattern
+    return unions[0] if len(unions) == 1 else Union(tuple(unions))
 
 
 #: the length at which :func:`parse` checks that a pattern keeps some pair: each kind with valid arguments keeps
