@@ -154,15 +154,21 @@ def _argument(module: torch.nn.Module, args: tuple, kwargs: dict, name: str, *al
     return args[position] if position < len(args) else None
 
 
-def _check_positions(module: torch.nn.Module, side: str, args: tuple, kwargs: dict, past) -> None:
-    """Refuse inputs beyond Marian's position table, naming the lengths, instead of the embedding lookup's bare
-    ``IndexError: index out of range in self`` (stock Marian's; on CUDA a device-side assert).
+def _check_input(module: torch.nn.Module, side: str, args: tuple, kwargs: dict, past) -> None:
+    """Refuse an empty input and, on the encoder, a padding mask that does not match it
+    (:func:`hf_sparse.attention.check_batch`; the decoder's mask spans the cache too), and inputs beyond Marian's
+    position table, naming the lengths, instead of the embedding lookup's bare ``IndexError: index out of range in
+    self`` (stock Marian's; on CUDA a device-side assert).
 
     ``past`` (the decoder's cache length) is an ``int``, or a static cache's 0-d tensor: read only on the CPU,
     where that is free; on an accelerator reading it would stall every decoding step, so there the steps after the
     first go unchecked (a static cache on an accelerator is the one case left to the lookup's own error)."""
     ids = _argument(module, args, kwargs, "input_ids")
     embeds = _argument(module, args, kwargs, "inputs_embeds")
+    if ids is not None or embeds is not None:
+        name = ("decoder_" if side == "decoder" else "") + ("input_ids" if ids is not None else "inputs_embeds")
+        mask = _argument(module, args, kwargs, "attention_mask") if side == "encoder" else None
+        check_batch(name, tuple((ids if ids is not None else embeds).shape), mask)
     new = ids.shape[-1] if ids is not None else embeds.shape[1] if embeds is not None else 0
     limit = module.config.max_position_embeddings
     if isinstance(past, torch.Tensor):
@@ -184,21 +190,15 @@ def _check_positions(module: torch.nn.Module, side: str, args: tuple, kwargs: di
 
 
 def _before_encoder(encoder: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook of the encoder: an empty input, a padding mask that does not match it
-    (:func:`hf_sparse.attention.check_batch`) and inputs beyond the position table (:func:`_check_positions`) are
-    refused."""
-    ids = _argument(encoder, args, kwargs, "input_ids")
-    embeds = _argument(encoder, args, kwargs, "inputs_embeds")
-    if ids is not None or embeds is not None:
-        name, given = ("input_ids", ids) if ids is not None else ("inputs_embeds", embeds)
-        check_batch(name, tuple(given.shape), _argument(encoder, args, kwargs, "attention_mask"))
-    _check_positions(encoder, "encoder", args, kwargs, 0)
+    """Forward pre-hook of the encoder: an empty input, a padding mask that does not match it and inputs beyond
+    the position table are refused (:func:`_check_input`)."""
+    _check_input(encoder, "encoder", args, kwargs, 0)
 
 
 def _before_decoder(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of the decoder: tells each predicting self-attention where its queries sit, and refuses
-    enabled Sparsefinder settings that layers without a predictor would silently ignore, an empty input
-    (:func:`hf_sparse.attention.check_batch`) and inputs beyond the position table (:func:`_check_positions`).
+    enabled Sparsefinder settings that layers without a predictor would silently ignore, an empty input and inputs
+    beyond the position table (:func:`_check_input`).
 
     Predictors are made when the model is built (:func:`_setup`); ``config.sparsefinder`` set afterwards on a model
     built without it (or naming more ``layers``) would leave those layers dense. Checked here, once per forward, on
@@ -210,15 +210,10 @@ def _before_decoder(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> None
     is the offset: an ``int`` for a dynamic cache; for a static cache a 0-d tensor on the device, which the layers'
     cache updates increment in place, so a copy is kept (and never read back to the host).
     """
-    ids = _argument(decoder, args, kwargs, "input_ids")
-    embeds = _argument(decoder, args, kwargs, "inputs_embeds")
-    if ids is not None or embeds is not None:  # (its attention_mask spans the cache too: not compared here)
-        name, given = ("decoder_input_ids", ids) if ids is not None else ("decoder_inputs_embeds", embeds)
-        check_batch(name, tuple(given.shape), None)
     cache = _argument(decoder, args, kwargs, "cache", "past_key_values")
     cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache: the self-attention half
     past = 0 if cache is None else cache.get_seq_length()
-    _check_positions(decoder, "decoder", args, kwargs, past)
+    _check_input(decoder, "decoder", args, kwargs, past)
     if isinstance(past, torch.Tensor):
         past = past.clone()
     attentions = [layer.self_attn for layer in decoder.layers]
