@@ -74,6 +74,11 @@ def _never_called(*args, **kwargs):
 AttentionInterface.register(ATTENTION_NAME, _never_called)
 
 
+def _requested(attn_implementation):
+    """The implementation asked of the model itself: a dict names it under ``""`` (its sub-models under theirs)."""
+    return attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
+
+
 def _parsed(spec: str) -> Pattern:
     """Parse once per spec string; a plain dict, which torch.compile traces through."""
     if spec not in _PARSED:
@@ -358,7 +363,7 @@ class SparseBertPreTrainedModel(ReportsNewWeights, PreTrainedModel):
         """``from_pretrained(..., attn_implementation="eager")`` (or a config asking for one): refused as
         :meth:`set_attn_implementation` refuses it. It was accepted and ignored ("eager"), or refused by Transformers
         as unsupported ("sdpa", "flex_attention"), which this model is not: ``attention_backend`` runs both."""
-        requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
+        requested = _requested(attn_implementation)
         if requested not in (None, ATTENTION_NAME) and not eager_for_output_attentions(self.config, requested):
             self._refuse_attn_implementation(requested)
         return ATTENTION_NAME
@@ -368,8 +373,8 @@ class SparseBertPreTrainedModel(ReportsNewWeights, PreTrainedModel):
         """An explicit ``attn_implementation`` is refused here, where it is told apart from the "eager" that
         Transformers' config sets by itself for ``output_attentions=True`` (which the attentions need no help
         for: ``attention_backend`` runs eager wherever the probabilities are asked for)."""
-        if attn_implementation not in (None, ATTENTION_NAME):
-            requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
+        requested = _requested(attn_implementation)
+        if requested not in (None, ATTENTION_NAME):
             cls._refuse_attn_implementation(requested)
         return super().from_pretrained(*args, **kwargs)
 
