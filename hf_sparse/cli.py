@@ -90,10 +90,11 @@ def _evaluated_on(args: argparse.Namespace, data, default: str | None) -> str | 
     training data the evaluation data."""
     if not (args.dataset or args.train_file):
         return default
+    split = None if args.validation_file else _validation_split(args, data)
     if args.validation_file:
         name = os.path.basename(args.validation_file)
-    elif _validation_split(args, data) is not None:
-        name = f"{args.dataset}'s {_validation_split(args, data)!r} split"
+    elif split is not None:
+        name = f"{args.dataset}'s {split!r} split"
     else:  # load_text_dataset held out --validation-size of the training data
         source = os.path.basename(args.train_file) if args.train_file else f"{args.dataset}'s {args.split!r} split"
         name = f"held-out {100 * args.validation_size:g} % of {source}"
