@@ -171,13 +171,18 @@ def _training_options(p: argparse.ArgumentParser, steps: int, batch: int, lr: fl
     g.add_argument("--seed", type=int, default=0, help="seed of data order, masking and initialisation")
 
 
+def _flag(name: str) -> str:
+    """The command-line option of an ``args`` attribute: ``dev_size`` -> ``--dev-size``."""
+    return "--" + name.replace("_", "-")
+
+
 def _task_options(p: argparse.ArgumentParser, task: str, **options: str) -> argparse._ArgumentGroup:
     """The group of one ``sparsefinder`` task's whole-number options, ``name=what``, with no default of their own
     (check_arguments fills in SPARSEFINDER_TASK_DEFAULTS for the run's task), which the help says."""
     g = p.add_argument_group(f"{task} task")
     for name, what in options.items():
         default = SPARSEFINDER_TASK_DEFAULTS[task][name]
-        g.add_argument(f"--{name.replace('_', '-')}", type=_whole(1), help=f"{what} (default: {default})")
+        g.add_argument(_flag(name), type=_whole(1), help=f"{what} (default: {default})")
     return g
 
 
@@ -448,7 +453,7 @@ def _check_task_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     for task, options in SPARSEFINDER_TASK_DEFAULTS.items():
         for name, default in options.items():
             if task != args.task and getattr(args, name) is not None:
-                parser.error(f"--{name.replace('_', '-')} is for --task {task} (this run is --task {args.task})")
+                parser.error(f"{_flag(name)} is for --task {task} (this run is --task {args.task})")
             if task == args.task and getattr(args, name) is None:
                 setattr(args, name, default)
 
@@ -474,7 +479,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     for option in ("train_file", "validation_file", "test_file"):
         path = getattr(args, option, None)
         if path and not os.path.isfile(path):
-            parser.error(f"--{option.replace('_', '-')} {path}: no such file")
+            parser.error(f"{_flag(option)} {path}: no such file")
     if args.model and not os.path.isdir(args.model):
         if os.path.exists(args.model) or not REPO_ID.match(args.model):
             parser.error(f"--model {args.model}: not a checkpoint directory, nor a Hub model id (ORG/NAME)")
@@ -570,7 +575,7 @@ def _check_resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     # a record written before paths were recorded resolved holds them as typed: resolved here, from this folder
     before = {name: _real_path(name, value) for name, value in recorded.get("options", {}).items()}
     changed = [
-        f"--{name.replace('_', '-')} was {before.get(name)!r}, now {now.get(name)!r}"
+        f"{_flag(name)} was {before.get(name)!r}, now {now.get(name)!r}"
         for name in sorted(set(now) | set(before))
         if now.get(name) != before.get(name)
     ]
@@ -633,7 +638,7 @@ def _check_translation_data(parser: argparse.ArgumentParser, args: argparse.Name
     """Where the translation pairs come from: two plain columns or two languages of the 'translation' column, never
     both (which one was meant is not ours to guess); the test options name a split or file of the user's data."""
     given = [
-        f"--{name.replace('_', '-')}"
+        _flag(name)
         for name in ("source_column", "target_column", "source_lang", "target_lang", "test_split", "test_file")
         if getattr(args, name) is not None
     ]
@@ -735,7 +740,7 @@ def _as_options(message: str, args: argparse.Namespace) -> str:
     before = r"(?<![\w'\"./\\-])"  # not inside a word, a quoted value or a path
 
     def option(match: re.Match) -> str:
-        return "--" + options[match.group(1)].replace("_", "-") + (" " if match.group(0).endswith("=") else "")
+        return _flag(options[match.group(1)]) + (" " if match.group(0).endswith("=") else "")
 
     message = re.sub(rf"{before}({names})=(?=[^\s=])", option, message)
     snake = "|".join(re.escape(name) for name in sorted(options, key=len, reverse=True) if "_" in name)
