@@ -109,7 +109,7 @@ STREAM_STEPS = 8  # Newton steps (bisection: halvings) when it raises its bounds
 # 128 registers (sm_90 compile report, scripts/kernel_resources.py). Which is faster is a GPU's to say
 # (scripts/benchmark_stream_slots.py varies it).
 STREAM_WARPS = 4
-THRESHOLD_PASSES = ("topk", "stream")
+THRESHOLD_PASSES = ("topk", "stream", "bound")
 DEFAULT_THRESHOLD_PASS = "topk"  # "stream" is exact too, and level with it on an H200 (benchmarks/gpu.md)
 
 _kernels = None
@@ -147,6 +147,7 @@ def _load_kernels():
         from .entmax_triton_kernels import (
             backward_dkdv_kernel,
             backward_dq_kernel,
+            bound_kernel,
             fallback_kernel,
             forward_kernel,
             gather_kernel,
@@ -157,6 +158,7 @@ def _load_kernels():
 
         kernels = types.SimpleNamespace(
             threshold_kernel=threshold_kernel,
+            bound_kernel=bound_kernel,
             stream_kernel=stream_kernel,
             gather_kernel=gather_kernel,
             fallback_kernel=fallback_kernel,
@@ -274,6 +276,11 @@ class _EntmaxAttention(torch.autograd.Function):
                 kernels.threshold_kernel[grid](
                     q, k, *common["masks"], m, tau, fail, tilemax, tiles, *shared, (1 / kc) ** am1,
                     KC=kc, N_ITER=cfg["n_iter"], SORT_ABOVE=cfg["sort_above"], **common["meta"],
+                )
+            elif cfg["threshold_pass"] == "bound":  # a lower bound of τ per row; the fallback solves every row
+                kernels.bound_kernel[grid](
+                    q, k, *common["masks"], m, tau, fail, tilemax, tiles, *shared, (1 / bn) ** am1, BOUND_SLACK[acc],
+                    N_ITER=cfg["n_iter"], **common["meta"],
                 )
             else:  # "stream": every score above a rising lower bound of τ held (and its key), no sort
                 cap = STREAM_SLOTS * kc

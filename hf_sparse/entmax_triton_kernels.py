@@ -176,7 +176,7 @@ def threshold_kernel(
     m = tl.max(buf, 1)
     empty = m == NEG_INF
     m = tl.where(empty, 0.0, m)
-    lower, tau = _candidates_tau(buf, m, am1, inv_am1, bracket, ACC, KIND, N_ITER, KC)
+    lower, tau = _candidates_tau(buf, m, am1, inv_am1, bracket, ACC, KIND, N_ITER, KC, False)
     tau = tl.where(empty, float("inf"), tau)
     ok = ((rest - m) * am1 <= lower) | empty
     row_ok = offs_m < Lq
@@ -228,6 +228,69 @@ def _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, 
                 best = tl.max(left, 1)
         rest = tl.maximum(rest, best)  # the tile's scores left out
     return buf, kth, rest
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pass 1, bound variant: a lower bound of every row's τ from its largest score per key column, then the fallback
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def bound_kernel(
+    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, ALLOWED,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
+    s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
+    H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket, slack,
+    ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+):
+    """One sweep with no per-row reduction: each row keeps, per key column ``c`` of the tiles (keys ``c``,
+    ``c + BN``, ...), its largest score there, an elementwise maximum. Those ``BN`` scores are some of the row's,
+    and the τ of any subset of a row's scores is at most the row's: their τ (:func:`_candidates_tau`), lowered by
+    ``slack`` (rounding), is a lower bound from which the fallback's Newton steps find every row's τ exactly.
+    Every row with an allowed key is marked for it; no certificate. Also writes each tile's largest allowed score,
+    as the other passes do (one block-wide reduction per tile, where the ``topk`` pass merges or inserts)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BM
+    offs_m = start_m + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
+    klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
+    columns = tl.full((BM, BN), NEG_INF, ACC)  # each row's largest score per key column so far
+    cols = tl.arange(0, BN)
+    tiles = TILEMAX + (bh * n_qb + pid_m) * n_kb
+    keys = K + b * s_kb + h * s_kh
+    keep = KEEP + b * s_eb + h * s_eh
+    listed = bh * n_qb + pid_m
+    n_tiles = tl.cdiv(hi, BN)
+    if HAS_BMASK:  # the allowed tiles' list, as in threshold_kernel
+        n_tiles = _write_allowed_list(BMASK, ALLOWED + listed * n_kb, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk,
+                                      n_kb, BN, TQ, TK)
+        tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
+    for i in range(0, n_tiles):
+        start_n = i * BN
+        if HAS_BMASK:  # (a compile-time branch)
+            start_n = tl.load(ALLOWED + listed * n_kb + i) * BN
+        offs_n = start_n + cols
+        k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
+        s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP)
+        tl.store(tiles + start_n // BN, tl.max(tl.max(s, 1), 0))
+        columns = tl.maximum(columns, s)
+    m = tl.max(columns, 1)
+    empty = m == NEG_INF
+    m = tl.where(empty, 0.0, m)
+    if KIND != 2:  # the closed forms' cumulative sums, in rank order (one sort per block)
+        columns = tl.sort(columns, 1, descending=True)
+    lower, _ = _candidates_tau(columns, m, am1, inv_am1, bracket, ACC, KIND, N_ITER, BN, KIND != 2)
+    lower = lower - slack * tl.maximum(tl.abs(lower), 1.0)
+    row_ok = offs_m < Lq
+    tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
+    tl.store(TAU + bh * Lq + offs_m, tl.where(empty, float("inf"), lower), mask=row_ok)
+    tl.store(FAIL + bh * Lq + offs_m, (~empty).to(tl.int8), mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -451,16 +514,17 @@ def _held_tau(block, first, count, m, tau, am1, inv_am1, bracket, tol, ACC: tl.c
 
 @triton.jit
 def _candidates_tau(buf, m, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
-                    KC: tl.constexpr):
+                    KC: tl.constexpr, SORTED: tl.constexpr):
     """τ (on the x scale) of each row's candidate scores ``buf`` ``(BM, KC)`` (-inf: no candidate; ``m``: the
-    row's largest score, 0 for a row without any). Returns ``(lower, tau)``: the closed forms of
-    ``entmax.entmax15`` / ``entmax.sparsemax`` by rank (no sort), where both are τ; for general α
+    row's largest score, 0 for a row without any; ``SORTED``: each row descending). Returns ``(lower, tau)``: the
+    closed forms of ``entmax.entmax15`` / ``entmax.sparsemax`` by rank (:func:`_ranked_sums`), where both are τ;
+    for general α
     ``entmax_bisect``'s bisection with the bracket of a KC-element problem, where ``lower`` is the bracket's lower
     end (``Σ p̃(lower) >= 1``: a lower bound of the candidates' τ) and ``tau`` its midpoint."""
     valid = buf > NEG_INF
     if KIND == 0:
         z = tl.where(valid, (buf - m[:, None]) / 2, 0.0)
-        rho, zsum, zsq = _ranked_sums(buf, z, ACC, KC, True)
+        rho, zsum, zsq = _ranked_sums(buf, z, ACC, KC, True, SORTED)
         mean = zsum / rho
         mean_sq = zsq / rho
         ss = rho * (mean_sq - mean * mean)
@@ -471,7 +535,7 @@ def _candidates_tau(buf, m, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.c
         lower = tau
     elif KIND == 1:
         z = tl.where(valid, buf - m[:, None], 0.0)
-        rho, cs, _ = _ranked_sums(buf, z, ACC, KC, False)
+        rho, cs, _ = _ranked_sums(buf, z, ACC, KC, False, SORTED)
         cs = cs - 1
         size = tl.sum(((rho * z > cs) & valid).to(ACC), 1)
         tau = tl.sum(tl.where(rho == size[:, None], cs, 0.0), 1) / tl.maximum(size, 1.0)
@@ -490,10 +554,11 @@ def _candidates_tau(buf, m, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.c
 
 
 @triton.jit
-def _ranked_sums(buf, z, ACC: tl.constexpr, KC: tl.constexpr, SQUARES: tl.constexpr):
+def _ranked_sums(buf, z, ACC: tl.constexpr, KC: tl.constexpr, SQUARES: tl.constexpr, SORTED: tl.constexpr):
     """For each candidate ``i`` of each row (``buf`` ``(BM, KC)``, descending rank with ties by slot): its rank
     ``ρ_i`` (1 = largest) and the sums of ``z`` (and ``z²`` if ``SQUARES``) over the candidates ranked at or above
-    it: the closed forms' cumulative sums without a sort. One candidate ``j`` against all at a time, in a loop
+    it: the closed forms' cumulative sums. Rows already sorted (``SORTED``, descending): the slot is the rank, and
+    the sums are cumulative sums. Otherwise without a sort: one candidate ``j`` against all at a time, in a loop
     that is not unrolled. All pairs at once, as a ``(BM, KC, KC)`` comparison, the registers ran out: 255 per
     thread and 2 KB spilled in the threshold pass (``KC = 32``; 128 and none this way), and LLVM worked for minutes
     on the collect pass (``KC = 64``); ``scripts/kernel_resources.py`` reports both."""
@@ -501,14 +566,20 @@ def _ranked_sums(buf, z, ACC: tl.constexpr, KC: tl.constexpr, SQUARES: tl.conste
     rho = tl.zeros(buf.shape, ACC)
     zsum = tl.zeros(buf.shape, ACC)
     zsq = tl.zeros(buf.shape, ACC)
-    for j in range(KC):
-        other = tl.max(tl.where(slots[None, :] == j, buf, NEG_INF), 1)  # candidate j of each row
-        other_z = tl.sum(tl.where(slots[None, :] == j, z, 0.0), 1)
-        ahead = (other[:, None] > buf) | ((other[:, None] == buf) & (j <= slots[None, :]))
-        rho += ahead.to(ACC)
-        zsum += tl.where(ahead, other_z[:, None], 0.0)
+    if SORTED:
+        rho += (slots + 1).to(ACC)[None, :]
+        zsum = tl.cumsum(z, 1)
         if SQUARES:
-            zsq += tl.where(ahead, (other_z * other_z)[:, None], 0.0)
+            zsq = tl.cumsum(z * z, 1)
+    else:
+        for j in range(KC):
+            other = tl.max(tl.where(slots[None, :] == j, buf, NEG_INF), 1)  # candidate j of each row
+            other_z = tl.sum(tl.where(slots[None, :] == j, z, 0.0), 1)
+            ahead = (other[:, None] > buf) | ((other[:, None] == buf) & (j <= slots[None, :]))
+            rho += ahead.to(ACC)
+            zsum += tl.where(ahead, other_z[:, None], 0.0)
+            if SQUARES:
+                zsq += tl.where(ahead, (other_z * other_z)[:, None], 0.0)
     return rho, zsum, zsq
 
 

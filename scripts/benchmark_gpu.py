@@ -136,7 +136,7 @@ def correctness(n, heads, dim, device, lines):
     base = [torch.randn(1, heads, n, dim, generator=g) for _ in range(3)]
     for causal in (False, True):
         mask = "causal" if causal else "non-causal"
-        for threshold_pass in ("topk", "stream"):
+        for threshold_pass in ("topk", "stream", "bound"):
             try:  # one pass failing (a kernel the GPU's compiler refuses) must not cost the other's lines
                 lines.append(correctness_line(base, n, heads, dim, device, causal, threshold_pass))
             except Exception as exc:
@@ -218,6 +218,7 @@ def attention_op(lengths, heads, dim, device, rows, flex):
                 "flex": partial(flex, q, k, v, causal) if flex is not None else None,
                 "fused": partial(entmax_attention, q, k, v, causal=causal, threshold_pass="topk"),
                 "stream": partial(entmax_attention, q, k, v, causal=causal, threshold_pass="stream"),
+                "bound": partial(entmax_attention, q, k, v, causal=causal, threshold_pass="bound"),
                 "topk": partial(dense_entmax_attention, q, k, v, causal, "topk"),
                 "package": partial(dense_entmax_attention, q, k, v, causal, "package"),
             }
@@ -495,9 +496,11 @@ def kernel_profile(device, smoke, lines):
     # CPU simulation of these inputs: 85 % of rows fail 16 candidates, 3 fallback passes per 64-row block; 32
     # candidates: 20 %, 1.9). "stream": one sweep without sorting or certificate (scripts/simulate_threshold_passes.py:
     # 3.6 raisings of the bounds per 64-row block at L = 8192 with 128 slots per row, no row outgrowing them).
-    choices = [((16, 16, 16), "topk"), ((16, 16, 16), "stream")] if smoke else [
-        (GPU_BLOCKS, "topk"), (GPU_BLOCKS, "stream"), ((64, 64, 16), "stream"), ((64, 64, 16), "topk"),
-        ((128, 64, 32), "topk"),
+    # "bound": a sweep with no per-row reduction (each row's largest score per key column), then the fallback's
+    # Newton sweeps for every row (simulated: about 3 per 64-row block from 64 column maxima at L = 8192).
+    choices = [((16, 16, 16), "topk"), ((16, 16, 16), "stream"), ((16, 16, 16), "bound")] if smoke else [
+        (GPU_BLOCKS, "topk"), (GPU_BLOCKS, "bound"), (GPU_BLOCKS, "stream"), ((64, 128, 32), "bound"),
+        ((64, 64, 16), "stream"), ((64, 64, 16), "topk"), ((128, 64, 32), "topk"),
     ]
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -672,13 +675,13 @@ def render(results: dict, notes: list, device, heads: int, dim: int, started: fl
         "## Attention q, k, v -> output, bfloat16, ms (ratio to SDPA in the same row)",
         "",
         "SDPA and FlexAttention compute softmax attention (the target to be compared with); the others compute"
-        " exact 1.5-entmax attention: the fused kernel with each threshold pass (`topk`, the default, and"
-        " `stream`), matmul + `entmax_topk` + matmul, and matmul + the `entmax` package + matmul (scores in"
+        " exact 1.5-entmax attention: the fused kernel with each threshold pass (`topk`, the default, `stream`"
+        " and `bound`), matmul + `entmax_topk` + matmul, and matmul + the `entmax` package + matmul (scores in"
         " float32).",
         "",
-        "| L | mask | pass | SDPA | FlexAttention | fused entmax | fused, stream | matmul + entmax_topk "
-        "| matmul + entmax package |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| L | mask | pass | SDPA | FlexAttention | fused entmax | fused, stream | fused, bound "
+        "| matmul + entmax_topk | matmul + entmax package |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         *op_rows,
         "",
         "## float32 inputs: the fused kernel against matmul + `entmax_topk` + matmul (the `eager` path), ms",

@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 import types
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -85,7 +86,7 @@ def compare(versions: dict, n: int, heads: int, dim: int, dtype, causal: bool, d
     return row
 
 
-def compare_generate(baseline, device, repeats: int, smoke: bool) -> list[str]:
+def compare_generate(baseline, this, device, repeats: int, smoke: bool) -> list[str]:
     """The entmax Marian's ``generate`` with the baseline's kernel and this checkout's (the models call
     ``attention.entmax_attention``, patched for the baseline), and the softmax model; the token ids must agree.
     Timed round-robin, one call of each per round, medians over the rounds: a whole ``generate`` is host-bound,
@@ -94,7 +95,7 @@ def compare_generate(baseline, device, repeats: int, smoke: bool) -> list[str]:
     variants = {
         "softmax": ("softmax", None),
         "baseline": ("entmax15", baseline.entmax_attention),
-        "this checkout": ("entmax15", entmax_triton.entmax_attention),
+        "this checkout": ("entmax15", this),
     }
     models, times, tokens = {}, {name: [] for name in variants}, {}
     kept = attention.entmax_attention
@@ -118,7 +119,7 @@ def compare_generate(baseline, device, repeats: int, smoke: bool) -> list[str]:
     for _ in range(repeats):
         for name in variants:
             times[name].append(median_ms(lambda name=name: run(name), 1, device))
-    soft, base, this = (statistics.median(times[name]) for name in variants)
+    soft, base, ours = (statistics.median(times[name]) for name in variants)
     same = torch.equal(tokens["baseline"], tokens["this checkout"])
     return [
         "",
@@ -127,7 +128,7 @@ def compare_generate(baseline, device, repeats: int, smoke: bool) -> list[str]:
         "",
         "| softmax | baseline | this | this / baseline | same tokens |",
         "|---:|---:|---:|---:|---|",
-        f"| {soft:.0f} | {base:.0f} ({base / soft:.2f}x) | {this:.0f} ({this / soft:.2f}x) | {this / base:.2f} "
+        f"| {soft:.0f} | {base:.0f} ({base / soft:.2f}x) | {ours:.0f} ({ours / soft:.2f}x) | {ours / base:.2f} "
         f"| {'yes' if same else 'NO'} |",
     ]
 
@@ -140,6 +141,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--generate", action="store_true", help="also time the entmax Marian's generate")
+    parser.add_argument(
+        "--threshold-pass", choices=entmax_triton.THRESHOLD_PASSES, default=None,
+        help="this checkout's threshold pass (default: its DEFAULT_THRESHOLD_PASS); the baseline runs its default",
+    )
     parser.add_argument("--output", type=Path, default=None, help="also write the table here (markdown)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -151,10 +156,11 @@ def main(argv=None) -> int:
     repeats = 1 if smoke else args.repeats
     dtype = torch.float32 if smoke else torch.bfloat16  # the interpreter's bf16 dot is not a GPU's
     baseline = load_baseline(args.baseline)
+    this = partial(entmax_triton.entmax_attention, threshold_pass=args.threshold_pass)
     versions = {
         "SDPA": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
         "baseline": lambda q, k, v, causal: baseline.entmax_attention(q, k, v, causal=causal),
-        "this checkout": lambda q, k, v, causal: entmax_triton.entmax_attention(q, k, v, causal=causal),
+        "this checkout": lambda q, k, v, causal: this(q, k, v, causal=causal),
     }
     began = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
@@ -180,7 +186,7 @@ def main(argv=None) -> int:
             lines.append(line)
             print(line, flush=True)
     if args.generate:
-        rows = compare_generate(baseline, device, repeats, smoke)
+        rows = compare_generate(baseline, this, device, repeats, smoke)
         lines += rows
         print("\n".join(rows), flush=True)
     lines.append("")

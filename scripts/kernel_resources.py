@@ -62,6 +62,8 @@ CASES = {
     "stream": Case(threshold_pass="stream"),
     "stream-causal-dropout": Case(threshold_pass="stream", causal=True, dropout=0.1),  # its gather's dropout
     "stream-bisection": Case(threshold_pass="stream", alpha=1.3),  # its bisection over the held scores
+    "bound": Case(threshold_pass="bound"),  # its sort of the column maxima
+    "bound-block-mask-bisection": Case(threshold_pass="bound", alpha=1.3, block_mask=True),
     "float32": Case(dtype=torch.float32),  # full float32 products (torch's default precision)
     "tf32": Case(dtype=torch.float32, float32_precision="high"),
     "sparsemax": Case(alpha=2.0),

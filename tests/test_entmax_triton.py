@@ -151,6 +151,51 @@ def test_the_stream_pass_raises_its_bound_as_its_slots_fill_and_stays_exact(alph
     assert torch.equal(probabilities(q, k, alpha, **kwargs) > 0, p_ref > 0)
 
 
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+def test_the_bound_pass_starts_every_row_from_the_threshold_of_its_column_maxima(alpha, monkeypatch):
+    """``bound``: a row's largest score in each of the 16 key columns of the tiles (keys c, c + 16, ...) is a
+    subset of its scores, so their τ is at most the row's. That τ, lowered by the slack, is what the fallback
+    starts from, for every row with a key (here all rows but the second sequence's, which has none), and it is
+    still exact."""
+    kernels = entmax_triton._load_kernels()
+    started, fallback = [], kernels.fallback_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                started.append((args[5].clone(), args[6].clone(), args[7].clone()))  # m, tau, FAIL
+                return fallback[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernels, "fallback_kernel", Spy())
+    b, lq, lk = 2, 24, 80
+    q, k, v = inputs(b, 1, lq, lk, 16, seed=9)
+    key_lengths = torch.tensor([lk, 0], device=DEVICE)
+    allowed = dense_allowed(b, 1, lq, lk, key_lengths=key_lengths)
+    kwargs = dict(blocks=(16, 16, 16), threshold_pass="bound", key_lengths=key_lengths)
+    p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, **kwargs)
+    m, bound, fail = (t.cpu().view(b, lq) for t in started[0])
+    assert fail[0].all() and not fail[1].any() and torch.isinf(bound[1]).all()
+
+    scores = (q @ k.transpose(-1, -2)).detach().cpu()[:, 0] / 4  # (B, Lq, Lk), scaled by 16 ** -0.5
+    row = scores[0]
+    torch.testing.assert_close(m[0], row.max(-1).values, atol=1e-12, rtol=0)
+    columns = row.view(lq, lk // 16, 16).amax(1)  # (Lq, 16): the largest score of each key column
+
+    def x_threshold(s, p):  # τ on the x scale, x = (α - 1)(s - m), from probabilities p = [x - τ]₊^{1/(α-1)}
+        x = (alpha - 1) * (s - s.max(-1, keepdim=True).values)
+        return torch.where(p > 0, x - p ** (alpha - 1), torch.inf).amin(-1)
+
+    reference_p = (entmax15 if alpha == 1.5 else sparsemax if alpha == 2 else lambda t: entmax_alpha(t, alpha))
+    of_columns = x_threshold(columns, reference_p(columns))
+    of_row = x_threshold(row, p_ref[0, 0].detach())
+    assert (bound[0] <= of_row).all()  # a lower bound of every row's τ
+    if alpha != 1.3:  # the closed forms: the columns' τ itself (bisection: the lower end of its bracket)
+        torch.testing.assert_close(bound[0], of_columns - 1e-12 * of_columns.abs().clamp(min=1), atol=1e-9, rtol=0)
+    assert (bound[0] > of_row - 0.5).all() and (bound[0] < of_row).any()  # close, and not already the row's
+
+
 def poison_new_buffers(monkeypatch) -> None:
     """``torch.empty`` returns buffers already written with values that look real (1e3 scores, key index 70): a
     kernel that reads a slot it never wrote then gives a wrong result every time, not only when the allocator

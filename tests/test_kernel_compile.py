@@ -13,9 +13,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SWEEPS = {"threshold_kernel", "fallback_kernel", "forward_kernel", "backward_dq_kernel", "backward_dkdv_kernel"}
-TOPK = SWEEPS | {"tile_columns_kernel"}  # the sweeps write their own tile lists: no list kernel of their own
-STREAM = TOPK - {"threshold_kernel"} | {"stream_kernel", "gather_kernel"}
+# after the threshold pass, whichever it is; the sweeps write their own tile lists: no list kernel of their own
+LATER = {"fallback_kernel", "forward_kernel", "backward_dq_kernel", "backward_dkdv_kernel", "tile_columns_kernel"}
+TOPK = LATER | {"threshold_kernel"}
+STREAM = LATER | {"stream_kernel", "gather_kernel"}
+BOUND = LATER | {"bound_kernel"}
+SWEEPS = TOPK - {"tile_columns_kernel"} | {"bound_kernel"}
 # the sweeps over key (or query) tiles that must stay software-pipelined: their loop bodies hold no branch on the
 # tile (tile lists instead) and no inner loop; full float32's dK/dV kernel runs unpipelined on purpose
 # (entmax_triton.FULL_PRECISION_DKDV_STAGES)
@@ -29,6 +32,8 @@ EXPECTED = {
     "stream": STREAM,
     "stream-causal-dropout": STREAM,
     "stream-bisection": STREAM,
+    "bound": BOUND,
+    "bound-block-mask-bisection": BOUND,
     "float32": TOPK,
     "tf32": TOPK,
     "sparsemax": TOPK,
