@@ -23,11 +23,18 @@ output is one flash-style pass, and a tile whose largest score is below every ro
    bound. Such a row's output then comes from step 3; every other row's from its held support directly
    (``gather_kernel``: ``Σ p v`` over the held keys' values, no score recomputed), so the forward sweeps the keys
    once. Memory: ``B·H·Lq·4·KC`` scores and key indices (128 MiB at L = 8192, 16 heads), freed after the call.
+   **Bound variant** (``threshold_pass="bound"``, ``bound_kernel``): one sweep with no per-row reduction. Each row
+   keeps its two largest scores in each key column of the tiles (keys ``c, c + BN, c + 2·BN, ...``), two
+   elementwise maxima per score; those ``2·BN`` scores are some of the row's, and the τ of any subset of a row's
+   scores is at most the row's, so their τ (one sort per query block, then the closed forms; bisection for general
+   α) is a lower bound of it. Every row then goes to the fallback, which starts from that bound. On an H200 at
+   L = 8192 this sweep took 0.67 ms against the ``topk`` pass's 4.5 (``benchmarks/gpu.md``).
 2. **Fallback** (``fallback_kernel``, only query tiles holding a row that failed the certificate do any work):
    Newton's method on ``Σ_j p̃_ij(τ) = 1`` over all the row's keys, a sweep over the key tiles per step,
    started from the candidates' τ (a lower bound: more scores only raise it; ``f`` is convex for α <= 2, so the
    steps approach the root from the left; bisection for α > 2). The closed forms stop as soon as the closed form on
-   ``S = {x > τ}`` (``Σ x``, ``Σ x²`` over it) keeps all of ``S`` in its support: then it is the row's τ, exactly,
+   ``S = {x > τ}`` (its size, ``Σ (x - τ)`` and ``Σ (x - τ)²``: the Newton step's own sums) keeps all of ``S`` in
+   its support: then it is the row's τ, exactly,
    whatever the support's size.
 3. **Output pass** (``forward_kernel``; with ``stream``, only for the rows the fallback solved): ``O = Σ p v``
    over the tiles that can hold a nonzero ``p`` (allowed by causality, padding and the block mask, and with a

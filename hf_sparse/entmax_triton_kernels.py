@@ -420,58 +420,56 @@ def _keep_above(block, keys, first, count, m, tau, am1, CHUNK: tl.constexpr):
 @triton.jit
 def _held_sums(block, first, count, m, tau, am1, inv_am1, ACC: tl.constexpr, KIND: tl.constexpr,
                CHUNK: tl.constexpr):
-    """Over each row's ``count`` held scores (from ``block + first``), ``x = (α-1)(s - m)``: ``f = Σ p̃(τ)``,
-    ``-f'(τ)`` (1.5-entmax, sparsemax), and over ``S = {x > τ}`` its size, ``Σ x``, ``Σ x²`` and smallest ``x``."""
+    """:func:`_add_sums` over each row's ``count`` held scores (from ``block + first``), ``x = (α-1)(s - m)``."""
     chunk = tl.arange(0, CHUNK)
     f = tl.zeros(m.shape, ACC)
     slope = tl.zeros(m.shape, ACC)
     n = tl.zeros(m.shape, ACC)
-    s1 = tl.zeros(m.shape, ACC)
-    s2 = tl.zeros(m.shape, ACC)
     smallest = tl.full(m.shape, float("inf"), ACC)
     for c0 in range(0, tl.max(count, 0), CHUNK):  # the chunks some row of the block uses
         held = tl.load(block + (first + c0 + chunk[None, :]), mask=(c0 + chunk)[None, :] < count[:, None],
                        other=NEG_INF)
-        f, slope, n, s1, s2, smallest = _add_sums(
-            (held - m[:, None]) * am1, tau, f, slope, n, s1, s2, smallest, inv_am1, ACC, KIND
-        )
-    return f, slope, n, s1, s2, smallest
+        f, slope, n, smallest = _add_sums((held - m[:, None]) * am1, tau, f, slope, n, smallest, inv_am1, ACC, KIND)
+    return f, slope, n, smallest
 
 
 @triton.jit
-def _add_sums(x, tau, f, slope, n, s1, s2, smallest, inv_am1, ACC: tl.constexpr, KIND: tl.constexpr):
-    """Adds a tile ``x`` ``(BM, W)`` (x scale; -inf: no score) to each row's Newton sums at ``tau``: ``f = Σ p̃(τ)``,
-    ``-f'(τ)``, and for the closed forms (1.5-entmax, sparsemax) over ``S = {x > τ}`` its size, ``Σ x``, ``Σ x²``
-    and smallest ``x``. The fallback adds tiles of recomputed scores, the streaming pass chunks of held ones."""
+def _add_sums(x, tau, f, slope, n, smallest, inv_am1, ACC: tl.constexpr, KIND: tl.constexpr):
+    """Adds a tile ``x`` ``(BM, W)`` (x scale; -inf: no score) to each row's Newton sums at ``tau``: ``f = Σ p̃(τ)``
+    and ``-f'(τ)``, and for the closed forms (1.5-entmax, sparsemax) the size and smallest ``x`` of ``S = {x >
+    τ}``. With ``d = x - τ`` over S, 1.5-entmax's ``f = Σ d²`` and ``-f' = 2 Σ d``, sparsemax's ``f = Σ d`` and ``-f'
+    = |S|``: the sums the closed form on S takes (:func:`_closed_form`), so four reductions per tile (three for
+    sparsemax), not Σ x and Σ x² besides. The fallback adds tiles of recomputed scores, the streaming pass chunks
+    of held ones."""
     d = x - tau[:, None]
     pos = d > 0
     if KIND != 2:
-        n += tl.sum(pos.to(ACC), 1)
-        s1 += tl.sum(tl.where(pos, x, 0.0), 1)
-        s2 += tl.sum(tl.where(pos, x * x, 0.0), 1)
         smallest = tl.minimum(smallest, tl.min(tl.where(pos, x, float("inf")), 1))
     if KIND == 0:
         d = tl.where(pos, d, 0.0)
         f += tl.sum(d * d, 1)
-        slope += tl.sum(2 * d, 1)
+        slope += 2 * tl.sum(d, 1)
+        n += tl.sum(pos.to(ACC), 1)
     elif KIND == 1:
         f += tl.sum(tl.where(pos, d, 0.0), 1)
-        slope += tl.sum(pos.to(ACC), 1)
+        size = tl.sum(pos.to(ACC), 1)
+        slope += size
+        n += size
     else:
         power = _unnormalised(x, tau, inv_am1, KIND)
         f += tl.sum(power, 1)
         slope += tl.sum(tl.where(pos, power / tl.where(pos, d, 1.0), 0.0), 1) * inv_am1
-    return f, slope, n, s1, s2, smallest
+    return f, slope, n, smallest
 
 
 @triton.jit
-def _newton_step(f, slope, n, s1, s2, smallest, tau, active, solved, tol, KIND: tl.constexpr):
+def _newton_step(f, slope, n, smallest, tau, active, solved, tol, KIND: tl.constexpr):
     """One step towards each active row's τ from its sums at ``tau`` (:func:`_add_sums`); returns ``(tau,
     active, solved)``. Closed forms first: ``S = {x > τ}`` holds the support (τ <= the row's), and τ_S, the closed
     form on S, is the row's τ exactly when S's smallest score lies above it; such a row is solved and stops.
     Then Newton on ``Σ p̃ = 1``; a row whose step falls below ``tol`` stops unsolved."""
     if KIND != 2:
-        closed = _closed_form(n, s1, s2, KIND)
+        closed = _closed_form(f, slope, n, tau, KIND)
         exact = active & (smallest > closed)
         tau = tl.where(exact, closed, tau)
         solved = solved | exact
@@ -499,15 +497,15 @@ def _held_tau(block, first, count, m, tau, am1, inv_am1, bracket, tol, ACC: tl.c
         for _ in range(STEPS):
             dm = dm / 2
             mid = lower + dm
-            total, _, _, _, _, _ = _held_sums(block, first, count, m, mid, am1, inv_am1, ACC, KIND, CHUNK)
+            total, _, _, _ = _held_sums(block, first, count, m, mid, am1, inv_am1, ACC, KIND, CHUNK)
             lower = tl.where(total >= 1, mid, lower)
         return lower, mid, mid == mid
     solved = tau != tau  # all False
     active = ~solved
     steps = 0
     while (tl.max(active.to(tl.int32), 0) > 0) & (steps < STEPS):
-        f, slope, n, s1, s2, smallest = _held_sums(block, first, count, m, tau, am1, inv_am1, ACC, KIND, CHUNK)
-        tau, active, solved = _newton_step(f, slope, n, s1, s2, smallest, tau, active, solved, tol, KIND)
+        f, slope, n, smallest = _held_sums(block, first, count, m, tau, am1, inv_am1, ACC, KIND, CHUNK)
+        tau, active, solved = _newton_step(f, slope, n, smallest, tau, active, solved, tol, KIND)
         steps += 1
     return tau, tau, solved
 
@@ -646,49 +644,47 @@ def fallback_kernel(
                 f = tl.zeros((BM,), ACC)
                 slope = tl.zeros((BM,), ACC)  # -f'(τ)
                 n = tl.zeros((BM,), ACC)
-                s1 = tl.zeros((BM,), ACC)
-                s2 = tl.zeros((BM,), ACC)
                 smallest = tl.full((BM,), float("inf"), ACC)
                 for i in range(0, n_tiles):
                     offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
                     k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
                     s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF,
                                 scale, ACC, PREC, CAUSAL, HAS_KEEP)
-                    f, slope, n, s1, s2, smallest = _add_sums(
-                        (s - m[:, None]) * am1, tau, f, slope, n, s1, s2, smallest, inv_am1, ACC, KIND
+                    f, slope, n, smallest = _add_sums(
+                        (s - m[:, None]) * am1, tau, f, slope, n, smallest, inv_am1, ACC, KIND
                     )
-                tau, active, solved = _newton_step(f, slope, n, s1, s2, smallest, tau, active, solved, tol, KIND)
+                tau, active, solved = _newton_step(f, slope, n, smallest, tau, active, solved, tol, KIND)
                 steps += 1
         if KIND != 2:  # (never BISECT: that is α > 2)
             if tl.max((~solved).to(tl.int32), 0) > 0:  # Newton stopped short: τ from the support {x > τ}
+                f = tl.zeros((BM,), ACC)
+                slope = tl.zeros((BM,), ACC)
                 n = tl.zeros((BM,), ACC)
-                s1 = tl.zeros((BM,), ACC)
-                s2 = tl.zeros((BM,), ACC)
+                smallest = tl.full((BM,), float("inf"), ACC)
                 for i in range(0, n_tiles):
                     offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
                     k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
                     s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
                                 ACC, PREC, CAUSAL, HAS_KEEP)
-                    x = (s - m[:, None]) * am1
-                    inside = x > tau[:, None]
-                    n += tl.sum(inside.to(ACC), 1)
-                    s1 += tl.sum(tl.where(inside, x, 0.0), 1)
-                    s2 += tl.sum(tl.where(inside, x * x, 0.0), 1)
-                tau = tl.where(solved, tau, _closed_form(n, s1, s2, KIND))
+                    f, slope, n, smallest = _add_sums(
+                        (s - m[:, None]) * am1, tau, f, slope, n, smallest, inv_am1, ACC, KIND
+                    )
+                tau = tl.where(solved, tau, _closed_form(f, slope, n, tau, KIND))
         tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok & fail)
 
 
 @triton.jit
-def _closed_form(n, s1, s2, KIND: tl.constexpr):
-    """τ of the closed forms on a set of ``n`` scores with sums ``s1`` (x) and ``s2`` (x²): 1.5-entmax
-    ``mean - sqrt((1 - ss) / n)``, sparsemax ``(s1 - 1) / n``."""
+def _closed_form(f, slope, n, tau, KIND: tl.constexpr):
+    """τ of the closed forms on ``S = {x > tau}`` from :func:`_add_sums`' sums over it (``n = |S|``, ``d = x -
+    tau``): 1.5-entmax ``mean - sqrt((1 - ss) / n)`` with ``mean = tau + Σ d / n`` and ``ss = Σ d² - (Σ d)² / n``
+    (the spread of S about its mean, the same about any origin); sparsemax ``tau + (Σ d - 1) / n``."""
     n = tl.maximum(n, 1.0)
     if KIND == 0:
-        mean = s1 / n
-        delta = (1 - n * (s2 / n - mean * mean)) / n
-        return mean - tl.sqrt(tl.maximum(delta, 0.0))
+        mean_d = slope / 2 / n
+        delta = (1 - (f - slope / 2 * mean_d)) / n
+        return tau + mean_d - tl.sqrt(tl.maximum(delta, 0.0))
     else:
-        return (s1 - 1) / n
+        return tau + (f - 1) / n
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -369,7 +369,7 @@ def test_explicit_scaling_and_value_dim_other_than_key_dim():
         (dict(n_iter=0), "n_iter must be"),
         (dict(dropout=1.5), r"dropout must be a probability in \[0, 1\] \(0 in eval\), got 1.5"),
         (dict(dropout=True), "dropout must be a probability"),
-        (dict(threshold_pass="sort"), "threshold_pass must be one of topk, stream, got 'sort'"),
+        (dict(threshold_pass="sort"), "threshold_pass must be one of topk, stream, bound, got 'sort'"),
     ],
 )
 def test_bad_input_is_refused_naming_the_value(change, message):
