@@ -117,7 +117,9 @@ STREAM_STEPS = 8  # Newton steps (bisection: halvings) when it raises its bounds
 # (scripts/benchmark_stream_slots.py varies it).
 STREAM_WARPS = 4
 THRESHOLD_PASSES = ("topk", "stream", "bound")
-DEFAULT_THRESHOLD_PASS = "topk"  # "stream" is exact too, and level with it on an H200 (benchmarks/gpu.md)
+# all three are exact; on an H200 "bound" took 0.66-0.83 of "topk"'s forward from L = 4096 ("stream": 0.9), and
+# ran level with it when decoding (benchmarks/gpu.md)
+DEFAULT_THRESHOLD_PASS = "bound"
 
 _kernels = None
 
@@ -285,9 +287,9 @@ class _EntmaxAttention(torch.autograd.Function):
                     KC=kc, N_ITER=cfg["n_iter"], SORT_ABOVE=cfg["sort_above"], **common["meta"],
                 )
             elif cfg["threshold_pass"] == "bound":  # a lower bound of τ per row; the fallback solves every row
-                kernels.bound_kernel[grid](
-                    q, k, *common["masks"], m, tau, fail, tilemax, tiles, *shared, (1 / bn) ** am1, BOUND_SLACK[acc],
-                    N_ITER=cfg["n_iter"], **common["meta"],
+                kernels.bound_kernel[grid](  # (2·bn scores per row: its bisection's bracket)
+                    q, k, *common["masks"], m, tau, fail, tilemax, tiles, *shared, (1 / (2 * bn)) ** am1,
+                    BOUND_SLACK[acc], N_ITER=cfg["n_iter"], **common["meta"],
                 )
             else:  # "stream": every score above a rising lower bound of τ held (and its key), no sort
                 cap = STREAM_SLOTS * kc
@@ -479,8 +481,10 @@ def entmax_attention(
         threshold_pass: how each row's τ is found, with the same result (only the speed differs; default
             :data:`DEFAULT_THRESHOLD_PASS`): ``"topk"`` keeps each row's ``candidates`` largest scores in one sweep
             (merging tiles by sorting while many enter); ``"stream"`` holds every score above a rising lower bound
-            of τ (up to four times ``candidates``), with no sort, and takes the output from the held support.
-            Rows beyond either go to the exact fallback.
+            of τ (up to four times ``candidates``), with no sort, and takes the output from the held support;
+            ``"bound"`` keeps each row's two largest scores per key column, whose τ bounds the row's from below,
+            and solves every row from there. Rows beyond the first two, and every row of the third, go to the
+            exact fallback.
 
     Rows with no allowed key give zeros (and zero gradients). Differentiable in query, key and value.
     """

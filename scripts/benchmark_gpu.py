@@ -347,7 +347,7 @@ def whole_models(device, smoke, lines):
 
     - SparseBERT, 2 layers, hidden 768, 12 heads, L = 4096, batch 1: one training step (forward, MLM loss,
       backward; BERT's default dropout, attention dropout 0.1 included), float32 and bfloat16 autocast; entmax15
-      on the fused kernel (``auto`` on CUDA) with each threshold pass, and on ``eager``
+      on the fused kernel (``auto`` on CUDA) with its ``bound`` and ``topk`` threshold passes, and on ``eager``
       (matmul + ``entmax_topk`` + matmul).
     - entmax Marian, 6 + 6 layers, d_model 512, 8 heads: ``generate`` of 16 sequences x 64 new tokens from 64-token
       sources (greedy, ``min_new_tokens`` = 64 so every run decodes the same count), entmax15 in every attention.
@@ -379,12 +379,14 @@ def whole_models(device, smoke, lines):
     from hf_sparse import entmax_triton
 
     results = {}
-    variants = (("softmax", "auto"), ("entmax15", "auto"), ("entmax15", "stream"), ("entmax15", "eager"))
+    # (attention_fn, backend, the fused kernel's threshold pass, set through the models' default)
+    variants = (
+        ("softmax", "auto", None), ("entmax15", "auto", "bound"), ("entmax15", "auto", "topk"),
+        ("entmax15", "eager", None),
+    )
     default_pass = entmax_triton.DEFAULT_THRESHOLD_PASS
-    for fn, variant in variants:
-        backend = "auto" if variant == "stream" else variant
-        # "stream": the fused kernel's streaming threshold pass, through the models' default
-        entmax_triton.DEFAULT_THRESHOLD_PASS = "stream" if variant == "stream" else default_pass
+    for fn, backend, threshold_pass in variants:
+        entmax_triton.DEFAULT_THRESHOLD_PASS = threshold_pass or default_pass
         config = SparseBertConfig(
             vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
             intermediate_size=4 * hidden, max_position_embeddings=length, attention_fn=fn, attention_backend=backend,
@@ -397,7 +399,7 @@ def whole_models(device, smoke, lines):
                     continue
                 ms = time_ms(partial(step, model, mode), device, budget_s=1.0)
                 kernel = sorted(set(model.attention_backends_used().values()))
-                results[fn, variant, mode] = (ms, "/".join(kernel))
+                results[fn, backend, threshold_pass, mode] = (ms, "/".join(kernel))
         finally:
             entmax_triton.DEFAULT_THRESHOLD_PASS = default_pass
         del model
@@ -406,14 +408,14 @@ def whole_models(device, smoke, lines):
     lines += [
         f"SparseBERT training step ({layers} layers, hidden {hidden}, {heads} heads, L={length}, batch 1), ms:",
         "",
-        "| precision | softmax | entmax15 (auto) | entmax15 (auto, `stream` pass) | entmax15 (eager) | auto / softmax "
-        "| stream / softmax |",
+        "| precision | softmax | entmax15 (auto, `bound` pass) | entmax15 (auto, `topk` pass) | entmax15 (eager) "
+        "| bound / softmax | topk / softmax |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in modes:
-        if ("softmax", "auto", mode) not in results:
+        if ("softmax", "auto", None, mode) not in results:
             continue
-        row = [results[fn, variant, mode] for fn, variant in variants]
+        row = [results[(*variant, mode)] for variant in variants]
         lines.append(
             f"| {mode} | "
             + " | ".join(f"{ms:.1f} ({name})" for ms, name in row)
@@ -499,7 +501,7 @@ def kernel_profile(device, smoke, lines):
     # "bound": a sweep with no per-row reduction (each row's largest score per key column), then the fallback's
     # Newton sweeps for every row (simulated: about 3 per 64-row block from 64 column maxima at L = 8192).
     choices = [((16, 16, 16), "topk"), ((16, 16, 16), "stream"), ((16, 16, 16), "bound")] if smoke else [
-        (GPU_BLOCKS, "topk"), (GPU_BLOCKS, "bound"), (GPU_BLOCKS, "stream"), ((64, 128, 32), "bound"),
+        (GPU_BLOCKS, "bound"), (GPU_BLOCKS, "topk"), ((64, 128, 32), "bound"), (GPU_BLOCKS, "stream"),
         ((64, 64, 16), "stream"), ((64, 64, 16), "topk"), ((128, 64, 32), "topk"),
     ]
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
