@@ -6,36 +6,41 @@
 ``p_ij = [(α-1)(s_ij - m_i) - τ_i]₊^{1/(α-1)}`` (``m_i`` the row's largest score), so once ``τ`` is known the
 output is one flash-style pass, and a tile whose largest score is below every row's threshold is skipped.
 
-1. **Threshold pass** (``threshold_kernel``): one sweep over the row's key tiles keeps its ``KC`` largest scores
-   and the largest score it left out, ``rest``. A tile whose scores above the current ``KC``-th are few inserts
-   them one round each; one with many (the first tiles) is merged by sorting (the elementwise max of a descending
-   and an ascending sorted run is the top half of their union). On the candidates: 1.5-entmax and sparsemax by the
-   closed forms of ``entmax.entmax15`` / ``entmax.sparsemax`` (cumulative sums by rank, no sort), general α by
-   ``entmax_bisect``'s bisection. The certificate
-   of :mod:`hf_sparse.entmax_topk` applies unchanged: if ``(α-1)(rest - m) <= τ`` no other key enters the
-   support, so the candidates' τ is the row's τ, exactly. The sweep also records each tile's largest score.
-   **Streaming variant** (``threshold_pass="stream"``, ``stream_kernel``): one sweep without sorting. Each row
-   appends every score above a lower bound of its τ, and its key's index, to ``4·KC`` slots in global memory
-   (ranks by a cumulative sum); when a tile would overflow some row's slots, the block raises each row's bound to
-   the τ of what it holds (a τ of some of the row's scores: never above the row's) and keeps only the scores
-   above it. At the end the slots hold the support, whose τ follows exactly (Newton with the closed forms' check,
-   as in the fallback); no certificate, and rows whose support outgrows the slots go to the fallback from their
-   bound. Such a row's output then comes from step 3; every other row's from its held support directly
-   (``gather_kernel``: ``Σ p v`` over the held keys' values, no score recomputed), so the forward sweeps the keys
-   once. Memory: ``B·H·Lq·4·KC`` scores and key indices (128 MiB at L = 8192, 16 heads), freed after the call.
-   **Bound variant** (``threshold_pass="bound"``, ``bound_kernel``): one sweep with no per-row reduction. Each row
-   keeps its two largest scores in each key column of the tiles (keys ``c, c + BN, c + 2·BN, ...``), two
-   elementwise maxima per score; those ``2·BN`` scores are some of the row's, and the τ of any subset of a row's
-   scores is at most the row's, so their τ (one sort per query block, then the closed forms; bisection for general
-   α) is a lower bound of it. Every row then goes to the fallback, which starts from that bound. On an H200 at
-   L = 8192 this sweep took 0.67 ms against the ``topk`` pass's 4.5 (``benchmarks/gpu.md``).
-2. **Fallback** (``fallback_kernel``, only query tiles holding a row that failed the certificate do any work):
-   Newton's method on ``Σ_j p̃_ij(τ) = 1`` over all the row's keys, a sweep over the key tiles per step,
-   started from the candidates' τ (a lower bound: more scores only raise it; ``f`` is convex for α <= 2, so the
-   steps approach the root from the left; bisection for α > 2). The closed forms stop as soon as the closed form on
-   ``S = {x > τ}`` (its size, ``Σ (x - τ)`` and ``Σ (x - τ)²``: the Newton step's own sums) keeps all of ``S`` in
-   its support: then it is the row's τ, exactly,
-   whatever the support's size.
+1. **Threshold pass**, a lower bound of each row's τ or τ itself, in one of three forms (``threshold_pass``; all
+   exact, only the speed differs):
+
+   - ``"bound"`` (the default, ``bound_kernel``): one sweep with no per-row reduction. Each row keeps its two
+     largest scores in each key column of the tiles (keys ``c, c + BN, c + 2·BN, ...``), two elementwise maxima
+     per score; those ``2·BN`` scores are some of the row's, and the τ of any subset of a row's scores is at most
+     the row's, so their τ (one sort per query block, then the closed forms; bisection for general α) is a lower
+     bound of it. Every row then goes to the fallback, which starts from that bound. On an H200 at L = 8192
+     (bf16) this sweep took 1.06 ms and the fallback 2.16, against the ``topk`` pass's 4.50 + 1.86
+     (``benchmarks/gpu.md``).
+   - ``"topk"`` (``threshold_kernel``): one sweep keeps each row's ``KC`` largest scores and the largest score it
+     left out, ``rest``. A tile whose scores above the current ``KC``-th are few inserts them one round each; one
+     with many (the first tiles) is merged by sorting (the elementwise max of a descending and an ascending sorted
+     run is the top half of their union). On the candidates: 1.5-entmax and sparsemax by the closed forms of
+     ``entmax.entmax15`` / ``entmax.sparsemax`` (cumulative sums by rank, no sort), general α by
+     ``entmax_bisect``'s bisection. The certificate of :mod:`hf_sparse.entmax_topk` applies unchanged: if
+     ``(α-1)(rest - m) <= τ`` no other key enters the support, so the candidates' τ is the row's τ, exactly; the
+     rows that fail it go to the fallback.
+   - ``"stream"`` (``stream_kernel``): one sweep without sorting. Each row appends every score above a lower bound
+     of its τ, and its key's index, to ``4·KC`` slots in global memory (ranks by a cumulative sum); when a tile
+     would overflow some row's slots, the block raises each row's bound to the τ of what it holds (a τ of some of
+     the row's scores: never above the row's) and keeps only the scores above it. At the end the slots hold the
+     support, whose τ follows exactly (Newton with the closed forms' check, as in the fallback); no certificate,
+     and rows whose support outgrows the slots go to the fallback from their bound. Such a row's output then
+     comes from step 3; every other row's from its held support directly (``gather_kernel``: ``Σ p v`` over the
+     held keys' values, no score recomputed), so the forward sweeps the keys once. Memory: ``B·H·Lq·4·KC``
+     scores and key indices (128 MiB at L = 8192, 16 heads), freed after the call.
+
+   Every form also records each tile's largest score (what the later passes' tile lists come from).
+2. **Fallback** (``fallback_kernel``, only query tiles holding a row marked for it do any work): Newton's method
+   on ``Σ_j p̃_ij(τ) = 1`` over all the row's keys, a sweep over the key tiles per step, started from the
+   threshold pass's lower bound (more scores only raise τ; ``f`` is convex for α <= 2, so the steps approach the
+   root from the left; bisection for α > 2). The closed forms stop as soon as the closed form on ``S = {x > τ}``
+   (its size, ``Σ (x - τ)`` and ``Σ (x - τ)²``: the Newton step's own sums) keeps all of ``S`` in its support:
+   then it is the row's τ, exactly, whatever the support's size.
 3. **Output pass** (``forward_kernel``; with ``stream``, only for the rows the fallback solved): ``O = Σ p v``
    over the tiles that can hold a nonzero ``p`` (allowed by causality, padding and the block mask, and with a
    tile maximum above the threshold of some row).

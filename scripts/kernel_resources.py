@@ -45,7 +45,7 @@ from hf_sparse import entmax_triton  # noqa: E402
 
 
 class Case(NamedTuple):
-    threshold_pass: str = "topk"
+    threshold_pass: str = entmax_triton.DEFAULT_THRESHOLD_PASS
     dtype: torch.dtype = torch.bfloat16
     causal: bool = False
     dropout: float = 0.0
@@ -62,12 +62,13 @@ CASES = {
     "stream": Case(threshold_pass="stream"),
     "stream-causal-dropout": Case(threshold_pass="stream", causal=True, dropout=0.1),  # its gather's dropout
     "stream-bisection": Case(threshold_pass="stream", alpha=1.3),  # its bisection over the held scores
-    "bound": Case(threshold_pass="bound"),  # its sort of the column maxima
-    "bound-block-mask-bisection": Case(threshold_pass="bound", alpha=1.3, block_mask=True),
+    "topk": Case(threshold_pass="topk"),  # the other threshold passes
+    "topk-block-mask": Case(threshold_pass="topk", block_mask=True),  # its loop over the allowed tiles' list
+    "topk-bisection": Case(threshold_pass="topk", alpha=1.3),  # its bisection over the candidates
     "float32": Case(dtype=torch.float32),  # full float32 products (torch's default precision)
     "tf32": Case(dtype=torch.float32, float32_precision="high"),
     "sparsemax": Case(alpha=2.0),
-    "block-mask": Case(block_mask=True),  # its threshold pass loops over the allowed tiles' list
+    "block-mask": Case(block_mask=True),  # the threshold pass loops over the allowed tiles' list
     "bisection": Case(alpha=1.3),
 }
 

@@ -2,12 +2,15 @@
 
 GPU time is rare here, and which threshold pass is faster is the GPU's to say; but how much work each one does on
 a given input is not a timing, and a CPU can count it exactly by replaying the kernels' decisions for one 64-row
-block at a time (``hf_sparse.entmax_triton``'s docstring describes both passes):
+block at a time (``hf_sparse.entmax_triton``'s docstring describes the passes):
 
-- ``topk`` (the default): per key tile, the rows' newcomers above their 32nd-largest score so far; a tile where
+- ``topk``: per key tile, the rows' newcomers above their 32nd-largest score so far; a tile where
   some row has more than ``SORT_ABOVE`` is merged by sorting, otherwise its newcomers are inserted one round each
   (the largest count over the block's rows). Rows whose support exceeds the 32 candidates fail the certificate,
   and a block with one such row runs the fallback's sweeps over all its keys.
+- ``bound``: one sweep keeps each row's two largest scores per key column of the tiles (keys ``c, c + 64, ...``);
+  their τ is a lower bound of the row's, from which the fallback's Newton steps solve every row (counted here with
+  one score per column too, the first version).
 - ``stream``: per key tile, every score above the row's bound is appended to its 128 slots; when some row's slots
   would overflow, the block raises every row's bound to the τ of what it holds (exactly, here; the kernel's
   Newton steps give a bound at most this tight) and drops the scores below it. A row whose support outgrows the
@@ -67,7 +70,39 @@ def topk_work(scores: torch.Tensor) -> dict:
             rounds += newcomers
         best = torch.cat([best, tile], -1).topk(CANDIDATES, -1).values
     failing = (entmax15(scores) > 0).sum(-1) > CANDIDATES
-    return dict(sorts=sorts, rounds=rounds, failing_rows=int(failing.sum()), fallback=bool(failing.any()))
+    start = row_thresholds(best)
+    sweeps = newton_sweeps(scores[failing], start[failing]) if failing.any() else 0
+    return dict(sorts=sorts, rounds=rounds, failing_rows=int(failing.sum()), fallback=bool(failing.any()),
+                sweeps=sweeps)
+
+
+def newton_sweeps(scores: torch.Tensor, start: torch.Tensor) -> int:
+    """Sweeps over the keys the fallback makes for these rows (the block runs until its last row is solved), from
+    lower bounds ``start`` of their τ (score scale): per sweep, over ``S = {x > τ}``, the closed form on S, which
+    solves a row once S's smallest score lies above it, else a Newton step (``entmax_triton``'s fallback)."""
+    m = scores.max(-1, keepdim=True).values
+    x = (scores - m) / 2
+    tau = ((start[:, None] - m) / 2)[:, 0]
+    active = torch.ones(len(x), dtype=torch.bool)
+    sweeps = 0
+    while active.any():
+        sweeps += 1
+        d = (x - tau[:, None]).clamp(min=0)
+        inside = d > 0
+        n = inside.sum(-1)
+        mean = d.sum(-1) / n
+        spread = (d * d).sum(-1) - d.sum(-1) * mean
+        closed = tau + mean - ((1 - spread) / n).clamp(min=0).sqrt()
+        solved = torch.where(inside, x, torch.inf).min(-1).values > closed
+        active &= ~solved
+        tau = torch.where(active, tau + ((d * d).sum(-1) - 1) / (2 * d.sum(-1)), tau)
+    return sweeps
+
+
+def bound_work(scores: torch.Tensor, per_column: int) -> int:
+    """Newton sweeps from the τ of each row's ``per_column`` largest scores per key column."""
+    columns = scores.unflatten(-1, (-1, KEYS)).topk(per_column, dim=1).values.flatten(1)
+    return newton_sweeps(scores, row_thresholds(columns))
 
 
 def stream_work(scores: torch.Tensor) -> dict:
@@ -99,33 +134,38 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
-        topk, stream = [], []
+        topk, stream, bound = [], [], []
         for _ in range(args.blocks):
             scores = block_scores(length, generator)
             topk.append(topk_work(scores))
             stream.append(stream_work(scores))
+            bound.append(dict(one=bound_work(scores, 1), two=bound_work(scores, 2)))
         mean = lambda runs, key: sum(run[key] for run in runs) / len(runs)  # noqa: E731
         rows.append(
             f"| {length} | {length // KEYS} | {mean(topk, 'sorts'):.1f} | {mean(topk, 'rounds'):.0f} | "
-            f"{mean(topk, 'failing_rows') / ROWS:.0%} | {mean(topk, 'fallback'):.0%} | "
+            f"{mean(topk, 'failing_rows') / ROWS:.0%} | {mean(topk, 'fallback'):.0%} | {mean(topk, 'sweeps'):.1f} | "
+            f"{mean(bound, 'one'):.1f} | {mean(bound, 'two'):.1f} | "
             f"{mean(stream, 'raisings'):.1f} | {max(run['held_at_end'] for run in stream)} | "
             f"{max(run['support'] for run in stream)} | "
             f"{sum(run['lost_rows'] for run in stream)} |"
         )
         print(rows[-1], flush=True)
     report = [
-        "# Work of the two threshold passes on the GPU benchmark's inputs (counted on a CPU, not timed)",
+        "# Work of the threshold passes on the GPU benchmark's inputs (counted on a CPU, not timed)",
         "",
         f"`python scripts/simulate_threshold_passes.py --blocks {args.blocks} --output ...` on {platform.machine()}, "
         f"{datetime.date.today()}: torch {torch.__version__}. Per 64-row block (mean of {args.blocks} blocks; the"
         " largest over them for held scores and supports, the sum for rows outgrowing the slots): "
         f"tiles of {KEYS} keys, `topk` with {CANDIDATES} candidates (sorting a tile where some row has more than "
-        f"{SORT_ABOVE} newcomers), `stream` with {SLOTS} slots per row.",
+        f"{SORT_ABOVE} newcomers), `stream` with {SLOTS} slots per row, `bound` from one or two scores per key"
+        " column. Newton sweeps: the fallback's sweeps over the block's keys until its last row is solved (`topk`:"
+        " the rows failing the certificate, from their candidates' τ; `bound`: every row).",
         "",
         "| L | key tiles | `topk`: tiles sorted | `topk`: insertion rounds | rows failing the certificate | blocks "
-        "running the fallback | `stream`: bound raisings | `stream`: most scores a row held at the end of the sweep "
+        "running the fallback | `topk`: Newton sweeps | `bound`, one per column: Newton sweeps | `bound`, two per "
+        "column: Newton sweeps | `stream`: bound raisings | `stream`: most scores a row held at the end of the sweep "
         "| `stream`: largest support (the output's reads per row) | `stream`: rows outgrowing the slots |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         "Each fallback step is one more sweep over the block's keys; a bound raising works on the held slots only,"

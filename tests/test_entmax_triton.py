@@ -121,7 +121,8 @@ def test_rows_past_their_candidates_take_the_exact_fallback(alpha, threshold_pas
     """Two candidates per row: nearly every row fails the certificate and is solved over all its keys (Newton
     from the candidates' threshold for α <= 2, bisection beyond). Tiles with many new candidates are merged by
     sorting here, as on the GPU. ``stream`` (one candidate: four slots per row): rows whose support outgrows the
-    slots go to the fallback, which starts from the row's last bound."""
+    slots go to the fallback, which starts from the row's last bound. ``bound`` sends every row (here: its τ for
+    α = 2.5 by the fallback's bisection)."""
     monkeypatch.setattr(entmax_triton, "INTERPRETER_SORT_ABOVE", 4)
     sent = rows_sent_to_the_fallback(monkeypatch)
     q, k, v = inputs(1, 1, 16, 48, 16, spread=0.5, seed=7)

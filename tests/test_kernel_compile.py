@@ -26,19 +26,20 @@ PIPELINED = SWEEPS
 UNPIPELINED = {("float32", "backward_dkdv_kernel")}
 MAX_SPILLED_BYTES = 4096
 EXPECTED = {
-    "default": TOPK,
-    "causal": TOPK,
-    "dropout": TOPK,
+    "default": BOUND,
+    "causal": BOUND,
+    "dropout": BOUND,
     "stream": STREAM,
     "stream-causal-dropout": STREAM,
     "stream-bisection": STREAM,
-    "bound": BOUND,
-    "bound-block-mask-bisection": BOUND,
-    "float32": TOPK,
-    "tf32": TOPK,
-    "sparsemax": TOPK,
-    "block-mask": TOPK,
-    "bisection": TOPK,
+    "topk": TOPK,
+    "topk-block-mask": TOPK,
+    "topk-bisection": TOPK,
+    "float32": BOUND,
+    "tf32": BOUND,
+    "sparsemax": BOUND,
+    "block-mask": BOUND,
+    "bisection": BOUND,
 }
 
 
