@@ -128,6 +128,29 @@ def _kept(SEED, bh, query, key, Lq, Lk, dropout_p):
 
 
 @triton.jit
+def _first_sweep_tiles(BMASK, ALLOWED, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk, n_kb,
+                       BN: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, HAS_BMASK: tl.constexpr):
+    """How many key tiles the threshold pass (``topk`` or ``bound``) sweeps for a block of query rows: every tile
+    of ``[0, hi)`` without a block mask; with one, the allowed tiles, whose list is written to ``ALLOWED`` here
+    first (:func:`_write_allowed_list`). No tile test inside the sweep's loop: a branch there keeps Triton from
+    prefetching the next tile's keys."""
+    n_tiles = tl.cdiv(hi, BN)
+    if HAS_BMASK:
+        n_tiles = _write_allowed_list(BMASK, ALLOWED, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk, n_kb, BN, TQ, TK)
+        tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back in the sweep
+    return n_tiles
+
+
+@triton.jit
+def _first_sweep_tile(ALLOWED, i, BN: tl.constexpr, HAS_BMASK: tl.constexpr):
+    """The first key of the threshold pass's ``i``-th tile (:func:`_first_sweep_tiles`)."""
+    start_n = i * BN
+    if HAS_BMASK:  # (a compile-time branch)
+        start_n = tl.load(ALLOWED + i) * BN
+    return start_n
+
+
+@triton.jit
 def threshold_kernel(
     Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, ALLOWED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
@@ -158,18 +181,11 @@ def threshold_kernel(
     tiles = TILEMAX + (bh * n_qb + pid_m) * n_kb
     keys = K + b * s_kb + h * s_kh
     keep = KEEP + b * s_eb + h * s_eh
-    # no tile test inside the loop: a branch there keeps Triton from prefetching the next tile's keys. Without a
-    # block mask every tile of [0, hi) is allowed; with one, the allowed tiles' list, written here first
-    listed = bh * n_qb + pid_m
-    n_tiles = tl.cdiv(hi, BN)
-    if HAS_BMASK:
-        n_tiles = _write_allowed_list(BMASK, ALLOWED + listed * n_kb, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk,
-                                      n_kb, BN, TQ, TK)
-        tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
+    allowed = ALLOWED + (bh * n_qb + pid_m) * n_kb
+    n_tiles = _first_sweep_tiles(BMASK, allowed, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk, n_kb, BN, TQ, TK,
+                                 HAS_BMASK)
     for i in range(0, n_tiles):
-        start_n = i * BN
-        if HAS_BMASK:  # (a compile-time branch)
-            start_n = tl.load(ALLOWED + listed * n_kb + i) * BN
+        start_n = _first_sweep_tile(allowed, i, BN, HAS_BMASK)
         buf, kth, rest = _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth, rest,
                                          s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale, ACC, PREC, SORT_ABOVE,
                                          BM, BN, KC, CAUSAL, HAS_KEEP)
@@ -268,16 +284,11 @@ def bound_kernel(
     tiles = TILEMAX + (bh * n_qb + pid_m) * n_kb
     keys = K + b * s_kb + h * s_kh
     keep = KEEP + b * s_eb + h * s_eh
-    listed = bh * n_qb + pid_m
-    n_tiles = tl.cdiv(hi, BN)
-    if HAS_BMASK:  # the allowed tiles' list, as in threshold_kernel
-        n_tiles = _write_allowed_list(BMASK, ALLOWED + listed * n_kb, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk,
-                                      n_kb, BN, TQ, TK)
-        tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
+    allowed = ALLOWED + (bh * n_qb + pid_m) * n_kb
+    n_tiles = _first_sweep_tiles(BMASK, allowed, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk, n_kb, BN, TQ, TK,
+                                 HAS_BMASK)
     for i in range(0, n_tiles):
-        start_n = i * BN
-        if HAS_BMASK:  # (a compile-time branch)
-            start_n = tl.load(ALLOWED + listed * n_kb + i) * BN
+        start_n = _first_sweep_tile(allowed, i, BN, HAS_BMASK)
         offs_n = start_n + cols
         k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
         s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP)
