@@ -677,11 +677,11 @@ def render(results: dict, notes: list, device, heads: int, dim: int, started: fl
         "## Attention q, k, v -> output, bfloat16, ms (ratio to SDPA in the same row)",
         "",
         "SDPA and FlexAttention compute softmax attention (the target to be compared with); the others compute"
-        " exact 1.5-entmax attention: the fused kernel with each threshold pass (`topk`, the default, `stream`"
-        " and `bound`), matmul + `entmax_topk` + matmul, and matmul + the `entmax` package + matmul (scores in"
+        " exact 1.5-entmax attention: the fused kernel with each threshold pass (`topk`, `stream` and `bound`,"
+        " the default), matmul + `entmax_topk` + matmul, and matmul + the `entmax` package + matmul (scores in"
         " float32).",
         "",
-        "| L | mask | pass | SDPA | FlexAttention | fused entmax | fused, stream | fused, bound "
+        "| L | mask | pass | SDPA | FlexAttention | fused, topk | fused, stream | fused, bound "
         "| matmul + entmax_topk | matmul + entmax package |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         *op_rows,
