@@ -24,7 +24,7 @@ Checks first, then times (CUDA events, medians), B=1, 16 heads, head dim 64:
 6. **Predicted blocks** (:func:`predicted_blocks`): Sparsefinder's predicted attention through the fused kernel's
    tile and element masks, against the gathering execution and dense fused entmax.
 7. **Profile** (:func:`kernel_profile`): per-kernel time of the fused kernel at L = 8192 for several tile choices
-   and both threshold passes (what ``GPU_BLOCKS`` should be, and what finding τ costs against the output pass).
+   and threshold passes (what ``GPU_BLOCKS`` should be, and what finding τ costs against the output pass).
 
 ``--sections`` reruns some parts only (e.g. ``--sections models,long`` after a run cut short). GPU time is rare, so
 one section's failure never costs the others: it is reported (with the rows it had) and the run goes on; the
