@@ -98,21 +98,28 @@ def test_outputs_gradients_and_support_equal_dense_float64_entmax(alpha, causal,
     torch.testing.assert_close(p, p_ref.detach(), atol=1e-12, rtol=0)
 
 
-def rows_sent_to_the_fallback(monkeypatch) -> list[int]:
-    """Spy on the fallback kernel's launches: how many rows each was given to solve (its ``FAIL`` flags)."""
+def fallback_launches(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Spy on the fallback kernel's launches: what each was given, copied before it ran: the rows' largest scores
+    ``m``, the thresholds it starts from and its ``FAIL`` flags (the rows it was given to solve)."""
     kernels = entmax_triton._load_kernels()
-    sent, fallback = [], kernels.fallback_kernel
+    launches, fallback = [], kernels.fallback_kernel
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                sent.append(int((args[7] != 0).sum()))  # (q, k, key lengths, block mask, keep, m, tau, FAIL, ...)
+                # (q, k, key lengths, block mask, keep, m, tau, FAIL, ...)
+                launches.append((args[5].clone(), args[6].clone(), args[7].clone()))
                 return fallback[grid](*args, **kwargs)
 
             return launch
 
     monkeypatch.setattr(kernels, "fallback_kernel", Spy())
-    return sent
+    return launches
+
+
+def rows_sent(launches) -> list[int]:
+    """How many rows each fallback launch was given to solve (:func:`fallback_launches`)."""
+    return [int((fail != 0).sum()) for _, _, fail in launches]
 
 
 @pytest.mark.parametrize("threshold_pass", entmax_triton.THRESHOLD_PASSES)
@@ -124,7 +131,7 @@ def test_rows_past_their_candidates_take_the_exact_fallback(alpha, threshold_pas
     slots go to the fallback, which starts from the row's last bound. ``bound`` sends every row (here: its τ for
     α = 2.5 by the fallback's bisection)."""
     monkeypatch.setattr(entmax_triton, "INTERPRETER_SORT_ABOVE", 4)
-    sent = rows_sent_to_the_fallback(monkeypatch)
+    launches = fallback_launches(monkeypatch)
     q, k, v = inputs(1, 1, 16, 48, 16, spread=0.5, seed=7)
     allowed = dense_allowed(1, 1, 16, 48)
     candidates = 2 if threshold_pass == "topk" else 1
@@ -133,6 +140,7 @@ def test_rows_past_their_candidates_take_the_exact_fallback(alpha, threshold_pas
     p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, **kwargs)
     support = (p_ref > 0).sum(-1)
     assert (support > held).float().mean() > 0.25  # the supports really are larger than what the pass holds
+    sent = rows_sent(launches)
     assert sent and sent[0] > 0  # so the fallback solved rows
     assert torch.equal(probabilities(q, k, alpha, **kwargs) > 0, p_ref > 0)
 
@@ -142,13 +150,13 @@ def test_the_stream_pass_raises_its_bound_as_its_slots_fill_and_stays_exact(alph
     """Sixteen slots per row against 96 keys in tiles of 16: the first tile fills a row's slots, so every row the
     pass solves by itself (not sent to the fallback) raised its bound and dropped the scores below it at least once
     (six tiles: usually more), and still has its exact support."""
-    sent = rows_sent_to_the_fallback(monkeypatch)
+    launches = fallback_launches(monkeypatch)
     q, k, v = inputs(2, 1, 16, 96, 16, seed=5)
     key_lengths = torch.tensor([96, 70], device=DEVICE)
     allowed = dense_allowed(2, 1, 16, 96, key_lengths=key_lengths)
     kwargs = dict(blocks=(16, 16, 4), threshold_pass="stream", key_lengths=key_lengths)
     p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, **kwargs)
-    assert sum(sent) < 32 // 2  # most of the 32 rows were solved in the pass
+    assert sum(rows_sent(launches)) < 32 // 2  # most of the 32 rows were solved in the pass
     assert torch.equal(probabilities(q, k, alpha, **kwargs) > 0, p_ref > 0)
 
 
@@ -158,18 +166,7 @@ def test_the_bound_pass_starts_every_row_from_the_threshold_of_its_column_maxima
     subset of its scores, so their τ is at most the row's. That τ, lowered by the slack, is what the fallback
     starts from, for every row with a key (here all rows but the second sequence's, which has none), and it is
     still exact."""
-    kernels = entmax_triton._load_kernels()
-    started, fallback = [], kernels.fallback_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                started.append((args[5].clone(), args[6].clone(), args[7].clone()))  # m, tau, FAIL
-                return fallback[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(kernels, "fallback_kernel", Spy())
+    started = fallback_launches(monkeypatch)
     b, lq, lk = 2, 24, 80
     q, k, v = inputs(b, 1, lq, lk, 16, seed=9)
     key_lengths = torch.tensor([lk, 0], device=DEVICE)
