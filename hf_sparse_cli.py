@@ -41,7 +41,6 @@ RESUME_MAY_CHANGE = ("command_function", "resume", "overwrite", "push_to_hub", "
 # options naming a local file or folder (or a Hub id): recorded and compared as the real path of what they name, so
 # that --resume accepts ./data/x.csv for data/x.csv (or its absolute path) and still refuses another file
 PATH_OPTIONS = ("train_file", "validation_file", "test_file", "dataset", "model", "locale_dir")
-# what AutoTokenizer finds in a saved folder (fast, WordPiece, SentencePiece, BPE): a training command needs one
 # keyword arguments of the library functions the commands call whose option has another name: said as the option
 LIBRARY_NAMES = {
     "model_name_or_path": "model",
@@ -54,6 +53,7 @@ LIBRARY_NAMES = {
     "max_validation": "max_eval_samples",
     "validation_sentences": "eval_sentences",
 }
+# what AutoTokenizer finds in a saved folder (fast, WordPiece, SentencePiece, BPE): a training command needs one
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "source.spm", "vocab.json")
 
 

@@ -122,8 +122,8 @@ STREAM_STEPS = 8  # Newton steps (bisection: halvings) when it raises its bounds
 # (scripts/benchmark_stream_slots.py varies it).
 STREAM_WARPS = 4
 THRESHOLD_PASSES = ("topk", "stream", "bound")
-# all three are exact; on an H200 "bound" took 0.66-0.83 of "topk"'s forward from L = 4096 ("stream": 0.9), and
-# ran level with it when decoding (benchmarks/gpu.md)
+# all three are exact; on an H200 "bound" took 0.50-0.62 of "topk"'s forward time from L = 4096 and 0.65-0.73 of
+# its forward + backward ("stream": about 0.9-1.0), and ran level with it when decoding (benchmarks/gpu.md)
 DEFAULT_THRESHOLD_PASS = "bound"
 
 _kernels = None
