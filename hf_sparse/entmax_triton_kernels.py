@@ -62,24 +62,59 @@ def _tile_allowed(
 @triton.jit
 def _scores(
     q, k, KEEP, keep_off, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
-    ACC: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, MASKED: tl.constexpr,
 ):
     """Scaled scores of one tile (``k``: its keys, loaded), -inf where the pair is not allowed (padding,
-    causality, ``keep``)."""
+    causality, ``keep``). ``MASKED=False``: a tile every pair of which is allowed (:func:`_unmasked_tiles`), whose
+    scores are taken as they are: the tests cost two to four operations per score, against about ten for the
+    rest of a sweep's work on it."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
-    ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < klen)
-    if CAUSAL:
-        ok = ok & (offs_n[None, :] <= offs_m[:, None] + OFF)
-    if HAS_KEEP:
-        kept = tl.load(KEEP + keep_off + offs_m[:, None] * s_eq + offs_n[None, :] * s_ek, mask=ok, other=0)
-        ok = ok & (kept != 0)
-    return tl.where(ok, s, NEG_INF)
+    if MASKED:
+        ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < klen)
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None] + OFF)
+        if HAS_KEEP:
+            kept = tl.load(KEEP + keep_off + offs_m[:, None] * s_eq + offs_n[None, :] * s_ek, mask=ok, other=0)
+            ok = ok & (kept != 0)
+        s = tl.where(ok, s, NEG_INF)
+    return s
 
 
 @triton.jit
-def _unnormalised(x, tau, inv_am1, KIND: tl.constexpr):
-    """p̃ = [x - τ]₊^{1/(α-1)} for a tile ``x`` (BM, BN) and row thresholds ``tau`` (BM,)."""
-    d = x - tau[:, None]
+def _unmasked_tiles(Lq, klen, start_m, OFF, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_KEEP: tl.constexpr):
+    """Key tiles ``[0, n)`` hold only allowed pairs for every row of the block at ``start_m``: no padding key, no
+    key after a row's causal limit, no query row past ``Lq``, no element mask. Tile lists are in key order, so the
+    sweeps read these tiles first, in a loop without the tests (:func:`_scores`), then the rest with them. Every
+    pass classifies a tile the same way, so a score is the same number in all of them."""
+    limit = klen
+    if CAUSAL:
+        limit = tl.minimum(limit, start_m + OFF + 1)  # the block's first row sees keys up to start_m + OFF
+    if HAS_KEEP or start_m + BM > Lq:
+        limit = 0
+    return tl.maximum(limit, 0) // BN
+
+
+@triton.jit
+def _shifted(s, m, tau, am1):
+    """``d = x - τ = (α-1)(s - m) - τ`` of a tile of scores ``s`` ``(BM, W)``, with row statistics ``m``, ``tau``
+    ``(BM,)``: a score is in its row's support when ``d > 0`` (:func:`_distance`)."""
+    return _distance(s, m[:, None], tau[:, None], am1)
+
+
+@triton.jit
+def _distance(s, m, tau, am1):
+    """``(α-1)(s - m) - τ``, one subtraction and one fused multiply-add, of operands that broadcast together. Every
+    pass takes a score's ``d`` from here (through :func:`_shifted`), and so do the tests on one score standing for
+    many (a tile's largest, in the tile lists; the smallest of a candidate support, in :func:`_newton_step`), so
+    that they all agree on which scores lie above τ, to the last bit. (1.5-entmax and sparsemax: ``(α-1)(s - m)``
+    is exact, so ``d`` is ``x - τ`` rounded once.)"""
+    return tl.fma(s - m, am1, -tau)
+
+
+@triton.jit
+def _unnormalised(d, inv_am1, KIND: tl.constexpr):
+    """p̃ = [d]₊^{1/(α-1)} for a tile ``d = x - τ`` (:func:`_shifted`)."""
     if KIND == 0:
         d = tl.maximum(d, 0.0)
         return d * d
@@ -91,9 +126,9 @@ def _unnormalised(x, tau, inv_am1, KIND: tl.constexpr):
 
 
 @triton.jit
-def _gppr(x, tau, p, two_minus_alpha, KIND: tl.constexpr):
-    """g = p^{2-α} of the normalised p (1.5: sqrt(p) = [x - τ]₊; sparsemax: the support indicator)."""
-    d = x - tau[:, None]
+def _gppr(d, p, two_minus_alpha, KIND: tl.constexpr):
+    """g = p^{2-α} of the normalised p, from ``d = x - τ`` (1.5: sqrt(p) = [d]₊; sparsemax: the support
+    indicator)."""
     if KIND == 0:
         return tl.maximum(d, 0.0)
     elif KIND == 1:
@@ -128,17 +163,20 @@ def _kept(SEED, bh, query, key, Lq, Lk, dropout_p):
 
 
 @triton.jit
-def _first_sweep_tiles(BMASK, ALLOWED, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk, n_kb,
+def _first_sweep_tiles(BMASK, ALLOWED, b, h, start_m, hi, unmasked, s_mb, s_mh, s_bq, s_bk, n_kb,
                        BN: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, HAS_BMASK: tl.constexpr):
-    """How many key tiles the threshold pass (``topk`` or ``bound``) sweeps for a block of query rows: every tile
-    of ``[0, hi)`` without a block mask; with one, the allowed tiles, whose list is written to ``ALLOWED`` here
-    first (:func:`_write_allowed_list`). No tile test inside the sweep's loop: a branch there keeps Triton from
+    """How many key tiles the threshold pass (``topk`` or ``bound``) sweeps for a block of query rows, and how many
+    of the first of them need no masking (those below ``unmasked``, :func:`_unmasked_tiles`): every tile of ``[0,
+    hi)`` without a block mask; with one, the allowed tiles, whose list is written to ``ALLOWED`` here first
+    (:func:`_write_allowed_list`). No tile test inside the sweep's loop: a branch there keeps Triton from
     prefetching the next tile's keys."""
     n_tiles = tl.cdiv(hi, BN)
+    n_unmasked = tl.minimum(unmasked, n_tiles)
     if HAS_BMASK:
-        n_tiles = _write_allowed_list(BMASK, ALLOWED, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk, n_kb, BN, TQ, TK)
+        n_tiles, n_unmasked = _write_allowed_list(BMASK, ALLOWED, b, h, start_m, hi, unmasked, s_mb, s_mh, s_bq,
+                                                  s_bk, n_kb, BN, TQ, TK)
         tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back in the sweep
-    return n_tiles
+    return n_tiles, n_unmasked
 
 
 @triton.jit
@@ -182,8 +220,8 @@ def threshold_kernel(
     keys = K + b * s_kb + h * s_kh
     keep = KEEP + b * s_eb + h * s_eh
     allowed = ALLOWED + (bh * n_qb + pid_m) * n_kb
-    n_tiles = _first_sweep_tiles(BMASK, allowed, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk, n_kb, BN, TQ, TK,
-                                 HAS_BMASK)
+    n_tiles, _ = _first_sweep_tiles(BMASK, allowed, b, h, start_m, hi, 0, s_mb, s_mh, s_bq, s_bk, n_kb, BN, TQ,
+                                    TK, HAS_BMASK)
     for i in range(0, n_tiles):
         start_n = _first_sweep_tile(allowed, i, BN, HAS_BMASK)
         buf, kth, rest = _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth, rest,
@@ -194,7 +232,7 @@ def threshold_kernel(
     m = tl.where(empty, 0.0, m)
     lower, tau = _candidates_tau(buf, m, am1, inv_am1, bracket, ACC, KIND, N_ITER, KC, False)
     tau = tl.where(empty, float("inf"), tau)
-    ok = ((rest - m) * am1 <= lower) | empty
+    ok = (tl.fma(rest - m, am1, -lower) <= 0) | empty  # rest's d (_shifted) at the candidates' τ
     row_ok = offs_m < Lq
     tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
     tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
@@ -214,7 +252,8 @@ def _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, 
     software-pipelining the key sweep (prefetching the next tile's keys while this one is merged)."""
     offs_n = start_n + cols
     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
-    left = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP)
+    left = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP,
+                   True)
     best = tl.max(left, 1)
     tl.store(tiles + start_n // BN, tl.max(best, 0))
     newcomers = tl.max(tl.sum((left > kth[:, None]).to(tl.int32), 1), 0)
@@ -285,16 +324,17 @@ def bound_kernel(
     keys = K + b * s_kb + h * s_kh
     keep = KEEP + b * s_eb + h * s_eh
     allowed = ALLOWED + (bh * n_qb + pid_m) * n_kb
-    n_tiles = _first_sweep_tiles(BMASK, allowed, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk, n_kb, BN, TQ, TK,
-                                 HAS_BMASK)
-    for i in range(0, n_tiles):
-        start_n = _first_sweep_tile(allowed, i, BN, HAS_BMASK)
-        offs_n = start_n + cols
-        k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
-        s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP)
-        tl.store(tiles + start_n // BN, tl.max(tl.max(s, 1), 0))
-        second = tl.maximum(second, tl.minimum(first, s))
-        first = tl.maximum(first, s)
+    unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, HAS_KEEP)
+    n_tiles, n_unmasked = _first_sweep_tiles(BMASK, allowed, b, h, start_m, hi, unmasked, s_mb, s_mh, s_bq, s_bk,
+                                             n_kb, BN, TQ, TK, HAS_BMASK)
+    for i in range(0, n_unmasked):
+        first, second = _bound_tile(q, keys, keep, tiles, _first_sweep_tile(allowed, i, BN, HAS_BMASK), first,
+                                    second, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale,
+                                    ACC, PREC, BN, CAUSAL, HAS_KEEP, False)
+    for i in range(n_unmasked, n_tiles):
+        first, second = _bound_tile(q, keys, keep, tiles, _first_sweep_tile(allowed, i, BN, HAS_BMASK), first,
+                                    second, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale,
+                                    ACC, PREC, BN, CAUSAL, HAS_KEEP, True)
     m = tl.max(first, 1)
     empty = m == NEG_INF
     m = tl.where(empty, 0.0, m)
@@ -307,6 +347,22 @@ def bound_kernel(
     tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
     tl.store(TAU + bh * Lq + offs_m, tl.where(empty, float("inf"), lower), mask=row_ok)
     tl.store(FAIL + bh * Lq + offs_m, (~empty).to(tl.int8), mask=row_ok)
+
+
+@triton.jit
+def _bound_tile(q, keys, keep, tiles, start_n, first, second, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq,
+                klen, D, OFF, scale, ACC: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_KEEP: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of :func:`bound_kernel`: its scores into each row's two largest per column, and its largest
+    allowed score stored at ``tiles``."""
+    offs_n = start_n + cols
+    k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
+    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP,
+                MASKED)
+    tl.store(tiles + start_n // BN, tl.max(tl.max(s, 1), 0))
+    second = tl.maximum(second, tl.minimum(first, s))
+    first = tl.maximum(first, s)
+    return first, second
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -363,7 +419,7 @@ def stream_kernel(
             offs_n = start_n + cols
             k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
             s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC,
-                        PREC, CAUSAL, HAS_KEEP)
+                        PREC, CAUSAL, HAS_KEEP, True)
             best = tl.max(s, 1)
             tl.store(TILEMAX + (bh * n_qb + pid_m) * n_kb + start_n // BN, tl.max(best, 0))
             take = s > theta[:, None]
@@ -425,7 +481,7 @@ def _keep_above(block, keys, first, count, m, tau, am1, CHUNK: tl.constexpr):
         held = tl.load(block + slot, mask=in_use, other=NEG_INF)
         key = tl.load(keys + slot, mask=in_use, other=0)
         tl.debug_barrier()  # every thread has read this chunk (and what came before) before any slot is rewritten
-        kept = (held - m[:, None]) * am1 > tau[:, None]
+        kept = _shifted(held, m, tau, am1) > 0
         to = first + kept_count[:, None] + tl.cumsum(kept.to(tl.int32), 1) - 1
         tl.store(block + to, held, mask=kept)
         tl.store(keys + to, key, mask=kept)
@@ -436,7 +492,7 @@ def _keep_above(block, keys, first, count, m, tau, am1, CHUNK: tl.constexpr):
 @triton.jit
 def _held_sums(block, first, count, m, tau, am1, inv_am1, ACC: tl.constexpr, KIND: tl.constexpr,
                CHUNK: tl.constexpr):
-    """:func:`_add_sums` over each row's ``count`` held scores (from ``block + first``), ``x = (α-1)(s - m)``."""
+    """:func:`_add_sums` over each row's ``count`` held scores (from ``block + first``)."""
     chunk = tl.arange(0, CHUNK)
     f = tl.zeros(m.shape, ACC)
     slope = tl.zeros(m.shape, ACC)
@@ -445,48 +501,50 @@ def _held_sums(block, first, count, m, tau, am1, inv_am1, ACC: tl.constexpr, KIN
     for c0 in range(0, tl.max(count, 0), CHUNK):  # the chunks some row of the block uses
         held = tl.load(block + (first + c0 + chunk[None, :]), mask=(c0 + chunk)[None, :] < count[:, None],
                        other=NEG_INF)
-        f, slope, n, smallest = _add_sums((held - m[:, None]) * am1, tau, f, slope, n, smallest, inv_am1, ACC, KIND)
+        f, slope, n, smallest = _add_sums(held, _shifted(held, m, tau, am1), f, slope, n, smallest, inv_am1, ACC,
+                                          KIND)
     return f, slope, n, smallest
 
 
 @triton.jit
-def _add_sums(x, tau, f, slope, n, smallest, inv_am1, ACC: tl.constexpr, KIND: tl.constexpr):
-    """Adds a tile ``x`` ``(BM, W)`` (x scale; -inf: no score) to each row's Newton sums at ``tau``: ``f = Σ p̃(τ)``
-    and ``-f'(τ)``, and for the closed forms (1.5-entmax, sparsemax) the size and smallest ``x`` of ``S = {x >
-    τ}``. With ``d = x - τ`` over S, 1.5-entmax's ``f = Σ d²`` and ``-f' = 2 Σ d``, sparsemax's ``f = Σ d`` and ``-f'
-    = |S|``: the sums the closed form on S takes (:func:`_closed_form`), so four reductions per tile (three for
-    sparsemax), not Σ x and Σ x² besides. The fallback adds tiles of recomputed scores, the streaming pass chunks
-    of held ones."""
-    d = x - tau[:, None]
+def _add_sums(s, d, f, slope, n, smallest, inv_am1, ACC: tl.constexpr, KIND: tl.constexpr):
+    """Adds a tile of scores ``s`` ``(BM, W)`` (-inf: no score), with their ``d = x - τ`` (:func:`_shifted`), to each
+    row's Newton sums at τ: ``f = Σ p̃(τ)`` and ``-f'(τ)``, and for the closed forms (1.5-entmax, sparsemax) the
+    size of ``S = {d > 0}`` and its smallest score. Over S, 1.5-entmax's ``f = Σ d²`` and ``-f' = 2 Σ d``,
+    sparsemax's ``f = Σ d`` and ``-f' = |S|``: the sums the closed form on S takes (:func:`_closed_form`), so four
+    reductions per tile (three for sparsemax), not Σ x and Σ x² besides. The smallest score, not its ``d``:
+    :func:`_newton_step` puts it through the operations every pass applies to a score. The fallback adds tiles of
+    recomputed scores, the streaming pass chunks of held ones."""
     pos = d > 0
     if KIND != 2:
-        smallest = tl.minimum(smallest, tl.min(tl.where(pos, x, float("inf")), 1))
+        smallest = tl.minimum(smallest, tl.min(tl.where(pos, s, float("inf")), 1))
     if KIND == 0:
-        d = tl.where(pos, d, 0.0)
+        d = tl.maximum(d, 0.0)
         f += tl.sum(d * d, 1)
         slope += 2 * tl.sum(d, 1)
         n += tl.sum(pos.to(ACC), 1)
     elif KIND == 1:
-        f += tl.sum(tl.where(pos, d, 0.0), 1)
+        f += tl.sum(tl.maximum(d, 0.0), 1)
         size = tl.sum(pos.to(ACC), 1)
         slope += size
         n += size
     else:
-        power = _unnormalised(x, tau, inv_am1, KIND)
+        power = _unnormalised(d, inv_am1, KIND)
         f += tl.sum(power, 1)
         slope += tl.sum(tl.where(pos, power / tl.where(pos, d, 1.0), 0.0), 1) * inv_am1
     return f, slope, n, smallest
 
 
 @triton.jit
-def _newton_step(f, slope, n, smallest, tau, active, solved, tol, KIND: tl.constexpr):
-    """One step towards each active row's τ from its sums at ``tau`` (:func:`_add_sums`); returns ``(tau,
-    active, solved)``. Closed forms first: ``S = {x > τ}`` holds the support (τ <= the row's), and τ_S, the closed
-    form on S, is the row's τ exactly when S's smallest score lies above it; such a row is solved and stops.
-    Then Newton on ``Σ p̃ = 1``; a row whose step falls below ``tol`` stops unsolved."""
+def _newton_step(f, slope, n, smallest, m, tau, active, solved, am1, tol, KIND: tl.constexpr):
+    """One step towards each active row's τ from its sums at ``tau`` (:func:`_add_sums`; ``m``: the row's largest
+    score); returns ``(tau, active, solved)``. Closed forms first: ``S = {x > τ}`` holds the support (τ <= the
+    row's), and τ_S, the closed form on S, is the row's τ exactly when S's smallest score lies above it (its ``d``
+    at τ_S, by :func:`_shifted`, is positive: the output pass keeps it); such a row is solved and stops. Then Newton
+    on ``Σ p̃ = 1``; a row whose step falls below ``tol`` stops unsolved."""
     if KIND != 2:
         closed = _closed_form(f, slope, n, tau, KIND)
-        exact = active & (smallest > closed)
+        exact = active & (_distance(smallest, m, closed, am1) > 0)
         tau = tl.where(exact, closed, tau)
         solved = solved | exact
         active = active & ~exact
@@ -521,7 +579,7 @@ def _held_tau(block, first, count, m, tau, am1, inv_am1, bracket, tol, ACC: tl.c
     steps = 0
     while (tl.max(active.to(tl.int32), 0) > 0) & (steps < STEPS):
         f, slope, n, smallest = _held_sums(block, first, count, m, tau, am1, inv_am1, ACC, KIND, CHUNK)
-        tau, active, solved = _newton_step(f, slope, n, smallest, tau, active, solved, tol, KIND)
+        tau, active, solved = _newton_step(f, slope, n, smallest, m, tau, active, solved, am1, tol, KIND)
         steps += 1
     return tau, tau, solved
 
@@ -555,14 +613,13 @@ def _candidates_tau(buf, m, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.c
         tau = tl.sum(tl.where(rho == size[:, None], cs, 0.0), 1) / tl.maximum(size, 1.0)
         lower = tau
     else:
-        x = tl.where(valid, (buf - m[:, None]) * am1, NEG_INF)
         lower = tl.zeros_like(m) - 1.0
         dm = tl.zeros_like(m) + (1.0 - bracket)  # bracket = (1/KC)^(α-1): at most KC positive entries
         tau = lower
         for _ in range(N_ITER):
             dm = dm / 2
             tau = lower + dm
-            total = tl.sum(_unnormalised(x, tau, inv_am1, KIND), 1)
+            total = tl.sum(_unnormalised(_shifted(buf, m, tau, am1), inv_am1, KIND), 1)  # buf -inf: d -inf
             lower = tl.where(total >= 1, tau, lower)
     return lower, tau
 
@@ -631,9 +688,12 @@ def fallback_kernel(
         q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
         m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
         klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
-        listed = bh * n_qb + pid_m
-        n_tiles = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, slack,
-                                   2 if BISECT else 1, False, BM)
+        keys = K + b * s_kb + h * s_kh
+        keep = KEEP + b * s_eb + h * s_eh
+        tiles = TILES + (bh * n_qb + pid_m) * n_kb
+        unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, HAS_KEEP)
+        n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, Lq, n_qb, n_kb, am1,
+                                               slack, unmasked, 2 if BISECT else 1, False, BM)
         tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
         cols = tl.arange(0, BN)
         if BISECT:
@@ -644,12 +704,12 @@ def fallback_kernel(
                 dm = dm / 2
                 tau = lo + dm
                 total = tl.zeros((BM,), ACC)
-                for i in range(0, n_tiles):
-                    offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
-                    k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-                    s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF,
-                                scale, ACC, PREC, CAUSAL, HAS_KEEP)
-                    total += tl.sum(_unnormalised((s - m[:, None]) * am1, tau, inv_am1, KIND), 1)
+                for i in range(0, n_tiles):  # (α > 2, rare: every tile masked, one loop)
+                    offs_n = tl.load(tiles + i) * BN + cols
+                    k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
+                    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL,
+                                HAS_KEEP, True)
+                    total += tl.sum(_unnormalised(_shifted(s, m, tau, am1), inv_am1, KIND), 1)
                 lo = tl.where(total >= 1, tau, lo)
         else:
             tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=0.0)
@@ -657,36 +717,50 @@ def fallback_kernel(
             solved = ~fail  # rows whose τ is the closed form on their exact support
             steps = 0
             while (tl.max(active.to(tl.int32), 0) > 0) & (steps < N_ITER):
-                f = tl.zeros((BM,), ACC)
-                slope = tl.zeros((BM,), ACC)  # -f'(τ)
-                n = tl.zeros((BM,), ACC)
-                smallest = tl.full((BM,), float("inf"), ACC)
-                for i in range(0, n_tiles):
-                    offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
-                    k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-                    s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF,
-                                scale, ACC, PREC, CAUSAL, HAS_KEEP)
-                    f, slope, n, smallest = _add_sums(
-                        (s - m[:, None]) * am1, tau, f, slope, n, smallest, inv_am1, ACC, KIND
-                    )
-                tau, active, solved = _newton_step(f, slope, n, smallest, tau, active, solved, tol, KIND)
+                f, slope, n, smallest = _sweep_sums(q, keys, keep, tiles, n_unmasked, n_tiles, m, tau, offs_m,
+                                                    offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale,
+                                                    am1, inv_am1, ACC, PREC, KIND, BM, BN, CAUSAL, HAS_KEEP)
+                tau, active, solved = _newton_step(f, slope, n, smallest, m, tau, active, solved, am1, tol, KIND)
                 steps += 1
         if KIND != 2:  # (never BISECT: that is α > 2)
             if tl.max((~solved).to(tl.int32), 0) > 0:  # Newton stopped short: τ from the support {x > τ}
-                f = tl.zeros((BM,), ACC)
-                slope = tl.zeros((BM,), ACC)
-                n = tl.zeros((BM,), ACC)
-                smallest = tl.full((BM,), float("inf"), ACC)
-                for i in range(0, n_tiles):
-                    offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
-                    k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-                    s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
-                                ACC, PREC, CAUSAL, HAS_KEEP)
-                    f, slope, n, smallest = _add_sums(
-                        (s - m[:, None]) * am1, tau, f, slope, n, smallest, inv_am1, ACC, KIND
-                    )
+                f, slope, n, smallest = _sweep_sums(q, keys, keep, tiles, n_unmasked, n_tiles, m, tau, offs_m,
+                                                    offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale,
+                                                    am1, inv_am1, ACC, PREC, KIND, BM, BN, CAUSAL, HAS_KEEP)
                 tau = tl.where(solved, tau, _closed_form(f, slope, n, tau, KIND))
         tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok & fail)
+
+
+@triton.jit
+def _sweep_sums(q, keys, keep, tiles, n_unmasked, n_tiles, m, tau, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek,
+                Lq, klen, D, OFF, scale, am1, inv_am1, ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """One sweep of the fallback over its block's list of key tiles (``tiles``, the first ``n_unmasked`` of them
+    without masking): each row's :func:`_add_sums` at ``tau``."""
+    f = tl.zeros((BM,), ACC)
+    slope = tl.zeros((BM,), ACC)  # -f'(τ)
+    n = tl.zeros((BM,), ACC)
+    smallest = tl.full((BM,), float("inf"), ACC)
+    for i in range(0, n_unmasked):
+        f, slope, n, smallest = _tile_sums(q, keys, keep, tl.load(tiles + i) * BN, m, tau, f, slope, n, smallest,
+                                           offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale,
+                                           am1, inv_am1, ACC, PREC, KIND, CAUSAL, HAS_KEEP, False)
+    for i in range(n_unmasked, n_tiles):
+        f, slope, n, smallest = _tile_sums(q, keys, keep, tl.load(tiles + i) * BN, m, tau, f, slope, n, smallest,
+                                           offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale,
+                                           am1, inv_am1, ACC, PREC, KIND, CAUSAL, HAS_KEEP, True)
+    return f, slope, n, smallest
+
+
+@triton.jit
+def _tile_sums(q, keys, keep, start_n, m, tau, f, slope, n, smallest, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek,
+               Lq, klen, D, OFF, scale, am1, inv_am1, ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of :func:`_sweep_sums`."""
+    offs_n = start_n + cols
+    k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
+    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP, MASKED)
+    return _add_sums(s, _shifted(s, m, tau, am1), f, slope, n, smallest, inv_am1, ACC, KIND)
 
 
 @triton.jit
@@ -718,31 +792,36 @@ def _append(LIST, count, keep, values):
 
 
 @triton.jit
-def _write_allowed_list(BMASK, TILES, b, h, start_m, hi, s_mb, s_mh, s_bq, s_bk, n_kb,
+def _write_allowed_list(BMASK, TILES, b, h, start_m, hi, unmasked, s_mb, s_mh, s_bq, s_bk, n_kb,
                         BN: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr):
     """Writes the key tiles a block of query rows may attend to under a block mask (and causality, padding, through
-    ``hi``), in order, to ``TILES`` (the block's ``n_kb`` slots), and returns their count: the threshold pass's
-    loop (:func:`_tile_allowed`, for a chunk of tiles). The caller reads the list back after a barrier."""
+    ``hi``), in order, to ``TILES`` (the block's ``n_kb`` slots), and returns their count and how many of them lie
+    below ``unmasked`` (:func:`_unmasked_tiles`): the threshold pass's loops (:func:`_tile_allowed`, for a chunk of
+    tiles). The caller reads the list back after a barrier."""
     chunk = tl.arange(0, LIST_CHUNK)
     count = 0
+    below = 0
     for start in range(0, n_kb, LIST_CHUNK):
         kb = start + chunk
         ok = (kb < n_kb) & (kb * BN < hi)
         tile = BMASK + b * s_mb + h * s_mh + (start_m // TQ) * s_bq + (kb * BN // TK) * s_bk
         ok = ok & (tl.load(tile, mask=ok, other=0) != 0)
+        below += tl.sum((ok & (kb < unmasked)).to(tl.int32), 0)
         count = _append(TILES, count, ok, kb)
-    return count
+    return count, below
 
 
 @triton.jit
-def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, slack,
+def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, slack, unmasked,
                      ROWS: tl.constexpr, WRITE_NEED: tl.constexpr, BM: tl.constexpr):
     """Writes the key tiles a block of ``BM`` query rows must read, in order, to ``TILES[bh, qb, :]`` and returns
-    their count. Each sweep over a list (fallback, output pass, dQ) writes its own block's list first, then reads
+    their count and how many of them lie below ``unmasked`` (:func:`_unmasked_tiles`: the sweep reads those first,
+    without masking). Each sweep over a list (fallback, output pass, dQ) writes its own block's list first, then reads
     it back after a barrier: one launch, not a list kernel and then the sweep.
 
-    A tile is needed when some row has a score above its threshold there, ``max_r (α-1)(tilemax - m_r) - τ_r >
-    0`` (the same monotone operations as the per-score test, so a tile left out holds only zeros); tiles the
+    A tile is needed when some row has a score above its threshold there, ``max_r d_r(tilemax) > 0`` (the
+    per-score test of :func:`_shifted` on the tile's largest score, and ``d`` is monotone in the score, so a tile
+    left out holds only zeros); tiles the
     threshold pass never read (block mask, causality, padding) keep ``tilemax = -inf`` and are never needed.
     ``ROWS``: 0 every row, 1 only the rows marked in ``FAIL``, 2 the marked rows with any allowed score (τ = -inf:
     the bisection's sweeps, which start below every threshold). ``slack`` lowers each τ by ``slack · max(|τ|, 1)``
@@ -763,6 +842,7 @@ def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, Lq, n_qb, n_
     base = (bh * n_qb + pid_m) * n_kb
     chunk = tl.arange(0, LIST_CHUNK)
     count = 0
+    below = 0
     for start in range(0, n_kb, LIST_CHUNK):
         kb = start + chunk
         ok = kb < n_kb
@@ -770,12 +850,13 @@ def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, Lq, n_qb, n_
         if ROWS == 2:
             need = tl.max(tl.where(rows[:, None], tmax[None, :], float("-inf")), 0) > float("-inf")
         else:
-            need = tl.max((tmax[None, :] - m[:, None]) * am1 - tau[:, None], 0) > 0
+            need = tl.max(_distance(tmax[None, :], m[:, None], tau[:, None], am1), 0) > 0
         need = need & ok
         if WRITE_NEED:
             tl.store(NEED + base + kb, need.to(tl.int8), mask=ok)
+        below += tl.sum((need & (kb < unmasked)).to(tl.int32), 0)
         count = _append(TILES + base, count, need, kb)
-    return count
+    return count, below
 
 
 @triton.jit
@@ -833,35 +914,60 @@ def forward_kernel(
     lsum = tl.zeros((BM,), ACC)
     gacc = tl.zeros((BM, BDV), ACC)
     gsum = tl.zeros((BM,), ACC)
-    listed = bh * n_qb + pid_m
-    n_tiles = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, 0.0,
-                               1 if ONLY_FAILED else 0, False, BM)
+    keys = K + b * s_kb + h * s_kh
+    values = V + b * s_vb + h * s_vh
+    keep = KEEP + b * s_eb + h * s_eh
+    tiles = TILES + (bh * n_qb + pid_m) * n_kb
+    unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, HAS_KEEP)
+    n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, 0.0,
+                                           unmasked, 1 if ONLY_FAILED else 0, False, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
-    for i in range(0, n_tiles):
-        offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
-        k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-        s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC,
-                    CAUSAL, HAS_KEEP)
-        x = (s - m[:, None]) * am1
-        p, pv, g, gv = _output_weights(x, tau, SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, inv_am1,
-                                       two_minus_alpha, dropout_p, drop_scale, KIND, NEED_G, DROPOUT)
-        v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
-        acc += tl.dot(pv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
-        lsum += tl.sum(p, 1)
-        if NEED_G:
-            gacc += tl.dot(gv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
-            gsum += tl.sum(g, 1)
+    for i in range(0, n_unmasked):
+        acc, lsum, gacc, gsum = _output_tile(
+            q, keys, values, keep, tl.load(tiles + i) * BN, m, tau, acc, lsum, gacc, gsum, SEED, bh, offs_m, offs_d,
+            offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1, inv_am1,
+            two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, NEED_G, DROPOUT, CAUSAL, HAS_KEEP, False,
+        )
+    for i in range(n_unmasked, n_tiles):
+        acc, lsum, gacc, gsum = _output_tile(
+            q, keys, values, keep, tl.load(tiles + i) * BN, m, tau, acc, lsum, gacc, gsum, SEED, bh, offs_m, offs_d,
+            offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1, inv_am1,
+            two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, NEED_G, DROPOUT, CAUSAL, HAS_KEEP, True,
+        )
     _store_output(OUT, LSUM, G, GSUM, acc, lsum, gacc, gsum, b, h, bh, offs_m, offs_dv, row_ok,
                   s_ob, s_oh, s_om, s_od, Lq, DV, KIND, NEED_G)
 
 
 @triton.jit
-def _output_weights(x, tau, SEED, bh, query, key, Lq, Lk, inv_am1, two_minus_alpha, dropout_p, drop_scale,
+def _output_tile(q, keys, values, keep, start_n, m, tau, acc, lsum, gacc, gsum, SEED, bh, offs_m, offs_d, offs_dv,
+                 cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1, inv_am1,
+                 two_minus_alpha, dropout_p, drop_scale, ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr,
+                 NEED_G: tl.constexpr, DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """One key tile of :func:`forward_kernel`. ``Σ p̃`` only for general α, whose output it normalises (the closed
+    forms' rows sum to 1)."""
+    offs_n = start_n + cols
+    k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
+    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP, MASKED)
+    p, pv, g, gv = _output_weights(_shifted(s, m, tau, am1), SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk,
+                                   inv_am1, two_minus_alpha, dropout_p, drop_scale, KIND, NEED_G, DROPOUT)
+    v = _load_rows(values, 0, s_vn, s_vd, offs_n, offs_dv, klen, DV)
+    acc += tl.dot(pv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+    if KIND == 2:
+        lsum += tl.sum(p, 1)
+    if NEED_G:
+        gacc += tl.dot(gv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+        gsum += tl.sum(g, 1)
+    return acc, lsum, gacc, gsum
+
+
+@triton.jit
+def _output_weights(d, SEED, bh, query, key, Lq, Lk, inv_am1, two_minus_alpha, dropout_p, drop_scale,
                     KIND: tl.constexpr, NEED_G: tl.constexpr, DROPOUT: tl.constexpr):
-    """What both output kernels weigh the values by: ``(p, pv, g, gv)``: ``p = p̃``, ``g = p̃^{2-α}`` (``p`` when
-    not ``NEED_G``), and the same after attention dropout (``pv``, ``gv``: dropped pairs 0, kept ones scaled), the
-    draws of :func:`_kept` at (``query``, ``key``)."""
-    p = _unnormalised(x, tau, inv_am1, KIND)
+    """What both output kernels weigh the values by, from ``d = x - τ`` (:func:`_shifted`): ``(p, pv, g, gv)``:
+    ``p = p̃``, ``g = p̃^{2-α}`` (``p`` when not ``NEED_G``), and the same after attention dropout (``pv``, ``gv``:
+    dropped pairs 0, kept ones scaled), the draws of :func:`_kept` at (``query``, ``key``)."""
+    p = _unnormalised(d, inv_am1, KIND)
     pv = p
     if DROPOUT:
         kept = _kept(SEED, bh, query, key, Lq, Lk, dropout_p)
@@ -869,7 +975,7 @@ def _output_weights(x, tau, SEED, bh, query, key, Lq, Lk, inv_am1, two_minus_alp
     g = p
     gv = pv
     if NEED_G:
-        g = _gppr(x, tau, p, two_minus_alpha, KIND)
+        g = _gppr(d, p, two_minus_alpha, KIND)
         gv = g
         if DROPOUT:
             gv = tl.where(kept, g * drop_scale, 0.0)
@@ -879,17 +985,17 @@ def _output_weights(x, tau, SEED, bh, query, key, Lq, Lk, inv_am1, two_minus_alp
 @triton.jit
 def _store_output(OUT, LSUM, G, GSUM, acc, lsum, gacc, gsum, b, h, bh, offs_m, offs_dv, row_ok,
                   s_ob, s_oh, s_om, s_od, Lq, DV, KIND: tl.constexpr, NEED_G: tl.constexpr):
-    """Both output kernels' last step: O (normalised by Σ p̃ for general α), Σ p̃, and with ``NEED_G`` Σ g̃ v and
-    Σ g̃ for the backward, for the rows in ``row_ok``."""
+    """Both output kernels' last step: O (normalised by Σ p̃ for general α, which also stores Σ p̃ for the
+    backward), and with ``NEED_G`` Σ g̃ v and Σ g̃ for the backward, for the rows in ``row_ok``."""
     if KIND == 2:
         acc = acc / tl.where(lsum > 0, lsum, 1.0)[:, None]
+        tl.store(LSUM + bh * Lq + offs_m, lsum, mask=row_ok)
     out_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
     tl.store(
         OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_dv[None, :] * s_od,
         acc.to(OUT.dtype.element_ty),
         mask=out_mask,
     )
-    tl.store(LSUM + bh * Lq + offs_m, lsum, mask=row_ok)
     if NEED_G:
         tl.store(G + (bh * Lq + offs_m[:, None]) * DV + offs_dv[None, :], gacc, mask=out_mask)
         tl.store(GSUM + bh * Lq + offs_m, gsum, mask=row_ok)
@@ -927,13 +1033,14 @@ def gather_kernel(
         held = j < count
         s = tl.load(SCRATCH + slots + j, mask=held, other=NEG_INF)
         key = tl.load(KEYS + slots + j, mask=held, other=0)
-        x = ((s - m) * am1)[:, None]  # (BM, 1): the tile helpers' shape
-        p, pv, g, gv = _output_weights(x, tau, SEED, bh, offs_m[:, None], key[:, None], Lq, Lk, inv_am1,
+        d = _shifted(s[:, None], m, tau, am1)  # (BM, 1): the tile helpers' shape
+        p, pv, g, gv = _output_weights(d, SEED, bh, offs_m[:, None], key[:, None], Lq, Lk, inv_am1,
                                        two_minus_alpha, dropout_p, drop_scale, KIND, NEED_G, DROPOUT)
         v = tl.load(V + b * s_vb + h * s_vh + key[:, None] * s_vn + offs_dv[None, :] * s_vd,
                     mask=held[:, None] & (offs_dv[None, :] < DV), other=0.0).to(ACC)
         acc += pv * v
-        lsum += tl.sum(p, 1)
+        if KIND == 2:
+            lsum += tl.sum(p, 1)
         if NEED_G:
             gacc += gv * v
             gsum += tl.sum(g, 1)
@@ -948,12 +1055,12 @@ def gather_kernel(
 
 @triton.jit
 def _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND: tl.constexpr):
-    """Normalised p and g = p^{2-α} of a recomputed tile."""
-    x = (s - m[:, None]) * am1
-    p = _unnormalised(x, tau, inv_am1, KIND)
+    """Normalised p and g = p^{2-α} of a recomputed tile (``lsum``: Σ p̃, read for general α only)."""
+    d = _shifted(s, m, tau, am1)
+    p = _unnormalised(d, inv_am1, KIND)
     if KIND == 2:
         p = p / tl.where(lsum > 0, lsum, 1.0)[:, None]
-    return p, _gppr(x, tau, p, two_minus_alpha, KIND)
+    return p, _gppr(d, p, two_minus_alpha, KIND)
 
 
 @triton.jit
@@ -982,33 +1089,62 @@ def backward_dq_kernel(
     do = _load_rows(DO, b * s_ob + h * s_oh, s_om, s_od, offs_m, offs_dv, Lq, DV)
     m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
     tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
-    lsum = tl.load(LSUM + bh * Lq + offs_m, mask=row_ok, other=1.0)
+    lsum = _normaliser(LSUM, bh, Lq, offs_m, row_ok, KIND)
     c = tl.load(C + bh * Lq + offs_m, mask=row_ok, other=0.0)
     klen = _key_limit(KLEN, b, Lk, HAS_KLEN)
     cols = tl.arange(0, BN)
     dq = tl.zeros((BM, BD), ACC)
-    listed = bh * n_qb + pid_m
-    n_tiles = _write_tile_list(TILEMAX, M, TAU, TAU, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, 0.0,
-                               0, True, BM)
+    keys = K + b * s_kb + h * s_kh
+    values = V + b * s_vb + h * s_vh
+    keep = KEEP + b * s_eb + h * s_eh
+    tiles = TILES + (bh * n_qb + pid_m) * n_kb
+    unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, HAS_KEEP)
+    n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, TAU, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, 0.0,
+                                           unmasked, 0, True, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
-    for i in range(0, n_tiles):
-        offs_n = tl.load(TILES + listed * n_kb + i) * BN + cols
-        k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-        s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC,
-                    CAUSAL, HAS_KEEP)
-        p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
-        v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
-        if DROPOUT:
-            kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
-            dp = tl.where(kept, dp * drop_scale, 0.0)
-        ds = g * (dp - c[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
+    for i in range(0, n_unmasked):
+        dq = _dq_tile(q, do, keys, values, keep, tl.load(tiles + i) * BN, m, tau, lsum, c, dq, SEED, bh, offs_m,
+                      offs_d, offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1,
+                      inv_am1, two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, DROPOUT, CAUSAL, HAS_KEEP,
+                      False)
+    for i in range(n_unmasked, n_tiles):
+        dq = _dq_tile(q, do, keys, values, keep, tl.load(tiles + i) * BN, m, tau, lsum, c, dq, SEED, bh, offs_m,
+                      offs_d, offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1,
+                      inv_am1, two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, DROPOUT, CAUSAL, HAS_KEEP,
+                      True)
     tl.store(
         DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
         (dq * scale).to(DQ.dtype.element_ty),
         mask=row_ok[:, None] & (offs_d[None, :] < D),
     )
+
+
+@triton.jit
+def _dq_tile(q, do, keys, values, keep, start_n, m, tau, lsum, c, dq, SEED, bh, offs_m, offs_d, offs_dv, cols, s_kn,
+             s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1, inv_am1, two_minus_alpha, dropout_p,
+             drop_scale, ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, DROPOUT: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of :func:`backward_dq_kernel`: ``Σ_j dS_ij k_j`` over it, added to ``dq``."""
+    offs_n = start_n + cols
+    k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
+    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP, MASKED)
+    p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
+    v = _load_rows(values, 0, s_vn, s_vd, offs_n, offs_dv, klen, DV)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+    if DROPOUT:
+        kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
+        dp = tl.where(kept, dp * drop_scale, 0.0)
+    ds = g * (dp - c[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def _normaliser(LSUM, bh, Lq, offs_m, row_ok, KIND: tl.constexpr):
+    """Σ p̃ of each row, which the output pass stores for general α only (the closed forms' rows sum to 1)."""
+    lsum = tl.full(offs_m.shape, 1.0, tl.float32)
+    if KIND == 2:
+        lsum = tl.load(LSUM + bh * Lq + offs_m, mask=row_ok, other=1.0)
+    return lsum
 
 
 @triton.jit
@@ -1045,10 +1181,10 @@ def backward_dkdv_kernel(
         tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
         q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
         do = _load_rows(DO, b * s_ob + h * s_oh, s_om, s_od, offs_m, offs_dv, Lq, DV)
-        lsum = tl.load(LSUM + bh * Lq + offs_m, mask=row_ok, other=1.0)
+        lsum = _normaliser(LSUM, bh, Lq, offs_m, row_ok, KIND)
         c = tl.load(C + bh * Lq + offs_m, mask=row_ok, other=0.0)
         s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC,
-                    CAUSAL, HAS_KEEP)
+                    CAUSAL, HAS_KEEP, True)
         p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
         if DROPOUT:
