@@ -121,6 +121,11 @@ STREAM_STEPS = 8  # Newton steps (bisection: halvings) when it raises its bounds
 # 128 registers (sm_90 compile report, scripts/kernel_resources.py). Which is faster is a GPU's to say
 # (scripts/benchmark_stream_slots.py varies it).
 STREAM_WARPS = 4
+# Launch options on top of Triton's defaults (4 warps; registers as ptxas allocates them), by kernel name, e.g.
+# {"fallback_kernel": {"maxnreg": 128}}. Registers per thread set how many 4-warp programs an SM holds on sm_90: 4 up
+# to 128, 3 up to 168, 2 beyond (scripts/kernel_resources.py reports each kernel's). None is set: which choice is
+# faster is a GPU's to say (scripts/benchmark_kernel_versions.py --launch times them against the defaults).
+LAUNCH_OPTIONS: dict[str, dict[str, int]] = {}
 THRESHOLD_PASSES = ("topk", "stream", "bound")
 # all three are exact; on an H200 "bound" took 0.50-0.62 of "topk"'s forward time from L = 4096 and 0.65-0.73 of
 # its forward + backward ("stream": about 0.9-1.0), and ran level with it when decoding (benchmarks/gpu.md)
@@ -290,11 +295,12 @@ class _EntmaxAttention(torch.autograd.Function):
                 kernels.threshold_kernel[grid](
                     q, k, *common["masks"], m, tau, fail, tilemax, tiles, *shared, (1 / kc) ** am1,
                     KC=kc, N_ITER=cfg["n_iter"], SORT_ABOVE=cfg["sort_above"], **common["meta"],
+                    **_launch_options("threshold_kernel"),
                 )
             elif cfg["threshold_pass"] == "bound":  # a lower bound of τ per row; the fallback solves every row
                 kernels.bound_kernel[grid](  # (2·bn scores per row: its bisection's bracket)
                     q, k, *common["masks"], m, tau, fail, tilemax, tiles, *shared, (1 / (2 * bn)) ** am1,
-                    BOUND_SLACK[acc], N_ITER=cfg["n_iter"], **common["meta"],
+                    BOUND_SLACK[acc], N_ITER=cfg["n_iter"], **common["meta"], **_launch_options("bound_kernel"),
                 )
             else:  # "stream": every score above a rising lower bound of τ held (and its key), no sort
                 cap = STREAM_SLOTS * kc
@@ -314,7 +320,7 @@ class _EntmaxAttention(torch.autograd.Function):
                 q, k, *common["masks"], m, tau, fail, tilemax, tiles, *common["qk_strides"], *common["mask_strides"],
                 h, lq, lk, d, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, (1 / max(lk, 1)) ** am1,
                 FALLBACK_TOLERANCE[acc], BOUND_SLACK[acc], N_ITER=FALLBACK_ITERATIONS[bisect][acc], BISECT=bisect,
-                **common["meta"],
+                **common["meta"], **_launch_options("fallback_kernel"),
             )
             stream = cfg["threshold_pass"] == "stream"
             value_args = (*v.stride(), *o.stride())
@@ -323,12 +329,13 @@ class _EntmaxAttention(torch.autograd.Function):
                 *common["qk_strides"], *value_args, *common["mask_strides"],
                 h, lq, lk, d, dv, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, 2 - cfg["alpha"],
                 *common["dropout"], NEED_G=need_g, ONLY_FAILED=stream, **common["value_meta"],
+                **_launch_options("forward_kernel"),
             )
             if stream:  # the other rows' output from their held support and its keys' values
                 meta = common["value_meta"]
                 kernels.gather_kernel[grid](
                     v, m, tau, fail, held, keys, count, o, lsum, g, gsum, seed, *value_args,
-                    h, lq, lk, dv, am1, 1 / am1, 2 - cfg["alpha"], *common["dropout"],
+                    h, lq, lk, dv, cfg["scale"], am1, 1 / am1, 2 - cfg["alpha"], *common["dropout"],
                     ACC=meta["ACC"], KIND=meta["KIND"], NEED_G=need_g, DROPOUT=meta["DROPOUT"], BM=meta["BM"],
                     BDV=meta["BDV"], CAP=cap,
                 )
@@ -360,18 +367,24 @@ class _EntmaxAttention(torch.autograd.Function):
             tiles = torch.empty(b * h, n_qb, n_kb, dtype=torch.int32, device=q.device)
             kernels.backward_dq_kernel[(n_qb, b * h)](  # writes its tile lists and the map `need` first
                 q, k, v, do, dq, *common["masks"], m, tau, lsum, c, tilemax, need, tiles, seed, *args,
-                **common["value_meta"],
+                **common["value_meta"], **_launch_options("backward_dq_kernel"),
             )
             if lk:
                 rows_of = torch.empty(b * h, n_kb, n_qb, dtype=torch.int32, device=q.device)
                 n_rows = torch.empty(b * h, n_kb, dtype=torch.int32, device=q.device)
                 kernels.tile_columns_kernel[(n_kb, b * h)](need, rows_of, n_rows, n_qb, n_kb)
                 stages = {"num_stages": FULL_PRECISION_DKDV_STAGES} if full_precision_products(q.dtype) else {}
+                stages.update(_launch_options("backward_dkdv_kernel"))
                 kernels.backward_dkdv_kernel[(n_kb, b * h)](
                     q, k, v, do, dk, dvv, *common["masks"], m, tau, lsum, c, rows_of, n_rows, seed, *args,
                     **common["value_meta"], **stages,
                 )
         return dq, dk, dvv, None, None, None, None, None
+
+
+def _launch_options(kernel: str) -> dict[str, int]:
+    """:data:`LAUNCH_OPTIONS` of ``kernel`` (Triton's interpreter takes them and ignores them)."""
+    return LAUNCH_OPTIONS.get(kernel, {})
 
 
 def _on(device: torch.device):

@@ -61,14 +61,14 @@ def _tile_allowed(
 
 @triton.jit
 def _scores(
-    q, k, KEEP, keep_off, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale,
+    q, k, KEEP, keep_off, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF,
     ACC: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """Scaled scores of one tile (``k``: its keys, loaded), -inf where the pair is not allowed (padding,
-    causality, ``keep``). ``MASKED=False``: a tile every pair of which is allowed (:func:`_unmasked_tiles`), whose
-    scores are taken as they are: the tests cost two to four operations per score, against about ten for the
-    rest of a sweep's work on it."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
+    """Products ``q · k`` of one tile (``k``: its keys, loaded), not yet scaled (:func:`_distance` scales them),
+    -inf where the pair is not allowed (padding, causality, ``keep``). ``MASKED=False``: a tile every pair of which
+    is allowed (:func:`_unmasked_tiles`), whose products are taken as they are: the tests cost two to four
+    operations per score, against about ten for the rest of a sweep's work on it."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC)
     if MASKED:
         ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < klen)
         if CAUSAL:
@@ -85,8 +85,8 @@ def _unmasked_tiles(Lq, klen, start_m, OFF, BM: tl.constexpr, BN: tl.constexpr, 
                     HAS_KEEP: tl.constexpr):
     """Key tiles ``[0, n)`` hold only allowed pairs for every row of the block at ``start_m``: no padding key, no
     key after a row's causal limit, no query row past ``Lq``, no element mask. Tile lists are in key order, so the
-    sweeps read these tiles first, in a loop without the tests (:func:`_scores`), then the rest with them. Every
-    pass classifies a tile the same way, so a score is the same number in all of them."""
+    sweeps read these tiles first, in a loop without the tests (:func:`_scores`), then the rest with them. An
+    allowed pair's ``d`` (:func:`_distance`) is the same number in either loop: a kernel may keep one loop."""
     limit = klen
     if CAUSAL:
         limit = tl.minimum(limit, start_m + OFF + 1)  # the block's first row sees keys up to start_m + OFF
@@ -96,20 +96,29 @@ def _unmasked_tiles(Lq, klen, start_m, OFF, BM: tl.constexpr, BN: tl.constexpr, 
 
 
 @triton.jit
-def _shifted(s, m, tau, am1):
-    """``d = x - τ = (α-1)(s - m) - τ`` of a tile of scores ``s`` ``(BM, W)``, with row statistics ``m``, ``tau``
-    ``(BM,)``: a score is in its row's support when ``d > 0`` (:func:`_distance`)."""
-    return _distance(s, m[:, None], tau[:, None], am1)
+def _shifted(raw, m, tau, scale, am1):
+    """``d = x - τ`` of a tile of products ``raw`` ``(BM, W)`` (:func:`_scores`), with row statistics ``m``,
+    ``tau`` ``(BM,)``: a score is in its row's support when ``d > 0`` (:func:`_distance`)."""
+    return _distance(raw, m[:, None], tau[:, None], scale, am1)
 
 
 @triton.jit
-def _distance(s, m, tau, am1):
-    """``(α-1)(s - m) - τ``, one subtraction and one fused multiply-add, of operands that broadcast together. Every
-    pass takes a score's ``d`` from here (through :func:`_shifted`), and so do the tests on one score standing for
-    many (a tile's largest, in the tile lists; the smallest of a candidate support, in :func:`_newton_step`), so
-    that they all agree on which scores lie above τ, to the last bit. (1.5-entmax and sparsemax: ``(α-1)(s - m)``
-    is exact, so ``d`` is ``x - τ`` rounded once.)"""
-    return tl.fma(s - m, am1, -tau)
+def _distance(raw, m, tau, scale, am1):
+    """``d = x - τ = (α-1)(s - m) - τ`` of scores ``s = raw · scale`` given by their unscaled products ``raw`` (of
+    operands that broadcast together): two explicit fused multiply-adds, so that no compiler contracts them one
+    way in one pass and another way in the next. Every pass takes a score's ``d`` from here (through
+    :func:`_shifted`), and so do the tests on one product standing for many (a tile's largest, in the tile
+    lists; the smallest of a candidate support, in :func:`_newton_step`), and the interpreter rounds an ``fma``
+    once as the GPU does: all agree on which scores lie above τ, to the last bit."""
+    return tl.fma(tl.fma(raw, scale, -m), am1, -tau)
+
+
+@triton.jit
+def _row_maximum(largest, scale):
+    """The row statistic ``m`` (on the score scale) from the row's largest product ``largest``: 0 for a row with no
+    allowed key (``largest = -inf``), whose τ is then +inf. (``x = (α-1)(s - m)`` of the largest score is then
+    the rounding of ``largest · scale`` to ``m``, not 0: at most half a unit in ``m``'s last place.)"""
+    return tl.where(largest == NEG_INF, 0.0, largest * scale)
 
 
 @triton.jit
@@ -225,14 +234,14 @@ def threshold_kernel(
     for i in range(0, n_tiles):
         start_n = _first_sweep_tile(allowed, i, BN, HAS_BMASK)
         buf, kth, rest = _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth, rest,
-                                         s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale, ACC, PREC, SORT_ABOVE,
+                                         s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, ACC, PREC, SORT_ABOVE,
                                          BM, BN, KC, CAUSAL, HAS_KEEP)
-    m = tl.max(buf, 1)
-    empty = m == NEG_INF
-    m = tl.where(empty, 0.0, m)
-    lower, tau = _candidates_tau(buf, m, am1, inv_am1, bracket, ACC, KIND, N_ITER, KC, False)
+    largest = tl.max(buf, 1)
+    empty = largest == NEG_INF
+    m = _row_maximum(largest, scale)
+    lower, tau = _candidates_tau(buf, m, scale, am1, inv_am1, bracket, ACC, KIND, N_ITER, KC, False)
     tau = tl.where(empty, float("inf"), tau)
-    ok = (tl.fma(rest - m, am1, -lower) <= 0) | empty  # rest's d (_shifted) at the candidates' τ
+    ok = (_distance(rest, m, lower, scale, am1) <= 0) | empty  # the largest product left out, below τ
     row_ok = offs_m < Lq
     tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
     tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
@@ -241,7 +250,7 @@ def threshold_kernel(
 
 @triton.jit
 def _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth, rest,
-                    s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale, ACC: tl.constexpr, PREC: tl.constexpr,
+                    s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, ACC: tl.constexpr, PREC: tl.constexpr,
                     SORT_ABOVE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
                     CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr):
     """One key tile of :func:`threshold_kernel`: its scores merged into each row's candidates ``buf`` (their
@@ -252,7 +261,7 @@ def _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, 
     software-pipelining the key sweep (prefetching the next tile's keys while this one is merged)."""
     offs_n = start_n + cols
     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
-    left = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP,
+    left = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, HAS_KEEP,
                    True)
     best = tl.max(left, 1)
     tl.store(tiles + start_n // BN, tl.max(best, 0))
@@ -329,19 +338,19 @@ def bound_kernel(
                                              n_kb, BN, TQ, TK, HAS_BMASK)
     for i in range(0, n_unmasked):
         first, second = _bound_tile(q, keys, keep, tiles, _first_sweep_tile(allowed, i, BN, HAS_BMASK), first,
-                                    second, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale,
-                                    ACC, PREC, BN, CAUSAL, HAS_KEEP, False)
+                                    second, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, ACC, PREC,
+                                    BN, CAUSAL, HAS_KEEP, False)
     for i in range(n_unmasked, n_tiles):
         first, second = _bound_tile(q, keys, keep, tiles, _first_sweep_tile(allowed, i, BN, HAS_BMASK), first,
-                                    second, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale,
-                                    ACC, PREC, BN, CAUSAL, HAS_KEEP, True)
-    m = tl.max(first, 1)
-    empty = m == NEG_INF
-    m = tl.where(empty, 0.0, m)
+                                    second, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, ACC, PREC,
+                                    BN, CAUSAL, HAS_KEEP, True)
+    largest = tl.max(first, 1)
+    empty = largest == NEG_INF
+    m = _row_maximum(largest, scale)
     columns = tl.reshape(tl.join(first, second), (BM, 2 * BN))
     if KIND != 2:  # the closed forms' cumulative sums, in rank order (one sort per block)
         columns = tl.sort(columns, 1, descending=True)
-    lower, _ = _candidates_tau(columns, m, am1, inv_am1, bracket, ACC, KIND, N_ITER, 2 * BN, KIND != 2)
+    lower, _ = _candidates_tau(columns, m, scale, am1, inv_am1, bracket, ACC, KIND, N_ITER, 2 * BN, KIND != 2)
     lower = lower - slack * tl.maximum(tl.abs(lower), 1.0)
     row_ok = offs_m < Lq
     tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
@@ -351,13 +360,13 @@ def bound_kernel(
 
 @triton.jit
 def _bound_tile(q, keys, keep, tiles, start_n, first, second, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq,
-                klen, D, OFF, scale, ACC: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+                klen, D, OFF, ACC: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
                 HAS_KEEP: tl.constexpr, MASKED: tl.constexpr):
-    """One key tile of :func:`bound_kernel`: its scores into each row's two largest per column, and its largest
-    allowed score stored at ``tiles``."""
+    """One key tile of :func:`bound_kernel`: its products into each row's two largest per column, and its largest
+    allowed product stored at ``tiles``."""
     offs_n = start_n + cols
     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
-    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP,
+    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, HAS_KEEP,
                 MASKED)
     tl.store(tiles + start_n // BN, tl.max(tl.max(s, 1), 0))
     second = tl.maximum(second, tl.minimum(first, s))
@@ -410,16 +419,16 @@ def stream_kernel(
     keys = KEYS + (bh * Lq + start_m).to(tl.int64) * CAP
     first = tl.arange(0, BM)[:, None] * CAP  # each row's first slot
     count = tl.zeros((BM,), tl.int32)  # scores held
-    m = tl.full((BM,), NEG_INF, ACC)  # the largest score so far (always held: it is above every bound)
-    theta = tl.full((BM,), NEG_INF, ACC)
+    largest = tl.full((BM,), NEG_INF, ACC)  # the largest product so far (always held: it is above every bound)
+    theta = tl.full((BM,), NEG_INF, ACC)  # on the products' scale
     lost = tl.zeros((BM,), tl.int32)  # 1: the support outgrew the slots (the fallback solves the row)
     for start_n in range(0, hi, BN):
         if _tile_allowed(BMASK, b * s_mb + h * s_mh, s_bq, s_bk, start_m, start_n, klen, OFF, BM, TQ, TK, CAUSAL,
                          HAS_BMASK):
             offs_n = start_n + cols
             k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
-            s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC,
-                        PREC, CAUSAL, HAS_KEEP, True)
+            s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC,
+                        CAUSAL, HAS_KEEP, True)
             best = tl.max(s, 1)
             tl.store(TILEMAX + (bh * n_qb + pid_m) * n_kb + start_n // BN, tl.max(best, 0))
             take = s > theta[:, None]
@@ -430,14 +439,16 @@ def stream_kernel(
                 if todo > BN:
                     # the scores appended so far, by other threads of this program, are read next
                     tl.debug_barrier()
-                    seen = m > NEG_INF
-                    m_held = tl.where(seen, m, 0.0)
-                    start = tl.maximum((theta - m_held) * am1, -1.0)  # x = 0 (the largest) has Σ p̃ >= 1 at -1
-                    lower, _, _ = _held_tau(block, first, tl.minimum(count, CAP), m_held, start, am1, inv_am1,
-                                            bracket, tol, ACC, KIND, STEPS, CHUNK)
+                    seen = largest > NEG_INF
+                    m_held = _row_maximum(largest, scale)
+                    # x = 0 (the largest) has Σ p̃ >= 1 at -1
+                    start = tl.maximum((theta * scale - m_held) * am1, -1.0)
+                    lower, _, _ = _held_tau(block, first, tl.minimum(count, CAP), m_held, start, scale, am1,
+                                            inv_am1, bracket, tol, ACC, KIND, STEPS, CHUNK)
                     lower = lower - slack * tl.maximum(tl.abs(lower), 1.0)
-                    theta = tl.where(seen, m_held + lower / am1, theta)
-                    count = _keep_above(block, keys, first, tl.minimum(count, CAP), m_held, lower, am1, CHUNK)
+                    theta = tl.where(seen, (m_held + lower / am1) / scale, theta)
+                    count = _keep_above(block, keys, first, tl.minimum(count, CAP), m_held, lower, scale, am1,
+                                        CHUNK)
                     take = s > theta[:, None]
                     new = tl.sum(take.to(tl.int32), 1)
                     lost = tl.where(count + new > CAP, 1, lost)
@@ -449,17 +460,17 @@ def stream_kernel(
                 # bounds reads them (the τ of a subset of the row's scores, still a lower bound of its τ), and
                 # counting past them would read slots never written
                 count += tl.where(lost == 0, new, 0)
-            m = tl.maximum(m, best)
+            largest = tl.maximum(largest, best)
     tl.debug_barrier()  # the appended scores, written by other threads of this program, are read below
-    empty = m == NEG_INF
-    m = tl.where(empty, 0.0, m)
-    start = tl.maximum((theta - m) * am1, -1.0)
-    _, tau, solved = _held_tau(block, first, tl.minimum(count, CAP), m, start, am1, inv_am1, bracket, tol, ACC,
-                               KIND, SOLVE_STEPS, CHUNK)
+    empty = largest == NEG_INF
+    m = _row_maximum(largest, scale)
+    start = tl.maximum((theta * scale - m) * am1, -1.0)
+    _, tau, solved = _held_tau(block, first, tl.minimum(count, CAP), m, start, scale, am1, inv_am1, bracket, tol,
+                               ACC, KIND, SOLVE_STEPS, CHUNK)
     fail = (lost != 0) | ~solved
     # what gather_kernel reads: the support alone (p > 0: the same test as its own), not the scores held above
     # the last bound; a failed row's slots are not read
-    count = _keep_above(block, keys, first, tl.minimum(count, CAP), m, tau, am1, CHUNK)
+    count = _keep_above(block, keys, first, tl.minimum(count, CAP), m, tau, scale, am1, CHUNK)
     bound = tl.where(lost != 0, start, tau - slack * tl.maximum(tl.abs(tau), 1.0))
     tau = tl.where(empty, float("inf"), tl.where(fail, bound, tau))
     tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
@@ -469,7 +480,7 @@ def stream_kernel(
 
 
 @triton.jit
-def _keep_above(block, keys, first, count, m, tau, am1, CHUNK: tl.constexpr):
+def _keep_above(block, keys, first, count, m, tau, scale, am1, CHUNK: tl.constexpr):
     """Keep, in place, each row's held scores (and their keys) with ``x = (α-1)(s - m) > τ``; returns how many
     each row keeps. A kept score moves only to a lower slot, so the chunks are rewritten in order, each after
     every thread has read it; only the chunks some row of the block uses are visited."""
@@ -481,7 +492,7 @@ def _keep_above(block, keys, first, count, m, tau, am1, CHUNK: tl.constexpr):
         held = tl.load(block + slot, mask=in_use, other=NEG_INF)
         key = tl.load(keys + slot, mask=in_use, other=0)
         tl.debug_barrier()  # every thread has read this chunk (and what came before) before any slot is rewritten
-        kept = _shifted(held, m, tau, am1) > 0
+        kept = _shifted(held, m, tau, scale, am1) > 0
         to = first + kept_count[:, None] + tl.cumsum(kept.to(tl.int32), 1) - 1
         tl.store(block + to, held, mask=kept)
         tl.store(keys + to, key, mask=kept)
@@ -490,7 +501,7 @@ def _keep_above(block, keys, first, count, m, tau, am1, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _held_sums(block, first, count, m, tau, am1, inv_am1, ACC: tl.constexpr, KIND: tl.constexpr,
+def _held_sums(block, first, count, m, tau, scale, am1, inv_am1, ACC: tl.constexpr, KIND: tl.constexpr,
                CHUNK: tl.constexpr):
     """:func:`_add_sums` over each row's ``count`` held scores (from ``block + first``)."""
     chunk = tl.arange(0, CHUNK)
@@ -501,23 +512,23 @@ def _held_sums(block, first, count, m, tau, am1, inv_am1, ACC: tl.constexpr, KIN
     for c0 in range(0, tl.max(count, 0), CHUNK):  # the chunks some row of the block uses
         held = tl.load(block + (first + c0 + chunk[None, :]), mask=(c0 + chunk)[None, :] < count[:, None],
                        other=NEG_INF)
-        f, slope, n, smallest = _add_sums(held, _shifted(held, m, tau, am1), f, slope, n, smallest, inv_am1, ACC,
-                                          KIND)
+        f, slope, n, smallest = _add_sums(held, _shifted(held, m, tau, scale, am1), f, slope, n, smallest,
+                                          inv_am1, ACC, KIND)
     return f, slope, n, smallest
 
 
 @triton.jit
-def _add_sums(s, d, f, slope, n, smallest, inv_am1, ACC: tl.constexpr, KIND: tl.constexpr):
-    """Adds a tile of scores ``s`` ``(BM, W)`` (-inf: no score), with their ``d = x - τ`` (:func:`_shifted`), to each
-    row's Newton sums at τ: ``f = Σ p̃(τ)`` and ``-f'(τ)``, and for the closed forms (1.5-entmax, sparsemax) the
-    size of ``S = {d > 0}`` and its smallest score. Over S, 1.5-entmax's ``f = Σ d²`` and ``-f' = 2 Σ d``,
+def _add_sums(raw, d, f, slope, n, smallest, inv_am1, ACC: tl.constexpr, KIND: tl.constexpr):
+    """Adds a tile of products ``raw`` ``(BM, W)`` (-inf: no score), with their ``d = x - τ`` (:func:`_shifted`), to
+    each row's Newton sums at τ: ``f = Σ p̃(τ)`` and ``-f'(τ)``, and for the closed forms (1.5-entmax, sparsemax)
+    the size of ``S = {d > 0}`` and its smallest product. Over S, 1.5-entmax's ``f = Σ d²`` and ``-f' = 2 Σ d``,
     sparsemax's ``f = Σ d`` and ``-f' = |S|``: the sums the closed form on S takes (:func:`_closed_form`), so four
-    reductions per tile (three for sparsemax), not Σ x and Σ x² besides. The smallest score, not its ``d``:
-    :func:`_newton_step` puts it through the operations every pass applies to a score. The fallback adds tiles of
+    reductions per tile (three for sparsemax), not Σ x and Σ x² besides. The smallest product, not its ``d``:
+    :func:`_newton_step` puts it through the operations every pass applies to a product. The fallback adds tiles of
     recomputed scores, the streaming pass chunks of held ones."""
     pos = d > 0
     if KIND != 2:
-        smallest = tl.minimum(smallest, tl.min(tl.where(pos, s, float("inf")), 1))
+        smallest = tl.minimum(smallest, tl.min(tl.where(pos, raw, float("inf")), 1))
     if KIND == 0:
         d = tl.maximum(d, 0.0)
         f += tl.sum(d * d, 1)
@@ -536,15 +547,16 @@ def _add_sums(s, d, f, slope, n, smallest, inv_am1, ACC: tl.constexpr, KIND: tl.
 
 
 @triton.jit
-def _newton_step(f, slope, n, smallest, m, tau, active, solved, am1, tol, KIND: tl.constexpr):
-    """One step towards each active row's τ from its sums at ``tau`` (:func:`_add_sums`; ``m``: the row's largest
-    score); returns ``(tau, active, solved)``. Closed forms first: ``S = {x > τ}`` holds the support (τ <= the
-    row's), and τ_S, the closed form on S, is the row's τ exactly when S's smallest score lies above it (its ``d``
-    at τ_S, by :func:`_shifted`, is positive: the output pass keeps it); such a row is solved and stops. Then Newton
-    on ``Σ p̃ = 1``; a row whose step falls below ``tol`` stops unsolved."""
+def _newton_step(f, slope, n, smallest, m, tau, active, solved, scale, am1, tol, KIND: tl.constexpr):
+    """One step towards each active row's τ from its sums at ``tau`` (:func:`_add_sums`; ``m``: the row's
+    statistic of :func:`_row_maximum`; ``smallest``: the smallest product in S); returns ``(tau, active,
+    solved)``. Closed forms first: ``S = {x > τ}`` holds the support (τ <= the row's), and τ_S, the closed form on
+    S, is the row's τ exactly when S's smallest score lies above it (its ``d`` at τ_S, by :func:`_distance`, is
+    positive: the output pass keeps it); such a row is solved and stops. Then Newton on ``Σ p̃ = 1``; a row whose
+    step falls below ``tol`` stops unsolved."""
     if KIND != 2:
         closed = _closed_form(f, slope, n, tau, KIND)
-        exact = active & (_distance(smallest, m, closed, am1) > 0)
+        exact = active & (_distance(smallest, m, closed, scale, am1) > 0)
         tau = tl.where(exact, closed, tau)
         solved = solved | exact
         active = active & ~exact
@@ -555,7 +567,7 @@ def _newton_step(f, slope, n, smallest, m, tau, active, solved, am1, tol, KIND: 
 
 
 @triton.jit
-def _held_tau(block, first, count, m, tau, am1, inv_am1, bracket, tol, ACC: tl.constexpr, KIND: tl.constexpr,
+def _held_tau(block, first, count, m, tau, scale, am1, inv_am1, bracket, tol, ACC: tl.constexpr, KIND: tl.constexpr,
               STEPS: tl.constexpr, CHUNK: tl.constexpr):
     """τ (x scale) of a row's held scores from a lower bound ``tau``. Returns ``(lower, tau, solved)``.
     1.5-entmax and sparsemax: Newton steps (at most ``STEPS``), each after the closed form on ``S = {x > τ}``,
@@ -571,21 +583,21 @@ def _held_tau(block, first, count, m, tau, am1, inv_am1, bracket, tol, ACC: tl.c
         for _ in range(STEPS):
             dm = dm / 2
             mid = lower + dm
-            total, _, _, _ = _held_sums(block, first, count, m, mid, am1, inv_am1, ACC, KIND, CHUNK)
+            total, _, _, _ = _held_sums(block, first, count, m, mid, scale, am1, inv_am1, ACC, KIND, CHUNK)
             lower = tl.where(total >= 1, mid, lower)
         return lower, mid, mid == mid
     solved = tau != tau  # all False
     active = ~solved
     steps = 0
     while (tl.max(active.to(tl.int32), 0) > 0) & (steps < STEPS):
-        f, slope, n, smallest = _held_sums(block, first, count, m, tau, am1, inv_am1, ACC, KIND, CHUNK)
-        tau, active, solved = _newton_step(f, slope, n, smallest, m, tau, active, solved, am1, tol, KIND)
+        f, slope, n, smallest = _held_sums(block, first, count, m, tau, scale, am1, inv_am1, ACC, KIND, CHUNK)
+        tau, active, solved = _newton_step(f, slope, n, smallest, m, tau, active, solved, scale, am1, tol, KIND)
         steps += 1
     return tau, tau, solved
 
 
 @triton.jit
-def _candidates_tau(buf, m, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
+def _candidates_tau(buf, m, scale, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
                     KC: tl.constexpr, SORTED: tl.constexpr):
     """τ (on the x scale) of each row's candidate scores ``buf`` ``(BM, KC)`` (-inf: no candidate; ``m``: the
     row's largest score, 0 for a row without any; ``SORTED``: each row descending). Returns ``(lower, tau)``: the
@@ -595,7 +607,7 @@ def _candidates_tau(buf, m, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.c
     end (``Σ p̃(lower) >= 1``: a lower bound of the candidates' τ) and ``tau`` its midpoint."""
     valid = buf > NEG_INF
     if KIND == 0:
-        z = tl.where(valid, (buf - m[:, None]) / 2, 0.0)
+        z = tl.where(valid, tl.fma(buf, scale, -m[:, None]) / 2, 0.0)
         rho, zsum, zsq = _ranked_sums(buf, z, ACC, KC, True, SORTED)
         mean = zsum / rho
         mean_sq = zsq / rho
@@ -606,7 +618,7 @@ def _candidates_tau(buf, m, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.c
         tau = tl.sum(tl.where(rho == size[:, None], tau_rho, 0.0), 1)
         lower = tau
     elif KIND == 1:
-        z = tl.where(valid, buf - m[:, None], 0.0)
+        z = tl.where(valid, tl.fma(buf, scale, -m[:, None]), 0.0)
         rho, cs, _ = _ranked_sums(buf, z, ACC, KC, False, SORTED)
         cs = cs - 1
         size = tl.sum(((rho * z > cs) & valid).to(ACC), 1)
@@ -619,7 +631,7 @@ def _candidates_tau(buf, m, am1, inv_am1, bracket, ACC: tl.constexpr, KIND: tl.c
         for _ in range(N_ITER):
             dm = dm / 2
             tau = lower + dm
-            total = tl.sum(_unnormalised(_shifted(buf, m, tau, am1), inv_am1, KIND), 1)  # buf -inf: d -inf
+            total = tl.sum(_unnormalised(_shifted(buf, m, tau, scale, am1), inv_am1, KIND), 1)  # -inf: d -inf
             lower = tl.where(total >= 1, tau, lower)
     return lower, tau
 
@@ -692,8 +704,8 @@ def fallback_kernel(
         keep = KEEP + b * s_eb + h * s_eh
         tiles = TILES + (bh * n_qb + pid_m) * n_kb
         unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, HAS_KEEP)
-        n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, Lq, n_qb, n_kb, am1,
-                                               slack, unmasked, 2 if BISECT else 1, False, BM)
+        n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, Lq, n_qb, n_kb, scale,
+                                               am1, slack, unmasked, 2 if BISECT else 1, False, BM)
         tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
         cols = tl.arange(0, BN)
         if BISECT:
@@ -707,9 +719,9 @@ def fallback_kernel(
                 for i in range(0, n_tiles):  # (α > 2, rare: every tile masked, one loop)
                     offs_n = tl.load(tiles + i) * BN + cols
                     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
-                    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL,
+                    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL,
                                 HAS_KEEP, True)
-                    total += tl.sum(_unnormalised(_shifted(s, m, tau, am1), inv_am1, KIND), 1)
+                    total += tl.sum(_unnormalised(_shifted(s, m, tau, scale, am1), inv_am1, KIND), 1)
                 lo = tl.where(total >= 1, tau, lo)
         else:
             tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=0.0)
@@ -720,7 +732,8 @@ def fallback_kernel(
                 f, slope, n, smallest = _sweep_sums(q, keys, keep, tiles, n_unmasked, n_tiles, m, tau, offs_m,
                                                     offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale,
                                                     am1, inv_am1, ACC, PREC, KIND, BM, BN, CAUSAL, HAS_KEEP)
-                tau, active, solved = _newton_step(f, slope, n, smallest, m, tau, active, solved, am1, tol, KIND)
+                tau, active, solved = _newton_step(f, slope, n, smallest, m, tau, active, solved, scale, am1, tol,
+                                                   KIND)
                 steps += 1
         if KIND != 2:  # (never BISECT: that is α > 2)
             if tl.max((~solved).to(tl.int32), 0) > 0:  # Newton stopped short: τ from the support {x > τ}
@@ -759,8 +772,8 @@ def _tile_sums(q, keys, keep, start_n, m, tau, f, slope, n, smallest, offs_m, of
     """One key tile of :func:`_sweep_sums`."""
     offs_n = start_n + cols
     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
-    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP, MASKED)
-    return _add_sums(s, _shifted(s, m, tau, am1), f, slope, n, smallest, inv_am1, ACC, KIND)
+    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, HAS_KEEP, MASKED)
+    return _add_sums(s, _shifted(s, m, tau, scale, am1), f, slope, n, smallest, inv_am1, ACC, KIND)
 
 
 @triton.jit
@@ -812,7 +825,7 @@ def _write_allowed_list(BMASK, TILES, b, h, start_m, hi, unmasked, s_mb, s_mh, s
 
 
 @triton.jit
-def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, slack, unmasked,
+def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, scale, am1, slack, unmasked,
                      ROWS: tl.constexpr, WRITE_NEED: tl.constexpr, BM: tl.constexpr):
     """Writes the key tiles a block of ``BM`` query rows must read, in order, to ``TILES[bh, qb, :]`` and returns
     their count and how many of them lie below ``unmasked`` (:func:`_unmasked_tiles`: the sweep reads those first,
@@ -850,7 +863,7 @@ def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, Lq, n_qb, n_
         if ROWS == 2:
             need = tl.max(tl.where(rows[:, None], tmax[None, :], float("-inf")), 0) > float("-inf")
         else:
-            need = tl.max(_distance(tmax[None, :], m[:, None], tau[:, None], am1), 0) > 0
+            need = tl.max(_distance(tmax[None, :], m[:, None], tau[:, None], scale, am1), 0) > 0
         need = need & ok
         if WRITE_NEED:
             tl.store(NEED + base + kb, need.to(tl.int8), mask=ok)
@@ -919,15 +932,21 @@ def forward_kernel(
     keep = KEEP + b * s_eb + h * s_eh
     tiles = TILES + (bh * n_qb + pid_m) * n_kb
     unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, HAS_KEEP)
-    n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, 0.0,
-                                           unmasked, 1 if ONLY_FAILED else 0, False, BM)
+    n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, Lq, n_qb, n_kb, scale, am1,
+                                           0.0, unmasked, 1 if ONLY_FAILED else 0, False, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
-    for i in range(0, n_unmasked):
-        acc, lsum, gacc, gsum = _output_tile(
-            q, keys, values, keep, tl.load(tiles + i) * BN, m, tau, acc, lsum, gacc, gsum, SEED, bh, offs_m, offs_d,
-            offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1, inv_am1,
-            two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, NEED_G, DROPOUT, CAUSAL, HAS_KEEP, False,
-        )
+    if NEED_G:
+        # one loop: with two (and Σ g̃ v) this kernel took 183 registers per thread on sm_90, two programs per SM;
+        # with one, 164 and three (scripts/kernel_resources.py)
+        n_unmasked = 0
+    else:
+        for i in range(0, n_unmasked):
+            acc, lsum, gacc, gsum = _output_tile(
+                q, keys, values, keep, tl.load(tiles + i) * BN, m, tau, acc, lsum, gacc, gsum, SEED, bh, offs_m,
+                offs_d, offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1,
+                inv_am1, two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, NEED_G, DROPOUT, CAUSAL, HAS_KEEP,
+                False,
+            )
     for i in range(n_unmasked, n_tiles):
         acc, lsum, gacc, gsum = _output_tile(
             q, keys, values, keep, tl.load(tiles + i) * BN, m, tau, acc, lsum, gacc, gsum, SEED, bh, offs_m, offs_d,
@@ -948,8 +967,8 @@ def _output_tile(q, keys, values, keep, start_n, m, tau, acc, lsum, gacc, gsum, 
     forms' rows sum to 1)."""
     offs_n = start_n + cols
     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
-    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP, MASKED)
-    p, pv, g, gv = _output_weights(_shifted(s, m, tau, am1), SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk,
+    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, HAS_KEEP, MASKED)
+    p, pv, g, gv = _output_weights(_shifted(s, m, tau, scale, am1), SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk,
                                    inv_am1, two_minus_alpha, dropout_p, drop_scale, KIND, NEED_G, DROPOUT)
     v = _load_rows(values, 0, s_vn, s_vd, offs_n, offs_dv, klen, DV)
     acc += tl.dot(pv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
@@ -1005,7 +1024,7 @@ def _store_output(OUT, LSUM, G, GSUM, acc, lsum, gacc, gsum, b, h, bh, offs_m, o
 def gather_kernel(
     V, M, TAU, FAIL, SCRATCH, KEYS, COUNT, OUT, LSUM, G, GSUM, SEED,
     s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
-    H, Lq, Lk, DV, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
+    H, Lq, Lk, DV, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
     ACC: tl.constexpr, KIND: tl.constexpr, NEED_G: tl.constexpr, DROPOUT: tl.constexpr,
     BM: tl.constexpr, BDV: tl.constexpr, CAP: tl.constexpr,
 ):
@@ -1033,7 +1052,7 @@ def gather_kernel(
         held = j < count
         s = tl.load(SCRATCH + slots + j, mask=held, other=NEG_INF)
         key = tl.load(KEYS + slots + j, mask=held, other=0)
-        d = _shifted(s[:, None], m, tau, am1)  # (BM, 1): the tile helpers' shape
+        d = _shifted(s[:, None], m, tau, scale, am1)  # (BM, 1): the tile helpers' shape
         p, pv, g, gv = _output_weights(d, SEED, bh, offs_m[:, None], key[:, None], Lq, Lk, inv_am1,
                                        two_minus_alpha, dropout_p, drop_scale, KIND, NEED_G, DROPOUT)
         v = tl.load(V + b * s_vb + h * s_vh + key[:, None] * s_vn + offs_dv[None, :] * s_vd,
@@ -1054,9 +1073,9 @@ def gather_kernel(
 
 
 @triton.jit
-def _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND: tl.constexpr):
+def _probabilities(s, m, tau, lsum, scale, am1, inv_am1, two_minus_alpha, KIND: tl.constexpr):
     """Normalised p and g = p^{2-α} of a recomputed tile (``lsum``: Σ p̃, read for general α only)."""
-    d = _shifted(s, m, tau, am1)
+    d = _shifted(s, m, tau, scale, am1)
     p = _unnormalised(d, inv_am1, KIND)
     if KIND == 2:
         p = p / tl.where(lsum > 0, lsum, 1.0)[:, None]
@@ -1099,8 +1118,8 @@ def backward_dq_kernel(
     keep = KEEP + b * s_eb + h * s_eh
     tiles = TILES + (bh * n_qb + pid_m) * n_kb
     unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, HAS_KEEP)
-    n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, TAU, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, am1, 0.0,
-                                           unmasked, 0, True, BM)
+    n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, TAU, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, scale, am1,
+                                           0.0, unmasked, 0, True, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
     for i in range(0, n_unmasked):
         dq = _dq_tile(q, do, keys, values, keep, tl.load(tiles + i) * BN, m, tau, lsum, c, dq, SEED, bh, offs_m,
@@ -1127,8 +1146,8 @@ def _dq_tile(q, do, keys, values, keep, start_n, m, tau, lsum, c, dq, SEED, bh, 
     """One key tile of :func:`backward_dq_kernel`: ``Σ_j dS_ij k_j`` over it, added to ``dq``."""
     offs_n = start_n + cols
     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
-    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC, CAUSAL, HAS_KEEP, MASKED)
-    p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
+    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, HAS_KEEP, MASKED)
+    p, g = _probabilities(s, m, tau, lsum, scale, am1, inv_am1, two_minus_alpha, KIND)
     v = _load_rows(values, 0, s_vn, s_vd, offs_n, offs_dv, klen, DV)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
     if DROPOUT:
@@ -1183,9 +1202,9 @@ def backward_dkdv_kernel(
         do = _load_rows(DO, b * s_ob + h * s_oh, s_om, s_od, offs_m, offs_dv, Lq, DV)
         lsum = _normaliser(LSUM, bh, Lq, offs_m, row_ok, KIND)
         c = tl.load(C + bh * Lq + offs_m, mask=row_ok, other=0.0)
-        s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, scale, ACC, PREC,
-                    CAUSAL, HAS_KEEP, True)
-        p, g = _probabilities(s, m, tau, lsum, am1, inv_am1, two_minus_alpha, KIND)
+        s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL,
+                    HAS_KEEP, True)
+        p, g = _probabilities(s, m, tau, lsum, scale, am1, inv_am1, two_minus_alpha, KIND)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
         if DROPOUT:
             kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)

@@ -247,6 +247,43 @@ def test_block_mask_keep_and_rows_without_keys_give_zeros_and_finite_gradients(t
     assert torch.equal(out[0, 0, 16:32].cpu(), torch.zeros(16, d, dtype=out.dtype))
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        # queries the last 24 of 56 positions: the first block sees keys 0..31 whole (two tiles without the mask
+        # tests), the next ones along the diagonal; the second block is partial (rows past Lq: all tiles masked)
+        dict(lq=24, lk=56, causal=True),
+        # more queries than keys: rows 0..7 see no key at all, later blocks see one whole tile or none
+        dict(lq=48, lk=40, causal=True),
+        # padding (one sequence's keys end inside a tile) under a block mask: the allowed tiles' list, whose first
+        # entries are whole
+        dict(lq=32, lk=56, key_lengths=[56, 23], block_mask=True),
+    ],
+    ids=["decoder-with-cache", "more-queries-than-keys", "padding-and-block-mask"],
+)
+def test_the_sweeps_read_whole_tiles_without_mask_tests_and_stay_exact(case):
+    """Each sweep reads the key tiles where every pair is allowed for every row of its block in a loop without the
+    mask tests, then the others with them. Where the two kinds of tile meet (the causal diagonal, a padded
+    sequence's last tile, a block of rows past Lq, the list of a block mask), the result is still exact entmax:
+    a tile read without its tests where one was needed would give a padded or future key weight."""
+    b, h, d = 2, 1, 16
+    lq, lk = case["lq"], case["lk"]
+    q, k, v = inputs(b, h, lq, lk, d, seed=lq + lk)
+    key_lengths = torch.tensor(case["key_lengths"], device=DEVICE) if "key_lengths" in case else None
+    block_mask = None
+    if case.get("block_mask"):
+        block_mask = torch.ones(1, h, math.ceil(lq / TILE), math.ceil(lk / TILE), dtype=torch.bool)
+        block_mask[0, 0, 0, 1] = False  # the first block skips keys 16..31: its list is tiles 0, 2, 3
+        block_mask = block_mask.to(DEVICE)
+    allowed = dense_allowed(b, h, lq, lk, case.get("causal", False), key_lengths, block_mask)
+    kwargs = dict(causal=case.get("causal", False), key_lengths=key_lengths, block_mask=block_mask, mask_block=TILE,
+                  blocks=(16, 16, 16))
+    p_ref = check_against_reference(q, k, v, 1.5, allowed, 1e-9, **kwargs)
+    p = probabilities(q, k, 1.5, **kwargs)
+    assert torch.equal(p > 0, p_ref > 0)
+    assert not p[~allowed].any()
+
+
 @pytest.mark.parametrize("threshold_pass", entmax_triton.THRESHOLD_PASSES)
 def test_float32_and_bfloat16_inputs_match_float64_entmax_within_their_precision(threshold_pass, monkeypatch):
     monkeypatch.setattr(entmax_triton, "INTERPRETER_SORT_ABOVE", 4)  # candidates merged by sorting, as on the GPU
