@@ -10,7 +10,10 @@ holding that version's ``entmax_triton.py``, ``entmax_triton_kernels.py`` and ``
 
 For each length and mask (non-causal, causal): forward and forward + backward of SDPA, the baseline and this
 checkout's kernel (bf16, 16 heads, head dim 64 by default), the largest difference between the two kernels'
-outputs and gradients, and the ratios. ``--generate`` adds the entmax Marian's ``generate`` (issue 12's decoding
+outputs and gradients, and the ratios. ``--launch KERNEL:OPTION=VALUE,...`` replaces one kernel's launch options
+in this checkout (``entmax_triton.LAUNCH_OPTIONS``; ``KERNEL:`` for Triton's defaults), so that one GPU call can
+time, say, ``bound_kernel:maxnreg=128`` and ``bound_kernel:num_warps=8`` each against the same baseline.
+``--generate`` adds the entmax Marian's ``generate`` (issue 12's decoding
 benchmark, ``benchmarking.marian_generate``) with each version's kernel in the model's attention, next to the
 softmax model: one query row per call, where a version's launches, not its sweeps, are the cost. On CPU
 (``TRITON_INTERPRET=1``) it runs a small smoke test of the same paths: the interpreter's times say nothing about a
@@ -52,6 +55,20 @@ def load_baseline(folder: Path):
     package.__path__ = [str(folder)]
     sys.modules["kernel_baseline"] = package
     return importlib.import_module("kernel_baseline.entmax_triton")
+
+
+def launch_option(text: str) -> tuple[str, dict[str, int]]:
+    """``KERNEL:OPTION=VALUE,...`` (``--launch``) as ``(kernel, options)``."""
+    kernel, _, options = text.partition(":")
+    try:
+        parsed = {name: int(value) for name, value in (o.split("=") for o in options.split(",") if o)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected KERNEL:OPTION=VALUE,... (e.g. bound_kernel:maxnreg=128)"
+        ) from None
+    if not kernel.endswith("_kernel"):
+        raise argparse.ArgumentTypeError(f"{text!r}: {kernel!r} is not a kernel's name (e.g. fallback_kernel)")
+    return kernel, parsed
 
 
 def measure(fn, device, repeats: int) -> float:
@@ -145,8 +162,14 @@ def main(argv=None) -> int:
         "--threshold-pass", choices=entmax_triton.THRESHOLD_PASSES, default=None,
         help="this checkout's threshold pass (default: its DEFAULT_THRESHOLD_PASS); the baseline runs its default",
     )
+    parser.add_argument(
+        "--launch", type=launch_option, action="append", default=[], metavar="KERNEL:OPTION=VALUE,...",
+        help="this checkout's launch options for one kernel instead of entmax_triton.LAUNCH_OPTIONS' (repeatable)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="also write the table here (markdown)")
     args = parser.parse_args(argv)
+    for kernel, options in args.launch:
+        entmax_triton.LAUNCH_OPTIONS[kernel] = options
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reasons = entmax_triton.unavailable_reasons(device)
     if reasons:
@@ -167,7 +190,8 @@ def main(argv=None) -> int:
     lines = [
         f"`python scripts/benchmark_kernel_versions.py {' '.join(sys.argv[1:] if argv is None else argv)}` on "
         f"{name}, {datetime.date.today().isoformat()}: torch {torch.__version__}; {dtype}, {heads} heads, head dim "
-        f"{dim}; medians of {repeats} (CUDA events).{' CPU smoke run: the times mean nothing.' if smoke else ''}",
+        f"{dim}; medians of {repeats} (CUDA events); this checkout's launch options {entmax_triton.LAUNCH_OPTIONS}."
+        f"{' CPU smoke run: the times mean nothing.' if smoke else ''}",
         "",
         "| L | mask | SDPA fwd (ms) | baseline fwd | this fwd | this / baseline | SDPA fwd+bwd | baseline fwd+bwd "
         "| this fwd+bwd | this / baseline | max difference |",

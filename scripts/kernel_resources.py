@@ -11,6 +11,11 @@ where a kernel runs out of registers, which the GPU's timings then confirm or no
     python scripts/kernel_resources.py --output benchmarks/kernel_resources.md
     python scripts/kernel_resources.py --cases default,stream --arch 80
 
+It also reads each kernel's machine code (``nvdisasm``, shipped with Triton) for the length of its innermost loops:
+the instructions one thread issues per trip, which for the sweeps is per key tile (each thread of a 4-warp program
+holds 32 scores of a 64 x 64 tile). A sweep over a tile is mostly elementwise arithmetic on its scores, so fewer
+instructions per tile is less work per tile, whatever the GPU makes of it.
+
 ``tests/test_kernel_compile.py`` runs it for every case, so CI compiles every kernel of both threshold passes,
 each normaliser, float32 (both precisions), causal masks and dropout for the GPU. ``--arch 80`` (A100) works too
 (Triton's older bundled ptxas).
@@ -92,6 +97,31 @@ class StandInDriver:
         return True
 
 
+def innermost_loops(cubin: bytes) -> list[int]:
+    """Instructions in each innermost loop of the kernel in ``cubin`` with at least 32 of them (the sweeps' loops,
+    not the tile lists' short ones), in code order: from ``nvdisasm``, a loop is a backward branch's span."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+    labels, branches, count = {}, [], 0
+    for line in sass.splitlines():
+        label = re.match(r"^(\.L_x_\d+):", line.strip())
+        if label:
+            labels[label.group(1)] = count
+        elif re.match(r"^\s+/\*[0-9a-f]{4,}\*/", line):
+            target = re.search(r"\bBRA\b.*?(\.L_x_\d+)", line)
+            if target:
+                branches.append((count, target.group(1)))
+            count += 1
+    spans = [(labels[name], at) for at, name in branches if name in labels and labels[name] <= at]
+    inner = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    return [b - a + 1 for a, b in sorted(inner) if b - a + 1 >= 32]
+
+
 def ptxas_report(ptx: str, arch: int) -> dict:
     """Registers, spilled bytes and stack of the kernel in ``ptx``, from Triton's own ``ptxas -v``."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -139,7 +169,7 @@ def compile_case(name: str, arch: int, report, blocks=None) -> None:
         ptx = kernel.asm["ptx"]
         # software pipelining shows as asynchronous global-to-shared copies (the next tile's loads in flight)
         row.update(shared=kernel.metadata.shared, prefetch=len(re.findall(r"\bcp\.async\.(?:ca|cg|bulk)", ptx)))
-        row.update(ptxas_report(ptx, arch))
+        row.update(ptxas_report(ptx, arch), loops=innermost_loops(kernel.asm["cubin"]))
         report(row)
         return kernel
 
@@ -183,6 +213,9 @@ def main() -> None:
     driver.set_active(StandInDriver(args.arch))
     rows = []
 
+    def loops(row):
+        return " + ".join(map(str, row["loops"])) or "-"
+
     def seconds(row):
         return "same as above" if row["seconds"] is None else f"{row['seconds']:.1f} s"
 
@@ -191,7 +224,7 @@ def main() -> None:
         print(
             f"{row['case']:>10} {row['kernel']:<22} {row['tiles']:>6} {seconds(row):>13}  "
             f"{row['registers']:3d} registers  spills {row['spill_stores']}/{row['spill_loads']} B  "
-            f"shared {row['shared'] // 1024} KiB  async copies {row['prefetch']}",
+            f"shared {row['shared'] // 1024} KiB  async copies {row['prefetch']}  loops {loops(row)}",
             flush=True,  # a compilation that never ends shows where it is
         )
 
@@ -210,15 +243,19 @@ def main() -> None:
         "bytes are per thread, stores/loads. Compile seconds are this machine's CPU (a kernel found in Triton's "
         "on-disk cache takes about a second); `same as above`: a kernel an earlier case compiled. Async copies: "
         "`cp.async` instructions in the PTX, the loads Triton's software pipelining issues for the next tile while "
-        "this one is computed (0: every load waits).",
+        "this one is computed (0: every load waits). Loop instructions: the length of each innermost loop of 32 or "
+        "more instructions in the machine code, in code order (the sweeps that read unmasked tiles first have two: "
+        "unmasked, then masked), the instructions a thread issues per key tile.",
         "",
-        "| case | kernel | tiles | compile | registers | spills (B) | shared (KiB) | warps | async copies |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| case | kernel | tiles | compile | registers | spills (B) | shared (KiB) | warps | async copies "
+        "| loop instructions |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | `{r['kernel']}` | {r['tiles']} | {seconds(r)} | {r['registers']} "
-            f"| {r['spill_stores']}/{r['spill_loads']} | {r['shared'] // 1024} | {r['warps']} | {r['prefetch']} |"
+            f"| {r['spill_stores']}/{r['spill_loads']} | {r['shared'] // 1024} | {r['warps']} | {r['prefetch']} "
+            f"| {loops(r)} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)
