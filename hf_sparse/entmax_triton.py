@@ -61,6 +61,17 @@ mask (written first, ``_write_allowed_list``), and inserts a tile's few newcomer
 forward + backward, which matter where a call is short (decoding one token, short sequences). The lists take
 ``4·B·H·(Lq/64)·(Lk/64)`` bytes (16 MiB at L = 16384, 16 heads).
 
+Whole tiles: in its list, a sweep reads first the tiles where every pair is allowed for every row of its block (no
+padding key, none past a row's causal limit, no element mask, no row past ``Lq``: ``_unmasked_tiles``), in a loop
+without those tests, then the others with them, as FlashAttention's kernels split off the diagonal blocks. The
+kernels hold scores as unscaled products ``q · k`` and take every score's ``d = (α-1)(s - m) - τ`` from the same two
+explicit fused multiply-adds (``_distance``): the passes, the tile lists' tests and the fallback's exactness check
+agree on the support bit for bit, whichever loop read a tile (and the interpreter rounds them as a GPU does).
+Compiled for sm_90 (bf16, 1.5-entmax), a whole key tile costs each thread 251 instructions in the ``bound`` sweep
+(361 before), 473 in a Newton sweep (581) and 354 in dQ (431); a masked one 323, 530 and 386. The training forward
+keeps one loop (two took 183 registers per thread against 164: one program fewer per SM): 398 (470). Counted by
+``scripts/kernel_resources.py``; not yet timed on a GPU.
+
 Masks: ``causal`` (queries are the last ``Lq`` of ``Lk`` positions, as in a decoder with a cache),
 ``key_lengths`` (padding), ``block_mask`` (allowed tiles: patterns, frozen DAM block masks, Sparsefinder's
 predicted blocks; disallowed tiles are never read) and ``keep`` (an element mask read only inside allowed tiles,

@@ -4,12 +4,14 @@ Imported lazily, on first use, by :mod:`hf_sparse.entmax_triton` only: ``@triton
 time whether a kernel is compiled for the GPU or run by Triton's CPU interpreter (``TRITON_INTERPRET=1``), so the
 kernels are defined when the first call needs them, not when the models are imported.
 
-Scale conventions shared by every kernel (one query row, its allowed keys' scores ``s``):
-``m`` is the row's largest allowed score, ``x = (α - 1)(s - m)`` (``x <= 0``), and the row's threshold ``τ`` lives
-on the ``x`` scale: ``p̃ = [x - τ]₊^{1/(α-1)}``. 1.5-entmax: ``x = (s - m)/2``, ``p̃ = [x - τ]₊²``, which is the
-``z`` of ``entmax.entmax15`` (the same operations); sparsemax: ``x = s - m``, ``p̃ = [x - τ]₊``. General α: ``p =
-p̃ / l`` with ``l = Σ p̃`` (``entmax_bisect``'s ``ensure_sum_one``); the closed forms use ``p = p̃``. A row with no
-allowed key stores ``m = 0, τ = +inf``: every ``p̃`` is 0.
+Scale conventions shared by every kernel (one query row, its allowed keys' scores ``s = raw · scale``, where the
+kernels hold the unscaled products ``raw = q · k``): ``m`` is the row's largest allowed score (its largest product
+times ``scale``), ``x = (α - 1)(s - m)`` (``x <= 0``, up to the rounding of ``m``), and the row's threshold ``τ``
+lives on the ``x`` scale: ``p̃ = [x - τ]₊^{1/(α-1)}``. 1.5-entmax: ``x = (s - m)/2``, ``p̃ = [x - τ]₊²``, the ``z`` of
+``entmax.entmax15``; sparsemax: ``x = s - m``, ``p̃ = [x - τ]₊``. Every pass computes ``d = x - τ`` of a product
+with the same two fused multiply-adds (:func:`_distance`), so all agree on the support. General α: ``p = p̃ / l``
+with ``l = Σ p̃`` (``entmax_bisect``'s ``ensure_sum_one``); the closed forms use ``p = p̃``. A row with no allowed
+key stores ``m = 0, τ = +inf``: every ``p̃`` is 0.
 """
 
 from __future__ import annotations
