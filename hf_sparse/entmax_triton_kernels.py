@@ -98,6 +98,14 @@ def _unmasked_tiles(Lq, klen, start_m, OFF, BM: tl.constexpr, BN: tl.constexpr, 
 
 
 @triton.jit
+def _tile_range(n_unmasked, n_tiles, part: tl.constexpr):
+    """The list entries a sweep's ``part`` reads (a ``tl.static_range(2)``): 0 its whole tiles, the first
+    ``n_unmasked`` (:func:`_unmasked_tiles`), read without the mask tests; 1 the others, with them. Two loops, each
+    software-pipelined, with the masking a compile-time choice in each."""
+    return n_unmasked * part, n_unmasked + (n_tiles - n_unmasked) * part
+
+
+@triton.jit
 def _shifted(raw, m, tau, scale, am1):
     """``d = x - τ`` of a tile of products ``raw`` ``(BM, W)`` (:func:`_scores`), with row statistics ``m``,
     ``tau`` ``(BM,)``: a score is in its row's support when ``d > 0`` (:func:`_distance`)."""
@@ -338,14 +346,12 @@ def bound_kernel(
     unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, HAS_KEEP)
     n_tiles, n_unmasked = _first_sweep_tiles(BMASK, allowed, b, h, start_m, hi, unmasked, s_mb, s_mh, s_bq, s_bk,
                                              n_kb, BN, TQ, TK, HAS_BMASK)
-    for i in range(0, n_unmasked):
-        first, second = _bound_tile(q, keys, keep, tiles, _first_sweep_tile(allowed, i, BN, HAS_BMASK), first,
-                                    second, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, ACC, PREC,
-                                    BN, CAUSAL, HAS_KEEP, False)
-    for i in range(n_unmasked, n_tiles):
-        first, second = _bound_tile(q, keys, keep, tiles, _first_sweep_tile(allowed, i, BN, HAS_BMASK), first,
-                                    second, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, ACC, PREC,
-                                    BN, CAUSAL, HAS_KEEP, True)
+    for part in tl.static_range(2):
+        begin, end = _tile_range(n_unmasked, n_tiles, part)
+        for i in range(begin, end):
+            first, second = _bound_tile(q, keys, keep, tiles, _first_sweep_tile(allowed, i, BN, HAS_BMASK), first,
+                                        second, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, ACC,
+                                        PREC, BN, CAUSAL, HAS_KEEP, part == 1)
     largest = tl.max(first, 1)
     empty = largest == NEG_INF
     m = _row_maximum(largest, scale)
@@ -756,14 +762,12 @@ def _sweep_sums(q, keys, keep, tiles, n_unmasked, n_tiles, m, tau, offs_m, offs_
     slope = tl.zeros((BM,), ACC)  # -f'(τ)
     n = tl.zeros((BM,), ACC)
     smallest = tl.full((BM,), float("inf"), ACC)
-    for i in range(0, n_unmasked):
-        f, slope, n, smallest = _tile_sums(q, keys, keep, tl.load(tiles + i) * BN, m, tau, f, slope, n, smallest,
-                                           offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale,
-                                           am1, inv_am1, ACC, PREC, KIND, CAUSAL, HAS_KEEP, False)
-    for i in range(n_unmasked, n_tiles):
-        f, slope, n, smallest = _tile_sums(q, keys, keep, tl.load(tiles + i) * BN, m, tau, f, slope, n, smallest,
-                                           offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale,
-                                           am1, inv_am1, ACC, PREC, KIND, CAUSAL, HAS_KEEP, True)
+    for part in tl.static_range(2):
+        begin, end = _tile_range(n_unmasked, n_tiles, part)
+        for i in range(begin, end):
+            f, slope, n, smallest = _tile_sums(q, keys, keep, tl.load(tiles + i) * BN, m, tau, f, slope, n,
+                                               smallest, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D,
+                                               OFF, scale, am1, inv_am1, ACC, PREC, KIND, CAUSAL, HAS_KEEP, part == 1)
     return f, slope, n, smallest
 
 
@@ -831,13 +835,13 @@ def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, Lq, n_qb, n_
                      ROWS: tl.constexpr, WRITE_NEED: tl.constexpr, BM: tl.constexpr):
     """Writes the key tiles a block of ``BM`` query rows must read, in order, to ``TILES[bh, qb, :]`` and returns
     their count and how many of them lie below ``unmasked`` (:func:`_unmasked_tiles`: the sweep reads those first,
-    without masking). Each sweep over a list (fallback, output pass, dQ) writes its own block's list first, then reads
-    it back after a barrier: one launch, not a list kernel and then the sweep.
+    without masking). Each sweep over a list (fallback, output pass, dQ) writes its own block's list first, then
+    reads it back after a barrier: one launch, not a list kernel and then the sweep.
 
     A tile is needed when some row has a score above its threshold there, ``max_r d_r(tilemax) > 0`` (the
-    per-score test of :func:`_shifted` on the tile's largest score, and ``d`` is monotone in the score, so a tile
-    left out holds only zeros); tiles the
-    threshold pass never read (block mask, causality, padding) keep ``tilemax = -inf`` and are never needed.
+    per-score test of :func:`_distance` on the tile's largest product, and ``d`` is monotone in the product, so a
+    tile left out holds only zeros); tiles the threshold pass never read (block mask, causality, padding) keep
+    ``tilemax = -inf`` and are never needed.
     ``ROWS``: 0 every row, 1 only the rows marked in ``FAIL``, 2 the marked rows with any allowed score (τ = -inf:
     the bisection's sweeps, which start below every threshold). ``slack`` lowers each τ by ``slack · max(|τ|, 1)``
     (the fallback's lists, from lower bounds of τ). With ``WRITE_NEED`` the dense ``(n_qb, n_kb)`` map is written
@@ -941,20 +945,15 @@ def forward_kernel(
         # one loop: with two (and Σ g̃ v) this kernel took 183 registers per thread on sm_90, two programs per SM;
         # with one, 164 and three (scripts/kernel_resources.py)
         n_unmasked = 0
-    else:
-        for i in range(0, n_unmasked):
+    for part in tl.static_range(1 if NEED_G else 0, 2):
+        begin, end = _tile_range(n_unmasked, n_tiles, part)
+        for i in range(begin, end):
             acc, lsum, gacc, gsum = _output_tile(
                 q, keys, values, keep, tl.load(tiles + i) * BN, m, tau, acc, lsum, gacc, gsum, SEED, bh, offs_m,
                 offs_d, offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1,
                 inv_am1, two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, NEED_G, DROPOUT, CAUSAL, HAS_KEEP,
-                False,
+                part == 1,
             )
-    for i in range(n_unmasked, n_tiles):
-        acc, lsum, gacc, gsum = _output_tile(
-            q, keys, values, keep, tl.load(tiles + i) * BN, m, tau, acc, lsum, gacc, gsum, SEED, bh, offs_m, offs_d,
-            offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1, inv_am1,
-            two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, NEED_G, DROPOUT, CAUSAL, HAS_KEEP, True,
-        )
     _store_output(OUT, LSUM, G, GSUM, acc, lsum, gacc, gsum, b, h, bh, offs_m, offs_dv, row_ok,
                   s_ob, s_oh, s_om, s_od, Lq, DV, KIND, NEED_G)
 
@@ -1123,16 +1122,13 @@ def backward_dq_kernel(
     n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, TAU, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, scale, am1,
                                            0.0, unmasked, 0, True, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
-    for i in range(0, n_unmasked):
-        dq = _dq_tile(q, do, keys, values, keep, tl.load(tiles + i) * BN, m, tau, lsum, c, dq, SEED, bh, offs_m,
-                      offs_d, offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1,
-                      inv_am1, two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, DROPOUT, CAUSAL, HAS_KEEP,
-                      False)
-    for i in range(n_unmasked, n_tiles):
-        dq = _dq_tile(q, do, keys, values, keep, tl.load(tiles + i) * BN, m, tau, lsum, c, dq, SEED, bh, offs_m,
-                      offs_d, offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1,
-                      inv_am1, two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, DROPOUT, CAUSAL, HAS_KEEP,
-                      True)
+    for part in tl.static_range(2):
+        begin, end = _tile_range(n_unmasked, n_tiles, part)
+        for i in range(begin, end):
+            dq = _dq_tile(q, do, keys, values, keep, tl.load(tiles + i) * BN, m, tau, lsum, c, dq, SEED, bh, offs_m,
+                          offs_d, offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale,
+                          am1, inv_am1, two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, DROPOUT, CAUSAL,
+                          HAS_KEEP, part == 1)
     tl.store(
         DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
         (dq * scale).to(DQ.dtype.element_ty),
