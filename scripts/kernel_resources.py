@@ -98,8 +98,10 @@ class StandInDriver:
 
 
 def innermost_loops(cubin: bytes) -> list[int]:
-    """Instructions in each innermost loop of the kernel in ``cubin`` with at least 32 of them (the sweeps' loops,
-    not the tile lists' short ones), in code order: from ``nvdisasm``, a loop is a backward branch's span."""
+    """Instructions in each innermost loop of the kernel in ``cubin`` that multiplies matrices, in code order: the
+    sweeps over key (or query) tiles, not the loops that write tile lists. From ``nvdisasm``: a loop is a backward
+    branch's span; a matrix product is a tensor-core instruction (``HGMMA``, ``HMMA``) or, full float32 lowered to
+    the CUDA cores, at least 64 fused multiply-adds (a 32 x 32 x 32 product is 256 per thread)."""
     from triton import knobs
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,19 +109,23 @@ def innermost_loops(cubin: bytes) -> list[int]:
         path.write_bytes(cubin)
         sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", str(path)], capture_output=True, text=True,
                               check=True).stdout
-    labels, branches, count = {}, [], 0
+    labels, branches, code = {}, [], []
     for line in sass.splitlines():
         label = re.match(r"^(\.L_x_\d+):", line.strip())
         if label:
-            labels[label.group(1)] = count
+            labels[label.group(1)] = len(code)
         elif re.match(r"^\s+/\*[0-9a-f]{4,}\*/", line):
             target = re.search(r"\bBRA\b.*?(\.L_x_\d+)", line)
             if target:
-                branches.append((count, target.group(1)))
-            count += 1
+                branches.append((len(code), target.group(1)))
+            code.append(line)
     spans = [(labels[name], at) for at, name in branches if name in labels and labels[name] <= at]
     inner = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
-    return [b - a + 1 for a, b in sorted(inner) if b - a + 1 >= 32]
+
+    def multiplies(body):
+        return any(re.search(r"\bH(?:G)?MMA\b", line) for line in body) or sum(" FFMA" in line for line in body) >= 64
+
+    return [b - a + 1 for a, b in sorted(inner) if multiplies(code[a : b + 1])]
 
 
 def ptxas_report(ptx: str, arch: int) -> dict:
@@ -243,9 +249,9 @@ def main() -> None:
         "bytes are per thread, stores/loads. Compile seconds are this machine's CPU (a kernel found in Triton's "
         "on-disk cache takes about a second); `same as above`: a kernel an earlier case compiled. Async copies: "
         "`cp.async` instructions in the PTX, the loads Triton's software pipelining issues for the next tile while "
-        "this one is computed (0: every load waits). Loop instructions: the length of each innermost loop of 32 or "
-        "more instructions in the machine code, in code order (the sweeps that read unmasked tiles first have two: "
-        "unmasked, then masked), the instructions a thread issues per key tile.",
+        "this one is computed (0: every load waits). Loop instructions: the length of each innermost loop that "
+        "multiplies matrices, in the machine code and in code order (a sweep that reads its unmasked tiles first has "
+        "two: unmasked, then masked; the fallback two such sweeps), the instructions a thread issues per tile.",
         "",
         "| case | kernel | tiles | compile | registers | spills (B) | shared (KiB) | warps | async copies "
         "| loop instructions |",
