@@ -11,13 +11,12 @@ holding that version's ``entmax_triton.py``, ``entmax_triton_kernels.py`` and ``
 For each length and mask (non-causal, causal): forward and forward + backward of SDPA, the baseline and this
 checkout's kernel (bf16, 16 heads, head dim 64 by default), the largest difference between the two kernels'
 outputs and gradients, and the ratios. ``--launch KERNEL:OPTION=VALUE,...`` replaces one kernel's launch options
-in this checkout (``entmax_triton.LAUNCH_OPTIONS``; ``KERNEL:`` for Triton's defaults), so that one GPU call can
-time, say, ``bound_kernel:maxnreg=128`` and ``bound_kernel:num_warps=8`` each against the same baseline.
-``--generate`` adds the entmax Marian's ``generate`` (issue 12's decoding
-benchmark, ``benchmarking.marian_generate``) with each version's kernel in the model's attention, next to the
-softmax model: one query row per call, where a version's launches, not its sweeps, are the cost. On CPU
-(``TRITON_INTERPRET=1``) it runs a small smoke test of the same paths: the interpreter's times say nothing about a
-GPU.
+in this checkout (``entmax_triton.LAUNCH_OPTIONS``; ``KERNEL:`` for Triton's defaults), so that runs in one GPU
+call can time, say, ``bound_kernel:maxnreg=128`` and ``bound_kernel:num_warps=8`` each against the same baseline.
+``--generate`` adds the entmax Marian's ``generate`` (issue 12's decoding benchmark,
+``benchmarking.marian_generate``) with each version's kernel in the model's attention, next to the softmax model:
+one query row per call, where a version's launches, not its sweeps, are the cost. On CPU (``TRITON_INTERPRET=1``)
+it runs a small smoke test of the same paths: the interpreter's times say nothing about a GPU.
 """
 
 from __future__ import annotations
