@@ -137,6 +137,10 @@ STREAM_WARPS = 4
 # to 128, 3 up to 168, 2 beyond (scripts/kernel_resources.py reports each kernel's). None is set: which choice is
 # faster is a GPU's to say (scripts/benchmark_kernel_versions.py --launch times them against the defaults).
 LAUNCH_OPTIONS: dict[str, dict[str, int]] = {}
+TUNABLE_KERNELS = (  # the kernels launched with their LAUNCH_OPTIONS
+    "threshold_kernel", "bound_kernel", "fallback_kernel", "forward_kernel", "backward_dq_kernel",
+    "backward_dkdv_kernel",
+)
 THRESHOLD_PASSES = ("topk", "stream", "bound")
 # all three are exact; on an H200 "bound" took 0.50-0.62 of "topk"'s forward time from L = 4096 and 0.65-0.73 of
 # its forward + backward ("stream": about 0.9-1.0), and ran level with it when decoding (benchmarks/gpu.md)

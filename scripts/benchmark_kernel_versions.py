@@ -65,8 +65,11 @@ def launch_option(text: str) -> tuple[str, dict[str, int]]:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected KERNEL:OPTION=VALUE,... (e.g. bound_kernel:maxnreg=128)"
         ) from None
-    if not kernel.endswith("_kernel"):
-        raise argparse.ArgumentTypeError(f"{text!r}: {kernel!r} is not a kernel's name (e.g. fallback_kernel)")
+    if kernel not in entmax_triton.TUNABLE_KERNELS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {kernel!r} is not one of the kernels launched with options: "
+            f"{', '.join(entmax_triton.TUNABLE_KERNELS)}"
+        )
     return kernel, parsed
 
 

@@ -386,6 +386,36 @@ def test_explicit_scaling_and_value_dim_other_than_key_dim():
     check_against_reference(q, k, v, 2.0, dense_allowed(1, 1, 17, 33), 1e-9, scaling=0.7)
 
 
+@pytest.mark.parametrize("threshold_pass", ["bound", "topk"])
+def test_each_tunable_kernel_is_launched_with_its_launch_options(threshold_pass, monkeypatch):
+    """``LAUNCH_OPTIONS`` (what ``benchmark_kernel_versions.py --launch`` sets) reaches every launch of the kernels
+    it names, and only theirs: a benchmark of launch options that did not apply them would time the defaults."""
+    kernels = entmax_triton._load_kernels()
+    options = {name: {"maxnreg": 96 + i} for i, name in enumerate(entmax_triton.TUNABLE_KERNELS)}
+    monkeypatch.setattr(entmax_triton, "LAUNCH_OPTIONS", options)
+    seen = {}
+
+    def spy(name, kernel):
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    seen.setdefault(name, []).append(kwargs.get("maxnreg"))
+                    return kernel[grid](*args, **kwargs)
+
+                return launch
+
+        return Launcher()
+
+    for name in ("threshold_kernel", "bound_kernel", "stream_kernel", "fallback_kernel", "forward_kernel",
+                 "gather_kernel", "backward_dq_kernel", "tile_columns_kernel", "backward_dkdv_kernel"):
+        monkeypatch.setattr(kernels, name, spy(name, getattr(kernels, name)))
+    q, k, v = inputs(1, 1, 16, 32, 16, seed=2)
+    entmax_attention(q, k, v, blocks=(16, 16, 16), threshold_pass=threshold_pass).sum().backward()
+    first = "bound_kernel" if threshold_pass == "bound" else "threshold_kernel"
+    launched = {first, "fallback_kernel", "forward_kernel", "backward_dq_kernel", "backward_dkdv_kernel"}
+    assert seen == {**{name: [options[name]["maxnreg"]] for name in launched}, "tile_columns_kernel": [None]}
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
