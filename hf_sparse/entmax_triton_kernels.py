@@ -132,6 +132,18 @@ def _row_maximum(largest, scale):
 
 
 @triton.jit
+def _store_thresholds(M, TAU, FAIL, bh, Lq, offs_m, largest, m, tau, fail):
+    """What every threshold pass hands on, for its block's rows: ``m`` (:func:`_row_maximum`), τ or a lower bound
+    of it, and whether the fallback must solve the row (``fail``). A row with no allowed key (``largest = -inf``)
+    stores τ = +inf (every p̃ is 0) and is never sent to the fallback."""
+    empty = largest == NEG_INF
+    row_ok = offs_m < Lq
+    tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
+    tl.store(TAU + bh * Lq + offs_m, tl.where(empty, float("inf"), tau), mask=row_ok)
+    tl.store(FAIL + bh * Lq + offs_m, (fail & ~empty).to(tl.int8), mask=row_ok)
+
+
+@triton.jit
 def _unnormalised(d, inv_am1, KIND: tl.constexpr):
     """p̃ = [d]₊^{1/(α-1)} for a tile ``d = x - τ`` (:func:`_shifted`)."""
     if KIND == 0:
@@ -247,15 +259,10 @@ def threshold_kernel(
                                          s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, ACC, PREC, SORT_ABOVE,
                                          BM, BN, KC, CAUSAL, HAS_KEEP)
     largest = tl.max(buf, 1)
-    empty = largest == NEG_INF
     m = _row_maximum(largest, scale)
     lower, tau = _candidates_tau(buf, m, scale, am1, inv_am1, bracket, ACC, KIND, N_ITER, KC, False)
-    tau = tl.where(empty, float("inf"), tau)
-    ok = (_distance(rest, m, lower, scale, am1) <= 0) | empty  # the largest product left out, below τ
-    row_ok = offs_m < Lq
-    tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
-    tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
-    tl.store(FAIL + bh * Lq + offs_m, (~ok).to(tl.int8), mask=row_ok)
+    certified = _distance(rest, m, lower, scale, am1) <= 0  # the largest product left out, below τ
+    _store_thresholds(M, TAU, FAIL, bh, Lq, offs_m, largest, m, tau, ~certified)
 
 
 @triton.jit
@@ -353,17 +360,13 @@ def bound_kernel(
                                         second, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, ACC,
                                         PREC, BN, CAUSAL, HAS_KEEP, part == 1)
     largest = tl.max(first, 1)
-    empty = largest == NEG_INF
     m = _row_maximum(largest, scale)
     columns = tl.reshape(tl.join(first, second), (BM, 2 * BN))
     if KIND != 2:  # the closed forms' cumulative sums, in rank order (one sort per block)
         columns = tl.sort(columns, 1, descending=True)
     lower, _ = _candidates_tau(columns, m, scale, am1, inv_am1, bracket, ACC, KIND, N_ITER, 2 * BN, KIND != 2)
     lower = lower - slack * tl.maximum(tl.abs(lower), 1.0)
-    row_ok = offs_m < Lq
-    tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
-    tl.store(TAU + bh * Lq + offs_m, tl.where(empty, float("inf"), lower), mask=row_ok)
-    tl.store(FAIL + bh * Lq + offs_m, (~empty).to(tl.int8), mask=row_ok)
+    _store_thresholds(M, TAU, FAIL, bh, Lq, offs_m, largest, m, lower, offs_m == offs_m)  # every row: the fallback
 
 
 @triton.jit
@@ -470,7 +473,6 @@ def stream_kernel(
                 count += tl.where(lost == 0, new, 0)
             largest = tl.maximum(largest, best)
     tl.debug_barrier()  # the appended scores, written by other threads of this program, are read below
-    empty = largest == NEG_INF
     m = _row_maximum(largest, scale)
     start = tl.maximum((theta * scale - m) * am1, -1.0)
     _, tau, solved = _held_tau(block, first, tl.minimum(count, CAP), m, start, scale, am1, inv_am1, bracket, tol,
@@ -480,10 +482,7 @@ def stream_kernel(
     # the last bound; a failed row's slots are not read
     count = _keep_above(block, keys, first, tl.minimum(count, CAP), m, tau, scale, am1, CHUNK)
     bound = tl.where(lost != 0, start, tau - slack * tl.maximum(tl.abs(tau), 1.0))
-    tau = tl.where(empty, float("inf"), tl.where(fail, bound, tau))
-    tl.store(M + bh * Lq + offs_m, m, mask=row_ok)
-    tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
-    tl.store(FAIL + bh * Lq + offs_m, (fail & ~empty).to(tl.int8), mask=row_ok)
+    _store_thresholds(M, TAU, FAIL, bh, Lq, offs_m, largest, m, tl.where(fail, bound, tau), fail)
     tl.store(COUNT + bh * Lq + offs_m, count, mask=row_ok)
 
 
