@@ -13,9 +13,12 @@ output is one flash-style pass, and a tile whose largest score is below every ro
      largest scores in each key column of the tiles (keys ``c, c + BN, c + 2·BN, ...``), two elementwise maxima
      per score; those ``2·BN`` scores are some of the row's, and the τ of any subset of a row's scores is at most
      the row's, so their τ (one sort per query block, then the closed forms; bisection for general α) is a lower
-     bound of it. Every row then goes to the fallback, which starts from that bound. On an H200 at L = 8192
-     (bf16) this sweep took 1.06 ms and the fallback 2.16, against the ``topk`` pass's 4.50 + 1.86
-     (``benchmarks/gpu.md``).
+     bound of it. Each row also keeps the largest score it let go of (a column's third): where that lies below
+     their τ, no other score enters the support and their τ is the row's, exactly (the certificate); the other
+     rows go to the fallback, which starts from that bound. On an H200 at L = 8192 (bf16), before the
+     certificate, this sweep took 1.06 ms and the fallback, solving every row, 2.16, against the ``topk`` pass's
+     4.50 + 1.86 (``benchmarks/gpu.md``); the certificate passes 58 % of the rows on those inputs
+     (``scripts/simulate_threshold_passes.py``).
    - ``"topk"`` (``threshold_kernel``): one sweep keeps each row's ``KC`` largest scores and the largest score it
      left out, ``rest``. A tile whose scores above the current ``KC``-th are few inserts them one round each; one
      with many (the first tiles) is merged by sorting (the elementwise max of a descending and an ascending sorted
@@ -35,7 +38,9 @@ output is one flash-style pass, and a tile whose largest score is below every ro
      scores and key indices (128 MiB at L = 8192, 16 heads), freed after the call.
 
    Every form also records each tile's largest score (what the later passes' tile lists come from).
-2. **Fallback** (``fallback_kernel``, only query tiles holding a row marked for it do any work): Newton's method
+2. **Fallback** (``fallback_kernel``): the rows marked for it, gathered 64 to a program from whichever query
+   blocks hold them (a block with one marked row no longer sweeps all its keys for it while its other rows wait;
+   programs past the last marked row return at once). Newton's method
    on ``Σ_j p̃_ij(τ) = 1`` over all the row's keys, a sweep over the key tiles per step, started from the
    threshold pass's lower bound (more scores only raise τ; ``f`` is convex for α <= 2, so the steps approach the
    root from the left; bisection for α > 2). The closed forms stop as soon as the closed form on ``S = {x > τ}``
@@ -331,8 +336,10 @@ class _EntmaxAttention(torch.autograd.Function):
             bisect = cfg["alpha"] > 2
             # the fallback's tiles: those where a failed row has a score above its lower bound of τ (lowered by
             # BOUND_SLACK; every allowed one for the bisection, which starts below all of them)
+            rows = torch.empty(b * h * n_qb * bm, dtype=torch.int32, device=q.device)  # each program's marked rows
             kernels.fallback_kernel[grid](
-                q, k, *common["masks"], m, tau, fail, tilemax, tiles, *common["qk_strides"], *common["mask_strides"],
+                q, k, *common["masks"], m, tau, fail, tilemax, tiles, rows, *common["qk_strides"],
+                *common["mask_strides"],
                 h, lq, lk, d, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, (1 / max(lk, 1)) ** am1,
                 FALLBACK_TOLERANCE[acc], BOUND_SLACK[acc], N_ITER=FALLBACK_ITERATIONS[bisect][acc], BISECT=bisect,
                 **common["meta"], **_launch_options("fallback_kernel"),

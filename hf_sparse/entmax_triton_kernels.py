@@ -24,6 +24,7 @@ except ImportError:  # entmax_triton.unavailable_reasons says so before anything
 
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read
 LIST_CHUNK = tl.constexpr(16)  # tiles a tile list's writer tests at once
+ROW_CHUNK = tl.constexpr(256)  # rows the fallback's programs scan at once for the rows marked for it
 
 # KIND: 0 = 1.5-entmax (closed form), 1 = sparsemax (closed form), 2 = general α (bisection)
 
@@ -89,11 +90,18 @@ def _unmasked_tiles(Lq, klen, start_m, OFF, BM: tl.constexpr, BN: tl.constexpr, 
     key after a row's causal limit, no query row past ``Lq``, no element mask. Tile lists are in key order, so the
     sweeps read these tiles first, in a loop without the tests (:func:`_scores`), then the rest with them. An
     allowed pair's ``d`` (:func:`_distance`) is the same number in either loop: a kernel may keep one loop."""
+    n = _whole_tiles(klen, start_m, OFF, BN, CAUSAL)
+    if HAS_KEEP or start_m + BM > Lq:
+        n = 0
+    return n
+
+
+@triton.jit
+def _whole_tiles(klen, first_row, OFF, BN: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key tiles ``[0, n)`` that padding and causality allow whole to every row from ``first_row`` on."""
     limit = klen
     if CAUSAL:
-        limit = tl.minimum(limit, start_m + OFF + 1)  # the block's first row sees keys up to start_m + OFF
-    if HAS_KEEP or start_m + BM > Lq:
-        limit = 0
+        limit = tl.minimum(limit, first_row + OFF + 1)  # the first row sees keys up to first_row + OFF
     return tl.maximum(limit, 0) // BN
 
 
@@ -332,7 +340,10 @@ def bound_kernel(
     lowered by ``slack`` (rounding), is a lower bound from which the fallback's Newton steps find every row's τ
     exactly. (One score per column left the bound looser: about 3 Newton sweeps per 64-row block at L = 8192 on
     the GPU benchmark's inputs, against 2 with two, counted on a CPU.)
-    Every row with an allowed key is marked for it; no certificate. Also writes each tile's largest allowed score,
+    Each row also keeps the largest score it let go of (``dropped``): every score not among the ``2·BN`` is at
+    most that, so when it lies below their τ, no other score enters the support and their τ is the row's, exactly
+    (the ``topk`` pass's certificate). Only the rows that fail it go to the fallback: 58 % of the rows pass at L =
+    8192 on those inputs (``scripts/simulate_threshold_passes.py``). Also writes each tile's largest allowed score,
     as the other passes do (one block-wide reduction per tile, where the ``topk`` pass merges or inserts)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -345,6 +356,7 @@ def bound_kernel(
     klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
     first = tl.full((BM, BN), NEG_INF, ACC)  # each row's largest score per key column so far
     second = tl.full((BM, BN), NEG_INF, ACC)  # and the next
+    dropped = tl.full((BM,), NEG_INF, ACC)  # the largest score of the row among neither
     cols = tl.arange(0, BN)
     tiles = TILEMAX + (bh * n_qb + pid_m) * n_kb
     keys = K + b * s_kb + h * s_kh
@@ -356,33 +368,36 @@ def bound_kernel(
     for part in tl.static_range(2):
         begin, end = _tile_range(n_unmasked, n_tiles, part)
         for i in range(begin, end):
-            first, second = _bound_tile(q, keys, keep, tiles, _first_sweep_tile(allowed, i, BN, HAS_BMASK), first,
-                                        second, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, ACC,
-                                        PREC, BN, CAUSAL, HAS_KEEP, part == 1)
+            first, second, dropped = _bound_tile(q, keys, keep, tiles, _first_sweep_tile(allowed, i, BN, HAS_BMASK),
+                                                 first, second, dropped, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek,
+                                                 Lq, klen, D, OFF, ACC, PREC, BN, CAUSAL, HAS_KEEP, part == 1)
     largest = tl.max(first, 1)
     m = _row_maximum(largest, scale)
     columns = tl.reshape(tl.join(first, second), (BM, 2 * BN))
     if KIND != 2:  # the closed forms' cumulative sums, in rank order (one sort per block)
         columns = tl.sort(columns, 1, descending=True)
-    lower, _ = _candidates_tau(columns, m, scale, am1, inv_am1, bracket, ACC, KIND, N_ITER, 2 * BN, KIND != 2)
-    lower = lower - slack * tl.maximum(tl.abs(lower), 1.0)
-    _store_thresholds(M, TAU, FAIL, bh, Lq, offs_m, largest, m, lower, offs_m == offs_m)  # every row: the fallback
+    lower, tau = _candidates_tau(columns, m, scale, am1, inv_am1, bracket, ACC, KIND, N_ITER, 2 * BN, KIND != 2)
+    certified = _distance(dropped, m, lower, scale, am1) <= 0  # every score let go of lies below τ
+    start = lower - slack * tl.maximum(tl.abs(lower), 1.0)  # the fallback's, from below
+    _store_thresholds(M, TAU, FAIL, bh, Lq, offs_m, largest, m, tl.where(certified, tau, start), ~certified)
 
 
 @triton.jit
-def _bound_tile(q, keys, keep, tiles, start_n, first, second, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq,
-                klen, D, OFF, ACC: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+def _bound_tile(q, keys, keep, tiles, start_n, first, second, dropped, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek,
+                Lq, klen, D, OFF, ACC: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
                 HAS_KEEP: tl.constexpr, MASKED: tl.constexpr):
-    """One key tile of :func:`bound_kernel`: its products into each row's two largest per column, and its largest
-    allowed product stored at ``tiles``."""
+    """One key tile of :func:`bound_kernel`: its products into each row's two largest per column, the one that
+    leaves them (the smallest of the three, ``min(second, s)``) into the row's largest let go of, and the tile's
+    largest allowed product stored at ``tiles``."""
     offs_n = start_n + cols
     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
     s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, HAS_KEEP,
                 MASKED)
     tl.store(tiles + start_n // BN, tl.max(tl.max(s, 1), 0))
+    dropped = tl.maximum(dropped, tl.max(tl.minimum(second, s), 1))
     second = tl.maximum(second, tl.minimum(first, s))
     first = tl.maximum(first, s)
-    return first, second
+    return first, second, dropped
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -674,8 +689,36 @@ def _ranked_sums(buf, z, ACC: tl.constexpr, KC: tl.constexpr, SQUARES: tl.conste
 
 
 @triton.jit
+def _marked_rows(FAIL, ROWS, bh, pid_m, Lq, n_qb, BM: tl.constexpr):
+    """The rows program ``pid_m`` of the fallback solves: the ``pid_m``-th ``BM`` of the rows marked in ``FAIL``, in
+    order, from whichever query blocks hold them. Per block, a block with one marked row swept all its keys for
+    it, and its other rows waited; gathered, every program but the last holds ``BM`` marked rows, and the rest
+    return at once. (The ``bound`` pass marks 42 % of the rows at L = 8192 on the GPU benchmark's inputs, spread
+    over every block; ``scripts/simulate_threshold_passes.py``.) Returns ``(rows, count)``, ``Lq`` in each slot
+    past the last marked row: the program writes its rows to its ``BM`` slots at ``ROWS`` while it scans the
+    flags (a chunk at a time, ranks by a cumulative sum, stopping once its rows are found) and reads them back
+    after a barrier, as the tile lists are."""
+    chunk = tl.arange(0, ROW_CHUNK)
+    first = pid_m * BM
+    slots = ROWS + (bh * n_qb + pid_m) * BM
+    before = 0  # marked rows in the chunks scanned
+    start = 0
+    while (start < Lq) & (before < first + BM):
+        rows = start + chunk
+        marked = (tl.load(FAIL + bh * Lq + rows, mask=rows < Lq, other=0) != 0).to(tl.int32)
+        rank = before + tl.cumsum(marked, 0) - 1 - first  # the row's place among this program's
+        tl.store(slots + rank, rows, mask=(marked != 0) & (rank >= 0) & (rank < BM))
+        before += tl.sum(marked, 0)
+        start += ROW_CHUNK
+    count = tl.minimum(tl.maximum(before - first, 0), BM)
+    tl.debug_barrier()  # the slots, written by other threads of the block, are read back
+    slot = tl.arange(0, BM)
+    return tl.load(slots + slot, mask=slot < count, other=Lq), count
+
+
+@triton.jit
 def fallback_kernel(
-    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, TILES,
+    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, TILES, ROWS,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket, tol, slack,
@@ -684,7 +727,8 @@ def fallback_kernel(
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
     """Rows whose support outgrew the candidates: solve ``f(τ) = Σ_j [x_j - τ]₊^{1/(α-1)} = 1`` over all their
-    keys, a pass over the key tiles per step; query blocks with no failed row return at once.
+    keys, a pass over the key tiles per step. Program ``i`` solves the ``i``-th ``BM`` of the marked rows, gathered
+    from every query block (:func:`_marked_rows`); the programs past the last marked row return at once.
 
     α <= 2: Newton's method from the candidates' threshold, which is a lower bound of the row's (more scores only
     raise it). ``f`` is convex and decreasing there, so from the left every step stays left of the root and the
@@ -693,16 +737,16 @@ def fallback_kernel(
     ``[-1, -(1/Lk)^(α-1)]``. The closed forms then take τ from the support found (``Σ x``, ``Σ x²`` over it),
     which is exact whenever that support is. Each pass reads the block's list of key tiles, which it first writes
     (:func:`_write_tile_list`: those with a failed row's score above its lower bound of τ, lowered by ``slack``;
-    every allowed one for the bisection)."""
+    every allowed one for the bisection: the union of its rows' lists, each row's from its own query block's tile
+    maxima; under a block mask each row also masks the tiles its own block may not read)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    start_m = pid_m * BM
-    offs_m = start_m + tl.arange(0, BM)
-    row_ok = offs_m < Lq
-    fail = tl.load(FAIL + bh * Lq + offs_m, mask=row_ok, other=0) != 0
-    if tl.sum(fail.to(tl.int32), 0) > 0:
+    offs_m, count = _marked_rows(FAIL, ROWS, bh, pid_m, Lq, n_qb, BM)
+    if count > 0:
+        row_ok = offs_m < Lq  # (a slot past the last marked row holds Lq)
+        fail = row_ok
         offs_d = tl.arange(0, BD)
         q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
         m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
@@ -710,9 +754,14 @@ def fallback_kernel(
         keys = K + b * s_kb + h * s_kh
         keep = KEEP + b * s_eb + h * s_eh
         tiles = TILES + (bh * n_qb + pid_m) * n_kb
-        unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, HAS_KEEP)
-        n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, Lq, n_qb, n_kb, scale,
-                                               am1, slack, unmasked, 2 if BISECT else 1, False, BM)
+        row_tiles = TILEMAX + (bh * n_qb + tl.minimum(offs_m, Lq - 1) // BM) * n_kb  # each row's block's maxima
+        # whole tiles from the first (smallest) row on; an empty slot's row (q = 0) is never solved nor stored
+        unmasked = _whole_tiles(klen, tl.min(offs_m, 0), OFF, BN, CAUSAL)
+        if HAS_KEEP or HAS_BMASK:  # (rows of several blocks: block-mask rows of their own)
+            unmasked = 0
+        n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, offs_m, Lq, n_qb,
+                                               n_kb, scale, am1, slack, unmasked, 2 if BISECT else 1, False, True,
+                                               BM)
         tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
         cols = tl.arange(0, BN)
         if BISECT:
@@ -724,10 +773,9 @@ def fallback_kernel(
                 tau = lo + dm
                 total = tl.zeros((BM,), ACC)
                 for i in range(0, n_tiles):  # (α > 2, rare: every tile masked, one loop)
-                    offs_n = tl.load(tiles + i) * BN + cols
-                    k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
-                    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL,
-                                HAS_KEEP, True)
+                    start_n = tl.load(tiles + i) * BN
+                    s = _marked_scores(q, keys, keep, row_tiles, start_n, offs_m, offs_d, cols, s_kn, s_kd, s_eq,
+                                       s_ek, Lq, klen, D, OFF, ACC, PREC, BN, CAUSAL, HAS_BMASK, HAS_KEEP, True)
                     total += tl.sum(_unnormalised(_shifted(s, m, tau, scale, am1), inv_am1, KIND), 1)
                 lo = tl.where(total >= 1, tau, lo)
         else:
@@ -736,27 +784,30 @@ def fallback_kernel(
             solved = ~fail  # rows whose τ is the closed form on their exact support
             steps = 0
             while (tl.max(active.to(tl.int32), 0) > 0) & (steps < N_ITER):
-                f, slope, n, smallest = _sweep_sums(q, keys, keep, tiles, n_unmasked, n_tiles, m, tau, offs_m,
-                                                    offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale,
-                                                    am1, inv_am1, ACC, PREC, KIND, BM, BN, CAUSAL, HAS_KEEP)
+                f, slope, n, smallest = _sweep_sums(q, keys, keep, tiles, row_tiles, n_unmasked, n_tiles, m, tau,
+                                                    offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF,
+                                                    scale, am1, inv_am1, ACC, PREC, KIND, BM, BN, CAUSAL, HAS_BMASK,
+                                                    HAS_KEEP)
                 tau, active, solved = _newton_step(f, slope, n, smallest, m, tau, active, solved, scale, am1, tol,
                                                    KIND)
                 steps += 1
         if KIND != 2:  # (never BISECT: that is α > 2)
             if tl.max((~solved).to(tl.int32), 0) > 0:  # Newton stopped short: τ from the support {x > τ}
-                f, slope, n, smallest = _sweep_sums(q, keys, keep, tiles, n_unmasked, n_tiles, m, tau, offs_m,
-                                                    offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, scale,
-                                                    am1, inv_am1, ACC, PREC, KIND, BM, BN, CAUSAL, HAS_KEEP)
+                f, slope, n, smallest = _sweep_sums(q, keys, keep, tiles, row_tiles, n_unmasked, n_tiles, m, tau,
+                                                    offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF,
+                                                    scale, am1, inv_am1, ACC, PREC, KIND, BM, BN, CAUSAL, HAS_BMASK,
+                                                    HAS_KEEP)
                 tau = tl.where(solved, tau, _closed_form(f, slope, n, tau, KIND))
         tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok & fail)
 
 
 @triton.jit
-def _sweep_sums(q, keys, keep, tiles, n_unmasked, n_tiles, m, tau, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek,
-                Lq, klen, D, OFF, scale, am1, inv_am1, ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr):
-    """One sweep of the fallback over its block's list of key tiles (``tiles``, the first ``n_unmasked`` of them
-    without masking): each row's :func:`_add_sums` at ``tau``."""
+def _sweep_sums(q, keys, keep, tiles, row_tiles, n_unmasked, n_tiles, m, tau, offs_m, offs_d, cols, s_kn, s_kd, s_eq,
+                s_ek, Lq, klen, D, OFF, scale, am1, inv_am1, ACC: tl.constexpr, PREC: tl.constexpr,
+                KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """One sweep of the fallback over its list of key tiles (``tiles``, the first ``n_unmasked`` of them without
+    masking): each row's :func:`_add_sums` at ``tau``."""
     f = tl.zeros((BM,), ACC)
     slope = tl.zeros((BM,), ACC)  # -f'(τ)
     n = tl.zeros((BM,), ACC)
@@ -764,21 +815,26 @@ def _sweep_sums(q, keys, keep, tiles, n_unmasked, n_tiles, m, tau, offs_m, offs_
     for part in tl.static_range(2):
         begin, end = _tile_range(n_unmasked, n_tiles, part)
         for i in range(begin, end):
-            f, slope, n, smallest = _tile_sums(q, keys, keep, tl.load(tiles + i) * BN, m, tau, f, slope, n,
-                                               smallest, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D,
-                                               OFF, scale, am1, inv_am1, ACC, PREC, KIND, CAUSAL, HAS_KEEP, part == 1)
+            s = _marked_scores(q, keys, keep, row_tiles, tl.load(tiles + i) * BN, offs_m, offs_d, cols, s_kn, s_kd,
+                               s_eq, s_ek, Lq, klen, D, OFF, ACC, PREC, BN, CAUSAL, HAS_BMASK, HAS_KEEP, part == 1)
+            f, slope, n, smallest = _add_sums(s, _shifted(s, m, tau, scale, am1), f, slope, n, smallest, inv_am1,
+                                              ACC, KIND)
     return f, slope, n, smallest
 
 
 @triton.jit
-def _tile_sums(q, keys, keep, start_n, m, tau, f, slope, n, smallest, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek,
-               Lq, klen, D, OFF, scale, am1, inv_am1, ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, MASKED: tl.constexpr):
-    """One key tile of :func:`_sweep_sums`."""
+def _marked_scores(q, keys, keep, row_tiles, start_n, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF,
+                   ACC: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr, MASKED: tl.constexpr):
+    """:func:`_scores` of one key tile for the fallback's rows (:func:`_marked_rows`). They may come from several
+    query blocks, whose block-mask rows differ: under a block mask a row's scores in a tile its own block never
+    read (tile maximum -inf, at ``row_tiles``) are masked too."""
     offs_n = start_n + cols
     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
     s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, HAS_KEEP, MASKED)
-    return _add_sums(s, _shifted(s, m, tau, scale, am1), f, slope, n, smallest, inv_am1, ACC, KIND)
+    if HAS_BMASK:
+        s = tl.where(tl.load(row_tiles + start_n // BN)[:, None] > NEG_INF, s, NEG_INF)
+    return s
 
 
 @triton.jit
@@ -830,8 +886,9 @@ def _write_allowed_list(BMASK, TILES, b, h, start_m, hi, unmasked, s_mb, s_mh, s
 
 
 @triton.jit
-def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, scale, am1, slack, unmasked,
-                     ROWS: tl.constexpr, WRITE_NEED: tl.constexpr, BM: tl.constexpr):
+def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, offs_m, Lq, n_qb, n_kb, scale, am1, slack,
+                     unmasked, ROWS: tl.constexpr, WRITE_NEED: tl.constexpr, GATHERED: tl.constexpr,
+                     BM: tl.constexpr):
     """Writes the key tiles a block of ``BM`` query rows must read, in order, to ``TILES[bh, qb, :]`` and returns
     their count and how many of them lie below ``unmasked`` (:func:`_unmasked_tiles`: the sweep reads those first,
     without masking). Each sweep over a list (fallback, output pass, dQ) writes its own block's list first, then
@@ -844,11 +901,12 @@ def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, Lq, n_qb, n_
     ``ROWS``: 0 every row, 1 only the rows marked in ``FAIL``, 2 the marked rows with any allowed score (τ = -inf:
     the bisection's sweeps, which start below every threshold). ``slack`` lowers each τ by ``slack · max(|τ|, 1)``
     (the fallback's lists, from lower bounds of τ). With ``WRITE_NEED`` the dense ``(n_qb, n_kb)`` map is written
-    too, which :func:`tile_columns_kernel` turns into the backward's lists per key tile.
+    too, which :func:`tile_columns_kernel` turns into the backward's lists per key tile. ``offs_m``: the rows,
+    block ``pid_m``'s, or with ``GATHERED`` the fallback's from several blocks (:func:`_marked_rows`), each then
+    tested against its own block's tile maxima.
 
     The passes over keys then loop over a list without a branch: a tile test inside the loop keeps Triton from
     software-pipelining it (prefetching the next tile's keys and values while this one is computed)."""
-    offs_m = pid_m * BM + tl.arange(0, BM)
     row_ok = offs_m < Lq
     m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
     tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
@@ -864,11 +922,15 @@ def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, Lq, n_qb, n_
     for start in range(0, n_kb, LIST_CHUNK):
         kb = start + chunk
         ok = kb < n_kb
-        tmax = tl.load(TILEMAX + base + kb, mask=ok, other=float("-inf"))
+        if GATHERED:  # (BM, chunk): each row's own block's
+            tmax = tl.load(TILEMAX + (bh * n_qb + tl.minimum(offs_m, Lq - 1) // BM)[:, None] * n_kb + kb[None, :],
+                           mask=ok[None, :], other=float("-inf"))
+        else:  # (1, chunk): the block's
+            tmax = tl.load(TILEMAX + base + kb, mask=ok, other=float("-inf"))[None, :]
         if ROWS == 2:
-            need = tl.max(tl.where(rows[:, None], tmax[None, :], float("-inf")), 0) > float("-inf")
+            need = tl.max(tl.where(rows[:, None], tmax, float("-inf")), 0) > float("-inf")
         else:
-            need = tl.max(_distance(tmax[None, :], m[:, None], tau[:, None], scale, am1), 0) > 0
+            need = tl.max(_distance(tmax, m[:, None], tau[:, None], scale, am1), 0) > 0
         need = need & ok
         if WRITE_NEED:
             tl.store(NEED + base + kb, need.to(tl.int8), mask=ok)
@@ -937,8 +999,8 @@ def forward_kernel(
     keep = KEEP + b * s_eb + h * s_eh
     tiles = TILES + (bh * n_qb + pid_m) * n_kb
     unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, HAS_KEEP)
-    n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, Lq, n_qb, n_kb, scale, am1,
-                                           0.0, unmasked, 1 if ONLY_FAILED else 0, False, BM)
+    n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, offs_m, Lq, n_qb, n_kb,
+                                           scale, am1, 0.0, unmasked, 1 if ONLY_FAILED else 0, False, False, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
     if NEED_G:
         # one loop: with two (and Σ g̃ v) this kernel took 183 registers per thread on sm_90, two programs per SM;
@@ -1118,8 +1180,8 @@ def backward_dq_kernel(
     keep = KEEP + b * s_eb + h * s_eh
     tiles = TILES + (bh * n_qb + pid_m) * n_kb
     unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, HAS_KEEP)
-    n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, TAU, NEED, TILES, bh, pid_m, Lq, n_qb, n_kb, scale, am1,
-                                           0.0, unmasked, 0, True, BM)
+    n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, TAU, NEED, TILES, bh, pid_m, offs_m, Lq, n_qb, n_kb,
+                                           scale, am1, 0.0, unmasked, 0, True, False, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
     for part in tl.static_range(2):
         begin, end = _tile_range(n_unmasked, n_tiles, part)

@@ -6,16 +6,21 @@ block at a time (``hf_sparse.entmax_triton``'s docstring describes the passes):
 
 - ``topk``: per key tile, the rows' newcomers above their 32nd-largest score so far; a tile where
   some row has more than ``SORT_ABOVE`` is merged by sorting, otherwise its newcomers are inserted one round each
-  (the largest count over the block's rows). Rows whose support exceeds the 32 candidates fail the certificate,
-  and a block with one such row runs the fallback's sweeps over all its keys.
+  (the largest count over the block's rows). Rows whose support exceeds the 32 candidates fail the certificate.
 - ``bound``: one sweep keeps each row's two largest scores per key column of the tiles (keys ``c, c + 64, ...``);
-  their τ is a lower bound of the row's, from which the fallback's Newton steps solve every row (counted here with
-  one score per column too, the first version).
+  their τ is a lower bound of the row's. The row's largest score among neither (a column's third) certifies it:
+  below that τ, no other score enters the support. The fallback's Newton steps solve the other rows from the
+  bound (counted here as the first version did too: every row from one or two scores per column).
 - ``stream``: per key tile, every score above the row's bound is appended to its 128 slots; when some row's slots
   would overflow, the block raises every row's bound to the τ of what it holds (exactly, here; the kernel's
   Newton steps give a bound at most this tight) and drops the scores below it. A row whose support outgrows the
   slots would go to the fallback. Once τ is known, each row keeps only its support, whose values the output
   reads.
+
+The fallback's Newton sweeps over the keys are counted two ways, both per 64-row block of the input: per block,
+as the kernel ran before it gathered the marked rows (a block with one marked row swept all its keys for it,
+until its last row was solved), and gathered, as it runs now (each program takes the next 64 marked rows of the
+head, from any block, and sweeps until its last one is solved).
 
 The inputs are ``scripts/benchmark_gpu.py``'s: q and k with standard normal entries, head dim 64, scores scaled by
 1/8, 1.5-entmax, non-causal. ::
@@ -58,6 +63,16 @@ def row_thresholds(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, scores - 2 * p.sqrt(), torch.inf).min(-1).values
 
 
+def block_sweeps(sweeps: torch.Tensor) -> int:
+    """Sweeps of one program over these rows' keys: until its last row is solved."""
+    return int(sweeps.max()) if len(sweeps) else 0
+
+
+def gathered_sweeps(sweeps: torch.Tensor) -> int:
+    """Sweeps of the programs that take the marked rows 64 at a time, in order (``sweeps``: each marked row's)."""
+    return sum(block_sweeps(sweeps[i : i + ROWS]) for i in range(0, len(sweeps), ROWS))
+
+
 def topk_work(scores: torch.Tensor) -> dict:
     best = torch.full((ROWS, CANDIDATES), -torch.inf, dtype=scores.dtype)
     sorts = rounds = 0
@@ -71,22 +86,22 @@ def topk_work(scores: torch.Tensor) -> dict:
         best = torch.cat([best, tile], -1).topk(CANDIDATES, -1).values
     failing = (entmax15(scores) > 0).sum(-1) > CANDIDATES
     start = row_thresholds(best)
-    sweeps = newton_sweeps(scores[failing], start[failing]) if failing.any() else 0
+    sweeps = newton_sweeps(scores[failing], start[failing])
     return dict(sorts=sorts, rounds=rounds, failing_rows=int(failing.sum()), fallback=bool(failing.any()),
-                sweeps=sweeps)
+                sweeps=block_sweeps(sweeps), marked=sweeps)
 
 
-def newton_sweeps(scores: torch.Tensor, start: torch.Tensor) -> int:
-    """Sweeps over the keys the fallback makes for these rows (the block runs until its last row is solved), from
-    lower bounds ``start`` of their τ (score scale): per sweep, over ``S = {x > τ}``, the closed form on S, which
-    solves a row once S's smallest score lies above it, else a Newton step (``entmax_triton``'s fallback)."""
+def newton_sweeps(scores: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """The sweeps over the keys the fallback makes until each of these rows is solved, from lower bounds ``start``
+    of their τ (score scale): per sweep, over ``S = {x > τ}``, the closed form on S, which solves a row once S's
+    smallest score lies above it, else a Newton step (``entmax_triton``'s fallback)."""
     m = scores.max(-1, keepdim=True).values
     x = (scores - m) / 2
     tau = ((start[:, None] - m) / 2)[:, 0]
     active = torch.ones(len(x), dtype=torch.bool)
-    sweeps = 0
+    sweeps = torch.zeros(len(x), dtype=torch.long)
     while active.any():
-        sweeps += 1
+        sweeps += active.long()
         d = (x - tau[:, None]).clamp(min=0)
         inside = d > 0
         n = inside.sum(-1)
@@ -99,10 +114,12 @@ def newton_sweeps(scores: torch.Tensor, start: torch.Tensor) -> int:
     return sweeps
 
 
-def bound_work(scores: torch.Tensor, per_column: int) -> int:
-    """Newton sweeps from the τ of each row's ``per_column`` largest scores per key column."""
-    columns = scores.unflatten(-1, (-1, KEYS)).topk(per_column, dim=1).values.flatten(1)
-    return newton_sweeps(scores, row_thresholds(columns))
+def bound_work(scores: torch.Tensor, per_column: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's Newton sweeps from the τ of its ``per_column`` largest scores per key column, and whether the
+    certificate (its largest score among neither, a column's next, below that τ) spares it the fallback."""
+    top = scores.unflatten(-1, (-1, KEYS)).topk(per_column + 1, dim=1).values
+    bound = row_thresholds(top[:, :per_column].flatten(1))
+    return newton_sweeps(scores, bound), top[:, per_column].amax(-1) <= bound
 
 
 def stream_work(scores: torch.Tensor) -> dict:
@@ -135,16 +152,21 @@ def main() -> None:
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
         topk, stream, bound = [], [], []
-        for _ in range(args.blocks):
+        for _ in range(args.blocks):  # (the blocks of one head: their marked rows are gathered across them)
             scores = block_scores(length, generator)
             topk.append(topk_work(scores))
             stream.append(stream_work(scores))
-            bound.append(dict(one=bound_work(scores, 1), two=bound_work(scores, 2)))
+            one, _ = bound_work(scores, 1)
+            two, certified = bound_work(scores, 2)
+            bound.append(dict(one=block_sweeps(one), two=block_sweeps(two), certified=int(certified.sum()),
+                              marked=two[~certified]))
         mean = lambda runs, key: sum(run[key] for run in runs) / len(runs)  # noqa: E731
+        gathered = lambda runs: gathered_sweeps(torch.cat([run["marked"] for run in runs])) / len(runs)  # noqa: E731
         rows.append(
             f"| {length} | {length // KEYS} | {mean(topk, 'sorts'):.1f} | {mean(topk, 'rounds'):.0f} | "
             f"{mean(topk, 'failing_rows') / ROWS:.0%} | {mean(topk, 'fallback'):.0%} | {mean(topk, 'sweeps'):.1f} | "
-            f"{mean(bound, 'one'):.1f} | {mean(bound, 'two'):.1f} | "
+            f"{gathered(topk):.2f} | {mean(bound, 'one'):.1f} | {mean(bound, 'two'):.1f} | "
+            f"{mean(bound, 'certified') / ROWS:.0%} | {gathered(bound):.2f} | "
             f"{mean(stream, 'raisings'):.1f} | {max(run['held_at_end'] for run in stream)} | "
             f"{max(run['support'] for run in stream)} | "
             f"{sum(run['lost_rows'] for run in stream)} |"
@@ -158,14 +180,18 @@ def main() -> None:
         " largest over them for held scores and supports, the sum for rows outgrowing the slots): "
         f"tiles of {KEYS} keys, `topk` with {CANDIDATES} candidates (sorting a tile where some row has more than "
         f"{SORT_ABOVE} newcomers), `stream` with {SLOTS} slots per row, `bound` from one or two scores per key"
-        " column. Newton sweeps: the fallback's sweeps over the block's keys until its last row is solved (`topk`:"
-        " the rows failing the certificate, from their candidates' τ; `bound`: every row).",
+        " column. Newton sweeps: the fallback's sweeps over the keys, per 64-row block of the input; per block (the"
+        " kernel before it gathered them: each block with a marked row sweeps until its last row is solved;"
+        " `bound`: every row, before its certificate) or gathered (now: 64 marked rows of the head per program, from"
+        " any block; `bound`: the rows failing its certificate).",
         "",
         "| L | key tiles | `topk`: tiles sorted | `topk`: insertion rounds | rows failing the certificate | blocks "
-        "running the fallback | `topk`: Newton sweeps | `bound`, one per column: Newton sweeps | `bound`, two per "
-        "column: Newton sweeps | `stream`: bound raisings | `stream`: most scores a row held at the end of the sweep "
-        "| `stream`: largest support (the output's reads per row) | `stream`: rows outgrowing the slots |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "running the fallback | `topk`: Newton sweeps per block | `topk`: Newton sweeps gathered | `bound`, one per "
+        "column, every row: Newton sweeps per block | `bound`, two per column, every row: Newton sweeps per block | "
+        "`bound`: rows certified | `bound`: Newton sweeps gathered | `stream`: bound raisings | `stream`: most "
+        "scores a row held at the end of the sweep | `stream`: largest support (the output's reads per row) | "
+        "`stream`: rows outgrowing the slots |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         "Each fallback step is one more sweep over the block's keys; a bound raising works on the held slots only,"

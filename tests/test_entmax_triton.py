@@ -98,18 +98,22 @@ def test_outputs_gradients_and_support_equal_dense_float64_entmax(alpha, causal,
     torch.testing.assert_close(p, p_ref.detach(), atol=1e-12, rtol=0)
 
 
-def fallback_launches(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def fallback_launches(monkeypatch) -> list[tuple[torch.Tensor, ...]]:
     """Spy on the fallback kernel's launches: what each was given, copied before it ran: the rows' largest scores
-    ``m``, the thresholds it starts from and its ``FAIL`` flags (the rows it was given to solve)."""
+    ``m``, the thresholds it starts from and its ``FAIL`` flags (the rows it was given to solve); and after it ran,
+    the rows each of its programs solved (``ROWS``: ``(B·H, programs, rows per program)``, a program's slots past
+    its last row unwritten)."""
     kernels = entmax_triton._load_kernels()
     launches, fallback = [], kernels.fallback_kernel
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                # (q, k, key lengths, block mask, keep, m, tau, FAIL, ...)
-                launches.append((args[5].clone(), args[6].clone(), args[7].clone()))
-                return fallback[grid](*args, **kwargs)
+                # (q, k, key lengths, block mask, keep, m, tau, FAIL, tile maxima, tile lists, ROWS, ...)
+                given = (args[5].clone(), args[6].clone(), args[7].clone())
+                result = fallback[grid](*args, **kwargs)
+                launches.append((*given, args[10].view(grid[1], grid[0], -1).clone()))
+                return result
 
             return launch
 
@@ -119,7 +123,7 @@ def fallback_launches(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor, tor
 
 def rows_sent(launches) -> list[int]:
     """How many rows each fallback launch was given to solve (:func:`fallback_launches`)."""
-    return [int((fail != 0).sum()) for _, _, fail in launches]
+    return [int((launch[2] != 0).sum()) for launch in launches]
 
 
 @pytest.mark.parametrize("threshold_pass", entmax_triton.THRESHOLD_PASSES)
@@ -128,8 +132,9 @@ def test_rows_past_their_candidates_take_the_exact_fallback(alpha, threshold_pas
     """Two candidates per row: nearly every row fails the certificate and is solved over all its keys (Newton
     from the candidates' threshold for α <= 2, bisection beyond). Tiles with many new candidates are merged by
     sorting here, as on the GPU. ``stream`` (one candidate: four slots per row): rows whose support outgrows the
-    slots go to the fallback, which starts from the row's last bound. ``bound`` sends every row (here: its τ for
-    α = 2.5 by the fallback's bisection)."""
+    slots go to the fallback, which starts from the row's last bound. ``bound`` (two scores per key column of
+    three keys; scores scaled down, so that supports are wide for every α) sends exactly the rows with a column
+    whose three keys are all in the support: its certificate fails there and only there."""
     monkeypatch.setattr(entmax_triton, "INTERPRETER_SORT_ABOVE", 4)
     launches = fallback_launches(monkeypatch)
     q, k, v = inputs(1, 1, 16, 48, 16, spread=0.5, seed=7)
@@ -137,11 +142,17 @@ def test_rows_past_their_candidates_take_the_exact_fallback(alpha, threshold_pas
     candidates = 2 if threshold_pass == "topk" else 1
     held = candidates if threshold_pass == "topk" else candidates * entmax_triton.STREAM_SLOTS
     kwargs = dict(blocks=(16, 16, candidates), threshold_pass=threshold_pass)
+    if threshold_pass == "bound":
+        kwargs["scaling"] = 0.02
     p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, **kwargs)
     support = (p_ref > 0).sum(-1)
-    assert (support > held).float().mean() > 0.25  # the supports really are larger than what the pass holds
     sent = rows_sent(launches)
     assert sent and sent[0] > 0  # so the fallback solved rows
+    if threshold_pass == "bound":
+        full_column = ((p_ref[0, 0] > 0).view(16, 3, 16).sum(1) == 3).any(-1)  # (rows,): keys c, c + 16, c + 32
+        assert sent[0] == int(full_column.sum())
+    else:
+        assert (support > held).float().mean() > 0.25  # the supports really are larger than what the pass holds
     assert torch.equal(probabilities(q, k, alpha, **kwargs) > 0, p_ref > 0)
 
 
@@ -161,25 +172,29 @@ def test_the_stream_pass_raises_its_bound_as_its_slots_fill_and_stays_exact(alph
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
-def test_the_bound_pass_starts_every_row_from_the_threshold_of_its_column_maxima(alpha, monkeypatch):
+def test_the_bound_pass_certifies_rows_or_starts_them_from_the_threshold_of_its_column_maxima(alpha, monkeypatch):
     """``bound``: a row's two largest scores in each of the 16 key columns of the tiles (keys c, c + 16, ...) are a
-    subset of its scores, so their τ is at most the row's. That τ, lowered by the slack, is what the fallback
-    starts from, for every row with a key (here all rows but the second sequence's, which has none), and it is
-    still exact."""
+    subset of its scores, so their τ is at most the row's; every other score is at most the row's largest let go
+    of, the column's third. Where that lies below their τ, their τ is the row's (certified); elsewhere their τ,
+    lowered by the slack, is what the fallback starts from, for the rows with a key (here all rows but the second
+    sequence's, which has none); and it is exact either way. (Scores scaled so that both kinds of row occur.)"""
     started = fallback_launches(monkeypatch)
     b, lq, lk = 2, 24, 80
     q, k, v = inputs(b, 1, lq, lk, 16, seed=9)
     key_lengths = torch.tensor([lk, 0], device=DEVICE)
     allowed = dense_allowed(b, 1, lq, lk, key_lengths=key_lengths)
-    kwargs = dict(blocks=(16, 16, 16), threshold_pass="bound", key_lengths=key_lengths)
+    scaling = {1.5: 0.1, 2.0: 0.03, 1.3: 0.25}[alpha]
+    kwargs = dict(blocks=(16, 16, 16), threshold_pass="bound", key_lengths=key_lengths, scaling=scaling)
     p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, **kwargs)
-    m, bound, fail = (t.cpu().view(b, lq) for t in started[0])
-    assert fail[0].all() and not fail[1].any() and torch.isinf(bound[1]).all()
+    m, bound, fail = (t.cpu().view(b, lq) for t in started[0][:3])
+    fail, empty_rows = fail[0] != 0, fail[1]
+    assert not empty_rows.any() and torch.isinf(bound[1]).all()
 
-    scores = (q @ k.transpose(-1, -2)).detach().cpu()[:, 0] / 4  # (B, Lq, Lk), scaled by 16 ** -0.5
+    scores = (q @ k.transpose(-1, -2)).detach().cpu()[:, 0] * scaling  # (B, Lq, Lk)
     row = scores[0]
     torch.testing.assert_close(m[0], row.max(-1).values, atol=1e-12, rtol=0)
-    columns = row.view(lq, lk // 16, 16).topk(2, dim=1).values.flatten(1)  # (Lq, 32): each key column's top two
+    top = row.view(lq, lk // 16, 16).topk(3, dim=1).values  # (Lq, 3, 16): each key column's three largest
+    columns = top[:, :2].flatten(1)  # (Lq, 32): the two the pass keeps per column
 
     def x_threshold(s, p):  # τ on the x scale, x = (α - 1)(s - m), from probabilities p = [x - τ]₊^{1/(α-1)}
         x = (alpha - 1) * (s - s.max(-1, keepdim=True).values)
@@ -188,10 +203,55 @@ def test_the_bound_pass_starts_every_row_from_the_threshold_of_its_column_maxima
     reference_p = (entmax15 if alpha == 1.5 else sparsemax if alpha == 2 else lambda t: entmax_alpha(t, alpha))
     of_columns = x_threshold(columns, reference_p(columns))
     of_row = x_threshold(row, p_ref[0, 0].detach())
-    assert (bound[0] <= of_row).all()  # a lower bound of every row's τ
+    third = (alpha - 1) * (top[:, 2].amax(-1) - row.max(-1).values)  # the largest let go of, on the x scale
+    assert torch.equal(fail, third > of_columns)  # certified: no score let go of enters the columns' support
+    assert fail.any() and (~fail).any()  # both kinds of row occur here
+    torch.testing.assert_close(bound[0][~fail], of_row[~fail], atol=1e-9, rtol=0)  # certified: the row's τ
+    start = bound[0][fail]
+    assert (start <= of_row[fail]).all()  # the fallback's start: a lower bound of the row's τ
     if alpha != 1.3:  # the closed forms: the columns' τ itself (bisection: the lower end of its bracket)
-        torch.testing.assert_close(bound[0], of_columns - 1e-12 * of_columns.abs().clamp(min=1), atol=1e-9, rtol=0)
-    assert (bound[0] > of_row - 0.5).all() and (bound[0] < of_row).any()  # close, and not already the row's
+        want = of_columns[fail]
+        torch.testing.assert_close(start, want - 1e-12 * want.abs().clamp(min=1), atol=1e-9, rtol=0)
+    assert (start > of_row[fail] - 0.5).all() and (start < of_row[fail]).all()  # close, and not the row's
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3, 2.5])
+@pytest.mark.parametrize("causal", [False, True], ids=["block-mask", "causal"])
+def test_the_fallback_solves_the_marked_rows_of_several_blocks_together_and_stays_exact(alpha, causal, monkeypatch):
+    """The fallback's programs each take the next 16 of the rows marked for it, in order, from whichever query
+    blocks hold them. Those rows differ in what they may see: under a block mask (tiles of 16) each block of 16
+    queries has its own row of it; causal, each row its own limit, and a program reads the tiles whole to its
+    first row without the tests; the last block is partial, and padding ends inside a tile. A program reads the
+    union of its rows' tiles, and each row must still see only its own. A few candidates per row (``topk``; by
+    α, so that about a third to two thirds of the rows have a wider support): those rows are marked, in every
+    block."""
+    launches = fallback_launches(monkeypatch)
+    b, h, lq, lk = 2, 1, 70, 80
+    q, k, v = inputs(b, h, lq, lk, 16, seed=11)
+    g = torch.Generator().manual_seed(12)
+    block_mask = torch.rand(1, h, 5, 5, generator=g) < 0.6
+    block_mask |= torch.eye(5, dtype=torch.bool)  # (and every query block its own diagonal tile)
+    block_mask = None if causal else block_mask
+    key_lengths = torch.tensor([lk, 61], device=DEVICE)
+    allowed = dense_allowed(b, h, lq, lk, causal, key_lengths, block_mask)
+    kwargs = dict(causal=causal, key_lengths=key_lengths, block_mask=None if causal else block_mask.to(DEVICE),
+                  mask_block=TILE, blocks=(16, 16, {1.5: 4, 2.0: 1, 1.3: 8, 2.5: 1}[alpha]), threshold_pass="topk")
+    p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, **kwargs)
+    launches = list(launches)  # the first call's
+    assert torch.equal(probabilities(q, k, alpha, **kwargs) > 0, p_ref > 0)
+    assert len(launches) == 1
+    for _, _, fail, rows in launches:
+        marked = (fail != 0).view(b * h, lq)
+        for bh in range(b * h):
+            want = marked[bh].nonzero()[:, 0]  # the marked rows, in order
+            n = len(want)
+            got = rows[bh].flatten()[: n + (-n % 16)].view(-1, 16)  # program i: the i-th 16 of them
+            for i, program in enumerate(got):
+                assert torch.equal(program[: min(16, n - 16 * i)].cpu(), want[16 * i : 16 * (i + 1)].to(program))
+    first = (launches[0][2] != 0).view(b * h, lq)
+    for bh in range(b * h):
+        want = first[bh].nonzero()[:, 0]
+        assert 16 < len(want) < lq - 16 and len((want[:16] // 16).unique()) > 1  # fewer programs than blocks
 
 
 def poison_new_buffers(monkeypatch) -> None:
