@@ -40,7 +40,8 @@ output is one flash-style pass, and a tile whose largest score is below every ro
    Every form also records each tile's largest score (what the later passes' tile lists come from).
 2. **Fallback** (``fallback_kernel``): the rows marked for it, gathered 64 to a program from whichever query
    blocks hold them (a block with one marked row no longer sweeps all its keys for it while its other rows wait;
-   programs past the last marked row return at once). Newton's method
+   programs past the last marked row return at once); for the closed forms in two launches, one Newton step for
+   every marked row and then the rest for the rows it left unsolved, gathered again. Newton's method
    on ``Σ_j p̃_ij(τ) = 1`` over all the row's keys, a sweep over the key tiles per step, started from the
    threshold pass's lower bound (more scores only raise τ; ``f`` is convex for α <= 2, so the steps approach the
    root from the left; bisection for α > 2). The closed forms stop as soon as the closed form on ``S = {x > τ}``
@@ -337,13 +338,20 @@ class _EntmaxAttention(torch.autograd.Function):
             # the fallback's tiles: those where a failed row has a score above its lower bound of τ (lowered by
             # BOUND_SLACK; every allowed one for the bisection, which starts below all of them)
             rows = torch.empty(b * h * n_qb * bm, dtype=torch.int32, device=q.device)  # each program's marked rows
-            kernels.fallback_kernel[grid](
-                q, k, *common["masks"], m, tau, fail, tilemax, tiles, rows, *common["qk_strides"],
-                *common["mask_strides"],
-                h, lq, lk, d, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, (1 / max(lk, 1)) ** am1,
-                FALLBACK_TOLERANCE[acc], BOUND_SLACK[acc], N_ITER=FALLBACK_ITERATIONS[bisect][acc], BISECT=bisect,
-                **common["meta"], **_launch_options("fallback_kernel"),
-            )
+            steps = FALLBACK_ITERATIONS[bisect][acc]
+            # the closed forms in two launches where rows of several query blocks can be gathered: one Newton step
+            # for every marked row, which solves most, then the rest for the few it left (marked 2). General α: every
+            # row takes several steps (no closed form to stop at), and bisection the same number for every row
+            two = n_qb > 1 and cfg["kind"] != 2
+            stages = [(1, True, 1), (2, False, steps - 1)] if two else [(1, False, steps)]
+            for level, mark, n_iter in stages:
+                kernels.fallback_kernel[grid](
+                    q, k, *common["masks"], m, tau, fail, tilemax, tiles, rows, *common["qk_strides"],
+                    *common["mask_strides"],
+                    h, lq, lk, d, common["offset"], n_qb, n_kb, cfg["scale"], am1, 1 / am1, (1 / max(lk, 1)) ** am1,
+                    FALLBACK_TOLERANCE[acc], BOUND_SLACK[acc], N_ITER=n_iter, BISECT=bisect, LEVEL=level, MARK=mark,
+                    **common["meta"], **_launch_options("fallback_kernel"),
+                )
             stream = cfg["threshold_pass"] == "stream"
             value_args = (*v.stride(), *o.stride())
             kernels.forward_kernel[grid](  # with "stream": only the rows the fallback solved

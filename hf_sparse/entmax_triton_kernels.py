@@ -689,15 +689,15 @@ def _ranked_sums(buf, z, ACC: tl.constexpr, KC: tl.constexpr, SQUARES: tl.conste
 
 
 @triton.jit
-def _marked_rows(FAIL, ROWS, bh, pid_m, Lq, n_qb, BM: tl.constexpr):
-    """The rows program ``pid_m`` of the fallback solves: the ``pid_m``-th ``BM`` of the rows marked in ``FAIL``, in
-    order, from whichever query blocks hold them. Per block, a block with one marked row swept all its keys for
-    it, and its other rows waited; gathered, every program but the last holds ``BM`` marked rows, and the rest
-    return at once. (The ``bound`` pass marks 42 % of the rows at L = 8192 on the GPU benchmark's inputs, spread
-    over every block; ``scripts/simulate_threshold_passes.py``.) Returns ``(rows, count)``, ``Lq`` in each slot
-    past the last marked row: the program writes its rows to its ``BM`` slots at ``ROWS`` while it scans the
-    flags (a chunk at a time, ranks by a cumulative sum, stopping once its rows are found) and reads them back
-    after a barrier, as the tile lists are."""
+def _marked_rows(FAIL, ROWS, bh, pid_m, Lq, n_qb, LEVEL: tl.constexpr, BM: tl.constexpr):
+    """The rows program ``pid_m`` of the fallback solves: the ``pid_m``-th ``BM`` of the rows marked ``LEVEL`` or more
+    in ``FAIL``, in order, from whichever query blocks hold them. Per block, a block with one marked row swept all
+    its keys for it, and its other rows waited; gathered, every program but the last holds ``BM`` marked rows, and
+    the rest return at once. (The ``bound`` pass marks 42 % of the rows at L = 8192 on the GPU benchmark's
+    inputs, spread over every block; ``scripts/simulate_threshold_passes.py``.) Returns ``(rows, count)``, ``Lq``
+    in each slot past the last marked row: the program writes its rows to its ``BM`` slots at ``ROWS`` while it
+    scans the flags (a chunk at a time, ranks by a cumulative sum, stopping once its rows are found) and reads them
+    back after a barrier, as the tile lists are."""
     chunk = tl.arange(0, ROW_CHUNK)
     first = pid_m * BM
     slots = ROWS + (bh * n_qb + pid_m) * BM
@@ -705,7 +705,7 @@ def _marked_rows(FAIL, ROWS, bh, pid_m, Lq, n_qb, BM: tl.constexpr):
     start = 0
     while (start < Lq) & (before < first + BM):
         rows = start + chunk
-        marked = (tl.load(FAIL + bh * Lq + rows, mask=rows < Lq, other=0) != 0).to(tl.int32)
+        marked = (tl.load(FAIL + bh * Lq + rows, mask=rows < Lq, other=0) >= LEVEL).to(tl.int32)
         rank = before + tl.cumsum(marked, 0) - 1 - first  # the row's place among this program's
         tl.store(slots + rank, rows, mask=(marked != 0) & (rank >= 0) & (rank < BM))
         before += tl.sum(marked, 0)
@@ -723,12 +723,20 @@ def fallback_kernel(
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket, tol, slack,
     ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr, BISECT: tl.constexpr,
+    LEVEL: tl.constexpr, MARK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
     """Rows whose support outgrew the candidates: solve ``f(τ) = Σ_j [x_j - τ]₊^{1/(α-1)} = 1`` over all their
-    keys, a pass over the key tiles per step. Program ``i`` solves the ``i``-th ``BM`` of the marked rows, gathered
-    from every query block (:func:`_marked_rows`); the programs past the last marked row return at once.
+    keys, a pass over the key tiles per step. Program ``i`` solves the ``i``-th ``BM`` of the rows marked ``LEVEL``
+    or more in ``FAIL``, gathered from every query block (:func:`_marked_rows`); the programs past the last one
+    return at once. The closed forms (1.5-entmax, sparsemax) run in two launches: the first (``MARK``) takes one
+    step for every marked row, which solves most, and marks the rows it leaves unsolved ``LEVEL + 1``, with their
+    step's τ (still a lower bound); the second gathers only those. In one launch, a program of 64 rows with one
+    that needs a second step sweeps all its keys again for it, and nearly every program holds one: on the GPU
+    benchmark's inputs at L = 8192 the ``bound`` pass's marked rows cost 1.00 sweeps per 64-row block of the input
+    in one launch, 0.56 in two (``scripts/simulate_threshold_passes.py``). General α takes several steps in every
+    row: one launch.
 
     α <= 2: Newton's method from the candidates' threshold, which is a lower bound of the row's (more scores only
     raise it). ``f`` is convex and decreasing there, so from the left every step stays left of the root and the
@@ -743,7 +751,7 @@ def fallback_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_m, count = _marked_rows(FAIL, ROWS, bh, pid_m, Lq, n_qb, BM)
+    offs_m, count = _marked_rows(FAIL, ROWS, bh, pid_m, Lq, n_qb, LEVEL, BM)
     if count > 0:
         row_ok = offs_m < Lq  # (a slot past the last marked row holds Lq)
         fail = row_ok
@@ -791,7 +799,9 @@ def fallback_kernel(
                 tau, active, solved = _newton_step(f, slope, n, smallest, m, tau, active, solved, scale, am1, tol,
                                                    KIND)
                 steps += 1
-        if KIND != 2:  # (never BISECT: that is α > 2)
+        if MARK:  # (the closed forms only) the rows left to the next launch
+            tl.store(FAIL + bh * Lq + offs_m, tl.full((BM,), LEVEL + 1, tl.int8), mask=row_ok & ~solved)
+        elif KIND != 2:  # (never BISECT: that is α > 2)
             if tl.max((~solved).to(tl.int32), 0) > 0:  # Newton stopped short: τ from the support {x > τ}
                 f, slope, n, smallest = _sweep_sums(q, keys, keep, tiles, row_tiles, n_unmasked, n_tiles, m, tau,
                                                     offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF,

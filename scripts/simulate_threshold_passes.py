@@ -17,10 +17,11 @@ block at a time (``hf_sparse.entmax_triton``'s docstring describes the passes):
   slots would go to the fallback. Once τ is known, each row keeps only its support, whose values the output
   reads.
 
-The fallback's Newton sweeps over the keys are counted two ways, both per 64-row block of the input: per block,
+The fallback's Newton sweeps over the keys are counted three ways, all per 64-row block of the input: per block,
 as the kernel ran before it gathered the marked rows (a block with one marked row swept all its keys for it,
-until its last row was solved), and gathered, as it runs now (each program takes the next 64 marked rows of the
-head, from any block, and sweeps until its last one is solved).
+until its last row was solved); gathered in one launch (each program takes the next 64 marked rows of the head,
+from any block, and sweeps until its last one is solved); and in two, as it runs now for 1.5-entmax and sparsemax
+(one sweep for every marked row, then the rows still unsolved gathered again).
 
 The inputs are ``scripts/benchmark_gpu.py``'s: q and k with standard normal entries, head dim 64, scores scaled by
 1/8, 1.5-entmax, non-causal. ::
@@ -71,6 +72,11 @@ def block_sweeps(sweeps: torch.Tensor) -> int:
 def gathered_sweeps(sweeps: torch.Tensor) -> int:
     """Sweeps of the programs that take the marked rows 64 at a time, in order (``sweeps``: each marked row's)."""
     return sum(block_sweeps(sweeps[i : i + ROWS]) for i in range(0, len(sweeps), ROWS))
+
+
+def two_launch_sweeps(sweeps: torch.Tensor) -> int:
+    """The same in two launches: one sweep for every marked row, then the rest for the rows it left, gathered."""
+    return -(-len(sweeps) // ROWS) + gathered_sweeps(sweeps[sweeps > 1] - 1)
 
 
 def topk_work(scores: torch.Tensor) -> dict:
@@ -161,12 +167,15 @@ def main() -> None:
             bound.append(dict(one=block_sweeps(one), two=block_sweeps(two), certified=int(certified.sum()),
                               marked=two[~certified]))
         mean = lambda runs, key: sum(run[key] for run in runs) / len(runs)  # noqa: E731
-        gathered = lambda runs: gathered_sweeps(torch.cat([run["marked"] for run in runs])) / len(runs)  # noqa: E731
+        def gathered(runs):  # one launch / two launches
+            marked = torch.cat([run["marked"] for run in runs])
+            return f"{gathered_sweeps(marked) / len(runs):.2f} / {two_launch_sweeps(marked) / len(runs):.2f}"
+
         rows.append(
             f"| {length} | {length // KEYS} | {mean(topk, 'sorts'):.1f} | {mean(topk, 'rounds'):.0f} | "
             f"{mean(topk, 'failing_rows') / ROWS:.0%} | {mean(topk, 'fallback'):.0%} | {mean(topk, 'sweeps'):.1f} | "
-            f"{gathered(topk):.2f} | {mean(bound, 'one'):.1f} | {mean(bound, 'two'):.1f} | "
-            f"{mean(bound, 'certified') / ROWS:.0%} | {gathered(bound):.2f} | "
+            f"{gathered(topk)} | {mean(bound, 'one'):.1f} | {mean(bound, 'two'):.1f} | "
+            f"{mean(bound, 'certified') / ROWS:.0%} | {gathered(bound)} | "
             f"{mean(stream, 'raisings'):.1f} | {max(run['held_at_end'] for run in stream)} | "
             f"{max(run['support'] for run in stream)} | "
             f"{sum(run['lost_rows'] for run in stream)} |"
@@ -182,13 +191,16 @@ def main() -> None:
         f"{SORT_ABOVE} newcomers), `stream` with {SLOTS} slots per row, `bound` from one or two scores per key"
         " column. Newton sweeps: the fallback's sweeps over the keys, per 64-row block of the input; per block (the"
         " kernel before it gathered them: each block with a marked row sweeps until its last row is solved;"
-        " `bound`: every row, before its certificate) or gathered (now: 64 marked rows of the head per program, from"
-        " any block; `bound`: the rows failing its certificate).",
+        " `bound`: every row, before its certificate) or gathered, 64 marked rows of the head per program from any"
+        " block (`bound`: the rows failing its certificate), in one launch / in two (now: one sweep for every marked"
+        " row, then the rows it left unsolved, gathered again).",
         "",
         "| L | key tiles | `topk`: tiles sorted | `topk`: insertion rounds | rows failing the certificate | blocks "
-        "running the fallback | `topk`: Newton sweeps per block | `topk`: Newton sweeps gathered | `bound`, one per "
+        "running the fallback | `topk`: Newton sweeps per block | `topk`: Newton sweeps gathered, one / two launches "
+        "| `bound`, one per "
         "column, every row: Newton sweeps per block | `bound`, two per column, every row: Newton sweeps per block | "
-        "`bound`: rows certified | `bound`: Newton sweeps gathered | `stream`: bound raisings | `stream`: most "
+        "`bound`: rows certified | `bound`: Newton sweeps gathered, one / two launches | `stream`: bound raisings | "
+        "`stream`: most "
         "scores a row held at the end of the sweep | `stream`: largest support (the output's reads per row) | "
         "`stream`: rows outgrowing the slots |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
