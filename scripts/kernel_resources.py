@@ -251,7 +251,9 @@ def main() -> None:
         "`cp.async` instructions in the PTX, the loads Triton's software pipelining issues for the next tile while "
         "this one is computed (0: every load waits). Loop instructions: the length of each innermost loop that "
         "multiplies matrices, in the machine code and in code order (a sweep that reads its unmasked tiles first has "
-        "two: unmasked, then masked; the fallback two such sweeps), the instructions a thread issues per tile.",
+        "two: unmasked, then masked; the fallback two such sweeps), the instructions a thread issues per tile. "
+        "1.5-entmax and sparsemax run the fallback in two launches, compiled apart: first one Newton step for "
+        "every marked row (one sweep), then the rest for the rows it left (the sweep and the closing one).",
         "",
         "| case | kernel | tiles | compile | registers | spills (B) | shared (KiB) | warps | async copies "
         "| loop instructions |",
