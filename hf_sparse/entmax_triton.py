@@ -9,7 +9,7 @@ output is one flash-style pass, and a tile whose largest score is below every ro
 1. **Threshold pass**, a lower bound of each row's τ or τ itself, in one of three forms (``threshold_pass``; all
    exact, only the speed differs):
 
-   - ``"bound"`` (the default, ``bound_kernel``): one sweep with no per-row reduction. Each row keeps its two
+   - ``"bound"`` (the default, ``bound_kernel``): one sweep, one per-row reduction per tile. Each row keeps its two
      largest scores in each key column of the tiles (keys ``c, c + BN, c + 2·BN, ...``), two elementwise maxima
      per score; those ``2·BN`` scores are some of the row's, and the τ of any subset of a row's scores is at most
      the row's, so their τ (one sort per query block, then the closed forms; bisection for general α) is a lower

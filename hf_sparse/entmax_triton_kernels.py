@@ -334,7 +334,7 @@ def bound_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
-    """One sweep with no per-row reduction: each row keeps, per key column ``c`` of the tiles (keys ``c``,
+    """One sweep, one per-row reduction per tile: each row keeps, per key column ``c`` of the tiles (keys ``c``,
     ``c + BN``, ...), its two largest scores there, two elementwise maxima. Those ``2·BN`` scores are some of the
     row's, and the τ of any subset of a row's scores is at most the row's: their τ (:func:`_candidates_tau`),
     lowered by ``slack`` (rounding), is a lower bound from which the fallback's Newton steps find every row's τ
