@@ -73,10 +73,11 @@ without those tests, then the others with them, as FlashAttention's kernels spli
 kernels hold scores as unscaled products ``q · k`` and take every score's ``d = (α-1)(s - m) - τ`` from the same two
 explicit fused multiply-adds (``_distance``): the passes, the tile lists' tests and the fallback's exactness check
 agree on the support bit for bit, whichever loop read a tile (and the interpreter rounds them as a GPU does).
-Compiled for sm_90 (bf16, 1.5-entmax), a whole key tile costs each thread 251 instructions in the ``bound`` sweep,
-473 in a Newton sweep and 354 in dQ, a masked one 323, 530 and 386 (``scripts/kernel_resources.py``; 361, 581 and
-431 when every tile was tested and the scores scaled first). The training forward keeps one loop, 398 (470): two
-took 183 registers per thread against 164, one program fewer per SM. Not yet timed on a GPU.
+Compiled for sm_90 (bf16, 1.5-entmax), a whole key tile costs each thread 322 instructions in the ``bound`` sweep
+(251 before its certificate), 476 in a Newton sweep and 354 in dQ, a masked one 394, 550 and 386
+(``scripts/kernel_resources.py``; 361, 581 and 431 when every tile was tested and the scores scaled first). The
+training forward keeps one loop, 398 (470): two took 183 registers per thread against 164, one program fewer per
+SM. Not yet timed on a GPU.
 
 Masks: ``causal`` (queries are the last ``Lq`` of ``Lk`` positions, as in a decoder with a cache),
 ``key_lengths`` (padding), ``block_mask`` (allowed tiles: patterns, frozen DAM block masks, Sparsefinder's

@@ -689,6 +689,14 @@ def _ranked_sums(buf, z, ACC: tl.constexpr, KC: tl.constexpr, SQUARES: tl.conste
 
 
 @triton.jit
+def _row_tile_maxima(TILEMAX, bh, offs_m, Lq, n_qb, n_kb, BM: tl.constexpr):
+    """Where each of the rows ``offs_m`` (gathered from several query blocks, :func:`_marked_rows`) finds its own
+    block's tile maxima: ``(BM,)`` pointers to their rows of ``TILEMAX`` (a slot past the last row: the last
+    block's)."""
+    return TILEMAX + (bh * n_qb + tl.minimum(offs_m, Lq - 1) // BM) * n_kb
+
+
+@triton.jit
 def _marked_rows(FAIL, ROWS, bh, pid_m, Lq, n_qb, LEVEL: tl.constexpr, BM: tl.constexpr):
     """The rows program ``pid_m`` of the fallback solves: the ``pid_m``-th ``BM`` of the rows marked ``LEVEL`` or more
     in ``FAIL``, in order, from whichever query blocks hold them. Per block, a block with one marked row swept all
@@ -753,8 +761,7 @@ def fallback_kernel(
     h = bh % H
     offs_m, count = _marked_rows(FAIL, ROWS, bh, pid_m, Lq, n_qb, LEVEL, BM)
     if count > 0:
-        row_ok = offs_m < Lq  # (a slot past the last marked row holds Lq)
-        fail = row_ok
+        row_ok = offs_m < Lq  # the marked rows (a slot past the last one holds Lq)
         offs_d = tl.arange(0, BD)
         q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
         m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
@@ -762,13 +769,13 @@ def fallback_kernel(
         keys = K + b * s_kb + h * s_kh
         keep = KEEP + b * s_eb + h * s_eh
         tiles = TILES + (bh * n_qb + pid_m) * n_kb
-        row_tiles = TILEMAX + (bh * n_qb + tl.minimum(offs_m, Lq - 1) // BM) * n_kb  # each row's block's maxima
+        row_tiles = _row_tile_maxima(TILEMAX, bh, offs_m, Lq, n_qb, n_kb, BM)
         # whole tiles from the first (smallest) row on; an empty slot's row (q = 0) is never solved nor stored
         unmasked = _whole_tiles(klen, tl.min(offs_m, 0), OFF, BN, CAUSAL)
         if HAS_KEEP or HAS_BMASK:  # (rows of several blocks: block-mask rows of their own)
             unmasked = 0
         n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, offs_m, Lq, n_qb,
-                                               n_kb, scale, am1, slack, unmasked, 2 if BISECT else 1, False, True,
+                                               n_kb, scale, am1, slack, unmasked, 2 if BISECT else 0, False, True,
                                                BM)
         tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
         cols = tl.arange(0, BN)
@@ -788,8 +795,8 @@ def fallback_kernel(
                 lo = tl.where(total >= 1, tau, lo)
         else:
             tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=0.0)
-            active = fail
-            solved = ~fail  # rows whose τ is the closed form on their exact support
+            active = row_ok
+            solved = ~row_ok  # rows whose τ is the closed form on their exact support
             steps = 0
             while (tl.max(active.to(tl.int32), 0) > 0) & (steps < N_ITER):
                 f, slope, n, smallest = _sweep_sums(q, keys, keep, tiles, row_tiles, n_unmasked, n_tiles, m, tau,
@@ -808,7 +815,7 @@ def fallback_kernel(
                                                     scale, am1, inv_am1, ACC, PREC, KIND, BM, BN, CAUSAL, HAS_BMASK,
                                                     HAS_KEEP)
                 tau = tl.where(solved, tau, _closed_form(f, slope, n, tau, KIND))
-        tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok & fail)
+        tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
 
 
 @triton.jit
@@ -933,7 +940,7 @@ def _write_tile_list(TILEMAX, M, TAU, FAIL, NEED, TILES, bh, pid_m, offs_m, Lq, 
         kb = start + chunk
         ok = kb < n_kb
         if GATHERED:  # (BM, chunk): each row's own block's
-            tmax = tl.load(TILEMAX + (bh * n_qb + tl.minimum(offs_m, Lq - 1) // BM)[:, None] * n_kb + kb[None, :],
+            tmax = tl.load(_row_tile_maxima(TILEMAX, bh, offs_m, Lq, n_qb, n_kb, BM)[:, None] + kb[None, :],
                            mask=ok[None, :], other=float("-inf"))
         else:  # (1, chunk): the block's
             tmax = tl.load(TILEMAX + base + kb, mask=ok, other=float("-inf"))[None, :]

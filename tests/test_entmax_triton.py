@@ -232,11 +232,11 @@ def test_the_fallback_solves_the_marked_rows_of_several_blocks_together_and_stay
     g = torch.Generator().manual_seed(12)
     block_mask = torch.rand(1, h, 5, 5, generator=g) < 0.6
     block_mask |= torch.eye(5, dtype=torch.bool)  # (and every query block its own diagonal tile)
-    block_mask = None if causal else block_mask
+    block_mask = None if causal else block_mask.to(DEVICE)
     key_lengths = torch.tensor([lk, 61], device=DEVICE)
     allowed = dense_allowed(b, h, lq, lk, causal, key_lengths, block_mask)
-    kwargs = dict(causal=causal, key_lengths=key_lengths, block_mask=None if causal else block_mask.to(DEVICE),
-                  mask_block=TILE, blocks=(16, 16, {1.5: 4, 2.0: 1, 1.3: 8, 2.5: 1}[alpha]), threshold_pass="topk")
+    kwargs = dict(causal=causal, key_lengths=key_lengths, block_mask=block_mask, mask_block=TILE,
+                  blocks=(16, 16, {1.5: 4, 2.0: 1, 1.3: 8, 2.5: 1}[alpha]), threshold_pass="topk")
     p_ref = check_against_reference(q, k, v, alpha, allowed, 1e-9, **kwargs)
     launches = list(launches)  # the first call's
     assert torch.equal(probabilities(q, k, alpha, **kwargs) > 0, p_ref > 0)
