@@ -28,6 +28,10 @@ row of length ``L`` is solved on its ``k + 1`` largest scores only:
 (full sort of those rows only) are measured and ``k`` is their 90 % quantile (twice that on an accelerator)
 rounded up to a multiple of 8 (at least 8): rows with larger supports take the retry path.
 
+**Backends.** On CUDA with triton installed the public functions run, by default, the one-launch Triton row kernel
+of :mod:`hf_sparse.entmax_rows_triton` instead (the same closed forms and certificate, no host read); ``backend=
+"topk"`` keeps this module's path there, and a tensor α always takes it. What follows is this module's path.
+
 **Devices** (:func:`_device_policy`). On the CPU, rows are processed in chunks of about :data:`CHUNK_ELEMENTS`
 scores, so every intermediate stays small (no page faults on fresh large buffers, which cost more than the
 arithmetic here), and reading the device to pick the faster solver per chunk is free. On an accelerator every
@@ -575,8 +579,41 @@ def _alpha_rows(alpha: torch.Tensor, scores: torch.Tensor, dim: int) -> torch.Te
     return (alpha if dim == ndim - 1 else alpha.movedim(dim, -1)).reshape(-1, 1)
 
 
+BACKENDS = ("auto", "topk", "triton")
+
+
+def _use_triton(x: torch.Tensor, backend: str, tensor_alpha: bool = False) -> bool:
+    """Whether a call runs the Triton row kernel (:mod:`hf_sparse.entmax_rows_triton`): ``"triton"`` asks for it
+    (and says why it cannot run, if it cannot), ``"topk"`` for the torch path of this module, ``"auto"`` takes the
+    kernel on CUDA where triton is installed (one launch and no host read, where this module's path issues about
+    85 launches and one or two reads) and this module's path elsewhere. A tensor α (one per slice, with its
+    gradient) runs here only."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "topk" or (backend == "auto" and (x.device.type != "cuda" or tensor_alpha)):
+        return False
+    if tensor_alpha:
+        raise ValueError("backend='triton' takes a float alpha; a tensor alpha (one per slice) runs on backend='topk'")
+    from .entmax_rows_triton import unavailable_reasons  # `from .x import` form: remote code copies x
+
+    reasons = unavailable_reasons(x.device)
+    if reasons and backend == "triton":
+        raise ValueError("backend='triton' is not possible here: " + "; ".join(reasons))
+    return not reasons
+
+
+def _triton_rows(x, keep, kind, **kwargs):
+    from .entmax_rows_triton import entmax_rows  # `from .x import` form: remote code copies x
+
+    return entmax_rows(x, keep, kind, **kwargs)
+
+
 def entmax15(
-    scores: torch.Tensor, dim: int = -1, keep: torch.Tensor | None = None, k: int | None = None
+    scores: torch.Tensor,
+    dim: int = -1,
+    keep: torch.Tensor | None = None,
+    k: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Exact 1.5-entmax of ``scores`` along ``dim``: the result of ``entmax.entmax15``, from each slice's top-k.
 
@@ -587,27 +624,42 @@ def entmax15(
             (padding, causal or sparse patterns). A slice with nothing kept is all zeros. ``-inf`` scores count as
             masked too.
         k: first guess of the support size per slice; ``None`` measures it on a sample of slices
-            (:func:`estimate_k`). Only the speed depends on it: slices with a larger support are redone.
+            (:func:`estimate_k`). Only the speed depends on it: slices with a larger support are redone. The
+            top-k path's only (the Triton kernel needs no guess).
+        backend: ``"auto"`` (the Triton row kernel of :mod:`hf_sparse.entmax_rows_triton` on CUDA where triton is
+            installed, the top-k path of this module elsewhere), ``"topk"`` or ``"triton"`` (an error says why
+            where it cannot run). Both are exact.
 
-    Differentiable with respect to ``scores``; the backward pass touches only the ``k`` stored slots per slice.
+    Differentiable with respect to ``scores``; the top-k path's backward touches only the ``k`` stored slots per
+    slice, the kernel's reads the output.
     """
     x, keep, moved, dim = _to_rows(scores, dim, keep)
+    k, triton_rows = _check_k(k), _use_triton(x, backend)
     if x.numel() == 0:
         return _from_rows(x.new_zeros(x.shape), moved, dim)
-    return _from_rows(_ClosedFormTopK.apply(x, keep, _check_k(k), "entmax15"), moved, dim)
+    if triton_rows:
+        return _from_rows(_triton_rows(x, keep, "entmax15"), moved, dim)
+    return _from_rows(_ClosedFormTopK.apply(x, keep, k, "entmax15"), moved, dim)
 
 
 def sparsemax(
-    scores: torch.Tensor, dim: int = -1, keep: torch.Tensor | None = None, k: int | None = None
+    scores: torch.Tensor,
+    dim: int = -1,
+    keep: torch.Tensor | None = None,
+    k: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Exact sparsemax (2-entmax) of ``scores`` along ``dim``: ``entmax.sparsemax``'s result, from the top-k.
 
     Same arguments and guarantees as :func:`entmax15`; the certificate is ``x_{k+1} - max ≤ τ``.
     """
     x, keep, moved, dim = _to_rows(scores, dim, keep)
+    k, triton_rows = _check_k(k), _use_triton(x, backend)
     if x.numel() == 0:
         return _from_rows(x.new_zeros(x.shape), moved, dim)
-    return _from_rows(_ClosedFormTopK.apply(x, keep, _check_k(k), "sparsemax"), moved, dim)
+    if triton_rows:
+        return _from_rows(_triton_rows(x, keep, "sparsemax"), moved, dim)
+    return _from_rows(_ClosedFormTopK.apply(x, keep, k, "sparsemax"), moved, dim)
 
 
 ALPHA_MAX = 1e6  # measured: float32 bisection returns all zeros from α = 1e7 (float64 still exact)
@@ -621,6 +673,7 @@ def entmax_alpha(
     k: int | None = None,
     n_iter: int = 50,
     ensure_sum_one: bool = True,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """α-entmax of ``scores`` along ``dim`` by bisection on each slice's top-k: ``entmax.entmax_bisect``'s result.
 
@@ -630,6 +683,7 @@ def entmax_alpha(
             as in ``entmax_bisect``). A tensor that requires grad gets ``entmax_bisect``'s gradient.
         n_iter, ensure_sum_one: as in ``entmax_bisect``. The bisection runs on the candidates, with the bracket of
             the k-element problem, so in float32 the result agrees with ``entmax_bisect`` to rounding (~1e-7).
+        backend: as in :func:`entmax15`; a tensor ``alpha`` runs on ``"topk"`` only.
 
     The support is certified as in :func:`entmax15`: ``(α - 1)·x_{k+1} ≤ τ_lo``, with ``τ_lo`` the bisection's
     lower end (a lower bound of the top-k threshold). For α = 1.5, :func:`entmax15` is exact and faster.
@@ -646,11 +700,15 @@ def entmax_alpha(
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
         raise ValueError(f"n_iter must be a whole number >= 1 (bisection steps), got {n_iter!r}")
     x, keep, moved, dim = _to_rows(scores, dim, keep)
+    k, triton_rows = _check_k(k), _use_triton(x, backend, tensor_alpha=alpha_rows is not None)
     if x.numel() == 0:
         if alpha_rows is not None and bool(_invalid_alpha(alpha_rows)):
             raise ValueError(_ALPHA_ERROR)
         return _from_rows(x.new_zeros(x.shape), moved, dim)
-    p = _EntmaxAlphaTopK.apply(x, keep, alpha_rows, alpha_float, _check_k(k), n_iter, ensure_sum_one)
+    if triton_rows:
+        p = _triton_rows(x, keep, "entmax_alpha", alpha=alpha_float, n_iter=n_iter, ensure_sum_one=ensure_sum_one)
+        return _from_rows(p, moved, dim)
+    p = _EntmaxAlphaTopK.apply(x, keep, alpha_rows, alpha_float, k, n_iter, ensure_sum_one)
     return _from_rows(p, moved, dim)
 
 

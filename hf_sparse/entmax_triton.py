@@ -192,6 +192,8 @@ def _load_kernels():
             fallback_kernel,
             forward_kernel,
             gather_kernel,
+            rows_backward_kernel,
+            rows_forward_kernel,
             stream_kernel,
             threshold_kernel,
             tile_columns_kernel,
@@ -207,6 +209,8 @@ def _load_kernels():
             backward_dq_kernel=backward_dq_kernel,
             backward_dkdv_kernel=backward_dkdv_kernel,
             tile_columns_kernel=tile_columns_kernel,
+            rows_forward_kernel=rows_forward_kernel,  # row-wise entmax (hf_sparse.entmax_rows_triton)
+            rows_backward_kernel=rows_backward_kernel,
         )
         _kernels = (kernels, os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True"))
     return _kernels[0]

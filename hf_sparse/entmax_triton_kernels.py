@@ -1300,3 +1300,211 @@ def backward_dkdv_kernel(
         dv.to(DV_OUT.dtype.element_ty),
         mask=key_ok[:, None] & (offs_dv[None, :] < DV),
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Row-wise entmax of materialised scores (hf_sparse.entmax_rows_triton): one launch forward, one backward
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_chunk(X, KEEP, rows, cols, R, L, s_xr, s_kr, s_kc, ACC: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """Scores ``(ROWS, CHUNK)`` of rows ``rows`` at columns ``cols``, -inf where there is none (past ``R`` or
+    ``L``) or ``KEEP`` masks it: a masked score is never in a support."""
+    ok = (rows[:, None] < R) & (cols[None, :] < L)
+    if HAS_KEEP:
+        ok = ok & (tl.load(KEEP + rows[:, None] * s_kr + cols[None, :] * s_kc, mask=ok, other=0) != 0)
+    return tl.load(X + rows[:, None] * s_xr + cols[None, :], mask=ok, other=NEG_INF).to(ACC)
+
+
+@triton.jit
+def _candidates_newton(first, second, m, am1, inv_am1, tol, ACC: tl.constexpr, KIND: tl.constexpr,
+                       STEPS: tl.constexpr, TWO: tl.constexpr):
+    """τ of each row's candidates (``first``, and ``second`` if ``TWO``; -inf: none), held in registers, for the
+    closed forms: Newton from -1 (the τ of the largest score alone, which every row's τ is at least), with the
+    closed form on ``S = {x > τ}`` checked at each step (:func:`_newton_step`). Returns ``(tau, solved)``; an
+    unsolved row keeps a Newton iterate, a lower bound."""
+    tau = tl.zeros_like(m) - 1.0
+    solved = tau != tau  # all False
+    active = ~solved
+    steps = 0
+    while (tl.max(active.to(tl.int32), 0) > 0) & (steps < STEPS):
+        f = tl.zeros_like(m)
+        slope = tl.zeros_like(m)
+        n = tl.zeros_like(m)
+        smallest = tl.full(m.shape, float("inf"), ACC)
+        f, slope, n, smallest = _add_sums(first, _shifted(first, m, tau, 1.0, am1), f, slope, n, smallest, inv_am1,
+                                          ACC, KIND)
+        if TWO:
+            f, slope, n, smallest = _add_sums(second, _shifted(second, m, tau, 1.0, am1), f, slope, n, smallest,
+                                              inv_am1, ACC, KIND)
+        tau, active, solved = _newton_step(f, slope, n, smallest, m, tau, active, solved, 1.0, am1, tol, KIND)
+        steps += 1
+    return tau, solved
+
+
+@triton.jit
+def _candidates_bisect(first, second, m, am1, inv_am1, bracket, n_iter, TWO: tl.constexpr):
+    """``entmax_bisect``'s bisection on the candidates (general α): ``n_iter`` halvings of ``[-1, -bracket]``.
+    Returns ``(lower, mid, total)``: the bracket's lower end (a lower bound of the candidates' τ), the last
+    midpoint and ``Σ p̃`` there (the normaliser)."""
+    lower = tl.zeros_like(m) - 1.0
+    dm = tl.zeros_like(m) + (1.0 - bracket)
+    mid = lower
+    total = tl.zeros_like(m)
+    for _ in range(n_iter):
+        dm = dm / 2
+        mid = lower + dm
+        total = tl.sum(_unnormalised(_shifted(first, m, mid, 1.0, am1), inv_am1, 2), 1)
+        if TWO:
+            total += tl.sum(_unnormalised(_shifted(second, m, mid, 1.0, am1), inv_am1, 2), 1)
+        lower = tl.where(total >= 1, mid, lower)
+    return lower, mid, total
+
+
+@triton.jit
+def rows_forward_kernel(
+    X, KEEP, OUT, R, L, s_xr, s_kr, s_kc, am1, inv_am1, bracket, row_bracket, tol, n_iter,
+    ACC: tl.constexpr, KIND: tl.constexpr, HAS_KEEP: tl.constexpr, ENSURE_SUM_ONE: tl.constexpr,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr, WHOLE: tl.constexpr, STEPS: tl.constexpr,
+):
+    """α-entmax of ``ROWS`` rows of the ``(R, L)`` scores ``X`` (row stride ``s_xr``, contiguous rows), written to
+    ``OUT`` (same layout). ``WHOLE`` (``L <= CHUNK``): each row is loaded once, its τ found in registers (Newton with
+    the closed forms' check, or the bisection), and written. Longer rows: a first sweep keeps each row's two largest
+    scores per column of the chunks, as the attention kernel's ``bound`` pass does, and the largest one it let go
+    of; their τ, found in registers, is a lower bound of the row's, and the row's own where that score lies below
+    it (the certificate of :mod:`hf_sparse.entmax_topk`); only rows that fail it sweep their scores again, a
+    Newton step (a bisection halving) per sweep. Then one sweep writes ``p``. No host read, one launch."""
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # R·L may pass 2^31
+    cols = tl.arange(0, CHUNK)
+    if WHOLE:
+        first = _row_chunk(X, KEEP, rows, cols, R, L, s_xr, s_kr, s_kc, ACC, HAS_KEEP)
+        second = first
+        dropped = tl.full((ROWS,), float("-inf"), ACC)
+    else:
+        first = tl.full((ROWS, CHUNK), float("-inf"), ACC)
+        second = first
+        dropped = tl.full((ROWS,), float("-inf"), ACC)
+        for c0 in range(0, L, CHUNK):
+            s = _row_chunk(X, KEEP, rows, c0 + cols, R, L, s_xr, s_kr, s_kc, ACC, HAS_KEEP)
+            dropped = tl.maximum(dropped, tl.max(tl.minimum(second, s), 1))  # what leaves its column's top two
+            second = tl.maximum(second, tl.minimum(first, s))
+            first = tl.maximum(first, s)
+    m = _row_maximum(tl.max(first, 1), 1.0)
+    if KIND == 2:
+        lower, tau, total = _candidates_bisect(first, second, m, am1, inv_am1, bracket, n_iter, not WHOLE)
+    else:
+        tau, _ = _candidates_newton(first, second, m, am1, inv_am1, tol, ACC, KIND, STEPS, not WHOLE)
+        lower = tau
+    if not WHOLE:
+        redo = _distance(dropped, m, lower, 1.0, am1) > 0  # some score let go of may enter the support
+        if tl.max(redo.to(tl.int32), 0) > 0:
+            if KIND == 2:  # entmax_bisect's own bisection, with the whole row's bracket
+                lower = tl.where(redo, -1.0, lower)
+                dm = tl.zeros_like(m) + (1.0 - row_bracket)
+                for _ in range(n_iter):
+                    dm = dm / 2
+                    mid = lower + dm
+                    row_total = tl.zeros_like(m)
+                    for c0 in range(0, L, CHUNK):
+                        s = _row_chunk(X, KEEP, rows, c0 + cols, R, L, s_xr, s_kr, s_kc, ACC, HAS_KEEP)
+                        row_total += tl.sum(_unnormalised(_shifted(s, m, mid, 1.0, am1), inv_am1, KIND), 1)
+                    lower = tl.where(redo & (row_total >= 1), mid, lower)
+                    tau = tl.where(redo, mid, tau)
+                    total = tl.where(redo, row_total, total)
+            else:  # Newton over the whole row from the candidates' τ
+                solved = ~redo
+                active = redo
+                steps = 0
+                while (tl.max(active.to(tl.int32), 0) > 0) & (steps < STEPS):
+                    f = tl.zeros_like(m)
+                    slope = tl.zeros_like(m)
+                    n = tl.zeros_like(m)
+                    smallest = tl.full(m.shape, float("inf"), ACC)
+                    for c0 in range(0, L, CHUNK):
+                        s = _row_chunk(X, KEEP, rows, c0 + cols, R, L, s_xr, s_kr, s_kc, ACC, HAS_KEEP)
+                        f, slope, n, smallest = _add_sums(s, _shifted(s, m, tau, 1.0, am1), f, slope, n, smallest,
+                                                          inv_am1, ACC, KIND)
+                    tau, active, solved = _newton_step(f, slope, n, smallest, m, tau, active, solved, 1.0, am1, tol,
+                                                       KIND)
+                    steps += 1
+    if KIND != 2:
+        total = m  # unused: the closed forms' p̃ sum to one
+    out_ok = rows[:, None] < R
+    if WHOLE:
+        p = _row_probabilities(first, m, tau, total, am1, inv_am1, KIND, ENSURE_SUM_ONE)
+        tl.store(OUT + rows[:, None] * s_xr + cols[None, :], p.to(OUT.dtype.element_ty),
+                 mask=out_ok & (cols[None, :] < L))
+    else:
+        for c0 in range(0, L, CHUNK):
+            s = _row_chunk(X, KEEP, rows, c0 + cols, R, L, s_xr, s_kr, s_kc, ACC, HAS_KEEP)
+            p = _row_probabilities(s, m, tau, total, am1, inv_am1, KIND, ENSURE_SUM_ONE)
+            tl.store(OUT + rows[:, None] * s_xr + (c0 + cols)[None, :], p.to(OUT.dtype.element_ty),
+                     mask=out_ok & ((c0 + cols)[None, :] < L))
+
+
+@triton.jit
+def _row_probabilities(s, m, tau, total, am1, inv_am1, KIND: tl.constexpr, ENSURE_SUM_ONE: tl.constexpr):
+    """p of a chunk of scores ``s`` from the row's ``m`` and τ; general α with ``ENSURE_SUM_ONE`` divided by ``total``
+    (``Σ p̃``, as ``entmax_bisect`` does)."""
+    p = _unnormalised(_shifted(s, m, tau, 1.0, am1), inv_am1, KIND)
+    if KIND == 2:
+        if ENSURE_SUM_ONE:
+            p = p / _positive(total)[:, None]
+    return p
+
+
+@triton.jit
+def _row_gppr(p, two_minus_alpha, KIND: tl.constexpr):
+    """g = p^{2-α} of output probabilities (1.5: sqrt(p); sparsemax: the support indicator), 0 off the support."""
+    if KIND == 0:
+        return tl.sqrt(p)
+    elif KIND == 1:
+        return tl.where(p > 0, 1.0, 0.0).to(p.dtype)
+    else:
+        pos = p > 0
+        return tl.where(pos, tl.exp2(tl.log2(tl.where(pos, p, 1.0)) * two_minus_alpha), 0.0)
+
+
+@triton.jit
+def rows_backward_kernel(
+    P, DY, DX, R, L, s_pr, s_dr, s_gr, two_minus_alpha,
+    ACC: tl.constexpr, KIND: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr, WHOLE: tl.constexpr,
+):
+    """``dX = g ⊙ dY - (Σ g dY / Σ g) g`` with ``g = p^{2-α}`` (entmax's Jacobian over the support; zero off it and on
+    rows without any), from the forward's output ``P``: one sweep for the two sums and one for ``dX``, or one in
+    all when the row fits a chunk (``WHOLE``)."""
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # R·L may pass 2^31
+    cols = tl.arange(0, CHUNK)
+    row_ok = rows[:, None] < R
+    if WHOLE:
+        ok = row_ok & (cols[None, :] < L)
+        p = tl.load(P + rows[:, None] * s_pr + cols[None, :], mask=ok, other=0.0).to(ACC)
+        dy = tl.load(DY + rows[:, None] * s_dr + cols[None, :], mask=ok, other=0.0).to(ACC)
+        g = _row_gppr(p, two_minus_alpha, KIND)
+        c = tl.sum(g * dy, 1) / _positive(tl.sum(g, 1))
+        tl.store(DX + rows[:, None] * s_gr + cols[None, :], (g * (dy - c[:, None])).to(DX.dtype.element_ty), mask=ok)
+    else:
+        gdy_sum = tl.zeros((ROWS,), ACC)
+        g_sum = tl.zeros((ROWS,), ACC)
+        for c0 in range(0, L, CHUNK):
+            ok = row_ok & ((c0 + cols)[None, :] < L)
+            p = tl.load(P + rows[:, None] * s_pr + (c0 + cols)[None, :], mask=ok, other=0.0).to(ACC)
+            dy = tl.load(DY + rows[:, None] * s_dr + (c0 + cols)[None, :], mask=ok, other=0.0).to(ACC)
+            g = _row_gppr(p, two_minus_alpha, KIND)
+            gdy_sum += tl.sum(g * dy, 1)
+            g_sum += tl.sum(g, 1)
+        c = gdy_sum / _positive(g_sum)
+        for c0 in range(0, L, CHUNK):
+            ok = row_ok & ((c0 + cols)[None, :] < L)
+            p = tl.load(P + rows[:, None] * s_pr + (c0 + cols)[None, :], mask=ok, other=0.0).to(ACC)
+            dy = tl.load(DY + rows[:, None] * s_dr + (c0 + cols)[None, :], mask=ok, other=0.0).to(ACC)
+            g = _row_gppr(p, two_minus_alpha, KIND)
+            tl.store(DX + rows[:, None] * s_gr + (c0 + cols)[None, :], (g * (dy - c[:, None])).to(DX.dtype.element_ty),
+                     mask=ok)
+
+
+@triton.jit
+def _positive(total):
+    """``total`` where it is positive, else 1: a row without a support divides zeros by it."""
+    return tl.where(total > 0, total, 1.0)
