@@ -6,8 +6,9 @@ Checks first, then times (CUDA events, medians), B=1, 16 heads, head dim 64:
    + matmul, causal and not: float32 inputs (outputs and gradients, and the probability rows themselves through
    identity values: same support, largest difference), and bfloat16 inputs (against the same reference on the
    rounded inputs).
-2. **Row-wise entmax**, float32 scores (1, 16, L, L), forward: softmax, ``entmax_topk.entmax15``, the ``entmax``
-   package.
+2. **Row-wise entmax**, float32 scores (1, 16, L, L), forward and forward+backward: softmax,
+   ``entmax_topk.entmax15`` (its torch path and its Triton row kernel, :mod:`hf_sparse.entmax_rows_triton`), the
+   ``entmax`` package.
 3. **Attention op**, bfloat16 q, k, v, L in {1024, 4096, 8192, 16384}, causal and not, forward and
    forward+backward: SDPA (softmax, the speed of light), FlexAttention (softmax, compiled), the fused entmax kernel
    (each threshold pass), matmul + ``entmax_topk`` + matmul, matmul + the ``entmax`` package + matmul. Ratios to
@@ -112,8 +113,8 @@ def dense_entmax_attention(q, k, v, causal, normaliser):
     """matmul + mask + normaliser + matmul, scores in float32 (the dense reference paths)."""
     scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
     keep = causal_keep(q.shape[2], q.device) if causal else None
-    if normaliser == "topk":
-        p = entmax15(scores, keep=keep)
+    if normaliser in ("topk", "triton"):  # entmax_topk's torch path, or its Triton row kernel
+        p = entmax15(scores, keep=keep, backend=normaliser)
     else:
         if keep is not None:
             scores = scores.masked_fill(~keep, float("-inf"))
@@ -187,21 +188,40 @@ def fits(n, heads, device, factor: float) -> bool:
 
 
 def rowwise(lengths, heads, device, rows):
+    """Row-wise 1.5-entmax of float32 scores, forward and forward+backward: softmax, ``entmax_topk``'s torch path
+    (``backend="topk"``), its Triton row kernel (``backend="triton"``, the CUDA default), the ``entmax`` package;
+    and how far the row kernel's output lies from the torch path's (largest difference, pairs whose support
+    membership differs)."""
     for n in lengths:
-        if not fits(n, heads, device, 4):
-            rows.append(f"| {n} | skipped: (1, {heads}, L, L) scores do not fit | | |")
+        if not fits(n, heads, device, 6):
+            rows.append(f"| {n} | skipped: (1, {heads}, L, L) scores do not fit |" + " |" * 8)
             continue
-        x = torch.randn(1, heads, n, n, device=device)
-        soft = time_ms(partial(torch.softmax, x, -1), device)
-        ours = time_ms(partial(entmax15, x), device)
-        if entmax_package is None:
-            package = "not installed"
-        elif n > 8192:
-            package = "skipped: sorts every row (> 1 s)"
-        else:
-            package = f"{time_ms(partial(entmax_package.entmax15, x, dim=-1), device):.2f}"
-        rows.append(f"| {n} | {soft:.2f} | {ours:.2f} | {package} |")
-        del x
+        x = torch.randn(1, heads, n, n, device=device, requires_grad=True)
+        grad = torch.randn_like(x)
+        methods = {
+            "softmax": partial(torch.softmax, x, -1),
+            "topk": partial(entmax15, x, backend="topk"),
+            "triton": partial(entmax15, x, backend="triton"),
+            "package": partial(entmax_package.entmax15, x, dim=-1) if entmax_package is not None else None,
+        }
+        cells = []
+        for backward in (False, True):
+            for name, fn in methods.items():
+                if fn is None:
+                    cells.append("not installed")
+                elif name == "package" and n > 8192:
+                    cells.append("skipped: sorts every row (> 1 s)")
+                else:
+                    with torch.set_grad_enabled(backward):
+                        cells.append(f"{time_ms(partial(forward_backward, fn, grad) if backward else fn, device):.2f}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        with torch.no_grad():
+            p_rows, p_topk = entmax15(x, backend="triton"), entmax15(x, backend="topk")
+            differ = int(((p_rows > 0) != (p_topk > 0)).sum())
+            cells.append(f"{float((p_rows - p_topk).abs().max()):.1e}, {differ}")
+        rows.append(f"| {n} | " + " | ".join(cells) + " |")
+        del x, grad, p_rows, p_topk
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -220,6 +240,7 @@ def attention_op(lengths, heads, dim, device, rows, flex):
                 "stream": partial(entmax_attention, q, k, v, causal=causal, threshold_pass="stream"),
                 "bound": partial(entmax_attention, q, k, v, causal=causal, threshold_pass="bound"),
                 "topk": partial(dense_entmax_attention, q, k, v, causal, "topk"),
+                "triton": partial(dense_entmax_attention, q, k, v, causal, "triton"),
                 "package": partial(dense_entmax_attention, q, k, v, causal, "package"),
             }
             for backward in (False, True):
@@ -228,7 +249,7 @@ def attention_op(lengths, heads, dim, device, rows, flex):
                     why = None
                     if fn is None:
                         why = "not run here"
-                    elif name in ("topk", "package") and not fits(n, heads, device, 8 if backward else 4):
+                    elif name in ("topk", "triton", "package") and not fits(n, heads, device, 8 if backward else 4):
                         why = "L x L tensors do not fit"
                     elif name == "package" and entmax_package is None:
                         why = "not installed"
@@ -261,8 +282,8 @@ def float32_op(lengths, heads, dim, device, rows):
     """float32 inputs, where the fused kernel's products follow ``torch.set_float32_matmul_precision`` as torch's
     matmuls do: at ``"highest"`` (torch's default) ``tl.dot`` multiplies in full float32 on the CUDA cores, with
     smaller tiles (``GPU_BLOCKS_FULL_PRECISION``), while cuBLAS keeps its own float32 kernels; at ``"high"`` both
-    use TF32 tensor cores. Fused kernel against matmul + ``entmax_topk`` + matmul (the ``eager`` path), which
-    decides what ``auto`` should pick for float32 models."""
+    use TF32 tensor cores. Fused kernel against matmul + ``entmax_topk`` + matmul (the ``eager`` path, whose
+    entmax runs the Triton row kernel on CUDA), which decides what ``auto`` should pick for float32 models."""
     before = torch.get_float32_matmul_precision()
     try:
         for n in lengths:
@@ -270,7 +291,7 @@ def float32_op(lengths, heads, dim, device, rows):
                 q, k, v = (torch.randn(1, heads, n, dim, device=device, requires_grad=True) for _ in "qkv")
                 grad = torch.randn_like(q)
                 fused = partial(entmax_attention, q, k, v, causal=causal)
-                eager = partial(dense_entmax_attention, q, k, v, causal, "topk")
+                eager = partial(dense_entmax_attention, q, k, v, causal, "triton")  # what `eager` runs on CUDA
                 for backward in (False, True):
                     cells = []
                     for precision in ("highest", "high"):
@@ -670,22 +691,28 @@ def render(results: dict, notes: list, device, heads: int, dim: int, started: fl
         "",
         *checks,
         "",
-        "## Row-wise entmax15, float32 scores (1, H, L, L), forward, ms",
+        "## Row-wise entmax15, float32 scores (1, H, L, L), ms",
         "",
-        "| L | softmax | `entmax_topk.entmax15` | `entmax` package |",
-        "|---|---:|---:|---:|",
+        "`entmax_topk.entmax15` with `backend=\"topk\"` (its torch path) and `backend=\"triton\"` (its Triton row"
+        " kernel, the CUDA default); the last column: the row kernel's largest difference to the torch path, and"
+        " the pairs whose support membership differs.",
+        "",
+        "| L | softmax fwd | topk fwd | triton fwd | package fwd | softmax fwd+bwd | topk fwd+bwd | triton fwd+bwd "
+        "| package fwd+bwd | triton vs topk |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         *row_rows,
         "",
         "## Attention q, k, v -> output, bfloat16, ms (ratio to SDPA in the same row)",
         "",
         "SDPA and FlexAttention compute softmax attention (the target to be compared with); the others compute"
         " exact 1.5-entmax attention: the fused kernel with each threshold pass (`topk`, `stream` and `bound`,"
-        " the default), matmul + `entmax_topk` + matmul, and matmul + the `entmax` package + matmul (scores in"
+        " the default), matmul + `entmax_topk` + matmul (its torch path, and its Triton row kernel, the CUDA default),"
+        " and matmul + the `entmax` package + matmul (scores in"
         " float32).",
         "",
         "| L | mask | pass | SDPA | FlexAttention | fused, topk | fused, stream | fused, bound "
-        "| matmul + entmax_topk | matmul + entmax package |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| matmul + entmax_topk (topk) | matmul + entmax_topk (triton rows) | matmul + entmax package |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *op_rows,
         "",
         "## float32 inputs: the fused kernel against matmul + `entmax_topk` + matmul (the `eager` path), ms",
