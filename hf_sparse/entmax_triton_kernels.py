@@ -1,4 +1,5 @@
-"""Triton kernels of :mod:`hf_sparse.entmax_triton` (read that module's docstring first).
+"""Triton kernels of :mod:`hf_sparse.entmax_triton` (read that module's docstring first), and, in the last section,
+the row kernel of :mod:`hf_sparse.entmax_rows_triton`, which shares the Newton step and its exactness check.
 
 Imported lazily, on first use, by :mod:`hf_sparse.entmax_triton` only: ``@triton.jit`` decides at definition
 time whether a kernel is compiled for the GPU or run by Triton's CPU interpreter (``TRITON_INTERPRET=1``), so the
@@ -1381,12 +1382,15 @@ def rows_forward_kernel(
         first = _row_chunk(X, KEEP, rows, cols, R, L, s_xr, s_kr, s_kc, ACC, HAS_KEEP)
         second = first
         dropped = tl.full((ROWS,), float("-inf"), ACC)
+        nan = tl.max((first != first).to(tl.int32), 1)
     else:
         first = tl.full((ROWS, CHUNK), float("-inf"), ACC)
         second = first
         dropped = tl.full((ROWS,), float("-inf"), ACC)
+        nan = tl.zeros((ROWS,), tl.int32)
         for c0 in range(0, L, CHUNK):
             s = _row_chunk(X, KEEP, rows, c0 + cols, R, L, s_xr, s_kr, s_kc, ACC, HAS_KEEP)
+            nan = tl.maximum(nan, tl.max((s != s).to(tl.int32), 1))
             dropped = tl.maximum(dropped, tl.max(tl.minimum(second, s), 1))  # what leaves its column's top two
             second = tl.maximum(second, tl.minimum(first, s))
             first = tl.maximum(first, s)
@@ -1430,6 +1434,9 @@ def rows_forward_kernel(
                     steps += 1
     if KIND != 2:
         total = m  # unused: the closed forms' p̃ sum to one
+    # a row holding a NaN score gives NaN, as the top-k path does (the GPU's max and min pass NaN over: the row would
+    # otherwise be solved without it)
+    tau = tl.where(nan > 0, float("nan"), tau)
     out_ok = rows[:, None] < R
     if WHOLE:
         p = _row_probabilities(first, m, tau, total, am1, inv_am1, KIND, ENSURE_SUM_ONE)
@@ -1446,12 +1453,12 @@ def rows_forward_kernel(
 @triton.jit
 def _row_probabilities(s, m, tau, total, am1, inv_am1, KIND: tl.constexpr, ENSURE_SUM_ONE: tl.constexpr):
     """p of a chunk of scores ``s`` from the row's ``m`` and τ; general α with ``ENSURE_SUM_ONE`` divided by ``total``
-    (``Σ p̃``, as ``entmax_bisect`` does)."""
+    (``Σ p̃``, as ``entmax_bisect`` does). A NaN τ (a row holding a NaN score) gives NaN everywhere in the row."""
     p = _unnormalised(_shifted(s, m, tau, 1.0, am1), inv_am1, KIND)
     if KIND == 2:
         if ENSURE_SUM_ONE:
             p = p / _positive(total)[:, None]
-    return p
+    return tl.where((tau != tau)[:, None], float("nan"), p)
 
 
 @triton.jit

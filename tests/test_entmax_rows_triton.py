@@ -97,6 +97,19 @@ def test_general_alpha_follows_entmax_bisects_iterations_and_normalisation(ensur
     assert torch.allclose(sums, torch.ones_like(sums)) == ensure_sum_one
 
 
+@pytest.mark.parametrize("chunk", [None, 16], ids=["whole-rows", "long-row-path"])
+def test_a_nan_score_makes_its_row_nan_and_leaves_the_others(chunk):
+    """As the top-k path: a NaN is not silently dropped (a GPU's max and min pass over NaN, so the kernel checks)."""
+    x, keep = rows_input(6, 70, torch.float32)
+    x[4, 33] = float("nan")
+    keep[4, 33] = True  # a masked NaN is masked (-inf), here as on the top-k path
+    for kind, alpha in KINDS:
+        got = entmax_rows(x, keep, kind, alpha=alpha, chunk=chunk)
+        assert torch.isnan(got[4]).all(), kind
+        others = [0, 1, 2, 3, 5]
+        assert (got[others] - topk_path(kind, alpha, x[others], keep[others])).abs().max() < 1e-6, kind
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_half_and_single_precision_scores_keep_their_dtype_and_the_topk_paths_result(dtype):
     x, keep = rows_input(16, 70, dtype)
