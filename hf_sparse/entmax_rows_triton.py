@@ -51,6 +51,7 @@ KINDS = {"entmax15": 0, "sparsemax": 1, "entmax_alpha": 2}
 # row: their τ is that of the row's 2·LONG_ROW_CHUNK scores best spread over its columns).
 WHOLE_ROW = 8192
 LONG_ROW_CHUNK = 2048
+MIN_CHUNK = 16  # the narrowest row a program holds (Triton's smallest comfortable tile width)
 PROGRAM_SCORES = 2048  # short rows: several to a program, about this many scores in all
 SCORES_PER_THREAD = 16  # warps = scores held / (32 · this), from 1 to 16
 
@@ -59,7 +60,7 @@ def _layout(length: int, chunk: int | None) -> tuple[int, int, bool, int]:
     """``(rows per program, chunk, whole, warps)`` for rows of ``length`` scores; ``chunk`` (a power of two)
     forces the chunk (tests reach the long-row path at small sizes with it)."""
     if chunk is None:
-        chunk = triton_next_power_of_2(length) if length <= WHOLE_ROW else LONG_ROW_CHUNK
+        chunk = max(MIN_CHUNK, triton_next_power_of_2(length)) if length <= WHOLE_ROW else LONG_ROW_CHUNK
     whole = length <= chunk
     rows = max(1, PROGRAM_SCORES // chunk) if whole else 1
     held = rows * chunk * (1 if whole else 2)

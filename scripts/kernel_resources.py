@@ -1,4 +1,4 @@
-"""Compile the fused entmax kernels for a GPU architecture on a machine without one, and report what each costs.
+"""Compile the fused entmax kernels (and the row kernel) for a GPU architecture without a GPU; report what each costs.
 
 GPU time is rare here, and a kernel that does not compile for the GPU (or whose compilation never ends: a
 threshold-pass kernel that ranked 64 candidates per row all at once sat in LLVM for minutes on an H100 and here
@@ -46,7 +46,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hf_sparse import entmax_triton  # noqa: E402
+from hf_sparse import entmax_rows_triton, entmax_triton  # noqa: E402
 
 
 class Case(NamedTuple):
@@ -57,6 +57,8 @@ class Case(NamedTuple):
     alpha: float = 1.5
     float32_precision: str = "highest"  # torch.set_float32_matmul_precision: "highest" full float32, "high" TF32
     block_mask: bool = False  # a tile mask (patterns, frozen DAM, Sparsefinder's predicted blocks)
+    rows: int = 0  # > 0: entmax_topk's Triton row kernel (hf_sparse.entmax_rows_triton) on float32 rows this long
+    keep: bool = False  # the row kernel with an element mask (eager attention's padding and patterns)
 
 
 # what models run, with a backward each
@@ -75,6 +77,16 @@ CASES = {
     "sparsemax": Case(alpha=2.0),
     "block-mask": Case(block_mask=True),  # the threshold pass loops over the allowed tiles' list
     "bisection": Case(alpha=1.3),
+    # the row kernel (eager attention and entmax_topk on CUDA), float32 scores: rows held whole (the longest at 16
+    # warps) and the long-row path; rows of two scores
+    "rows-2": Case(rows=2, keep=True),  # the narrowest tile, 128 rows to a program
+    "rows-1024": Case(rows=1024),
+    "rows-8192": Case(rows=8192, keep=True),
+    "rows-16384": Case(rows=16384, keep=True),
+    "rows-sparsemax": Case(rows=1024, alpha=2.0, keep=True),
+    "rows-sparsemax-16384": Case(rows=16384, alpha=2.0),
+    "rows-bisection": Case(rows=1024, alpha=1.3, keep=True),
+    "rows-bisection-16384": Case(rows=16384, alpha=1.3),
 }
 
 
@@ -179,6 +191,9 @@ def compile_case(name: str, arch: int, report, blocks=None) -> None:
         report(row)
         return kernel
 
+    if case.rows:
+        compile_rows(case, compile_only, run)
+        return
     q, k, v = (torch.randn(1, 2, 256, 64, dtype=case.dtype, requires_grad=True) for _ in range(3))
     JITFunction.run = compile_only
     precision = torch.get_float32_matmul_precision()
@@ -202,6 +217,21 @@ def compile_case(name: str, arch: int, report, blocks=None) -> None:
         torch.set_float32_matmul_precision(precision)
         JITFunction.run = run
         entmax_triton.unavailable_reasons = available
+
+
+def compile_rows(case: Case, compile_only, run) -> None:
+    """The row kernel's forward and backward launches for float32 rows of ``case.rows`` scores."""
+    kind = {1.5: "entmax15", 2.0: "sparsemax"}.get(case.alpha, "entmax_alpha")
+    x = torch.randn(4, case.rows, requires_grad=True)
+    JITFunction.run = compile_only
+    available = entmax_rows_triton.unavailable_reasons
+    entmax_rows_triton.unavailable_reasons = lambda device: []  # CPU tensors: they only give the kernels their types
+    try:
+        keep = torch.ones(x.shape, dtype=torch.bool) if case.keep else None
+        entmax_rows_triton.entmax_rows(x, keep, kind, alpha=case.alpha).sum().backward()
+    finally:
+        JITFunction.run = run
+        entmax_rows_triton.unavailable_reasons = available
 
 
 def main() -> None:
@@ -240,7 +270,7 @@ def main() -> None:
     total = time.perf_counter() - began
     command = " ".join(["python scripts/kernel_resources.py", *sys.argv[1:]])
     lines = [
-        f"# The fused entmax kernels compiled for sm_{args.arch}, without a GPU",
+        f"# The fused entmax kernels and the row kernel compiled for sm_{args.arch}, without a GPU",
         "",
         f"`{command}` on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
         f"{datetime.date.today().isoformat()}: torch {torch.__version__}, triton {triton.__version__}; "
@@ -253,7 +283,10 @@ def main() -> None:
         "multiplies matrices, in the machine code and in code order (a sweep that reads its unmasked tiles first has "
         "two: unmasked, then masked; the fallback two such sweeps), the instructions a thread issues per tile. "
         "1.5-entmax and sparsemax run the fallback in two launches, compiled apart: first one Newton step for "
-        "every marked row (one sweep), then the rest for the rows it left (the sweep and the closing one).",
+        "every marked row (one sweep), then the rest for the rows it left (the sweep and the closing one). "
+        "`rows-*`: entmax_topk's Triton row kernel (`hf_sparse.entmax_rows_triton`) on 4 float32 rows of that many "
+        "scores (1024 if not named; some cases with an element mask: `CASES` in the script). It multiplies no "
+        "matrices: its loops are listed only where a body holds 64 fused multiply-adds or more.",
         "",
         "| case | kernel | tiles | compile | registers | spills (B) | shared (KiB) | warps | async copies "
         "| loop instructions |",

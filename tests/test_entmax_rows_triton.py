@@ -153,13 +153,18 @@ def test_auto_keeps_the_topk_path_off_cuda_and_for_a_tensor_alpha(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="auto picks the row kernel on CUDA only")
-def test_auto_runs_the_row_kernel_on_cuda(monkeypatch):
+def test_auto_runs_the_row_kernel_on_cuda_without_reading_the_device(monkeypatch):
     calls = []
     real = entmax_topk._triton_rows
     monkeypatch.setattr(entmax_topk, "_triton_rows", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     x, keep = rows_input(4, 30, torch.float32)
-    entmax15(x, keep=keep)
-    sparsemax(x)
+    x.requires_grad_()
+    torch.cuda.set_sync_debug_mode("error")  # a read of the device raises: the "no host syncs"
+    try:
+        entmax15(x, keep=keep).sum().backward()
+        sparsemax(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert calls == ["entmax15", "sparsemax"]
 
 
@@ -180,9 +185,19 @@ def test_bad_backend_requests_say_what_would_run(monkeypatch):
 
 
 def test_rows_are_held_whole_up_to_the_limit_and_swept_in_chunks_beyond():
-    for length in (1, 70, 1024, WHOLE_ROW):
+    for length in (70, 1024, WHOLE_ROW):
         rows, chunk, whole, warps = _layout(length, None)
         assert whole and chunk >= length and rows * chunk >= min(chunk, 2048) and warps in (1, 2, 4, 8, 16)
     rows, chunk, whole, warps = _layout(WHOLE_ROW + 1, None)
     assert (rows, chunk, whole) == (1, LONG_ROW_CHUNK, False) and warps in (1, 2, 4, 8, 16)
     assert _layout(70, 16)[:3] == (1, 16, False)
+    assert _layout(1, None)[:3] == (128, 16, True)  # one score per row: a 16-wide tile, mostly masked
+
+
+def test_rows_of_one_and_two_scores():
+    x, keep = rows_input(6, 2)
+    for length in (1, 2):
+        for kind, alpha in KINDS:
+            got = entmax_rows(x[:, :length].contiguous(), keep[:, :length].contiguous(), kind, alpha=alpha)
+            want = topk_path(kind, alpha, x[:, :length], keep[:, :length])
+            assert (got - want).abs().max() < 1e-12, (length, kind)

@@ -1,4 +1,4 @@
-"""The fused entmax kernels compile for the GPU (sm_90) here, on a machine without one.
+"""The fused entmax kernels and the row kernel compile for the GPU (sm_90) here, on a machine without one.
 
 The other kernel tests run under Triton's interpreter, which never meets the GPU compiler: a kernel that does not
 compile, or whose compilation never ends (a threshold-pass kernel, since replaced, did both on an H100),
@@ -18,6 +18,11 @@ LATER = {"fallback_kernel", "forward_kernel", "backward_dq_kernel", "backward_dk
 TOPK = LATER | {"threshold_kernel"}
 STREAM = LATER | {"stream_kernel", "gather_kernel"}
 BOUND = LATER | {"bound_kernel"}
+ROWS = {"rows_forward_kernel", "rows_backward_kernel"}  # entmax_topk's Triton row kernel
+CASES_ROWS = (  # each normaliser with rows held whole and swept in chunks; element masks; the narrowest tile
+    "rows-2", "rows-1024", "rows-8192", "rows-16384", "rows-sparsemax", "rows-sparsemax-16384", "rows-bisection",
+    "rows-bisection-16384",
+)
 SWEEPS = TOPK - {"tile_columns_kernel"} | {"bound_kernel"}
 # the sweeps over key (or query) tiles that must stay software-pipelined: their loop bodies hold no branch on the
 # tile (tile lists instead) and no inner loop; full float32's dK/dV kernel runs unpipelined on purpose
@@ -43,6 +48,7 @@ EXPECTED = {
     "sparsemax": BOUND,
     "block-mask": BOUND,
     "bisection": BOUND,
+    **{case: ROWS for case in CASES_ROWS},
 }
 
 
