@@ -528,16 +528,19 @@ def _held_sums(block, first, count, m, tau, scale, am1, inv_am1, ACC: tl.constex
                CHUNK: tl.constexpr):
     """:func:`_add_sums` over each row's ``count`` held scores (from ``block + first``)."""
     chunk = tl.arange(0, CHUNK)
-    f = tl.zeros(m.shape, ACC)
-    slope = tl.zeros(m.shape, ACC)
-    n = tl.zeros(m.shape, ACC)
-    smallest = tl.full(m.shape, float("inf"), ACC)
+    f, slope, n, smallest = _no_sums(m, ACC)
     for c0 in range(0, tl.max(count, 0), CHUNK):  # the chunks some row of the block uses
         held = tl.load(block + (first + c0 + chunk[None, :]), mask=(c0 + chunk)[None, :] < count[:, None],
                        other=NEG_INF)
         f, slope, n, smallest = _add_sums(held, _shifted(held, m, tau, scale, am1), f, slope, n, smallest,
                                           inv_am1, ACC, KIND)
     return f, slope, n, smallest
+
+
+@triton.jit
+def _no_sums(m, ACC: tl.constexpr):
+    """The sums of :func:`_add_sums` over no score, one per row of ``m``: ``f``, ``-f'``, ``|S|`` and S's smallest."""
+    return tl.zeros(m.shape, ACC), tl.zeros(m.shape, ACC), tl.zeros(m.shape, ACC), tl.full(m.shape, float("inf"), ACC)
 
 
 @triton.jit
@@ -1330,10 +1333,7 @@ def _candidates_newton(first, second, m, am1, inv_am1, tol, ACC: tl.constexpr, K
     active = ~solved
     steps = 0
     while (tl.max(active.to(tl.int32), 0) > 0) & (steps < STEPS):
-        f = tl.zeros_like(m)
-        slope = tl.zeros_like(m)
-        n = tl.zeros_like(m)
-        smallest = tl.full(m.shape, float("inf"), ACC)
+        f, slope, n, smallest = _no_sums(m, ACC)
         f, slope, n, smallest = _add_sums(first, _shifted(first, m, tau, 1.0, am1), f, slope, n, smallest, inv_am1,
                                           ACC, KIND)
         if TWO:
@@ -1421,10 +1421,7 @@ def rows_forward_kernel(
                 active = redo
                 steps = 0
                 while (tl.max(active.to(tl.int32), 0) > 0) & (steps < STEPS):
-                    f = tl.zeros_like(m)
-                    slope = tl.zeros_like(m)
-                    n = tl.zeros_like(m)
-                    smallest = tl.full(m.shape, float("inf"), ACC)
+                    f, slope, n, smallest = _no_sums(m, ACC)
                     for c0 in range(0, L, CHUNK):
                         s = _row_chunk(X, KEEP, rows, c0 + cols, R, L, s_xr, s_kr, s_kc, ACC, HAS_KEEP)
                         f, slope, n, smallest = _add_sums(s, _shifted(s, m, tau, 1.0, am1), f, slope, n, smallest,
