@@ -178,6 +178,8 @@ def test_bad_backend_requests_say_what_would_run(monkeypatch):
         entmax_rows(x, None, "entmax15", chunk=24)
     with pytest.raises(ValueError, match=r"kind must be one of .*got 'softmax'"):
         entmax_rows(x, None, "softmax")
+    with pytest.raises(ValueError, match=r"\(R, L\) keep mask or None, got \(\(4, 30\), \(4, 29\)\)"):
+        entmax_rows(x, torch.ones(4, 29, dtype=torch.bool, device=DEVICE), "entmax15")
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="backend='triton' is not possible here: .*TRITON_INTERPRET"):

@@ -20,8 +20,8 @@ STREAM = LATER | {"stream_kernel", "gather_kernel"}
 BOUND = LATER | {"bound_kernel"}
 ROWS = {"rows_forward_kernel", "rows_backward_kernel"}  # entmax_topk's Triton row kernel
 CASES_ROWS = (  # each normaliser with rows held whole and swept in chunks; element masks; the narrowest tile
-    "rows-2", "rows-1024", "rows-8192", "rows-16384", "rows-sparsemax", "rows-sparsemax-16384", "rows-bisection",
-    "rows-bisection-16384",
+    "rows-2", "rows-1000", "rows-8000", "rows-16000", "rows-sparsemax", "rows-sparsemax-16000", "rows-bisection",
+    "rows-bisection-16000",
 )
 SWEEPS = TOPK - {"tile_columns_kernel"} | {"bound_kernel"}
 # the sweeps over key (or query) tiles that must stay software-pipelined: their loop bodies hold no branch on the
