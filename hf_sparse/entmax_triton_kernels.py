@@ -1386,14 +1386,16 @@ def rows_forward_kernel(
     else:
         first = tl.full((ROWS, CHUNK), float("-inf"), ACC)
         second = first
-        dropped = tl.full((ROWS,), float("-inf"), ACC)
-        nan = tl.zeros((ROWS,), tl.int32)
+        dropped = first  # per column until the sweep ends: one row reduction each, not one per chunk
+        nan = tl.zeros((ROWS, CHUNK), tl.int32)
         for c0 in range(0, L, CHUNK):
             s = _row_chunk(X, KEEP, rows, c0 + cols, R, L, s_xr, s_kr, s_kc, ACC, HAS_KEEP)
-            nan = tl.maximum(nan, tl.max((s != s).to(tl.int32), 1))
-            dropped = tl.maximum(dropped, tl.max(tl.minimum(second, s), 1))  # what leaves its column's top two
+            nan = tl.maximum(nan, (s != s).to(tl.int32))
+            dropped = tl.maximum(dropped, tl.minimum(second, s))  # what leaves its column's top two
             second = tl.maximum(second, tl.minimum(first, s))
             first = tl.maximum(first, s)
+        dropped = tl.max(dropped, 1)
+        nan = tl.max(nan, 1)
     m = _row_maximum(tl.max(first, 1), 1.0)
     if KIND == 2:
         lower, tau, total = _candidates_bisect(first, second, m, am1, inv_am1, bracket, n_iter, not WHOLE)
@@ -1460,14 +1462,21 @@ def _row_probabilities(s, m, tau, total, am1, inv_am1, KIND: tl.constexpr, ENSUR
 
 @triton.jit
 def _row_gppr(p, two_minus_alpha, KIND: tl.constexpr):
-    """g = p^{2-α} of output probabilities (1.5: sqrt(p); sparsemax: the support indicator), 0 off the support."""
+    """g = p^{2-α} of output probabilities, 0 off the support: :func:`_gppr` with sqrt(p) as 1.5-entmax's ``d``
+    (sparsemax and general α read ``p`` there; a NaN p stays NaN for 1.5)."""
     if KIND == 0:
         return tl.sqrt(p)
-    elif KIND == 1:
-        return tl.where(p > 0, 1.0, 0.0).to(p.dtype)
-    else:
-        pos = p > 0
-        return tl.where(pos, tl.exp2(tl.log2(tl.where(pos, p, 1.0)) * two_minus_alpha), 0.0)
+    return _gppr(p, p, two_minus_alpha, KIND)
+
+
+@triton.jit
+def _backward_chunk(P, DY, rows, cols, R, L, s_pr, s_dr, two_minus_alpha, ACC: tl.constexpr, KIND: tl.constexpr):
+    """``(g, dY, ok)`` of rows ``rows`` at columns ``cols`` (0 where there is no entry): what the backward sums and
+    writes."""
+    ok = (rows[:, None] < R) & (cols[None, :] < L)
+    p = tl.load(P + rows[:, None] * s_pr + cols[None, :], mask=ok, other=0.0).to(ACC)
+    dy = tl.load(DY + rows[:, None] * s_dr + cols[None, :], mask=ok, other=0.0).to(ACC)
+    return _row_gppr(p, two_minus_alpha, KIND), dy, ok
 
 
 @triton.jit
@@ -1480,30 +1489,20 @@ def rows_backward_kernel(
     all when the row fits a chunk (``WHOLE``)."""
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # R·L may pass 2^31
     cols = tl.arange(0, CHUNK)
-    row_ok = rows[:, None] < R
-    if WHOLE:
-        ok = row_ok & (cols[None, :] < L)
-        p = tl.load(P + rows[:, None] * s_pr + cols[None, :], mask=ok, other=0.0).to(ACC)
-        dy = tl.load(DY + rows[:, None] * s_dr + cols[None, :], mask=ok, other=0.0).to(ACC)
-        g = _row_gppr(p, two_minus_alpha, KIND)
+    if WHOLE:  # one load
+        g, dy, ok = _backward_chunk(P, DY, rows, cols, R, L, s_pr, s_dr, two_minus_alpha, ACC, KIND)
         c = tl.sum(g * dy, 1) / _positive(tl.sum(g, 1))
         tl.store(DX + rows[:, None] * s_gr + cols[None, :], (g * (dy - c[:, None])).to(DX.dtype.element_ty), mask=ok)
     else:
         gdy_sum = tl.zeros((ROWS,), ACC)
         g_sum = tl.zeros((ROWS,), ACC)
         for c0 in range(0, L, CHUNK):
-            ok = row_ok & ((c0 + cols)[None, :] < L)
-            p = tl.load(P + rows[:, None] * s_pr + (c0 + cols)[None, :], mask=ok, other=0.0).to(ACC)
-            dy = tl.load(DY + rows[:, None] * s_dr + (c0 + cols)[None, :], mask=ok, other=0.0).to(ACC)
-            g = _row_gppr(p, two_minus_alpha, KIND)
+            g, dy, _ = _backward_chunk(P, DY, rows, c0 + cols, R, L, s_pr, s_dr, two_minus_alpha, ACC, KIND)
             gdy_sum += tl.sum(g * dy, 1)
             g_sum += tl.sum(g, 1)
         c = gdy_sum / _positive(g_sum)
         for c0 in range(0, L, CHUNK):
-            ok = row_ok & ((c0 + cols)[None, :] < L)
-            p = tl.load(P + rows[:, None] * s_pr + (c0 + cols)[None, :], mask=ok, other=0.0).to(ACC)
-            dy = tl.load(DY + rows[:, None] * s_dr + (c0 + cols)[None, :], mask=ok, other=0.0).to(ACC)
-            g = _row_gppr(p, two_minus_alpha, KIND)
+            g, dy, ok = _backward_chunk(P, DY, rows, c0 + cols, R, L, s_pr, s_dr, two_minus_alpha, ACC, KIND)
             tl.store(DX + rows[:, None] * s_gr + (c0 + cols)[None, :], (g * (dy - c[:, None])).to(DX.dtype.element_ty),
                      mask=ok)
 
