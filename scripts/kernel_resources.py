@@ -24,6 +24,7 @@ each normaliser, float32 (both precisions), causal masks and dropout for the GPU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -192,47 +193,45 @@ def compile_case(name: str, arch: int, report, blocks=None) -> None:
         report(row)
         return kernel
 
-    if case.rows:
-        compile_rows(case, compile_only, run)
-        return
-    q, k, v = (torch.randn(1, 2, 256, 64, dtype=case.dtype, requires_grad=True) for _ in range(3))
-    JITFunction.run = compile_only
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(case.float32_precision)
-    available = entmax_triton.unavailable_reasons
-    entmax_triton.unavailable_reasons = lambda device: []  # CPU tensors: they only give the kernels their types
-    try:
-        out = entmax_triton.entmax_attention(
-            q,
-            k,
-            v,
-            alpha=case.alpha,
-            causal=case.causal,
-            dropout=case.dropout,
-            threshold_pass=case.threshold_pass,
-            blocks=blocks,
-            block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool) if case.block_mask else None,  # 128-tiles of 256
-        )
-        out.sum().backward()  # nothing ran: the values are garbage, the launches are real
-    finally:
-        torch.set_float32_matmul_precision(precision)
-        JITFunction.run = run
-        entmax_triton.unavailable_reasons = available
+    with compiling_only(compile_only, entmax_rows_triton if case.rows else entmax_triton):
+        if case.rows:
+            kind = {1.5: "entmax15", 2.0: "sparsemax"}.get(case.alpha, "entmax_alpha")
+            x = torch.randn(4, case.rows, requires_grad=True)
+            keep = torch.ones(x.shape, dtype=torch.bool) if case.keep else None
+            entmax_rows_triton.entmax_rows(x, keep, kind, alpha=case.alpha).sum().backward()
+            return
+        q, k, v = (torch.randn(1, 2, 256, 64, dtype=case.dtype, requires_grad=True) for _ in range(3))
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(case.float32_precision)
+        try:
+            out = entmax_triton.entmax_attention(
+                q,
+                k,
+                v,
+                alpha=case.alpha,
+                causal=case.causal,
+                dropout=case.dropout,
+                threshold_pass=case.threshold_pass,
+                blocks=blocks,
+                block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool) if case.block_mask else None,  # 128-tiles of 256
+            )
+            out.sum().backward()  # nothing ran: the values are garbage, the launches are real
+        finally:
+            torch.set_float32_matmul_precision(precision)
 
 
-def compile_rows(case: Case, compile_only, run) -> None:
-    """The row kernel's forward and backward launches for float32 rows of ``case.rows`` scores."""
-    kind = {1.5: "entmax15", 2.0: "sparsemax"}.get(case.alpha, "entmax_alpha")
-    x = torch.randn(4, case.rows, requires_grad=True)
+@contextlib.contextmanager
+def compiling_only(compile_only, module):
+    """Every kernel launch compiles instead (``compile_only`` as ``JITFunction.run``), and ``module`` (the one whose
+    function the case calls) finds the kernels runnable: the CPU tensors only give the kernels their types."""
+    run, available = JITFunction.run, module.unavailable_reasons
     JITFunction.run = compile_only
-    available = entmax_rows_triton.unavailable_reasons
-    entmax_rows_triton.unavailable_reasons = lambda device: []  # CPU tensors: they only give the kernels their types
+    module.unavailable_reasons = lambda device: []
     try:
-        keep = torch.ones(x.shape, dtype=torch.bool) if case.keep else None
-        entmax_rows_triton.entmax_rows(x, keep, kind, alpha=case.alpha).sum().backward()
+        yield
     finally:
         JITFunction.run = run
-        entmax_rows_triton.unavailable_reasons = available
+        module.unavailable_reasons = available
 
 
 def main() -> None:
