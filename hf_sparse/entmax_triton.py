@@ -81,8 +81,11 @@ SM. Not yet timed on a GPU.
 
 Masks: ``causal`` (queries are the last ``Lq`` of ``Lk`` positions, as in a decoder with a cache),
 ``key_lengths`` (padding), ``block_mask`` (allowed tiles: patterns, frozen DAM block masks, Sparsefinder's
-predicted blocks; disallowed tiles are never read) and ``keep`` (an element mask read only inside allowed tiles,
-for patterns whose tiles are partly allowed). A row with no allowed key is zero, with zero gradients.
+predicted blocks; disallowed tiles are never read) and ``keep``: an element mask read only inside allowed tiles,
+for patterns whose tiles are partly allowed, or per-token codes (:class:`hf_sparse.pair_codes.PairCodes`:
+Sparsefinder's clusters, buckets and window), from which the kernels test each pair of a tile they read
+(``_code_pairs``) and which give the tiles to read themselves, with no ``Lq x Lk`` tensor. A row with no allowed
+key is zero, with zero gradients.
 
 Attention dropout (training) is drawn inside the output pass and redrawn, identically, by the backward: one Philox
 number per (batch·head, query, key) from a seed taken from torch's generator, as FlashAttention does, so no mask
@@ -107,6 +110,7 @@ import types
 import torch
 
 from .entmax_topk import ALPHA_MAX
+from .pair_codes import PairCodes  # `from .x import` form: remote code copies x
 
 __all__ = ["entmax_attention", "unavailable_reasons"]
 
@@ -270,7 +274,9 @@ def _check_inputs(q, k, v, key_lengths, block_mask, keep, mask_block):
                 f"block_mask must be a bool tensor of shape ({b} or 1, {h} or 1, {want[0]}, {want[1]}) (tiles of "
                 f"{mask_block}x{mask_block}, True = allowed), got {got}"
             )
-    if keep is not None:
+    if isinstance(keep, PairCodes):
+        keep.check(b, h, lq, lk)
+    elif keep is not None:
         if (
             not isinstance(keep, torch.Tensor)
             or keep.dtype != torch.bool
@@ -281,7 +287,8 @@ def _check_inputs(q, k, v, key_lengths, block_mask, keep, mask_block):
         ):
             got = (keep.dtype, tuple(keep.shape)) if isinstance(keep, torch.Tensor) else keep
             raise ValueError(
-                f"keep must be a bool tensor of shape ({b} or 1, {h} or 1, {lq}, {lk}) (True = allowed), got {got}"
+                f"keep must be a bool tensor of shape ({b} or 1, {h} or 1, {lq}, {lk}) (True = allowed) or "
+                f"PairCodes, got {got}"
             )
 
 
@@ -433,9 +440,15 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
     placeholder = q
     klen = key_lengths.to(device=q.device, dtype=torch.int32) if key_lengths is not None else placeholder
     bmask = block_mask.to(q.device).view(torch.uint8) if block_mask is not None else placeholder
-    keep_u8 = keep.to(q.device).view(torch.uint8) if keep is not None else placeholder
     bms = _broadcast_strides(bmask) if block_mask is not None else (0, 0, 0, 0)
-    kps = _broadcast_strides(keep_u8) if keep is not None else (0, 0, 0, 0)
+    if isinstance(keep, PairCodes):  # (B', H', W + 1, Lq + Lk): words Lq + Lk apart, the keys Lq after the queries
+        pair_data = keep.packed().to(q.device)
+        kps = (*_broadcast_strides(pair_data)[:2], pair_data.stride(2), q.shape[2])
+        pair_test = keep.pair_test()
+    else:
+        pair_data = keep.to(q.device).view(torch.uint8) if keep is not None else placeholder
+        kps = _broadcast_strides(pair_data) if keep is not None else (0, 0, 0, 0)
+        pair_test = int(keep is not None)
     bm, bn, _ = cfg["blocks"]
     p = cfg["dropout"]
     meta = dict(
@@ -450,10 +463,10 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
         CAUSAL=cfg["causal"],
         HAS_KLEN=key_lengths is not None,
         HAS_BMASK=block_mask is not None,
-        HAS_KEEP=keep is not None,
+        PAIR_TEST=pair_test,
     )
     return dict(
-        masks=(klen, bmask, keep_u8),
+        masks=(klen, bmask, pair_data),
         qk_strides=(*q.stride(), *k.stride()),
         mask_strides=(*bms, *kps),
         offset=k.shape[2] - q.shape[2],
@@ -523,7 +536,10 @@ def entmax_attention(
         block_mask: ``(B|1, H|1, ceil(Lq/mask_block), ceil(Lk/mask_block))`` bool, True = the tile may attend;
             other tiles are never read.
         keep: ``(B|1, H|1, Lq, Lk)`` bool element mask, read only inside allowed tiles (partly allowed tiles of a
-            pattern).
+            pattern); or :class:`hf_sparse.pair_codes.PairCodes`, per-token codes the kernels test each pair of a
+            tile with (Sparsefinder's clusters, buckets and window: no ``Lq x Lk`` tensor). Codes also give the
+            tiles: those that can hold an allowed pair, in tiles of the kernel's own size when ``block_mask`` is
+            not given (else in ``mask_block`` tiles, met with it).
         blocks: ``(rows, keys, candidates)`` per kernel tile, powers of two, ``rows, keys >= 16``, ``candidates <=
             keys`` and tiles dividing ``mask_block``; only the speed depends on them. Default on the GPU
             :data:`GPU_BLOCKS`, or :data:`GPU_BLOCKS_FULL_PRECISION` for full-precision float32 and float64.
@@ -568,6 +584,12 @@ def entmax_attention(
             f"blocks={blocks!r}: need powers of two (rows, keys, candidates) with rows, keys >= 16, candidates <= "
             f"keys, and rows and keys dividing mask_block={mask_block}"
         )
+    if isinstance(keep, PairCodes):  # the tiles the codes can allow a pair in; the rest are never read
+        if block_mask is None:
+            mask_block = max(bm, bn)
+            block_mask = keep.tiles(mask_block)
+        else:
+            block_mask = block_mask.to(query.device) & keep.tiles(mask_block)
     need_g = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     cfg = dict(
         alpha=float(alpha),

@@ -66,33 +66,72 @@ def _tile_allowed(
 @triton.jit
 def _scores(
     q, k, KEEP, keep_off, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF,
-    ACC: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, MASKED: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr, PAIR_TEST: tl.constexpr, MASKED: tl.constexpr,
 ):
     """Products ``q · k`` of one tile (``k``: its keys, loaded), not yet scaled (:func:`_distance` scales them),
-    -inf where the pair is not allowed (padding, causality, ``keep``). ``MASKED=False``: a tile every pair of which
-    is allowed (:func:`_unmasked_tiles`), whose products are taken as they are: the tests cost two to four
-    operations per score, against about ten for the rest of a sweep's work on it."""
+    -inf where the pair is not allowed (padding, causality, the pair test). ``MASKED=False``: a tile every pair of
+    which is allowed (:func:`_unmasked_tiles`), whose products are taken as they are: the tests cost two to four
+    operations per score, against about ten for the rest of a sweep's work on it.
+
+    ``PAIR_TEST``: 0, none; 1, the element mask ``keep`` at ``KEEP`` (uint8, strides ``s_eq``, ``s_ek``); from 2,
+    per-token codes at ``KEEP`` (:mod:`hf_sparse.pair_codes`; ``PairCodes.pair_test`` packs the match kind, the
+    number of words and the window into it), tested by :func:`_code_pairs`."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC)
     if MASKED:
-        ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < klen)
+        rows = offs_m < Lq
+        cols = offs_n < klen
+        if PAIR_TEST >= 2:  # codes: word w of every token, then the positions (negative: padding), s_eq apart
+            q_at = KEEP + keep_off + offs_m
+            k_at = KEEP + keep_off + s_ek + offs_n
+            q_pos = tl.load(q_at + (PAIR_TEST - 2) // 2 % 32 * s_eq, mask=rows, other=-1)
+            k_pos = tl.load(k_at + (PAIR_TEST - 2) // 2 % 32 * s_eq, mask=cols, other=-1)
+            rows = rows & (q_pos >= 0)  # padding is a row's or a column's test, not a pair's
+            cols = cols & (k_pos >= 0)
+        ok = rows[:, None] & cols[None, :]
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None] + OFF)
-        if HAS_KEEP:
+        if PAIR_TEST == 1:
             kept = tl.load(KEEP + keep_off + offs_m[:, None] * s_eq + offs_n[None, :] * s_ek, mask=ok, other=0)
             ok = ok & (kept != 0)
+        elif PAIR_TEST >= 2:
+            ok = ok & _code_pairs(q_at, k_at, s_eq, q_pos, k_pos, rows, cols, (PAIR_TEST - 2) % 2,
+                                  (PAIR_TEST - 2) // 2 % 32, (PAIR_TEST - 2) // 64 - 1)
         s = tl.where(ok, s, NEG_INF)
     return s
 
 
 @triton.jit
+def _code_pairs(q_at, k_at, s_word, q_pos, k_pos, rows, cols,
+                MATCH: tl.constexpr, WORDS: tl.constexpr, WINDOW: tl.constexpr):
+    """The pairs of a tile whose codes match (:mod:`hf_sparse.pair_codes`): some word matching (``MATCH`` 0: a
+    shared set bit; 1: equal) or the positions at most ``WINDOW`` apart (-1: no window). ``q_at``, ``k_at``: the
+    first word of the tile's rows and keys, the next ``s_word`` further (consecutive tokens side by side, so a
+    thread's neighbouring columns load together); ``rows``, ``cols``: which of them to load. ``WORDS`` loads of a
+    tile's rows and of its keys, and per pair about two operations a word and two for the window, against a
+    ``BM x BN`` element mask."""
+    if WINDOW >= 0:  # |q - k| <= W as one unsigned comparison: 0 <= q + W - k <= 2 W
+        hit = ((q_pos + WINDOW)[:, None] - k_pos[None, :]).to(tl.uint32, bitcast=True) <= 2 * WINDOW
+    else:
+        hit = rows[:, None] & False
+    for w in tl.static_range(WORDS):
+        a = tl.load(q_at + w * s_word, mask=rows, other=0)
+        c = tl.load(k_at + w * s_word, mask=cols, other=0)
+        if MATCH == 0:
+            hit = hit | ((a[:, None] & c[None, :]) != 0)
+        else:
+            hit = hit | (a[:, None] == c[None, :])
+    return hit
+
+
+@triton.jit
 def _unmasked_tiles(Lq, klen, start_m, OFF, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
-                    HAS_KEEP: tl.constexpr):
+                    PAIR_TEST: tl.constexpr):
     """Key tiles ``[0, n)`` hold only allowed pairs for every row of the block at ``start_m``: no padding key, no
     key after a row's causal limit, no query row past ``Lq``, no element mask. Tile lists are in key order, so the
     sweeps read these tiles first, in a loop without the tests (:func:`_scores`), then the rest with them. An
     allowed pair's ``d`` (:func:`_distance`) is the same number in either loop: a kernel may keep one loop."""
     n = _whole_tiles(klen, start_m, OFF, BN, CAUSAL)
-    if HAS_KEEP or start_m + BM > Lq:
+    if PAIR_TEST or start_m + BM > Lq:
         n = 0
     return n
 
@@ -236,7 +275,7 @@ def threshold_kernel(
     H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket,
     ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr, SORT_ABOVE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, PAIR_TEST: tl.constexpr,
 ):
     """Top-KC scores per row, tile by tile (a tile with more than ``SORT_ABOVE`` newcomers in some row is merged by
     sorting, else its newcomers are inserted one round each: :func:`_threshold_tile`), and the largest score left out
@@ -266,7 +305,7 @@ def threshold_kernel(
         start_n = _first_sweep_tile(allowed, i, BN, HAS_BMASK)
         buf, kth, rest = _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth, rest,
                                          s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, ACC, PREC, SORT_ABOVE,
-                                         BM, BN, KC, CAUSAL, HAS_KEEP)
+                                         BM, BN, KC, CAUSAL, PAIR_TEST)
     largest = tl.max(buf, 1)
     m = _row_maximum(largest, scale)
     lower, tau = _candidates_tau(buf, m, scale, am1, inv_am1, bracket, ACC, KIND, N_ITER, KC, False)
@@ -278,7 +317,7 @@ def threshold_kernel(
 def _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, buf, kth, rest,
                     s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF, ACC: tl.constexpr, PREC: tl.constexpr,
                     SORT_ABOVE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
-                    CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr):
+                    CAUSAL: tl.constexpr, PAIR_TEST: tl.constexpr):
     """One key tile of :func:`threshold_kernel`: its scores merged into each row's candidates ``buf`` (their
     smallest ``kth``, the largest score left out ``rest``), and its largest allowed score stored at ``tiles``.
 
@@ -287,7 +326,7 @@ def _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, 
     software-pipelining the key sweep (prefetching the next tile's keys while this one is merged)."""
     offs_n = start_n + cols
     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
-    left = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, HAS_KEEP,
+    left = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, PAIR_TEST,
                    True)
     best = tl.max(left, 1)
     tl.store(tiles + start_n // BN, tl.max(best, 0))
@@ -333,7 +372,7 @@ def bound_kernel(
     H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket, slack,
     ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, PAIR_TEST: tl.constexpr,
 ):
     """One sweep, one per-row reduction per tile: each row keeps, per key column ``c`` of the tiles (keys ``c``,
     ``c + BN``, ...), its two largest scores there, two elementwise maxima. Those ``2·BN`` scores are some of the
@@ -363,7 +402,7 @@ def bound_kernel(
     keys = K + b * s_kb + h * s_kh
     keep = KEEP + b * s_eb + h * s_eh
     allowed = ALLOWED + (bh * n_qb + pid_m) * n_kb
-    unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, HAS_KEEP)
+    unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, PAIR_TEST)
     n_tiles, n_unmasked = _first_sweep_tiles(BMASK, allowed, b, h, start_m, hi, unmasked, s_mb, s_mh, s_bq, s_bk,
                                              n_kb, BN, TQ, TK, HAS_BMASK)
     for part in tl.static_range(2):
@@ -371,7 +410,7 @@ def bound_kernel(
         for i in range(begin, end):
             first, second, dropped = _bound_tile(q, keys, keep, tiles, _first_sweep_tile(allowed, i, BN, HAS_BMASK),
                                                  first, second, dropped, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek,
-                                                 Lq, klen, D, OFF, ACC, PREC, BN, CAUSAL, HAS_KEEP, part == 1)
+                                                 Lq, klen, D, OFF, ACC, PREC, BN, CAUSAL, PAIR_TEST, part == 1)
     largest = tl.max(first, 1)
     m = _row_maximum(largest, scale)
     columns = tl.reshape(tl.join(first, second), (BM, 2 * BN))
@@ -386,13 +425,13 @@ def bound_kernel(
 @triton.jit
 def _bound_tile(q, keys, keep, tiles, start_n, first, second, dropped, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek,
                 Lq, klen, D, OFF, ACC: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_KEEP: tl.constexpr, MASKED: tl.constexpr):
+                PAIR_TEST: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of :func:`bound_kernel`: its products into each row's two largest per column, the one that
     leaves them (the smallest of the three, ``min(second, s)``) into the row's largest let go of, and the tile's
     largest allowed product stored at ``tiles``."""
     offs_n = start_n + cols
     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
-    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, HAS_KEEP,
+    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, PAIR_TEST,
                 MASKED)
     tl.store(tiles + start_n // BN, tl.max(tl.max(s, 1), 0))
     dropped = tl.maximum(dropped, tl.max(tl.minimum(second, s), 1))
@@ -415,7 +454,7 @@ def stream_kernel(
     ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, STEPS: tl.constexpr, SOLVE_STEPS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAP: tl.constexpr, CHUNK: tl.constexpr,
     TQ: tl.constexpr, TK: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, PAIR_TEST: tl.constexpr,
 ):
     """One sweep, no sort: each row appends every score above ``theta`` to its ``CAP`` slots of ``SCRATCH``, and its
     key's index to ``KEYS`` (ranks by a cumulative sum). ``theta`` is a lower bound of the row's threshold on the
@@ -455,7 +494,7 @@ def stream_kernel(
             offs_n = start_n + cols
             k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
             s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC,
-                        CAUSAL, HAS_KEEP, True)
+                        CAUSAL, PAIR_TEST, True)
             best = tl.max(s, 1)
             tl.store(TILEMAX + (bh * n_qb + pid_m) * n_kb + start_n // BN, tl.max(best, 0))
             take = s > theta[:, None]
@@ -737,7 +776,7 @@ def fallback_kernel(
     ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, N_ITER: tl.constexpr, BISECT: tl.constexpr,
     LEVEL: tl.constexpr, MARK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, PAIR_TEST: tl.constexpr,
 ):
     """Rows whose support outgrew the candidates: solve ``f(τ) = Σ_j [x_j - τ]₊^{1/(α-1)} = 1`` over all their
     keys, a pass over the key tiles per step. Program ``i`` solves the ``i``-th ``BM`` of the rows marked ``LEVEL``
@@ -776,7 +815,7 @@ def fallback_kernel(
         row_tiles = _row_tile_maxima(TILEMAX, bh, offs_m, Lq, n_qb, n_kb, BM)
         # whole tiles from the first (smallest) row on; an empty slot's row (q = 0) is never solved nor stored
         unmasked = _whole_tiles(klen, tl.min(offs_m, 0), OFF, BN, CAUSAL)
-        if HAS_KEEP or HAS_BMASK:  # (rows of several blocks: block-mask rows of their own)
+        if PAIR_TEST or HAS_BMASK:  # (rows of several blocks: block-mask rows of their own)
             unmasked = 0
         n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, offs_m, Lq, n_qb,
                                                n_kb, scale, am1, slack, unmasked, 2 if BISECT else 0, False, True,
@@ -794,7 +833,7 @@ def fallback_kernel(
                 for i in range(0, n_tiles):  # (α > 2, rare: every tile masked, one loop)
                     start_n = tl.load(tiles + i) * BN
                     s = _marked_scores(q, keys, keep, row_tiles, start_n, offs_m, offs_d, cols, s_kn, s_kd, s_eq,
-                                       s_ek, Lq, klen, D, OFF, ACC, PREC, BN, CAUSAL, HAS_BMASK, HAS_KEEP, True)
+                                       s_ek, Lq, klen, D, OFF, ACC, PREC, BN, CAUSAL, HAS_BMASK, PAIR_TEST, True)
                     total += tl.sum(_unnormalised(_shifted(s, m, tau, scale, am1), inv_am1, KIND), 1)
                 lo = tl.where(total >= 1, tau, lo)
         else:
@@ -806,7 +845,7 @@ def fallback_kernel(
                 f, slope, n, smallest = _sweep_sums(q, keys, keep, tiles, row_tiles, n_unmasked, n_tiles, m, tau,
                                                     offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF,
                                                     scale, am1, inv_am1, ACC, PREC, KIND, BM, BN, CAUSAL, HAS_BMASK,
-                                                    HAS_KEEP)
+                                                    PAIR_TEST)
                 tau, active, solved = _newton_step(f, slope, n, smallest, m, tau, active, solved, scale, am1, tol,
                                                    KIND)
                 steps += 1
@@ -817,7 +856,7 @@ def fallback_kernel(
                 f, slope, n, smallest = _sweep_sums(q, keys, keep, tiles, row_tiles, n_unmasked, n_tiles, m, tau,
                                                     offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF,
                                                     scale, am1, inv_am1, ACC, PREC, KIND, BM, BN, CAUSAL, HAS_BMASK,
-                                                    HAS_KEEP)
+                                                    PAIR_TEST)
                 tau = tl.where(solved, tau, _closed_form(f, slope, n, tau, KIND))
         tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
 
@@ -826,7 +865,7 @@ def fallback_kernel(
 def _sweep_sums(q, keys, keep, tiles, row_tiles, n_unmasked, n_tiles, m, tau, offs_m, offs_d, cols, s_kn, s_kd, s_eq,
                 s_ek, Lq, klen, D, OFF, scale, am1, inv_am1, ACC: tl.constexpr, PREC: tl.constexpr,
                 KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr):
+                HAS_BMASK: tl.constexpr, PAIR_TEST: tl.constexpr):
     """One sweep of the fallback over its list of key tiles (``tiles``, the first ``n_unmasked`` of them without
     masking): each row's :func:`_add_sums` at ``tau``."""
     f = tl.zeros((BM,), ACC)
@@ -837,7 +876,7 @@ def _sweep_sums(q, keys, keep, tiles, row_tiles, n_unmasked, n_tiles, m, tau, of
         begin, end = _tile_range(n_unmasked, n_tiles, part)
         for i in range(begin, end):
             s = _marked_scores(q, keys, keep, row_tiles, tl.load(tiles + i) * BN, offs_m, offs_d, cols, s_kn, s_kd,
-                               s_eq, s_ek, Lq, klen, D, OFF, ACC, PREC, BN, CAUSAL, HAS_BMASK, HAS_KEEP, part == 1)
+                               s_eq, s_ek, Lq, klen, D, OFF, ACC, PREC, BN, CAUSAL, HAS_BMASK, PAIR_TEST, part == 1)
             f, slope, n, smallest = _add_sums(s, _shifted(s, m, tau, scale, am1), f, slope, n, smallest, inv_am1,
                                               ACC, KIND)
     return f, slope, n, smallest
@@ -846,13 +885,13 @@ def _sweep_sums(q, keys, keep, tiles, row_tiles, n_unmasked, n_tiles, m, tau, of
 @triton.jit
 def _marked_scores(q, keys, keep, row_tiles, start_n, offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF,
                    ACC: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
-                   HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr, MASKED: tl.constexpr):
+                   HAS_BMASK: tl.constexpr, PAIR_TEST: tl.constexpr, MASKED: tl.constexpr):
     """:func:`_scores` of one key tile for the fallback's rows (:func:`_marked_rows`). They may come from several
     query blocks, whose block-mask rows differ: under a block mask a row's scores in a tile its own block never
     read (tile maximum -inf, at ``row_tiles``) are masked too."""
     offs_n = start_n + cols
     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
-    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, HAS_KEEP, MASKED)
+    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, PAIR_TEST, MASKED)
     if HAS_BMASK:
         s = tl.where(tl.load(row_tiles + start_n // BN)[:, None] > NEG_INF, s, NEG_INF)
     return s
@@ -986,7 +1025,7 @@ def forward_kernel(
     ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, NEED_G: tl.constexpr, DROPOUT: tl.constexpr,
     ONLY_FAILED: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, PAIR_TEST: tl.constexpr,
 ):
     """O = Σ p v flash-style (with ``ONLY_FAILED``, for the rows marked in ``FAIL`` only: the streaming pass's
     :func:`gather_kernel` writes the others; blocks without one sweep no key). With ``NEED_G`` also Σ g̃ v and Σ g̃
@@ -1019,7 +1058,7 @@ def forward_kernel(
     values = V + b * s_vb + h * s_vh
     keep = KEEP + b * s_eb + h * s_eh
     tiles = TILES + (bh * n_qb + pid_m) * n_kb
-    unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, HAS_KEEP)
+    unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, PAIR_TEST)
     n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, offs_m, Lq, n_qb, n_kb,
                                            scale, am1, 0.0, unmasked, 1 if ONLY_FAILED else 0, False, False, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
@@ -1033,7 +1072,7 @@ def forward_kernel(
             acc, lsum, gacc, gsum = _output_tile(
                 q, keys, values, keep, tl.load(tiles + i) * BN, m, tau, acc, lsum, gacc, gsum, SEED, bh, offs_m,
                 offs_d, offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1,
-                inv_am1, two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, NEED_G, DROPOUT, CAUSAL, HAS_KEEP,
+                inv_am1, two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, NEED_G, DROPOUT, CAUSAL, PAIR_TEST,
                 part == 1,
             )
     _store_output(OUT, LSUM, G, GSUM, acc, lsum, gacc, gsum, b, h, bh, offs_m, offs_dv, row_ok,
@@ -1044,13 +1083,13 @@ def forward_kernel(
 def _output_tile(q, keys, values, keep, start_n, m, tau, acc, lsum, gacc, gsum, SEED, bh, offs_m, offs_d, offs_dv,
                  cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1, inv_am1,
                  two_minus_alpha, dropout_p, drop_scale, ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr,
-                 NEED_G: tl.constexpr, DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr,
+                 NEED_G: tl.constexpr, DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, PAIR_TEST: tl.constexpr,
                  MASKED: tl.constexpr):
     """One key tile of :func:`forward_kernel`. ``Σ p̃`` only for general α, whose output it normalises (the closed
     forms' rows sum to 1)."""
     offs_n = start_n + cols
     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
-    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, HAS_KEEP, MASKED)
+    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, PAIR_TEST, MASKED)
     p, pv, g, gv = _output_weights(_shifted(s, m, tau, scale, am1), SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk,
                                    inv_am1, two_minus_alpha, dropout_p, drop_scale, KIND, NEED_G, DROPOUT)
     v = _load_rows(values, 0, s_vn, s_vd, offs_n, offs_dv, klen, DV)
@@ -1173,7 +1212,7 @@ def backward_dq_kernel(
     H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
     ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, PAIR_TEST: tl.constexpr,
 ):
     """dQ = scale · Σ_j dS_ij k_j for one block of queries, over its list of key tiles, which it first writes
     (:func:`_write_tile_list`), with the block's row of the dense map ``NEED`` that :func:`tile_columns_kernel`
@@ -1200,7 +1239,7 @@ def backward_dq_kernel(
     values = V + b * s_vb + h * s_vh
     keep = KEEP + b * s_eb + h * s_eh
     tiles = TILES + (bh * n_qb + pid_m) * n_kb
-    unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, HAS_KEEP)
+    unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, PAIR_TEST)
     n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, TAU, NEED, TILES, bh, pid_m, offs_m, Lq, n_qb, n_kb,
                                            scale, am1, 0.0, unmasked, 0, True, False, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
@@ -1210,7 +1249,7 @@ def backward_dq_kernel(
             dq = _dq_tile(q, do, keys, values, keep, tl.load(tiles + i) * BN, m, tau, lsum, c, dq, SEED, bh, offs_m,
                           offs_d, offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale,
                           am1, inv_am1, two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, DROPOUT, CAUSAL,
-                          HAS_KEEP, part == 1)
+                          PAIR_TEST, part == 1)
     tl.store(
         DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
         (dq * scale).to(DQ.dtype.element_ty),
@@ -1222,11 +1261,11 @@ def backward_dq_kernel(
 def _dq_tile(q, do, keys, values, keep, start_n, m, tau, lsum, c, dq, SEED, bh, offs_m, offs_d, offs_dv, cols, s_kn,
              s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1, inv_am1, two_minus_alpha, dropout_p,
              drop_scale, ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, DROPOUT: tl.constexpr,
-             CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, MASKED: tl.constexpr):
+             CAUSAL: tl.constexpr, PAIR_TEST: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of :func:`backward_dq_kernel`: ``Σ_j dS_ij k_j`` over it, added to ``dq``."""
     offs_n = start_n + cols
     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
-    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, HAS_KEEP, MASKED)
+    s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, PAIR_TEST, MASKED)
     p, g = _probabilities(s, m, tau, lsum, scale, am1, inv_am1, two_minus_alpha, KIND)
     v = _load_rows(values, 0, s_vn, s_vd, offs_n, offs_dv, klen, DV)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
@@ -1254,7 +1293,7 @@ def backward_dkdv_kernel(
     H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
     ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, PAIR_TEST: tl.constexpr,
 ):
     """dK = scale · Σ_i dS_ij q_i and dV = Σ_i p_ij dO_i (p after dropout) for one block of keys, over the query
     blocks that read it (:func:`tile_columns_kernel`) (dK, dV share k's, v's strides)."""
@@ -1283,7 +1322,7 @@ def backward_dkdv_kernel(
         lsum = _normaliser(LSUM, bh, Lq, offs_m, row_ok, KIND)
         c = tl.load(C + bh * Lq + offs_m, mask=row_ok, other=0.0)
         s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL,
-                    HAS_KEEP, True)
+                    PAIR_TEST, True)
         p, g = _probabilities(s, m, tau, lsum, scale, am1, inv_am1, two_minus_alpha, KIND)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
         if DROPOUT:

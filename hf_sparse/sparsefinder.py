@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ from .attention import FUSED_ALPHA, AttentionMask, attend, normalize
 from .block_maps import cached_block_map
 from .checks import check_settings_dict
 from .entmax_triton import entmax_attention
+from .pair_codes import MAX_WORDS, PairCodes
 from .patterns import hash_uniform, rows_mask
 
 METHODS = ("distance", "quantization", "clustering", "window", "lsh", "routing", "bigbird")
@@ -523,6 +525,49 @@ class Prediction:
         return pred.expand(self.batch, self.heads, c, lk)
 
 
+    def codes(self) -> PairCodes | None:
+        """The same pairs as :meth:`rows` (without a pattern) as per-token codes the fused kernel tests inside its
+        tiles (:class:`hf_sparse.pair_codes.PairCodes`), or ``None`` where a pair is not decided by its two tokens
+        alone: ``distance`` (a threshold on a float product, or each query's ``top_k``) and ``bigbird`` (each query's
+        random keys), or more code words than the kernels take.
+
+        Clusters (``clustering``, ``routing``) become membership bits, buckets (``quantization``: one word per
+        projected dimension; ``lsh``: one per hashing round) words compared for equality; padding and the query
+        offset become positions, which also carry the window. Causality is the kernel's (its ``causal``)."""
+        method, cfg = self.method, self.cfg
+        if method in ("clustering", "routing"):
+            q_members, k_members = self.features
+            queries, keys, match = _membership_words(q_members), _membership_words(k_members), "bits"
+        elif method == "quantization":
+            (queries, keys), match = self.features, "equal"
+        elif method == "lsh":
+            q_buckets, k_buckets = self.features
+            queries, keys, match = q_buckets.transpose(-1, -2), k_buckets.transpose(-1, -2), "equal"
+        elif method == "window":
+            queries = torch.zeros(1, 1, self.num_queries, 0, dtype=torch.int32, device=self.device)
+            keys, match = queries.new_zeros(1, 1, self.num_keys, 0), "equal"
+        else:
+            return None
+        if queries.shape[-1] > MAX_WORDS:
+            return None
+        qpos, kpos = _positions(self.num_queries, self.num_keys, self.query_offset, self.device)
+        qpos, kpos = qpos.view(1, -1), kpos.view(1, -1)
+        if self.valid_queries is not None:
+            qpos = torch.where(self.valid_queries.to(device=self.device, dtype=torch.bool), qpos, -1)
+        if self.valid_keys is not None:
+            kpos = torch.where(self.valid_keys.to(device=self.device, dtype=torch.bool), kpos, -1)
+        return PairCodes(queries, keys, match=match, window=cfg["window"], query_positions=qpos, key_positions=kpos)
+
+
+def _membership_words(members: torch.Tensor) -> torch.Tensor:
+    """bool ``(B, H, L, C)`` memberships → int64 ``(B, H, L, ceil(C / 32))`` words, bit ``c % 32`` of word
+    ``c // 32`` for cluster ``c``."""
+    c = members.shape[-1]
+    words = math.ceil(c / 32)
+    bits = nn.functional.pad(members.to(torch.int64), (0, words * 32 - c)).view(*members.shape[:-1], words, 32)
+    return (bits << torch.arange(32, device=members.device)).sum(-1)
+
+
 def predict_pairs(
     layer_state: SparsefinderLayer,
     q: torch.Tensor,
@@ -570,7 +615,7 @@ def _kept_keys(pairs: torch.Tensor, counts: torch.Tensor, most: int) -> tuple[to
     return index.view(*counts.shape, most), keep.view(*counts.shape, most)
 
 
-def _pair_rows(
+def _prediction(
     predictor: SparsefinderLayer,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -580,18 +625,26 @@ def _pair_rows(
     valid_queries: torch.Tensor | None,
     causal: bool,
     query_offset: int | torch.Tensor,
+) -> Prediction:
+    """The layer's :class:`Prediction` for this forward, refusing a predictor that was never fitted (``where``
+    names the layer)."""
+    if not predictor.is_fitted():
+        raise ValueError(
+            f"sparsefinder.enabled is set but the predictor of {where} is not fitted: run "
+            "hf_sparse.sparsefinder_fit.fit(model, dataloader) first, or load a checkpoint saved after fitting"
+        )
+    return Prediction(predictor, query, key, settings, valid_keys, causal, query_offset, valid_queries)
+
+
+def _pair_rows(
+    prediction: Prediction,
+    settings: dict,
     pattern_rows: Callable[[int, int], torch.Tensor] | None,
     allowed: torch.Tensor | None,
 ) -> Callable[[int, int], torch.Tensor]:
     """``rows(start, stop)``: the pairs predicted-sparse attention attends to for queries ``start:stop``, bool
     ``(B, H, stop - start, Lk)``: the prediction met with the pattern as ``combine`` says, then ``allowed``. The one
     definition both executions (:func:`attend_predicted`, :func:`attend_predicted_fused`) run on."""
-    if not predictor.is_fitted():
-        raise ValueError(
-            f"sparsefinder.enabled is set but the predictor of {where} is not fitted: run "
-            "hf_sparse.sparsefinder_fit.fit(model, dataloader) first, or load a checkpoint saved after fitting"
-        )
-    prediction = Prediction(predictor, query, key, settings, valid_keys, causal, query_offset, valid_queries)
     union = resolve_config(settings)["combine"] == "union"
 
     def rows(start: int, stop: int) -> torch.Tensor:
@@ -641,9 +694,8 @@ def attend_predicted(
     """
     b, h, lq, _ = query.shape
     lk = key.shape[2]
-    rows_of = _pair_rows(
-        predictor, query, key, settings, where, valid_keys, valid_queries, causal, query_offset, pattern_rows, allowed
-    )
+    prediction = _prediction(predictor, query, key, settings, where, valid_keys, valid_queries, causal, query_offset)
+    rows_of = _pair_rows(prediction, settings, pattern_rows, allowed)
     blocks = range(0, lq, QUERY_BLOCK)
 
     def pairs_of(start: int) -> torch.Tensor:
@@ -732,6 +784,21 @@ def _predicted_tiles(
     return tiles, padded[:, :, :c, :num_keys]
 
 
+def _fused_codes(
+    prediction: Prediction, pattern_rows: Callable[[int, int], torch.Tensor] | None, allowed: torch.Tensor | None
+) -> PairCodes | None:
+    """The prediction's pairs as codes (:meth:`Prediction.codes`) with ``allowed`` folded into the key positions,
+    or ``None`` where codes cannot say them: a pattern to meet, or ``allowed`` more than a mask of keys shared by
+    every head and query (``(B|1, 1, 1, Lk)``)."""
+    if pattern_rows is not None or (allowed is not None and allowed.shape[1:3] != (1, 1)):
+        return None
+    codes = prediction.codes()
+    if codes is None or allowed is None:
+        return codes
+    keys_allowed = allowed[:, 0, 0].to(device=prediction.device, dtype=torch.bool)
+    return replace(codes, key_positions=torch.where(keys_allowed, codes.key_positions, -1))
+
+
 def attend_predicted_fused(
     predictor: SparsefinderLayer,
     query: torch.Tensor,
@@ -761,10 +828,17 @@ def attend_predicted_fused(
     :func:`attend_predicted`, nothing decides on the host: no gather sizes are read from the device, so on CUDA the
     whole layer is launched without a sync. Differentiable in ``query``, ``key`` and ``value``.
 
-    Cost: the predictors give pairs, not tiles, so the element mask is ``B·H·Lq·Lk`` bytes; it is built for at most
-    :data:`FUSED_PAIRS_PER_CALL` pairs at a time (query chunks of whole tiles, one kernel call each), so e.g.
-    ``B=1, H=12, L=8192`` takes 7 calls of 1344 queries with a 126 MiB mask each. Causal chunks pass only the keys
-    up to their last query (and ``causal=True``), so the kernel never loops over the keys above the diagonal.
+    Per-token codes, where the pairs allow them (:meth:`Prediction.codes`: ``clustering``, ``routing``,
+    ``quantization``, ``lsh``, ``window``; no pattern to meet, and ``allowed`` at most a mask of keys, as in a
+    decoding step; causal only with an ``int`` offset): the kernel tests each pair of a tile from the tokens'
+    codes and reads only the tiles whose code unions meet (:class:`hf_sparse.pair_codes.PairCodes`), in one call,
+    with ``O(L)`` integers instead of any ``Lq x Lk`` tensor; ``mask_block`` is then the kernel's own tile.
+
+    Otherwise (``distance``, ``bigbird``, a pattern, a full ``allowed``), an element mask: the predictors give
+    pairs, not tiles, so it is ``B·H·Lq·Lk`` bytes, built for at most :data:`FUSED_PAIRS_PER_CALL` pairs at a time
+    (query chunks of whole tiles, one kernel call each), so e.g. ``B=1, H=12, L=8192`` takes 7 calls of 1344
+    queries with a 126 MiB mask each. Causal chunks pass only the keys up to their last query (and
+    ``causal=True``), so the kernel never loops over the keys above the diagonal.
     """
     if attention_fn not in FUSED_ALPHA and attention_fn != "entmax_bisect":
         raise ValueError(
@@ -774,9 +848,18 @@ def attend_predicted_fused(
     mask_block = FUSED_MASK_BLOCK if mask_block is None else mask_block
     b, h, lq, _ = query.shape
     lk = key.shape[2]
-    rows_of = _pair_rows(
-        predictor, query, key, settings, where, valid_keys, valid_queries, causal, query_offset, pattern_rows, allowed
-    )
+    alpha = FUSED_ALPHA.get(attention_fn, alpha)
+    prediction = _prediction(predictor, query, key, settings, where, valid_keys, valid_queries, causal, query_offset)
+    codes = _fused_codes(prediction, pattern_rows, allowed)
+    tail = causal and isinstance(query_offset, int) and query_offset + lq <= lk
+    if codes is not None and (tail or not causal):
+        num_keys = query_offset + lq if tail else lk  # causal: the queries are the last of these keys
+        codes = replace(codes, keys=codes.keys[:, :, :num_keys], key_positions=codes.key_positions[:, :num_keys])
+        out = entmax_attention(
+            query, key[:, :, :num_keys], value[:, :, :num_keys], alpha=alpha, scaling=scaling, causal=tail, keep=codes
+        )
+        return out.transpose(1, 2).contiguous()
+    rows_of = _pair_rows(prediction, settings, pattern_rows, allowed)
     chunk = max(1, FUSED_PAIRS_PER_CALL // max(1, b * h * lk * mask_block)) * mask_block
     outs = []
     for start in range(0, lq, chunk):
@@ -791,7 +874,7 @@ def attend_predicted_fused(
                 query[:, :, start:stop],
                 key[:, :, :num_keys],
                 value[:, :, :num_keys],
-                alpha=FUSED_ALPHA.get(attention_fn, alpha),
+                alpha=alpha,
                 scaling=scaling,
                 causal=tail,
                 block_mask=tiles,

@@ -30,6 +30,7 @@ from hf_sparse import (  # noqa: E402
     SparseBertForMaskedLM,
     sparsefinder,
 )
+from hf_sparse.pair_codes import PairCodes  # noqa: E402
 from hf_sparse.patterns import dense_mask, parse  # noqa: E402
 from hf_sparse.sparsefinder import (  # noqa: E402
     PREDICTED_FUSED,
@@ -191,12 +192,13 @@ def test_chunked_causal_calls_equal_one_call(monkeypatch):
     torch.testing.assert_close(chunked, whole, atol=1e-13, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["distance", "quantization", "bigbird"])
+@pytest.mark.parametrize("method", ["distance", "quantization", "bigbird", "lsh"])
 def test_building_the_kernel_masks_reads_nothing_back_from_the_device(monkeypatch, method):
-    """What the fused execution does besides the kernel (prediction, tiles, element mask) never asks the device
-    for a value, so on CUDA it queues without a sync. Here every way a tensor reaches Python raises."""
+    """What the fused execution does besides the kernel (prediction, tiles, element mask or codes, their packing
+    for the kernel) never asks the device for a value, so on CUDA it queues without a sync. Here every way a tensor
+    reaches Python raises."""
     b, h, lk, d = 2, 2, 40, 16
-    layer, settings = fitted_layer(h, d, method=method, num_buckets=3, random_keys=2)
+    layer, settings = fitted_layer(h, d, method=method, num_buckets=4 if method == "lsh" else 3, random_keys=2)
     layer.is_fitted()  # read once per value of the buffer (on loading), not per forward
     q, k, v = qkv(b, h, lk, lk, d)
     valid = torch.ones(b, lk, dtype=torch.bool, device=DEVICE)
@@ -224,11 +226,19 @@ def test_building_the_kernel_masks_reads_nothing_back_from_the_device(monkeypatc
         valid_queries=valid,
         mask_block=TILE,
     )
-    monkeypatch.undo()
     (kw,) = seen
+    keep = kw["keep"]
+    if isinstance(keep, PairCodes):  # what entmax_attention makes of the codes
+        tiles, _ = keep.tiles(TILE), keep.packed()
+    monkeypatch.undo()
     want = predict_pairs(layer, q, k, settings, valid, False, 0, valid)
-    assert torch.equal(kw["keep"], want)
-    assert torch.equal(kw["block_mask"], tiles_of(want))
+    if method in ("quantization", "lsh"):  # decided per token: codes, tested inside the kernel
+        assert isinstance(keep, PairCodes) and "block_mask" not in kw
+        assert torch.equal(keep.pairs().expand_as(want), want)
+        assert torch.equal(tiles.expand_as(tiles_of(want)), tiles_of(want))
+    else:
+        assert torch.equal(keep, want)
+        assert torch.equal(kw["block_mask"], tiles_of(want))
 
 
 def test_cuda_predicted_attention_runs_without_a_host_sync():

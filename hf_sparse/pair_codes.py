@@ -1,0 +1,219 @@
+"""Allowed (query, key) pairs given by per-token codes, which the fused kernel compares inside its tiles.
+
+Sparsefinder's predictors decide a pair from two small per-token summaries: the clusters a query and a key belong
+to (``clustering``, ``routing``), their buckets per projected dimension (``quantization``) or per hash round
+(``lsh``), and their distance in positions (the window every method adds). Written out as an element mask that is
+``B·H·Lq·Lk`` bytes, built and then read tile by tile: on an H200 the fused kernel on such a mask was 3-5 times
+slower than on every pair (``benchmarks/gpu.md``, "Sparsefinder's predicted pairs"). :class:`PairCodes` hands the
+kernel the summaries instead, ``O((Lq + Lk)·W)`` integers, and the kernel tests each pair of a tile it reads from
+them (:func:`hf_sparse.entmax_triton_kernels._code_pairs`); the tiles that can hold a pair come from per-tile
+unions of the same summaries (:meth:`PairCodes.tiles`), so nothing of size ``Lq x Lk`` exists.
+
+A pair ``(i, j)`` is allowed when both tokens are real (position ``>= 0``) and
+
+* some word ``w`` of the codes matches: ``queries[i, w] & keys[j, w] != 0`` (``match="bits"``: membership sets,
+  one bit per cluster) or ``queries[i, w] == keys[j, w]`` (``match="equal"``: bucket ids), or
+* ``|query_position[i] - key_position[j]| <= window``.
+
+Causality, key lengths and block masks of :func:`hf_sparse.entmax_triton.entmax_attention` apply on top, as for an
+element mask. :meth:`PairCodes.pairs` writes the same rule out densely, for tests and small inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MATCHES = ("bits", "equal")
+# The kernels read at most this many code words per token (one compile-time loop; the kernel's pair test packs the
+# count with the match kind and the window into one compile-time integer, see PairCodes.pair_test).
+MAX_WORDS = 31
+# Per-tile unions of "equal" codes are sets over code % EQUAL_SET_BINS: a superset of the tile's pairs when codes
+# collide, exact for codes below it (quantization's and LSH's buckets usually are); "bits" codes use their 32 bits.
+EQUAL_SET_BINS = 256
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensors do not compare to one bool
+class PairCodes:
+    """Per-token codes of the allowed pairs (module docstring).
+
+    Attributes:
+        queries: ``(B|1, H|1, Lq, W)`` integer codes of the queries (int32 range; ``W <=`` :data:`MAX_WORDS`,
+            ``W = 0`` for a window alone).
+        keys: ``(B|1, H|1, Lk, W)`` codes of the keys.
+        match: ``"bits"`` or ``"equal"`` (how two words match).
+        window: also allow ``|query_position - key_position| <= window`` (``None``: no window).
+        query_positions: ``(B|1, Lq)`` integer absolute positions of the queries, negative for padding (a query
+            with no pair: its output is zero). Default: the last ``Lq`` of ``Lk`` positions, as the kernel's
+            ``causal`` places them.
+        key_positions: ``(B|1, Lk)``, negative for padding keys. Default ``0 .. Lk - 1``.
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    match: str = "bits"
+    window: int | None = None
+    query_positions: torch.Tensor | None = None
+    key_positions: torch.Tensor | None = None
+
+    def check(self, batch: int, heads: int, num_queries: int, num_keys: int) -> None:
+        """Raises ``ValueError`` naming what does not fit attention of this shape."""
+        if self.match not in MATCHES:
+            raise ValueError(f"PairCodes.match must be one of {', '.join(MATCHES)}, got {self.match!r}")
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 0):
+            raise ValueError(f"PairCodes.window must be None or a whole number >= 0, got {self.window!r}")
+        for name, codes, length in (("queries", self.queries, num_queries), ("keys", self.keys, num_keys)):
+            if (
+                not isinstance(codes, torch.Tensor)
+                or codes.dim() != 4
+                or codes.dtype.is_floating_point
+                or codes.dtype == torch.bool
+                or codes.shape[0] not in (1, batch)
+                or codes.shape[1] not in (1, heads)
+                or codes.shape[2] != length
+            ):
+                got = (codes.dtype, tuple(codes.shape)) if isinstance(codes, torch.Tensor) else codes
+                raise ValueError(
+                    f"PairCodes.{name} must be an integer tensor of shape ({batch} or 1, {heads} or 1, {length}, "
+                    f"words), got {got}"
+                )
+        if self.queries.shape[3] != self.keys.shape[3] or self.queries.shape[3] > MAX_WORDS:
+            raise ValueError(
+                f"PairCodes.queries and keys must have the same number of code words, at most {MAX_WORDS}, got "
+                f"{self.queries.shape[3]} and {self.keys.shape[3]}"
+            )
+        for name, positions, length in (
+            ("query_positions", self.query_positions, num_queries),
+            ("key_positions", self.key_positions, num_keys),
+        ):
+            if positions is not None and (
+                not isinstance(positions, torch.Tensor)
+                or positions.dim() != 2
+                or positions.dtype.is_floating_point
+                or positions.shape[0] not in (1, batch)
+                or positions.shape[1] != length
+            ):
+                got = (positions.dtype, tuple(positions.shape)) if isinstance(positions, torch.Tensor) else positions
+                raise ValueError(
+                    f"PairCodes.{name} must be an integer tensor of shape ({batch} or 1, {length}) (negative: "
+                    f"padding), got {got}"
+                )
+
+    @property
+    def words(self) -> int:
+        return self.queries.shape[3]
+
+    def pair_test(self) -> int:
+        """The kernels' compile-time ``PAIR_TEST`` for these codes: ``2 + MATCH + 2·WORDS + 64·(WINDOW + 1)``
+        (``MATCH`` 0 for bits, 1 for equal; ``WINDOW`` -1 for none). 0 and 1 are the kernels' other tests (none;
+        an element mask). One integer, so that every helper of the kernels that tests pairs takes one argument."""
+        window = -1 if self.window is None else self.window
+        return 2 + MATCHES.index(self.match) + 2 * self.words + 64 * (window + 1)
+
+    def _positions(self, num_queries: int, num_keys: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query and key positions, ``(B|1, Lq)`` and ``(B|1, Lk)`` int64, padding as -1."""
+        q = self.query_positions
+        if q is None:
+            q = torch.arange(num_keys - num_queries, num_keys, device=device)[None]
+        k = self.key_positions if self.key_positions is not None else torch.arange(num_keys, device=device)[None]
+        return tuple(p.to(device=device, dtype=torch.int64).clamp_min(-1) for p in (q, k))
+
+    def packed(self) -> torch.Tensor:
+        """int32 ``(B', H', W + 1, Lq + Lk)``, as the kernels read them: word ``w`` of every query then of every
+        key (consecutive tokens side by side: a thread's neighbouring key columns load together), then the
+        positions."""
+        lq, lk, device = self.queries.shape[2], self.keys.shape[2], self.queries.device
+        qpos, kpos = self._positions(lq, lk, device)
+        b = max(self.queries.shape[0], self.keys.shape[0], qpos.shape[0], kpos.shape[0])
+        h = max(self.queries.shape[1], self.keys.shape[1])
+        rows = []
+        for codes, pos in ((self.queries, qpos), (self.keys, kpos)):
+            codes = codes.to(device).expand(b, h, -1, -1).to(torch.int64)
+            pos = pos[:, None, :, None].expand(b, h, -1, 1)
+            rows.append(torch.cat([_as_int32(codes), pos.to(torch.int32)], dim=-1))
+        return torch.cat(rows, dim=2).transpose(2, 3).contiguous()
+
+    def pairs(self) -> torch.Tensor:
+        """The allowed pairs written out, bool ``(B', H', Lq, Lk)`` (the same rule as the kernels; for tests and
+        small inputs)."""
+        lq, lk, device = self.queries.shape[2], self.keys.shape[2], self.queries.device
+        qpos, kpos = self._positions(lq, lk, device)
+        q = _as_int32(self.queries.to(torch.int64))[..., :, None, :]
+        k = _as_int32(self.keys.to(device=device, dtype=torch.int64))[..., None, :, :]
+        hit = ((q & k) != 0) if self.match == "bits" else (q == k)
+        hit = hit.any(-1)
+        if self.window is not None:
+            hit = hit | ((qpos[:, None, :, None] - kpos[:, None, None, :]).abs() <= self.window)
+        return hit & (qpos[:, None, :, None] >= 0) & (kpos[:, None, None, :] >= 0)
+
+    @torch.no_grad()
+    def tiles(self, mask_block: int) -> torch.Tensor:
+        """bool ``(B', H', ceil(Lq / mask_block), ceil(Lk / mask_block))``: the tiles that can hold an allowed pair
+        (a superset: every tile holding one is True), from per-tile unions, without any ``Lq x Lk`` tensor and
+        without reading the device.
+
+        A tile's code sets are the union of its real tokens' (bits: the set bits of each word; equal: each word's
+        code modulo :data:`EQUAL_SET_BINS`); two tiles share a code when their sets intersect (a product of the
+        0/1 set indicators). The window holds where the tiles' real positions come within ``window`` of each other
+        (their spans, ``min`` to ``max``)."""
+        lq, lk, device = self.queries.shape[2], self.keys.shape[2], self.queries.device
+        qpos, kpos = self._positions(lq, lk, device)
+        b = max(self.queries.shape[0], self.keys.shape[0], qpos.shape[0], kpos.shape[0])
+        h = max(self.queries.shape[1], self.keys.shape[1])
+        n_q, n_k = math.ceil(lq / mask_block), math.ceil(lk / mask_block)
+        tiles = torch.zeros(b, h, n_q, n_k, dtype=torch.bool, device=device)
+        if self.words:
+            q_sets = self._tile_sets(self.queries, qpos, mask_block)
+            k_sets = self._tile_sets(self.keys.to(device), kpos, mask_block)
+            tiles = tiles | (torch.matmul(q_sets, k_sets.transpose(-1, -2)) > 0)
+        if self.window is not None:
+            q_low, q_high = _tile_spans(qpos, mask_block)  # (B|1, n_q)
+            k_low, k_high = _tile_spans(kpos, mask_block)
+            near = (q_low[:, :, None] - k_high[:, None, :] <= self.window) & (
+                k_low[:, None, :] - q_high[:, :, None] <= self.window
+            )
+            tiles = tiles | near[:, None]
+        return tiles
+
+    def _tile_sets(self, codes: torch.Tensor, positions: torch.Tensor, mask_block: int) -> torch.Tensor:
+        """float ``(B', H', ceil(L / mask_block), S)``: 0/1 indicators of the union of each tile's real tokens' code
+        sets (see :meth:`tiles`), written per tile directly (no ``L x S`` one-hot of an ``equal`` code)."""
+        words = _as_int32(codes.to(torch.int64)).to(torch.int64)
+        real = (positions >= 0)[:, None, :, None].to(torch.float32)  # (B|1, 1, L, 1)
+        length = words.shape[2]
+        n = math.ceil(length / mask_block)
+        if self.match == "bits":
+            bits = (words[..., None] >> torch.arange(32, device=words.device)) & 1  # bit 31 of a negative word too
+            sets = nn.functional.pad(bits.flatten(-2) * real, (0, 0, 0, n * mask_block - length))
+            return sets.view(*sets.shape[:2], n, mask_block, sets.shape[-1]).amax(3)
+        b, h = max(words.shape[0], real.shape[0]), words.shape[1]
+        size = words.shape[3] * EQUAL_SET_BINS  # S: a block of bins per word
+        tile = (torch.arange(length, device=words.device) // mask_block)[:, None]
+        word = torch.arange(words.shape[3], device=words.device) * EQUAL_SET_BINS
+        slot = (tile * size + word + torch.remainder(words, EQUAL_SET_BINS)).expand(b, h, -1, -1)
+        sets = torch.zeros(b, h, n * size, device=words.device)
+        sets.scatter_reduce_(2, slot.flatten(2), real.expand(b, h, length, words.shape[3]).flatten(2), "amax")
+        return sets.view(b, h, n, size)
+
+
+def _as_int32(codes: torch.Tensor) -> torch.Tensor:
+    """int64 codes → their low 32 bits as int32 (two's complement), what the kernels compare."""
+    low = torch.remainder(codes, 1 << 32)
+    return torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32)
+
+
+def _tile_spans(positions: torch.Tensor, mask_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and largest real position per tile, ``(B|1, n)`` each; a tile without one gets an empty span
+    (``low`` far above ``high``), which no window reaches."""
+    far = 1 << 40
+    pad = -positions.shape[1] % mask_block
+    real = positions >= 0
+    low = torch.where(real, positions, far)
+    high = torch.where(real, positions, -far)
+    low = nn.functional.pad(low, (0, pad), value=far).view(positions.shape[0], -1, mask_block).amin(-1)
+    high = nn.functional.pad(high, (0, pad), value=-far).view(positions.shape[0], -1, mask_block).amax(-1)
+    return low, high

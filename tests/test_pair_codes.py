@@ -1,0 +1,254 @@
+"""Pairs given by per-token codes (hf_sparse.pair_codes.PairCodes): the rule written out, the tiles, and the fused
+kernel testing pairs from codes inside its tiles, against the element mask of the same pairs and a float64 dense
+masked entmax from the ``entmax`` package.
+
+Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is first used).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton", reason="the fused kernel needs triton (a dev dependency)")
+entmax = pytest.importorskip("entmax", reason="the float64 reference is the entmax package")
+
+from test_fused_sparsefinder import fitted_layer, qkv  # noqa: E402
+
+from hf_sparse import sparsefinder  # noqa: E402
+from hf_sparse.entmax_triton import entmax_attention  # noqa: E402
+from hf_sparse.pair_codes import PairCodes  # noqa: E402
+from hf_sparse.sparsefinder import attend_predicted, attend_predicted_fused  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TILE = 16  # the interpreter's kernel tile: codes' tiles are the kernel's own
+
+
+def clustered_codes(b, h, length, match, seed, spread=3):
+    """Codes of contiguous segments (token ``i`` in segment ``i // 8``, some tokens also in a random other one), so
+    that the allowed pairs leave whole tiles empty. bits: one word, segment ``s`` is bit ``(5 s) % 32`` (bit 31
+    included: negative int32 words); equal: two words, the segment and a second bucket of ``spread`` values."""
+    g = torch.Generator().manual_seed(seed)
+    segment = (torch.arange(length) // 8).expand(b, h, length)
+    if match == "bits":
+        other = torch.randint(0, 8, (b, h, length), generator=g) * (torch.rand(b, h, length, generator=g) < 0.1)
+        words = (1 << (5 * segment % 32)) | (1 << (5 * other % 32)) * (other > 0)
+        return words[..., None]
+    second = torch.randint(0, spread, (b, h, length), generator=g) + 100
+    return torch.stack([segment, second * (torch.rand(b, h, length, generator=g) < 0.05)], -1)
+
+
+def dense_reference(q, k, v, pairs, scaling, alpha):
+    pairs = pairs.cpu()
+    empty = ~pairs.any(-1, keepdim=True)  # rows without a key: scored over every key here, then zeroed
+    scores = (q @ k.transpose(-1, -2) * scaling).detach().cpu().masked_fill(~(pairs | empty), float("-inf"))
+    fn = {1.5: entmax.entmax15, 2.0: entmax.sparsemax}.get(alpha)
+    p = fn(scores, dim=-1) if fn else entmax.entmax_bisect(scores, alpha=alpha, dim=-1, n_iter=100)
+    return p.masked_fill(empty, 0) @ v.detach().cpu()
+
+
+def test_pairs_follow_the_rule_pair_by_pair():
+    """pairs() against the rule of the module docstring, one pair at a time in Python."""
+    b, h, lq, lk = 2, 2, 7, 9
+    g = torch.Generator().manual_seed(0)
+    for match in ("bits", "equal"):
+        high = 1 << 32 if match == "bits" else 3
+        queries = torch.randint(0, high, (b, 1, lq, 2), generator=g)
+        keys = torch.randint(0, high, (1, h, lk, 2), generator=g)
+        qpos = torch.arange(lk - lq, lk).repeat(b, 1)
+        kpos = torch.arange(lk).repeat(b, 1)
+        qpos[1, 2], kpos[0, 4] = -3, -1  # padding
+        codes = PairCodes(queries, keys, match=match, window=1, query_positions=qpos, key_positions=kpos)
+        got = codes.pairs()
+        assert got.shape == (b, h, lq, lk)
+        for bi in range(b):
+            for hi in range(h):
+                for i in range(lq):
+                    for j in range(lk):
+                        a, c = queries[bi, 0, i].tolist(), keys[0, hi, j].tolist()
+                        if match == "bits":
+                            shared = any(x & y for x, y in zip(a, c))
+                        else:
+                            shared = any(x == y for x, y in zip(a, c))
+                        near = abs(qpos[bi, i].item() - kpos[bi, j].item()) <= 1
+                        real = qpos[bi, i] >= 0 and kpos[bi, j] >= 0
+                        assert got[bi, hi, i, j].item() == bool(real and (shared or near)), (match, bi, hi, i, j)
+
+
+@pytest.mark.parametrize("match", ["bits", "equal"])
+@pytest.mark.parametrize("window", [None, 2])
+def test_tiles_hold_every_allowed_pair_and_leave_out_tiles_without_one(match, window):
+    b, h, lq, lk = 2, 3, 45, 61
+    codes = clustered_codes(b, h, lq + lk, match, seed=1)
+    qpos, kpos = torch.arange(lk - lq, lk).repeat(b, 1), torch.arange(lk).repeat(b, 1)
+    kpos[1, 50:] = -1
+    qpos[0, :16] = -1  # a whole tile of padding queries
+    pc = PairCodes(codes[:, :, :lq], codes[:, :, lq:], match=match, window=window, query_positions=qpos,
+                   key_positions=kpos)
+    pairs = pc.pairs()
+    nq, nk = -(-lq // TILE), -(-lk // TILE)
+    exact = torch.nn.functional.pad(pairs, (0, nk * TILE - lk, 0, nq * TILE - lq))
+    exact = exact.view(b, h, nq, TILE, nk, TILE).any(5).any(3)
+    tiles = pc.tiles(TILE)
+    assert tiles.shape == exact.shape
+    assert not (exact & ~tiles).any(), "a tile holding an allowed pair was left out"
+    assert not tiles[0, :, 0].any()  # the padding queries' tile
+    assert (~tiles).sum() >= (~exact).sum() * 0.8  # most empty tiles are left out
+    if match == "bits" and window is None:  # unions of bits are exact
+        assert torch.equal(tiles, exact)
+
+
+CASES = {  # each threshold pass reads the codes too
+    "entmax15-bits-topk": dict(alpha=1.5, match="bits", window=None, causal=False, broadcast="queries",
+                               threshold_pass="topk"),
+    "sparsemax-equal-window-causal-stream": dict(alpha=2.0, match="equal", window=2, causal=True, broadcast="keys",
+                                                 threshold_pass="stream"),
+    "bisect-bits-window-bound": dict(alpha=1.3, match="bits", window=1, causal=False, broadcast=None,
+                                     threshold_pass="bound"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_kernel_on_codes_equals_the_element_mask_of_the_same_pairs_and_float64_entmax(case):
+    spec = CASES[case]
+    b, h, lq, lk, d, scaling = 2, 2, 37, 45, 16, 0.3
+    keys = clustered_codes(b, h, lk, spec["match"], seed=len(case))
+    queries = keys[:, :, lk - lq :]  # the queries are the last lq positions, coded as those keys
+    if spec["broadcast"] == "queries":
+        queries = queries[:1]
+    elif spec["broadcast"] == "keys":
+        keys = keys[:, :1]
+    qpos, kpos = torch.arange(lk - lq, lk).repeat(b, 1), torch.arange(lk).repeat(b, 1)
+    kpos[1, 40:] = -1
+    qpos[1, 30:] = -1  # padding queries: zero rows
+    pc = PairCodes(queries.to(DEVICE), keys.to(DEVICE), match=spec["match"], window=spec["window"],
+                   query_positions=qpos.to(DEVICE), key_positions=kpos.to(DEVICE))
+    pairs = pc.pairs().expand(b, h, lq, lk)
+    if spec["causal"]:
+        pairs = pairs & torch.ones(lq, lk, dtype=torch.bool, device=DEVICE).tril(lk - lq)
+    assert not pc.tiles(TILE).all(), "the codes should leave whole tiles out"
+    kw = dict(alpha=spec["alpha"], scaling=scaling, causal=spec["causal"], threshold_pass=spec["threshold_pass"])
+    outs, grads = {}, {}
+    for name, keep in (("codes", pc), ("mask", pairs)):
+        q, k, v = qkv(b, h, lq, lk, d, seed=3, grad=True)
+        out = entmax_attention(q, k, v, keep=keep, **kw)
+        out.backward(torch.ones_like(out) + torch.arange(d, device=DEVICE, dtype=out.dtype))
+        outs[name], grads[name] = out.detach(), (q.grad, k.grad, v.grad)
+    torch.testing.assert_close(outs["codes"], outs["mask"], atol=1e-13, rtol=0)
+    for got, want, name in zip(grads["codes"], grads["mask"], "qkv"):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0, msg=f"d{name}")
+    q, k, v = qkv(b, h, lq, lk, d, seed=3)
+    torch.testing.assert_close(outs["codes"].cpu(), dense_reference(q, k, v, pairs, scaling, spec["alpha"]),
+                               atol=1e-9, rtol=0)
+    assert torch.equal(outs["codes"][1, :, 30:], torch.zeros_like(outs["codes"][1, :, 30:]))
+
+
+def test_a_given_block_mask_is_met_with_the_codes_tiles():
+    b, h, lq, lk, d = 1, 2, 32, 48, 16
+    codes = clustered_codes(b, h, lk, "bits", seed=4)
+    pc = PairCodes(codes[:, :, lk - lq:], codes)
+    block_mask = torch.ones(1, 1, 1, 2, dtype=torch.bool, device=DEVICE)  # tiles of 32: keys 32-47 left out
+    block_mask[..., 1] = False
+    q, k, v = qkv(b, h, lq, lk, d, seed=5)
+    out = entmax_attention(q, k, v, keep=pc, block_mask=block_mask, mask_block=32)
+    pairs = pc.pairs().clone()
+    pairs[..., 32:] = False
+    torch.testing.assert_close(out.cpu(), dense_reference(q, k, v, pairs, d**-0.5, 1.5), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(match="any"), "match must be one of bits, equal"),
+        (dict(window=-1), "window must be None or a whole number >= 0"),
+        (dict(queries=torch.zeros(1, 1, 8, 1)), "queries must be an integer tensor of shape"),
+        (dict(keys=torch.zeros(1, 1, 7, 1, dtype=torch.int64)), r"keys must be an integer tensor of shape \(1 or 1"),
+        (dict(keys=torch.zeros(1, 1, 8, 2, dtype=torch.int64)), "same number of code words, at most 31"),
+        (dict(key_positions=torch.arange(9)[None]), r"key_positions must be an integer tensor of shape \(1 or 1, 8\)"),
+    ],
+)
+def test_bad_codes_are_refused_naming_the_value(change, message):
+    q, k, v = qkv(1, 1, 8, 8, 16)
+    fields = dict(queries=torch.zeros(1, 1, 8, 1, dtype=torch.int64), keys=torch.zeros(1, 1, 8, 1, dtype=torch.int64))
+    fields.update(change)
+    with pytest.raises(ValueError, match=message):
+        entmax_attention(q, k, v, keep=PairCodes(**fields))
+
+
+def spy_on_the_kernel(monkeypatch):
+    calls = []
+    real = sparsefinder.entmax_attention
+    monkeypatch.setattr(sparsefinder, "entmax_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    return calls
+
+
+METHODS = {
+    "clustering": dict(method="clustering", num_clusters=40, top_clusters=2),  # two code words
+    "routing": dict(method="routing", num_clusters=4),
+    "quantization": dict(method="quantization", num_buckets=3),
+    "lsh": dict(method="lsh", num_buckets=4, num_hashes=2),
+    "window": dict(method="window", window=2),
+}
+
+
+@pytest.mark.parametrize("method", METHODS, ids=list(METHODS))
+def test_sparsefinder_methods_decided_per_token_run_on_codes_and_equal_the_gathered_execution(method, monkeypatch):
+    """SparseBERT's way (padding as valid keys and queries): one kernel call on codes, no element mask."""
+    b, h, lk, d = 2, 2, 40, 16
+    layer, settings = fitted_layer(h, d, **METHODS[method])
+    if hasattr(layer, "centroids"):
+        g = torch.Generator().manual_seed(2)
+        layer.centroids.copy_(torch.randn(layer.centroids.shape, generator=g, dtype=torch.float64))
+    q, k, v = qkv(b, h, lk, lk, d, seed=9)
+    valid = torch.ones(b, lk, dtype=torch.bool, device=DEVICE)
+    valid[1, 27:] = False
+    kw = dict(where="test", scaling=0.25, attention_fn="entmax15", alpha=1.5, valid_keys=valid, valid_queries=valid)
+    calls = spy_on_the_kernel(monkeypatch)
+    fused = attend_predicted_fused(layer, q, k, v, settings, **kw)
+    assert len(calls) == 1 and isinstance(calls[0]["keep"], PairCodes)
+    gathered, _ = attend_predicted(layer, q, k, v, settings, **kw)
+    torch.testing.assert_close(fused, gathered, atol=1e-12, rtol=0)
+    assert torch.equal(fused[1, 27:], torch.zeros_like(fused[1, 27:]))
+
+
+def test_a_decoding_step_with_a_key_mask_runs_on_codes_and_a_full_mask_on_the_element_mask(monkeypatch):
+    """Marian's way: the model's boolean mask as ``allowed``. A decoding step's mask (one query row) is a mask of
+    keys and folds into the codes; a prefill's full causal mask does not, and keeps the element mask."""
+    b, h, d, cached = 2, 2, 16, 33
+    layer, settings = fitted_layer(h, d, method="quantization", num_buckets=4)
+    valid = torch.ones(b, cached + 1, dtype=torch.bool, device=DEVICE)
+    valid[0, :5] = False  # left padding
+    kw = dict(where="test", scaling=0.25, attention_fn="sparsemax", alpha=2.0, causal=True, query_offset=cached)
+    q, k, v = qkv(b, h, 1, cached + 1, d, seed=11)
+    calls = spy_on_the_kernel(monkeypatch)
+    step = attend_predicted_fused(layer, q, k, v, settings, **kw, allowed=valid[:, None, None, :])
+    assert isinstance(calls[-1]["keep"], PairCodes)
+    gathered, _ = attend_predicted(layer, q, k, v, settings, **kw, allowed=valid[:, None, None, :])
+    torch.testing.assert_close(step, gathered, atol=1e-12, rtol=0)
+
+    lq = 20
+    q, k, v = qkv(b, h, lq, cached + 1, d, seed=12)
+    allowed = torch.ones(lq, cached + 1, dtype=torch.bool, device=DEVICE).tril(cached + 1 - lq)[None, None]
+    allowed = allowed & valid[:, None, None, :]
+    kw["query_offset"] = cached + 1 - lq
+    prefill = attend_predicted_fused(layer, q, k, v, settings, **kw, allowed=allowed)
+    assert isinstance(calls[-1]["keep"], torch.Tensor)
+    gathered, _ = attend_predicted(layer, q, k, v, settings, **kw, allowed=allowed)
+    torch.testing.assert_close(prefill, gathered, atol=1e-12, rtol=0)
+
+
+def test_causal_codes_take_only_the_keys_up_to_the_last_query(monkeypatch):
+    b, h, lk, lq, d = 1, 2, 40, 24, 16
+    layer, settings = fitted_layer(h, d, method="lsh", num_buckets=2)
+    q, k, v = qkv(b, h, lq, lk, d, seed=13)
+    kw = dict(where="test", scaling=0.3, attention_fn="entmax15", alpha=1.5, causal=True, query_offset=10)
+    calls = spy_on_the_kernel(monkeypatch)
+    fused = attend_predicted_fused(layer, q, k, v, settings, **kw)
+    assert calls[-1]["causal"] and calls[-1]["keep"].keys.shape[2] == 10 + lq
+    gathered, _ = attend_predicted(layer, q, k, v, settings, **kw)
+    torch.testing.assert_close(fused, gathered, atol=1e-12, rtol=0)
