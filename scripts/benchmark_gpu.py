@@ -23,7 +23,8 @@ Checks first, then times (CUDA events, medians), B=1, 16 heads, head dim 64:
    O(L·d) target: an L x L float32 score matrix at 65536 would be 256 GiB).
 
 6. **Predicted blocks** (:func:`predicted_blocks`): Sparsefinder's predicted attention through the fused kernel's
-   tile and element masks, against the gathering execution and dense fused entmax.
+   tile and element masks (a distance predictor) or per-token codes (a k-means clustering predictor, also timed on
+   the element mask of the same pairs), against the gathering execution and dense fused entmax.
 7. **Profile** (:func:`kernel_profile`): per-kernel time of the fused kernel at L = 8192 for several tile choices
    and threshold passes (what ``GPU_BLOCKS`` should be, and what finding τ costs against the output pass).
 
@@ -557,28 +558,32 @@ def kernel_profile(device, smoke, lines):
 
 
 def predicted_blocks(device, smoke, lines):
-    """Sparsefinder's predicted attention on the fused kernel (predicted pairs as its tile and element masks)
-    against the gathering execution and dense fused entmax: ``scripts/benchmark_fused_sparsefinder.py``'s
-    synthetic clustered inputs and a distance predictor at 5 % of the pairs, BERT-base heads (12 x 64)."""
+    """Sparsefinder's predicted attention on the fused kernel (predicted pairs as its tile and element masks, or as
+    per-token codes) against the gathering execution and dense fused entmax: ``scripts/
+    benchmark_fused_sparsefinder.py``'s synthetic clustered inputs and a distance or clustering predictor at
+    about 5 % of the pairs, BERT-base heads (12 x 64)."""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         from benchmark_fused_sparsefinder import time_predicted_attention
     except ImportError as exc:
         return lines + [f"| skipped: {exc!r} | | | | | | | |"]
     dtype = torch.float32 if smoke else torch.bfloat16
-    for n in ((64,) if smoke else (4096, 8192)):
-        for causal in (False, True):
-            row = time_predicted_attention(
-                n, heads=2 if smoke else 12, head_dim=16 if smoke else 64, density=0.05, causal=causal,
-                dtype=dtype, device=device.type, repeats=2 if smoke else 10,
-            )
-            fused, gathered, dense = (row[f"{name} ms"] for name in ("fused predicted", "gathered predicted",
-                                                                      "fused dense"))
-            lines.append(
-                f"| {n} | {'causal' if causal else 'non-causal'} | {row['pair density']:.3f} | "
-                f"{row['tile density']:.3f} | {fused:.2f} | {gathered:.2f} | {dense:.2f} | {dense / fused:.1f}x | "
-                f"{row['max abs diff to float32 gathered']:.1e} |"
-            )
+    for method in ("distance", "clustering"):
+        for n in ((64,) if smoke else (4096, 8192)):
+            for causal in (False, True):
+                row = time_predicted_attention(
+                    n, heads=2 if smoke else 12, head_dim=16 if smoke else 64, density=0.05, causal=causal,
+                    dtype=dtype, device=device.type, repeats=2 if smoke else 10, method=method,
+                )
+                fused, gathered, dense = (row[f"{name} ms"] for name in ("fused predicted", "gathered predicted",
+                                                                          "fused dense"))
+                element_mask = row.get("fused predicted, element mask ms")
+                lines.append(
+                    f"| {method} | {n} | {'causal' if causal else 'non-causal'} | {row['pair density']:.3f} | "
+                    f"{row['tile density']:.3f} | {fused:.2f} | "
+                    f"{'-' if element_mask is None else f'{element_mask:.2f}'} | {gathered:.2f} | {dense:.2f} | "
+                    f"{dense / fused:.1f}x | {row['max abs diff to float32 gathered']:.1e} |"
+                )
     return lines
 
 
@@ -747,12 +752,14 @@ def render(results: dict, notes: list, device, heads: int, dim: int, started: fl
         "",
         "## Sparsefinder's predicted pairs on the fused kernel (bfloat16, 12 heads, head dim 64, ms)",
         "",
-        "Synthetic clustered q, k, v and a distance predictor set to 5 % of the pairs "
-        "(`scripts/benchmark_fused_sparsefinder.py`); the difference is to the gathering execution in float32.",
+        "Synthetic clustered q, k, v and a predictor set to about 5 % of the pairs "
+        "(`scripts/benchmark_fused_sparsefinder.py`): `distance` runs on an element mask, `clustering` (k-means) "
+        "on per-token codes (its `element mask` column: the same pairs as an element mask, the execution before "
+        "codes); the difference is to the gathering execution in float32.",
         "",
-        "| L | mask | pair density | tile density | fused predicted | gathered predicted | fused dense | "
-        "dense / predicted | max diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| predictor | L | mask | pair density | tile density | fused predicted | element mask | "
+        "gathered predicted | fused dense | dense / predicted | max diff |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *predicted_rows,
         "",
         "## Where the fused kernel's time goes, by tile choice and threshold pass (L=8192, bfloat16, ms)",

@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_sparse import entmax_rows_triton, entmax_triton  # noqa: E402
+from hf_sparse.pair_codes import PairCodes  # noqa: E402
 
 
 class Case(NamedTuple):
@@ -60,6 +61,10 @@ class Case(NamedTuple):
     block_mask: bool = False  # a tile mask (patterns, frozen DAM, Sparsefinder's predicted blocks)
     rows: int = 0  # > 0: entmax_topk's Triton row kernel (hf_sparse.entmax_rows_triton) on float32 rows this long
     keep: bool = False  # the row kernel with an element mask (eager attention's padding and patterns)
+    # pairs tested inside the attention kernels' tiles: "mask", an element mask (patterns, Sparsefinder's distance
+    # predictor), with its tiles as block mask; "codes", per-token codes (Sparsefinder's k-means clustering: one
+    # word of membership bits, up to 32 clusters, and its window of 3)
+    pairs: str = ""
 
 
 # what models run, with a backward each
@@ -78,6 +83,8 @@ CASES = {
     "sparsemax": Case(alpha=2.0),
     "block-mask": Case(block_mask=True),  # the threshold pass loops over the allowed tiles' list
     "bisection": Case(alpha=1.3),
+    "predicted-mask": Case(pairs="mask"),
+    "predicted-codes": Case(pairs="codes"),
     # the row kernel (eager attention and entmax_topk on CUDA), float32 scores: rows held whole (the longest at 16
     # warps) and the long-row path; rows of two scores. Lengths that are not multiples of 16, as attention's mostly
     # are (Triton compiles multiples of 16 apart, with wider loads)
@@ -201,6 +208,13 @@ def compile_case(name: str, arch: int, report, blocks=None) -> None:
             entmax_rows_triton.entmax_rows(x, keep, kind, alpha=case.alpha).sum().backward()
             return
         q, k, v = (torch.randn(1, 2, 256, 64, dtype=case.dtype, requires_grad=True) for _ in range(3))
+        block_mask = torch.ones(1, 1, 2, 2, dtype=torch.bool) if case.block_mask or case.pairs == "mask" else None
+        keep = None
+        if case.pairs == "mask":
+            keep = torch.ones(1, 2, 256, 256, dtype=torch.bool)
+        elif case.pairs == "codes":
+            clusters = torch.ones(1, 2, 256, 1, dtype=torch.int64)
+            keep = PairCodes(clusters, clusters, match="bits", window=3)
         precision = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(case.float32_precision)
         try:
@@ -213,7 +227,8 @@ def compile_case(name: str, arch: int, report, blocks=None) -> None:
                 dropout=case.dropout,
                 threshold_pass=case.threshold_pass,
                 blocks=blocks,
-                block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool) if case.block_mask else None,  # 128-tiles of 256
+                block_mask=block_mask,  # 128-tiles of 256
+                keep=keep,
             )
             out.sum().backward()  # nothing ran: the values are garbage, the launches are real
         finally:

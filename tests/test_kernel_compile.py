@@ -48,6 +48,8 @@ EXPECTED = {
     "sparsemax": BOUND,
     "block-mask": BOUND,
     "bisection": BOUND,
+    "predicted-mask": BOUND,
+    "predicted-codes": BOUND,
     **{case: ROWS for case in CASES_ROWS},
 }
 
