@@ -127,9 +127,10 @@ def _code_pairs(q_at, k_at, s_word, q_pos, k_pos, rows, cols,
 def _unmasked_tiles(Lq, klen, start_m, OFF, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
                     PAIR_TEST: tl.constexpr):
     """Key tiles ``[0, n)`` hold only allowed pairs for every row of the block at ``start_m``: no padding key, no
-    key after a row's causal limit, no query row past ``Lq``, no element mask. Tile lists are in key order, so the
-    sweeps read these tiles first, in a loop without the tests (:func:`_scores`), then the rest with them. An
-    allowed pair's ``d`` (:func:`_distance`) is the same number in either loop: a kernel may keep one loop."""
+    key after a row's causal limit, no query row past ``Lq``, no pair test (element mask or codes). Tile lists are
+    in key order, so the sweeps read these tiles first, in a loop without the tests (:func:`_scores`), then the
+    rest with them. An allowed pair's ``d`` (:func:`_distance`) is the same number in either loop: a kernel may
+    keep one loop."""
     n = _whole_tiles(klen, start_m, OFF, BN, CAUSAL)
     if PAIR_TEST or start_m + BM > Lq:
         n = 0

@@ -67,19 +67,10 @@ class PairCodes:
                                         or self.window < 0):
             raise ValueError(f"PairCodes.window must be None or a whole number >= 0, got {self.window!r}")
         for name, codes, length in (("queries", self.queries, num_queries), ("keys", self.keys, num_keys)):
-            if (
-                not isinstance(codes, torch.Tensor)
-                or codes.dim() != 4
-                or codes.dtype.is_floating_point
-                or codes.dtype == torch.bool
-                or codes.shape[0] not in (1, batch)
-                or codes.shape[1] not in (1, heads)
-                or codes.shape[2] != length
-            ):
-                got = (codes.dtype, tuple(codes.shape)) if isinstance(codes, torch.Tensor) else codes
+            if not _integer_tensor(codes, ((1, batch), (1, heads), (length,), None)):
                 raise ValueError(
                     f"PairCodes.{name} must be an integer tensor of shape ({batch} or 1, {heads} or 1, {length}, "
-                    f"words), got {got}"
+                    f"words), got {_described(codes)}"
                 )
         if self.queries.shape[3] != self.keys.shape[3] or self.queries.shape[3] > MAX_WORDS:
             raise ValueError(
@@ -90,17 +81,10 @@ class PairCodes:
             ("query_positions", self.query_positions, num_queries),
             ("key_positions", self.key_positions, num_keys),
         ):
-            if positions is not None and (
-                not isinstance(positions, torch.Tensor)
-                or positions.dim() != 2
-                or positions.dtype.is_floating_point
-                or positions.shape[0] not in (1, batch)
-                or positions.shape[1] != length
-            ):
-                got = (positions.dtype, tuple(positions.shape)) if isinstance(positions, torch.Tensor) else positions
+            if positions is not None and not _integer_tensor(positions, ((1, batch), (length,))):
                 raise ValueError(
                     f"PairCodes.{name} must be an integer tensor of shape ({batch} or 1, {length}) (negative: "
-                    f"padding), got {got}"
+                    f"padding), got {_described(positions)}"
                 )
 
     @property
@@ -198,6 +182,22 @@ class PairCodes:
         sets = torch.zeros(b, h, n * size, device=words.device)
         sets.scatter_reduce_(2, slot.flatten(2), real.expand(b, h, length, words.shape[3]).flatten(2), "amax")
         return sets.view(b, h, n, size)
+
+
+def _integer_tensor(t, sizes: tuple) -> bool:
+    """Whether ``t`` is an integer tensor with one dimension per entry of ``sizes``, each of a size that entry
+    allows (``None``: any)."""
+    return (
+        isinstance(t, torch.Tensor)
+        and not t.dtype.is_floating_point
+        and t.dtype != torch.bool
+        and t.dim() == len(sizes)
+        and all(allowed is None or size in allowed for size, allowed in zip(t.shape, sizes))
+    )
+
+
+def _described(t) -> object:
+    return (t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else t
 
 
 def _as_int32(codes: torch.Tensor) -> torch.Tensor:

@@ -524,7 +524,6 @@ class Prediction:
             pred = pred & allowed
         return pred.expand(self.batch, self.heads, c, lk)
 
-
     def codes(self) -> PairCodes | None:
         """The same pairs as :meth:`rows` (without a pattern) as per-token codes the fused kernel tests inside its
         tiles (:class:`hf_sparse.pair_codes.PairCodes`), or ``None`` where a pair is not decided by its two tokens

@@ -170,6 +170,7 @@ def test_a_given_block_mask_is_met_with_the_codes_tiles():
         (dict(keys=torch.zeros(1, 1, 7, 1, dtype=torch.int64)), r"keys must be an integer tensor of shape \(1 or 1"),
         (dict(keys=torch.zeros(1, 1, 8, 2, dtype=torch.int64)), "same number of code words, at most 31"),
         (dict(key_positions=torch.arange(9)[None]), r"key_positions must be an integer tensor of shape \(1 or 1, 8\)"),
+        (dict(query_positions=torch.ones(1, 8, dtype=torch.bool)), "query_positions must be an integer tensor"),
     ],
 )
 def test_bad_codes_are_refused_naming_the_value(change, message):
