@@ -241,11 +241,12 @@ def test_building_the_kernel_masks_reads_nothing_back_from_the_device(monkeypatc
         assert torch.equal(kw["block_mask"], tiles_of(want))
 
 
-def test_cuda_predicted_attention_runs_without_a_host_sync():
+@pytest.mark.parametrize("method", ["distance", "quantization"])  # an element mask; per-token codes
+def test_cuda_predicted_attention_runs_without_a_host_sync(method):
     if DEVICE != "cuda":
         pytest.skip("CUDA only: the sync check is CUDA's")
     b, h, lk, d = 1, 4, 1024, 64
-    layer, settings = fitted_layer(h, d, threshold=1.0)
+    layer, settings = fitted_layer(h, d, threshold=1.0, method=method, num_buckets=8)
     q, k, v = (t.float() for t in qkv(b, h, lk, lk, d))
     layer.float()
     layer.is_fitted()
@@ -278,17 +279,26 @@ def bert(pattern: str, **settings) -> SparseBertForMaskedLM:
     return model
 
 
-@pytest.mark.parametrize("pattern, combine", [("dense", "intersection"), ("window:6+global:1", "union")])
-def test_sparse_bert_predicted_attention_runs_fused_and_equals_the_gathered_execution(small_tiles, pattern, combine):
-    model = bert(pattern, combine=combine)
+@pytest.mark.parametrize(
+    "pattern, combine, method",
+    [("dense", "intersection", "distance"), ("window:6+global:1", "union", "distance"),
+     ("dense", "intersection", "quantization")],  # the last on per-token codes (test_pair_codes)
+)
+def test_sparse_bert_predicted_attention_runs_fused_and_equals_the_gathered_execution(small_tiles, pattern, combine,
+                                                                                      method, monkeypatch):
+    model = bert(pattern, combine=combine, method=method, num_buckets=3)
     ids, mask = (t.to(DEVICE) for t in random_batch(batch=2, length=40, seed=4))
     logits = {}
+    calls = []
+    real = sparsefinder.entmax_attention
+    monkeypatch.setattr(sparsefinder, "entmax_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     for backend in ("eager", "fused"):
         model.config.attention_backend = backend
         with torch.no_grad():
             logits[backend] = model(input_ids=ids, attention_mask=mask).logits
         used = model.attention_backends_used()["bert.encoder.layer.0.attention.self"]
         assert used == (PREDICTED_FUSED if backend == "fused" else "sparsefinder")
+    assert isinstance(calls[-1]["keep"], PairCodes) == (method == "quantization")
     torch.testing.assert_close(logits["fused"], logits["eager"], atol=1e-10, rtol=0)
     model.config.sparsefinder["enabled"] = False
     model.config.attention_backend = "eager"
@@ -302,9 +312,10 @@ def test_sparse_bert_predicted_attention_runs_fused_and_equals_the_gathered_exec
         model(input_ids=ids, attention_mask=mask, output_attentions=True)
 
 
-def test_marian_decoder_predicted_attention_runs_fused_with_padding_and_kv_cache(small_tiles):
+@pytest.mark.parametrize("method", ["distance", "quantization"])  # quantization's decoding steps run on codes
+def test_marian_decoder_predicted_attention_runs_fused_with_padding_and_kv_cache(small_tiles, method, monkeypatch):
     torch.manual_seed(0)
-    settings = {"method": "distance", "window": 1, "threshold": 0.3, "enabled": True}
+    settings = {"method": method, "window": 1, "threshold": 0.3, "num_buckets": 3, "enabled": True}
     # closed forms only (bisection is slow under the interpreter; test_fused_marian covers it)
     fns = dict(encoder_attention_fn="sparsemax", decoder_attention_fn="entmax15", cross_attention_fn="sparsemax")
     config = EntmaxSparsefinderMarianConfig(**{**TINY, **fns, "sparsefinder": settings})
@@ -332,8 +343,12 @@ def test_marian_decoder_predicted_attention_runs_fused_with_padding_and_kv_cache
         kw.update(cache=EncoderDecoderCache(DynamicCache(), DynamicCache()), use_cache=True)
         prefill = model(decoder_input_ids=tgt[:, :17], decoder_attention_mask=tgt_mask[:, :17], **kw).logits
         assert model.attention_backends_used()[decoder_self] == PREDICTED_FUSED
+        calls = []
+        real = sparsefinder.entmax_attention
+        monkeypatch.setattr(sparsefinder, "entmax_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
         step = model(decoder_input_ids=tgt[:, 17:], decoder_attention_mask=tgt_mask, **kw).logits
         assert model.attention_backends_used()[decoder_self] == PREDICTED_FUSED
+        assert isinstance(calls[-1]["keep"], PairCodes) == (method == "quantization")  # a step's mask is of keys
     real = tgt_mask.bool()  # logits at padded positions attend to nothing real: compare the real ones
     torch.testing.assert_close(torch.cat([prefill, step], 1)[real], eager[real], atol=1e-10, rtol=0)
 
