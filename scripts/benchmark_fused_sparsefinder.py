@@ -147,19 +147,29 @@ def _densities(q, k, v, call):
     kept = tiles = total = total_tiles = 0
     real = sparsefinder.entmax_attention
 
-    def count(q_, k_, v_, *, keep, block_mask=None, **rest):
+    def count(q_, k_, v_, **kw):
         nonlocal kept, tiles, total, total_tiles
-        if isinstance(keep, PairCodes):
-            for start in range(0, keep.queries.shape[2], 512):
+        keep, block_mask = kw["keep"], kw.get("block_mask")
+        lq, lk = q_.shape[2], k_.shape[2]
+        if isinstance(keep, PairCodes):  # the kernel's causality on top (the queries are the last lq keys)
+            for start in range(0, lq, 512):
                 part = replace(keep, queries=keep.queries[:, :, start : start + 512],
                                query_positions=keep.query_positions[:, start : start + 512])
                 pairs = part.pairs().expand(*q_.shape[:2], -1, -1)
+                if kw.get("causal"):
+                    pairs = pairs & torch.ones(lq, lk, dtype=torch.bool, device=q_.device).tril(lk - lq)[
+                        start : start + 512]
                 kept, total = kept + int(pairs.sum()), total + pairs.numel()
             block_mask = keep.tiles(FUSED_MASK_BLOCK).expand(*q_.shape[:2], -1, -1)
+            if kw.get("causal"):
+                n_q, n_k = block_mask.shape[-2:]
+                below = torch.arange(n_k, device=q_.device) * FUSED_MASK_BLOCK <= (
+                    torch.arange(n_q, device=q_.device)[:, None] + 1) * FUSED_MASK_BLOCK - 1 + lk - lq
+                block_mask = block_mask & below
         else:
             kept, total = kept + int(keep.sum()), total + keep.numel()
         tiles, total_tiles = tiles + int(block_mask.sum()), total_tiles + block_mask.numel()
-        return real(q_, k_, v_, block_mask=block_mask, keep=keep, **rest)
+        return real(q_, k_, v_, **kw)
 
     sparsefinder.entmax_attention = count
     try:
