@@ -114,7 +114,9 @@ class AttentionMask:
     the same as a ``(1, H|1, n/128, n/128)`` bool block mask for the ``fused`` kernel (``keep`` holds the pairs
     inside them); ``pattern`` the pattern itself (what predicted-sparse attention meets its prediction with);
     ``causal``: the queries are the last ``Lq`` of the ``Lk`` positions and ``keep`` already excludes every later key
-    (a decoder's mask, KV cache included), so the ``fused`` kernel may skip the tiles above that diagonal unread.
+    (a decoder's mask, KV cache included), so the ``fused`` kernel may skip the tiles above that diagonal unread;
+    ``from_padding``: ``keep`` is exactly the padded keys of ``valid_tokens`` (and causality, if ``causal``), as a
+    mask built from a padding mask is, so predicted attention rebuilds it from them instead of reading it.
     """
 
     backend: str
@@ -127,6 +129,7 @@ class AttentionMask:
     tiles: torch.Tensor | None = None
     pattern: Pattern | None = None
     causal: bool = False
+    from_padding: bool = False
 
 
 # α of entmax_bisect that float32 bisection solves to ~1e-5 of float64 (measured: 1e-5 at α = 1.001, 4.5e-3 at

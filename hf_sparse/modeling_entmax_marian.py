@@ -11,7 +11,9 @@ SparseBERT: by default the fused Triton kernel for the entmax family on CUDA (en
 its KV cache, cross attention), SDPA for softmax, the exact eager entmax on the CPU, and eager wherever the
 probabilities are asked for (``output_attentions``, Sparsefinder's fitting). The fused kernel takes Transformers'
 boolean mask as its element mask (padding, causality, cache offsets: exact whatever their layout) and, in the
-decoder, ``causal=True`` to skip the tiles above the diagonal unread. ``model.attention_backends_used()`` tells which
+decoder, ``causal=True`` to skip the tiles above the diagonal unread (predicted attention rebuilds the decoder masks
+the model built itself from the padding and causality, so that its pairs can reach the kernel as per-token codes;
+a 4D mask passed in is read as it is). ``model.attention_backends_used()`` tells which
 kernel each attention module ran. Forward pre-hooks on the encoder and decoder refuse inputs beyond the position
 table and give predicted attention the decoder cache's length (where its queries sit, also in a static cache).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 
 import torch
 from transformers import AttentionInterface, MarianModel, MarianMTModel
@@ -106,30 +109,43 @@ def entmax_marian_attention(
         # query's row, as it sees every key up to it (cache included) and the mask removes only padded keys there;
         # a static cache's empty slots lie beyond it, so they count as padding too
         valid_keys = keep[:, 0, -1]
+    # a decoder mask boolean_mask built (not one the caller passed) is causality and these padded keys, no more
+    from_padding = kind == "decoder" and keep is not None and _MASKS_BUILT.get(id(keep)) is keep
+    causal = kind == "decoder"
+    mask = AttentionMask(backend, keep=keep, valid_tokens=valid_keys, causal=causal, from_padding=from_padding)
     return attend_layer(
         module,
         query,
         key,
         value,
-        AttentionMask(backend, keep=keep, valid_tokens=valid_keys, causal=kind == "decoder"),
+        mask,
         where=f"{kind} layer {module.layer_idx}",
         scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
         attention_fn=attention_fn,
         alpha=config.entmax_alpha,
         dropout=dropout,
         output_attentions=output_attentions,
-        causal=kind == "decoder",
+        causal=causal,
         valid_queries=valid_queries,
         # the cache length, left by _before_decoder (absent: attend_layer takes the last Lq of the Lk positions)
         query_offset=getattr(module, "sparsefinder_query_offset", None) if kind == "decoder" else None,
     )
 
 
+# The masks boolean_mask made, by id, while they live: Transformers builds Marian's masks with it from the 2D padding
+# mask and causality only (a 4D mask a caller passes in reaches the attention function without it), so the
+# attention function knows such a mask says nothing more, and predicted attention need not read it.
+_MASKS_BUILT: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
 def boolean_mask(*args, **kwargs) -> torch.Tensor:
     """SDPA's boolean mask, always materialised: the attention function never guesses causality from ``None``."""
     kwargs.pop("allow_is_causal_skip", None)
     kwargs.pop("allow_is_bidirectional_skip", None)
-    return sdpa_mask(*args, allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
+    mask = sdpa_mask(*args, allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
+    if isinstance(mask, torch.Tensor):
+        _MASKS_BUILT[id(mask)] = mask
+    return mask
 
 
 AttentionInterface.register(ATTENTION_NAME, entmax_marian_attention)

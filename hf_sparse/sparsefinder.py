@@ -911,10 +911,12 @@ def attend_layer(
     * predictor enabled (``config.sparsefinder["enabled"]``, eval mode, not collecting): attention on the
       predicted pairs only, met with the layer's pattern ``mask.pattern`` (SparseBERT's) as ``combine`` says and
       restricted to the real keys ``mask.valid_tokens``, or, without a pattern, to ``mask.keep`` (Marian's causal
-      and padding mask): on the fused Triton kernel (:func:`attend_predicted_fused`) when ``mask`` was built for
-      it (``attention_backend="fused"``, or ``"auto"`` where it picks the fused kernel: the entmax family on
-      CUDA, :func:`hf_sparse.attention.choose_backend`) and no probabilities are asked for, else by gathering
-      (:func:`attend_predicted`), which also returns the probabilities;
+      and padding mask; when ``mask.from_padding``, rebuilt from ``mask.valid_tokens`` and causality, as with a
+      pattern, so the fused kernel may take the pairs as codes): on the fused Triton kernel
+      (:func:`attend_predicted_fused`) when ``mask`` was built for it (``attention_backend="fused"``, or ``"auto"``
+      where it picks the fused kernel: the entmax family on CUDA, :func:`hf_sparse.attention.choose_backend`) and
+      no probabilities are asked for, else by gathering (:func:`attend_predicted`), which also returns the
+      probabilities;
     * otherwise the kernel ``mask`` was built for (:func:`hf_sparse.attention.attend`); while ``fit`` collects
       (``module.sparsefinder_collector``), the collector gets the queries, keys, probabilities and the valid pairs:
       ``mask.keep`` restricted to the real queries ``valid_queries`` ``(B, Lq)``.
@@ -955,7 +957,7 @@ def attend_layer(
             causal=causal,
             query_offset=lk - lq if query_offset is None else query_offset,
             pattern_rows=pattern_rows,
-            allowed=mask.keep if pattern is None else None,
+            allowed=mask.keep if pattern is None and not mask.from_padding else None,
         )
         if fused:
             return attend_predicted_fused(predictor, query, key, value, settings, **common), None

@@ -28,6 +28,7 @@ from hf_sparse import (  # noqa: E402
     EntmaxSparsefinderMarianMTModel,
     SparseBertConfig,
     SparseBertForMaskedLM,
+    modeling_entmax_marian,
     sparsefinder,
 )
 from hf_sparse.pair_codes import PairCodes  # noqa: E402
@@ -334,6 +335,12 @@ def test_marian_decoder_predicted_attention_runs_fused_with_padding_and_kv_cache
         kw = dict(encoder_outputs=encoder, attention_mask=src_mask)
         eager = model(decoder_input_ids=tgt, decoder_attention_mask=tgt_mask, **kw).logits
         assert model.attention_backends_used()[decoder_self] == "sparsefinder"
+        # Transformers' decoder mask is causality and padded keys only: rebuilding it from them (what lets the
+        # fused kernel take codes) gives what reading it gives (a mask not built by the model is read)
+        with monkeypatch.context() as patch:
+            patch.setattr(modeling_entmax_marian, "_MASKS_BUILT", {})
+            read = model(decoder_input_ids=tgt, decoder_attention_mask=tgt_mask, **kw).logits
+        torch.testing.assert_close(read, eager, atol=1e-12, rtol=0)
         model.config.sparsefinder["enabled"] = False
         full = model(decoder_input_ids=tgt, decoder_attention_mask=tgt_mask, **kw).logits
         model.config.sparsefinder["enabled"] = True
@@ -341,14 +348,16 @@ def test_marian_decoder_predicted_attention_runs_fused_with_padding_and_kv_cache
         # the fused kernel: a prefill of 17 decoder tokens (two tiles, padding), then one query against the cache
         model.config.attention_backend = "fused"
         kw.update(cache=EncoderDecoderCache(DynamicCache(), DynamicCache()), use_cache=True)
-        prefill = model(decoder_input_ids=tgt[:, :17], decoder_attention_mask=tgt_mask[:, :17], **kw).logits
-        assert model.attention_backends_used()[decoder_self] == PREDICTED_FUSED
         calls = []
         real = sparsefinder.entmax_attention
         monkeypatch.setattr(sparsefinder, "entmax_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+        prefill = model(decoder_input_ids=tgt[:, :17], decoder_attention_mask=tgt_mask[:, :17], **kw).logits
+        assert model.attention_backends_used()[decoder_self] == PREDICTED_FUSED
         step = model(decoder_input_ids=tgt[:, 17:], decoder_attention_mask=tgt_mask, **kw).logits
         assert model.attention_backends_used()[decoder_self] == PREDICTED_FUSED
-        assert isinstance(calls[-1]["keep"], PairCodes) == (method == "quantization")  # a step's mask is of keys
+        # quantization's pairs go to the kernel as codes, prefill and step alike (the decoder has one predicting
+        # layer: one kernel call each)
+        assert [isinstance(c["keep"], PairCodes) for c in calls] == [method == "quantization"] * 2
     real = tgt_mask.bool()  # logits at padded positions attend to nothing real: compare the real ones
     torch.testing.assert_close(torch.cat([prefill, step], 1)[real], eager[real], atol=1e-10, rtol=0)
 

@@ -297,3 +297,28 @@ def test_predictor_state_of_the_wrong_shape_is_refused_not_reinitialised(tmp_pat
             sparsefinder={"method": "distance", "window": 1, "projection_dim": 8},
             ignore_mismatched_sizes=True,
         )
+
+
+def test_predicted_attention_rebuilds_the_decoder_masks_the_model_builds_and_reads_a_mask_passed_in(monkeypatch):
+    """The decoder mask the model builds from its padding mask is causality and padded keys only, so predicted
+    attention rebuilds it (no mask to read: its pairs can go to the fused kernel as codes); a 4D mask passed in may
+    say more, and is read."""
+    from hf_sparse import sparsefinder
+
+    model = model_with(threshold=0.5)
+    fit(model, loader(2), epochs=1, progress=False)
+    model.config.sparsefinder["enabled"] = True
+    ids, mask, decoder = batch(9)
+    seen = []
+    real = sparsefinder.attend_predicted
+    monkeypatch.setattr(sparsefinder, "attend_predicted", lambda *a, **kw: seen.append(kw["allowed"]) or real(*a, **kw))
+    length = decoder.shape[1]
+    custom = torch.ones(length, length, dtype=torch.bool).tril()[None, None].expand(decoder.shape[0], 1, -1, -1).clone()
+    custom[..., 2] = False  # no query may see key 2: beyond causality and padding
+    with torch.no_grad():
+        built = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
+        assert seen and all(allowed is None for allowed in seen)
+        seen.clear()
+        passed = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder, decoder_attention_mask=custom)
+        assert seen and all(allowed is not None and not allowed[..., 2].any() for allowed in seen)
+    assert (passed.logits - built).abs().max() > 1e-4  # key 2 left out
