@@ -845,7 +845,7 @@ def fallback_kernel(
             while (tl.max(active.to(tl.int32), 0) > 0) & (steps < N_ITER):
                 f, slope, n, smallest = _sweep_sums(q, keys, keep, tiles, row_tiles, n_unmasked, n_tiles, m, tau,
                                                     offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF,
-                                                    scale, am1, inv_am1, ACC, PREC, KIND, BM, BN, CAUSAL, HAS_BMASK,
+                                                    scale, am1, inv_am1, ACC, PREC, KIND, BN, CAUSAL, HAS_BMASK,
                                                     PAIR_TEST)
                 tau, active, solved = _newton_step(f, slope, n, smallest, m, tau, active, solved, scale, am1, tol,
                                                    KIND)
@@ -856,7 +856,7 @@ def fallback_kernel(
             if tl.max((~solved).to(tl.int32), 0) > 0:  # Newton stopped short: τ from the support {x > τ}
                 f, slope, n, smallest = _sweep_sums(q, keys, keep, tiles, row_tiles, n_unmasked, n_tiles, m, tau,
                                                     offs_m, offs_d, cols, s_kn, s_kd, s_eq, s_ek, Lq, klen, D, OFF,
-                                                    scale, am1, inv_am1, ACC, PREC, KIND, BM, BN, CAUSAL, HAS_BMASK,
+                                                    scale, am1, inv_am1, ACC, PREC, KIND, BN, CAUSAL, HAS_BMASK,
                                                     PAIR_TEST)
                 tau = tl.where(solved, tau, _closed_form(f, slope, n, tau, KIND))
         tl.store(TAU + bh * Lq + offs_m, tau, mask=row_ok)
@@ -865,14 +865,11 @@ def fallback_kernel(
 @triton.jit
 def _sweep_sums(q, keys, keep, tiles, row_tiles, n_unmasked, n_tiles, m, tau, offs_m, offs_d, cols, s_kn, s_kd, s_eq,
                 s_ek, Lq, klen, D, OFF, scale, am1, inv_am1, ACC: tl.constexpr, PREC: tl.constexpr,
-                KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_BMASK: tl.constexpr, PAIR_TEST: tl.constexpr):
+                KIND: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_BMASK: tl.constexpr,
+                PAIR_TEST: tl.constexpr):
     """One sweep of the fallback over its list of key tiles (``tiles``, the first ``n_unmasked`` of them without
     masking): each row's :func:`_add_sums` at ``tau``."""
-    f = tl.zeros((BM,), ACC)
-    slope = tl.zeros((BM,), ACC)  # -f'(τ)
-    n = tl.zeros((BM,), ACC)
-    smallest = tl.full((BM,), float("inf"), ACC)
+    f, slope, n, smallest = _no_sums(m, ACC)
     for part in tl.static_range(2):
         begin, end = _tile_range(n_unmasked, n_tiles, part)
         for i in range(begin, end):
