@@ -98,36 +98,37 @@ class PairCodes:
         window = -1 if self.window is None else self.window
         return 2 + MATCHES.index(self.match) + 2 * self.words + 64 * (window + 1)
 
-    def _positions(self, num_queries: int, num_keys: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query and key positions, ``(B|1, Lq)`` and ``(B|1, Lk)`` int64, padding as -1."""
-        q = self.query_positions
-        if q is None:
-            q = torch.arange(num_keys - num_queries, num_keys, device=device)[None]
-        k = self.key_positions if self.key_positions is not None else torch.arange(num_keys, device=device)[None]
+    def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query and key positions, ``(B|1, Lq)`` and ``(B|1, Lk)`` int64 on the codes' device, padding as -1."""
+        lq, lk, device = self.queries.shape[2], self.keys.shape[2], self.queries.device
+        q = self.query_positions if self.query_positions is not None else torch.arange(lk - lq, lk, device=device)[None]
+        k = self.key_positions if self.key_positions is not None else torch.arange(lk, device=device)[None]
         return tuple(p.to(device=device, dtype=torch.int64).clamp_min(-1) for p in (q, k))
+
+    def _batch_and_heads(self, qpos: torch.Tensor, kpos: torch.Tensor) -> tuple[int, int]:
+        """``B'`` and ``H'``: the batch and heads the codes and positions broadcast to."""
+        b = max(self.queries.shape[0], self.keys.shape[0], qpos.shape[0], kpos.shape[0])
+        return b, max(self.queries.shape[1], self.keys.shape[1])
 
     def packed(self) -> torch.Tensor:
         """int32 ``(B', H', W + 1, Lq + Lk)``, as the kernels read them: word ``w`` of every query then of every
         key (consecutive tokens side by side: a thread's neighbouring key columns load together), then the
         positions."""
-        lq, lk, device = self.queries.shape[2], self.keys.shape[2], self.queries.device
-        qpos, kpos = self._positions(lq, lk, device)
-        b = max(self.queries.shape[0], self.keys.shape[0], qpos.shape[0], kpos.shape[0])
-        h = max(self.queries.shape[1], self.keys.shape[1])
+        qpos, kpos = self._positions()
+        b, h = self._batch_and_heads(qpos, kpos)
         rows = []
         for codes, pos in ((self.queries, qpos), (self.keys, kpos)):
-            codes = codes.to(device).expand(b, h, -1, -1).to(torch.int64)
+            codes = _as_int32(codes.to(qpos.device)).expand(b, h, -1, -1)
             pos = pos[:, None, :, None].expand(b, h, -1, 1)
-            rows.append(torch.cat([_as_int32(codes), pos.to(torch.int32)], dim=-1))
+            rows.append(torch.cat([codes, pos.to(torch.int32)], dim=-1))
         return torch.cat(rows, dim=2).transpose(2, 3).contiguous()
 
     def pairs(self) -> torch.Tensor:
         """The allowed pairs written out, bool ``(B', H', Lq, Lk)`` (the same rule as the kernels; for tests and
         small inputs)."""
-        lq, lk, device = self.queries.shape[2], self.keys.shape[2], self.queries.device
-        qpos, kpos = self._positions(lq, lk, device)
-        q = _as_int32(self.queries.to(torch.int64))[..., :, None, :]
-        k = _as_int32(self.keys.to(device=device, dtype=torch.int64))[..., None, :, :]
+        qpos, kpos = self._positions()
+        q = _as_int32(self.queries)[..., :, None, :]
+        k = _as_int32(self.keys.to(qpos.device))[..., None, :, :]
         hit = ((q & k) != 0) if self.match == "bits" else (q == k)
         hit = hit.any(-1)
         if self.window is not None:
@@ -144,15 +145,13 @@ class PairCodes:
         code modulo :data:`EQUAL_SET_BINS`); two tiles share a code when their sets intersect (a product of the
         0/1 set indicators). The window holds where the tiles' real positions come within ``window`` of each other
         (their spans, ``min`` to ``max``)."""
-        lq, lk, device = self.queries.shape[2], self.keys.shape[2], self.queries.device
-        qpos, kpos = self._positions(lq, lk, device)
-        b = max(self.queries.shape[0], self.keys.shape[0], qpos.shape[0], kpos.shape[0])
-        h = max(self.queries.shape[1], self.keys.shape[1])
-        n_q, n_k = math.ceil(lq / mask_block), math.ceil(lk / mask_block)
-        tiles = torch.zeros(b, h, n_q, n_k, dtype=torch.bool, device=device)
+        qpos, kpos = self._positions()
+        b, h = self._batch_and_heads(qpos, kpos)
+        n_q, n_k = math.ceil(qpos.shape[1] / mask_block), math.ceil(kpos.shape[1] / mask_block)
+        tiles = torch.zeros(b, h, n_q, n_k, dtype=torch.bool, device=qpos.device)
         if self.words:
             q_sets = self._tile_sets(self.queries, qpos, mask_block)
-            k_sets = self._tile_sets(self.keys.to(device), kpos, mask_block)
+            k_sets = self._tile_sets(self.keys.to(qpos.device), kpos, mask_block)
             tiles = tiles | (torch.matmul(q_sets, k_sets.transpose(-1, -2)) > 0)
         if self.window is not None:
             q_low, q_high = _tile_spans(qpos, mask_block)  # (B|1, n_q)
@@ -166,7 +165,7 @@ class PairCodes:
     def _tile_sets(self, codes: torch.Tensor, positions: torch.Tensor, mask_block: int) -> torch.Tensor:
         """float ``(B', H', ceil(L / mask_block), S)``: 0/1 indicators of the union of each tile's real tokens' code
         sets (see :meth:`tiles`), written per tile directly (no ``L x S`` one-hot of an ``equal`` code)."""
-        words = _as_int32(codes.to(torch.int64)).to(torch.int64)
+        words = _as_int32(codes).to(torch.int64)
         real = (positions >= 0)[:, None, :, None].to(torch.float32)  # (B|1, 1, L, 1)
         length = words.shape[2]
         n = math.ceil(length / mask_block)
@@ -201,8 +200,8 @@ def _described(t) -> object:
 
 
 def _as_int32(codes: torch.Tensor) -> torch.Tensor:
-    """int64 codes → their low 32 bits as int32 (two's complement), what the kernels compare."""
-    low = torch.remainder(codes, 1 << 32)
+    """Integer codes → their low 32 bits as int32 (two's complement), what the kernels compare."""
+    low = torch.remainder(codes.to(torch.int64), 1 << 32)
     return torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32)
 
 
