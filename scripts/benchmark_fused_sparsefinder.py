@@ -129,6 +129,23 @@ def quantization_predictor(q, k, *, density=0.05, projection_dim=4, window=3):
 PREDICTORS = {"clustering": clustering_predictor, "quantization": quantization_predictor}  # besides distance's
 
 
+def make_predictor(q, k, method, density, projections):
+    """``(SparsefinderLayer, settings)`` for ``method``: :data:`PREDICTORS`' or :func:`random_predictor`'s
+    (distance)."""
+    if method in PREDICTORS:
+        return PREDICTORS[method](q, k, density=density)
+    return random_predictor(q, k, density=density, projections=projections)
+
+
+def causal_tiles(num_queries, num_keys, device):
+    """bool ``(n_q, n_k)`` of ``FUSED_MASK_BLOCK`` tiles: those holding a pair the kernel's causality allows (the
+    queries are the last of the keys)."""
+    block = FUSED_MASK_BLOCK
+    n_q, n_k = -(-num_queries // block), -(-num_keys // block)
+    last_key = (torch.arange(n_q, device=device)[:, None] + 1) * block - 1 + num_keys - num_queries
+    return torch.arange(n_k, device=device) * block <= last_key
+
+
 @contextlib.contextmanager
 def element_mask_only():
     """The fused execution builds an element mask even where the pairs could be codes (the execution before codes,
@@ -162,10 +179,7 @@ def _densities(q, k, v, call):
                 kept, total = kept + int(pairs.sum()), total + pairs.numel()
             block_mask = keep.tiles(FUSED_MASK_BLOCK).expand(*q_.shape[:2], -1, -1)
             if kw.get("causal"):
-                n_q, n_k = block_mask.shape[-2:]
-                below = torch.arange(n_k, device=q_.device) * FUSED_MASK_BLOCK <= (
-                    torch.arange(n_q, device=q_.device)[:, None] + 1) * FUSED_MASK_BLOCK - 1 + lk - lq
-                block_mask = block_mask & below
+                block_mask = block_mask & causal_tiles(lq, lk, q_.device)
         else:
             kept, total = kept + int(keep.sum()), total + keep.numel()
         tiles, total_tiles = tiles + int(block_mask.sum()), total_tiles + block_mask.numel()
@@ -193,11 +207,7 @@ def time_predicted_attention(length, *, batch=1, heads=12, head_dim=64, density=
     device = torch.device(device)
     q, k, v = synthetic_inputs(length, batch=batch, heads=heads, head_dim=head_dim, clusters=clusters, dtype=dtype,
                                device=device)
-    if predictor is None and method in PREDICTORS:
-        predictor = PREDICTORS[method](q, k, density=density)
-    elif predictor is None:
-        predictor = random_predictor(q, k, density=density, projections=projections)
-    layer, settings = predictor
+    layer, settings = predictor or make_predictor(q, k, method, density, projections)
     layer.is_fitted()
     kw = dict(where="benchmark", scaling=head_dim**-0.5, attention_fn="entmax15", alpha=1.5, causal=causal)
 
@@ -238,26 +248,23 @@ def predicted_work(length, *, batch=1, heads=12, head_dim=64, density=0.05, clus
     diagonal), and the bytes of each form."""
     q, k, _ = synthetic_inputs(length, batch=batch, heads=heads, head_dim=head_dim, clusters=clusters,
                                dtype=torch.float32, device=device)
-    if method in PREDICTORS:
-        layer, settings = PREDICTORS[method](q, k, density=density)
-    else:
-        layer, settings = random_predictor(q, k, density=density, projections=projections)
+    layer, settings = make_predictor(q, k, method, density, projections)
     prediction = sparsefinder.Prediction(layer, q, k, settings, None, causal, 0)
-    block, n = FUSED_MASK_BLOCK, -(-length // FUSED_MASK_BLOCK)
-    kept, tiles = 0, torch.zeros(batch, heads, n, n, dtype=torch.bool, device=device)
-    for start in range(0, length, 8 * block):
-        rows = prediction.rows(start, min(start + 8 * block, length))
-        kept += int(rows.sum())
-        padded = torch.nn.functional.pad(rows, (0, n * block - length, 0, -rows.shape[2] % block))
-        tiles[:, :, start // block : start // block + padded.shape[2] // block] = padded.view(
-            batch, heads, -1, block, n, block).any(5).any(3)
+    block = FUSED_MASK_BLOCK
+    kept, tiles = 0, []
+    for start in range(0, length, 8 * block):  # the element mask's tiles and pairs, as the fused execution builds them
+        chunk_tiles, pairs = sparsefinder._predicted_tiles(prediction.rows, (batch, heads), start,
+                                                           min(start + 8 * block, length), length, block, device)
+        kept += int(pairs.sum())
+        tiles.append(chunk_tiles)
     row = {"length": length, "pair density": kept / (batch * heads * length**2),
-           "tiles holding a pair": float(tiles.float().mean()), "element mask MiB": batch * heads * length**2 / 2**20}
+           "tiles holding a pair": float(torch.cat(tiles, 2).float().mean()),
+           "element mask MiB": batch * heads * length**2 / 2**20}
     codes = prediction.codes()
     if codes is not None:
-        code_tiles = codes.tiles(block).expand(batch, heads, n, n)
+        code_tiles = codes.tiles(block).expand(batch, heads, -1, -1)
         if causal:
-            code_tiles = code_tiles & torch.ones(n, n, dtype=torch.bool, device=device).tril()
+            code_tiles = code_tiles & causal_tiles(length, length, device)
         row["tiles read from codes"] = float(code_tiles.float().mean())
         row["codes MiB"] = codes.packed().numel() * 4 / 2**20
     return row
