@@ -83,6 +83,14 @@ def reference(q, k, v, pairs, scaling, attention_fn, alpha):
     return out.transpose(1, 2)
 
 
+def spy_on_the_kernel(monkeypatch) -> list[dict]:
+    """The keyword arguments of every call predicted attention makes to the fused kernel, in order."""
+    calls = []
+    real = sparsefinder.entmax_attention
+    monkeypatch.setattr(sparsefinder, "entmax_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    return calls
+
+
 def tiles_of(pairs: torch.Tensor) -> torch.Tensor:
     """The TILE x TILE tiles holding any pair."""
     b, h, lq, lk = pairs.shape
@@ -290,9 +298,7 @@ def test_sparse_bert_predicted_attention_runs_fused_and_equals_the_gathered_exec
     model = bert(pattern, combine=combine, method=method, num_buckets=3)
     ids, mask = (t.to(DEVICE) for t in random_batch(batch=2, length=40, seed=4))
     logits = {}
-    calls = []
-    real = sparsefinder.entmax_attention
-    monkeypatch.setattr(sparsefinder, "entmax_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    calls = spy_on_the_kernel(monkeypatch)
     for backend in ("eager", "fused"):
         model.config.attention_backend = backend
         with torch.no_grad():
@@ -348,9 +354,7 @@ def test_marian_decoder_predicted_attention_runs_fused_with_padding_and_kv_cache
         # the fused kernel: a prefill of 17 decoder tokens (two tiles, padding), then one query against the cache
         model.config.attention_backend = "fused"
         kw.update(cache=EncoderDecoderCache(DynamicCache(), DynamicCache()), use_cache=True)
-        calls = []
-        real = sparsefinder.entmax_attention
-        monkeypatch.setattr(sparsefinder, "entmax_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+        calls = spy_on_the_kernel(monkeypatch)
         prefill = model(decoder_input_ids=tgt[:, :17], decoder_attention_mask=tgt_mask[:, :17], **kw).logits
         assert model.attention_backends_used()[decoder_self] == PREDICTED_FUSED
         step = model(decoder_input_ids=tgt[:, 17:], decoder_attention_mask=tgt_mask, **kw).logits

@@ -16,11 +16,10 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton", reason="the fused kernel needs triton (a dev dependency)")
-entmax = pytest.importorskip("entmax", reason="the float64 reference is the entmax package")
+pytest.importorskip("entmax", reason="the float64 reference is the entmax package")
 
-from test_fused_sparsefinder import fitted_layer, qkv  # noqa: E402
+from test_fused_sparsefinder import fitted_layer, qkv, reference, spy_on_the_kernel  # noqa: E402
 
-from hf_sparse import sparsefinder  # noqa: E402
 from hf_sparse.entmax_triton import entmax_attention  # noqa: E402
 from hf_sparse.pair_codes import PairCodes  # noqa: E402
 from hf_sparse.sparsefinder import attend_predicted, attend_predicted_fused  # noqa: E402
@@ -44,12 +43,9 @@ def clustered_codes(b, h, length, match, seed, spread=3):
 
 
 def dense_reference(q, k, v, pairs, scaling, alpha):
-    pairs = pairs.cpu()
-    empty = ~pairs.any(-1, keepdim=True)  # rows without a key: scored over every key here, then zeroed
-    scores = (q @ k.transpose(-1, -2) * scaling).detach().cpu().masked_fill(~(pairs | empty), float("-inf"))
-    fn = {1.5: entmax.entmax15, 2.0: entmax.sparsemax}.get(alpha)
-    p = fn(scores, dim=-1) if fn else entmax.entmax_bisect(scores, alpha=alpha, dim=-1, n_iter=100)
-    return p.masked_fill(empty, 0) @ v.detach().cpu()
+    """test_fused_sparsefinder's float64 masked entmax of the ``entmax`` package, ``(B, H, Lq, Dv)``."""
+    attention_fn = {1.5: "entmax15", 2.0: "sparsemax"}.get(alpha, "entmax_bisect")
+    return reference(q, k, v, pairs, scaling, attention_fn, alpha).transpose(1, 2)
 
 
 def test_pairs_follow_the_rule_pair_by_pair():
@@ -179,13 +175,6 @@ def test_bad_codes_are_refused_naming_the_value(change, message):
     fields.update(change)
     with pytest.raises(ValueError, match=message):
         entmax_attention(q, k, v, keep=PairCodes(**fields))
-
-
-def spy_on_the_kernel(monkeypatch):
-    calls = []
-    real = sparsefinder.entmax_attention
-    monkeypatch.setattr(sparsefinder, "entmax_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    return calls
 
 
 METHODS = {
