@@ -83,9 +83,9 @@ Masks: ``causal`` (queries are the last ``Lq`` of ``Lk`` positions, as in a deco
 ``key_lengths`` (padding), ``block_mask`` (allowed tiles: patterns, frozen DAM block masks, Sparsefinder's
 predicted blocks; disallowed tiles are never read) and ``keep``: an element mask read only inside allowed tiles,
 for patterns whose tiles are partly allowed, or per-token codes (:class:`hf_sparse.pair_codes.PairCodes`:
-Sparsefinder's clusters, buckets and window), from which the kernels test each pair of a tile they read
-(``_code_pairs``) and which give the tiles to read themselves, with no ``Lq x Lk`` tensor. A row with no allowed
-key is zero, with zero gradients.
+Sparsefinder's clusters, buckets, distances and window), from which the kernels test each pair of a tile they
+read (``_coded_pairs``) and which give the tiles to read themselves, with no ``Lq x Lk`` tensor. A row with no
+allowed key is zero, with zero gradients.
 
 Attention dropout (training) is drawn inside the output pass and redrawn, identically, by the backward: one Philox
 number per (batch·head, query, key) from a seed taken from torch's generator, as FlashAttention does, so no mask
@@ -193,6 +193,7 @@ def _load_kernels():
             backward_dkdv_kernel,
             backward_dq_kernel,
             bound_kernel,
+            code_tiles_kernel,
             fallback_kernel,
             forward_kernel,
             gather_kernel,
@@ -213,6 +214,7 @@ def _load_kernels():
             backward_dq_kernel=backward_dq_kernel,
             backward_dkdv_kernel=backward_dkdv_kernel,
             tile_columns_kernel=tile_columns_kernel,
+            code_tiles_kernel=code_tiles_kernel,  # the exact tiles of distance codes
             rows_forward_kernel=rows_forward_kernel,  # row-wise entmax (hf_sparse.entmax_rows_triton)
             rows_backward_kernel=rows_backward_kernel,
         )
@@ -434,6 +436,29 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _code_tiles(keep: PairCodes, candidates: torch.Tensor, mask_block: int, causal: bool = False) -> torch.Tensor:
+    """bool ``(B', H', n_q, n_k)``: which of the ``mask_block`` tiles ``candidates`` lets through (and, ``causal``,
+    that hold a key a query may see) hold a pair the codes allow (:func:`hf_sparse.entmax_triton_kernels.
+    code_tiles_kernel`: every pair of those tiles tested, on the device, no sync). For codes whose per-tile bound
+    is loose: the threshold pass then reads only these."""
+    device = candidates.device
+    codes = keep.packed().to(device)
+    lq, lk = keep.queries.shape[2], keep.keys.shape[2]
+    n_q, n_k = candidates.shape[2:]
+    if causal:  # the tiles above the diagonal are never read: not worth testing
+        last_key = torch.arange(n_q, device=device) * mask_block + mask_block - 1 + lk - lq
+        candidates = candidates & (torch.arange(n_k, device=device) * mask_block <= last_key[:, None])
+    allowed = candidates.view(torch.uint8)
+    b, h = max(codes.shape[0], allowed.shape[0]), max(codes.shape[1], allowed.shape[1])
+    out = torch.empty(b, h, n_q, n_k, dtype=torch.int8, device=device)
+    _load_kernels().code_tiles_kernel[(n_q, b * h)](
+        codes, allowed, out, *_broadcast_strides(codes)[:2], codes.stride(2), lq, *_broadcast_strides(allowed),
+        h, lq, lk, n_q, n_k, PAIR_TEST=keep.pair_test(), TILE=mask_block, SUB=min(64, mask_block & -mask_block),
+        num_warps=8,
+    )
+    return out.view(torch.bool)
+
+
 def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_kb) -> dict:
     """What every kernel launch shares: mask pointers (a placeholder when absent) with broadcast strides, q/k
     strides, the causal offset and the compile-time constants."""
@@ -537,9 +562,10 @@ def entmax_attention(
             other tiles are never read.
         keep: ``(B|1, H|1, Lq, Lk)`` bool element mask, read only inside allowed tiles (partly allowed tiles of a
             pattern); or :class:`hf_sparse.pair_codes.PairCodes`, per-token codes the kernels test each pair of a
-            tile with (Sparsefinder's clusters, buckets and window: no ``Lq x Lk`` tensor). Codes also give the
-            tiles: those that can hold an allowed pair, in tiles of the kernel's own size when ``block_mask`` is
-            not given (else in ``mask_block`` tiles, met with it).
+            tile with (Sparsefinder's clusters, buckets, distances and window: no ``Lq x Lk`` tensor). Codes also
+            give the tiles: those that can hold an allowed pair, in tiles of the kernel's own size when
+            ``block_mask`` is not given (else in ``mask_block`` tiles, met with it); for distance codes, whose
+            per-tile bound is loose, exactly the tiles holding one, found by a first kernel (:func:`_code_tiles`).
         blocks: ``(rows, keys, candidates)`` per kernel tile, powers of two, ``rows, keys >= 16``, ``candidates <=
             keys`` and tiles dividing ``mask_block``; only the speed depends on them. Default on the GPU
             :data:`GPU_BLOCKS`, or :data:`GPU_BLOCKS_FULL_PRECISION` for full-precision float32 and float64.
@@ -590,6 +616,8 @@ def entmax_attention(
             block_mask = keep.tiles(mask_block)
         else:
             block_mask = block_mask.to(query.device) & keep.tiles(mask_block)
+        if keep.match == "distance":  # their tiles are boxes, loose: the kernels' own pair test finds the exact ones
+            block_mask = _code_tiles(keep, block_mask.to(query.device), mask_block, causal)
     need_g = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     cfg = dict(
         alpha=float(alpha),

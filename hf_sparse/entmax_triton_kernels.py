@@ -75,52 +75,86 @@ def _scores(
 
     ``PAIR_TEST``: 0, none; 1, the element mask ``keep`` at ``KEEP`` (uint8, strides ``s_eq``, ``s_ek``); from 2,
     per-token codes at ``KEEP`` (:mod:`hf_sparse.pair_codes`; ``PairCodes.pair_test`` packs the match kind, the
-    number of words and the window into it), tested by :func:`_code_pairs`."""
+    number of words and the window into it), tested by :func:`_coded_pairs`."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC)
     if MASKED:
         rows = offs_m < Lq
         cols = offs_n < klen
-        if PAIR_TEST >= 2:  # codes: word w of every token, then the positions (negative: padding), s_eq apart
-            q_at = KEEP + keep_off + offs_m
-            k_at = KEEP + keep_off + s_ek + offs_n
-            q_pos = tl.load(q_at + (PAIR_TEST - 2) // 2 % 32 * s_eq, mask=rows, other=-1)
-            k_pos = tl.load(k_at + (PAIR_TEST - 2) // 2 % 32 * s_eq, mask=cols, other=-1)
-            rows = rows & (q_pos >= 0)  # padding is a row's or a column's test, not a pair's
-            cols = cols & (k_pos >= 0)
-        ok = rows[:, None] & cols[None, :]
+        if PAIR_TEST >= 2:
+            ok = _coded_pairs(KEEP + keep_off, s_eq, s_ek, offs_m, offs_n, rows, cols, PAIR_TEST)
+        else:
+            ok = rows[:, None] & cols[None, :]
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None] + OFF)
         if PAIR_TEST == 1:
             kept = tl.load(KEEP + keep_off + offs_m[:, None] * s_eq + offs_n[None, :] * s_ek, mask=ok, other=0)
             ok = ok & (kept != 0)
-        elif PAIR_TEST >= 2:
-            ok = ok & _code_pairs(q_at, k_at, s_eq, q_pos, k_pos, rows, cols, (PAIR_TEST - 2) % 2,
-                                  (PAIR_TEST - 2) // 2 % 32, (PAIR_TEST - 2) // 64 - 1)
         s = tl.where(ok, s, NEG_INF)
     return s
 
 
 @triton.jit
-def _code_pairs(q_at, k_at, s_word, q_pos, k_pos, rows, cols,
+def _coded_pairs(codes, s_word, s_key, offs_m, offs_n, rows, cols, PAIR_TEST: tl.constexpr):
+    """The allowed pairs of a tile by per-token codes (``PAIR_TEST >= 2``, :meth:`hf_sparse.pair_codes.PairCodes.
+    pair_test`), bool ``(rows, keys)``: both tokens in range (``rows``, ``cols``) and real (a position >= 0; a
+    row's or a column's test, not a pair's), and their codes matching (:func:`_codes_match`). ``codes``: word 0 of
+    the first query, word ``w`` of every query then every key (``s_key`` after it) ``w · s_word`` further, the
+    positions after the last word."""
+    q_at = codes + offs_m
+    k_at = codes + s_key + offs_n
+    q_pos = tl.load(q_at + (PAIR_TEST - 2) // 3 % 32 * s_word, mask=rows, other=-1)
+    k_pos = tl.load(k_at + (PAIR_TEST - 2) // 3 % 32 * s_word, mask=cols, other=-1)
+    rows = rows & (q_pos >= 0)
+    cols = cols & (k_pos >= 0)
+    hit = _codes_match(q_at, k_at, codes, s_word, s_key, offs_m, offs_n, q_pos, k_pos, rows, cols,
+                      (PAIR_TEST - 2) % 3, (PAIR_TEST - 2) // 3 % 32, (PAIR_TEST - 2) // 96 - 1)
+    return rows[:, None] & cols[None, :] & hit
+
+
+@triton.jit
+def _codes_match(q_at, k_at, codes, s_word, s_key, offs_m, offs_n, q_pos, k_pos, rows, cols,
                 MATCH: tl.constexpr, WORDS: tl.constexpr, WINDOW: tl.constexpr):
     """The pairs of a tile whose codes match (:mod:`hf_sparse.pair_codes`): some word matching (``MATCH`` 0: a
-    shared set bit; 1: equal) or the positions at most ``WINDOW`` apart (-1: no window). ``q_at``, ``k_at``: the
-    first word of the tile's rows and keys, the next ``s_word`` further (consecutive tokens side by side, so a
-    thread's neighbouring columns load together); ``rows``, ``cols``: which of them to load. ``WORDS`` loads of a
-    tile's rows and of its keys, and per pair about two operations a word and two for the window, against a
-    ``BM x BN`` element mask."""
+    shared set bit; 1: equal), the distance test (``MATCH`` 2: :func:`_distance_test`), or the positions at most
+    ``WINDOW`` apart (-1: no window). ``q_at``, ``k_at``: the first word of the tile's rows and keys, the next
+    ``s_word`` further (consecutive tokens side by side, so a thread's neighbouring columns load together);
+    ``codes``: the first word of the first query (the keys ``s_key`` after it); ``rows``, ``cols``: which of them to
+    load. ``WORDS`` loads of a tile's rows and of its keys, and per pair about two operations a word and two for the
+    window, against a ``BM x BN`` element mask."""
     if WINDOW >= 0:  # |q - k| <= W as one unsigned comparison: 0 <= q + W - k <= 2 W
         hit = ((q_pos + WINDOW)[:, None] - k_pos[None, :]).to(tl.uint32, bitcast=True) <= 2 * WINDOW
     else:
         hit = rows[:, None] & False
-    for w in tl.static_range(WORDS):
-        a = tl.load(q_at + w * s_word, mask=rows, other=0)
-        c = tl.load(k_at + w * s_word, mask=cols, other=0)
-        if MATCH == 0:
-            hit = hit | ((a[:, None] & c[None, :]) != 0)
-        else:
-            hit = hit | (a[:, None] == c[None, :])
+    if MATCH == 2:
+        hit = hit | _distance_test(codes.to(tl.pointer_type(tl.float64)), s_word, s_key, offs_m, offs_n, rows, cols,
+                                   WORDS // 2 - 1)
+    else:
+        for w in tl.static_range(WORDS):
+            a = tl.load(q_at + w * s_word, mask=rows, other=0)
+            c = tl.load(k_at + w * s_word, mask=cols, other=0)
+            if MATCH == 0:
+                hit = hit | ((a[:, None] & c[None, :]) != 0)
+            else:
+                hit = hit | (a[:, None] == c[None, :])
     return hit
+
+
+@triton.jit
+def _distance_test(codes, s_row, s_key, offs_m, offs_n, rows, cols, R: tl.constexpr):
+    """``key constant + Σ_t q_t k_t >= query constant`` for each pair of the tile, as
+    :func:`hf_sparse.pair_codes.distance_pairs` computes it: float32 coordinates (stored as float64), whose
+    products are exact in float64, added to the key's float64 constant in coordinate order, so whether the sum is
+    contracted into fused multiply-adds changes no bit. ``codes``: float64 rows of every query then every key,
+    ``s_row`` apart (coordinate ``t`` in row ``t``, the constant in row ``R``)."""
+    queries = codes + offs_m
+    keys = codes + s_key + offs_n
+    # (no `other`: what a masked lane holds does not matter, the caller leaves its rows and columns out)
+    total = tl.load(keys + R * s_row, mask=cols)[None, :]
+    for t in tl.static_range(R):
+        a = tl.load(queries + t * s_row, mask=rows)
+        c = tl.load(keys + t * s_row, mask=cols)
+        total = total + a[:, None] * c[None, :]
+    return total >= tl.load(queries + R * s_row, mask=rows)[:, None]
 
 
 @triton.jit
@@ -1012,6 +1046,32 @@ def tile_columns_kernel(NEED, TILES, NTILES, n_qb, n_kb):
         need = (tl.load(NEED + (bh * n_qb + qb) * n_kb + pid_n, mask=ok, other=0) != 0) & ok
         count = _append(TILES + base, count, need, qb)
     tl.store(NTILES + bh * n_kb + pid_n, count)
+
+
+@triton.jit
+def code_tiles_kernel(CODES, CANDIDATES, OUT, s_cb, s_ch, s_word, s_key, s_tb, s_th, s_tq, s_tk, H, Lq, Lk, n_qb, n_kb,
+                      PAIR_TEST: tl.constexpr, TILE: tl.constexpr, SUB: tl.constexpr):
+    """``OUT[bh, i, j]``: whether the ``TILE x TILE`` tile ``(i, j)`` holds a pair the codes allow, for the tiles
+    ``CANDIDATES`` lets through (a superset, from :meth:`hf_sparse.pair_codes.PairCodes.tiles`; the others are
+    left out unread). The exact tiles where the per-tile bound is loose (distance codes: boxes), tested ``SUB x
+    SUB`` at a time with the attention kernels' own pair test, so that their first sweep reads no tile without a
+    pair."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    codes = CODES + b * s_cb + h * s_ch
+    part = tl.arange(0, SUB)
+    for kb in range(0, n_kb):
+        found = tl.zeros([], dtype=tl.int32)
+        if tl.load(CANDIDATES + b * s_tb + h * s_th + pid_m * s_tq + kb * s_tk) != 0:
+            for sm in tl.static_range(TILE // SUB):
+                offs_m = pid_m * TILE + sm * SUB + part
+                for sn in tl.static_range(TILE // SUB):
+                    offs_n = kb * TILE + sn * SUB + part
+                    hit = _coded_pairs(codes, s_word, s_key, offs_m, offs_n, offs_m < Lq, offs_n < Lk, PAIR_TEST)
+                    found = found | tl.max(hit.to(tl.int32))
+        tl.store(OUT + (bh * n_qb + pid_m) * n_kb + kb, found.to(tl.int8))
 
 
 @triton.jit

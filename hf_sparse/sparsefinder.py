@@ -41,7 +41,7 @@ from .attention import FUSED_ALPHA, AttentionMask, attend, normalize
 from .block_maps import cached_block_map
 from .checks import check_settings_dict
 from .entmax_triton import entmax_attention
-from .pair_codes import MAX_WORDS, PairCodes
+from .pair_codes import MAX_WORDS, PairCodes, distance_pairs
 from .patterns import hash_uniform, rows_mask
 
 METHODS = ("distance", "quantization", "clustering", "window", "lsh", "routing", "bigbird")
@@ -345,6 +345,18 @@ def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _distance_codes(q_proj: torch.Tensor, k_proj: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``distance`` threshold's pairs as distance codes (:mod:`hf_sparse.pair_codes`), float64 ``(B, H, L, r +
+    1)``: ``||q' - k'||² <= t²  ⟺  2 q'·k' - |k'|² >= |q'|² - t²``, so a query is ``[q', |q'|² - t²]`` and a key
+    ``[2k', -|k'|²]`` (coordinates rounded to float32 first, as the test reads them), one multiply-add per
+    coordinate and one comparison per pair (:func:`hf_sparse.pair_codes.distance_pairs`), the same bits in torch and
+    in the fused kernel."""
+    q32, k32 = q_proj.float().double(), k_proj.float().double()
+    q_codes = torch.cat([q32, q32.pow(2).sum(-1, keepdim=True) - threshold**2], -1)
+    k_codes = torch.cat([2 * k32, -k32.pow(2).sum(-1, keepdim=True)], -1)
+    return q_codes, k_codes
+
+
 def _nearest_clusters(x: torch.Tensor, centroids: torch.Tensor, top: int) -> torch.Tensor:
     """Bool ``(B, H, L, C)``: membership of each token in its ``top`` nearest centroids ``(H, C, D)``."""
     dist = _squared_distances(x, centroids.unsqueeze(0).to(x.dtype))
@@ -460,13 +472,7 @@ class Prediction:
         if method in PROJECTED_METHODS:
             q_proj, k_proj = layer_state.project(q, k)
             if method == "distance" and cfg["top_k"] is None:
-                # ||q' - k'||² <= t²  ⟺  [q', 1] · [2k', -|k'|²] >= |q'|² - t²: one small matmul and one comparison
-                # per pair instead of forming the distances
-                ones = torch.ones_like(q_proj[..., :1])
-                q_aug = torch.cat([q_proj, ones], -1)
-                k_aug = torch.cat([2 * k_proj, -k_proj.pow(2).sum(-1, keepdim=True)], -1)
-                bound = q_proj.pow(2).sum(-1, keepdim=True) - float(cfg["threshold"]) ** 2
-                self.features = (q_aug, k_aug, bound)
+                self.features = _distance_codes(q_proj, k_proj, float(cfg["threshold"]))
             elif method == "distance":
                 self.features = (q_proj, k_proj)
             elif method == "quantization":
@@ -499,8 +505,8 @@ class Prediction:
         allowed = valid_pairs(self.valid_keys, c, lk, self.causal, valid_queries, offset, self.device)
         pred = window_pairs(c, lk, cfg["window"], offset, self.device).view(1, 1, c, lk)
         if method == "distance" and cfg["top_k"] is None:
-            q_aug, k_aug, bound = self.features
-            pred = pred | (torch.matmul(q_aug[:, :, start:stop], k_aug.transpose(-1, -2)) >= bound[:, :, start:stop])
+            q_codes, k_codes = self.features
+            pred = pred | distance_pairs(q_codes[:, :, start:stop], k_codes)
         elif method == "distance":
             q_proj, k_proj = self.features
             dist = _squared_distances(q_proj[:, :, start:stop], k_proj).masked_fill(~allowed, float("inf"))
@@ -527,14 +533,17 @@ class Prediction:
     def codes(self) -> PairCodes | None:
         """The same pairs as :meth:`rows` (without a pattern) as per-token codes the fused kernel tests inside its
         tiles (:class:`hf_sparse.pair_codes.PairCodes`), or ``None`` where a pair is not decided by its two tokens
-        alone: ``distance`` (a threshold on a float product, or each query's ``top_k``) and ``bigbird`` (each query's
-        random keys), or more code words than the kernels take.
+        alone: ``distance`` with ``top_k`` and ``bigbird`` (each query's own selection of keys), or more code words
+        than the kernels take.
 
         Clusters (``clustering``, ``routing``) become membership bits, buckets (``quantization``: one word per
-        projected dimension; ``lsh``: one per hashing round) words compared for equality; padding and the query
-        offset become positions, which also carry the window. Causality is the kernel's (its ``causal``)."""
+        projected dimension; ``lsh``: one per hashing round) words compared for equality, and the ``distance``
+        threshold the projections as distance codes (:func:`_distance_codes`); padding and the query offset become
+        positions, which also carry the window. Causality is the kernel's (its ``causal``)."""
         method, cfg = self.method, self.cfg
-        if method in ("clustering", "routing"):
+        if method == "distance" and cfg["top_k"] is None:
+            (queries, keys), match = self.features, "distance"
+        elif method in ("clustering", "routing"):
             q_members, k_members = self.features
             queries, keys, match = _membership_words(q_members), _membership_words(k_members), "bits"
         elif method == "quantization":
@@ -547,7 +556,7 @@ class Prediction:
             keys, match = queries.new_zeros(1, 1, self.num_keys, 0), "equal"
         else:
             return None
-        if queries.shape[-1] > MAX_WORDS:
+        if queries.shape[-1] * (2 if match == "distance" else 1) > MAX_WORDS:  # (PairCodes.words)
             return None
         qpos, kpos = _positions(self.num_queries, self.num_keys, self.query_offset, self.device)
         qpos, kpos = qpos.view(1, -1), kpos.view(1, -1)
@@ -751,7 +760,7 @@ def attend_predicted(
 # The fused execution (attend_predicted_fused): the kernel's block mask in tiles of FUSED_MASK_BLOCK (its key tile on
 # CUDA, so every key tile the prediction leaves empty is skipped unread); the element mask of a call holds at most
 # FUSED_PAIRS_PER_CALL pairs (1 byte each: 128 MiB) and is built FUSED_PREDICT_ROWS queries at a time (what bounds
-# the prediction's own float scratch, e.g. distance: 4 bytes a pair).
+# the prediction's own float scratch, e.g. distance: 16 bytes a pair, a float64 sum and product).
 FUSED_MASK_BLOCK = 64
 #: what :func:`hf_sparse.attention.attention_backends_used` names the fused execution of predicted attention
 PREDICTED_FUSED = "fused (predicted blocks)"
@@ -827,16 +836,17 @@ def attend_predicted_fused(
     :func:`attend_predicted`, nothing decides on the host: no gather sizes are read from the device, so on CUDA the
     whole layer is launched without a sync. Differentiable in ``query``, ``key`` and ``value``.
 
-    Per-token codes, where the pairs allow them (:meth:`Prediction.codes`: ``clustering``, ``routing``,
-    ``quantization``, ``lsh``, ``window``; no pattern to meet, and ``allowed`` at most a mask of keys, as in a
-    decoding step; causal only with an ``int`` offset): the kernel tests each pair of a tile from the tokens'
-    codes and reads only the tiles whose code unions meet (:class:`hf_sparse.pair_codes.PairCodes`), in one call,
-    with ``O(L)`` integers instead of any ``Lq x Lk`` tensor; ``mask_block`` is then the kernel's own tile.
+    Per-token codes, where the pairs allow them (:meth:`Prediction.codes`: ``distance`` with a threshold,
+    ``clustering``, ``routing``, ``quantization``, ``lsh``, ``window``; no pattern to meet, and ``allowed`` at most
+    a mask of keys, as in a decoding step; causal only with an ``int`` offset): the kernel tests each pair of a
+    tile from the tokens' codes and reads only the tiles that can hold a pair (:class:`hf_sparse.pair_codes.
+    PairCodes`: where the tiles' code unions meet; for distance codes, exactly the tiles holding one), in one call,
+    with ``O(L)`` numbers instead of any ``Lq x Lk`` tensor; ``mask_block`` is then the kernel's own tile.
 
-    Otherwise (``distance``, ``bigbird``, a pattern, a full ``allowed``), an element mask: the predictors give
-    pairs, not tiles, so it is ``B·H·Lq·Lk`` bytes, built for at most :data:`FUSED_PAIRS_PER_CALL` pairs at a time
-    (query chunks of whole tiles, one kernel call each), so e.g. ``B=1, H=12, L=8192`` takes 7 calls of 1344
-    queries with a 126 MiB mask each. Causal chunks pass only the keys up to their last query (and
+    Otherwise (``distance`` with ``top_k``, ``bigbird``, a pattern, a full ``allowed``), an element mask: the
+    predictors give pairs, not tiles, so it is ``B·H·Lq·Lk`` bytes, built for at most :data:`FUSED_PAIRS_PER_CALL`
+    pairs at a time (query chunks of whole tiles, one kernel call each), so e.g. ``B=1, H=12, L=8192`` takes 7
+    calls of 1344 queries with a 126 MiB mask each. Causal chunks pass only the keys up to their last query (and
     ``causal=True``), so the kernel never loops over the keys above the diagonal.
     """
     if attention_fn not in FUSED_ALPHA and attention_fn != "entmax_bisect":

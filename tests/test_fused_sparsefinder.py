@@ -188,7 +188,7 @@ def test_chunked_causal_calls_equal_one_call(monkeypatch):
     """Long inputs are split into query chunks (bounded element mask), each with only the keys up to its last
     query: the result must not depend on where the chunks fall."""
     b, h, lk, lq, d = 1, 2, 40, 36, 16
-    layer, settings = fitted_layer(h, d, threshold=2.5)
+    layer, settings = fitted_layer(h, d, top_k=6)  # each query's nearest keys: an element mask
     q, k, v = qkv(b, h, lq, lk, d, seed=7)
     kw = dict(where="test", scaling=0.3, attention_fn="entmax15", alpha=1.5, causal=True, query_offset=lk - lq)
     whole = attend_predicted_fused(layer, q, k, v, settings, **kw, mask_block=TILE)
@@ -201,13 +201,14 @@ def test_chunked_causal_calls_equal_one_call(monkeypatch):
     torch.testing.assert_close(chunked, whole, atol=1e-13, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["distance", "quantization", "bigbird", "lsh"])
+@pytest.mark.parametrize("method", ["distance", "top_k", "quantization", "bigbird", "lsh"])
 def test_building_the_kernel_masks_reads_nothing_back_from_the_device(monkeypatch, method):
     """What the fused execution does besides the kernel (prediction, tiles, element mask or codes, their packing
     for the kernel) never asks the device for a value, so on CUDA it queues without a sync. Here every way a tensor
     reaches Python raises."""
     b, h, lk, d = 2, 2, 40, 16
-    layer, settings = fitted_layer(h, d, method=method, num_buckets=4 if method == "lsh" else 3, random_keys=2)
+    settings = dict(method="distance", top_k=5) if method == "top_k" else dict(method=method, threshold=2.0)
+    layer, settings = fitted_layer(h, d, **settings, num_buckets=4 if method == "lsh" else 3, random_keys=2)
     layer.is_fitted()  # read once per value of the buffer (on loading), not per forward
     q, k, v = qkv(b, h, lk, lk, d)
     valid = torch.ones(b, lk, dtype=torch.bool, device=DEVICE)
@@ -241,21 +242,25 @@ def test_building_the_kernel_masks_reads_nothing_back_from_the_device(monkeypatc
         tiles, _ = keep.tiles(TILE), keep.packed()
     monkeypatch.undo()
     want = predict_pairs(layer, q, k, settings, valid, False, 0, valid)
-    if method in ("quantization", "lsh"):  # decided per token: codes, tested inside the kernel
+    if method in ("distance", "quantization", "lsh"):  # decided per token: codes, tested inside the kernel
         assert isinstance(keep, PairCodes) and "block_mask" not in kw
         assert torch.equal(keep.pairs().expand_as(want), want)
-        assert torch.equal(tiles.expand_as(tiles_of(want)), tiles_of(want))
+        if method == "distance":  # tiles from boxes (test_pair_codes): every tile holding a pair
+            assert not (tiles_of(want) & ~tiles.expand_as(tiles_of(want))).any()
+        else:
+            assert torch.equal(tiles.expand_as(tiles_of(want)), tiles_of(want))
     else:
         assert torch.equal(keep, want)
         assert torch.equal(kw["block_mask"], tiles_of(want))
 
 
-@pytest.mark.parametrize("method", ["distance", "quantization"])  # an element mask; per-token codes
+@pytest.mark.parametrize("method", ["top_k", "distance", "quantization"])  # an element mask; per-token codes
 def test_cuda_predicted_attention_runs_without_a_host_sync(method):
     if DEVICE != "cuda":
         pytest.skip("CUDA only: the sync check is CUDA's")
     b, h, lk, d = 1, 4, 1024, 64
-    layer, settings = fitted_layer(h, d, threshold=1.0, method=method, num_buckets=8)
+    settings = dict(method="distance", top_k=32) if method == "top_k" else dict(method=method)
+    layer, settings = fitted_layer(h, d, threshold=1.0, num_buckets=8, **settings)
     q, k, v = (t.float() for t in qkv(b, h, lk, lk, d))
     layer.float()
     layer.is_fitted()
@@ -291,7 +296,7 @@ def bert(pattern: str, **settings) -> SparseBertForMaskedLM:
 @pytest.mark.parametrize(
     "pattern, combine, method",
     [("dense", "intersection", "distance"), ("window:6+global:1", "union", "distance"),
-     ("dense", "intersection", "quantization")],  # the last on per-token codes (test_pair_codes)
+     ("dense", "intersection", "quantization")],  # without a pattern on per-token codes (test_pair_codes)
 )
 def test_sparse_bert_predicted_attention_runs_fused_and_equals_the_gathered_execution(small_tiles, pattern, combine,
                                                                                       method, monkeypatch):
@@ -305,7 +310,7 @@ def test_sparse_bert_predicted_attention_runs_fused_and_equals_the_gathered_exec
             logits[backend] = model(input_ids=ids, attention_mask=mask).logits
         used = model.attention_backends_used()["bert.encoder.layer.0.attention.self"]
         assert used == (PREDICTED_FUSED if backend == "fused" else "sparsefinder")
-    assert isinstance(calls[-1]["keep"], PairCodes) == (method == "quantization")
+    assert isinstance(calls[-1]["keep"], PairCodes) == (pattern == "dense")
     torch.testing.assert_close(logits["fused"], logits["eager"], atol=1e-10, rtol=0)
     model.config.sparsefinder["enabled"] = False
     model.config.attention_backend = "eager"
@@ -319,10 +324,11 @@ def test_sparse_bert_predicted_attention_runs_fused_and_equals_the_gathered_exec
         model(input_ids=ids, attention_mask=mask, output_attentions=True)
 
 
-@pytest.mark.parametrize("method", ["distance", "quantization"])  # quantization's decoding steps run on codes
+@pytest.mark.parametrize("method", ["top_k", "distance"])  # an element mask; distance codes, prefill and step
 def test_marian_decoder_predicted_attention_runs_fused_with_padding_and_kv_cache(small_tiles, method, monkeypatch):
     torch.manual_seed(0)
-    settings = {"method": method, "window": 1, "threshold": 0.3, "num_buckets": 3, "enabled": True}
+    chosen = {"method": "distance", "top_k": 3} if method == "top_k" else {"method": method, "threshold": 0.3}
+    settings = {**chosen, "window": 1, "enabled": True}
     # closed forms only (bisection is slow under the interpreter; test_fused_marian covers it)
     fns = dict(encoder_attention_fn="sparsemax", decoder_attention_fn="entmax15", cross_attention_fn="sparsemax")
     config = EntmaxSparsefinderMarianConfig(**{**TINY, **fns, "sparsefinder": settings})
@@ -359,9 +365,9 @@ def test_marian_decoder_predicted_attention_runs_fused_with_padding_and_kv_cache
         assert model.attention_backends_used()[decoder_self] == PREDICTED_FUSED
         step = model(decoder_input_ids=tgt[:, 17:], decoder_attention_mask=tgt_mask, **kw).logits
         assert model.attention_backends_used()[decoder_self] == PREDICTED_FUSED
-        # quantization's pairs go to the kernel as codes, prefill and step alike (the decoder has one predicting
-        # layer: one kernel call each)
-        assert [isinstance(c["keep"], PairCodes) for c in calls] == [method == "quantization"] * 2
+        # the distance threshold's pairs go to the kernel as codes, prefill and step alike (the decoder has one
+        # predicting layer: one kernel call each)
+        assert [isinstance(c["keep"], PairCodes) for c in calls] == [method == "distance"] * 2
     real = tgt_mask.bool()  # logits at padded positions attend to nothing real: compare the real ones
     torch.testing.assert_close(torch.cat([prefill, step], 1)[real], eager[real], atol=1e-10, rtol=0)
 

@@ -7,6 +7,7 @@ Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1,
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -20,9 +21,9 @@ pytest.importorskip("entmax", reason="the float64 reference is the entmax packag
 
 from test_fused_sparsefinder import fitted_layer, qkv, reference, spy_on_the_kernel  # noqa: E402
 
-from hf_sparse.entmax_triton import entmax_attention  # noqa: E402
+from hf_sparse.entmax_triton import _code_tiles, entmax_attention  # noqa: E402
 from hf_sparse.pair_codes import PairCodes  # noqa: E402
-from hf_sparse.sparsefinder import attend_predicted, attend_predicted_fused  # noqa: E402
+from hf_sparse.sparsefinder import _distance_codes, attend_predicted, attend_predicted_fused  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TILE = 16  # the interpreter's kernel tile: codes' tiles are the kernel's own
@@ -40,6 +41,25 @@ def clustered_codes(b, h, length, match, seed, spread=3):
         return words[..., None]
     second = torch.randint(0, spread, (b, h, length), generator=g) + 100
     return torch.stack([segment, second * (torch.rand(b, h, length, generator=g) < 0.05)], -1)
+
+
+def clustered_distance_codes(b, h, lq, lk, seed, threshold=1.0):
+    """Sparsefinder's distance codes (:func:`hf_sparse.sparsefinder._distance_codes`) of points ``(B, H, Lk, 3)``
+    in contiguous segments (token ``i`` near ``(4·(i // 8), 0, 0)``), so that pairs within ``threshold`` leave whole
+    tiles empty; the queries are the last ``lq`` points."""
+    g = torch.Generator().manual_seed(seed)
+    points = torch.randn(b, h, lk, 3, generator=g, dtype=torch.float64) * 0.25
+    points[..., 0] += 4.0 * (torch.arange(lk) // 8)
+    return _distance_codes(points[:, :, lk - lq :], points, threshold)
+
+
+def sequential_sum(query: list, key: list) -> float:
+    """The distance test's sum in Python floats (float64): the key's constant, then each coordinate's product of
+    float32-rounded values, in order."""
+    total = key[-1]
+    for a, c in zip(query[:-1], key[:-1]):
+        total = total + torch.tensor(a, dtype=torch.float32).item() * torch.tensor(c, dtype=torch.float32).item()
+    return total
 
 
 def dense_reference(q, k, v, pairs, scaling, alpha):
@@ -76,16 +96,69 @@ def test_pairs_follow_the_rule_pair_by_pair():
                         assert got[bi, hi, i, j].item() == bool(real and (shared or near)), (match, bi, hi, i, j)
 
 
-@pytest.mark.parametrize("match", ["bits", "equal"])
+def test_distance_pairs_follow_the_rule_pair_by_pair_ties_included():
+    """pairs() of distance codes against the sum written out in Python floats. Every query's constant is set to
+    its sum with one key (a tie: allowed) or to the next float above it (not allowed), so a sum rounded
+    differently anywhere would show."""
+    b, h, lq, lk, r = 2, 2, 7, 9, 3
+    g = torch.Generator().manual_seed(0)
+    queries = torch.randn(b, 1, lq, r + 1, generator=g, dtype=torch.float64)
+    keys = torch.randn(1, h, lk, r + 1, generator=g, dtype=torch.float64)
+    queries[..., :r] = queries[..., :r].float().double()  # the tie is only exact for the coordinates it reads
+    for bi in range(b):
+        for i in range(lq):
+            tie = sequential_sum(queries[bi, 0, i].tolist(), keys[0, i % h, (3 * i) % lk].tolist())
+            queries[bi, 0, i, r] = tie if i % 2 == 0 else math.nextafter(tie, math.inf)
+    qpos, kpos = torch.arange(lk - lq, lk).repeat(b, 1), torch.arange(lk).repeat(b, 1)
+    qpos[1, 2], kpos[0, 4] = -3, -1  # padding
+    got = PairCodes(queries, keys, match="distance", window=1, query_positions=qpos, key_positions=kpos).pairs()
+    assert got.shape == (b, h, lq, lk)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(lq):
+                for j in range(lk):
+                    near = abs(qpos[bi, i].item() - kpos[bi, j].item()) <= 1
+                    real = qpos[bi, i] >= 0 and kpos[bi, j] >= 0
+                    hit = sequential_sum(queries[bi, 0, i].tolist(), keys[0, hi, j].tolist()) >= queries[bi, 0, i, r]
+                    assert got[bi, hi, i, j].item() == bool(real and (hit or near)), (bi, hi, i, j)
+    tied = [(bi, i % h, i, (3 * i) % lk) for bi in range(b) for i in range(lq) if qpos[bi, i] >= 0]
+    assert [got[t].item() or abs(t[2] + lk - lq - t[3]) <= 1 for t in tied] == [
+        t[2] % 2 == 0 or abs(t[2] + lk - lq - t[3]) <= 1 for t in tied
+    ]
+
+
+def test_distance_codes_are_sparsefinders_distance_threshold():
+    """_distance_codes' pairs are ``||q' - k'|| <= t``: exactly on a grid of halves (distances on the threshold
+    included), and for random points wherever the distance is not within 1e-9 of it."""
+    g = torch.Generator().manual_seed(1)
+    grid_q = torch.randint(-4, 5, (1, 2, 30, 4), generator=g).double() / 2
+    grid_k = torch.randint(-4, 5, (1, 2, 40, 4), generator=g).double() / 2
+    for q, k, t in ((grid_q, grid_k, 1.5), (torch.randn(1, 2, 30, 4, generator=g, dtype=torch.float64),
+                                             torch.randn(1, 2, 40, 4, generator=g, dtype=torch.float64), 1.7)):
+        q, k = q.float().double(), k.float().double()
+        got = PairCodes(*_distance_codes(q, k, t), match="distance").pairs()
+        squared = ((q[..., :, None, :] - k[..., None, :, :]) ** 2).sum(-1)
+        clear = (squared - t * t).abs() > 1e-9
+        assert torch.equal(got[clear], (squared <= t * t)[clear])
+        assert 0.05 < got.double().mean() < 0.95
+        if t == 1.5:
+            assert not clear.all() and torch.equal(got, squared <= t * t)  # ties, decided as <=
+
+
+@pytest.mark.parametrize("match", ["bits", "equal", "distance"])
 @pytest.mark.parametrize("window", [None, 2])
 def test_tiles_hold_every_allowed_pair_and_leave_out_tiles_without_one(match, window):
     b, h, lq, lk = 2, 3, 45, 61
-    codes = clustered_codes(b, h, lq + lk, match, seed=1)
+    if match == "distance":
+        queries, keys = clustered_distance_codes(b, h, lq, lq + lk, seed=1)
+        queries, keys = queries[:, :, :lq], keys[:, :, lq:]
+    else:
+        codes = clustered_codes(b, h, lq + lk, match, seed=1)
+        queries, keys = codes[:, :, :lq], codes[:, :, lq:]
     qpos, kpos = torch.arange(lk - lq, lk).repeat(b, 1), torch.arange(lk).repeat(b, 1)
     kpos[1, 50:] = -1
     qpos[0, :16] = -1  # a whole tile of padding queries
-    pc = PairCodes(codes[:, :, :lq], codes[:, :, lq:], match=match, window=window, query_positions=qpos,
-                   key_positions=kpos)
+    pc = PairCodes(queries, keys, match=match, window=window, query_positions=qpos, key_positions=kpos)
     pairs = pc.pairs()
     nq, nk = -(-lq // TILE), -(-lk // TILE)
     exact = torch.nn.functional.pad(pairs, (0, nk * TILE - lk, 0, nq * TILE - lq))
@@ -94,9 +167,37 @@ def test_tiles_hold_every_allowed_pair_and_leave_out_tiles_without_one(match, wi
     assert tiles.shape == exact.shape
     assert not (exact & ~tiles).any(), "a tile holding an allowed pair was left out"
     assert not tiles[0, :, 0].any()  # the padding queries' tile
+    if match == "distance":  # boxes: loose; the kernel's own pair test gives the exact tiles
+        assert (~tiles).any() and torch.equal(_code_tiles(pc, tiles, TILE), exact)
+        return
     assert (~tiles).sum() >= (~exact).sum() * 0.8  # most empty tiles are left out
     if match == "bits" and window is None:  # unions of bits are exact
         assert torch.equal(tiles, exact)
+
+
+@pytest.mark.parametrize("tile", [16, 32, 48])
+def test_the_exact_tiles_of_distance_codes_are_those_holding_a_pair_among_the_candidates(tile):
+    """What entmax_attention reads for distance codes: of the candidate tiles, exactly those holding an allowed
+    pair, for tiles of one to three sub-tiles of the kernel (48: three of 16)."""
+    b, h, lq, lk = 2, 2, 45, 100
+    queries, keys = clustered_distance_codes(b, h, lq, lk, seed=2)
+    qpos = torch.arange(lk - lq, lk).repeat(b, 1)
+    qpos[1, 40:] = -1
+    pc = PairCodes(queries.to(DEVICE), keys[:1].to(DEVICE), match="distance", window=1,
+                   query_positions=qpos.to(DEVICE))
+    nq, nk = -(-lq // tile), -(-lk // tile)
+    exact = torch.nn.functional.pad(pc.pairs(), (0, nk * tile - lk, 0, nq * tile - lq))
+    exact = exact.view(b, h, nq, tile, nk, tile).any(5).any(3)
+    candidates = pc.tiles(tile).expand(b, h, nq, nk).clone()
+    assert not (exact & ~candidates).any()
+    candidates[:, :, :, 0] = False  # a candidate mask that leaves out some tiles holding pairs too
+    got = _code_tiles(pc, candidates, tile)
+    assert torch.equal(got, exact & candidates) and got.any() and (candidates & ~got).any()
+    visible = torch.ones(lq, lk, dtype=torch.bool, device=DEVICE).tril(lk - lq)  # causal: the tiles a query sees
+    visible = torch.nn.functional.pad(visible, (0, nk * tile - lk, 0, nq * tile - lq))
+    visible = visible.view(nq, tile, nk, tile).any(3).any(1)
+    assert tile == 48 or not visible.all()  # (one tile row of 48 queries sees every key tile)
+    assert torch.equal(_code_tiles(pc, candidates, tile, causal=True), exact & candidates & visible)
 
 
 CASES = {  # each threshold pass reads the codes too
@@ -106,6 +207,8 @@ CASES = {  # each threshold pass reads the codes too
                                                  threshold_pass="stream"),
     "bisect-bits-window-bound": dict(alpha=1.3, match="bits", window=1, causal=False, broadcast=None,
                                      threshold_pass="bound"),
+    "entmax15-distance-window-causal-bound": dict(alpha=1.5, match="distance", window=1, causal=True,
+                                                  broadcast="queries", threshold_pass="bound"),
 }
 
 
@@ -113,8 +216,11 @@ CASES = {  # each threshold pass reads the codes too
 def test_kernel_on_codes_equals_the_element_mask_of_the_same_pairs_and_float64_entmax(case):
     spec = CASES[case]
     b, h, lq, lk, d, scaling = 2, 2, 37, 45, 16, 0.3
-    keys = clustered_codes(b, h, lk, spec["match"], seed=len(case))
-    queries = keys[:, :, lk - lq :]  # the queries are the last lq positions, coded as those keys
+    if spec["match"] == "distance":
+        queries, keys = clustered_distance_codes(b, h, lq, lk, seed=len(case))
+    else:
+        keys = clustered_codes(b, h, lk, spec["match"], seed=len(case))
+        queries = keys[:, :, lk - lq :]  # the queries are the last lq positions, coded as those keys
     if spec["broadcast"] == "queries":
         queries = queries[:1]
     elif spec["broadcast"] == "keys":
@@ -144,6 +250,31 @@ def test_kernel_on_codes_equals_the_element_mask_of_the_same_pairs_and_float64_e
     assert torch.equal(outs["codes"][1, :, 30:], torch.zeros_like(outs["codes"][1, :, 30:]))
 
 
+def test_the_kernel_decides_each_distance_pair_as_torch_does_ties_included():
+    """With all scores equal (q = 0) entmax spreads each row evenly over its allowed keys, so the output is the
+    mean of their values and shows the kernel's pair set exactly. Half the queries' constants tie with one key's
+    sum (allowed), the other half lie the next float above (not), on full float32 coordinates: a sum the kernel
+    rounded differently from torch would flip them."""
+    b, h, lq, lk, r, d = 1, 2, 24, 40, 4, 16
+    g = torch.Generator().manual_seed(6)
+    queries = torch.randn(b, h, lq, r + 1, generator=g, dtype=torch.float64)
+    keys = torch.randn(b, h, lk, r + 1, generator=g, dtype=torch.float64)
+    queries[..., :r] = queries[..., :r].float().double()
+    for hi in range(h):
+        for i in range(lq):
+            tie = sequential_sum(queries[0, hi, i].tolist(), keys[0, hi, (7 * i + hi) % lk].tolist())
+            queries[0, hi, i, r] = tie if (i + hi) % 2 == 0 else math.nextafter(tie, math.inf)
+    pc = PairCodes(queries.to(DEVICE), keys.to(DEVICE), match="distance")
+    pairs = pc.pairs()
+    assert 0.1 < pairs.double().mean() < 0.9
+    _, _, v = qkv(b, h, lq, lk, d, seed=7)
+    q, k = torch.zeros(b, h, lq, d, dtype=torch.float64, device=DEVICE), torch.zeros_like(v)
+    out = entmax_attention(q, k, v, keep=pc)
+    count = pairs.sum(-1, keepdim=True).double()
+    mean = torch.where(count > 0, pairs.double() @ v / count.clamp_min(1), 0.0)
+    torch.testing.assert_close(out, mean, atol=1e-12, rtol=0)
+
+
 def test_a_given_block_mask_is_met_with_the_codes_tiles():
     b, h, lq, lk, d = 1, 2, 32, 48, 16
     codes = clustered_codes(b, h, lk, "bits", seed=4)
@@ -167,6 +298,10 @@ def test_a_given_block_mask_is_met_with_the_codes_tiles():
         (dict(keys=torch.zeros(1, 1, 8, 2, dtype=torch.int64)), "same number of code words, at most 31"),
         (dict(key_positions=torch.arange(9)[None]), r"key_positions must be an integer tensor of shape \(1 or 1, 8\)"),
         (dict(query_positions=torch.ones(1, 8, dtype=torch.bool)), "query_positions must be an integer tensor"),
+        (dict(match="distance"), r"queries must be a floating tensor of shape \(1 or 1, 1 or 1, 8, r \+ 1\)"),
+        (dict(match="distance", queries=torch.zeros(1, 1, 8, 1), keys=torch.zeros(1, 1, 8, 1)),
+         "same r \\+ 1 columns \\(r coordinates, then the constant\\), 2 to 15, got 1 and 1"),
+        (dict(match="distance", queries=torch.zeros(1, 1, 8, 16), keys=torch.zeros(1, 1, 8, 16)), "2 to 15, got 16"),
     ],
 )
 def test_bad_codes_are_refused_naming_the_value(change, message):
@@ -178,6 +313,7 @@ def test_bad_codes_are_refused_naming_the_value(change, message):
 
 
 METHODS = {
+    "distance": dict(method="distance", threshold=4.0),
     "clustering": dict(method="clustering", num_clusters=40, top_clusters=2),  # two code words
     "routing": dict(method="routing", num_clusters=4),
     "quantization": dict(method="quantization", num_buckets=3),
@@ -201,9 +337,23 @@ def test_sparsefinder_methods_decided_per_token_run_on_codes_and_equal_the_gathe
     calls = spy_on_the_kernel(monkeypatch)
     fused = attend_predicted_fused(layer, q, k, v, settings, **kw)
     assert len(calls) == 1 and isinstance(calls[0]["keep"], PairCodes)
+    assert 0.05 < calls[0]["keep"].pairs().double().mean() < 0.95
     gathered, _ = attend_predicted(layer, q, k, v, settings, **kw)
     torch.testing.assert_close(fused, gathered, atol=1e-12, rtol=0)
     assert torch.equal(fused[1, 27:], torch.zeros_like(fused[1, 27:]))
+
+
+def test_distance_with_more_coordinates_than_the_kernels_take_keeps_the_element_mask(monkeypatch):
+    """r = 15 projected dimensions are 32 words a token: the element mask instead, the same result."""
+    b, h, lk, d = 1, 2, 24, 16
+    layer, settings = fitted_layer(h, d, method="distance", projection_dim=15, threshold=6.0)
+    q, k, v = qkv(b, h, lk, lk, d, seed=10)
+    kw = dict(where="test", scaling=0.25, attention_fn="entmax15", alpha=1.5)
+    calls = spy_on_the_kernel(monkeypatch)
+    fused = attend_predicted_fused(layer, q, k, v, settings, **kw)
+    assert isinstance(calls[-1]["keep"], torch.Tensor) and 0.05 < calls[-1]["keep"].double().mean() < 0.95
+    gathered, _ = attend_predicted(layer, q, k, v, settings, **kw)
+    torch.testing.assert_close(fused, gathered, atol=1e-12, rtol=0)
 
 
 def test_a_decoding_step_with_a_key_mask_runs_on_codes_and_a_full_mask_on_the_element_mask(monkeypatch):
