@@ -61,9 +61,10 @@ class Case(NamedTuple):
     block_mask: bool = False  # a tile mask (patterns, frozen DAM, Sparsefinder's predicted blocks)
     rows: int = 0  # > 0: entmax_topk's Triton row kernel (hf_sparse.entmax_rows_triton) on float32 rows this long
     keep: bool = False  # the row kernel with an element mask (eager attention's padding and patterns)
-    # pairs tested inside the attention kernels' tiles: "mask", an element mask (patterns, Sparsefinder's distance
-    # predictor), with its tiles as block mask; "codes", per-token codes (Sparsefinder's k-means clustering: one
-    # word of membership bits, up to 32 clusters, and its window of 3)
+    # pairs tested inside the attention kernels' tiles: "mask", an element mask (patterns, Sparsefinder's top_k and
+    # bigbird), with its tiles as block mask; "codes", per-token codes (Sparsefinder's k-means clustering: one word
+    # of membership bits, up to 32 clusters, and its window of 3); "distance", distance codes (its default
+    # predictor: 4 projected coordinates, and the window)
     pairs: str = ""
 
 
@@ -85,6 +86,7 @@ CASES = {
     "bisection": Case(alpha=1.3),
     "predicted-mask": Case(pairs="mask"),
     "predicted-codes": Case(pairs="codes"),
+    "predicted-distance": Case(pairs="distance"),
     # the row kernel (eager attention and entmax_topk on CUDA), float32 scores: rows held whole (the longest at 16
     # warps) and the long-row path; rows of two scores. Lengths that are not multiples of 16, as attention's mostly
     # are (Triton compiles multiples of 16 apart, with wider loads)
@@ -215,6 +217,9 @@ def compile_case(name: str, arch: int, report, blocks=None) -> None:
         elif case.pairs == "codes":
             clusters = torch.ones(1, 2, 256, 1, dtype=torch.int64)
             keep = PairCodes(clusters, clusters, match="bits", window=3)
+        elif case.pairs == "distance":
+            coordinates = torch.randn(1, 2, 256, 5, dtype=torch.float64)
+            keep = PairCodes(coordinates, coordinates, match="distance", window=3)
         precision = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(case.float32_precision)
         try:

@@ -50,6 +50,7 @@ EXPECTED = {
     "bisection": BOUND,
     "predicted-mask": BOUND,
     "predicted-codes": BOUND,
+    "predicted-distance": BOUND | {"code_tiles_kernel"},  # distance codes' exact tiles first
     **{case: ROWS for case in CASES_ROWS},
 }
 
