@@ -1,14 +1,14 @@
 """Time Sparsefinder's predicted attention on the fused Triton kernel against the gathering execution.
 
 One attention layer's worth of synthetic queries, keys and values (``B x H x L x D``, BERT-base heads by default)
-and a ``distance`` predictor whose threshold is set for a target pair density (its pairs reach the kernel as an
-element mask), or with ``--method clustering`` a k-means predictor with ``1 / density`` centroids (``quantization``:
-buckets on the projections; either's pairs reach the kernel as per-token codes, and are also timed as an element
-mask). By default the tokens come in contiguous clusters (queries and keys near their segment's centre) and the
-predictor projects onto each head's principal directions (a stand-in for fitted projections), so the prediction is
-block-structured; ``--projections random`` (untrained projections) or ``--clusters 0`` (unstructured inputs) give
-predictions that touch most tiles, the worst case for tile skipping. The table reports the largest difference of
-the fused execution to the gathering one in float32 on the same inputs.
+and a ``distance`` predictor whose threshold is set for a target pair density, or with ``--method clustering`` a
+k-means predictor with ``1 / density`` centroids (``quantization``: buckets on the projections). Each one's pairs
+reach the kernel as per-token codes, and are also timed as an element mask. By default the tokens come in
+contiguous clusters (queries and keys near their segment's centre) and the predictor projects onto each head's
+principal directions (a stand-in for fitted projections), so the prediction is block-structured; ``--projections
+random`` (untrained projections) or ``--clusters 0`` (unstructured inputs) give predictions that touch most tiles,
+the worst case for tile skipping. The table reports the largest difference of the fused execution to the gathering
+one in float32 on the same inputs.
 
     python scripts/benchmark_fused_sparsefinder.py --lengths 4096 8192            # CUDA
     python scripts/benchmark_fused_sparsefinder.py --lengths 4096 --causal --density 0.05
@@ -20,7 +20,7 @@ From another script (e.g. the GPU benchmark)::
     row = time_predicted_attention(8192, density=0.05)  # dict: densities, max |fused - gathered|, milliseconds
 
 Variants: ``fused predicted`` (:func:`hf_sparse.sparsefinder.attend_predicted_fused`: prediction, masks or codes and
-kernel), ``fused predicted, element mask`` (codes only: the same pairs as an element mask), ``gathered predicted``
+kernel), ``fused predicted, element mask`` (the same pairs as an element mask), ``gathered predicted``
 (:func:`hf_sparse.sparsefinder.attend_predicted`, host reads per 128 queries) and ``fused dense``
 (:func:`hf_sparse.entmax_triton.entmax_attention` on every pair, the attention Sparsefinder approximates). CUDA:
 device time by CUDA events; elsewhere wall time (the fused kernel runs on CPU only under ``TRITON_INTERPRET=1``,
@@ -201,8 +201,8 @@ def time_predicted_attention(length, *, batch=1, heads=12, head_dim=64, density=
 
     ``predictor``: ``(SparsefinderLayer, settings)`` to use instead of :func:`random_predictor` (a fitted one);
     ``method="clustering"`` or ``"quantization"``: :func:`clustering_predictor` or :func:`quantization_predictor`
-    instead, whose pairs the fused execution takes as codes, and the variant ``fused predicted, element mask``
-    times the same pairs as an element mask.
+    instead. The fused execution takes the pairs as codes where it can (:meth:`sparsefinder.Prediction.codes`),
+    and the variant ``fused predicted, element mask`` times the same pairs as an element mask.
     """
     device = torch.device(device)
     q, k, v = synthetic_inputs(length, batch=batch, heads=heads, head_dim=head_dim, clusters=clusters, dtype=dtype,
@@ -217,7 +217,7 @@ def time_predicted_attention(length, *, batch=1, heads=12, head_dim=64, density=
 
     calls = {
         "fused predicted": lambda: attend_predicted_fused(layer, q, k, v, settings, **kw),
-        "fused predicted, element mask": element_mask if method in PREDICTORS else None,
+        "fused predicted, element mask": element_mask,
         "gathered predicted": lambda: attend_predicted(layer, q, k, v, settings, **kw)[0],
         "fused dense": lambda: entmax_attention(q, k, v, scaling=head_dim**-0.5, causal=causal),
     }
@@ -245,7 +245,8 @@ def predicted_work(length, *, batch=1, heads=12, head_dim=64, density=0.05, clus
     """What the fused execution hands the kernel, without running it (any length, on a CPU): the pair density, the
     share of the ``FUSED_MASK_BLOCK`` tiles holding a pair (what the element mask's block mask reads) and, for
     codes, the share their per-tile unions let through (what the kernel reads from codes; causal: below the
-    diagonal), and the bytes of each form."""
+    diagonal; distance codes' boxes are only candidates, among which a first kernel finds the tiles holding a pair,
+    what the attention kernels then read), and the bytes of each form."""
     q, k, _ = synthetic_inputs(length, batch=batch, heads=heads, head_dim=head_dim, clusters=clusters,
                                dtype=torch.float32, device=device)
     layer, settings = make_predictor(q, k, method, density, projections)
@@ -265,7 +266,11 @@ def predicted_work(length, *, batch=1, heads=12, head_dim=64, density=0.05, clus
         code_tiles = codes.tiles(block).expand(batch, heads, -1, -1)
         if causal:
             code_tiles = code_tiles & causal_tiles(length, length, device)
-        row["tiles read from codes"] = float(code_tiles.float().mean())
+        if codes.match == "distance":  # boxes, loose: the kernel first finds the tiles holding a pair among them
+            row["candidate tiles (boxes)"] = float(code_tiles.float().mean())
+            row["tiles read from codes"] = row["tiles holding a pair"]  # (entmax_triton._code_tiles, tested exact)
+        else:
+            row["tiles read from codes"] = float(code_tiles.float().mean())
         row["codes MiB"] = codes.packed().numel() * 4 / 2**20
     return row
 
@@ -279,7 +284,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.05, help="target fraction of predicted pairs")
     parser.add_argument("--projections", choices=["pca", "random"], default="pca")
     parser.add_argument("--method", choices=["distance", *PREDICTORS], default="distance",
-                        help="the predictor: distance (element mask), clustering or quantization (per-token codes)")
+                        help="the predictor: distance, clustering or quantization (all three on per-token codes)")
     parser.add_argument("--clusters", type=int, default=16, help="contiguous token clusters (0: unstructured)")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")

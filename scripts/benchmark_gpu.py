@@ -22,9 +22,9 @@ Checks first, then times (CUDA events, medians), B=1, 16 heads, head dim 64:
 5. **Long sequences** (:func:`long_sequence`): the fused kernel at L = 32768 and 65536 with its peak memory (the
    O(L·d) target: an L x L float32 score matrix at 65536 would be 256 GiB).
 
-6. **Predicted blocks** (:func:`predicted_blocks`): Sparsefinder's predicted attention through the fused kernel's
-   tile and element masks (a distance predictor) or per-token codes (a k-means clustering predictor, also timed on
-   the element mask of the same pairs), against the gathering execution and dense fused entmax.
+6. **Predicted blocks** (:func:`predicted_blocks`): Sparsefinder's predicted attention through the fused kernel on
+   per-token codes (a distance and a k-means clustering predictor), also timed on the element mask of the same
+   pairs, against the gathering execution and dense fused entmax.
 7. **Profile** (:func:`kernel_profile`): per-kernel time of the fused kernel at L = 8192 for several tile choices
    and threshold passes (what ``GPU_BLOCKS`` should be, and what finding τ costs against the output pass).
 
@@ -558,8 +558,8 @@ def kernel_profile(device, smoke, lines):
 
 
 def predicted_blocks(device, smoke, lines):
-    """Sparsefinder's predicted attention on the fused kernel (predicted pairs as its tile and element masks, or as
-    per-token codes) against the gathering execution and dense fused entmax: ``scripts/
+    """Sparsefinder's predicted attention on the fused kernel (predicted pairs as per-token codes, and as its tile
+    and element masks) against the gathering execution and dense fused entmax: ``scripts/
     benchmark_fused_sparsefinder.py``'s synthetic clustered inputs and a distance or clustering predictor at
     about 5 % of the pairs, BERT-base heads (12 x 64)."""
     sys.path.insert(0, str(REPO / "scripts"))
@@ -753,9 +753,9 @@ def render(results: dict, notes: list, device, heads: int, dim: int, started: fl
         "## Sparsefinder's predicted pairs on the fused kernel (bfloat16, 12 heads, head dim 64, ms)",
         "",
         "Synthetic clustered q, k, v and a predictor set to about 5 % of the pairs "
-        "(`scripts/benchmark_fused_sparsefinder.py`): `distance` runs on an element mask, `clustering` (k-means) "
-        "on per-token codes (its `element mask` column: the same pairs as an element mask, the execution before "
-        "codes); the difference is to the gathering execution in float32.",
+        "(`scripts/benchmark_fused_sparsefinder.py`): `distance` (a threshold on projected distances) and "
+        "`clustering` (k-means) run on per-token codes (the `element mask` column: the same pairs as an element "
+        "mask, the execution before codes); the difference is to the gathering execution in float32.",
         "",
         "| predictor | L | mask | pair density | tile density | fused predicted | element mask | "
         "gathered predicted | fused dense | dense / predicted | max diff |",
