@@ -38,7 +38,7 @@ import torch
 
 from hf_sparse import sparsefinder
 from hf_sparse.benchmarking import median_ms
-from hf_sparse.entmax_triton import entmax_attention
+from hf_sparse.entmax_triton import _code_tiles, entmax_attention
 from hf_sparse.pair_codes import PairCodes
 from hf_sparse.sparsefinder import FUSED_MASK_BLOCK, SparsefinderLayer, attend_predicted, attend_predicted_fused
 from hf_sparse.sparsefinder_fit import kmeans
@@ -160,7 +160,8 @@ def element_mask_only():
 
 def _densities(q, k, v, call):
     """Pair and tile densities of what ``call`` hands the fused kernel: its element masks and block masks, or its
-    codes (their pairs counted 512 queries at a time, their tiles in the kernel's own)."""
+    codes (their pairs counted 512 queries at a time, their tiles in the kernel's own, for distance codes those
+    :func:`hf_sparse.entmax_triton._code_tiles` finds)."""
     kept = tiles = total = total_tiles = 0
     real = sparsefinder.entmax_attention
 
@@ -177,7 +178,10 @@ def _densities(q, k, v, call):
                     pairs = pairs & torch.ones(lq, lk, dtype=torch.bool, device=q_.device).tril(lk - lq)[
                         start : start + 512]
                 kept, total = kept + int(pairs.sum()), total + pairs.numel()
-            block_mask = keep.tiles(FUSED_MASK_BLOCK).expand(*q_.shape[:2], -1, -1)
+            block_mask = keep.tiles(FUSED_MASK_BLOCK)
+            if keep.match == "distance":  # boxes: what the attention kernels read are the tiles holding a pair
+                block_mask = _code_tiles(keep, block_mask.to(q_.device), FUSED_MASK_BLOCK, kw.get("causal", False))
+            block_mask = block_mask.expand(*q_.shape[:2], -1, -1)
             if kw.get("causal"):
                 block_mask = block_mask & causal_tiles(lq, lk, q_.device)
         else:
