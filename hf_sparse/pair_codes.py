@@ -175,8 +175,8 @@ class PairCodes:
         A tile's code sets are the union of its real tokens' (bits: the set bits of each word; equal: each word's
         code modulo :data:`EQUAL_SET_BINS`); two tiles share a code when their sets intersect (a product of the
         0/1 set indicators). Distance codes bound the test over each pair of tiles from their coordinates' boxes
-        (:func:`_distance_tiles`: not exact; the kernels' own tile lists, from the scores of the first sweep, then
-        leave out the tiles without a pair). The window holds where the tiles' real positions come within
+        (:func:`_distance_tiles`: a loose bound, among whose tiles :func:`hf_sparse.entmax_triton.entmax_attention`
+        finds those holding a pair with a first kernel). The window holds where the tiles' real positions come within
         ``window`` of each other (their spans, ``min`` to ``max``)."""
         qpos, kpos = self._positions()
         b, h = self._batch_and_heads(qpos, kpos)
@@ -254,12 +254,12 @@ def _distance_tiles(
         length = coordinates.shape[2]
         pad = -length % mask_block
         real = (positions >= 0)[:, None, :, None]  # (B|1, 1, L, 1)
+        any_real = nn.functional.pad(positions >= 0, (0, pad)).view(positions.shape[0], 1, -1, mask_block).any(-1)
 
         def per_tile(x: torch.Tensor, empty: float, reduce) -> torch.Tensor:
             x = nn.functional.pad(torch.where(real, x, empty), (0, 0, 0, pad), value=empty)
             return reduce(x.view(*x.shape[:2], -1, mask_block, x.shape[-1]), 3)
 
-        any_real = per_tile(real.to(coordinates.dtype), 0.0, torch.amax).squeeze(-1) > 0  # (B|1, 1, n)
         low = per_tile(coordinates, math.inf, torch.amin)
         high = per_tile(coordinates, -math.inf, torch.amax)
         extreme = per_tile(constant, -math.inf if largest else math.inf, torch.amax if largest else torch.amin)
