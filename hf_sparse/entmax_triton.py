@@ -143,6 +143,9 @@ STREAM_STEPS = 8  # Newton steps (bisection: halvings) when it raises its bounds
 # 128 registers (sm_90 compile report, scripts/kernel_resources.py). Which is faster is a GPU's to say
 # (scripts/benchmark_stream_slots.py varies it).
 STREAM_WARPS = 4
+# Warps of code_tiles_kernel (distance codes' exact tiles): a 64 x 64 tile of float64 sums took 255 registers per
+# thread and spilled 168 bytes at 4 warps, 128 and none at 8 (sm_90, scripts/kernel_resources.py)
+CODE_TILES_WARPS = 8
 # Launch options on top of Triton's defaults (4 warps; registers as ptxas allocates them), by kernel name, e.g.
 # {"fallback_kernel": {"maxnreg": 128}}. Registers per thread set how many 4-warp programs an SM holds on sm_90: 4 up
 # to 128, 3 up to 168, 2 beyond (scripts/kernel_resources.py reports each kernel's). None is set: which choice is
@@ -454,7 +457,7 @@ def _code_tiles(keep: PairCodes, candidates: torch.Tensor, mask_block: int, caus
     _load_kernels().code_tiles_kernel[(n_q, b * h)](
         codes, allowed, out, *_broadcast_strides(codes)[:2], codes.stride(2), lq, *_broadcast_strides(allowed),
         h, lq, lk, n_q, n_k, PAIR_TEST=keep.pair_test(), TILE=mask_block, SUB=min(64, mask_block & -mask_block),
-        num_warps=8,
+        num_warps=CODE_TILES_WARPS,
     )
     return out.view(torch.bool)
 
