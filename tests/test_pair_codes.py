@@ -176,6 +176,44 @@ def test_tiles_hold_every_allowed_pair_and_leave_out_tiles_without_one(match, wi
         assert torch.equal(tiles, exact)
 
 
+@pytest.mark.parametrize("tile", [1, 2, 4])
+def test_distance_tiles_never_leave_out_a_pair(tile):
+    """The boxes' bound holds for coordinates of one sign or either, at any scale, down to tiles of one token: every
+    pair that matches lies in a tile let through, ties on the constant included (each query's constant is the
+    median of its sums, so half its keys match and one ties)."""
+    g = torch.Generator().manual_seed(tile)
+    b, h, lq, lk, r = 2, 3, 24, 41, 4
+    sign_q, sign_k = torch.tensor([1.0, -1.0, 1.0, 1.0]), torch.tensor([-1.0, 1.0, 1.0, 1.0])
+    scale = torch.tensor([1.0, 10.0, 0.01, 1.0])
+    magnitude = torch.ones(r)
+    magnitude[3] = 0.0  # the last coordinate of either sign
+    queries = torch.randn(b, h, lq, r + 1, generator=g, dtype=torch.float64)
+    keys = torch.randn(b, h, lk, r + 1, generator=g, dtype=torch.float64)
+    queries[..., :r] = ((queries[..., :r].abs() + 0.5) * magnitude + queries[..., :r] * (1 - magnitude)) * sign_q
+    keys[..., :r] = ((keys[..., :r].abs() + 0.5) * magnitude + keys[..., :r] * (1 - magnitude)) * sign_k * scale
+    queries[..., :r] = queries[..., :r].float().double()
+    keys[..., :r] = keys[..., :r].float().double()
+    sums = keys[..., None, :, r] + (queries[..., :, None, :r] * keys[..., None, :, :r]).sum(-1)  # (B, H, Lq, Lk)
+    queries[..., r] = sums.median(-1).values  # an approximation of the sum: the tie is made exact below
+    pairs = PairCodes(queries, keys, match="distance").pairs()
+    ties = ((sums - queries[..., r, None]).abs() == (sums - queries[..., r, None]).abs().amin(-1, keepdim=True))
+    for bi, hi, i, j in ties.nonzero().tolist()[::3]:  # a third of the queries tie exactly with their median key
+        queries[bi, hi, i, r] = sequential_sum(queries[bi, hi, i].tolist(), keys[bi, hi, j].tolist())
+    pc = PairCodes(queries, keys, match="distance")
+    pairs = pc.pairs()
+    assert 0.3 < pairs.double().mean() < 0.7
+    nq, nk = -(-lq // tile), -(-lk // tile)
+    exact = torch.nn.functional.pad(pairs, (0, nk * tile - lk, 0, nq * tile - lq))
+    exact = exact.view(b, h, nq, tile, nk, tile).any(5).any(3)
+    tiles = pc.tiles(tile)
+    assert not (exact & ~tiles).any(), "a tile holding a pair was left out"
+    if tile == 1:  # a tile of one pair: let through only if it matches or comes within the bound's margin
+        sums = keys[..., None, :, r] + (queries[..., :, None, :r] * keys[..., None, :, :r]).sum(-1)
+        size = keys[..., None, :, r].abs() + (queries[..., :, None, :r] * keys[..., None, :, :r]).abs().sum(-1)
+        near = (sums - queries[..., r, None]).abs() <= 1e-9 * (size + queries[..., r, None].abs())
+        assert not (tiles & ~exact & ~near).any() and (exact | ~tiles).float().mean() > 0.99
+
+
 @pytest.mark.parametrize("tile", [16, 32, 48])
 def test_the_exact_tiles_of_distance_codes_are_those_holding_a_pair_among_the_candidates(tile):
     """What entmax_attention reads for distance codes: of the candidate tiles, exactly those holding an allowed
