@@ -223,13 +223,14 @@ def distance_pairs(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """bool ``(..., Lq, Lk)``: the pairs of distance codes ``(..., Lq, r + 1)`` and ``(..., Lk, r + 1)`` that
     match, ``keys[j, r] + Σ_t queries[i, t]·keys[j, t] >= queries[i, r]``, computed as the kernels do (module
     docstring): float32 coordinates, exact float64 products added to the key's float64 constant in coordinate
-    order. ``r`` passes over ``(..., Lq, Lk)`` float64 tensors: for one block of queries at a time."""
+    order (``addcmul``: whether it fuses the multiply-add changes no bit, the product being exact). ``r`` in-place
+    passes over one ``(..., Lq, Lk)`` float64 tensor: for one block of queries at a time."""
     q_coordinates, q_constant = _distance_parts(queries)
     k_coordinates, k_constant = _distance_parts(keys)
     q_coordinates, k_coordinates = q_coordinates.double(), k_coordinates.double()
-    total = k_constant.transpose(-1, -2)
-    for t in range(q_coordinates.shape[-1]):
-        total = total + q_coordinates[..., :, t, None] * k_coordinates[..., None, :, t]
+    total = torch.addcmul(k_constant.transpose(-1, -2), q_coordinates[..., :, 0, None], k_coordinates[..., None, :, 0])
+    for t in range(1, q_coordinates.shape[-1]):
+        total.addcmul_(q_coordinates[..., :, t, None], k_coordinates[..., None, :, t])
     return total >= q_constant
 
 
