@@ -760,7 +760,7 @@ def attend_predicted(
 # The fused execution (attend_predicted_fused): the kernel's block mask in tiles of FUSED_MASK_BLOCK (its key tile on
 # CUDA, so every key tile the prediction leaves empty is skipped unread); the element mask of a call holds at most
 # FUSED_PAIRS_PER_CALL pairs (1 byte each: 128 MiB) and is built FUSED_PREDICT_ROWS queries at a time (what bounds
-# the prediction's own float scratch, e.g. distance: 16 bytes a pair, a float64 sum and product).
+# the prediction's own float scratch, e.g. distance: 8 bytes a pair, its float64 sum).
 FUSED_MASK_BLOCK = 64
 #: what :func:`hf_sparse.attention.attention_backends_used` names the fused execution of predicted attention
 PREDICTED_FUSED = "fused (predicted blocks)"
