@@ -439,13 +439,16 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _code_tiles(keep: PairCodes, candidates: torch.Tensor, mask_block: int, causal: bool = False) -> torch.Tensor:
+def _code_tiles(
+    keep: PairCodes, candidates: torch.Tensor, mask_block: int, causal: bool = False, packed: torch.Tensor | None = None
+) -> torch.Tensor:
     """bool ``(B', H', n_q, n_k)``: which of the ``mask_block`` tiles ``candidates`` lets through (and, ``causal``,
     that hold a key a query may see) hold a pair the codes allow (:func:`hf_sparse.entmax_triton_kernels.
     code_tiles_kernel`: every pair of those tiles tested, on the device, no sync). For codes whose per-tile bound
-    is loose: the threshold pass then reads only these."""
+    is loose: the threshold pass then reads only these. ``packed``: ``keep.packed()`` on the candidates' device,
+    where the caller has it already."""
     device = candidates.device
-    codes = keep.packed().to(device)
+    codes = keep.packed().to(device) if packed is None else packed
     lq, lk = keep.queries.shape[2], keep.keys.shape[2]
     n_q, n_k = candidates.shape[2:]
     if causal:  # the tiles above the diagonal are never read: not worth testing
@@ -469,14 +472,13 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
     klen = key_lengths.to(device=q.device, dtype=torch.int32) if key_lengths is not None else placeholder
     bmask = block_mask.to(q.device).view(torch.uint8) if block_mask is not None else placeholder
     bms = _broadcast_strides(bmask) if block_mask is not None else (0, 0, 0, 0)
-    if isinstance(keep, PairCodes):  # (B', H', W + 1, Lq + Lk): words Lq + Lk apart, the keys Lq after the queries
-        pair_data = keep.packed().to(q.device)
+    pair_test = cfg["pair_test"]
+    if pair_test >= 2:  # codes, packed (B', H', words + 1, T): words T apart, the keys Lq after the queries
+        pair_data = keep
         kps = (*_broadcast_strides(pair_data)[:2], pair_data.stride(2), q.shape[2])
-        pair_test = keep.pair_test()
     else:
         pair_data = keep.to(q.device).view(torch.uint8) if keep is not None else placeholder
         kps = _broadcast_strides(pair_data) if keep is not None else (0, 0, 0, 0)
-        pair_test = int(keep is not None)
     bm, bn, _ = cfg["blocks"]
     p = cfg["dropout"]
     meta = dict(
@@ -613,14 +615,17 @@ def entmax_attention(
             f"blocks={blocks!r}: need powers of two (rows, keys, candidates) with rows, keys >= 16, candidates <= "
             f"keys, and rows and keys dividing mask_block={mask_block}"
         )
+    pair_test = int(keep is not None)  # (the kernels' PAIR_TEST: 0 none, 1 element mask, from 2 codes)
     if isinstance(keep, PairCodes):  # the tiles the codes can allow a pair in; the rest are never read
         if block_mask is None:
             mask_block = max(bm, bn)
             block_mask = keep.tiles(mask_block)
         else:
             block_mask = block_mask.to(query.device) & keep.tiles(mask_block)
+        packed = keep.packed().to(query.device)  # once, for every launch
         if keep.match == "distance":  # their tiles are boxes, loose: the kernels' own pair test finds the exact ones
-            block_mask = _code_tiles(keep, block_mask.to(query.device), mask_block, causal)
+            block_mask = _code_tiles(keep, block_mask.to(query.device), mask_block, causal, packed)
+        pair_test, keep = keep.pair_test(), packed
     need_g = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     cfg = dict(
         alpha=float(alpha),
@@ -634,6 +639,7 @@ def entmax_attention(
         sort_above=INTERPRETER_SORT_ABOVE if interpreted else SORT_ABOVE,
         dropout=float(dropout),
         threshold_pass=threshold_pass,
+        pair_test=pair_test,
     )
     q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
     seed = torch.randint(2**62, (1,), device=q.device) if dropout > 0 else None

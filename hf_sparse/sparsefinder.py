@@ -556,15 +556,14 @@ class Prediction:
             keys, match = queries.new_zeros(1, 1, self.num_keys, 0), "equal"
         else:
             return None
-        if queries.shape[-1] * (2 if match == "distance" else 1) > MAX_WORDS:  # (PairCodes.words)
-            return None
         qpos, kpos = _positions(self.num_queries, self.num_keys, self.query_offset, self.device)
         qpos, kpos = qpos.view(1, -1), kpos.view(1, -1)
         if self.valid_queries is not None:
             qpos = torch.where(self.valid_queries.to(device=self.device, dtype=torch.bool), qpos, -1)
         if self.valid_keys is not None:
             kpos = torch.where(self.valid_keys.to(device=self.device, dtype=torch.bool), kpos, -1)
-        return PairCodes(queries, keys, match=match, window=cfg["window"], query_positions=qpos, key_positions=kpos)
+        codes = PairCodes(queries, keys, match=match, window=cfg["window"], query_positions=qpos, key_positions=kpos)
+        return codes if codes.words <= MAX_WORDS else None
 
 
 def _membership_words(members: torch.Tensor) -> torch.Tensor:
