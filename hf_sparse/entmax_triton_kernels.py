@@ -106,20 +106,20 @@ def _coded_pairs(codes, s_word, s_key, offs_m, offs_n, rows, cols, PAIR_TEST: tl
     k_pos = tl.load(k_at + (PAIR_TEST - 2) // 3 % 32 * s_word, mask=cols, other=-1)
     rows = rows & (q_pos >= 0)
     cols = cols & (k_pos >= 0)
-    hit = _codes_match(q_at, k_at, codes, s_word, s_key, offs_m, offs_n, q_pos, k_pos, rows, cols,
-                      (PAIR_TEST - 2) % 3, (PAIR_TEST - 2) // 3 % 32, (PAIR_TEST - 2) // 96 - 1)
+    hit = _codes_match(codes, s_word, s_key, offs_m, offs_n, q_pos, k_pos, rows, cols,
+                       (PAIR_TEST - 2) % 3, (PAIR_TEST - 2) // 3 % 32, (PAIR_TEST - 2) // 96 - 1)
     return rows[:, None] & cols[None, :] & hit
 
 
 @triton.jit
-def _codes_match(q_at, k_at, codes, s_word, s_key, offs_m, offs_n, q_pos, k_pos, rows, cols,
-                MATCH: tl.constexpr, WORDS: tl.constexpr, WINDOW: tl.constexpr):
+def _codes_match(codes, s_word, s_key, offs_m, offs_n, q_pos, k_pos, rows, cols,
+                 MATCH: tl.constexpr, WORDS: tl.constexpr, WINDOW: tl.constexpr):
     """The pairs of a tile whose codes match (:mod:`hf_sparse.pair_codes`): some word matching (``MATCH`` 0: a
     shared set bit; 1: equal), the distance test (``MATCH`` 2: :func:`_distance_test`), or the positions at most
-    ``WINDOW`` apart (-1: no window). ``q_at``, ``k_at``: the first word of the tile's rows and keys, the next
-    ``s_word`` further (consecutive tokens side by side, so a thread's neighbouring columns load together);
-    ``codes``: the first word of the first query (the keys ``s_key`` after it); ``rows``, ``cols``: which of them to
-    load. ``WORDS`` loads of a tile's rows and of its keys, and per pair about two operations a word and two for the
+    ``WINDOW`` apart (-1: no window). ``codes``: the first word of the first query (the keys ``s_key`` after it),
+    the next word ``s_word`` further (consecutive tokens side by side, so a thread's neighbouring columns load
+    together); ``offs_m``, ``offs_n``: the tile's rows and keys; ``rows``, ``cols``: which of them to load.
+    ``WORDS`` loads of a tile's rows and of its keys, and per pair about two operations a word and two for the
     window, against a ``BM x BN`` element mask."""
     if WINDOW >= 0:  # |q - k| <= W as one unsigned comparison: 0 <= q + W - k <= 2 W
         hit = ((q_pos + WINDOW)[:, None] - k_pos[None, :]).to(tl.uint32, bitcast=True) <= 2 * WINDOW
@@ -130,8 +130,8 @@ def _codes_match(q_at, k_at, codes, s_word, s_key, offs_m, offs_n, q_pos, k_pos,
                                    WORDS // 2 - 1)
     else:
         for w in tl.static_range(WORDS):
-            a = tl.load(q_at + w * s_word, mask=rows, other=0)
-            c = tl.load(k_at + w * s_word, mask=cols, other=0)
+            a = tl.load(codes + w * s_word + offs_m, mask=rows, other=0)
+            c = tl.load(codes + w * s_word + s_key + offs_n, mask=cols, other=0)
             if MATCH == 0:
                 hit = hit | ((a[:, None] & c[None, :]) != 0)
             else:
