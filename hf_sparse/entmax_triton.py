@@ -439,6 +439,14 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _causal_tiles(num_queries: int, num_keys: int, mask_block: int, device: torch.device) -> torch.Tensor:
+    """bool ``(ceil(Lq / mask_block), ceil(Lk / mask_block))``: the tiles holding a pair ``causal`` allows (the
+    queries are the last of the keys)."""
+    n_q, n_k = -(-num_queries // mask_block), -(-num_keys // mask_block)
+    last_key = torch.arange(n_q, device=device) * mask_block + mask_block - 1 + num_keys - num_queries
+    return torch.arange(n_k, device=device) * mask_block <= last_key[:, None]
+
+
 def _code_tiles(
     keep: PairCodes, candidates: torch.Tensor, mask_block: int, causal: bool = False, packed: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -452,8 +460,7 @@ def _code_tiles(
     lq, lk = keep.queries.shape[2], keep.keys.shape[2]
     n_q, n_k = candidates.shape[2:]
     if causal:  # the tiles above the diagonal are never read: not worth testing
-        last_key = torch.arange(n_q, device=device) * mask_block + mask_block - 1 + lk - lq
-        candidates = candidates & (torch.arange(n_k, device=device) * mask_block <= last_key[:, None])
+        candidates = candidates & _causal_tiles(lq, lk, mask_block, device)
     allowed = candidates.view(torch.uint8)
     b, h = max(codes.shape[0], allowed.shape[0]), max(codes.shape[1], allowed.shape[1])
     out = torch.empty(b, h, n_q, n_k, dtype=torch.int8, device=device)

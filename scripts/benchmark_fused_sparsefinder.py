@@ -38,7 +38,7 @@ import torch
 
 from hf_sparse import sparsefinder
 from hf_sparse.benchmarking import median_ms
-from hf_sparse.entmax_triton import _code_tiles, entmax_attention
+from hf_sparse.entmax_triton import _causal_tiles, _code_tiles, entmax_attention
 from hf_sparse.pair_codes import PairCodes
 from hf_sparse.sparsefinder import FUSED_MASK_BLOCK, SparsefinderLayer, attend_predicted, attend_predicted_fused
 from hf_sparse.sparsefinder_fit import kmeans
@@ -137,15 +137,6 @@ def make_predictor(q, k, method, density, projections):
     return random_predictor(q, k, density=density, projections=projections)
 
 
-def causal_tiles(num_queries, num_keys, device):
-    """bool ``(n_q, n_k)`` of ``FUSED_MASK_BLOCK`` tiles: those holding a pair the kernel's causality allows (the
-    queries are the last of the keys)."""
-    block = FUSED_MASK_BLOCK
-    n_q, n_k = -(-num_queries // block), -(-num_keys // block)
-    last_key = (torch.arange(n_q, device=device)[:, None] + 1) * block - 1 + num_keys - num_queries
-    return torch.arange(n_k, device=device) * block <= last_key
-
-
 @contextlib.contextmanager
 def element_mask_only():
     """The fused execution builds an element mask even where the pairs could be codes (the execution before codes,
@@ -183,7 +174,7 @@ def _densities(q, k, v, call):
                 block_mask = _code_tiles(keep, block_mask.to(q_.device), FUSED_MASK_BLOCK, kw.get("causal", False))
             block_mask = block_mask.expand(*q_.shape[:2], -1, -1)
             if kw.get("causal"):
-                block_mask = block_mask & causal_tiles(lq, lk, q_.device)
+                block_mask = block_mask & _causal_tiles(lq, lk, FUSED_MASK_BLOCK, q_.device)
         else:
             kept, total = kept + int(keep.sum()), total + keep.numel()
         tiles, total_tiles = tiles + int(block_mask.sum()), total_tiles + block_mask.numel()
@@ -269,7 +260,7 @@ def predicted_work(length, *, batch=1, heads=12, head_dim=64, density=0.05, clus
     if codes is not None:
         code_tiles = codes.tiles(block).expand(batch, heads, -1, -1)
         if causal:
-            code_tiles = code_tiles & causal_tiles(length, length, device)
+            code_tiles = code_tiles & _causal_tiles(length, length, block, device)
         if codes.match == "distance":  # boxes, loose: the kernel first finds the tiles holding a pair among them
             row["candidate tiles (boxes)"] = float(code_tiles.float().mean())
             row["tiles read from codes"] = row["tiles holding a pair"]  # (entmax_triton._code_tiles, tested exact)
