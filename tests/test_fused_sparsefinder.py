@@ -91,12 +91,12 @@ def spy_on_the_kernel(monkeypatch) -> list[dict]:
     return calls
 
 
-def tiles_of(pairs: torch.Tensor) -> torch.Tensor:
-    """The TILE x TILE tiles holding any pair."""
+def tiles_of(pairs: torch.Tensor, tile: int = TILE) -> torch.Tensor:
+    """The ``tile x tile`` tiles of ``(B, H, Lq, Lk)`` pairs holding any pair."""
     b, h, lq, lk = pairs.shape
-    nq, nk = -(-lq // TILE), -(-lk // TILE)
-    padded = torch.nn.functional.pad(pairs, (0, nk * TILE - lk, 0, nq * TILE - lq))
-    return padded.view(b, h, nq, TILE, nk, TILE).any(5).any(3)
+    nq, nk = -(-lq // tile), -(-lk // tile)
+    padded = torch.nn.functional.pad(pairs, (0, nk * tile - lk, 0, nq * tile - lq))
+    return padded.view(b, h, nq, tile, nk, tile).any(5).any(3)
 
 
 CASES = {

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="the fused kernel needs triton (a dev dependency)")
 pytest.importorskip("entmax", reason="the float64 reference is the entmax package")
 
-from test_fused_sparsefinder import fitted_layer, qkv, reference, spy_on_the_kernel  # noqa: E402
+from test_fused_sparsefinder import fitted_layer, qkv, reference, spy_on_the_kernel, tiles_of  # noqa: E402
 
 from hf_sparse.entmax_triton import _code_tiles, entmax_attention  # noqa: E402
 from hf_sparse.pair_codes import PairCodes  # noqa: E402
@@ -160,10 +160,7 @@ def test_tiles_hold_every_allowed_pair_and_leave_out_tiles_without_one(match, wi
     kpos[1, 50:] = -1
     qpos[0, :16] = -1  # a whole tile of padding queries
     pc = PairCodes(queries, keys, match=match, window=window, query_positions=qpos, key_positions=kpos)
-    pairs = pc.pairs()
-    nq, nk = -(-lq // TILE), -(-lk // TILE)
-    exact = torch.nn.functional.pad(pairs, (0, nk * TILE - lk, 0, nq * TILE - lq))
-    exact = exact.view(b, h, nq, TILE, nk, TILE).any(5).any(3)
+    exact = tiles_of(pc.pairs())
     tiles = pc.tiles(TILE)
     assert tiles.shape == exact.shape
     assert not (exact & ~tiles).any(), "a tile holding an allowed pair was left out"
@@ -195,20 +192,16 @@ def test_distance_tiles_never_leave_out_a_pair(tile):
     keys[..., :r] = keys[..., :r].float().double()
     sums = keys[..., None, :, r] + (queries[..., :, None, :r] * keys[..., None, :, :r]).sum(-1)  # (B, H, Lq, Lk)
     queries[..., r] = sums.median(-1).values  # an approximation of the sum: the tie is made exact below
-    pairs = PairCodes(queries, keys, match="distance").pairs()
     ties = ((sums - queries[..., r, None]).abs() == (sums - queries[..., r, None]).abs().amin(-1, keepdim=True))
     for bi, hi, i, j in ties.nonzero().tolist()[::3]:  # a third of the queries tie exactly with their median key
         queries[bi, hi, i, r] = sequential_sum(queries[bi, hi, i].tolist(), keys[bi, hi, j].tolist())
     pc = PairCodes(queries, keys, match="distance")
     pairs = pc.pairs()
     assert 0.3 < pairs.double().mean() < 0.7
-    nq, nk = -(-lq // tile), -(-lk // tile)
-    exact = torch.nn.functional.pad(pairs, (0, nk * tile - lk, 0, nq * tile - lq))
-    exact = exact.view(b, h, nq, tile, nk, tile).any(5).any(3)
+    exact = tiles_of(pairs, tile)
     tiles = pc.tiles(tile)
     assert not (exact & ~tiles).any(), "a tile holding a pair was left out"
     if tile == 1:  # a tile of one pair: let through only if it matches or comes within the bound's margin
-        sums = keys[..., None, :, r] + (queries[..., :, None, :r] * keys[..., None, :, :r]).sum(-1)
         size = keys[..., None, :, r].abs() + (queries[..., :, None, :r] * keys[..., None, :, :r]).abs().sum(-1)
         near = (sums - queries[..., r, None]).abs() <= 1e-9 * (size + queries[..., r, None].abs())
         assert not (tiles & ~exact & ~near).any() and (exact | ~tiles).float().mean() > 0.99
@@ -224,17 +217,14 @@ def test_the_exact_tiles_of_distance_codes_are_those_holding_a_pair_among_the_ca
     qpos[1, 40:] = -1
     pc = PairCodes(queries.to(DEVICE), keys[:1].to(DEVICE), match="distance", window=1,
                    query_positions=qpos.to(DEVICE))
-    nq, nk = -(-lq // tile), -(-lk // tile)
-    exact = torch.nn.functional.pad(pc.pairs(), (0, nk * tile - lk, 0, nq * tile - lq))
-    exact = exact.view(b, h, nq, tile, nk, tile).any(5).any(3)
-    candidates = pc.tiles(tile).expand(b, h, nq, nk).clone()
+    exact = tiles_of(pc.pairs(), tile)
+    candidates = pc.tiles(tile).expand_as(exact).clone()
     assert not (exact & ~candidates).any()
     candidates[:, :, :, 0] = False  # a candidate mask that leaves out some tiles holding pairs too
     got = _code_tiles(pc, candidates, tile)
     assert torch.equal(got, exact & candidates) and got.any() and (candidates & ~got).any()
-    visible = torch.ones(lq, lk, dtype=torch.bool, device=DEVICE).tril(lk - lq)  # causal: the tiles a query sees
-    visible = torch.nn.functional.pad(visible, (0, nk * tile - lk, 0, nq * tile - lq))
-    visible = visible.view(nq, tile, nk, tile).any(3).any(1)
+    visible = torch.ones(1, 1, lq, lk, dtype=torch.bool, device=DEVICE).tril(lk - lq)  # causal: tiles a query sees
+    visible = tiles_of(visible, tile)[0, 0]
     assert tile == 48 or not visible.all()  # (one tile row of 48 queries sees every key tile)
     assert torch.equal(_code_tiles(pc, candidates, tile, causal=True), exact & candidates & visible)
 
