@@ -1354,7 +1354,8 @@ def backward_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, PAIR_TEST: tl.constexpr,
 ):
     """dK = scale · Σ_i dS_ij q_i and dV = Σ_i p_ij dO_i (p after dropout) for one block of keys, over the query
-    blocks that read it (:func:`tile_columns_kernel`) (dK, dV share k's, v's strides)."""
+    blocks that read it (:func:`tile_columns_kernel`) (dK, dV share k's, v's strides). As the other sweeps, in two
+    loops: the query tiles that need the mask tests (:func:`_masked_query_tiles`), then the others without them."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -1368,28 +1369,23 @@ def backward_dkdv_kernel(
     dv = tl.zeros((BN, BDV), ACC)
     k = _load_rows(K, b * s_kb + h * s_kh, s_kn, s_kd, offs_n, offs_d, klen, D)
     v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
-    rows = tl.arange(0, BM)
     listed = bh * n_kb + pid_n
-    for i in range(0, tl.load(NTILES + listed)):
-        offs_m = tl.load(TILES + listed * n_qb + i) * BM + rows
-        row_ok = offs_m < Lq
-        m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
-        tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
-        q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
-        do = _load_rows(DO, b * s_ob + h * s_oh, s_om, s_od, offs_m, offs_dv, Lq, DV)
-        lsum = _normaliser(LSUM, bh, Lq, offs_m, row_ok, KIND)
-        c = tl.load(C + bh * Lq + offs_m, mask=row_ok, other=0.0)
-        s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL,
-                    PAIR_TEST, True)
-        p, g = _probabilities(s, m, tau, lsum, scale, am1, inv_am1, two_minus_alpha, KIND)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
-        if DROPOUT:
-            kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
-            p = tl.where(kept, p * drop_scale, 0.0)
-            dp = tl.where(kept, dp * drop_scale, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
-        ds = g * (dp - c[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)
+    n_tiles = tl.load(NTILES + listed)
+    n_masked = _masked_query_tiles(TILES + listed * n_qb, n_tiles, start_n, OFF, BM, BN, CAUSAL, PAIR_TEST)
+    for part in tl.static_range(2):  # the tiles that need the mask tests (first in the list), then the others
+        if (part == 0 and (CAUSAL or PAIR_TEST != 0)) or (part == 1 and PAIR_TEST == 0):  # (compiled where used)
+            begin, end = _tile_range(n_masked, n_tiles, part)
+            for i in range(begin, end):
+                dk, dv = _dkdv_tile(tl.load(TILES + listed * n_qb + i), k, v, dk, dv, Q, DO, KEEP, M, TAU, LSUM, C,
+                                    SEED, b, h, bh, offs_n, offs_d, offs_dv, s_qb, s_qh, s_qm, s_qd, s_ob, s_oh, s_om,
+                                    s_od, s_eb, s_eh, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1, inv_am1,
+                                    two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, DROPOUT, BM, CAUSAL,
+                                    PAIR_TEST, part == 0)
+    # A padding key's scores were taken without the tests where they were left out (its k and v read as zeros, so
+    # they are finite): its gradients are zero, and no other key's depend on them.
+    real = offs_n < klen
+    dk = tl.where(real[:, None], dk, 0.0)
+    dv = tl.where(real[:, None], dv, 0.0)
     key_ok = offs_n < Lk
     tl.store(
         DK + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
@@ -1401,6 +1397,57 @@ def backward_dkdv_kernel(
         dv.to(DV_OUT.dtype.element_ty),
         mask=key_ok[:, None] & (offs_dv[None, :] < DV),
     )
+
+
+@triton.jit
+def _masked_query_tiles(LIST, n_tiles, start_n, OFF, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+                        PAIR_TEST: tl.constexpr):
+    """How many of the first query tiles in a key tile's list (in query order, :func:`tile_columns_kernel`) dK/dV
+    reads with the mask tests (:func:`_scores`): every one with a pair test; causal, those with a row that may not
+    see every key of the tile (row ``r`` sees keys up to ``r + OFF``: at most ``(BN + BM - 2) // BM + 1`` tiles
+    along the diagonal); else none. The others need no test. Rows past ``Lq`` are read with τ = +inf, so their
+    weights are zero; a padding key's gradients are zeroed after the loop; each key's gradients depend on its
+    own scores only, so a padding key's unmasked scores reach no other."""
+    n = n_tiles * 0
+    if PAIR_TEST != 0:
+        n = n_tiles
+    elif CAUSAL:
+        whole_from = start_n + BN - 1 - OFF  # the first row that sees every key of the tile
+        chunk = tl.arange(0, LIST_CHUNK)
+        for first in range(0, tl.minimum(n_tiles, (BN + BM - 2) // BM + 1), LIST_CHUNK):
+            at = first + chunk
+            listed = at < n_tiles
+            n += tl.sum((listed & (tl.load(LIST + at, mask=listed, other=0) * BM < whole_from)).to(tl.int32), 0)
+    return n
+
+
+@triton.jit
+def _dkdv_tile(q_tile, k, v, dk, dv, Q, DO, KEEP, M, TAU, LSUM, C, SEED, b, h, bh, offs_n, offs_d, offs_dv, s_qb,
+               s_qh, s_qm, s_qd, s_ob, s_oh, s_om, s_od, s_eb, s_eh, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1,
+               inv_am1, two_minus_alpha, dropout_p, drop_scale, ACC: tl.constexpr, PREC: tl.constexpr,
+               KIND: tl.constexpr, DROPOUT: tl.constexpr, BM: tl.constexpr, CAUSAL: tl.constexpr,
+               PAIR_TEST: tl.constexpr, MASKED: tl.constexpr):
+    """One query tile of :func:`backward_dkdv_kernel`: ``dV += pᵀ dO`` and ``dK += dSᵀ q`` (unscaled)."""
+    offs_m = q_tile * BM + tl.arange(0, BM)
+    row_ok = offs_m < Lq
+    m = tl.load(M + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    tau = tl.load(TAU + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+    q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
+    do = _load_rows(DO, b * s_ob + h * s_oh, s_om, s_od, offs_m, offs_dv, Lq, DV)
+    lsum = _normaliser(LSUM, bh, Lq, offs_m, row_ok, KIND)
+    c = tl.load(C + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    s = _scores(q, k, KEEP, b * s_eb + h * s_eh, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL,
+                PAIR_TEST, MASKED)
+    p, g = _probabilities(s, m, tau, lsum, scale, am1, inv_am1, two_minus_alpha, KIND)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+    if DROPOUT:
+        kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
+        p = tl.where(kept, p * drop_scale, 0.0)
+        dp = tl.where(kept, dp * drop_scale, 0.0)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
+    ds = g * (dp - c[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)
+    return dk, dv
 
 
 # --------------------------------------------------------------------------------------------------------------

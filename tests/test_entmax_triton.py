@@ -322,17 +322,26 @@ def test_block_mask_keep_and_rows_without_keys_give_zeros_and_finite_gradients(t
         # padding (one sequence's keys end inside a tile) under a block mask: the allowed tiles' list, whose first
         # entries are whole
         dict(lq=32, lk=56, key_lengths=[56, 23], block_mask=True),
+        # keys ahead by 14, not a whole tile: dK/dV's key tile 16..31 reads query tiles 0 and 1 with the tests (row
+        # 16 sees keys up to 30), the later ones without; its last rows (32, 33) are a partial tile read whole
+        dict(lq=34, lk=48, causal=True),
     ],
-    ids=["decoder-with-cache", "more-queries-than-keys", "padding-and-block-mask"],
+    ids=["decoder-with-cache", "more-queries-than-keys", "padding-and-block-mask", "keys-ahead-by-part-of-a-tile"],
 )
 def test_the_sweeps_read_whole_tiles_without_mask_tests_and_stay_exact(case):
     """Each sweep reads the key tiles where every pair is allowed for every row of its block in a loop without the
-    mask tests, then the others with them. Where the two kinds of tile meet (the causal diagonal, a padded
-    sequence's last tile, a block of rows past Lq, the list of a block mask), the result is still exact entmax:
-    a tile read without its tests where one was needed would give a padded or future key weight."""
+    mask tests, then the others with them (dK/dV: the query tiles, those needing the tests first). Where the two
+    kinds of tile meet (the causal diagonal, a padded sequence's last tile, a block of rows past Lq, the list of a
+    block mask), the result is still exact entmax: a tile read without its tests where one was needed would give a
+    padded or future key weight. Causal, each key is made the favourite of the last row that may not see it."""
     b, h, d = 2, 1, 16
     lq, lk = case["lq"], case["lk"]
     q, k, v = inputs(b, h, lq, lk, d, seed=lq + lk)
+    if case.get("causal"):
+        off = lk - lq  # row r sees keys up to r + off
+        with torch.no_grad():
+            for key in range(max(off + 1, 0), min(lk, lq + off + 1)):
+                k[:, :, key] = 2 * q[:, :, key - off - 1]
     key_lengths = torch.tensor(case["key_lengths"], device=DEVICE) if "key_lengths" in case else None
     block_mask = None
     if case.get("block_mask"):
