@@ -77,7 +77,11 @@ Compiled for sm_90 (bf16, 1.5-entmax), a whole key tile costs each thread 322 in
 (251 before its certificate), 476 in a Newton sweep and 354 in dQ, a masked one 394, 550 and 386
 (``scripts/kernel_resources.py``; 361, 581 and 431 when every tile was tested and the scores scaled first). The
 training forward keeps one loop, 398 (470): two took 183 registers per thread against 164, one program fewer per
-SM. Not yet timed on a GPU.
+SM. dK/dV, whose program holds a key tile and loops over query tiles, reads first the query tiles some row of which
+may not see every key (causal: the diagonal's; with a pair test: all) with the tests, then the others without
+(``_masked_query_tiles``): rows past ``Lq`` weigh nothing there (τ = +inf), and padding keys' gradients are zeroed
+after the loop; 518 instructions a tile (554 with the tests), causal 490 off the diagonal (620). Not yet timed on a
+GPU.
 
 Masks: ``causal`` (queries are the last ``Lq`` of ``Lk`` positions, as in a decoder with a cache),
 ``key_lengths`` (padding), ``block_mask`` (allowed tiles: patterns, frozen DAM block masks, Sparsefinder's
