@@ -338,10 +338,7 @@ def test_the_sweeps_read_whole_tiles_without_mask_tests_and_stay_exact(case):
     lq, lk = case["lq"], case["lk"]
     q, k, v = inputs(b, h, lq, lk, d, seed=lq + lk)
     if case.get("causal"):
-        off = lk - lq  # row r sees keys up to r + off
-        with torch.no_grad():
-            for key in range(max(off + 1, 0), min(lk, lq + off + 1)):
-                k[:, :, key] = 2 * q[:, :, key - off - 1]
+        favour_unseen_keys(q, k)
     key_lengths = torch.tensor(case["key_lengths"], device=DEVICE) if "key_lengths" in case else None
     block_mask = None
     if case.get("block_mask"):
@@ -355,6 +352,38 @@ def test_the_sweeps_read_whole_tiles_without_mask_tests_and_stay_exact(case):
     p = probabilities(q, k, 1.5, **kwargs)
     assert torch.equal(p > 0, p_ref > 0)
     assert not p[~allowed].any()
+
+
+def favour_unseen_keys(q, k):
+    """Causal inputs where a sweep reading a tile without the causal test where it needed it shows: each key is
+    made the favourite of the last row that may not see it (row ``r`` sees keys up to ``r + Lk - Lq``)."""
+    lq, lk = q.shape[2], k.shape[2]
+    off = lk - lq
+    with torch.no_grad():
+        for key in range(max(off + 1, 0), min(lk, lq + off + 1)):
+            k[:, :, key] = 2 * q[:, :, key - off - 1]
+
+
+@pytest.mark.parametrize("blocks", [(16, 32, 16), (32, 16, 16)], ids=["wider-key-tiles", "taller-query-tiles"])
+@pytest.mark.parametrize(
+    "lq, lk",
+    [(34, 48), (40, 40), (50, 51)],
+    # keys ahead by 1: key tile 32..63 of 32 keys has three query tiles of 16 rows along its diagonal (16, 32, 48)
+    ids=["keys-ahead-by-14", "self-attention", "keys-ahead-by-1"],
+)
+def test_query_and_key_tiles_of_different_sizes_stay_exact(blocks, lq, lk):
+    """Rows and keys per tile need not be equal (the GPU benchmark's profile times 64 x 128 and 128 x 64): every
+    list, the diagonal's masked tiles (up to three query tiles of 16 rows for a key tile of 32) and padding keys
+    inside a causal decoder's tiles still give exact entmax, its support and its gradients."""
+    b, h, d = 2, 1, 16
+    q, k, v = inputs(b, h, lq, lk, d, seed=lq + blocks[0])
+    favour_unseen_keys(q, k)
+    key_lengths = torch.tensor([lk, lk - 5], device=DEVICE)
+    allowed = dense_allowed(b, h, lq, lk, True, key_lengths)
+    kwargs = dict(causal=True, key_lengths=key_lengths, blocks=blocks, mask_block=32)
+    p_ref = check_against_reference(q, k, v, 1.5, allowed, 1e-9, **kwargs)
+    p = probabilities(q, k, 1.5, **kwargs)
+    assert torch.equal(p > 0, p_ref > 0)
 
 
 @pytest.mark.parametrize("threshold_pass", entmax_triton.THRESHOLD_PASSES)
