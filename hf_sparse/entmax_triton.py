@@ -68,11 +68,14 @@ forward + backward, which matter where a call is short (decoding one token, shor
 ``4·B·H·(Lq/64)·(Lk/64)`` bytes (16 MiB at L = 16384, 16 heads).
 
 Whole tiles: in its list, a sweep reads first the tiles where every pair is allowed for every row of its block (no
-padding key, none past a row's causal limit, no element mask, no row past ``Lq``: ``_unmasked_tiles``), in a loop
-without those tests, then the others with them, as FlashAttention's kernels split off the diagonal blocks. The
-kernels hold scores as unscaled products ``q · k`` and take every score's ``d = (α-1)(s - m) - τ`` from the same two
-explicit fused multiply-adds (``_distance``): the passes, the tile lists' tests and the fallback's exactness check
-agree on the support bit for bit, whichever loop read a tile (and the interpreter rounds them as a GPU does).
+padding key, none past a row's causal limit, no element mask: ``_unmasked_tiles``), in a loop without those tests,
+then the others with them, as FlashAttention's kernels split off the diagonal blocks. A block's rows past ``Lq``
+(the last block of a length that is not a multiple of 64, the one block of a decoding step) do not make it test
+every tile: the output pass and the backward read their τ as +inf (zero weights), and the ``bound`` sweep reads them
+as copies of the last row, so the tile maxima it writes stay those of real rows. The kernels hold scores as
+unscaled products ``q · k`` and take every score's ``d = (α-1)(s - m) - τ`` from the same two explicit fused
+multiply-adds (``_distance``): the passes, the tile lists' tests and the fallback's exactness check agree on the
+support bit for bit, whichever loop read a tile (and the interpreter rounds them as a GPU does).
 Compiled for sm_90 (bf16, 1.5-entmax), a whole key tile costs each thread 322 instructions in the ``bound`` sweep
 (251 before its certificate), 476 in a Newton sweep and 354 in dQ, a masked one 394, 550 and 386
 (``scripts/kernel_resources.py``; 361, 581 and 431 when every tile was tested and the scores scaled first). The

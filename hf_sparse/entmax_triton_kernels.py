@@ -158,15 +158,18 @@ def _distance_test(codes, s_row, s_key, offs_m, offs_n, rows, cols, R: tl.conste
 
 
 @triton.jit
-def _unmasked_tiles(Lq, klen, start_m, OFF, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
-                    PAIR_TEST: tl.constexpr):
+def _unmasked_tiles(klen, start_m, OFF, BN: tl.constexpr, CAUSAL: tl.constexpr, PAIR_TEST: tl.constexpr):
     """Key tiles ``[0, n)`` hold only allowed pairs for every row of the block at ``start_m``: no padding key, no
-    key after a row's causal limit, no query row past ``Lq``, no pair test (element mask or codes). Tile lists are
-    in key order, so the sweeps read these tiles first, in a loop without the tests (:func:`_scores`), then the
-    rest with them. An allowed pair's ``d`` (:func:`_distance`) is the same number in either loop: a kernel may
-    keep one loop."""
+    key after a row's causal limit, no pair test (element mask or codes). Tile lists are in key order, so the
+    sweeps read these tiles first, in a loop without the tests (:func:`_scores`), then the rest with them. An
+    allowed pair's ``d`` (:func:`_distance`) is the same number in either loop: a kernel may keep one loop.
+
+    Rows past ``Lq`` (the last block of a length that is not a multiple of ``BM``; the only block when decoding
+    token) need no test either: the output pass and dQ read their τ as +inf, so their weights are 0 and they reach
+    no stored value, and the ``bound`` sweep reads them as copies of the last row (:func:`_clamped_rows`), so its
+    tile maxima are those of real rows."""
     n = _whole_tiles(klen, start_m, OFF, BN, CAUSAL)
-    if PAIR_TEST or start_m + BM > Lq:
+    if PAIR_TEST:
         n = 0
     return n
 
@@ -259,6 +262,14 @@ def _load_rows(Q, q_off, s_qm, s_qd, offs_m, offs_d, Lq, D):
         mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D),
         other=0.0,
     )
+
+
+@triton.jit
+def _clamped_rows(Q, q_off, s_qm, s_qd, offs_m, offs_d, Lq, D):
+    """:func:`_load_rows` with every row past ``Lq`` a copy of the last one (``Lq >= 1``: a program has a row):
+    read without the mask tests (:func:`_unmasked_tiles`), their scores are some real row's, never a zero row's
+    that would raise a tile maximum where every real score is negative."""
+    return _load_rows(Q, q_off, s_qm, s_qd, tl.minimum(offs_m, Lq - 1), offs_d, Lq, D)
 
 
 @triton.jit
@@ -427,7 +438,7 @@ def bound_kernel(
     start_m = pid_m * BM
     offs_m = start_m + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
-    q = _load_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
+    q = _clamped_rows(Q, b * s_qb + h * s_qh, s_qm, s_qd, offs_m, offs_d, Lq, D)
     klen, hi = _key_range(KLEN, b, Lk, start_m, OFF, BM, HAS_KLEN, CAUSAL)
     first = tl.full((BM, BN), NEG_INF, ACC)  # each row's largest score per key column so far
     second = tl.full((BM, BN), NEG_INF, ACC)  # and the next
@@ -437,7 +448,7 @@ def bound_kernel(
     keys = K + b * s_kb + h * s_kh
     keep = KEEP + b * s_eb + h * s_eh
     allowed = ALLOWED + (bh * n_qb + pid_m) * n_kb
-    unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, PAIR_TEST)
+    unmasked = _unmasked_tiles(klen, start_m, OFF, BN, CAUSAL, PAIR_TEST)
     n_tiles, n_unmasked = _first_sweep_tiles(BMASK, allowed, b, h, start_m, hi, unmasked, s_mb, s_mh, s_bq, s_bk,
                                              n_kb, BN, TQ, TK, HAS_BMASK)
     for part in tl.static_range(2):
@@ -1116,7 +1127,7 @@ def forward_kernel(
     values = V + b * s_vb + h * s_vh
     keep = KEEP + b * s_eb + h * s_eh
     tiles = TILES + (bh * n_qb + pid_m) * n_kb
-    unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, PAIR_TEST)
+    unmasked = _unmasked_tiles(klen, start_m, OFF, BN, CAUSAL, PAIR_TEST)
     n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, offs_m, Lq, n_qb, n_kb,
                                            scale, am1, 0.0, unmasked, 1 if ONLY_FAILED else 0, False, False, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
@@ -1297,7 +1308,7 @@ def backward_dq_kernel(
     values = V + b * s_vb + h * s_vh
     keep = KEEP + b * s_eb + h * s_eh
     tiles = TILES + (bh * n_qb + pid_m) * n_kb
-    unmasked = _unmasked_tiles(Lq, klen, start_m, OFF, BM, BN, CAUSAL, PAIR_TEST)
+    unmasked = _unmasked_tiles(klen, start_m, OFF, BN, CAUSAL, PAIR_TEST)
     n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, TAU, NEED, TILES, bh, pid_m, offs_m, Lq, n_qb, n_kb,
                                            scale, am1, 0.0, unmasked, 0, True, False, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below

@@ -354,6 +354,31 @@ def test_the_sweeps_read_whole_tiles_without_mask_tests_and_stay_exact(case):
     assert not p[~allowed].any()
 
 
+@pytest.mark.parametrize("threshold_pass", entmax_triton.THRESHOLD_PASSES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_tile_maxima_are_those_of_real_rows_and_allowed_pairs(threshold_pass, causal):
+    """Every threshold pass writes each tile's largest allowed score, from which every later sweep decides which
+    tiles to read. A block with rows past Lq (20 rows in tiles of 16) reads its whole tiles without the mask tests;
+    those rows must not count: here the real rows of that block score below zero everywhere, where a row of zeros
+    would raise its tiles' maxima to 0."""
+    b, h, lq, lk, d = 2, 1, 20, 40, 16
+    q, k, v = inputs(b, h, lq, lk, d, seed=5)
+    with torch.no_grad():
+        k.abs_()
+        q[:, :, 16:] = -q[:, :, 16:].abs()  # the partial block's rows: every score negative
+    key_lengths = torch.tensor([lk, 27], device=DEVICE)
+    out = entmax_attention(q, k, v, causal=causal, key_lengths=key_lengths, blocks=(16, 16, 16),
+                           threshold_pass=threshold_pass)
+    tile_maxima = out.grad_fn.saved_tensors[8].cpu()  # (B·H, query tiles, key tiles)
+    allowed = dense_allowed(b, h, lq, lk, causal, key_lengths)
+    products = (q @ k.transpose(-1, -2)).detach().cpu().masked_fill(~allowed, float("-inf"))
+    padded = torch.full((b, h, 2 * TILE, math.ceil(lk / TILE) * TILE), float("-inf"), dtype=products.dtype)
+    padded[:, :, :lq, :lk] = products
+    want = padded.unflatten(2, (2, TILE)).unflatten(4, (-1, TILE)).amax((3, 5)).flatten(0, 1)
+    assert (want[:, 1, :2] < 0).all()  # the case the test is for
+    torch.testing.assert_close(tile_maxima, want, atol=1e-12, rtol=0)
+
+
 def favour_unseen_keys(q, k):
     """Causal inputs where a sweep reading a tile without the causal test where it needed it shows: each key is
     made the favourite of the last row that may not see it (row ``r`` sees keys up to ``r + Lk - Lq``)."""
