@@ -92,7 +92,11 @@ predicted blocks; disallowed tiles are never read) and ``keep``: an element mask
 for patterns whose tiles are partly allowed, or per-token codes (:class:`hf_sparse.pair_codes.PairCodes`:
 Sparsefinder's clusters, buckets, distances and window), from which the kernels test each pair of a tile they
 read (``_coded_pairs``) and which give the tiles to read themselves, with no ``Lq x Lk`` tensor. A row with no
-allowed key is zero, with zero gradients.
+allowed key is zero, with zero gradients. The models hand padding (and a decoder's causality) over as an element
+mask: the keys it keeps for every query, from the first on (a right-padded sequence's real keys), are read as with
+``key_lengths``, their whole tiles without a test or a load of the mask, and no tile past the last key it keeps is
+read (``_element_mask_keys``, on the device, no sync); only the tiles between read it (and the training forward,
+which keeps one loop, in every tile it reads).
 
 Attention dropout (training) is drawn inside the output pass and redrawn, identically, by the backward: one Philox
 number per (batch·head, query, key) from a seed taken from torch's generator, as FlashAttention does, so no mask
@@ -153,6 +157,13 @@ STREAM_WARPS = 4
 # Warps of code_tiles_kernel (distance codes' exact tiles): a 64 x 64 tile of float64 sums took 255 registers per
 # thread and spilled 168 bytes at 4 warps, 128 and none at 8 (sm_90, scripts/kernel_resources.py)
 CODE_TILES_WARPS = 8
+# An element mask's key bounds (_element_mask_keys: the keys it keeps for every query, and the last it keeps) take
+# six or seven small torch launches, tens of microseconds of host time; they are taken from this many (batch, head,
+# query, key) pairs on, where the kernels' work is worth them (a padded BERT batch: 32 x 12 x 512 x 512 = 10**8),
+# and not for calls whose time is their launches (a Marian decoding step: 16 x 8 x 1 x 64). Not tuned on a GPU. Nor
+# for masks that differ by head (Sparsefinder's predicted pairs, DAM masks): padding never does, and reading such a
+# mask twice more (0.8 GB at L = 8192, 12 heads) would buy nothing.
+ELEMENT_MASK_KEYS_FROM_PAIRS = 1 << 22
 # Launch options on top of Triton's defaults (4 warps; registers as ptxas allocates them), by kernel name, e.g.
 # {"fallback_kernel": {"maxnreg": 128}}. Registers per thread set how many 4-warp programs an SM holds on sm_90: 4 up
 # to 128, 3 up to 168, 2 beyond (scripts/kernel_resources.py reports each kernel's). None is set: which choice is
@@ -493,6 +504,14 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
     else:
         pair_data = keep.to(q.device).view(torch.uint8) if keep is not None else placeholder
         kps = _broadcast_strides(pair_data) if keep is not None else (0, 0, 0, 0)
+    whole = placeholder
+    per_head = pair_test == 1 and keep.shape[1] > 1 and keep.stride(1) != 0
+    if pair_test == 1 and (per_head or math.prod(q.shape[:3]) * k.shape[2] < ELEMENT_MASK_KEYS_FROM_PAIRS):
+        # not worth their launches, or a mask of each head's pairs (predicted, DAM), not padding: read in every tile
+        whole = _no_keys(q.shape[0], q.device)
+    elif pair_test == 1:  # the keys the element mask keeps for every query, and past which it keeps none
+        whole, reach = _element_mask_keys(keep.to(q.device), cfg["causal"], q.shape[0])
+        klen = reach if key_lengths is None else torch.minimum(klen, reach)
     bm, bn, _ = cfg["blocks"]
     p = cfg["dropout"]
     meta = dict(
@@ -505,12 +524,12 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
         TQ=cfg["mask_block"],
         TK=cfg["mask_block"],
         CAUSAL=cfg["causal"],
-        HAS_KLEN=key_lengths is not None,
+        HAS_KLEN=klen is not placeholder,
         HAS_BMASK=block_mask is not None,
         PAIR_TEST=pair_test,
     )
     return dict(
-        masks=(klen, bmask, pair_data),
+        masks=(klen, bmask, pair_data, whole),
         qk_strides=(*q.stride(), *k.stride()),
         mask_strides=(*bms, *kps),
         offset=k.shape[2] - q.shape[2],
@@ -521,6 +540,49 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
         # the kernels that read values (the output pass and both backward kernels): their tile width and dropout
         value_meta=dict(meta, BDV=max(16, triton_next_power_of_2(v.shape[3])), DROPOUT=p > 0),
     )
+
+
+def _element_mask_keys(keep: torch.Tensor, causal: bool, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 ``(batch,)`` twice, per batch row of the element mask ``keep`` ``(B|1, H|1, Lq, Lk)``: how many keys
+    from the first on it keeps for every query of every head (``causal``: every query that may see the key), and
+    how many from the first on hold every key it keeps for some query. For a padding mask (the models' masks on the
+    fused kernel, a decoder's causal one included) those are the real keys up to the first padded one, and up to
+    the last real one. The kernels read the first keys' tiles as they read tiles with ``key_lengths``, without a
+    test or a load of the mask (``_whole_keys``), take the second as the key lengths (no tile past them is read),
+    and read the mask only in the tiles between. Computed on the device in six launches (seven causal), no sync.
+    Dimensions ``keep`` broadcasts (stride 0, as ``expand`` makes them) are read once."""
+    for dim in range(3):
+        if keep.shape[dim] > 1 and keep.stride(dim) == 0:
+            keep = keep.narrow(dim, 0, 1)
+    lq, lk = keep.shape[2:]
+    if lk == 0:
+        return _no_keys(batch, keep.device), _no_keys(batch, keep.device)
+    some = keep.any(dim=(1, 2))  # (B|1, Lk): keys some query keeps
+    if causal and lq > 1:  # the pairs causality removes need not be kept (the queries are the last Lq keys)
+        keep = keep | _after_causal_limits(lq, lk, keep.device)
+    every = keep.all(dim=(1, 2))  # (B|1, Lk): keys every query keeps
+    index = _key_indices(lk + 1, keep.device)
+    whole = torch.where(every, lk, index[:-1]).amin(-1)  # the first key not kept for every query
+    reach = torch.where(some, index[1:], 0).amax(-1)  # past the last key kept for some query
+    return whole.expand(batch).contiguous(), reach.expand(batch).contiguous()
+
+
+@functools.lru_cache(maxsize=8)
+def _key_indices(n: int, device: torch.device) -> torch.Tensor:
+    """int32 ``0 .. n - 1``, made once per length."""
+    return torch.arange(n, dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=4)
+def _after_causal_limits(lq: int, lk: int, device: torch.device) -> torch.Tensor:
+    """bool ``(Lq, Lk)``: the pairs causality removes (key past ``query + Lk - Lq``), made once per shape."""
+    return ~torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
+
+
+@functools.lru_cache(maxsize=8)
+def _no_keys(batch: int, device: torch.device) -> torch.Tensor:
+    """int32 zeros ``(batch,)``, made once: no key is known to be kept for every query (``_whole_keys``)."""
+    return torch.zeros(batch, dtype=torch.int32, device=device)
 
 
 def full_precision_products(dtype: torch.dtype) -> bool:
@@ -580,11 +642,13 @@ def entmax_attention(
         block_mask: ``(B|1, H|1, ceil(Lq/mask_block), ceil(Lk/mask_block))`` bool, True = the tile may attend;
             other tiles are never read.
         keep: ``(B|1, H|1, Lq, Lk)`` bool element mask, read only inside allowed tiles (partly allowed tiles of a
-            pattern); or :class:`hf_sparse.pair_codes.PairCodes`, per-token codes the kernels test each pair of a
-            tile with (Sparsefinder's clusters, buckets, distances and window: no ``Lq x Lk`` tensor). Codes also
-            give the tiles: those that can hold an allowed pair, in tiles of the kernel's own size when
-            ``block_mask`` is not given (else in ``mask_block`` tiles, met with it); for distance codes, whose
-            per-tile bound is loose, exactly the tiles holding one, found by a first kernel (:func:`_code_tiles`).
+            pattern) and past the keys it keeps for every query (padding: a sequence's first padded key), never
+            past the last key it keeps; or :class:`hf_sparse.pair_codes.PairCodes`, per-token codes the kernels
+            test each pair of a tile with (Sparsefinder's clusters, buckets, distances and window: no ``Lq x Lk``
+            tensor). Codes also give the tiles: those that can hold an allowed pair, in tiles of the kernel's own
+            size when ``block_mask`` is not given (else in ``mask_block`` tiles, met with it); for distance codes,
+            whose per-tile bound is loose, exactly the tiles holding one, found by a first kernel
+            (:func:`_code_tiles`).
         blocks: ``(rows, keys, candidates)`` per kernel tile, powers of two, ``rows, keys >= 16``, ``candidates <=
             keys`` and tiles dividing ``mask_block``; only the speed depends on them. Default on the GPU
             :data:`GPU_BLOCKS`, or :data:`GPU_BLOCKS_FULL_PRECISION` for full-precision float32 and float64.

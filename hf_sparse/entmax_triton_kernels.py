@@ -50,6 +50,17 @@ def _key_range(KLEN, b, Lk, start_m, OFF, BM: tl.constexpr, HAS_KLEN: tl.constex
 
 
 @triton.jit
+def _whole_keys(WHOLE, b, klen, PAIR_TEST: tl.constexpr):
+    """Keys below this index are allowed to every query of batch row ``b`` but for causality: ``klen``, and with an
+    element mask (``PAIR_TEST == 1``) also below ``WHOLE[b]``, the keys it allows to every query (a padding mask's
+    real keys up to the first padded one, :func:`hf_sparse.entmax_triton._element_mask_keys`), so that a
+    padded batch's tiles are read without the mask's loads as they are with ``key_lengths``."""
+    if PAIR_TEST == 1:
+        return tl.minimum(klen, tl.load(WHOLE + b))
+    return klen
+
+
+@triton.jit
 def _tile_allowed(
     BMASK, bmask_off, s_bq, s_bk, start_m, start_n, klen, OFF,
     BM: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, CAUSAL: tl.constexpr, HAS_BMASK: tl.constexpr,
@@ -159,17 +170,18 @@ def _distance_test(codes, s_row, s_key, offs_m, offs_n, rows, cols, R: tl.conste
 
 @triton.jit
 def _unmasked_tiles(klen, start_m, OFF, BN: tl.constexpr, CAUSAL: tl.constexpr, PAIR_TEST: tl.constexpr):
-    """Key tiles ``[0, n)`` hold only allowed pairs for every row of the block at ``start_m``: no padding key, no
-    key after a row's causal limit, no pair test (element mask or codes). Tile lists are in key order, so the
-    sweeps read these tiles first, in a loop without the tests (:func:`_scores`), then the rest with them. An
-    allowed pair's ``d`` (:func:`_distance`) is the same number in either loop: a kernel may keep one loop.
+    """Key tiles ``[0, n)`` hold only allowed pairs for every row of the block at ``start_m``: keys below ``klen``
+    (:func:`_whole_keys`: no padding key, nor one an element mask keeps from some query), no key after a row's
+    causal limit, no codes to test. Tile lists are in key order, so the sweeps read these tiles first, in a loop
+    without the tests (:func:`_scores`), then the rest with them. An allowed pair's ``d`` (:func:`_distance`) is
+    the same number in either loop: a kernel may keep one loop.
 
-    Rows past ``Lq`` (the last block of a length that is not a multiple of ``BM``; the only block when decoding
+    Rows past ``Lq`` (the last block of a length that is not a multiple of ``BM``; the only block when decoding one
     token) need no test either: the output pass and dQ read their τ as +inf, so their weights are 0 and they reach
     no stored value, and the ``bound`` sweep reads them as copies of the last row (:func:`_clamped_rows`), so its
     tile maxima are those of real rows."""
     n = _whole_tiles(klen, start_m, OFF, BN, CAUSAL)
-    if PAIR_TEST:
+    if PAIR_TEST >= 2:
         n = 0
     return n
 
@@ -315,7 +327,7 @@ def _first_sweep_tile(ALLOWED, i, BN: tl.constexpr, HAS_BMASK: tl.constexpr):
 
 @triton.jit
 def threshold_kernel(
-    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, ALLOWED,
+    Q, K, KLEN, BMASK, KEEP, WHOLE, M, TAU, FAIL, TILEMAX, ALLOWED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket,
@@ -412,7 +424,7 @@ def _threshold_tile(q, keys, keep, tiles, start_n, offs_m, offs_d, cols, slots, 
 
 @triton.jit
 def bound_kernel(
-    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, ALLOWED,
+    Q, K, KLEN, BMASK, KEEP, WHOLE, M, TAU, FAIL, TILEMAX, ALLOWED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket, slack,
@@ -448,7 +460,7 @@ def bound_kernel(
     keys = K + b * s_kb + h * s_kh
     keep = KEEP + b * s_eb + h * s_eh
     allowed = ALLOWED + (bh * n_qb + pid_m) * n_kb
-    unmasked = _unmasked_tiles(klen, start_m, OFF, BN, CAUSAL, PAIR_TEST)
+    unmasked = _unmasked_tiles(_whole_keys(WHOLE, b, klen, PAIR_TEST), start_m, OFF, BN, CAUSAL, PAIR_TEST)
     n_tiles, n_unmasked = _first_sweep_tiles(BMASK, allowed, b, h, start_m, hi, unmasked, s_mb, s_mh, s_bq, s_bk,
                                              n_kb, BN, TQ, TK, HAS_BMASK)
     for part in tl.static_range(2):
@@ -493,7 +505,7 @@ def _bound_tile(q, keys, keep, tiles, start_n, first, second, dropped, offs_m, o
 
 @triton.jit
 def stream_kernel(
-    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, SCRATCH, KEYS, COUNT,
+    Q, K, KLEN, BMASK, KEEP, WHOLE, M, TAU, FAIL, TILEMAX, SCRATCH, KEYS, COUNT,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket, slack, tol,
@@ -815,7 +827,7 @@ def _marked_rows(FAIL, ROWS, bh, pid_m, Lq, n_qb, LEVEL: tl.constexpr, BM: tl.co
 
 @triton.jit
 def fallback_kernel(
-    Q, K, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, TILES, ROWS,
+    Q, K, KLEN, BMASK, KEEP, WHOLE, M, TAU, FAIL, TILEMAX, TILES, ROWS,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, OFF, n_qb, n_kb, scale, am1, inv_am1, bracket, tol, slack,
@@ -860,8 +872,8 @@ def fallback_kernel(
         tiles = TILES + (bh * n_qb + pid_m) * n_kb
         row_tiles = _row_tile_maxima(TILEMAX, bh, offs_m, Lq, n_qb, n_kb, BM)
         # whole tiles from the first (smallest) row on; an empty slot's row (q = 0) is never solved nor stored
-        unmasked = _whole_tiles(klen, tl.min(offs_m, 0), OFF, BN, CAUSAL)
-        if PAIR_TEST or HAS_BMASK:  # (rows of several blocks: block-mask rows of their own)
+        unmasked = _whole_tiles(_whole_keys(WHOLE, b, klen, PAIR_TEST), tl.min(offs_m, 0), OFF, BN, CAUSAL)
+        if PAIR_TEST >= 2 or HAS_BMASK:  # (rows of several blocks: block-mask rows of their own)
             unmasked = 0
         n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, offs_m, Lq, n_qb,
                                                n_kb, scale, am1, slack, unmasked, 2 if BISECT else 0, False, True,
@@ -1087,7 +1099,7 @@ def code_tiles_kernel(CODES, CANDIDATES, OUT, s_cb, s_ch, s_word, s_key, s_tb, s
 
 @triton.jit
 def forward_kernel(
-    Q, K, V, KLEN, BMASK, KEEP, M, TAU, FAIL, TILEMAX, TILES, OUT, LSUM, G, GSUM, SEED,
+    Q, K, V, KLEN, BMASK, KEEP, WHOLE, M, TAU, FAIL, TILEMAX, TILES, OUT, LSUM, G, GSUM, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
@@ -1127,7 +1139,7 @@ def forward_kernel(
     values = V + b * s_vb + h * s_vh
     keep = KEEP + b * s_eb + h * s_eh
     tiles = TILES + (bh * n_qb + pid_m) * n_kb
-    unmasked = _unmasked_tiles(klen, start_m, OFF, BN, CAUSAL, PAIR_TEST)
+    unmasked = _unmasked_tiles(_whole_keys(WHOLE, b, klen, PAIR_TEST), start_m, OFF, BN, CAUSAL, PAIR_TEST)
     n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, offs_m, Lq, n_qb, n_kb,
                                            scale, am1, 0.0, unmasked, 1 if ONLY_FAILED else 0, False, False, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
@@ -1275,7 +1287,7 @@ def _probabilities(s, m, tau, lsum, scale, am1, inv_am1, two_minus_alpha, KIND: 
 
 @triton.jit
 def backward_dq_kernel(
-    Q, K, V, DO, DQ, KLEN, BMASK, KEEP, M, TAU, LSUM, C, TILEMAX, NEED, TILES, SEED,
+    Q, K, V, DO, DQ, KLEN, BMASK, KEEP, WHOLE, M, TAU, LSUM, C, TILEMAX, NEED, TILES, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
@@ -1308,7 +1320,7 @@ def backward_dq_kernel(
     values = V + b * s_vb + h * s_vh
     keep = KEEP + b * s_eb + h * s_eh
     tiles = TILES + (bh * n_qb + pid_m) * n_kb
-    unmasked = _unmasked_tiles(klen, start_m, OFF, BN, CAUSAL, PAIR_TEST)
+    unmasked = _unmasked_tiles(_whole_keys(WHOLE, b, klen, PAIR_TEST), start_m, OFF, BN, CAUSAL, PAIR_TEST)
     n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, TAU, NEED, TILES, bh, pid_m, offs_m, Lq, n_qb, n_kb,
                                            scale, am1, 0.0, unmasked, 0, True, False, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
@@ -1356,7 +1368,7 @@ def _normaliser(LSUM, bh, Lq, offs_m, row_ok, KIND: tl.constexpr):
 
 @triton.jit
 def backward_dkdv_kernel(
-    Q, K, V, DO, DK, DV_OUT, KLEN, BMASK, KEEP, M, TAU, LSUM, C, TILES, NTILES, SEED,
+    Q, K, V, DO, DK, DV_OUT, KLEN, BMASK, KEEP, WHOLE, M, TAU, LSUM, C, TILES, NTILES, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
     H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
@@ -1382,9 +1394,10 @@ def backward_dkdv_kernel(
     v = _load_rows(V, b * s_vb + h * s_vh, s_vn, s_vd, offs_n, offs_dv, klen, DV)
     listed = bh * n_kb + pid_n
     n_tiles = tl.load(NTILES + listed)
-    n_masked = _masked_query_tiles(TILES + listed * n_qb, n_tiles, start_n, OFF, BM, BN, CAUSAL, PAIR_TEST)
+    n_masked = _masked_query_tiles(TILES + listed * n_qb, n_tiles, start_n, _whole_keys(WHOLE, b, klen, PAIR_TEST),
+                                   OFF, BM, BN, CAUSAL, PAIR_TEST)
     for part in tl.static_range(2):  # the tiles that need the mask tests (first in the list), then the others
-        if (part == 0 and (CAUSAL or PAIR_TEST != 0)) or (part == 1 and PAIR_TEST == 0):  # (compiled where used)
+        if (part == 0 and (CAUSAL or PAIR_TEST != 0)) or (part == 1 and PAIR_TEST <= 1):  # (compiled where used)
             begin, end = _tile_range(n_masked, n_tiles, part)
             for i in range(begin, end):
                 dk, dv = _dkdv_tile(tl.load(TILES + listed * n_qb + i), k, v, dk, dv, Q, DO, KEEP, M, TAU, LSUM, C,
@@ -1411,24 +1424,28 @@ def backward_dkdv_kernel(
 
 
 @triton.jit
-def _masked_query_tiles(LIST, n_tiles, start_n, OFF, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
-                        PAIR_TEST: tl.constexpr):
+def _masked_query_tiles(LIST, n_tiles, start_n, whole, OFF, BM: tl.constexpr, BN: tl.constexpr,
+                        CAUSAL: tl.constexpr, PAIR_TEST: tl.constexpr):
     """How many of the first query tiles in a key tile's list (in query order, :func:`tile_columns_kernel`) dK/dV
-    reads with the mask tests (:func:`_scores`): every one with a pair test; causal, those with a row that may not
-    see every key of the tile (row ``r`` sees keys up to ``r + OFF``: at most ``(BN + BM - 2) // BM + 1`` tiles
-    along the diagonal); else none. The others need no test. Rows past ``Lq`` are read with τ = +inf, so their
-    weights are zero; a padding key's gradients are zeroed after the loop; each key's gradients depend on its
+    reads with the mask tests (:func:`_scores`): every one with codes, or with an element mask where the tile has a
+    key at or past ``whole`` (:func:`_whole_keys`: one the mask keeps from some query); causal, those with a row
+    that may not see every key of the tile (row ``r`` sees keys up to ``r + OFF``: at most ``(BN + BM - 2) // BM +
+    1`` tiles along the diagonal); else none. The others need no test. Rows past ``Lq`` are read with τ = +inf, so
+    their weights are zero; a padding key's gradients are zeroed after the loop; each key's gradients depend on its
     own scores only, so a padding key's unmasked scores reach no other."""
     n = n_tiles * 0
-    if PAIR_TEST != 0:
+    if PAIR_TEST >= 2:
         n = n_tiles
-    elif CAUSAL:
-        whole_from = start_n + BN - 1 - OFF  # the first row that sees every key of the tile
-        chunk = tl.arange(0, LIST_CHUNK)
-        for first in range(0, tl.minimum(n_tiles, (BN + BM - 2) // BM + 1), LIST_CHUNK):
-            at = first + chunk
-            listed = at < n_tiles
-            n += tl.sum((listed & (tl.load(LIST + at, mask=listed, other=0) * BM < whole_from)).to(tl.int32), 0)
+    else:
+        if CAUSAL:
+            whole_from = start_n + BN - 1 - OFF  # the first row that sees every key of the tile
+            chunk = tl.arange(0, LIST_CHUNK)
+            for first in range(0, tl.minimum(n_tiles, (BN + BM - 2) // BM + 1), LIST_CHUNK):
+                at = first + chunk
+                listed = at < n_tiles
+                n += tl.sum((listed & (tl.load(LIST + at, mask=listed, other=0) * BM < whole_from)).to(tl.int32), 0)
+        if PAIR_TEST == 1:
+            n = tl.where(start_n + BN > whole, n_tiles, n)
     return n
 
 

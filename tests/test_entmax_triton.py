@@ -109,10 +109,10 @@ def fallback_launches(monkeypatch) -> list[tuple[torch.Tensor, ...]]:
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                # (q, k, key lengths, block mask, keep, m, tau, FAIL, tile maxima, tile lists, ROWS, ...)
-                given = (args[5].clone(), args[6].clone(), (args[7] >= kwargs["LEVEL"]).to(torch.int8))
+                # (q, k, key lengths, block mask, keep, whole keys, m, tau, FAIL, tile maxima, tile lists, ROWS, ...)
+                given = (args[6].clone(), args[7].clone(), (args[8] >= kwargs["LEVEL"]).to(torch.int8))
                 result = fallback[grid](*args, **kwargs)
-                launches.append((*given, args[10].view(grid[1], grid[0], -1).clone()))
+                launches.append((*given, args[11].view(grid[1], grid[0], -1).clone()))
                 return result
 
             return launch
@@ -389,6 +389,148 @@ def favour_unseen_keys(q, k):
             k[:, :, key] = 2 * q[:, :, key - off - 1]
 
 
+def padding_masks(b, lq, lk, causal):
+    """Element masks as the models hand them to the fused kernel: the real keys of each sequence (causal: and the
+    keys each query may see), broadcast over the queries or materialised; here sequence 0 is right-padded at 37
+    keys (mid-tile: its 32 first keys are whole), sequence 1 left-padded (no key every query keeps)."""
+    valid = torch.ones(b, lk, dtype=torch.bool)
+    valid[0, 37:] = False
+    valid[1, :5] = False
+    broadcast = valid[:, None, None, :].expand(b, 1, lq, lk)
+    materialised = broadcast.clone()
+    if causal:
+        materialised &= torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+    return broadcast, materialised
+
+
+@pytest.mark.parametrize("threshold_pass", entmax_triton.THRESHOLD_PASSES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_masks_read_their_whole_keys_without_tests_and_stay_exact(causal, threshold_pass, monkeypatch):
+    """The models pass padding (and a decoder's causality) to the fused kernel as an element mask. Its leading keys
+    that every query keeps are read as with ``key_lengths``, whole tiles without the mask's loads; the tiles past
+    them with the mask. The result is exact entmax either way, broadcast or materialised, with a causal decoder's
+    favourite unseen keys and a left-padded sequence among them."""
+    monkeypatch.setattr(entmax_triton, "ELEMENT_MASK_KEYS_FROM_PAIRS", 0)  # (tiny calls skip the bounds)
+    b, h, lq, lk, d = 2, 2, 40, 52, 16
+    q, k, v = inputs(b, h, lq, lk, d, seed=37 + causal)
+    if causal:
+        favour_unseen_keys(q, k)
+    for keep in padding_masks(b, lq, lk, causal):
+        whole, reach = entmax_triton._element_mask_keys(keep, causal, b)
+        assert whole.tolist() == [37, 0] and reach.tolist() == [37, lk]
+        allowed = dense_allowed(b, h, lq, lk, causal, keep=keep)
+        kwargs = dict(causal=causal, keep=keep.to(DEVICE), blocks=(16, 16, 16), mask_block=16,
+                      threshold_pass=threshold_pass)
+        p_ref = check_against_reference(q, k, v, 1.5, allowed, 1e-9, **kwargs)
+        assert torch.equal(probabilities(q, k, 1.5, **kwargs) > 0, p_ref > 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_kernel_reads_the_keys_every_query_keeps_without_the_mask(causal, monkeypatch):
+    """The whole keys are what the kernels read without the mask: told that every key is one, they read a mask
+    that hides a favourite key of each row as if it were absent. The inference forward (threshold pass, fallback,
+    output) then gives the output of no mask at all, and dK/dV its dV (the training forward keeps one loop, with the
+    tests, so the backward's per-row constant differs); dQ reads the pairs dK/dV reads (Σ q·dq = Σ k·dk, which a dQ
+    reading the mask would break at the hidden pairs). Read, the mask changes both. (Scores scaled down: supports
+    wide enough that rows go to the fallback.)"""
+    monkeypatch.setattr(entmax_triton, "ELEMENT_MASK_KEYS_FROM_PAIRS", 0)
+    launches = fallback_launches(monkeypatch)
+    b, h, lq, lk, d = 1, 2, 32, 48, 16
+    q, k, v = inputs(b, h, lq, lk, d, seed=8)
+    keep = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+    # head 0's favourite among keys 0..15, a tile that causality leaves whole to every row
+    keep[0, 0, torch.arange(lq), (q @ k.transpose(-1, -2))[0, 0, :, :16].argmax(-1)] = False
+    if causal:
+        keep &= torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+    kwargs = dict(causal=causal, blocks=(16, 16, 16), mask_block=16, scaling=0.05)
+    grad_out = torch.randn(b, h, lq, d, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def run(**extra):
+        with torch.no_grad():
+            out = entmax_attention(q, k, v, **kwargs, **extra)
+        trained = entmax_attention(q, k, v, **kwargs, **extra)
+        return (out, *torch.autograd.grad(trained, (q, k, v), grad_out.to(trained)))
+
+    masked, free = run(keep=keep.to(DEVICE)), run()
+    every = torch.full((b,), lk, dtype=torch.int32, device=DEVICE)
+    monkeypatch.setattr(entmax_triton, "_element_mask_keys", lambda keep, causal, batch: (every, every))
+    launches.clear()
+    out, dq, dk, dv = run(keep=keep.to(DEVICE))
+    assert sum(rows_sent(launches)) > 0  # the fallback solved rows too
+    torch.testing.assert_close(out, free[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(dv, free[3], atol=1e-12, rtol=0)
+    assert (masked[0] - free[0]).abs().max() > 1e-2 and (masked[3] - free[3]).abs().max() > 1e-2
+    torch.testing.assert_close((q * dq).sum((2, 3)), (k * dk).sum((2, 3)), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_keys_an_element_mask_keeps_for_every_query_and_for_some_are_counted_on_every_head(causal):
+    """``_element_mask_keys`` against the obvious counts, for masks of every shape the kernel takes: broadcast
+    batch, heads and queries, a hole in one head, trailing keys no query keeps, a key no query keeps, causality left
+    out of the mask or included."""
+    g = torch.Generator().manual_seed(3)
+    lq, lk = 6, 9
+    hidden = ~torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+    for trial in range(60):
+        b, h = int(torch.randint(1, 3, (1,), generator=g)), int(torch.randint(1, 3, (1,), generator=g))
+        keep = torch.rand(b, h, lq, lk, generator=g) < 0.97
+        keep[:, :, :, int(torch.randint(0, lk + 1, (1,), generator=g)):] = False  # padding
+        if trial % 3 == 0:
+            keep = keep[:, :, :1].expand(b, h, lq, lk)  # one row for every query (padding)
+        if trial % 4 == 1:
+            keep = keep[:1].expand(2, h, lq, lk)  # one mask for the batch
+        if causal and trial % 2:
+            keep = keep & ~hidden  # causality included, as a decoder's mask has it
+        ok = keep | hidden if causal else keep
+        whole = [next((j for j in range(lk) if not ok[i, :, :, j].all()), lk) for i in range(keep.shape[0])]
+        reach = [max((j + 1 for j in range(lk) if keep[i, :, :, j].any()), default=0) for i in range(keep.shape[0])]
+        got = entmax_triton._element_mask_keys(keep, causal, keep.shape[0])
+        assert [t.dtype for t in got] == [torch.int32] * 2, trial
+        assert got[0].tolist() == whole and got[1].tolist() == reach, trial
+    empty = entmax_triton._element_mask_keys(torch.ones(2, 1, lq, 0, dtype=torch.bool), causal, 2)
+    assert [t.tolist() for t in empty] == [[0, 0], [0, 0]]
+
+
+def test_no_key_past_the_last_one_an_element_mask_keeps_is_read(monkeypatch):
+    """Keys past the last one the mask keeps for some query (a padded batch's padding) are the kernels' key lengths,
+    given or not: no tile of them is read (here no key lengths given, and given longer). Calls of fewer than
+    ``ELEMENT_MASK_KEYS_FROM_PAIRS`` pairs, whose time is their launches, skip the bounds' launches (and read the
+    mask in every tile), as do masks that differ by head (predicted pairs, DAM masks: not padding)."""
+    kernels = entmax_triton._load_kernels()
+    given, bound = [], kernels.bound_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                given.append(args[2].clone() if kwargs["HAS_KLEN"] else None)  # (q, k, key lengths, ...)
+                return bound[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernels, "bound_kernel", Spy())
+    b, h, lq, lk, d = 2, 2, 20, 40, 16
+    q, k, v = inputs(b, h, lq, lk, d, seed=4)
+    keep, _ = padding_masks(b, lq, lk, False)
+    pairs = b * h * lq * lk
+    for threshold, key_lengths in [(pairs, None), (pairs + 1, None), (pairs, [39, 12]), (pairs + 1, [39, 12])]:
+        monkeypatch.setattr(entmax_triton, "ELEMENT_MASK_KEYS_FROM_PAIRS", threshold)
+        key_lengths = None if key_lengths is None else torch.tensor(key_lengths, device=DEVICE)
+        allowed = dense_allowed(b, h, lq, lk, keep=keep, key_lengths=key_lengths)
+        check_against_reference(q, k, v, 1.5, allowed, 1e-9, keep=keep.to(DEVICE), key_lengths=key_lengths,
+                                blocks=(16, 16, 16), mask_block=16)
+        if threshold > pairs:  # not taken: the key lengths given, if any
+            assert given[-1] is None if key_lengths is None else given[-1].tolist() == [39, 12]
+        else:
+            assert given[-1].tolist() == ([37, lk] if key_lengths is None else [37, 12])
+    monkeypatch.setattr(entmax_triton, "ELEMENT_MASK_KEYS_FROM_PAIRS", 0)
+    per_head = keep.expand(b, h, lq, lk).clone()
+    per_head[:, 1, 0, 0] = False  # head 1's own mask
+    allowed = dense_allowed(b, h, lq, lk, keep=per_head)
+    check_against_reference(q, k, v, 1.5, allowed, 1e-9, keep=per_head.to(DEVICE), blocks=(16, 16, 16),
+                            mask_block=16)
+    assert given[-1] is None
+
+
 @pytest.mark.parametrize("blocks", [(16, 32, 16), (32, 16, 16)], ids=["wider-key-tiles", "taller-query-tiles"])
 @pytest.mark.parametrize(
     "lq, lk",
@@ -595,8 +737,12 @@ def test_empty_inputs():
 
 
 @pytest.mark.parametrize("fn, pattern", [("entmax15", "window:6+global:1"), ("entmax_bisect", "dense")])
-def test_sparse_bert_on_the_fused_backend_equals_eager(fn, pattern):
+def test_sparse_bert_on_the_fused_backend_equals_eager(fn, pattern, monkeypatch):
+    """Padding reaches the kernel as an element mask (with the pattern's tiles, and its pairs inside them): each
+    sequence's real keys up to its first padded one are read without it (the bounds taken at this tiny size too)."""
     from conftest import random_batch, tiny_kwargs
+
+    monkeypatch.setattr(entmax_triton, "ELEMENT_MASK_KEYS_FROM_PAIRS", 0)
     from hf_sparse import SparseBertConfig, SparseBertForMaskedLM
 
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ pytest.importorskip("triton", reason="the fused kernel needs triton (a dev depen
 
 from transformers import DynamicCache, EncoderDecoderCache  # noqa: E402
 
-from hf_sparse import EntmaxSparsefinderMarianConfig, EntmaxSparsefinderMarianMTModel  # noqa: E402
+from hf_sparse import EntmaxSparsefinderMarianConfig, EntmaxSparsefinderMarianMTModel, entmax_triton  # noqa: E402
 from test_modeling_entmax_marian import MARIAN, PAD  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,7 +65,10 @@ def run_both(model, fn):
     return results["eager"], results["fused"]
 
 
-def test_fused_marian_equals_eager_logits_and_gradients_with_padding():
+def test_fused_marian_equals_eager_logits_and_gradients_with_padding(monkeypatch):
+    """Padding reaches the kernel as Marian's masks, element masks (a decoder's causal): each sequence's real keys
+    up to its first padded one are read without the mask (the bounds taken at this tiny size too)."""
+    monkeypatch.setattr(entmax_triton, "ELEMENT_MASK_KEYS_FROM_PAIRS", 0)
     model = tiny_marian().train()
     src, src_mask = ragged(2, 21, seed=0, pad_from=(21, 13))
     tgt, tgt_mask = ragged(2, 19, seed=1, pad_from=(19, 15))
@@ -87,9 +90,11 @@ def test_fused_marian_equals_eager_logits_and_gradients_with_padding():
         torch.testing.assert_close(fused_grads[name], grad, atol=1e-9, rtol=0, msg=name)
 
 
-def test_fused_decoding_with_a_kv_cache_equals_eager():
+def test_fused_decoding_with_a_kv_cache_equals_eager(monkeypatch):
     """Queries that are the last Lq of Lk positions: a prefix of 14 decoder tokens cached, then 6 more at once
-    (crossing the 16-key tile), then greedy generation one token at a time."""
+    (crossing the 16-key tile), then greedy generation one token at a time (the element masks' key bounds taken at
+    this tiny size too)."""
+    monkeypatch.setattr(entmax_triton, "ELEMENT_MASK_KEYS_FROM_PAIRS", 0)
     model = tiny_marian().eval()
     src, src_mask = ragged(2, 18, seed=2, pad_from=(18, 11))
     tgt, _ = ragged(2, 20, seed=3, pad_from=())

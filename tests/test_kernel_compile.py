@@ -32,10 +32,11 @@ UNPIPELINED = {("float32", "backward_dkdv_kernel")}
 # the sweeps that read a block's whole tiles first, without the mask tests (hf_sparse.entmax_triton_kernels.
 # _unmasked_tiles): two loops, the first the shorter (the training forward keeps one loop: fewer registers)
 SPLIT = {"bound_kernel", "fallback_kernel", "backward_dq_kernel"}
-# dK/dV's list of query tiles starts with those that need the tests (causal: the diagonal's; with a pair test: all),
-# the others after them (_masked_query_tiles): two loops in the causal cases, the second the shorter; one elsewhere
+# dK/dV's list of query tiles starts with those that need the tests (causal: the diagonal's; with codes: all; with an
+# element mask: all in the key tiles past the keys every query keeps), the others after them (_masked_query_tiles):
+# two loops in the causal and element-mask cases, the second the shorter; one elsewhere
 SPLIT_MASKED_FIRST = {"backward_dkdv_kernel"}
-CAUSAL_CASES = {"causal", "stream-causal-dropout"}
+TWO_DKDV_LOOPS = {"causal", "stream-causal-dropout", "predicted-mask"}
 MAX_SPILLED_BYTES = 4096
 EXPECTED = {
     "default": BOUND,
@@ -82,7 +83,7 @@ def test_every_kernel_of_every_case_compiles_for_sm_90(tmp_path):
             assert unmasked < masked, (case, kernel, loops)
         if kernel in SPLIT_MASKED_FIRST:
             counts = [int(n) for n in loops.split("+")]
-            assert len(counts) == (2 if case in CAUSAL_CASES else 1), (case, kernel, loops)
+            assert len(counts) == (2 if case in TWO_DKDV_LOOPS else 1), (case, kernel, loops)
             assert len(counts) == 1 or counts[1] < counts[0], (case, kernel, loops)
         if kernel in PIPELINED:
             assert (int(prefetch) > 0) == ((case, kernel) not in UNPIPELINED), (case, kernel, prefetch)
