@@ -15,8 +15,10 @@ in this checkout (``entmax_triton.LAUNCH_OPTIONS``; ``KERNEL:`` for Triton's def
 call can time, say, ``bound_kernel:maxnreg=128`` and ``bound_kernel:num_warps=8`` each against the same baseline.
 ``--generate`` adds the entmax Marian's ``generate`` (issue 12's decoding benchmark,
 ``benchmarking.marian_generate``) with each version's kernel in the model's attention, next to the softmax model:
-one query row per call, where a version's launches, not its sweeps, are the cost. On CPU (``TRITON_INTERPRET=1``)
-it runs a small smoke test of the same paths: the interpreter's times say nothing about a GPU.
+one query row per call, where a version's launches, not its sweeps, are the cost. ``--padding FRACTION`` pads the
+last keys of the sequence as the models pass padding to the kernel, as an element mask (``(B, 1, 1, L)``,
+broadcast; SDPA gets the same mask). On CPU (``TRITON_INTERPRET=1``) it runs a small smoke test of the same paths:
+the interpreter's times say nothing about a GPU.
 """
 
 from __future__ import annotations
@@ -80,21 +82,26 @@ def measure(fn, device, repeats: int) -> float:
     return median_ms(fn, repeats, device)
 
 
-def compare(versions: dict, n: int, heads: int, dim: int, dtype, causal: bool, device, repeats: int) -> dict:
-    """Forward and forward + backward times of every version at one length, and the kernels' largest differences."""
+def compare(versions: dict, n: int, heads: int, dim: int, dtype, causal: bool, device, repeats: int,
+            padding: float = 0.0) -> dict:
+    """Forward and forward + backward times of every version at one length, and the kernels' largest differences.
+    ``padding``: that share of the keys, the last, padded by an element mask (``keep``; None without padding)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(1, heads, n, dim, device=device, dtype=dtype)
+    keep = None
+    if padding:
+        keep = (torch.arange(n, device=device) < round(n * (1 - padding))).expand(1, 1, n, n)
     row = {}
     outputs = {}
     for name, attend in versions.items():
         def forward(attend=attend):
             with torch.no_grad():
-                return attend(q, k, v, causal)
+                return attend(q, k, v, causal, keep)
 
         def forward_backward(attend=attend):
             q.grad = k.grad = v.grad = None
-            attend(q, k, v, causal).backward(grad)
+            attend(q, k, v, causal, keep).backward(grad)
 
         row[name] = (measure(forward, device, repeats), measure(forward_backward, device, repeats))
         if name != "SDPA":
@@ -152,6 +159,15 @@ def compare_generate(baseline, this, device, repeats: int, smoke: bool) -> list[
     ]
 
 
+def sdpa(q, k, v, causal, keep):
+    """SDPA on the same pairs (``keep`` and causality as one boolean mask: it takes one or the other)."""
+    if keep is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if causal:
+        keep = keep & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", type=Path, required=True, help="folder with the other version's modules")
@@ -160,6 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--generate", action="store_true", help="also time the entmax Marian's generate")
+    parser.add_argument("--padding", type=float, default=0.0, metavar="FRACTION",
+                        help="pad this share of the keys, the last, with an element mask (as the models do)")
     parser.add_argument(
         "--threshold-pass", choices=entmax_triton.THRESHOLD_PASSES, default=None,
         help="this checkout's threshold pass (default: its DEFAULT_THRESHOLD_PASS); the baseline runs its default",
@@ -183,9 +201,9 @@ def main(argv=None) -> int:
     baseline = load_baseline(args.baseline)
     this = partial(entmax_triton.entmax_attention, threshold_pass=args.threshold_pass)
     versions = {
-        "SDPA": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-        "baseline": lambda q, k, v, causal: baseline.entmax_attention(q, k, v, causal=causal),
-        "this checkout": lambda q, k, v, causal: this(q, k, v, causal=causal),
+        "SDPA": sdpa,
+        "baseline": lambda q, k, v, causal, keep: baseline.entmax_attention(q, k, v, causal=causal, keep=keep),
+        "this checkout": lambda q, k, v, causal, keep: this(q, k, v, causal=causal, keep=keep),
     }
     began = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
@@ -202,10 +220,11 @@ def main(argv=None) -> int:
     print("\n".join(lines), flush=True)
     for n in lengths:
         for causal in (False, True):
-            r = compare(versions, n, heads, dim, dtype, causal, device, repeats)
+            r = compare(versions, n, heads, dim, dtype, causal, device, repeats, args.padding)
             (sf, sb), (bf, bb), (tf, tb) = r["SDPA"], r["baseline"], r["this checkout"]
+            mask = ("causal" if causal else "none") + (f", {args.padding:.0%} padded" if args.padding else "")
             line = (
-                f"| {n} | {'causal' if causal else 'none'} | {sf:.3f} | {bf:.3f} ({bf / sf:.1f}x) | {tf:.3f} "
+                f"| {n} | {mask} | {sf:.3f} | {bf:.3f} ({bf / sf:.1f}x) | {tf:.3f} "
                 f"({tf / sf:.1f}x) | {tf / bf:.2f} | {sb:.3f} | {bb:.3f} ({bb / sb:.1f}x) | {tb:.3f} ({tb / sb:.1f}x) "
                 f"| {tb / bb:.2f} | {r['difference']:.2g} |"
             )
