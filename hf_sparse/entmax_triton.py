@@ -158,7 +158,7 @@ STREAM_WARPS = 4
 # thread and spilled 168 bytes at 4 warps, 128 and none at 8 (sm_90, scripts/kernel_resources.py)
 CODE_TILES_WARPS = 8
 # An element mask's key bounds (_element_mask_keys: the keys it keeps for every query, and the last it keeps) take
-# six or seven small torch launches, tens of microseconds of host time; they are taken from this many (batch, head,
+# six to nine small torch launches, tens of microseconds of host time; they are taken from this many (batch, head,
 # query, key) pairs on, where the kernels' work is worth them (a padded BERT batch: 32 x 12 x 512 x 512 = 10**8),
 # and not for calls whose time is their launches (a Marian decoding step: 16 x 8 x 1 x 64). Not tuned on a GPU. Nor
 # for masks that differ by head (Sparsefinder's predicted pairs, DAM masks): padding never does, and reading such a
@@ -549,7 +549,7 @@ def _element_mask_keys(keep: torch.Tensor, causal: bool, batch: int) -> tuple[to
     fused kernel, a decoder's causal one included) those are the real keys up to the first padded one, and up to
     the last real one. The kernels read the first keys' tiles as they read tiles with ``key_lengths``, without a
     test or a load of the mask (``_whole_keys``), take the second as the key lengths (no tile past them is read),
-    and read the mask only in the tiles between. Computed on the device in six launches (seven causal), no sync.
+    and read the mask only in the tiles between. Computed on the device in six launches (nine causal), no sync.
     Dimensions ``keep`` broadcasts (stride 0, as ``expand`` makes them) are read once."""
     for dim in range(3):
         if keep.shape[dim] > 1 and keep.stride(dim) == 0:
@@ -558,8 +558,8 @@ def _element_mask_keys(keep: torch.Tensor, causal: bool, batch: int) -> tuple[to
     if lk == 0:
         return _no_keys(batch, keep.device), _no_keys(batch, keep.device)
     some = keep.any(dim=(1, 2))  # (B|1, Lk): keys some query keeps
-    if causal and lq > 1:  # the pairs causality removes need not be kept (the queries are the last Lq keys)
-        keep = keep | _after_causal_limits(lq, lk, keep.device)
+    if causal and lq > 1:  # the pairs causality removes (key > query + Lk - Lq) need not be kept
+        keep = keep | torch.ones(lq, lk, dtype=torch.bool, device=keep.device).triu(lk - lq + 1)
     every = keep.all(dim=(1, 2))  # (B|1, Lk): keys every query keeps
     index = _key_indices(lk + 1, keep.device)
     whole = torch.where(every, lk, index[:-1]).amin(-1)  # the first key not kept for every query
@@ -571,12 +571,6 @@ def _element_mask_keys(keep: torch.Tensor, causal: bool, batch: int) -> tuple[to
 def _key_indices(n: int, device: torch.device) -> torch.Tensor:
     """int32 ``0 .. n - 1``, made once per length."""
     return torch.arange(n, dtype=torch.int32, device=device)
-
-
-@functools.lru_cache(maxsize=4)
-def _after_causal_limits(lq: int, lk: int, device: torch.device) -> torch.Tensor:
-    """bool ``(Lq, Lk)``: the pairs causality removes (key past ``query + Lk - Lq``), made once per shape."""
-    return ~torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
 
 
 @functools.lru_cache(maxsize=8)
