@@ -315,7 +315,8 @@ def test_block_mask_keep_and_rows_without_keys_give_zeros_and_finite_gradients(t
     "case",
     [
         # queries the last 24 of 56 positions: the first block sees keys 0..31 whole (two tiles without the mask
-        # tests), the next ones along the diagonal; the second block is partial (rows past Lq: all tiles masked)
+        # tests), the next ones along the diagonal; the second block holds rows 16..23 of 16..31 and reads
+        # keys 0..47 whole, the diagonal's tile 48..55 with the tests
         dict(lq=24, lk=56, causal=True),
         # more queries than keys: rows 0..7 see no key at all, later blocks see one whole tile or none
         dict(lq=48, lk=40, causal=True),
