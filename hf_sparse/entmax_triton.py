@@ -505,13 +505,14 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
         pair_data = keep.to(q.device).view(torch.uint8) if keep is not None else placeholder
         kps = _broadcast_strides(pair_data) if keep is not None else (0, 0, 0, 0)
     whole = placeholder
-    per_head = pair_test == 1 and keep.shape[1] > 1 and keep.stride(1) != 0
-    if pair_test == 1 and (per_head or math.prod(q.shape[:3]) * k.shape[2] < ELEMENT_MASK_KEYS_FROM_PAIRS):
-        # not worth their launches, or a mask of each head's pairs (predicted, DAM), not padding: read in every tile
-        whole = _no_keys(q.shape[0], q.device)
-    elif pair_test == 1:  # the keys the element mask keeps for every query, and past which it keeps none
-        whole, reach = _element_mask_keys(keep.to(q.device), cfg["causal"], q.shape[0])
-        klen = reach if key_lengths is None else torch.minimum(klen, reach)
+    if pair_test == 1:
+        per_head = keep.shape[1] > 1 and keep.stride(1) != 0
+        if per_head or math.prod(q.shape[:3]) * k.shape[2] < ELEMENT_MASK_KEYS_FROM_PAIRS:
+            # not worth their launches, or each head's own pairs (predicted, DAM), not padding: read in every tile
+            whole = _no_keys(q.shape[0], q.device)
+        else:  # the keys the element mask keeps for every query, and past which it keeps none
+            whole, reach = _element_mask_keys(pair_data.view(torch.bool), cfg["causal"], q.shape[0])
+            klen = reach if key_lengths is None else torch.minimum(klen, reach)
     bm, bn, _ = cfg["blocks"]
     p = cfg["dropout"]
     meta = dict(
