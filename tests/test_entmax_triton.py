@@ -8,6 +8,7 @@ few candidates per row where the certificate must fail (the fallback path).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -98,26 +99,34 @@ def test_outputs_gradients_and_support_equal_dense_float64_entmax(alpha, causal,
     torch.testing.assert_close(p, p_ref.detach(), atol=1e-12, rtol=0)
 
 
+def spy_on_kernel(monkeypatch, name, watch):
+    """Launch kernel ``name`` through ``watch(launch, grid, args, kwargs)``, which records what it wants and runs it
+    (``launch()``, whose result it returns)."""
+    kernels = entmax_triton._load_kernels()
+    kernel = getattr(kernels, name)
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: watch(lambda: kernel[grid](*args, **kwargs), grid, args, kwargs)
+
+    monkeypatch.setattr(kernels, name, Launcher())
+
+
 def fallback_launches(monkeypatch) -> list[tuple[torch.Tensor, ...]]:
     """Spy on the fallback kernel's launches: what each was given, copied before it ran: the rows' largest scores
     ``m``, the thresholds it starts from and the rows it was given to solve (``FAIL`` flags at or above the
     launch's ``LEVEL``); and after it ran, the rows each of its programs solved (``ROWS``: ``(B·H, programs, rows
     per program)``, a program's slots past its last row unwritten)."""
-    kernels = entmax_triton._load_kernels()
-    launches, fallback = [], kernels.fallback_kernel
+    launches = []
 
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                # (q, k, key lengths, block mask, keep, whole keys, m, tau, FAIL, tile maxima, tile lists, ROWS, ...)
-                given = (args[6].clone(), args[7].clone(), (args[8] >= kwargs["LEVEL"]).to(torch.int8))
-                result = fallback[grid](*args, **kwargs)
-                launches.append((*given, args[11].view(grid[1], grid[0], -1).clone()))
-                return result
+    def watch(launch, grid, args, kwargs):
+        # (q, k, key lengths, block mask, keep, whole keys, m, tau, FAIL, tile maxima, tile lists, ROWS, ...)
+        given = (args[6].clone(), args[7].clone(), (args[8] >= kwargs["LEVEL"]).to(torch.int8))
+        result = launch()
+        launches.append((*given, args[11].view(grid[1], grid[0], -1).clone()))
+        return result
 
-            return launch
-
-    monkeypatch.setattr(kernels, "fallback_kernel", Spy())
+    spy_on_kernel(monkeypatch, "fallback_kernel", watch)
     return launches
 
 
@@ -497,18 +506,13 @@ def test_no_key_past_the_last_one_an_element_mask_keeps_is_read(monkeypatch):
     given or not: no tile of them is read (here no key lengths given, and given longer). Calls of fewer than
     ``ELEMENT_MASK_KEYS_FROM_PAIRS`` pairs, whose time is their launches, skip the bounds' launches (and read the
     mask in every tile), as do masks that differ by head (predicted pairs, DAM masks: not padding)."""
-    kernels = entmax_triton._load_kernels()
-    given, bound = [], kernels.bound_kernel
+    given = []
 
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                given.append(args[2].clone() if kwargs["HAS_KLEN"] else None)  # (q, k, key lengths, ...)
-                return bound[grid](*args, **kwargs)
+    def watch(launch, grid, args, kwargs):
+        given.append(args[2].clone() if kwargs["HAS_KLEN"] else None)  # (q, k, key lengths, ...)
+        return launch()
 
-            return launch
-
-    monkeypatch.setattr(kernels, "bound_kernel", Spy())
+    spy_on_kernel(monkeypatch, "bound_kernel", watch)
     b, h, lq, lk, d = 2, 2, 20, 40, 16
     q, k, v = inputs(b, h, lq, lk, d, seed=4)
     keep, _ = padding_masks(b, lq, lk, False)
@@ -660,25 +664,17 @@ def test_explicit_scaling_and_value_dim_other_than_key_dim():
 def test_each_tunable_kernel_is_launched_with_its_launch_options(threshold_pass, monkeypatch):
     """``LAUNCH_OPTIONS`` (what ``benchmark_kernel_versions.py --launch`` sets) reaches every launch of the kernels
     it names, and only theirs: a benchmark of launch options that did not apply them would time the defaults."""
-    kernels = entmax_triton._load_kernels()
     options = {name: {"maxnreg": 96 + i} for i, name in enumerate(entmax_triton.TUNABLE_KERNELS)}
     monkeypatch.setattr(entmax_triton, "LAUNCH_OPTIONS", options)
     seen = {}
 
-    def spy(name, kernel):
-        class Launcher:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    seen.setdefault(name, []).append(kwargs.get("maxnreg"))
-                    return kernel[grid](*args, **kwargs)
-
-                return launch
-
-        return Launcher()
+    def watch(name, launch, grid, args, kwargs):
+        seen.setdefault(name, []).append(kwargs.get("maxnreg"))
+        return launch()
 
     for name in ("threshold_kernel", "bound_kernel", "stream_kernel", "fallback_kernel", "forward_kernel",
                  "gather_kernel", "backward_dq_kernel", "tile_columns_kernel", "backward_dkdv_kernel"):
-        monkeypatch.setattr(kernels, name, spy(name, getattr(kernels, name)))
+        spy_on_kernel(monkeypatch, name, functools.partial(watch, name))
     q, k, v = inputs(1, 1, 16, 32, 16, seed=2)
     entmax_attention(q, k, v, blocks=(16, 16, 16), threshold_pass=threshold_pass).sum().backward()
     first = "bound_kernel" if threshold_pass == "bound" else "threshold_kernel"
