@@ -98,9 +98,12 @@ mask: the keys it keeps for every query, from the first on (a right-padded seque
 read (``_element_mask_keys``, on the device, no sync); only the tiles between read it (and the training forward,
 which keeps one loop, in every tile it reads).
 
-Attention dropout (training) is drawn inside the output pass and redrawn, identically, by the backward: one Philox
-number per (batch·head, query, key) from a seed taken from torch's generator, as FlashAttention does, so no mask
-is stored and the support and thresholds are those of the undropped probabilities.
+Attention dropout (training) is drawn inside the output pass and redrawn, identically, by the backward: a 16-bit
+Philox number per (batch·head, query, key) from a seed taken from torch's generator, as FlashAttention does (it
+draws 8 bits), so no mask is stored and the support and thresholds are those of the undropped probabilities. One
+Philox draw gives 8 pairs' numbers, laid out the way the tensor cores lay out a tile's scores, so that each thread
+draws the numbers of its own scores (``_kept`` in the kernels): with a draw per pair a tile with dropout took 5-7
+times the instructions of one without, and 8 adjacent keys per draw needed the numbers moved between threads.
 
 Scores, thresholds and accumulators are float32 (float64 for float64 inputs); bfloat16/float16 inputs go through
 the tensor cores as FlashAttention does (``p`` rounded to the input dtype for ``p v``); float32 inputs use full
@@ -164,6 +167,10 @@ CODE_TILES_WARPS = 8
 # for masks that differ by head (Sparsefinder's predicted pairs, DAM masks): padding never does, and reading such a
 # mask twice more (0.8 GB at L = 8192, 12 heads) would buy nothing.
 ELEMENT_MASK_KEYS_FROM_PAIRS = 1 << 22
+# Attention dropout drops a pair when its 16-bit number falls below the probability times this, rounded: the kernels
+# split each Philox draw into 16-bit halves, eight pairs a draw (not a setting: _kept in the kernels). FlashAttention's
+# CUDA kernels draw 8 bits, a probability in steps of 1/256.
+DROP_LEVELS = 1 << 16
 # Launch options on top of Triton's defaults (4 warps; registers as ptxas allocates them), by kernel name, e.g.
 # {"fallback_kernel": {"maxnreg": 128}}. Registers per thread set how many 4-warp programs an SM holds on sm_90: 4 up
 # to 128, 3 up to 168, 2 beyond (scripts/kernel_resources.py reports each kernel's). None is set: which choice is
@@ -536,7 +543,8 @@ def _launch_arguments(q, k, v, key_lengths, block_mask, keep, cfg, acc, n_qb, n_
         offset=k.shape[2] - q.shape[2],
         n_qb=n_qb,
         n_kb=n_kb,
-        dropout=(p, 1 / (1 - p) if p < 1 else 0.0),  # the probability and the kept values' scale
+        # the kernels' threshold on 16-bit draws (p rounded to a multiple of 2^-16) and the kept values' scale
+        dropout=(round(p * DROP_LEVELS), 1 / (1 - p) if p < 1 else 0.0),
         meta=meta,
         # the kernels that read values (the output pass and both backward kernels): their tile width and dropout
         value_meta=dict(meta, BDV=max(16, triton_next_power_of_2(v.shape[3])), DROPOUT=p > 0),
@@ -648,9 +656,10 @@ def entmax_attention(
             keys`` and tiles dividing ``mask_block``; only the speed depends on them. Default on the GPU
             :data:`GPU_BLOCKS`, or :data:`GPU_BLOCKS_FULL_PRECISION` for full-precision float32 and float64.
         dropout: attention dropout on the probabilities (as ``F.dropout(p) @ v``: a pair is dropped with this
-            probability, kept ones scaled by ``1 / (1 - dropout)``), drawn inside the kernels from a seed taken
-            from torch's generator on the inputs' device (so ``torch.manual_seed`` reproduces it, no host sync);
-            the backward drops the same pairs. Pass the probability to apply now: 0 in eval.
+            probability, rounded to a multiple of 2^-16, kept ones scaled by ``1 / (1 - dropout)``), drawn inside
+            the kernels from a seed taken from torch's generator on the inputs' device (so ``torch.manual_seed``
+            reproduces it, no host sync); the backward drops the same pairs. Pass the probability to apply now: 0
+            in eval.
         threshold_pass: how each row's τ is found, with the same result (only the speed differs; default
             :data:`DEFAULT_THRESHOLD_PASS`): ``"topk"`` keeps each row's ``candidates`` largest scores in one sweep
             (merging tiles by sorting while many enter); ``"stream"`` holds every score above a rising lower bound

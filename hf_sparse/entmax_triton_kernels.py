@@ -285,13 +285,61 @@ def _clamped_rows(Q, q_off, s_qm, s_qd, offs_m, offs_d, Lq, D):
 
 
 @triton.jit
-def _kept(SEED, bh, query, key, Lq, Lk, dropout_p):
-    """Which (query, key) pairs attention dropout keeps (``query``, ``key``: broadcastable index tensors, a tile's
-    ``offs_m[:, None]`` and ``offs_n[None, :]``, or one held key per row): one Philox draw per (batch·head, query,
-    key) from the seed the forward drew, so the forward (either output kernel) and both backward kernels drop the
-    same pairs without storing a mask. Kept values are then scaled by ``1/(1 - dropout_p)``."""
-    offset = (bh * Lq + query).to(tl.int64) * Lk + key
-    return tl.rand(tl.load(SEED), offset) >= dropout_p
+def _dropout_draws(SEED, bh, query, draw, Lq, Lk):
+    """Philox draw ``draw`` of (batch·head, query) from the seed the forward drew: four 32-bit words, whose 16-bit
+    halves decide 8 pairs (:func:`_kept`). Philox is most of dropout's cost (10 rounds of multiplies a draw): with a
+    draw per pair, a tile with dropout took 5-7 times the instructions of one without (sm_90)."""
+    counter = (bh * Lq + query).to(tl.int64) * (4 * tl.cdiv(Lk, 32)) + draw
+    return tl.randint4x(tl.load(SEED), counter)
+
+
+@triton.jit
+def _kept(SEED, bh, query, key, Lq, Lk, drop_below):
+    """Which (query, key) pairs attention dropout keeps, for any pairs (``query``, ``key``: broadcastable index
+    tensors, e.g. one held key per row). Key ``32 b + 8 n + 2 c + h`` of a row is kept when the 16-bit half ``h`` of
+    word ``n`` of the row's draw ``4 b + c`` (:func:`_dropout_draws`) is at least ``drop_below`` (the dropout
+    probability times 2^16, rounded). The forward (either output kernel) and both backward kernels draw the same
+    words, so they drop the same pairs without storing a mask; kept values are then scaled by ``1/(1 - p)``.
+
+    The order is the tensor cores' (:func:`_kept_tile`): each thread of a ``tl.dot`` result holds two adjacent
+    keys of every group of 8 (``c`` fixed), in several groups, so the words it needs come from draws of its own and
+    a tile's draws reach its elements without a trip through shared memory (a draw per 8 adjacent keys took one:
+    1155 instructions a tile in the output pass against 829 this way, 398 without dropout; sm_90, Triton 3.9)."""
+    r0, r1, r2, r3 = _dropout_draws(SEED, bh, query, (key >> 5 << 2) | (key >> 1 & 3), Lq, Lk)  # (keys >= 0)
+    n = key >> 3 & 3
+    word = tl.where(n == 0, r0, tl.where(n == 1, r1, tl.where(n == 2, r2, r3)))
+    return ((word >> ((key & 1) << 4)) & 0xFFFF).to(tl.int32) >= drop_below
+
+
+@triton.jit
+def _kept_tile(SEED, bh, offs_m, start_n, Lq, Lk, drop_below, BN: tl.constexpr):
+    """:func:`_kept` for the rows ``offs_m`` and the ``BN`` keys from ``start_n`` (a multiple of ``BN``), drawn once
+    per 8 pairs: ``(len(offs_m), BN)``. A draw's words and their halves are laid side by side with ``tl.join`` (a
+    new last axis) and put in key order."""
+    BLOCKS: tl.constexpr = max(BN // 32, 1)  # of 32 keys: 16 keys are half of one
+    draw = (start_n // 32 + tl.arange(0, BLOCKS))[:, None] * 4 + tl.arange(0, 4)[None, :]
+    r0, r1, r2, r3 = _dropout_draws(SEED, bh, offs_m[:, None, None], draw[None, :, :], Lq, Lk)  # (rows, b, c)
+    if BN >= 32:
+        words = tl.join(tl.join(_halves(r0), _halves(r2)), tl.join(_halves(r1), _halves(r3)))  # word 2i + j at (i, j)
+        keys = tl.permute(words, (0, 1, 4, 5, 2, 3))  # (rows, b, c, h, i, j) -> (rows, b, i, j, c, h)
+    else:  # the two words of the block's half this tile holds
+        upper = start_n % 32 != 0
+        words = tl.join(_halves(tl.where(upper, r2, r0)), _halves(tl.where(upper, r3, r1)))
+        keys = tl.permute(words, (0, 1, 4, 2, 3))  # (rows, 1, c, h, n) -> (rows, 1, n, c, h)
+    return tl.reshape(keys, (offs_m.shape[0], BN)) >= drop_below
+
+
+@triton.jit
+def _drop_factor(kept, drop_scale, dtype: tl.constexpr):
+    """What dropout multiplies a tile by: ``1/(1 - p)`` where ``kept``, else 0 (a product: ``tl.where(kept, x *
+    drop_scale, 0)`` compiled to more instructions), in ``dtype`` (float64 tiles: the scale unrounded)."""
+    return tl.where(kept, tl.full(kept.shape, drop_scale, dtype), 0.0)
+
+
+@triton.jit
+def _halves(word):
+    """A 32-bit word's two 16-bit halves, side by side on a new last axis."""
+    return tl.join((word & 0xFFFF).to(tl.int32), (word >> 16).to(tl.int32))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1102,7 +1150,7 @@ def forward_kernel(
     Q, K, V, KLEN, BMASK, KEEP, WHOLE, M, TAU, FAIL, TILEMAX, TILES, OUT, LSUM, G, GSUM, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
-    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
+    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, drop_below, drop_scale,
     ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, NEED_G: tl.constexpr, DROPOUT: tl.constexpr,
     ONLY_FAILED: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
@@ -1153,7 +1201,7 @@ def forward_kernel(
             acc, lsum, gacc, gsum = _output_tile(
                 q, keys, values, keep, tl.load(tiles + i) * BN, m, tau, acc, lsum, gacc, gsum, SEED, bh, offs_m,
                 offs_d, offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1,
-                inv_am1, two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, NEED_G, DROPOUT, CAUSAL, PAIR_TEST,
+                inv_am1, two_minus_alpha, drop_below, drop_scale, ACC, PREC, KIND, NEED_G, DROPOUT, CAUSAL, PAIR_TEST,
                 part == 1,
             )
     _store_output(OUT, LSUM, G, GSUM, acc, lsum, gacc, gsum, b, h, bh, offs_m, offs_dv, row_ok,
@@ -1163,7 +1211,7 @@ def forward_kernel(
 @triton.jit
 def _output_tile(q, keys, values, keep, start_n, m, tau, acc, lsum, gacc, gsum, SEED, bh, offs_m, offs_d, offs_dv,
                  cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1, inv_am1,
-                 two_minus_alpha, dropout_p, drop_scale, ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr,
+                 two_minus_alpha, drop_below, drop_scale, ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr,
                  NEED_G: tl.constexpr, DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, PAIR_TEST: tl.constexpr,
                  MASKED: tl.constexpr):
     """One key tile of :func:`forward_kernel`. ``Σ p̃`` only for general α, whose output it normalises (the closed
@@ -1171,8 +1219,9 @@ def _output_tile(q, keys, values, keep, start_n, m, tau, acc, lsum, gacc, gsum, 
     offs_n = start_n + cols
     k = _load_rows(keys, 0, s_kn, s_kd, offs_n, offs_d, klen, D)
     s = _scores(q, k, keep, 0, s_eq, s_ek, offs_m, offs_n, Lq, klen, OFF, ACC, PREC, CAUSAL, PAIR_TEST, MASKED)
-    p, pv, g, gv = _output_weights(_shifted(s, m, tau, scale, am1), SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk,
-                                   inv_am1, two_minus_alpha, dropout_p, drop_scale, KIND, NEED_G, DROPOUT)
+    kept = _kept_tile(SEED, bh, offs_m, start_n, Lq, Lk, drop_below, cols.shape[0]) if DROPOUT else None
+    p, pv, g, gv = _output_weights(_shifted(s, m, tau, scale, am1), kept, inv_am1, two_minus_alpha, drop_scale, KIND,
+                                   NEED_G, DROPOUT)
     v = _load_rows(values, 0, s_vn, s_vd, offs_n, offs_dv, klen, DV)
     acc += tl.dot(pv.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
     if KIND == 2:
@@ -1184,23 +1233,23 @@ def _output_tile(q, keys, values, keep, start_n, m, tau, acc, lsum, gacc, gsum, 
 
 
 @triton.jit
-def _output_weights(d, SEED, bh, query, key, Lq, Lk, inv_am1, two_minus_alpha, dropout_p, drop_scale,
-                    KIND: tl.constexpr, NEED_G: tl.constexpr, DROPOUT: tl.constexpr):
+def _output_weights(d, kept, inv_am1, two_minus_alpha, drop_scale, KIND: tl.constexpr, NEED_G: tl.constexpr,
+                    DROPOUT: tl.constexpr):
     """What both output kernels weigh the values by, from ``d = x - τ`` (:func:`_shifted`): ``(p, pv, g, gv)``:
     ``p = p̃``, ``g = p̃^{2-α}`` (``p`` when not ``NEED_G``), and the same after attention dropout (``pv``, ``gv``:
-    dropped pairs 0, kept ones scaled), the draws of :func:`_kept` at (``query``, ``key``)."""
+    the pairs not ``kept`` 0, kept ones scaled)."""
     p = _unnormalised(d, inv_am1, KIND)
     pv = p
     if DROPOUT:
-        kept = _kept(SEED, bh, query, key, Lq, Lk, dropout_p)
-        pv = tl.where(kept, p * drop_scale, 0.0)
+        factor = _drop_factor(kept, drop_scale, p.dtype)
+        pv = p * factor
     g = p
     gv = pv
     if NEED_G:
         g = _gppr(d, p, two_minus_alpha, KIND)
         gv = g
         if DROPOUT:
-            gv = tl.where(kept, g * drop_scale, 0.0)
+            gv = g * factor
     return p, pv, g, gv
 
 
@@ -1227,7 +1276,7 @@ def _store_output(OUT, LSUM, G, GSUM, acc, lsum, gacc, gsum, b, h, bh, offs_m, o
 def gather_kernel(
     V, M, TAU, FAIL, SCRATCH, KEYS, COUNT, OUT, LSUM, G, GSUM, SEED,
     s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
-    H, Lq, Lk, DV, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
+    H, Lq, Lk, DV, scale, am1, inv_am1, two_minus_alpha, drop_below, drop_scale,
     ACC: tl.constexpr, KIND: tl.constexpr, NEED_G: tl.constexpr, DROPOUT: tl.constexpr,
     BM: tl.constexpr, BDV: tl.constexpr, CAP: tl.constexpr,
 ):
@@ -1256,8 +1305,8 @@ def gather_kernel(
         s = tl.load(SCRATCH + slots + j, mask=held, other=NEG_INF)
         key = tl.load(KEYS + slots + j, mask=held, other=0)
         d = _shifted(s[:, None], m, tau, scale, am1)  # (BM, 1): the tile helpers' shape
-        p, pv, g, gv = _output_weights(d, SEED, bh, offs_m[:, None], key[:, None], Lq, Lk, inv_am1,
-                                       two_minus_alpha, dropout_p, drop_scale, KIND, NEED_G, DROPOUT)
+        kept = _kept(SEED, bh, offs_m[:, None], key[:, None], Lq, Lk, drop_below) if DROPOUT else None
+        p, pv, g, gv = _output_weights(d, kept, inv_am1, two_minus_alpha, drop_scale, KIND, NEED_G, DROPOUT)
         v = tl.load(V + b * s_vb + h * s_vh + key[:, None] * s_vn + offs_dv[None, :] * s_vd,
                     mask=held[:, None] & (offs_dv[None, :] < DV), other=0.0).to(ACC)
         acc += pv * v
@@ -1290,7 +1339,7 @@ def backward_dq_kernel(
     Q, K, V, DO, DQ, KLEN, BMASK, KEEP, WHOLE, M, TAU, LSUM, C, TILEMAX, NEED, TILES, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
-    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
+    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, drop_below, drop_scale,
     ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, PAIR_TEST: tl.constexpr,
@@ -1329,7 +1378,7 @@ def backward_dq_kernel(
         for i in range(begin, end):
             dq = _dq_tile(q, do, keys, values, keep, tl.load(tiles + i) * BN, m, tau, lsum, c, dq, SEED, bh, offs_m,
                           offs_d, offs_dv, cols, s_kn, s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale,
-                          am1, inv_am1, two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, DROPOUT, CAUSAL,
+                          am1, inv_am1, two_minus_alpha, drop_below, drop_scale, ACC, PREC, KIND, DROPOUT, CAUSAL,
                           PAIR_TEST, part == 1)
     tl.store(
         DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
@@ -1340,7 +1389,7 @@ def backward_dq_kernel(
 
 @triton.jit
 def _dq_tile(q, do, keys, values, keep, start_n, m, tau, lsum, c, dq, SEED, bh, offs_m, offs_d, offs_dv, cols, s_kn,
-             s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1, inv_am1, two_minus_alpha, dropout_p,
+             s_kd, s_vn, s_vd, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1, inv_am1, two_minus_alpha, drop_below,
              drop_scale, ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, DROPOUT: tl.constexpr,
              CAUSAL: tl.constexpr, PAIR_TEST: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of :func:`backward_dq_kernel`: ``Σ_j dS_ij k_j`` over it, added to ``dq``."""
@@ -1351,8 +1400,8 @@ def _dq_tile(q, do, keys, values, keep, start_n, m, tau, lsum, c, dq, SEED, bh, 
     v = _load_rows(values, 0, s_vn, s_vd, offs_n, offs_dv, klen, DV)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
     if DROPOUT:
-        kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
-        dp = tl.where(kept, dp * drop_scale, 0.0)
+        kept = _kept_tile(SEED, bh, offs_m, start_n, Lq, Lk, drop_below, offs_n.shape[0])
+        dp = dp * _drop_factor(kept, drop_scale, dp.dtype)
     ds = g * (dp - c[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
 
@@ -1371,7 +1420,7 @@ def backward_dkdv_kernel(
     Q, K, V, DO, DK, DV_OUT, KLEN, BMASK, KEEP, WHOLE, M, TAU, LSUM, C, TILES, NTILES, SEED,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_bq, s_bk, s_eb, s_eh, s_eq, s_ek,
-    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, dropout_p, drop_scale,
+    H, Lq, Lk, D, DV, OFF, n_qb, n_kb, scale, am1, inv_am1, two_minus_alpha, drop_below, drop_scale,
     ACC: tl.constexpr, PREC: tl.constexpr, KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_BMASK: tl.constexpr, PAIR_TEST: tl.constexpr,
@@ -1401,10 +1450,10 @@ def backward_dkdv_kernel(
             begin, end = _tile_range(n_masked, n_tiles, part)
             for i in range(begin, end):
                 dk, dv = _dkdv_tile(tl.load(TILES + listed * n_qb + i), k, v, dk, dv, Q, DO, KEEP, M, TAU, LSUM, C,
-                                    SEED, b, h, bh, offs_n, offs_d, offs_dv, s_qb, s_qh, s_qm, s_qd, s_ob, s_oh, s_om,
-                                    s_od, s_eb, s_eh, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1, inv_am1,
-                                    two_minus_alpha, dropout_p, drop_scale, ACC, PREC, KIND, DROPOUT, BM, CAUSAL,
-                                    PAIR_TEST, part == 0)
+                                    SEED, b, h, bh, start_n, offs_n, offs_d, offs_dv, s_qb, s_qh, s_qm, s_qd, s_ob,
+                                    s_oh, s_om, s_od, s_eb, s_eh, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1,
+                                    inv_am1, two_minus_alpha, drop_below, drop_scale, ACC, PREC, KIND, DROPOUT, BM,
+                                    CAUSAL, PAIR_TEST, part == 0)
     # A padding key's scores were taken without the tests where they were left out (its k and v read as zeros, so
     # they are finite): its gradients are zero, and no other key's depend on them.
     real = offs_n < klen
@@ -1450,9 +1499,9 @@ def _masked_query_tiles(LIST, n_tiles, start_n, whole, OFF, BM: tl.constexpr, BN
 
 
 @triton.jit
-def _dkdv_tile(q_tile, k, v, dk, dv, Q, DO, KEEP, M, TAU, LSUM, C, SEED, b, h, bh, offs_n, offs_d, offs_dv, s_qb,
-               s_qh, s_qm, s_qd, s_ob, s_oh, s_om, s_od, s_eb, s_eh, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale, am1,
-               inv_am1, two_minus_alpha, dropout_p, drop_scale, ACC: tl.constexpr, PREC: tl.constexpr,
+def _dkdv_tile(q_tile, k, v, dk, dv, Q, DO, KEEP, M, TAU, LSUM, C, SEED, b, h, bh, start_n, offs_n, offs_d, offs_dv,
+               s_qb, s_qh, s_qm, s_qd, s_ob, s_oh, s_om, s_od, s_eb, s_eh, s_eq, s_ek, Lq, Lk, klen, D, DV, OFF, scale,
+               am1, inv_am1, two_minus_alpha, drop_below, drop_scale, ACC: tl.constexpr, PREC: tl.constexpr,
                KIND: tl.constexpr, DROPOUT: tl.constexpr, BM: tl.constexpr, CAUSAL: tl.constexpr,
                PAIR_TEST: tl.constexpr, MASKED: tl.constexpr):
     """One query tile of :func:`backward_dkdv_kernel`: ``dV += pᵀ dO`` and ``dK += dSᵀ q`` (unscaled)."""
@@ -1469,9 +1518,10 @@ def _dkdv_tile(q_tile, k, v, dk, dv, Q, DO, KEEP, M, TAU, LSUM, C, SEED, b, h, b
     p, g = _probabilities(s, m, tau, lsum, scale, am1, inv_am1, two_minus_alpha, KIND)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
     if DROPOUT:
-        kept = _kept(SEED, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
-        p = tl.where(kept, p * drop_scale, 0.0)
-        dp = tl.where(kept, dp * drop_scale, 0.0)
+        kept = _kept_tile(SEED, bh, offs_m, start_n, Lq, Lk, drop_below, offs_n.shape[0])
+        factor = _drop_factor(kept, drop_scale, p.dtype)
+        p = p * factor
+        dp = dp * factor
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
     ds = g * (dp - c[:, None])
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)

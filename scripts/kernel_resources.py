@@ -80,6 +80,7 @@ CASES = {
     "topk-block-mask": Case(threshold_pass="topk", block_mask=True),  # its loop over the allowed tiles' list
     "topk-bisection": Case(threshold_pass="topk", alpha=1.3),  # its bisection over the candidates
     "float32": Case(dtype=torch.float32),  # full float32 products (torch's default precision)
+    "float32-dropout": Case(dtype=torch.float32, dropout=0.1),  # their 32-key tiles' dropout draws
     "tf32": Case(dtype=torch.float32, float32_precision="high"),
     "sparsemax": Case(alpha=2.0),
     "block-mask": Case(block_mask=True),  # the threshold pass loops over the allowed tiles' list

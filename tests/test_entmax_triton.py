@@ -12,6 +12,7 @@ import functools
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -607,6 +608,50 @@ def test_dropout_drops_pairs_of_the_support_and_scales_the_rest(alpha):
     assert torch.equal(again, dropped) and not torch.equal(other, dropped)  # torch.manual_seed reproduces it
     _, none = dropout_outputs(q, k, None, seed=3, alpha=alpha, key_lengths=key_lengths, dropout=1.0)
     assert not none.any()
+
+
+def philox4x32_10(counter: np.ndarray, seed: int) -> tuple[np.ndarray, ...]:
+    """Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", 2011) of the 64-bit counters
+    ``(lo, hi, 0, 0)`` under the 64-bit key ``seed``: four 32-bit words each, written from the paper's round function
+    (uint64 products of 32-bit words are exact)."""
+    low = np.uint64(0xFFFFFFFF)
+    c0, c1 = counter & low, counter >> np.uint64(32)
+    c2, c3 = np.zeros_like(counter), np.zeros_like(counter)
+    k0, k1 = np.uint64(seed) & low, np.uint64(seed) >> np.uint64(32)
+    for _ in range(10):
+        p0, p2 = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2
+        c0, c1, c2, c3 = (p2 >> np.uint64(32)) ^ c1 ^ k0, p2 & low, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & low
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & low, (k1 + np.uint64(0xBB67AE85)) & low
+    return c0, c1, c2, c3
+
+
+@pytest.mark.parametrize(
+    ("blocks", "lk", "threshold_pass"),
+    [(None, 70, "bound"), ((16, 32, 16), 70, "bound"), ((16, 64, 16), 70, "bound"), (None, 40, "stream")],
+)
+def test_dropout_keeps_the_pairs_philox_draws_keep_eight_pairs_a_draw(blocks, lk, threshold_pass):
+    """Which pairs dropout keeps, whatever the tile width (16 keys: half a block of 32; 32; 64) or the kernel (the
+    stream pass's gather draws one key at a time): key ``32 b + 8 n + 2 c + h`` of row ``r`` (batch·head ``bh``) is
+    kept when the 16-bit half ``h`` of word ``n`` of Philox draw ``(bh · Lq + r) · 4 ⌈Lk/32⌉ + 4 b + c`` is at least
+    the probability times 2^16, rounded: 8 pairs per draw, none drawn twice."""
+    b, h, lq, p = 2, 2, 9, 0.3
+    zeros = torch.zeros(b, h, lq, 16, device=DEVICE)
+    eye = torch.eye(lk, device=DEVICE).expand(b, h, lk, lk)
+    torch.manual_seed(5)
+    with torch.no_grad():  # zero scores: every pair in the support, each kept one shows in the output
+        shown = entmax_attention(zeros, zeros[:, :, :1].expand(b, h, lk, 16), eye, dropout=p, blocks=blocks,
+                                 threshold_pass=threshold_pass)
+    torch.manual_seed(5)
+    seed = int(torch.randint(2**62, (1,), device=DEVICE))  # the kernel's seed: the call's first draw
+    row, key = np.arange(b * h * lq)[:, None], np.arange(lk)[None, :]
+    draw = row * 4 * math.ceil(lk / 32) + key // 32 * 4 + key % 8 // 2
+    words = np.stack(philox4x32_10(draw.astype(np.uint64), seed))  # (4, rows, keys)
+    word = words[key % 32 // 8, row, key]
+    half = (word >> (key % 2 * 16).astype(np.uint64)) & np.uint64(0xFFFF)
+    want = torch.from_numpy(half >= round(p * 2**16)).reshape(b, h, lq, lk)
+    assert torch.equal(shown.cpu() != 0, want)
+    number = draw * 8 + key % 32 // 8 * 2 + key % 2  # (draw, word, half): no two pairs share one; 8 pairs a draw
+    assert len(np.unique(number)) == number.size and np.bincount(draw.ravel()).max() == 8
 
 
 @pytest.mark.parametrize("threshold_pass", entmax_triton.THRESHOLD_PASSES)
