@@ -17,7 +17,9 @@ call can time, say, ``bound_kernel:maxnreg=128`` and ``bound_kernel:num_warps=8`
 ``benchmarking.marian_generate``) with each version's kernel in the model's attention, next to the softmax model:
 one query row per call, where a version's launches, not its sweeps, are the cost. ``--padding FRACTION`` pads the
 last keys of the sequence as the models pass padding to the kernel, as an element mask (``(B, 1, 1, L)``,
-broadcast; SDPA gets the same mask). On CPU (``TRITON_INTERPRET=1``) it runs a small smoke test of the same paths:
+broadcast; SDPA gets the same mask). ``--dropout P`` times training with attention dropout (BERT's default 0.1),
+drawn in each version's kernels and in SDPA's: the versions draw different pairs, so their outputs are not compared
+then. On CPU (``TRITON_INTERPRET=1``) it runs a small smoke test of the same paths:
 the interpreter's times say nothing about a GPU.
 """
 
@@ -83,9 +85,10 @@ def measure(fn, device, repeats: int) -> float:
 
 
 def compare(versions: dict, n: int, heads: int, dim: int, dtype, causal: bool, device, repeats: int,
-            padding: float = 0.0) -> dict:
-    """Forward and forward + backward times of every version at one length, and the kernels' largest differences.
-    ``padding``: that share of the keys, the last, padded by an element mask (``keep``; None without padding)."""
+            padding: float = 0.0, dropout: float = 0.0) -> dict:
+    """Forward and forward + backward times of every version at one length, and the kernels' largest differences
+    (None with ``dropout``: each version draws its own pairs). ``padding``: that share of the keys, the last,
+    padded by an element mask (``keep``; None without padding)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(1, heads, n, dim, device=device, dtype=dtype)
@@ -97,18 +100,18 @@ def compare(versions: dict, n: int, heads: int, dim: int, dtype, causal: bool, d
     for name, attend in versions.items():
         def forward(attend=attend):
             with torch.no_grad():
-                return attend(q, k, v, causal, keep)
+                return attend(q, k, v, causal, keep, dropout)
 
         def forward_backward(attend=attend):
             q.grad = k.grad = v.grad = None
-            attend(q, k, v, causal, keep).backward(grad)
+            attend(q, k, v, causal, keep, dropout).backward(grad)
 
         row[name] = (measure(forward, device, repeats), measure(forward_backward, device, repeats))
         if name != "SDPA":
             forward_backward()
             outputs[name] = [forward().float(), q.grad.float(), k.grad.float(), v.grad.float()]
     current, baseline = outputs["this checkout"], outputs["baseline"]
-    row["difference"] = max((a - b).abs().max().item() for a, b in zip(current, baseline))
+    row["difference"] = None if dropout else max((a - b).abs().max().item() for a, b in zip(current, baseline))
     return row
 
 
@@ -159,13 +162,13 @@ def compare_generate(baseline, this, device, repeats: int, smoke: bool) -> list[
     ]
 
 
-def sdpa(q, k, v, causal, keep):
+def sdpa(q, k, v, causal, keep, dropout):
     """SDPA on the same pairs (``keep`` and causality as one boolean mask: it takes one or the other)."""
     if keep is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout)
     if causal:
         keep = keep & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
 
 
 def main(argv=None) -> int:
@@ -176,6 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--generate", action="store_true", help="also time the entmax Marian's generate")
+    parser.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                        help="attention dropout probability (training; BERT's default is 0.1)")
     parser.add_argument("--padding", type=float, default=0.0, metavar="FRACTION",
                         help="pad this share of the keys, the last, with an element mask (as the models do)")
     parser.add_argument(
@@ -202,8 +207,10 @@ def main(argv=None) -> int:
     this = partial(entmax_triton.entmax_attention, threshold_pass=args.threshold_pass)
     versions = {
         "SDPA": sdpa,
-        "baseline": lambda q, k, v, causal, keep: baseline.entmax_attention(q, k, v, causal=causal, keep=keep),
-        "this checkout": lambda q, k, v, causal, keep: this(q, k, v, causal=causal, keep=keep),
+        "baseline": lambda q, k, v, causal, keep, dropout: baseline.entmax_attention(q, k, v, causal=causal, keep=keep,
+                                                                                    dropout=dropout),
+        "this checkout": lambda q, k, v, causal, keep, dropout: this(q, k, v, causal=causal, keep=keep,
+                                                                     dropout=dropout),
     }
     began = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
@@ -220,13 +227,15 @@ def main(argv=None) -> int:
     print("\n".join(lines), flush=True)
     for n in lengths:
         for causal in (False, True):
-            r = compare(versions, n, heads, dim, dtype, causal, device, repeats, args.padding)
+            r = compare(versions, n, heads, dim, dtype, causal, device, repeats, args.padding, args.dropout)
             (sf, sb), (bf, bb), (tf, tb) = r["SDPA"], r["baseline"], r["this checkout"]
             mask = ("causal" if causal else "none") + (f", {args.padding:.0%} padded" if args.padding else "")
+            mask += f", dropout {args.dropout:g}" if args.dropout else ""
+            difference = "- (other draws)" if r["difference"] is None else f"{r['difference']:.2g}"
             line = (
                 f"| {n} | {mask} | {sf:.3f} | {bf:.3f} ({bf / sf:.1f}x) | {tf:.3f} "
                 f"({tf / sf:.1f}x) | {tf / bf:.2f} | {sb:.3f} | {bb:.3f} ({bb / sb:.1f}x) | {tb:.3f} ({tb / sb:.1f}x) "
-                f"| {tb / bb:.2f} | {r['difference']:.2g} |"
+                f"| {tb / bb:.2f} | {difference} |"
             )
             lines.append(line)
             print(line, flush=True)
