@@ -169,7 +169,7 @@ CODE_TILES_WARPS = 8
 ELEMENT_MASK_KEYS_FROM_PAIRS = 1 << 22
 # Attention dropout drops a pair when its 16-bit number falls below the probability times this, rounded: the kernels
 # split each Philox draw into 16-bit halves, eight pairs a draw (not a setting: _kept in the kernels). FlashAttention's
-# CUDA kernels draw 8 bits, a probability in steps of 1/256.
+# CUDA kernels compare 8-bit numbers: a probability in steps of 1/255.
 DROP_LEVELS = 1 << 16
 # Launch options on top of Triton's defaults (4 warps; registers as ptxas allocates them), by kernel name, e.g.
 # {"fallback_kernel": {"maxnreg": 128}}. Registers per thread set how many 4-warp programs an SM holds on sm_90: 4 up
