@@ -37,6 +37,7 @@ from torch.autograd.function import once_differentiable
 from .entmax_triton import (  # `from .x import` form: remote code copies x
     FALLBACK_ITERATIONS,
     FALLBACK_TOLERANCE,
+    _launch_options,
     _load_kernels,
     _on,
     _tl_dtype,
@@ -89,6 +90,7 @@ class _EntmaxRows(torch.autograd.Function):
                 am1, 1 / am1, (1 / candidates) ** am1, (1 / length) ** am1, FALLBACK_TOLERANCE[acc], n_iter,
                 ACC=_tl_dtype(acc), KIND=kind, HAS_KEEP=keep is not None, ENSURE_SUM_ONE=ensure_sum_one,
                 ROWS=rows, CHUNK=chunk, WHOLE=whole, STEPS=FALLBACK_ITERATIONS[False][acc], num_warps=warps,
+                **_launch_options("rows_forward_kernel"),
             )
         ctx.save_for_backward(out)
         ctx.setup = (kind, alpha, acc, rows, chunk, whole, warps)
@@ -106,6 +108,7 @@ class _EntmaxRows(torch.autograd.Function):
             _load_kernels().rows_backward_kernel[(_cdiv(r, rows),)](
                 p, dy, dx, r, length, p.stride(0), dy.stride(0), dx.stride(0), 2 - alpha,
                 ACC=_tl_dtype(acc), KIND=kind, ROWS=rows, CHUNK=chunk, WHOLE=whole, num_warps=warps,
+                **_launch_options("rows_backward_kernel"),
             )
         return dx, None, None, None, None, None, None
 

@@ -176,6 +176,12 @@ DROP_LEVELS = 1 << 16
 # to 128, 3 up to 168, 2 beyond (scripts/kernel_resources.py reports each kernel's). None is set: which choice is
 # faster is a GPU's to say (scripts/benchmark_kernel_versions.py --launch times them against the defaults).
 LAUNCH_OPTIONS: dict[str, dict[str, int]] = {}
+# Compile options of every launch, whatever Triton's default: fused multiply-adds, which Triton chose by default up to
+# 3.9 and with which the kernels were timed and checked on GPUs. Triton 3.10 turns the default off (3.9 warns that it
+# will): compiled for sm_90 that lengthens the fallback's loop by 4 % (477 -> 496 instructions a tile), dQ's and
+# dK/dV's with dropout likewise (706 -> 738, 905 -> 937), and rounds the kernels' sums differently. The supports do
+# not depend on it: every score's distance to τ is two explicit fused multiply-adds (``_distance`` in the kernels).
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 TUNABLE_KERNELS = (  # the kernels launched with their LAUNCH_OPTIONS
     "threshold_kernel", "bound_kernel", "fallback_kernel", "forward_kernel", "backward_dq_kernel",
     "backward_dkdv_kernel",
@@ -374,7 +380,7 @@ class _EntmaxAttention(torch.autograd.Function):
                     q, k, *common["masks"], m, tau, fail, tilemax, held, keys, count, *shared, (1 / cap) ** am1,
                     BOUND_SLACK[acc], FALLBACK_TOLERANCE[acc], STEPS=STREAM_STEPS,
                     SOLVE_STEPS=cfg["n_iter"] if cfg["kind"] == 2 else FALLBACK_ITERATIONS[False][acc], CAP=cap,
-                    CHUNK=kc, num_warps=STREAM_WARPS, **common["meta"],
+                    CHUNK=kc, num_warps=STREAM_WARPS, **common["meta"], **_launch_options("stream_kernel"),
                 )
             bisect = cfg["alpha"] > 2
             # the fallback's tiles: those where a failed row has a score above its lower bound of τ (lowered by
@@ -409,7 +415,7 @@ class _EntmaxAttention(torch.autograd.Function):
                     v, m, tau, fail, held, keys, count, o, lsum, g, gsum, seed, *value_args,
                     h, lq, lk, dv, cfg["scale"], am1, 1 / am1, 2 - cfg["alpha"], *common["dropout"],
                     ACC=meta["ACC"], KIND=meta["KIND"], NEED_G=need_g, DROPOUT=meta["DROPOUT"], BM=meta["BM"],
-                    BDV=meta["BDV"], CAP=cap,
+                    BDV=meta["BDV"], CAP=cap, **_launch_options("gather_kernel"),
                 )
         ctx.save_for_backward(q, k, v, m, tau, lsum, g, gsum, tilemax, seed)
         return o
@@ -444,7 +450,8 @@ class _EntmaxAttention(torch.autograd.Function):
             if lk:
                 rows_of = torch.empty(b * h, n_kb, n_qb, dtype=torch.int32, device=q.device)
                 n_rows = torch.empty(b * h, n_kb, dtype=torch.int32, device=q.device)
-                kernels.tile_columns_kernel[(n_kb, b * h)](need, rows_of, n_rows, n_qb, n_kb)
+                kernels.tile_columns_kernel[(n_kb, b * h)](need, rows_of, n_rows, n_qb, n_kb,
+                                                           **_launch_options("tile_columns_kernel"))
                 stages = {"num_stages": FULL_PRECISION_DKDV_STAGES} if full_precision_products(q.dtype) else {}
                 stages.update(_launch_options("backward_dkdv_kernel"))
                 kernels.backward_dkdv_kernel[(n_kb, b * h)](
@@ -454,9 +461,10 @@ class _EntmaxAttention(torch.autograd.Function):
         return dq, dk, dvv, None, None, None, None, None
 
 
-def _launch_options(kernel: str) -> dict[str, int]:
-    """:data:`LAUNCH_OPTIONS` of ``kernel`` (Triton's interpreter takes them and ignores them)."""
-    return LAUNCH_OPTIONS.get(kernel, {})
+def _launch_options(kernel: str) -> dict:
+    """What every launch of ``kernel`` passes: :data:`COMPILE_OPTIONS` and its :data:`LAUNCH_OPTIONS` (Triton's
+    interpreter takes them and ignores them)."""
+    return {**COMPILE_OPTIONS, **LAUNCH_OPTIONS.get(kernel, {})}
 
 
 def _on(device: torch.device):
@@ -492,7 +500,7 @@ def _code_tiles(
     _load_kernels().code_tiles_kernel[(n_q, b * h)](
         codes, allowed, out, *_broadcast_strides(codes)[:2], codes.stride(2), lq, *_broadcast_strides(allowed),
         h, lq, lk, n_q, n_k, PAIR_TEST=keep.pair_test(), TILE=mask_block, SUB=min(64, mask_block & -mask_block),
-        num_warps=CODE_TILES_WARPS,
+        num_warps=CODE_TILES_WARPS, **_launch_options("code_tiles_kernel"),
     )
     return out.view(torch.bool)
 

@@ -725,6 +725,33 @@ def test_each_tunable_kernel_is_launched_with_its_launch_options(threshold_pass,
     assert seen == {**{name: [options[name]["maxnreg"]] for name in launched}, "tile_columns_kernel": [None]}
 
 
+def test_every_kernel_asks_for_fused_multiply_adds_whatever_tritons_default(monkeypatch):
+    """The kernels were timed and checked compiled with fused multiply-adds, Triton's default up to 3.9; 3.10 turns
+    the default off. Every launch of every kernel asks for them (``COMPILE_OPTIONS``), so a Triton upgrade does not
+    change the code the GPU runs, and a kernel launched without them fails here."""
+    from hf_sparse.entmax_rows_triton import entmax_rows
+    from hf_sparse.pair_codes import PairCodes
+    from hf_sparse.sparsefinder import _distance_codes
+
+    kernels = entmax_triton._load_kernels()
+    asked = {}
+
+    def watch(name, launch, grid, args, kwargs):
+        asked.setdefault(name, set()).add(kwargs.get("enable_fp_fusion"))
+        return launch()
+
+    for name in vars(kernels):
+        spy_on_kernel(monkeypatch, name, functools.partial(watch, name))
+    q, k, v = inputs(1, 1, 16, 40, 16, seed=3)
+    for threshold_pass in entmax_triton.THRESHOLD_PASSES:  # every sweep, the fallback, the gather, the backward
+        entmax_attention(q, k, v, blocks=(16, 16, 16), threshold_pass=threshold_pass).sum().backward()
+    points = torch.randn(1, 1, 40, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    codes = PairCodes(*_distance_codes(points[:, :, -16:], points, 1.5), match="distance")
+    entmax_attention(q, k, v, blocks=(16, 16, 16), keep=codes)  # distance codes: their tiles' kernel
+    entmax_rows(torch.randn(3, 40, dtype=torch.float64, requires_grad=True), None, "entmax15").sum().backward()
+    assert asked == {name: {True} for name in vars(kernels)}
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
