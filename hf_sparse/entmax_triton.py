@@ -79,12 +79,13 @@ support bit for bit, whichever loop read a tile (and the interpreter rounds them
 Compiled for sm_90 (bf16, 1.5-entmax), a whole key tile costs each thread 322 instructions in the ``bound`` sweep
 (251 before its certificate), 476 in a Newton sweep and 354 in dQ, a masked one 394, 550 and 386
 (``scripts/kernel_resources.py``; 361, 581 and 431 when every tile was tested and the scores scaled first). The
-training forward keeps one loop, 398 (470): two took 183 registers per thread against 164, one program fewer per
-SM. dK/dV, whose program holds a key tile and loops over query tiles, reads first the query tiles some row of which
-may not see every key (causal: the diagonal's; with a pair test: all) with the tests, then the others without
-(``_masked_query_tiles``): rows past ``Lq`` weigh nothing there (τ = +inf), and padding keys' gradients are zeroed
-after the loop; 518 instructions a tile (554 with the tests), causal 490 off the diagonal (620). Not yet timed on a
-GPU.
+training forward keeps one loop, 398 (470), without attention dropout: two took 183 registers per thread against
+164, one program fewer per SM. With dropout, whose draws take it past 168 registers (two programs per SM) either
+way, it splits too: 792 a whole tile against 829, 760 against 953 under a padding mask. dK/dV, whose program holds
+a key tile and loops over query tiles, reads first the query tiles some row of which may not see every key (causal:
+the diagonal's; with a pair test: all) with the tests, then the others without (``_masked_query_tiles``): rows past
+``Lq`` weigh nothing there (τ = +inf), and padding keys' gradients are zeroed after the loop; 518 instructions a
+tile (554 with the tests), causal 490 off the diagonal (620). Not yet timed on a GPU.
 
 Masks: ``causal`` (queries are the last ``Lq`` of ``Lk`` positions, as in a decoder with a cache),
 ``key_lengths`` (padding), ``block_mask`` (allowed tiles: patterns, frozen DAM block masks, Sparsefinder's
@@ -95,8 +96,8 @@ read (``_coded_pairs``) and which give the tiles to read themselves, with no ``L
 allowed key is zero, with zero gradients. The models hand padding (and a decoder's causality) over as an element
 mask: the keys it keeps for every query, from the first on (a right-padded sequence's real keys), are read as with
 ``key_lengths``, their whole tiles without a test or a load of the mask, and no tile past the last key it keeps is
-read (``_element_mask_keys``, on the device, no sync); only the tiles between read it (and the training forward,
-which keeps one loop, in every tile it reads).
+read (``_element_mask_keys``, on the device, no sync); only the tiles between read it (and the training forward
+without dropout, which keeps one loop, in every tile it reads).
 
 Attention dropout (training) is drawn inside the output pass and redrawn, identically, by the backward: a 16-bit
 Philox number per (batch·head, query, key) from a seed taken from torch's generator, as FlashAttention does (it

@@ -1191,11 +1191,13 @@ def forward_kernel(
     n_tiles, n_unmasked = _write_tile_list(TILEMAX, M, TAU, FAIL, FAIL, TILES, bh, pid_m, offs_m, Lq, n_qb, n_kb,
                                            scale, am1, 0.0, unmasked, 1 if ONLY_FAILED else 0, False, False, BM)
     tl.debug_barrier()  # the list's entries, written by other threads of the block, are read back below
-    if NEED_G:
+    ONE_LOOP: tl.constexpr = NEED_G and not DROPOUT
+    if ONE_LOOP:
         # one loop: with two (and Σ g̃ v) this kernel took 183 registers per thread on sm_90, two programs per SM;
-        # with one, 164 and three (scripts/kernel_resources.py)
+        # with one, 164 and three (scripts/kernel_resources.py). Dropout's draws take it past 168 with one loop too
+        # (202): there two cost no program per SM and save the tests (792 instructions a whole tile against 829)
         n_unmasked = 0
-    for part in tl.static_range(1 if NEED_G else 0, 2):
+    for part in tl.static_range(1 if ONE_LOOP else 0, 2):
         begin, end = _tile_range(n_unmasked, n_tiles, part)
         for i in range(begin, end):
             acc, lsum, gacc, gsum = _output_tile(

@@ -64,7 +64,7 @@ class Case(NamedTuple):
     # pairs tested inside the attention kernels' tiles: "mask", an element mask (patterns, Sparsefinder's top_k and
     # bigbird), with its tiles as block mask; "codes", per-token codes (Sparsefinder's k-means clustering: one word
     # of membership bits, up to 32 clusters, and its window of 3); "distance", distance codes (its default
-    # predictor: 4 projected coordinates, and the window)
+    # predictor: 4 projected coordinates, and the window); "padding", an element mask alone (the models' padding)
     pairs: str = ""
 
 
@@ -86,6 +86,7 @@ CASES = {
     "block-mask": Case(block_mask=True),  # the threshold pass loops over the allowed tiles' list
     "bisection": Case(alpha=1.3),
     "predicted-mask": Case(pairs="mask"),
+    "padding-dropout": Case(pairs="padding", dropout=0.1),  # fine-tuning a SparseBERT on padded batches
     "predicted-codes": Case(pairs="codes"),
     "predicted-distance": Case(pairs="distance"),
     # the row kernel (eager attention and entmax_topk on CUDA), float32 scores: rows held whole (the longest at 16
@@ -213,7 +214,7 @@ def compile_case(name: str, arch: int, report, blocks=None) -> None:
         q, k, v = (torch.randn(1, 2, 256, 64, dtype=case.dtype, requires_grad=True) for _ in range(3))
         block_mask = torch.ones(1, 1, 2, 2, dtype=torch.bool) if case.block_mask or case.pairs == "mask" else None
         keep = None
-        if case.pairs == "mask":
+        if case.pairs in ("mask", "padding"):
             keep = torch.ones(1, 2, 256, 256, dtype=torch.bool)
         elif case.pairs == "codes":
             clusters = torch.ones(1, 2, 256, 1, dtype=torch.int64)

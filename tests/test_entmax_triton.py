@@ -659,10 +659,36 @@ def test_dropout_outputs_and_gradients_equal_dense_entmax_with_the_same_mask(alp
     """The backward drops the same pairs as the forward and differentiates entmax before dropout:
     d/dp of (dropout(p) v) is dropout(dO vᵀ), then entmax's Jacobian over the undropped support. ``stream``:
     the forward's output is gathered from the held support, the backward sweeps the tiles: the same draws."""
+    check_dropout_against_dense_entmax(alpha, causal, threshold_pass, padding="key_lengths")
+
+
+@pytest.mark.parametrize("threshold_pass", entmax_triton.THRESHOLD_PASSES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_under_a_padding_mask_reads_whole_tiles_and_equals_dense_entmax(causal, threshold_pass, monkeypatch):
+    """Training with attention dropout, padding as the models pass it (an element mask): the training forward reads
+    the whole keys' tiles in a loop without the mask's loads and tests, as the sweeps do, and the rest with them."""
+    monkeypatch.setattr(entmax_triton, "ELEMENT_MASK_KEYS_FROM_PAIRS", 0)  # (tiny calls skip the bounds)
+    check_dropout_against_dense_entmax(1.5, causal, threshold_pass, padding="element mask")
+
+
+def check_dropout_against_dense_entmax(alpha, causal, threshold_pass, padding):
+    """Output and gradients of the kernel with dropout 0.3 equal dense float64 entmax times the kernel's dropout
+    mask (made visible by :func:`dropout_outputs`), over two sequences, the second padded from key 21 (tiles of
+    16: its first tile whole, its second partly padding), as ``key_lengths`` or as a broadcast element mask. The
+    kernels load keys past the padding as zeros: the second sequence's last row scores every real key below zero,
+    so that a padded key read without the test would take most of its weight."""
     b, h, lq, lk, d = 2, 1, 20, 28, 16
     q, k, v = inputs(b, h, lq, lk, d, seed=30 + causal)
     key_lengths = torch.tensor([lk, 21], device=DEVICE)
-    kwargs = dict(alpha=alpha, causal=causal, key_lengths=key_lengths, dropout=0.3, threshold_pass=threshold_pass)
+    with torch.no_grad():
+        q[1, :, -1] = 0
+        q[1, :, -1, 0] = 2.0
+        k[1, :, :21, 0] = -k[1, :, :21, 0].abs() - 0.5
+    masks = dict(key_lengths=key_lengths)
+    if padding == "element mask":
+        masks = dict(keep=(torch.arange(lk, device=DEVICE) < key_lengths[:, None])[:, None, None, :].expand(
+            b, 1, lq, lk))
+    kwargs = dict(alpha=alpha, causal=causal, dropout=0.3, threshold_pass=threshold_pass, **masks)
     out, dropped = dropout_outputs(q, k, v, seed=8, **kwargs)
     allowed = dense_allowed(b, h, lq, lk, causal, key_lengths)
     _, p_ref, (qr, kr, vr) = reference(q, k, v, alpha, allowed)
