@@ -183,7 +183,7 @@ LAUNCH_OPTIONS: dict[str, dict[str, int]] = {}
 # dK/dV's with dropout likewise (706 -> 738, 905 -> 937), and rounds the kernels' sums differently. The supports do
 # not depend on it: every score's distance to τ is two explicit fused multiply-adds (``_distance`` in the kernels).
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
-TUNABLE_KERNELS = (  # the kernels launched with their LAUNCH_OPTIONS
+TUNABLE_KERNELS = (  # the sweeps benchmark_kernel_versions.py --launch tunes (every kernel takes its LAUNCH_OPTIONS)
     "threshold_kernel", "bound_kernel", "fallback_kernel", "forward_kernel", "backward_dq_kernel",
     "backward_dkdv_kernel",
 )
