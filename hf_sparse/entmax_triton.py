@@ -81,7 +81,7 @@ Compiled for sm_90 (bf16, 1.5-entmax), a whole key tile costs each thread 322 in
 (``scripts/kernel_resources.py``; 361, 581 and 431 when every tile was tested and the scores scaled first). The
 training forward keeps one loop, 398 (470), without attention dropout: two took 183 registers per thread against
 164, one program fewer per SM. With dropout, whose draws take it past 168 registers (two programs per SM) either
-way, it splits too: 792 a whole tile against 829, 760 against 953 under a padding mask. dK/dV, whose program holds
+way, it splits too: 792 a whole tile against 829, 760 against 955 under a padding mask. dK/dV, whose program holds
 a key tile and loops over query tiles, reads first the query tiles some row of which may not see every key (causal:
 the diagonal's; with a pair test: all) with the tests, then the others without (``_masked_query_tiles``): rows past
 ``Lq`` weigh nothing there (τ = +inf), and padding keys' gradients are zeroed after the loop; 518 instructions a
