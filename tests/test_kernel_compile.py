@@ -87,17 +87,16 @@ def test_every_kernel_of_every_case_compiles_for_sm_90(tmp_path):
     for case, kernel, _tiles, _seconds, registers, spills, _shared, _warps, prefetch, loops in rows:
         case, kernel = case.strip(), kernel.strip(" `")
         compiled.setdefault(case, set()).add(kernel)
-        if loops.strip() != "-":
-            first_loop[case, kernel] = int(loops.split("+")[0])
+        counts = [] if loops.strip() == "-" else [int(n) for n in loops.split("+")]  # instructions per loop
+        if counts:
+            first_loop[case, kernel] = counts[0]
         if kernel in SPLIT:
-            unmasked, masked = (int(n) for n in loops.split("+")[:2])
+            unmasked, masked = counts[:2]
             assert unmasked < masked, (case, kernel, loops)
         if kernel in SPLIT_WITH_DROPOUT:
-            counts = [int(n) for n in loops.split("+")]
             assert len(counts) == (2 if "dropout" in case else 1), (case, kernel, loops)
             assert len(counts) == 1 or counts[0] < counts[1], (case, kernel, loops)
         if kernel in SPLIT_MASKED_FIRST:
-            counts = [int(n) for n in loops.split("+")]
             assert len(counts) == (2 if case in TWO_DKDV_LOOPS else 1), (case, kernel, loops)
             assert len(counts) == 1 or counts[1] < counts[0], (case, kernel, loops)
         if kernel in PIPELINED:
